@@ -1,0 +1,22 @@
+"""Configs: one dataclass per component, recipes (TOML) plus `--section.key value` overrides."""
+
+from lmforge.config.job import (
+    CheckpointConfig,
+    DataConfig,
+    JobConfig,
+    MetricsConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    TokenizerConfig,
+    TrainConfig,
+    load_job_config,
+)
+from lmforge.config.loader import ConfigError, parse_override_args
+
+__all__ = [
+    "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "MetricsConfig", "ModelConfig",
+    "OptimizerConfig", "ParallelConfig", "SchedulerConfig", "TokenizerConfig", "TrainConfig",
+    "load_job_config", "parse_override_args",
+]

@@ -1,0 +1,248 @@
+"""Component configs. Each component owns one small dataclass with its own range checks; the
+JobConfig ties them together and checks what spans components (heads vs width, batch vs ranks).
+
+Validation happens before any process group starts (see `lmforge.cli`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lmforge.config.loader import ConfigError, apply_override, build_dataclass, load_toml
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        require(v > 0, f"{section}.{n}", v, "must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder. `ffn_hidden=None` derives the SwiGLU width like Llama (8/3·dim, rounded)."""
+
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    vocab_size: int = 8192
+    ffn_hidden: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    def validate(self, section: str = "model") -> None:
+        _positive(section, self, "dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len")
+        _positive(section, self, "norm_eps", "rope_theta", "init_std")
+        require(self.dim % self.n_heads == 0, f"{section}.n_heads", self.n_heads,
+                f"must divide {section}.dim ({self.dim})")
+        require(self.head_dim % 2 == 0, f"{section}.n_heads", self.n_heads,
+                f"must leave an even head dim for RoPE ({section}.dim / n_heads = {self.head_dim})")
+        if self.n_kv_heads is not None:
+            require(self.n_kv_heads > 0, f"{section}.n_kv_heads", self.n_kv_heads, "must be > 0")
+            require(self.n_heads % self.n_kv_heads == 0, f"{section}.n_kv_heads", self.n_kv_heads,
+                    f"must divide {section}.n_heads ({self.n_heads})")
+        if self.ffn_hidden is not None:
+            require(self.ffn_hidden > 0, f"{section}.ffn_hidden", self.ffn_hidden, "must be > 0")
+        if self.ffn_dim_multiplier is not None:
+            require(self.ffn_dim_multiplier > 0, f"{section}.ffn_dim_multiplier", self.ffn_dim_multiplier,
+                    "must be > 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the corpus comes from and where packed token shards live."""
+
+    corpus: str = "default"  # "default" (embedded packages) or a path to a .jsonl file of {"text": ...}
+    dir: str = "data/default"  # working dir: corpus.jsonl, tokenizer.json, packed shards
+    val_fraction: float = 0.01
+    seed: int = 1234
+    max_documents: int | None = None  # cap for quick runs and tests
+
+    def validate(self) -> None:
+        require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "must be in (0, 0.5)")
+        if self.max_documents is not None:
+            require(self.max_documents > 1, "data.max_documents", self.max_documents, "must be > 1")
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8192
+    min_frequency: int = 2
+
+    def validate(self) -> None:
+        require(self.vocab_size >= 260, "tokenizer.vocab_size", self.vocab_size,
+                "must be >= 260 (256 bytes plus special tokens)")
+        require(self.vocab_size <= 2**32 - 1, "tokenizer.vocab_size", self.vocab_size, "must fit in uint32")
+        _positive("tokenizer", self, "min_frequency")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+
+    def validate(self) -> None:
+        _positive("optimizer", self, "lr", "eps")
+        for n in ("beta1", "beta2"):
+            v = getattr(self, n)
+            require(0.0 <= v < 1.0, f"optimizer.{n}", v, "must be in [0, 1)")
+        require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
+
+
+@dataclass
+class SchedulerConfig:
+    """`cosine`: linear warmup then cosine to min_lr_ratio·lr. `wsd`: warmup, stable, then linear
+    decay over the last `decay_fraction` of steps (MiniCPM / DeepSeek style)."""
+
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+
+    def validate(self) -> None:
+        require(self.warmup_steps >= 0, "scheduler.warmup_steps", self.warmup_steps, "must be >= 0")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "scheduler.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        require(0.0 < self.decay_fraction <= 1.0, "scheduler.decay_fraction", self.decay_fraction,
+                "must be in (0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seq_len: int = 256
+    global_batch_size: int = 8  # sequences per optimizer step, summed over data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward on one rank; the rest is gradient accumulation
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    compile: bool = False
+    activation_checkpointing: Literal["none", "full"] = "none"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_interval: int = 100  # 0 disables validation
+    eval_batches: int = 8
+    output_dir: str = "runs/default"
+    deterministic: bool = False
+
+    def validate(self) -> None:
+        _positive("train", self, "steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_batches")
+        require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 disables)")
+        require(self.eval_interval >= 0, "train.eval_interval", self.eval_interval, "must be >= 0 (0 disables)")
+        require(self.output_dir != "", "train.output_dir", self.output_dir, "must be a non-empty path")
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    interval: int = 100
+    keep_last: int = 3
+    resume: str = "none"  # "none", "auto" (newest valid under <output_dir>/checkpoints) or a path
+    folder: str = "checkpoints"
+
+    def validate(self) -> None:
+        _positive("checkpoint", self, "interval", "keep_last")
+        require(self.folder != "", "checkpoint.folder", self.folder, "must be a non-empty path")
+
+
+@dataclass
+class MetricsConfig:
+    log_interval: int = 10
+    jsonl: bool = True
+    tensorboard: bool = True
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+    peak_flops: float | None = None  # per device; None = known GPU peak or measured CPU peak
+    plot: bool = True
+
+    def validate(self) -> None:
+        _positive("metrics", self, "log_interval")
+        if self.peak_flops is not None:
+            require(self.peak_flops > 0, "metrics.peak_flops", self.peak_flops, "must be > 0")
+
+
+@dataclass
+class ParallelConfig:
+    """Data parallel over all ranks for now; the N-D layout (FSDP/TP/PP) extends this section."""
+
+    data_parallel: Literal["ddp"] = "ddp"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Check every section, then what spans sections. Raises ConfigError (one line)."""
+        for section in ("model", "data", "tokenizer", "optimizer", "scheduler", "train", "checkpoint", "metrics"):
+            getattr(self, section).validate()
+        t, m = self.train, self.model
+        require(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len,
+                f"must be <= model.max_seq_len ({m.max_seq_len})")
+        require(self.tokenizer.vocab_size <= m.vocab_size, "tokenizer.vocab_size", self.tokenizer.vocab_size,
+                f"must be <= model.vocab_size ({m.vocab_size})")
+        per_step = t.micro_batch_size * world_size
+        require(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
+                f"must be a multiple of train.micro_batch_size x data-parallel ranks ({t.micro_batch_size} x "
+                f"{world_size} = {per_step})")
+        require(self.scheduler.warmup_steps <= t.steps, "scheduler.warmup_steps", self.scheduler.warmup_steps,
+                f"must be <= train.steps ({t.steps})")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step on one rank (needs the world size: see `accum_steps`)."""
+        return self.train.global_batch_size // self.train.micro_batch_size
+
+    def accum_steps(self, world_size: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+
+
+def load_job_config(recipe: str | None, overrides: list[tuple[str, str]] | None = None,
+                    world_size: int = 1) -> JobConfig:
+    """Recipe TOML (optional) + overrides -> validated JobConfig."""
+    data = load_toml(recipe) if recipe else {}
+    cfg = build_dataclass(JobConfig, data, where=str(recipe) if recipe else None)
+    for key, value in overrides or []:
+        apply_override(cfg, key, value)
+    cfg.validate(world_size)
+    return cfg

@@ -1,0 +1,26 @@
+"""Rotary position embedding (Su et al., 2021) in the "rotate half" layout.
+
+The first and second halves of each head dimension form the rotated pairs (the layout Hugging
+Face Llama checkpoints use), so weights move to and from HF without permuting q/k rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_seq_len, head_dim // 2), fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    t = torch.arange(max_seq_len, dtype=torch.float64, device=device)
+    angles = torch.outer(t, inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x of shape (batch, seq, heads, head_dim) by per-position angles (seq, head_dim // 2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos = cos[:, None, :].to(x.dtype)
+    sin = sin[:, None, :].to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,129 @@
+"""Llama-style decoder-only transformer: pre-norm blocks of GQA attention and SwiGLU MLP.
+
+Plain single-device PyTorch. Parallelism, recomputation and compilation are applied from the
+outside (lmforge.parallel), so nothing here knows about process groups. Build on the meta
+device, move with `to_empty`, then call `init_weights` (after sharding, for big models).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.models.common.attention import Attention
+from lmforge.models.common.kv_cache import KVCache
+from lmforge.models.common.mlp import SwiGLU
+from lmforge.models.common.norms import RMSNorm
+from lmforge.models.common.rope import rope_cos_sin
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_hidden_size)
+        # Depth-scaled init of the projections that write into the residual stream (GPT-2).
+        self._std = cfg.init_std
+        self._out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+    def init_weights(self) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(self._std, self._out_std)
+        self.feed_forward.init_weights(self._std, self._out_std)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer_id)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # A ModuleDict keyed by the global layer index keeps names stable when a pipeline stage
+        # deletes the layers it does not own.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """(Re)initialise every parameter and the RoPE tables in place; call after `to_empty`."""
+        self.tie_weights()  # `to_empty` may have split a tied pair into two tensors
+        device = buffer_device or next(self.parameters()).device
+        cos, sin = rope_cos_sin(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device)
+        self.rope_cos, self.rope_sin = cos, sin
+        std = self.cfg.init_std
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for layer in self.layers.values():
+            layer.init_weights()
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and not self.cfg.tie_embeddings:
+            final_std = self.cfg.dim ** -0.5
+            nn.init.trunc_normal_(self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab). With `cache`, positions continue
+        from `cache.pos` and the cache is advanced."""
+        start = cache.pos if cache is not None else 0
+        seq = tokens.shape[1]
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        cos = self.rope_cos[start:start + seq]
+        sin = self.rope_sin[start:start + seq]
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, cache)
+        if cache is not None:
+            cache.pos += seq
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    def new_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.cfg.n_layers, batch, max_len, self.cfg.kv_heads, self.cfg.head_dim,
+                       dtype or p.dtype, p.device)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> Transformer:
+    """Build on meta, materialise on `device`, initialise (seeded for reproducibility)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.init_weights(torch.device(device))
+    else:
+        model.init_weights(torch.device(device))
+    return model
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter count from the config alone (no tensors), by hand: used by `lmforge sizes`."""
+    d, h, kv, hd, f, v = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size
+    attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+    mlp = 3 * d * f
+    per_layer = attn + mlp + 2 * d
+    embedding = v * d
+    output = 0 if cfg.tie_embeddings else v * d
+    total = embedding + cfg.n_layers * per_layer + d + output
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding - output,
+            "per_layer": per_layer}
