@@ -1,0 +1,31 @@
+"""AdamW with decoupled weight decay on matrices only (norm gains are not decayed)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.config import OptimizerConfig
+
+
+def _implementation_flags(impl: str, params: list[torch.Tensor]) -> dict[str, bool]:
+    if impl == "fused":
+        return {"fused": True}
+    if impl == "foreach":
+        return {"foreach": True}
+    if impl == "for-loop":
+        return {"foreach": False}
+    # auto: fused kernels exist for CPU and CUDA float tensors in recent PyTorch.
+    devices = {p.device.type for p in params}
+    if devices <= {"cpu", "cuda"}:
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             **_implementation_flags(cfg.implementation, params))

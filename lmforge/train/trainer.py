@@ -1,0 +1,259 @@
+"""The training loop: one process or many under torchrun, the same code.
+
+Build order (DESIGN.md): model on meta -> parallelism from outside (activation checkpointing ->
+compile -> data parallel) -> materialise + init -> optimizer -> resume. Everything stateful goes
+into the checkpoint, so a resume continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lmforge.checkpoint.manager import CheckpointManager
+from lmforge.checkpoint.state import ModelOptimizerState, RNGState
+from lmforge.config import JobConfig
+from lmforge.data.loader import DistributedTokenLoader, TokenDataset
+from lmforge.data.pack import prepare_data
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.models.llama.model import Transformer
+from lmforge.observability.flops import training_flops_per_token
+from lmforge.observability.metrics import MetricsLogger, memory_stats
+from lmforge.observability.peak import resolve_peak_flops
+from lmforge.observability.plot import plot_loss_curve
+from lmforge.observability.progress import ProgressBar
+from lmforge.parallel.ac import apply_activation_checkpointing
+from lmforge.parallel.compile import apply_compile
+from lmforge.parallel.ddp import apply_ddp
+from lmforge.parallel.mesh import DistInfo, build_mesh, init_distributed, shutdown_distributed
+from lmforge.train.optim import build_optimizer
+from lmforge.train.precision import DTYPES, autocast_context, build_grad_scaler
+from lmforge.train.schedule import build_scheduler
+from lmforge.train.state import TrainState
+
+log = logging.getLogger("lmforge.train")
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy, computed in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+
+
+class Trainer:
+    """Owns the process group for its lifetime when it created it; call `close()` at the end."""
+
+    def __init__(self, cfg: JobConfig, *, echo: bool = True):
+        self.cfg = cfg
+        self.info: DistInfo = init_distributed(cfg.parallel, cfg.train.device)
+        self.is_main = self.info.rank == 0
+        self.echo = echo and self.is_main
+        self.mesh = build_mesh(self.info)
+        self.dp_mesh = self.mesh["dp"]
+        self.device = self.info.device
+        self.run_dir = Path(cfg.train.output_dir)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.train.seed)
+
+        self.data_dir = self._prepare_data()
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.steps)
+        self.scaler = build_grad_scaler(cfg.train.mixed_precision, self.device)
+        self.state = TrainState()
+        self.accum = cfg.accum_steps(self.info.world_size)
+
+        dp_rank, dp_world = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
+        self.train_loader = DistributedTokenLoader(
+            TokenDataset(self.data_dir, "train"), cfg.train.seq_len, cfg.train.micro_batch_size,
+            dp_rank, dp_world, seed=cfg.data.seed, shuffle=True)
+        self.val_loader = DistributedTokenLoader(
+            TokenDataset(self.data_dir, "val"), cfg.train.seq_len, cfg.train.micro_batch_size,
+            dp_rank, dp_world, seed=cfg.data.seed, shuffle=False)
+
+        self.ckpt = CheckpointManager(self.run_dir / cfg.checkpoint.folder, cfg.checkpoint.keep_last,
+                                      process_group=self.dp_mesh.get_group())
+        self.flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
+        self.peak_flops = self._peak_flops() if self.is_main else 0.0
+        self.metrics = MetricsLogger(self.run_dir, jsonl=cfg.metrics.jsonl,
+                                     tensorboard=cfg.metrics.tensorboard, enabled=self.is_main)
+        self.losses: list[float] = []  # per-step global mean loss, for tests and the caller
+        if self.is_main:
+            self._write_run_files()
+        self._resume()
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def _say(self, msg: str) -> None:
+        if self.echo:
+            print(msg, flush=True)
+
+    def _prepare_data(self) -> Path:
+        """Rank 0 builds corpus/tokenizer/shards if missing (each stage skips when done)."""
+        if self.is_main:
+            prepare_data(self.cfg.data, self.cfg.tokenizer, log=self._say)
+        dist.barrier()
+        data_dir = Path(self.cfg.data.dir)
+        tok = TextTokenizer.from_file(data_dir / "tokenizer.json")
+        if tok.vocab_size > self.cfg.model.vocab_size:
+            from lmforge.config import ConfigError
+            raise ConfigError("model.vocab_size", self.cfg.model.vocab_size,
+                              f"must be >= the tokenizer's vocabulary ({tok.vocab_size}, {data_dir})")
+        return data_dir
+
+    def _build_model(self) -> torch.nn.Module:
+        with torch.device("meta"):
+            model = Transformer(self.cfg.model)
+        apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing)
+        if self.cfg.train.compile:
+            apply_compile(model)
+        model.to_empty(device=self.device)
+        # Same seed on every rank: replicas start identical without a broadcast.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.train.seed)
+            model.init_weights(self.device)
+        self.inner_model = model
+        n_params = sum(p.numel() for p in model.parameters())
+        self._say(f"model: {n_params / 1e6:.2f}M parameters, {self.cfg.model.n_layers} layers, "
+                  f"dim {self.cfg.model.dim}; world size {self.info.world_size} ({self.info.backend})")
+        return apply_ddp(model, self.dp_mesh)
+
+    def _peak_flops(self) -> float:
+        dtype = DTYPES[self.cfg.train.mixed_precision]
+        try:
+            return resolve_peak_flops(self.device, dtype, self.cfg.metrics.peak_flops)
+        except Exception as e:  # MFU is informative; never fail a run for it
+            log.warning("could not determine peak FLOP/s (%s); MFU will read 0", e)
+            return 0.0
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(asdict(self.cfg), indent=2))
+        tmp.replace(self.run_dir / "config.json")
+        shutil.copyfile(self.data_dir / "tokenizer.json", self.run_dir / "tokenizer.json.tmp")
+        (self.run_dir / "tokenizer.json.tmp").replace(self.run_dir / "tokenizer.json")
+
+    def checkpoint_state(self) -> dict:
+        return {
+            "app": ModelOptimizerState(self.model, self.optimizer),
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "loader": self.train_loader,
+            "rng": RNGState(),
+            "train": self.state,
+        }
+
+    def _resume(self) -> None:
+        path = self.ckpt.resolve_resume(self.cfg.checkpoint.resume)
+        if path is None:
+            return
+        step = self.ckpt.load(path, self.checkpoint_state())
+        self._say(f"resumed from {path} at step {step}")
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over `accum` micro-batches; returns (local mean loss, grad norm)."""
+        model, cfg = self.model, self.cfg
+        total = torch.zeros((), device=self.device)
+        for i in range(self.accum):
+            x, y = self.train_loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = i == self.accum - 1
+            sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
+            with sync:
+                with autocast_context(cfg.train.mixed_precision, self.device):
+                    logits = model(x)
+                loss = cross_entropy_loss(logits, y) / self.accum
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return total, grad_norm
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        value = value.detach().clone()
+        if self.info.world_size > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.dp_mesh.get_group())
+        return float(value)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the first `eval_batches` batches (same batches every time)."""
+        self.model.eval()
+        self.val_loader.reset()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.train.eval_batches):
+            x, y = self.val_loader.next_batch()
+            with autocast_context(self.cfg.train.mixed_precision, self.device):
+                logits = self.model(x.to(self.device))
+            total += cross_entropy_loss(logits, y.to(self.device))
+        self.model.train()
+        return self._global_mean(total / self.cfg.train.eval_batches)
+
+    def fit(self) -> list[float]:
+        cfg = self.cfg
+        steps, log_every = cfg.train.steps, cfg.metrics.log_interval
+        tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+        self.model.train()
+        bar = ProgressBar(total=steps, initial=self.state.step, mode=cfg.metrics.progress if self.echo else "none",
+                          description="train")
+        window_start, window_steps = time.perf_counter(), 0
+        with bar:
+            while self.state.step < steps:
+                loss, grad_norm = self.train_step()
+                self.state.step += 1
+                self.state.tokens_seen += tokens_per_step
+                window_steps += 1
+                step = self.state.step
+                self.losses.append(self._global_mean(loss))
+                if step % log_every == 0 or step == steps:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - window_start
+                    tps = window_steps * tokens_per_step / elapsed
+                    mfu = tps * self.flops_per_token / (self.peak_flops * self.info.world_size) \
+                        if self.peak_flops else 0.0
+                    loss_value = self.losses[-1]
+                    metrics = {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
+                               "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": mfu,
+                               "tokens_seen": self.state.tokens_seen, **memory_stats(self.device)}
+                    if cfg.train.mixed_precision == "fp16":
+                        metrics["loss_scale"] = float(self.scaler.get_scale())
+                    self.metrics.log(step, metrics, prefix="train")
+                    bar.update(step, metrics)
+                    window_start, window_steps = time.perf_counter(), 0
+                if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == steps):
+                    val = self.evaluate()
+                    self.metrics.log(step, {"loss": val, "perplexity": math.exp(min(val, 50.0))}, prefix="val")
+                    bar.update(step, {"val_loss": val})
+                if cfg.checkpoint.enabled and (step % cfg.checkpoint.interval == 0 or step == steps):
+                    self.ckpt.save(step, self.checkpoint_state())
+                    window_start = time.perf_counter()  # do not charge checkpoint time to throughput
+        if self.is_main and cfg.metrics.plot and cfg.metrics.jsonl:
+            try:
+                plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            except Exception as e:  # a plot must never fail a finished run
+                log.warning("loss plot not written: %s", e)
+        return self.losses
+
+    def close(self) -> None:
+        self.metrics.close()
+        shutdown_distributed()
+
