@@ -43,6 +43,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"outputs in {cfg.train.output_dir}", flush=True)
     finally:
         trainer.close()
+    if trainer.info.world_size > 1:
+        # gloo worker teardown aborts now and then after destroy_process_group (PYTORCH_ON_CPU.md):
+        # everything is saved and flushed, so leave without running interpreter finalisers.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -156,12 +156,18 @@ class TrainConfig:
     eval_batches: int = 8
     output_dir: str = "runs/default"
     deterministic: bool = False
+    # Stop this run after this step although the schedule spans `steps` (Megatron's exit interval):
+    # for time-limited cluster jobs that resume later, and for resume tests.
+    stop_at: int | None = None
 
     def validate(self) -> None:
         _positive("train", self, "steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_batches")
         require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 disables)")
         require(self.eval_interval >= 0, "train.eval_interval", self.eval_interval, "must be >= 0 (0 disables)")
         require(self.output_dir != "", "train.output_dir", self.output_dir, "must be a non-empty path")
+        if self.stop_at is not None:
+            require(0 < self.stop_at <= self.steps, "train.stop_at", self.stop_at,
+                    f"must be in [1, train.steps = {self.steps}]")
 
 
 @dataclass

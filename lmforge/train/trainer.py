@@ -210,20 +210,21 @@ class Trainer:
     def fit(self) -> list[float]:
         cfg = self.cfg
         steps, log_every = cfg.train.steps, cfg.metrics.log_interval
+        stop = cfg.train.stop_at or steps
         tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         self.model.train()
         bar = ProgressBar(total=steps, initial=self.state.step, mode=cfg.metrics.progress if self.echo else "none",
                           description="train")
         window_start, window_steps = time.perf_counter(), 0
         with bar:
-            while self.state.step < steps:
+            while self.state.step < stop:
                 loss, grad_norm = self.train_step()
                 self.state.step += 1
                 self.state.tokens_seen += tokens_per_step
                 window_steps += 1
                 step = self.state.step
                 self.losses.append(self._global_mean(loss))
-                if step % log_every == 0 or step == steps:
+                if step % log_every == 0 or step in (steps, stop):
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_start
@@ -243,7 +244,7 @@ class Trainer:
                     val = self.evaluate()
                     self.metrics.log(step, {"loss": val, "perplexity": math.exp(min(val, 50.0))}, prefix="val")
                     bar.update(step, {"val_loss": val})
-                if cfg.checkpoint.enabled and (step % cfg.checkpoint.interval == 0 or step == steps):
+                if cfg.checkpoint.enabled and (step % cfg.checkpoint.interval == 0 or step in (steps, stop)):
                     self.ckpt.save(step, self.checkpoint_state())
                     window_start = time.perf_counter()  # do not charge checkpoint time to throughput
         if self.is_main and cfg.metrics.plot and cfg.metrics.jsonl:

@@ -1,0 +1,53 @@
+"""Shared fixtures: a small packed dataset built once per test session from the embedded corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A debug-sized model and run that finish in seconds on 2 cores.
+TINY_MODEL = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
+              "--model.vocab_size", "512", "--model.multiple_of", "32", "--model.max_seq_len", "64"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lmforge.data.pack import prepare_data
+
+    from lmforge.config import DataConfig, TokenizerConfig
+
+    out = tmp_path_factory.mktemp("tiny-data")
+    return prepare_data(DataConfig(corpus="default", dir=str(out), max_documents=120, val_fraction=0.05),
+                        TokenizerConfig(vocab_size=512, min_frequency=2), log=lambda *_: None)
+
+
+def tiny_run_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    return [*TINY_MODEL, "--tokenizer.vocab_size", "512", "--data.dir", str(data_dir),
+            "--train.output_dir", str(out_dir), "--train.seq_len", "32", "--train.mixed_precision", "fp32",
+            "--scheduler.warmup_steps", "2", "--metrics.log_interval", "1", "--metrics.tensorboard", "false",
+            "--metrics.progress", "none", "--metrics.peak_flops", "1e11", "--metrics.plot", "false", *extra]
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `lmforge` in a fresh process (torchrun when nproc > 1); fail loudly with its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "lmforge.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "lmforge.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def read_metrics(run_dir: Path, prefix: str = "train") -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("prefix", "train") == prefix]
