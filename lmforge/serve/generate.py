@@ -1,0 +1,258 @@
+"""Autoregressive text generation: sampling (temperature, top-k, top-p) with or without a KV cache,
+and loading a model to generate from (a Hugging Face directory, an lmforge run or a checkpoint).
+
+The cached path (one prefill forward, then one-token steps) and the recompute-everything path
+make the same sampling calls in the same order, so with one seed they give the same tokens; the
+tests hold them to that.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.config.loader import ConfigError, build_dataclass
+from lmforge.models.llama.hf import import_hf, is_hf_dir
+from lmforge.models.llama.model import Transformer, build_model
+
+
+class GenerationError(ValueError):
+    """Bad generation arguments or a source we cannot generate from; the message is one line."""
+
+
+# -- sampling ----------------------------------------------------------------------------------
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:  # also refuses NaN
+        raise GenerationError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"top_k = {top_k}: must be >= 1 or none")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GenerationError(f"top_p = {top_p}: must be in (0, 1] or none")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k, then outside the nucleus: the smallest set of
+    most likely tokens whose probability sums to >= top_p (the most likely token always stays)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
+        drop = before >= top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (batch, vocab) -> token ids (batch,). temperature 0 is greedy (argmax)."""
+    check_sampling_args(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -- generation --------------------------------------------------------------------------------
+
+
+def _prompt_tensor(prompt_ids: list[int] | list[list[int]] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(prompt_ids, torch.Tensor):
+        tokens = prompt_ids if prompt_ids.dim() == 2 else prompt_ids.reshape(1, -1)
+    elif prompt_ids and all(isinstance(row, list | tuple) for row in prompt_ids):
+        if len({len(row) for row in prompt_ids}) != 1:
+            raise GenerationError("prompts in one batch must have the same length (no padding support)")
+        tokens = torch.tensor(prompt_ids, dtype=torch.long)
+    else:
+        tokens = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise GenerationError(f"prompt has shape {tuple(tokens.shape)}: need (batch, seq) with seq >= 1")
+    return tokens.to(device=device, dtype=torch.long)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompt_ids: list[int] | list[list[int]] | torch.Tensor, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, use_cache: bool = True, eos_id: int | None = None) -> list[list[int]]:
+    """New tokens for each prompt row (the prompt not included). A row stops at `eos_id` (which is
+    kept as its last token), every row at `max_new_tokens` or at the model's max_seq_len."""
+    check_sampling_args(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
+    device = next(model.parameters()).device
+    tokens = _prompt_tensor(prompt_ids, device)
+    batch, prompt_len = tokens.shape
+    max_len = model.cfg.max_seq_len
+    if prompt_len > max_len:
+        raise GenerationError(f"prompt of {prompt_len} tokens is longer than the model's max_seq_len ({max_len})")
+    if tokens.min() < 0 or tokens.max() >= model.cfg.vocab_size:
+        raise GenerationError(f"prompt token ids must be in [0, {model.cfg.vocab_size})")
+    budget = min(max_new_tokens, max_len - prompt_len)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    if budget == 0:
+        return out
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_kv_cache(batch, prompt_len + budget) if use_cache else None
+        logits = model(tokens, cache=cache)[:, -1]
+        done = [False] * batch
+        for step in range(budget):
+            nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
+            for row, tok in enumerate(nxt.tolist()):
+                if not done[row]:
+                    out[row].append(tok)
+                    done[row] = tok == eos_id
+            if all(done) or step == budget - 1:
+                break
+            if cache is not None:
+                logits = model(nxt[:, None], cache=cache)[:, -1]
+            else:
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                logits = model(tokens)[:, -1]
+    finally:
+        model.train(was_training)
+    return out
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _read_run_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise GenerationError(f"{path}: cannot read run config ({e.__class__.__name__}: {e})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("model"), dict):
+        raise GenerationError(f"{path}: not an lmforge run config (no 'model' table)")
+    return d
+
+
+def _is_run_dir(path: Path) -> bool:
+    if not (path / "config.json").is_file():
+        return False
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("model"), dict)
+
+
+def _is_step_dir(path: Path) -> bool:
+    return (path / ".metadata").is_file()
+
+
+def newest_checkpoint(ckpt_root: Path, keep_last: int = 1) -> Path:
+    """The newest valid step directory under `ckpt_root` (the checkpoint manager decides what is
+    valid when it is there; otherwise the highest step-N directory holding DCP metadata)."""
+    try:
+        from lmforge.checkpoint.manager import CheckpointManager
+    except ImportError:
+        CheckpointManager = None  # noqa: N806
+    if CheckpointManager is not None:
+        found = CheckpointManager(ckpt_root, keep_last).latest_valid()
+        if found is None:
+            raise FileNotFoundError(f"{ckpt_root}: no valid checkpoint")
+        return Path(found)
+    steps = []
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and _is_step_dir(p):
+                steps.append((int(m.group(1)), p))
+    if not steps:
+        raise FileNotFoundError(f"{ckpt_root}: no checkpoint (step-N directories with DCP metadata)")
+    return max(steps)[1]
+
+
+def load_checkpoint_weights(step_dir: Path, model: torch.nn.Module) -> None:
+    """Load the model weights of a DCP checkpoint into `model` in place (optimizer state is not read).
+    Uses the checkpoint manager's helper when it is there; otherwise finds under which top-level
+    key (e.g. "model" or "app.model") the weights were saved, from the checkpoint metadata."""
+    try:
+        from lmforge.checkpoint.manager import load_model_weights
+    except ImportError:
+        load_model_weights = None
+    if load_model_weights is not None:
+        load_model_weights(step_dir, model)
+        return
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        meta = dcp.FileSystemReader(str(step_dir)).read_metadata()
+    except Exception as e:  # noqa: BLE001 (any failure to read metadata is a bad checkpoint)
+        raise GenerationError(f"{step_dir}: cannot read checkpoint metadata ({e.__class__.__name__}: {e})") from None
+    saved = set(meta.state_dict_metadata)
+    anchor = "tok_embeddings.weight"
+    prefixes = sorted({k[: -len(anchor)] for k in saved if k.endswith(anchor)})
+    if len(prefixes) != 1:
+        raise GenerationError(f"{step_dir}: cannot find the model weights in the checkpoint "
+                              f"({len(prefixes)} candidates for {anchor})")
+    prefix = prefixes[0]
+    sd = model.state_dict()
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings and prefix + "output.weight" not in saved:
+        sd.pop("output.weight", None)
+    missing = [k for k in sd if prefix + k not in saved]
+    if missing:
+        raise GenerationError(f"{step_dir}: checkpoint lacks weights {', '.join(missing[:6])}"
+                              f"{' ...' if len(missing) > 6 else ''} (model config does not match?)")
+    wrong = [k for k, t in sd.items() if tuple(meta.state_dict_metadata[prefix + k].size) != tuple(t.shape)]
+    if wrong:
+        raise GenerationError(f"{step_dir}: weight shapes differ from the run config: {', '.join(wrong[:3])}")
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({prefix + k: t for k, t in sd.items()}, checkpoint_id=str(step_dir), no_dist=True)
+
+
+def load_for_generation(path: Path, device: torch.device | str = "cpu"
+                        ) -> tuple[Transformer, ModelConfig, Path | None]:
+    """(model in eval mode, its config, tokenizer.json or None) from a Hugging Face directory
+    (config.json + model.safetensors), an lmforge run directory (newest checkpoint) or one
+    checkpoint step directory (<run>/checkpoints/step-N)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if is_hf_dir(path):
+        model, cfg = import_hf(path, device)
+        tok = path / "tokenizer.json"
+        return model.eval(), cfg, tok if tok.is_file() else None
+    if _is_run_dir(path):
+        run_dir = path
+        d = _read_run_config(run_dir)
+        ck = d.get("checkpoint") if isinstance(d.get("checkpoint"), dict) else {}
+        step_dir = newest_checkpoint(run_dir / ck.get("folder", "checkpoints"), int(ck.get("keep_last", 1)))
+    elif _is_step_dir(path):
+        step_dir = path
+        run_dir = next((p for p in (path.parent.parent, path.parent) if _is_run_dir(p)), None)
+        if run_dir is None:
+            raise GenerationError(f"{path}: checkpoint has no run config.json two levels up "
+                                  "(expected <run>/checkpoints/step-N)")
+        d = _read_run_config(run_dir)
+    else:
+        raise GenerationError(f"{path}: not a Hugging Face directory (config.json + model.safetensors), "
+                              "an lmforge run directory or a checkpoint step directory")
+    try:
+        cfg = build_dataclass(ModelConfig, d["model"], "model.", where=str(run_dir / "config.json"))
+        cfg.validate()
+    except ConfigError as e:
+        raise GenerationError(str(e)) from None
+    model = build_model(cfg, device, seed=0)  # materialises buffers; the weights are overwritten
+    load_checkpoint_weights(step_dir, model)
+    tok = run_dir / "tokenizer.json"
+    return model.eval(), cfg, tok if tok.is_file() else None
