@@ -1,0 +1,101 @@
+"""Model FLOPs per token, counted once, so tokens/s turns into the same MFU everywhere.
+
+Counted: multiply-adds of matrix products, 2 FLOPs each. Not counted: norms, RoPE, activations,
+softmax, residual adds, the loss (all O(dim) per token, a fraction of a percent at real sizes).
+
+Forward, per token, for a model of L layers, H query heads of width hd, sequence length s::
+
+    forward = 2 * N_matmul  +  L * 2 * (2 * H * hd) * k(s)
+
+    N_matmul = sum over layers of (wq + wk + wv + wo + w1 + w2 + w3 weights)  +  dim * vocab (output)
+    k(s)     = average number of keys a query attends to = (s + 1) / 2 under causal masking
+
+- N_matmul counts every Linear, including the output projection. The embedding lookup is a gather,
+  not a matmul, and is excluded; with tied embeddings the output projection is still a
+  (dim x vocab) matmul and is counted. GQA shrinks wk/wv (dim x kv_heads*hd), which N_matmul sees.
+- Attention: the scores Q K^T and the weighted sum A V each cost 2*H*hd FLOPs per (query, key)
+  pair (H*hd multiply-adds). With causal masking, the query at position i (0-based) sees i + 1
+  keys, so over a sequence of length s the mean is (1/s) * sum_{i=0}^{s-1} (i + 1) = (s + 1) / 2
+  exactly. Only the pairs a causal kernel must compute are counted (FlashAttention skips the
+  masked blocks), so ``forward_attention = 2 * L * H * hd * (s + 1)`` per token.
+
+Training = 3 x forward (the backward pass does two matmuls per forward matmul: gradient of the
+input and of the weight; for attention dQ, dK and dV, dP: again twice the forward)::
+
+    training = 6 * N_matmul + 6 * L * H * hd * (s + 1)
+
+The popular ``6N + 12 * L * d * s`` (Kaplan et al. 2020; PaLM appendix B) counts every query
+against all s keys, i.e. non-causal attention; with H * hd = d it equals ours with (s + 1) / 2
+replaced by s, so it overstates attention by a factor 2s / (s + 1).
+
+Extension points (not built yet): a sliding window of width w changes the keys seen by query i to
+``min(i + 1, w)`` (see `_mean_keys_per_query`), and a Mixture-of-Experts layer counts only the
+active experts' weights per token (see `_ffn_matmul_params`). Both are per layer, so mixed stacks
+(local/global attention, dense/MoE layers) fit the same loop in `flops_breakdown`.
+"""
+
+from __future__ import annotations
+
+from lmforge.config import ModelConfig
+
+# A backward pass costs twice its forward pass (gradient w.r.t. inputs and w.r.t. weights).
+BACKWARD_TO_FORWARD = 2.0
+
+
+def _mean_keys_per_query(cfg: ModelConfig, layer: int, seq_len: int) -> float:
+    """Average keys one query attends to in `layer`, over positions 0..seq_len-1 (causal).
+
+    The plug-in point for sliding-window layers: keys(i) = min(i + 1, window).
+    """
+    return (seq_len + 1) / 2
+
+
+def _attention_matmul_params(cfg: ModelConfig, layer: int) -> int:
+    """Weights of wq, wk, wv, wo (no biases in this model family)."""
+    d, h, kv, hd = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    return d * h * hd + 2 * d * kv * hd + h * hd * d
+
+
+def _ffn_matmul_params(cfg: ModelConfig, layer: int) -> int:
+    """Weights one token multiplies in the SwiGLU MLP: w1 (gate), w3 (up), w2 (down).
+
+    The plug-in point for MoE layers: router + top_k active experts (+ shared experts).
+    """
+    return 3 * cfg.dim * cfg.ffn_hidden_size
+
+
+def _attention_flops_per_token(cfg: ModelConfig, layer: int, seq_len: int) -> float:
+    """Q K^T plus A V: 2 matmuls x 2 FLOPs per multiply-add x H*hd per (query, key) pair."""
+    return 2 * (2 * cfg.n_heads * cfg.head_dim) * _mean_keys_per_query(cfg, layer, seq_len)
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that take part in a matmul per token: every Linear, output projection included,
+    embedding lookup excluded (counted once more for the output even when tied)."""
+    layers = sum(_attention_matmul_params(cfg, i) + _ffn_matmul_params(cfg, i) for i in range(cfg.n_layers))
+    return layers + cfg.dim * cfg.vocab_size
+
+
+def flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token by component (for reports and tests); values sum to `forward`."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be > 0 to count FLOPs, got {seq_len}")
+    attn_proj = sum(2.0 * _attention_matmul_params(cfg, i) for i in range(cfg.n_layers))
+    attn_core = sum(_attention_flops_per_token(cfg, i, seq_len) for i in range(cfg.n_layers))
+    ffn = sum(2.0 * _ffn_matmul_params(cfg, i) for i in range(cfg.n_layers))
+    output = 2.0 * cfg.dim * cfg.vocab_size
+    return {"attention_projections": attn_proj, "attention_scores_and_values": attn_core, "ffn": ffn,
+            "output": output, "forward": attn_proj + attn_core + ffn + output}
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """FLOPs of one forward pass per token at sequence length `seq_len` (causal attention)."""
+    return flops_breakdown(cfg, seq_len)["forward"]
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward + backward FLOPs per trained token: 3 x forward. The numerator of MFU.
+
+    Activation checkpointing recomputes the forward but is not counted (that would be HFU).
+    """
+    return (1.0 + BACKWARD_TO_FORWARD) * forward_flops_per_token(cfg, seq_len)
