@@ -1,0 +1,132 @@
+"""Peak FLOP/s: the GPU table, the CPU matmul benchmark and its cache."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.observability import peak
+from lmforge.observability.errors import ObservabilityError
+from lmforge.observability.peak import (
+    default_cache_path,
+    dtype_key,
+    known_gpu_peak_flops,
+    measure_cpu_peak_flops,
+    resolve_peak_flops,
+    run_peak_benchmark,
+)
+
+
+@pytest.mark.parametrize("name,dtype,expected", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12),  # SXM
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
+    ("NVIDIA H100 NVL", "bf16", 835.5e12),
+    ("NVIDIA H200", torch.float16, 989.4e12),
+    ("NVIDIA GH200 480GB", "bf16", 989.4e12),
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
+    ("NVIDIA A100 80GB PCIe", "fp32", 19.5e12),
+    ("NVIDIA A10G", "bf16", 70e12),  # not the A10's 125: "A10" must not match A10G or A100
+    ("NVIDIA A10", "bf16", 125e12),
+    ("NVIDIA L4", "bf16", 121e12),
+    ("NVIDIA L40S", "bf16", 362.05e12),
+    ("NVIDIA L40", "bf16", 181.05e12),
+    ("Tesla V100-SXM2-16GB", torch.float16, 125e12),
+    ("Tesla V100-SXM2-16GB", torch.bfloat16, None),  # no bf16 tensor cores
+    ("Tesla T4", "fp16", 65e12),
+    ("NVIDIA GeForce RTX 4090", "bf16", 165.2e12),
+    ("Some Future Accelerator", "bf16", None),
+])
+def test_known_gpu_table(name: str, dtype: torch.dtype | str, expected: float | None) -> None:
+    assert known_gpu_peak_flops(name, dtype) == expected
+
+
+def test_float32_means_tf32_when_allowed() -> None:
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert known_gpu_peak_flops("NVIDIA A100-SXM4-40GB", torch.float32) == 156e12
+        torch.set_float32_matmul_precision("highest")
+        assert known_gpu_peak_flops("NVIDIA A100-SXM4-40GB", torch.float32) == 19.5e12
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_dtype_names() -> None:
+    assert dtype_key(torch.bfloat16) == dtype_key("bfloat16") == dtype_key("BF16") == "bf16"
+    assert dtype_key("half") == "fp16" and dtype_key(torch.float32) == "fp32"
+    with pytest.raises(ObservabilityError, match="unknown dtype 'int8'.*allowed: bf16"):
+        dtype_key("int8")
+
+
+def test_cpu_measurement_is_plausible_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "sub" / "peak.json"
+    flops = measure_cpu_peak_flops(torch.float32, n=128, seconds=0.2, cache_path=cache)
+    assert 1e8 < flops < 1e14  # any CPU beats 0.1 GFLOP/s; none of ours reaches 100 TFLOP/s
+    data = json.loads(cache.read_text())
+    (key, entry), = data.items()
+    assert f"threads={torch.get_num_threads()}" in key and f"torch={torch.__version__}" in key
+    assert "dtype=fp32" in key and "n=128" in key and peak.cpu_model_name() in key
+    assert entry["flops"] == flops and entry["n_used"] == 128
+    assert not [p for p in cache.parent.iterdir() if p.name.endswith(".tmp")]
+
+    def no_measuring(*a: object, **k: object) -> tuple[float, int]:
+        raise AssertionError("should have used the cache")
+
+    monkeypatch.setattr(peak, "measure_matmul_flops", no_measuring)
+    assert measure_cpu_peak_flops(torch.float32, n=128, seconds=0.2, cache_path=cache) == flops
+    # A different n (or dtype) is a different key; force re-measures and overwrites.
+    monkeypatch.setattr(peak, "measure_matmul_flops", lambda dev, dt, n, s: (123.0, n))
+    assert measure_cpu_peak_flops(torch.float32, n=256, seconds=0.2, cache_path=cache) == 123.0
+    assert measure_cpu_peak_flops(torch.float32, n=128, seconds=0.2, cache_path=cache, force=True) == 123.0
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_n_shrinks_to_fit_the_time_budget() -> None:
+    # One fp32 4096^3 matmul is 137 GFLOP: no CPU does it in the 12.5 ms a 0.05 s budget allows
+    # per matmul, so n must shrink (this is what keeps emulated fp16 on CPU from taking minutes).
+    t0 = time.perf_counter()
+    flops, n_used = peak.measure_matmul_flops("cpu", "fp32", n=4096, seconds=0.05)
+    assert flops > 0 and 128 <= n_used < 4096
+    assert time.perf_counter() - t0 < 5.0
+
+
+def test_corrupt_cache_is_ignored_and_rewritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "peak.json"
+    cache.write_text("{not json")
+    monkeypatch.setattr(peak, "measure_matmul_flops", lambda dev, dt, n, s: (5e9, n))
+    assert measure_cpu_peak_flops("bf16", n=64, seconds=0.1, cache_path=cache) == 5e9
+    assert list(json.loads(cache.read_text()).values())[0]["flops"] == 5e9
+
+
+def test_cache_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "c"))
+    assert default_cache_path() == tmp_path / "c" / "peak_flops.json"
+    monkeypatch.delenv("LMFORGE_CACHE_DIR")
+    assert default_cache_path() == Path.home() / ".cache" / "lmforge" / "peak_flops.json"
+
+
+def test_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "peak.json"
+    assert resolve_peak_flops("cpu", torch.bfloat16, override=2.5e12, cache_path=cache) == 2.5e12
+    with pytest.raises(ObservabilityError, match="must be > 0"):
+        resolve_peak_flops("cpu", torch.bfloat16, override=0.0, cache_path=cache)
+    with pytest.raises(ObservabilityError, match="set metrics.peak_flops"):
+        resolve_peak_flops("cpu", torch.bfloat16, measure_if_missing=False, cache_path=cache)
+    monkeypatch.setattr(peak, "measure_matmul_flops", lambda dev, dt, n, s: (7e10, n))
+    assert resolve_peak_flops("cpu", torch.bfloat16, cache_path=cache) == 7e10
+    # Now cached: no measuring needed.
+    assert resolve_peak_flops("cpu", torch.bfloat16, measure_if_missing=False, cache_path=cache) == 7e10
+
+
+def test_run_peak_benchmark(tmp_path: Path) -> None:
+    with pytest.raises(ObservabilityError, match="unknown dtype"):
+        run_peak_benchmark(["bf16", "fp64"], n=64, seconds=0.05, cache_path=tmp_path / "p.json")
+    assert not (tmp_path / "p.json").exists()  # validated before measuring anything
+    out = run_peak_benchmark(["bf16", "fp32"], n=64, seconds=0.1, cache_path=tmp_path / "p.json")
+    keys = [k for k in out if k.startswith("cpu ")]
+    assert len(keys) == 2 and "bf16" in keys[0] and "fp32" in keys[1]
+    assert all(v > 0 for v in out.values())
