@@ -13,7 +13,6 @@ may appear twice after a crash; readers keep the last record of each (prefix, st
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import sys
@@ -223,8 +222,7 @@ class MetricsLogger:
             self._file.flush()
         if self._tb is not None:
             for k, v in values.items():
-                if math.isfinite(v):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, int(step))
+                self._tb.add_scalar(f"{prefix}/{k}", v, int(step))
 
     def flush(self) -> None:
         if self._file is not None:

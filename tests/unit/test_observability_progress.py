@@ -22,7 +22,7 @@ def test_plain_lines_every_k_updates() -> None:
     # updates 2 and 4, then the unshown last state (step 5) on close
     assert [ln.split(" | ")[0] for ln in lines] == ["train 2/10 (20.0%)", "train 4/10 (40.0%)", "train 5/10 (50.0%)"]
     assert "loss 2.5000" in lines[0] and "lr 3.00e-04" in lines[0] and "tok/s 12.3k" in lines[0]
-    assert "mfu 12.3%" in lines[0] and "elapsed 0:00:00" in lines[0] and "eta " in lines[0]
+    assert "mfu 12.3%" in lines[0] and "elapsed 0:00:0" in lines[0] and "eta " in lines[0]
     assert "\x1b" not in out.getvalue()
 
 
