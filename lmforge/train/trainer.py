@@ -85,12 +85,13 @@ class Trainer:
                                       process_group=self.dp_mesh.get_group())
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak_flops = self._peak_flops() if self.is_main else 0.0
-        self.metrics = MetricsLogger(self.run_dir, jsonl=cfg.metrics.jsonl,
-                                     tensorboard=cfg.metrics.tensorboard, enabled=self.is_main)
         self.losses: list[float] = []  # per-step global mean loss, for tests and the caller
         if self.is_main:
             self._write_run_files()
         self._resume()
+        # After the resume, so TensorBoard hides what a crashed run logged past the checkpoint.
+        self.metrics = MetricsLogger(self.run_dir, jsonl=cfg.metrics.jsonl, tensorboard=cfg.metrics.tensorboard,
+                                     enabled=self.is_main, purge_step=self.state.step + 1 if self.state.step else None)
 
     # -- setup -----------------------------------------------------------------------------------
 
