@@ -50,7 +50,18 @@ def tokens(cfg_vocab: int, batch: int = 2, seq: int = 40, seed: int = 0) -> torc
 
 
 def train_tiny_tokenizer(path: Path) -> Path:
-    """A byte-level BPE like lmforge's, with "<|endoftext|>" as id 0."""
+    """lmforge's byte-level BPE ("<|endoftext|>" = id 0), trained on a few lines; built directly with
+    `tokenizers` the same way when lmforge.data.tokenizer is not importable."""
+    text = ["To be, or not to be, that is the question.", "In the beginning was the Word.",
+            "Whether 'tis nobler in the mind to suffer the slings and arrows"] * 20
+    try:
+        from lmforge.data.tokenizer import train_tokenizer
+    except ImportError:
+        train_tokenizer = None
+    if train_tokenizer is not None:
+        corpus = path.with_name("corpus.jsonl")
+        corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in text))
+        return train_tokenizer(corpus, path, vocab_size=320, min_frequency=1)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -58,8 +69,6 @@ def train_tiny_tokenizer(path: Path) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = ["To be, or not to be, that is the question.", "In the beginning was the Word.",
-            "Whether 'tis nobler in the mind to suffer the slings and arrows"] * 20
     tok.train_from_iterator(text, trainer)
     tok.save(str(path))
     return path
@@ -174,10 +183,18 @@ def test_tokenizer_export_loads_with_autotokenizer(tmp_path: Path):
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == 0
+    try:
+        from lmforge.data.tokenizer import TextTokenizer
+        text_tok = TextTokenizer.from_file(tok_path)
+    except ImportError:
+        text_tok = None
     for text in ["To be, or not to be", "  whether 'tis nobler\nin the mind ünïcödé 123", ""]:
-        ids = ours.encode(text).ids
+        ids = ours.encode(text, add_special_tokens=False).ids
+        assert len(ids) > 0 or text == ""
         assert hf_tok(text)["input_ids"] == ids
         assert hf_tok.decode(ids) == text
+        if text_tok is not None:
+            assert text_tok.encode(text) == ids
     assert hf_tok("the end<|endoftext|>")["input_ids"][-1] == 0
     fast = transformers.PreTrainedTokenizerFast.from_pretrained(out)
     assert fast("the question")["input_ids"] == ours.encode("the question").ids
