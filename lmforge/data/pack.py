@@ -1,0 +1,206 @@
+"""Pack stage: corpus.jsonl + tokenizer.json -> token shards the loader memory-maps.
+
+Layout of `out_dir` (all written temp-then-rename; the manifest last, so its presence means done):
+
+    train.bin, val.bin          raw token ids (uint16 when every id fits, else uint32); each document
+                                is followed by the end-of-text id
+    train.idx.npy, val.idx.npy  int64 offsets of document starts, plus the end (len = documents + 1)
+    train.docs.npy, val.docs.npy  int64 corpus line number (0-based) of each packed document
+    manifest.json               dtype, vocab, counts per split, sha256 of inputs and shards, seed, ...
+
+The validation split is a seeded random set of whole documents, never a cut inside one, so no
+validation text leaks into training. `prepare_data` chains the three stages; each is skipped when
+its output is already valid for its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.config.job import DataConfig, TokenizerConfig
+from lmforge.data.corpus import prepare_corpus
+from lmforge.data.errors import DataError
+from lmforge.data.files import atomic_open, fingerprint, read_json, sha256_file, write_json_atomic
+from lmforge.data.tokenizer import TextTokenizer, tokenizer_is_current, train_tokenizer
+
+PACK_FORMAT = 1
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+_CHUNK_CHARS = 4 << 20  # text per encode_batch call: large enough to use every core, small in memory
+_CHUNK_DOCS = 4096
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype holding every id in [0, vocab_size): uint16 up to 65536 ids."""
+    if vocab_size <= 0 or vocab_size > 2**32:
+        raise DataError(f"vocab_size = {vocab_size}: must be in [1, 2**32]")
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask, True for validation documents: round(n * val_fraction) of them (at least one,
+    and at least one left for training), chosen by a numpy Generator seeded with `seed`."""
+    if n_docs < 2:
+        raise DataError(f"corpus has {n_docs} document(s); need at least 2 to hold out a validation split")
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction = {val_fraction}: must be in (0, 1)")
+    n_val = min(max(1, round(n_docs * val_fraction)), n_docs - 1)
+    mask = np.zeros(n_docs, dtype=bool)
+    mask[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
+    return mask
+
+
+def _text_chunks(corpus_jsonl: Path) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    chars = 0
+    with open(corpus_jsonl, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{corpus_jsonl}:{n}: not a corpus line written by lmforge; delete it and "
+                                "rerun `lmforge data prepare`") from None
+            chunk.append(text)
+            chars += len(text)
+            if chars >= _CHUNK_CHARS or len(chunk) >= _CHUNK_DOCS:
+                yield chunk
+                chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b""))
+
+
+def _manifest_inputs(corpus: dict, tokenizer: dict, val_fraction: float, seed: int) -> dict:
+    return {"format": PACK_FORMAT, "corpus_sha256": corpus["sha256"], "tokenizer_sha256": tokenizer["sha256"],
+            "val_fraction": val_fraction, "seed": seed}
+
+
+def pack_is_current(out_dir: Path, inputs: dict) -> dict | None:
+    """The existing manifest when it was made from exactly `inputs` and its shards are intact
+    (present, with the byte sizes it records), else None."""
+    m = read_json(Path(out_dir) / MANIFEST)
+    if not m or m.get("inputs") != inputs:
+        return None
+    try:
+        itemsize = np.dtype(m["dtype"]).itemsize
+        for split in SPLITS:
+            s = m["splits"][split]
+            if (Path(out_dir) / s["file"]).stat().st_size != s["tokens"] * itemsize:
+                return None
+            if not (Path(out_dir) / f"{split}.idx.npy").is_file():
+                return None
+    except (KeyError, TypeError, OSError):
+        return None
+    return m
+
+
+def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fraction: float,
+                seed: int) -> dict:
+    """Tokenise every document, append eos, and write the train/val shards, indexes and manifest.
+
+    Returns the manifest, plus "skipped": True when an existing pack already matched the inputs
+    (corpus and tokenizer content, val_fraction, seed) and nothing was rewritten.
+    """
+    corpus_jsonl, tokenizer_json, out_dir = Path(corpus_jsonl), Path(tokenizer_json), Path(out_dir)
+    for what, p in (("corpus", corpus_jsonl), ("tokenizer", tokenizer_json)):
+        if not p.is_file():
+            raise DataError(f"pack: {what} file {p} does not exist; run the earlier stages first")
+    old = read_json(out_dir / MANIFEST) or {}
+    corpus_fp = fingerprint(corpus_jsonl, old.get("corpus"))
+    tok_fp = fingerprint(tokenizer_json, old.get("tokenizer"))
+    inputs = _manifest_inputs(corpus_fp, tok_fp, val_fraction, seed)
+    current = pack_is_current(out_dir, inputs)
+    if current is not None:
+        return {**current, "skipped": True}
+
+    tok = TextTokenizer.from_file(tokenizer_json)
+    dtype = token_dtype(tok.vocab_size)
+    is_val = split_documents(_count_lines(corpus_jsonl), val_fraction, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # from here until the end the old pack is invalid
+
+    lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
+    doc_rows: dict[str, list[int]] = {s: [] for s in SPLITS}
+    eos = np.array([tok.eos_id], dtype=np.int64)
+    row = 0
+    with atomic_open(out_dir / "train.bin", "wb") as f_train, atomic_open(out_dir / "val.bin", "wb") as f_val:
+        files = {"train": f_train, "val": f_val}
+        for texts in _text_chunks(corpus_jsonl):
+            parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+            for ids in tok.encode_batch(texts):
+                if row >= len(is_val):
+                    raise DataError(f"{corpus_jsonl} changed while packing; rerun `lmforge data prepare`")
+                split = "val" if is_val[row] else "train"
+                parts[split] += [np.asarray(ids, dtype=np.int64), eos]
+                lengths[split].append(len(ids) + 1)
+                doc_rows[split].append(row)
+                row += 1
+            for split, arrs in parts.items():
+                if arrs:
+                    arr = np.concatenate(arrs)
+                    if arr.max() >= tok.vocab_size:  # a cast would silently wrap: refuse
+                        raise DataError(f"{tokenizer_json}: produced id {arr.max()} >= vocab_size {tok.vocab_size}")
+                    files[split].write(arr.astype(dtype).tobytes())
+    if row != len(is_val):
+        raise DataError(f"{corpus_jsonl} changed while packing; rerun `lmforge data prepare`")
+
+    splits = {}
+    for split in SPLITS:
+        offsets = np.concatenate([[0], np.cumsum(lengths[split], dtype=np.int64)]).astype(np.int64)
+        for name, arr in ((f"{split}.idx.npy", offsets), (f"{split}.docs.npy", np.asarray(doc_rows[split], np.int64))):
+            with atomic_open(out_dir / name, "wb") as f:
+                np.save(f, arr)
+        splits[split] = {"file": f"{split}.bin", "tokens": int(offsets[-1]), "documents": len(lengths[split]),
+                         "sha256": sha256_file(out_dir / f"{split}.bin")}
+    manifest = {
+        "inputs": inputs, "corpus": corpus_fp, "tokenizer": tok_fp, "format": PACK_FORMAT,
+        "dtype": dtype.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "splits": splits,
+        "seed": seed, "val_fraction": val_fraction, "corpus_sha256": corpus_fp["sha256"],
+        "tokenizer_sha256": tok_fp["sha256"], "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    return {**manifest, "skipped": False}
+
+
+def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig, log: Callable[[str], None] = print) -> Path:
+    """Corpus -> tokenizer -> packed shards in `cfg.dir`, each stage skipped when its output is
+    already valid for its inputs (so every training start may call this cheaply). Returns the dir."""
+    out = Path(cfg.dir)
+    corpus_path, tok_path = out / "corpus.jsonl", out / "tokenizer.json"
+
+    t0 = time.perf_counter()
+    c = prepare_corpus(cfg.corpus, corpus_path, cfg.max_documents)
+    srcs = ", ".join(f"{k} {v}" for k, v in sorted(c["sources"].items()))
+    state = "up to date" if c["skipped_stage"] else f"built in {time.perf_counter() - t0:.1f}s"
+    skipped = f", {c['skipped_lines']} malformed lines skipped" if c.get("skipped_lines") else ""
+    log(f"data: corpus {corpus_path} {state}: {c['documents']} documents ({srcs}), "
+        f"{c['chars'] / 1e6:.1f}M chars{skipped}")
+
+    t0 = time.perf_counter()
+    if tokenizer_is_current(corpus_path, tok_path, tok_cfg.vocab_size, tok_cfg.min_frequency):
+        state = "up to date"
+    else:
+        train_tokenizer(corpus_path, tok_path, tok_cfg.vocab_size, tok_cfg.min_frequency)
+        state = f"trained in {time.perf_counter() - t0:.1f}s"
+    vocab = TextTokenizer.from_file(tok_path).vocab_size
+    short = f" (corpus too small for {tok_cfg.vocab_size})" if vocab < tok_cfg.vocab_size else ""
+    log(f"data: tokenizer {tok_path} {state}: byte-level BPE, vocab {vocab}{short}")
+
+    t0 = time.perf_counter()
+    m = pack_corpus(corpus_path, tok_path, out, cfg.val_fraction, cfg.seed)
+    state = "up to date" if m["skipped"] else f"packed in {time.perf_counter() - t0:.1f}s"
+    tr, va = m["splits"]["train"], m["splits"]["val"]
+    log(f"data: shards {out} {state}: train {tr['tokens']:,} tokens / {tr['documents']} docs, "
+        f"val {va['tokens']:,} tokens / {va['documents']} docs ({m['dtype']})")
+    return out
+
