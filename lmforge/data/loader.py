@@ -1,0 +1,176 @@
+"""Training loader: a stateful, resumable, data-parallel-aware reader of packed token shards.
+
+Samples are windows of `seq_len + 1` tokens taken with stride `seq_len` over a split's token
+stream (inputs = w[:-1], targets = w[1:]). All ranks read one infinite *global* stream of window
+indices: position p is window `perm_e[p % n_windows]` of epoch `e = p // n_windows`, where `perm_e`
+is a permutation seeded by (seed, e) (identity when not shuffling). Each call takes the next
+`micro_batch_size * dp_world` positions; rank r gets its slice of them. Hence the set of samples
+per global batch does not depend on how it is split over ranks and micro-batches, and the whole
+state is one integer in global-stream units: a run resumes exactly, also on another number of
+ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.data.errors import DataError
+from lmforge.data.files import read_json
+
+STATE_VERSION = 1
+
+
+class TokenDataset:
+    """Read-only memory map of one split (`train` or `val`) of a packed data dir."""
+
+    def __init__(self, dir: Path | str, split: str):
+        self.dir = Path(dir)
+        if split not in ("train", "val"):
+            raise DataError(f"split = {split!r}: must be 'train' or 'val'")
+        self.split = split
+        manifest_path = self.dir / "manifest.json"
+        m = read_json(manifest_path)
+        if m is None:
+            raise DataError(f"{self.dir} is not a packed data dir (no readable manifest.json); "
+                            "run `lmforge data prepare` for it")
+        try:
+            info = m["splits"][split]
+            self.dtype = np.dtype(m["dtype"])
+            self.n_tokens = int(info["tokens"])
+            self.n_documents = int(info["documents"])
+            self.vocab_size = int(m["vocab_size"])
+            self.eos_id = int(m["eos_id"])
+            path = self.dir / info["file"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{manifest_path}: malformed manifest ({e.__class__.__name__}: {e}); "
+                            "rerun `lmforge data prepare`") from None
+        if not path.is_file():
+            raise DataError(f"{path} is missing although {manifest_path} lists it; rerun `lmforge data prepare`")
+        size, want = path.stat().st_size, self.n_tokens * self.dtype.itemsize
+        if size != want:
+            raise DataError(f"{path} has {size} bytes but {manifest_path} says {self.n_tokens} tokens of "
+                            f"{self.dtype.name} ({want} bytes); rerun `lmforge data prepare`")
+        self.path = path
+        self.tokens = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.n_tokens,)) \
+            if self.n_tokens else np.zeros(0, dtype=self.dtype)
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def n_windows(self, seq_len: int) -> int:
+        return max(0, (self.n_tokens - 1) // seq_len)
+
+    def window(self, index: int, seq_len: int) -> np.ndarray:
+        """Tokens [index*seq_len, index*seq_len + seq_len + 1) as int64."""
+        start = index * seq_len
+        return np.asarray(self.tokens[start:start + seq_len + 1], dtype=np.int64)
+
+
+class DistributedTokenLoader:
+    """This rank's micro-batches from the global window stream; see the module docstring.
+
+    `shuffle=False` (validation) reads windows in order; `reset()` returns to the start, so
+    evaluating "the first N batches" sees the same batches every time.
+    """
+
+    def __init__(self, dataset: TokenDataset, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
+                 dp_world: int = 1, seed: int = 0, shuffle: bool = True):
+        if seq_len < 1 or micro_batch_size < 1:
+            raise DataError(f"seq_len = {seq_len}, micro_batch_size = {micro_batch_size}: both must be >= 1")
+        if not 0 <= dp_rank < dp_world:
+            raise DataError(f"dp_rank = {dp_rank}: must be in [0, dp_world = {dp_world})")
+        self.dataset = dataset
+        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
+        self.dp_rank, self.dp_world = dp_rank, dp_world
+        self.seed, self.shuffle = seed, shuffle
+        self.n_windows = dataset.n_windows(seq_len)
+        if self.n_windows < 1:
+            raise DataError(f"{dataset.path}: the {dataset.split} split has {dataset.n_tokens} tokens, too few "
+                            f"for one window of seq_len + 1 = {seq_len + 1}; lower train.seq_len or add data")
+        self.position = 0  # global stream position of the next global batch
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    # -- the global stream -----------------------------------------------------------------------
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        perm = self._perm_cache.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            self._perm_cache = {epoch: perm}  # batches move forward: one epoch is enough to keep
+        return perm
+
+    def window_indices(self, start: int, count: int) -> np.ndarray:
+        """Window indices at global positions [start, start + count)."""
+        pos = np.arange(start, start + count, dtype=np.int64)
+        if not self.shuffle:
+            return pos % self.n_windows
+        epochs, offsets = pos // self.n_windows, pos % self.n_windows
+        out = np.empty(count, dtype=np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._perm(int(e))[offsets[sel]]
+        return out
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.n_windows
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.dp_world
+
+    # -- batches -----------------------------------------------------------------------------------
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), int64 tensors of shape (micro_batch_size, seq_len), for this rank."""
+        m = self.micro_batch_size
+        idx = self.window_indices(self.position + self.dp_rank * m, m)
+        self.position += m * self.dp_world
+        windows = np.stack([self.dataset.window(int(i), self.seq_len) for i in idx])
+        batch = torch.from_numpy(windows)
+        return batch[:, :-1], batch[:, 1:]
+
+    def reset(self) -> None:
+        """Back to the start of the stream (epoch 0, position 0)."""
+        self.position = 0
+
+    def batches(self, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The first `n` batches of the stream, from the start (resets first)."""
+        self.reset()
+        for _ in range(n):
+            yield self.next_batch()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless batches from the current position (the stream wraps into new epochs)."""
+        while True:
+            yield self.next_batch()
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int]:
+        """Plain ints, identical on every rank (nothing rank- or split-shape-specific)."""
+        return {"version": STATE_VERSION, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
+                "n_windows": self.n_windows, "shuffle": int(self.shuffle)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Continue at the saved global position. dp_world and micro_batch_size may differ from the
+        saving run; seq_len, seed, shuffle and the data (number of windows) must not."""
+        try:
+            saved = {k: int(sd[k]) for k in ("position", "seed", "seq_len", "n_windows", "shuffle")}
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"data loader state is malformed ({e.__class__.__name__}: {e}); the checkpoint "
+                            "was not written by this loader") from None
+        mine = self.state_dict()
+        why = {"seq_len": "train.seq_len", "seed": "data.seed", "shuffle": "shuffle mode",
+               "n_windows": f"data in {self.dataset.dir} (windows of seq_len {self.seq_len})"}
+        for key, what in why.items():
+            if saved[key] != mine[key]:
+                raise DataError(f"cannot resume the data loader: checkpoint has {key} = {saved[key]} but this run "
+                                f"has {mine[key]}; keep {what} as in the saved run to resume exactly")
+        if saved["position"] < 0:
+            raise DataError(f"data loader state has position {saved['position']}: must be >= 0")
+        self.position = saved["position"]
