@@ -66,8 +66,8 @@ from lmforge.checkpoint.state import (
     unpack,
 )
 
-__all__ = ["MANIFEST", "CheckpointError", "CheckpointManager", "load_model_weights", "step_dir_name",
-           "verify_checkpoint"]
+__all__ = ["MANIFEST", "CheckpointError", "CheckpointManager", "load_model_weights", "save_model_weights",
+           "step_dir_name", "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +305,45 @@ def _check_model_against(path: Path, saved: Mapping[str, Any], model_sd: Mapping
                                   f"{tuple(t.shape)} (does the model config match the checkpoint's?)")
 
 
+def _publish(tmp: Path, final: Path) -> None:
+    """Atomically rename the complete `tmp` to `final`; an existing `final` (e.g. a corrupt one a
+    resume skipped) is moved aside first and deleted only after the new one is in place."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_weights(step_dir: Path, model: nn.Module, step: int | None = None) -> Path:
+    """A weights-only checkpoint ({"model": FQN state dict}, manifest, atomic publish) at
+    `step_dir`, single process, no process group: for imported models (HF -> run) and exports
+    that later commands load with `load_model_weights`. `step` defaults to N of a `step-N` name."""
+    step_dir = Path(step_dir)
+    if step is None:
+        m = _STEP_RE.match(step_dir.name)
+        if m is None or m.group(2):
+            raise ValueError(f"{step_dir}: name is not step-N; pass step=")
+        step = int(m.group(1))
+    tmp = step_dir.with_name(step_dir.name + ".tmp")
+    step_dir.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        with _quiet_no_dist():
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp), no_dist=True)
+        _write_manifest(tmp, step, 1)
+        _publish(tmp, step_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return step_dir
+
+
 def load_model_weights(path: Path, model: nn.Module) -> int:
     """Load only the model weights of checkpoint `path` into `model` in place; returns its step.
 
@@ -473,7 +512,7 @@ class CheckpointManager:
 
         def publish() -> None:
             _write_manifest(tmp, step, world)
-            self._publish(tmp, final)
+            _publish(tmp, final)
             # The manifest's hashes were just computed from the files on disk; check names, sizes
             # and DCP's file references again after the rename, before anything is deleted.
             v = verify_checkpoint(final, deep=False)
@@ -484,17 +523,6 @@ class CheckpointManager:
 
         self._on_rank0(publish)
         return final
-
-    def _publish(self, tmp: Path, final: Path) -> None:
-        old = final.with_name(final.name + ".old")
-        if final.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)  # the new one is complete: the old same-step one goes
-        os.replace(tmp, final)
-        _fsync_dir(self.root)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self, new_step: int) -> None:
         """Keep the new checkpoint plus the newest keep_last-1 older ones that pass the size check;

@@ -31,6 +31,15 @@ from lmforge.models.llama.sizes import SIZES
 CFG = replace(SIZES["debug"], max_seq_len=32)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one thread is fastest, and on a busy shared machine much faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def trained(seed: int = 0, steps: int = 2) -> tuple[torch.nn.Module, torch.optim.Optimizer,
                                                     torch.optim.lr_scheduler.LRScheduler]:
     model = build_model(CFG, seed=seed)
@@ -264,3 +273,18 @@ def test_verify_checkpoint_cache_does_not_hide_later_damage(tmp_path: Path):
     assert verify_checkpoint(path).ok is False
     shutil.rmtree(path)
     assert mgr.latest_valid() is None
+
+
+def test_save_model_weights_makes_a_valid_weights_only_checkpoint(tmp_path: Path):
+    from lmforge.checkpoint import save_model_weights
+
+    model = build_model(CFG, seed=1)
+    path = save_model_weights(tmp_path / "checkpoints" / "step-00000000", model)
+    assert verify_checkpoint(path).ok and not path.with_name(path.name + ".tmp").exists()
+    assert {k.split(".")[0] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata} == {"model"}
+    assert CheckpointManager(tmp_path / "checkpoints", keep_last=1).latest_valid() == path
+    other = build_model(CFG, seed=2)
+    assert load_model_weights(path, other) == 0
+    assert torch.equal(other.tok_embeddings.weight, model.tok_embeddings.weight)
+    with pytest.raises(ValueError, match="step="):
+        save_model_weights(tmp_path / "weights", model)
