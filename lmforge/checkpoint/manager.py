@@ -400,18 +400,22 @@ class CheckpointManager:
             dist.barrier(group=self.process_group)
 
     def _on_rank0(self, fn: Callable[[], _T]) -> _T:
-        """Run `fn` on rank 0 and give every rank its result (or its CheckpointError)."""
+        """Run `fn` on rank 0 and give every rank its result, or make every rank raise (rank 0 its
+        own exception, the others a CheckpointError/RuntimeError with its message)."""
         if not self._distributed():
             return fn()
         box: list[Any] = [None]
+        failure: BaseException | None = None
         if self._rank_world()[0] == 0:
             try:
                 box[0] = ("ok", fn())
             except CheckpointError as e:
-                box[0] = ("error", str(e))
+                failure, box[0] = e, ("error", str(e))
             except Exception as e:  # noqa: BLE001 (other ranks must not wait forever)
-                box[0] = ("crash", f"checkpoint manager on rank 0: {_first_line(e)}")
+                failure, box[0] = e, ("crash", f"checkpoint manager failed on rank 0: {_first_line(e)}")
         dist.broadcast_object_list(box, group=self.process_group, group_src=0)
+        if failure is not None:
+            raise failure
         kind, value = box[0]
         if kind == "error":
             raise CheckpointError(value)
@@ -444,31 +448,45 @@ class CheckpointManager:
         v = self._on_rank0(lambda: self._verify_local(Path(path)))
         return v.ok, v.reason
 
+    def _walk(self) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """(newest valid checkpoint or None, [(skipped invalid one, why)]), newest first."""
+        skipped = []
+        for _, p in reversed(self._scan(include_tmp=True)):
+            v = self._verify_local(p)
+            if v.ok:
+                return p, skipped
+            log.warning("skipping invalid checkpoint %s: %s", p, v.reason)
+            skipped.append((p, v.reason))
+        return None, skipped
+
     def latest_valid(self) -> Path | None:
         """The newest valid checkpoint, skipping (with a warning each) invalid newer ones, incl.
         leftover `.tmp` directories; None when there is none. Collective when distributed."""
-
-        def walk() -> Path | None:
-            for _, p in reversed(self._scan(include_tmp=True)):
-                v = self._verify_local(p)
-                if v.ok:
-                    return p
-                log.warning("skipping invalid checkpoint %s: %s", p, v.reason)
-            return None
-
-        return self._on_rank0(walk)
+        return self._on_rank0(lambda: self._walk()[0])
 
     def resolve_resume(self, spec: str) -> Path | None:
-        """"none" -> None (fresh start); "auto" -> latest_valid() (None when there is none yet);
-        anything else is a checkpoint directory that must be valid, else CheckpointError."""
+        """Where to resume from. "none" -> None (fresh start); "auto" -> the newest valid
+        checkpoint, or None when there are no checkpoints yet; but CheckpointError when there are
+        some and none is valid (a silent restart from scratch would discard the run's progress).
+        Anything else is a checkpoint directory that must be valid, else CheckpointError.
+        Collective when distributed."""
         s = str(spec).strip()
         if s.lower() == "none":
             return None
         if s.lower() == "auto":
-            found = self.latest_valid()
-            if found is None:
-                log.info("no valid checkpoint under %s: starting fresh", self.root)
-            return found
+
+            def auto() -> Path | None:
+                found, skipped = self._walk()
+                if found is None and skipped:
+                    newest, why = skipped[0]
+                    raise CheckpointError(
+                        f"resume 'auto': {len(skipped)} checkpoint(s) under {self.root}, none valid (newest "
+                        f"{newest.name}: {why}); repair or move them away, or resume 'none' to start fresh")
+                if found is None:
+                    log.info("no checkpoint under %s yet: starting fresh", self.root)
+                return found
+
+            return self._on_rank0(auto)
         path = Path(s).expanduser()
 
         def check() -> Path:

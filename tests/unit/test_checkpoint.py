@@ -288,3 +288,13 @@ def test_save_model_weights_makes_a_valid_weights_only_checkpoint(tmp_path: Path
     assert torch.equal(other.tok_embeddings.weight, model.tok_embeddings.weight)
     with pytest.raises(ValueError, match="step="):
         save_model_weights(tmp_path / "weights", model)
+
+
+def test_resume_auto_refuses_when_checkpoints_exist_but_none_is_valid(tmp_path: Path):
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    path = mgr.save(4, {"train": {"step": 4}})
+    _no_manifest(path)
+    assert mgr.latest_valid() is None
+    with pytest.raises(CheckpointError, match=r"1 checkpoint\(s\) under .*none valid \(newest step-00000004: no lmforge") as e:
+        mgr.resolve_resume("auto")
+    assert "\n" not in str(e.value)
