@@ -9,12 +9,11 @@ tests hold them to that.
 from __future__ import annotations
 
 import json
-import re
-import warnings
 from pathlib import Path
 
 import torch
 
+from lmforge.checkpoint.manager import MANIFEST, CheckpointError, CheckpointManager, load_model_weights
 from lmforge.config import ModelConfig
 from lmforge.config.loader import ConfigError, build_dataclass
 from lmforge.models.llama.hf import import_hf, is_hf_dir
@@ -130,9 +129,6 @@ def generate(model: Transformer, prompt_ids: list[int] | list[list[int]] | torch
 
 # -- loading -----------------------------------------------------------------------------------
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
 def _read_run_config(run_dir: Path) -> dict:
     path = run_dir / "config.json"
     try:
@@ -154,70 +150,13 @@ def _is_run_dir(path: Path) -> bool:
     return isinstance(d, dict) and isinstance(d.get("model"), dict)
 
 
-def _is_step_dir(path: Path) -> bool:
-    return (path / ".metadata").is_file()
-
-
-def newest_checkpoint(ckpt_root: Path, keep_last: int = 1) -> Path:
-    """The newest valid step directory under `ckpt_root` (the checkpoint manager decides what is
-    valid when it is there; otherwise the highest step-N directory holding DCP metadata)."""
-    try:
-        from lmforge.checkpoint.manager import CheckpointManager
-    except ImportError:
-        CheckpointManager = None  # noqa: N806
-    if CheckpointManager is not None:
-        found = CheckpointManager(ckpt_root, keep_last).latest_valid()
-        if found is None:
-            raise FileNotFoundError(f"{ckpt_root}: no valid checkpoint")
-        return Path(found)
-    steps = []
-    if ckpt_root.is_dir():
-        for p in ckpt_root.iterdir():
-            m = _STEP_DIR.match(p.name)
-            if m and _is_step_dir(p):
-                steps.append((int(m.group(1)), p))
-    if not steps:
-        raise FileNotFoundError(f"{ckpt_root}: no checkpoint (step-N directories with DCP metadata)")
-    return max(steps)[1]
-
-
-def load_checkpoint_weights(step_dir: Path, model: torch.nn.Module) -> None:
-    """Load the model weights of a DCP checkpoint into `model` in place (optimizer state is not read).
-    Uses the checkpoint manager's helper when it is there; otherwise finds under which top-level
-    key (e.g. "model" or "app.model") the weights were saved, from the checkpoint metadata."""
-    try:
-        from lmforge.checkpoint.manager import load_model_weights
-    except ImportError:
-        load_model_weights = None
-    if load_model_weights is not None:
-        load_model_weights(step_dir, model)
-        return
-    import torch.distributed.checkpoint as dcp
-
-    try:
-        meta = dcp.FileSystemReader(str(step_dir)).read_metadata()
-    except Exception as e:  # noqa: BLE001 (any failure to read metadata is a bad checkpoint)
-        raise GenerationError(f"{step_dir}: cannot read checkpoint metadata ({e.__class__.__name__}: {e})") from None
-    saved = set(meta.state_dict_metadata)
-    anchor = "tok_embeddings.weight"
-    prefixes = sorted({k[: -len(anchor)] for k in saved if k.endswith(anchor)})
-    if len(prefixes) != 1:
-        raise GenerationError(f"{step_dir}: cannot find the model weights in the checkpoint "
-                              f"({len(prefixes)} candidates for {anchor})")
-    prefix = prefixes[0]
-    sd = model.state_dict()
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings and prefix + "output.weight" not in saved:
-        sd.pop("output.weight", None)
-    missing = [k for k in sd if prefix + k not in saved]
-    if missing:
-        raise GenerationError(f"{step_dir}: checkpoint lacks weights {', '.join(missing[:6])}"
-                              f"{' ...' if len(missing) > 6 else ''} (model config does not match?)")
-    wrong = [k for k, t in sd.items() if tuple(meta.state_dict_metadata[prefix + k].size) != tuple(t.shape)]
-    if wrong:
-        raise GenerationError(f"{step_dir}: weight shapes differ from the run config: {', '.join(wrong[:3])}")
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({prefix + k: t for k, t in sd.items()}, checkpoint_id=str(step_dir), no_dist=True)
+def newest_checkpoint(ckpt_root: Path) -> Path:
+    """The newest valid checkpoint under `ckpt_root` (the manager verifies each against its manifest
+    and skips, with a warning, incomplete or corrupt newer ones)."""
+    found = CheckpointManager(ckpt_root, keep_last=1).latest_valid()
+    if found is None:
+        raise CheckpointError(f"{ckpt_root}: no valid checkpoint (step-N directories with a manifest)")
+    return Path(found)
 
 
 def load_for_generation(path: Path, device: torch.device | str = "cpu"
@@ -236,8 +175,8 @@ def load_for_generation(path: Path, device: torch.device | str = "cpu"
         run_dir = path
         d = _read_run_config(run_dir)
         ck = d.get("checkpoint") if isinstance(d.get("checkpoint"), dict) else {}
-        step_dir = newest_checkpoint(run_dir / ck.get("folder", "checkpoints"), int(ck.get("keep_last", 1)))
-    elif _is_step_dir(path):
+        step_dir = newest_checkpoint(run_dir / ck.get("folder", "checkpoints"))
+    elif (path / MANIFEST).is_file() or (path / ".metadata").is_file():
         step_dir = path
         run_dir = next((p for p in (path.parent.parent, path.parent) if _is_run_dir(p)), None)
         if run_dir is None:
@@ -253,6 +192,6 @@ def load_for_generation(path: Path, device: torch.device | str = "cpu"
     except ConfigError as e:
         raise GenerationError(str(e)) from None
     model = build_model(cfg, device, seed=0)  # materialises buffers; the weights are overwritten
-    load_checkpoint_weights(step_dir, model)
+    load_model_weights(step_dir, model)  # verifies the manifest first; CheckpointError if invalid
     tok = run_dir / "tokenizer.json"
     return model.eval(), cfg, tok if tok.is_file() else None

@@ -3,7 +3,7 @@ a run (generate, export, eval) takes an imported model too:
 
     <out>/config.json                      the JobConfig as JSON, model section from config.json
     <out>/tokenizer.json                   copied when the HF directory has one
-    <out>/checkpoints/step-00000000/       DCP checkpoint, weights under the top-level key "model"
+    <out>/checkpoints/step-00000000/       weights-only checkpoint (DCP, top-level key "model", manifest)
 """
 
 from __future__ import annotations
@@ -12,34 +12,14 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from lmforge.checkpoint.manager import save_model_weights, step_dir_name
 from lmforge.config import JobConfig, TokenizerConfig, TrainConfig
 from lmforge.models.llama.hf import HFFormatError, import_hf
-
-STEP_DIR_NAME = "step-{:08d}"
-
-
-def save_weights_checkpoint(model: torch.nn.Module, step_dir: Path) -> Path:
-    """A weights-only DCP checkpoint ({"model": state_dict}), written to a temp dir then renamed."""
-    import torch.distributed.checkpoint as dcp
-
-    step_dir = Path(step_dir)
-    step_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{step_dir.name}.tmp-", dir=step_dir.parent))
-    try:
-        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), no_dist=True)
-        os.replace(tmp, step_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return step_dir
 
 
 def import_to_run(hf_dir: Path, out: Path) -> Path:
@@ -58,11 +38,11 @@ def import_to_run(hf_dir: Path, out: Path) -> Path:
         (tmp / "config.json").write_text(json.dumps(asdict(job), indent=2) + "\n")
         if (hf_dir / "tokenizer.json").is_file():
             shutil.copyfile(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
-        save_weights_checkpoint(model, tmp / job.checkpoint.folder / STEP_DIR_NAME.format(0))
+        save_model_weights(tmp / job.checkpoint.folder / step_dir_name(0), model, step=0)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out / job.checkpoint.folder / STEP_DIR_NAME.format(0)
+    return out / job.checkpoint.folder / step_dir_name(0)

@@ -4,13 +4,14 @@ do what they say, and models load from runs, checkpoint step dirs and HF directo
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from lmforge.checkpoint.manager import CheckpointError, CheckpointManager, save_model_weights, step_dir_name
+from lmforge.checkpoint.state import ModelOptimizerState
 from lmforge.config import JobConfig, ModelConfig
 from lmforge.models.llama import SIZES, build_model
 from lmforge.models.llama.hf import export_hf
@@ -21,7 +22,16 @@ from lmforge.serve.generate import (
     load_for_generation,
     sample_next_token,
 )
-from lmforge.serve.hf_import import import_to_run, save_weights_checkpoint
+from lmforge.serve.hf_import import import_to_run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (40x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def small_model(seed: int = 0, **kw) -> torch.nn.Module:
@@ -175,28 +185,27 @@ def test_seeded_generator_is_reproducible():
 # -- loading -----------------------------------------------------------------------------------
 
 
-def make_run(tmp_path: Path, cfg: ModelConfig, steps: dict[int, torch.nn.Module], nested: bool) -> Path:
-    """A run dir as the trainer writes it: config.json, tokenizer.json, checkpoints/step-N (DCP)."""
-    import torch.distributed.checkpoint as dcp
-
+def make_run(tmp_path: Path, cfg: ModelConfig, steps: dict[int, torch.nn.Module], trainer_style: bool) -> Path:
+    """A run dir as the trainer writes it: config.json, tokenizer.json, checkpoints/step-N."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(asdict(JobConfig(model=cfg))))
     (run / "tokenizer.json").write_text("{}")
+    manager = CheckpointManager(run / "checkpoints", keep_last=5)
     for step, model in steps.items():
-        sd = model.state_dict()
-        state = {"app": {"model": sd, "optim": {"step": torch.tensor(step)}}} if nested else {"model": sd}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(state, checkpoint_id=str(run / "checkpoints" / f"step-{step:08d}"), no_dist=True)
+        if trainer_style:  # model + optimizer, as Trainer.checkpoint_state() hands them over
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            manager.save(step, {"app": ModelOptimizerState(model, opt), "extra": {"step": torch.tensor(step)}})
+        else:
+            save_model_weights(run / "checkpoints" / step_dir_name(step), model)
     return run
 
 
-@pytest.mark.parametrize("nested", [False, True], ids=["model-key", "app.model-key"])
-def test_load_run_dir_takes_newest_checkpoint_and_step_dir_takes_that_one(tmp_path: Path, nested: bool):
+@pytest.mark.parametrize("trainer_style", [False, True], ids=["weights-only", "trainer"])
+def test_load_run_dir_takes_newest_checkpoint_and_step_dir_takes_that_one(tmp_path: Path, trainer_style: bool):
     cfg = replace(SIZES["debug"], max_seq_len=64, tie_embeddings=True)
     old, new = build_model(cfg, seed=1), build_model(cfg, seed=2)
-    run = make_run(tmp_path, cfg, {100: old, 200: new}, nested)
+    run = make_run(tmp_path, cfg, {100: old, 200: new}, trainer_style)
     x = torch.tensor([prompts(1, 10, seed=0)[0]])
     model, cfg2, tok = load_for_generation(run)
     assert cfg2 == cfg and tok == run / "tokenizer.json" and not model.training
@@ -205,6 +214,13 @@ def test_load_run_dir_takes_newest_checkpoint_and_step_dir_takes_that_one(tmp_pa
         assert torch.equal(model(x), new(x))
         model1, _, tok1 = load_for_generation(run / "checkpoints" / "step-00000100")
         assert torch.equal(model1(x), old(x)) and tok1 == tok
+    # a corrupt newest checkpoint is skipped for the run dir, and refused when named directly
+    data = next((run / "checkpoints" / "step-00000200").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:-8])
+    with torch.no_grad():
+        assert torch.equal(load_for_generation(run)[0](x), old(x))
+    with pytest.raises(CheckpointError, match="step-00000200"):
+        load_for_generation(run / "checkpoints" / "step-00000200")
 
 
 def test_load_hf_dir_and_import_to_run(tmp_path: Path):
@@ -233,11 +249,13 @@ def test_load_errors_are_clear(tmp_path: Path):
     with pytest.raises(GenerationError, match="not a Hugging Face directory"):
         load_for_generation(tmp_path)
     cfg = replace(SIZES["debug"], max_seq_len=64)
-    run = make_run(tmp_path, cfg, {}, nested=False)
-    with pytest.raises(FileNotFoundError, match="checkpoint"):
+    run = make_run(tmp_path, cfg, {}, trainer_style=False)
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
         load_for_generation(run)
-    other = replace(cfg, dim=32)
-    save_weights_checkpoint(build_model(other), run / "checkpoints" / "step-00000001")
-    with pytest.raises(Exception, match="step-00000001") as e:  # names the checkpoint, in one line
+    save_model_weights(run / "checkpoints" / "step-00000001", build_model(replace(cfg, dim=32)))
+    with pytest.raises(CheckpointError, match="step-00000001") as e:  # names the checkpoint, in one line
         load_for_generation(run)
     assert "\n" not in str(e.value)
+    (run / "config.json").write_text(json.dumps({"model": {"dim": "wide"}}))
+    with pytest.raises(GenerationError, match="model.dim"):
+        load_for_generation(run)

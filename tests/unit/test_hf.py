@@ -26,6 +26,15 @@ from lmforge.models.llama.hf import (
 
 transformers = pytest.importorskip("transformers")
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (40x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TOL = 1e-5
 
 
