@@ -20,8 +20,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lmforge.checkpoint.manager import CheckpointError
     from lmforge.data.errors import DataError
     from lmforge.models.llama.hf import HFFormatError
+    from lmforge.observability.errors import ObservabilityError
+    from lmforge.serve.generate import GenerationError
 
-    return (ConfigError, CheckpointError, DataError, HFFormatError, FileNotFoundError)
+    return (ConfigError, CheckpointError, DataError, HFFormatError, GenerationError, ObservabilityError,
+            FileNotFoundError)
 
 
 def _job_config(args: argparse.Namespace):
@@ -89,8 +92,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lmforge.models.llama.hf import export_hf
     from lmforge.serve.generate import load_for_generation
 
+    from lmforge.train.precision import DTYPES
+
     model, cfg, tokenizer_json = load_for_generation(Path(args.source))
-    export_hf(model, cfg, Path(args.out), tokenizer_json=tokenizer_json)
+    export_hf(model, cfg, Path(args.out), tokenizer_json=tokenizer_json, dtype=DTYPES[args.dtype],
+              overwrite=args.overwrite)
     print(f"exported {args.source} -> {args.out} (config.json, model.safetensors"
           f"{', tokenizer' if tokenizer_json else ''})")
     return 0
@@ -108,7 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.data.tokenizer import TextTokenizer
     from lmforge.serve.generate import generate, load_for_generation
 
-    model, cfg, tokenizer_json = load_for_generation(Path(args.source))
+    model, cfg, tokenizer_json = load_for_generation(Path(args.source), device=args.device)
     if tokenizer_json is None:
         raise FileNotFoundError(f"no tokenizer.json found with {args.source}; generation needs one")
     tok = TextTokenizer.from_file(tokenizer_json)
@@ -168,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a Hugging Face directory from a run or checkpoint")
     p.add_argument("source", help="run dir, checkpoint step dir")
     p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype on disk")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="turn a Hugging Face Llama directory into an lmforge run")
@@ -184,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.set_defaults(func=cmd_generate)
     return parser
 
