@@ -91,7 +91,6 @@ def cmd_bench_peak(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from lmforge.models.llama.hf import export_hf
     from lmforge.serve.generate import load_for_generation
-
     from lmforge.train.precision import DTYPES
 
     model, cfg, tokenizer_json = load_for_generation(Path(args.source))

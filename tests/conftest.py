@@ -19,9 +19,8 @@ TINY_MODEL = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lmforge.data.pack import prepare_data
-
     from lmforge.config import DataConfig, TokenizerConfig
+    from lmforge.data.pack import prepare_data
 
     out = tmp_path_factory.mktemp("tiny-data")
     return prepare_data(DataConfig(corpus="default", dir=str(out), max_documents=120, val_fraction=0.05),
