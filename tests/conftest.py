@@ -31,7 +31,7 @@ def tiny_run_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     return [*TINY_MODEL, "--tokenizer.vocab_size", "512", "--data.dir", str(data_dir),
             "--data.max_documents", "120", "--data.val_fraction", "0.05",
             "--train.output_dir", str(out_dir), "--train.seq_len", "32", "--train.mixed_precision", "fp32",
-            "--scheduler.warmup_steps", "2", "--metrics.log_interval", "1", "--metrics.tensorboard", "false",
+            "--scheduler.warmup_steps", "2", "--optimizer.lr", "0.01", "--metrics.log_interval", "1", "--metrics.tensorboard", "false",
             "--metrics.progress", "none", "--metrics.peak_flops", "1e11", "--metrics.plot", "false", *extra]
 
 

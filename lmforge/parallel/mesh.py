@@ -56,7 +56,9 @@ def build_mesh(info: DistInfo) -> DeviceMesh:
     return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(barrier: bool = True) -> None:
+    """End the default group; skip the barrier when leaving on an error (peers may be gone)."""
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

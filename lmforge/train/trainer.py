@@ -55,6 +55,13 @@ class Trainer:
     def __init__(self, cfg: JobConfig, *, echo: bool = True):
         self.cfg = cfg
         self.info: DistInfo = init_distributed(cfg.parallel, cfg.train.device)
+        try:
+            self._setup(cfg, echo)
+        except BaseException:
+            shutdown_distributed(barrier=False)
+            raise
+
+    def _setup(self, cfg: JobConfig, echo: bool) -> None:
         self.is_main = self.info.rank == 0
         self.echo = echo and self.is_main
         self.mesh = build_mesh(self.info)

@@ -3,7 +3,6 @@ bit for bit at every step; and `--resume auto` skips a corrupt newest checkpoint
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,7 @@ def test_resume_is_bit_identical(tiny_data_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_auto_falls_back_past_corrupt_checkpoint(tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_resume_auto_falls_back_past_corrupt_checkpoint(tiny_data_dir: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     common = ["--train.steps", "6", "--train.global_batch_size", "2", "--train.micro_batch_size", "2",
               "--train.eval_interval", "0", "--checkpoint.interval", "2", "--checkpoint.keep_last", "5"]
@@ -58,8 +57,11 @@ def test_resume_auto_falls_back_past_corrupt_checkpoint(tiny_data_dir: Path, tmp
     steps = [r["step"] for r in read_metrics(run)]
     assert steps[-3:] == [4, 5, 6]  # steps 3..6 rerun after falling back to step 2
 
-    # Asking for the corrupt one explicitly is refused with one clear line.
-    shutil.rmtree(run / "checkpoints" / "step-00000006", ignore_errors=True)
+    # Asking explicitly for a corrupt checkpoint is refused with one clear line, exit code 2.
+    flipped = bytearray(victim.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    victim.write_bytes(bytes(flipped))
     from lmforge.cli import main
     code = main(["train", *tiny_run_args(tiny_data_dir, run, *common, "--checkpoint.resume", str(newest))])
-    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "step-00000004" in err[0], err
