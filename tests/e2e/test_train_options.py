@@ -1,0 +1,61 @@
+"""Trainer options against the plain fp32 reference: activation checkpointing, torch.compile,
+bf16 autocast, fp16 with dynamic loss scaling. In-process, debug-sized, a few steps each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import load_job_config, parse_override_args
+from lmforge.train.trainer import Trainer
+from tests.conftest import read_metrics, tiny_run_args
+
+STEPS = 4
+
+
+def train(data_dir: Path, out: Path, *extra: str) -> list[float]:
+    args = tiny_run_args(data_dir, out, "--train.steps", str(STEPS), "--train.global_batch_size", "4",
+                         "--train.micro_batch_size", "2", "--train.eval_interval", "0",
+                         "--checkpoint.enabled", "false", *extra)
+    cfg = load_job_config(None, parse_override_args(args))
+    trainer = Trainer(cfg, echo=False)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    return train(tiny_data_dir, tmp_path_factory.mktemp("ref"))
+
+
+def test_reference_trains(reference: list[float]) -> None:
+    assert len(reference) == STEPS and reference[-1] < reference[0]
+
+
+def test_activation_checkpointing_is_exact(tiny_data_dir: Path, tmp_path: Path, reference: list[float]) -> None:
+    losses = train(tiny_data_dir, tmp_path, "--train.activation_checkpointing", "full")
+    assert losses == pytest.approx(reference, rel=1e-6, abs=0)
+
+
+def test_bf16_autocast_close_to_fp32(tiny_data_dir: Path, tmp_path: Path, reference: list[float]) -> None:
+    losses = train(tiny_data_dir, tmp_path, "--train.mixed_precision", "bf16")
+    assert losses == pytest.approx(reference, rel=2e-2)
+    assert losses != reference  # it really ran in reduced precision
+
+
+def test_fp16_dynamic_loss_scaling(tiny_data_dir: Path, tmp_path: Path, reference: list[float]) -> None:
+    losses = train(tiny_data_dir, tmp_path, "--train.mixed_precision", "fp16")
+    assert losses == pytest.approx(reference, rel=2e-2)
+    scales = [r["loss_scale"] for r in read_metrics(tmp_path)]
+    assert len(scales) == STEPS and all(s > 1.0 for s in scales)  # the GradScaler is active
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(tiny_data_dir: Path, tmp_path: Path, reference: list[float]) -> None:
+    torch._dynamo.reset()
+    losses = train(tiny_data_dir, tmp_path, "--train.compile", "true")
+    assert losses == pytest.approx(reference, rel=1e-4)
