@@ -198,12 +198,107 @@ class MetricsConfig:
             require(self.peak_flops > 0, "metrics.peak_flops", self.peak_flops, "must be > 0")
 
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev")
+# Schedules that run several stages per rank (virtual stages); the V-shaped ones need exactly two.
+MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev")
+V_SCHEDULES = ("zbv", "dualpipev")
+
+
 @dataclass
 class ParallelConfig:
-    """Data parallel over all ranks for now; the N-D layout (FSDP/TP/PP) extends this section."""
+    """The N-D layout on one DeviceMesh (pp, dp_replicate, dp_shard, tp), torchtitan's semantics:
+    dp_shard > 1 is FSDP2 (ZeRO-3; ZeRO-2-like with `fsdp_reshard_after_forward = "never"`),
+    dp_replicate > 1 alone is DDP, both is HSDP. dp_shard = -1 takes what the other degrees leave
+    of the world size. Degrees multiply to the world size."""
 
-    data_parallel: Literal["ddp"] = "ddp"
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = True  # with tp > 1: norms and residuals sharded along the sequence
+    loss_parallel: bool = True  # with tp > 1: cross-entropy on vocab-sharded logits
+    fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
+    fsdp_param_dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: FSDP casts params, reduces in fp32
+    cpu_offload: bool = False  # params, grads, optimizer state on CPU (a no-op when training on CPU)
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv",
+                         "dualpipev"] = "1f1b"
+    pp_microbatches: int = 0  # 0: as many as pipeline stages
+    pp_stages_per_rank: int = 0  # 0: 1, or 2 for schedules that need several stages per rank
+    pp_split: Literal["even", "params", "flops"] = "even"  # how layers are balanced over stages
+    pp_layers_per_stage: list[int] | None = None  # explicit split; overrides pp_split
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    def resolved(self, world_size: int) -> ParallelConfig:
+        """A copy with dp_shard = -1 replaced by what the world size leaves."""
+        from dataclasses import replace
+
+        if self.dp_shard != -1:
+            return replace(self)
+        others = self.dp_replicate * self.tp * self.pp
+        return replace(self, dp_shard=max(1, world_size // others) if world_size % others == 0 else -1)
+
+    @property
+    def dp_degree(self) -> int:
+        return self.dp_replicate * max(self.dp_shard, 1)
+
+    @property
+    def stages_per_rank(self) -> int:
+        if self.pp_stages_per_rank:
+            return self.pp_stages_per_rank
+        return 2 if self.pp_schedule in MULTI_STAGE_SCHEDULES else 1
+
+    def validate(self, world_size: int, model: ModelConfig, train: TrainConfig) -> None:
+        for name in ("dp_replicate", "tp", "pp"):
+            v = getattr(self, name)
+            require(v >= 1, f"parallel.{name}", v, "must be >= 1")
+        require(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard", self.dp_shard,
+                "must be >= 1, or -1 for what the other degrees leave")
+        r = self.resolved(world_size)
+        product = r.dp_replicate * r.dp_shard * r.tp * r.pp
+        require(r.dp_shard >= 1 and product == world_size, "parallel",
+                f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} x pp={self.pp}",
+                f"degrees must multiply to the world size ({world_size})")
+        if r.tp > 1:
+            require(model.n_heads % r.tp == 0, "parallel.tp", r.tp, f"must divide model.n_heads ({model.n_heads})")
+            require(model.kv_heads % r.tp == 0, "parallel.tp", r.tp,
+                    f"must divide the key/value heads ({model.kv_heads})")
+            require(model.ffn_hidden_size % r.tp == 0, "parallel.tp", r.tp,
+                    f"must divide the feed-forward width ({model.ffn_hidden_size})")
+            require(model.vocab_size % r.tp == 0, "parallel.tp", r.tp,
+                    f"must divide model.vocab_size ({model.vocab_size})")
+            if r.sequence_parallel:
+                require(train.seq_len % r.tp == 0, "parallel.tp", r.tp,
+                        f"must divide train.seq_len ({train.seq_len}) with sequence parallel")
+        if r.pp > 1:
+            stages = r.pp * r.stages_per_rank
+            if self.pp_schedule in V_SCHEDULES:
+                require(r.stages_per_rank == 2, "parallel.pp_stages_per_rank", self.pp_stages_per_rank,
+                        f"must be 2 (or 0) for the V-shaped schedule {self.pp_schedule!r}")
+            elif self.pp_schedule in MULTI_STAGE_SCHEDULES:
+                require(r.stages_per_rank >= 2, "parallel.pp_stages_per_rank", self.pp_stages_per_rank,
+                        f"must be >= 2 for {self.pp_schedule!r}")
+            else:
+                require(r.stages_per_rank == 1, "parallel.pp_stages_per_rank", self.pp_stages_per_rank,
+                        f"must be 1 (or 0) for single-stage schedule {self.pp_schedule!r}")
+            require(stages <= model.n_layers, "parallel.pp", r.pp,
+                    f"gives {stages} pipeline stages but model.n_layers is {model.n_layers}")
+            if self.pp_layers_per_stage is not None:
+                require(len(self.pp_layers_per_stage) == stages, "parallel.pp_layers_per_stage",
+                        self.pp_layers_per_stage, f"must list {stages} stages")
+                require(all(n >= 1 for n in self.pp_layers_per_stage), "parallel.pp_layers_per_stage",
+                        self.pp_layers_per_stage, "each stage needs at least one layer")
+                require(sum(self.pp_layers_per_stage) == model.n_layers, "parallel.pp_layers_per_stage",
+                        self.pp_layers_per_stage, f"must sum to model.n_layers ({model.n_layers})")
+            local_batch = train.global_batch_size // max(r.dp_degree, 1)
+            micro = self.pp_microbatches or stages
+            require(self.pp_microbatches >= 0, "parallel.pp_microbatches", self.pp_microbatches, "must be >= 0")
+            minimum = stages if self.pp_schedule in ("dualpipev",) else r.pp
+            require(micro >= minimum, "parallel.pp_microbatches", micro,
+                    f"must be >= {minimum} for schedule {self.pp_schedule!r} with {stages} stages")
+            require(train.micro_batch_size % micro == 0, "parallel.pp_microbatches", micro,
+                    f"must divide train.micro_batch_size ({train.micro_batch_size}), the batch one pipeline "
+                    f"step splits")
+            del local_batch
 
 
 @dataclass
@@ -222,25 +317,24 @@ class JobConfig:
         """Check every section, then what spans sections. Raises ConfigError (one line)."""
         for section in ("model", "data", "tokenizer", "optimizer", "scheduler", "train", "checkpoint", "metrics"):
             getattr(self, section).validate()
+        self.parallel.validate(world_size, self.model, self.train)
         t, m = self.train, self.model
         require(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len,
                 f"must be <= model.max_seq_len ({m.max_seq_len})")
         require(self.tokenizer.vocab_size <= m.vocab_size, "tokenizer.vocab_size", self.tokenizer.vocab_size,
                 f"must be <= model.vocab_size ({m.vocab_size})")
-        per_step = t.micro_batch_size * world_size
+        dp = self.parallel.resolved(world_size).dp_degree
+        per_step = t.micro_batch_size * dp
         require(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
                 f"must be a multiple of train.micro_batch_size x data-parallel ranks ({t.micro_batch_size} x "
-                f"{world_size} = {per_step})")
+                f"{dp} = {per_step})")
         require(self.scheduler.warmup_steps <= t.steps, "scheduler.warmup_steps", self.scheduler.warmup_steps,
                 f"must be <= train.steps ({t.steps})")
 
-    @property
-    def grad_accum_steps(self) -> int:
-        """Micro-batches per optimizer step on one rank (needs the world size: see `accum_steps`)."""
-        return self.train.global_batch_size // self.train.micro_batch_size
-
     def accum_steps(self, world_size: int) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+        """Micro-batches per optimizer step on one data-parallel rank (gradient accumulation)."""
+        dp = self.parallel.resolved(world_size).dp_degree
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
 
 
 def load_job_config(recipe: str | None, overrides: list[tuple[str, str]] | None = None,
