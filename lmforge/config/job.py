@@ -156,6 +156,9 @@ class TrainConfig:
     eval_batches: int = 8
     output_dir: str = "runs/default"
     deterministic: bool = False
+    # "full": initialise the whole model, then shard (all layouts start from the same weights);
+    # "sharded": initialise shards after sharding (any size); "auto": full up to 2 GiB of weights.
+    init: Literal["auto", "full", "sharded"] = "auto"
     # Stop this run after this step although the schedule spans `steps` (Megatron's exit interval):
     # for time-limited cluster jobs that resume later, and for resume tests.
     stop_at: int | None = None

@@ -51,9 +51,38 @@ def init_distributed(cfg: ParallelConfig, device_kind: str) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
 
 
-def build_mesh(info: DistInfo) -> DeviceMesh:
-    """1-D data-parallel mesh named "dp" (the N-D layout extends this)."""
-    return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass
+class ParallelMesh:
+    """The world mesh (pp, dp_replicate, dp_shard, tp), size-1 dimensions included, plus the
+    flattened data-parallel mesh "dp" that the loader and loss averaging use."""
+
+    world: DeviceMesh
+    degrees: dict[str, int]
+
+    def __getitem__(self, name: str) -> DeviceMesh:
+        return self.world[name]
+
+    @property
+    def dp(self) -> DeviceMesh:
+        return self.world["dp"]
+
+    @property
+    def fsdp(self) -> DeviceMesh:
+        """Mesh FSDP2 shards over: 2-D (replicate, shard) for HSDP, else the shard dimension."""
+        if self.degrees["dp_replicate"] > 1:
+            return self.world["dp_replicate", "dp_shard"]
+        return self.world["dp_shard"]
+
+
+def build_mesh(info: DistInfo, cfg: ParallelConfig) -> ParallelMesh:
+    r = cfg.resolved(info.world_size)
+    degrees = {"pp": r.pp, "dp_replicate": r.dp_replicate, "dp_shard": r.dp_shard, "tp": r.tp}
+    world = init_device_mesh(info.device.type, tuple(degrees[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+    world["dp_replicate", "dp_shard"]._flatten("dp")
+    return ParallelMesh(world=world, degrees=degrees)
 
 
 def shutdown_distributed(barrier: bool = True) -> None:

@@ -35,6 +35,7 @@ from lmforge.observability.progress import ProgressBar
 from lmforge.parallel.ac import apply_activation_checkpointing
 from lmforge.parallel.compile import apply_compile
 from lmforge.parallel.ddp import apply_ddp
+from lmforge.parallel.fsdp import apply_fsdp
 from lmforge.parallel.mesh import DistInfo, build_mesh, init_distributed, shutdown_distributed
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import DTYPES, autocast_context, build_grad_scaler
@@ -62,10 +63,16 @@ class Trainer:
             raise
 
     def _setup(self, cfg: JobConfig, echo: bool) -> None:
+        r = cfg.parallel.resolved(self.info.world_size)
+        if r.tp > 1 or r.pp > 1:
+            from lmforge.config import ConfigError
+            raise ConfigError("parallel.tp/pp", f"tp={r.tp}, pp={r.pp}",
+                              "the trainer runs data parallel layouts (dp_replicate, dp_shard) so far; "
+                              "tensor and pipeline parallel are being integrated")
         self.is_main = self.info.rank == 0
         self.echo = echo and self.is_main
-        self.mesh = build_mesh(self.info)
-        self.dp_mesh = self.mesh["dp"]
+        self.mesh = build_mesh(self.info, cfg.parallel)
+        self.dp_mesh = self.mesh.dp
         self.device = self.info.device
         self.run_dir = Path(cfg.train.output_dir)
         if cfg.train.deterministic:
@@ -89,7 +96,7 @@ class Trainer:
             dp_rank, dp_world, seed=cfg.data.seed, shuffle=False)
 
         self.ckpt = CheckpointManager(self.run_dir / cfg.checkpoint.folder, cfg.checkpoint.keep_last,
-                                      process_group=self.dp_mesh.get_group())
+                                      process_group=None)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak_flops = self._peak_flops() if self.is_main else 0.0
         self.losses: list[float] = []  # per-step global mean loss, for tests and the caller
@@ -119,22 +126,47 @@ class Trainer:
                               f"must be >= the tokenizer's vocabulary ({tok.vocab_size}, {data_dir})")
         return data_dir
 
-    def _build_model(self) -> torch.nn.Module:
-        with torch.device("meta"):
-            model = Transformer(self.cfg.model)
-        apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing)
-        if self.cfg.train.compile:
-            apply_compile(model)
+    def _full_init(self, model: torch.nn.Module) -> bool:
+        """Initialise the whole model before sharding when it is small (every layout then starts
+        from the weights one process would have); big models initialise their shards after
+        sharding, so they never exist whole in one process."""
+        mode = self.cfg.train.init
+        if mode != "auto":
+            return mode == "full"
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        return nbytes <= 2 * 2**30
+
+    def _materialise(self, model: torch.nn.Module) -> None:
         model.to_empty(device=self.device)
         # Same seed on every rank: replicas start identical without a broadcast.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.train.seed)
             model.init_weights(self.device)
-        self.inner_model = model
+
+    def _build_model(self) -> torch.nn.Module:
+        """meta -> (full init) -> activation checkpointing -> compile -> FSDP2 or DDP -> (sharded init)."""
+        cfg, degrees = self.cfg, self.mesh.degrees
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
         n_params = sum(p.numel() for p in model.parameters())
-        self._say(f"model: {n_params / 1e6:.2f}M parameters, {self.cfg.model.n_layers} layers, "
-                  f"dim {self.cfg.model.dim}; world size {self.info.world_size} ({self.info.backend})")
-        return apply_ddp(model, self.dp_mesh)
+        use_fsdp = degrees["dp_shard"] > 1
+        full = self._full_init(model) or not use_fsdp  # DDP and single process need whole weights
+        if full:
+            self._materialise(model)
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+        if cfg.train.compile:
+            apply_compile(model)
+        if use_fsdp:
+            apply_fsdp(model, self.mesh.fsdp, cfg.parallel, self.device)
+        if not full:
+            self._materialise(model)
+        self.inner_model = model
+        layout = " x ".join(f"{k}={v}" for k, v in degrees.items() if v > 1) or "single process"
+        self._say(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, dim {cfg.model.dim}; "
+                  f"world size {self.info.world_size} ({self.info.backend}): {layout}")
+        if not use_fsdp and degrees["dp_replicate"] > 1:
+            return apply_ddp(model, self.mesh["dp_replicate"])
+        return model
 
     def _peak_flops(self) -> float:
         dtype = DTYPES[self.cfg.train.mixed_precision]
@@ -179,6 +211,8 @@ class Trainer:
             x, y = self.train_loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = i == self.accum - 1
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last only
+                model.set_requires_gradient_sync(last)
             sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
             with sync:
                 with autocast_context(cfg.train.mixed_precision, self.device):

@@ -1,5 +1,5 @@
-"""DDP parity: 2 gloo ranks under torchrun reach the same per-step losses as one process with the
-same global batch (and as one process with gradient accumulation)."""
+"""Data-parallel parity: DDP, FSDP2 (ZeRO-3 and ZeRO-2-like) and HSDP under torchrun reach the same
+per-step losses as one process with the same global batch (and as one process with accumulation)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import read_metrics, run_cli, tiny_run_args
 
 STEPS = 6
+COMMON = ["--train.steps", str(STEPS), "--train.global_batch_size", "8", "--train.eval_interval", "0",
+          "--checkpoint.enabled", "false"]
 
 
 def per_step(run_dir: Path) -> list[float]:
@@ -18,20 +20,38 @@ def per_step(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_two_rank_ddp_matches_single_process(tiny_data_dir: Path, tmp_path: Path) -> None:
-    common = ["--train.steps", str(STEPS), "--train.global_batch_size", "8", "--train.eval_interval", "0",
-              "--checkpoint.enabled", "false"]
-    single = tmp_path / "single"
-    run_cli(["train", *tiny_run_args(tiny_data_dir, single, *common, "--train.micro_batch_size", "8")])
-    accum = tmp_path / "accum"
-    run_cli(["train", *tiny_run_args(tiny_data_dir, accum, *common, "--train.micro_batch_size", "2")])
-    ddp = tmp_path / "ddp"
-    run_cli(["train", *tiny_run_args(tiny_data_dir, ddp, *common, "--train.micro_batch_size", "4")], nproc=2)
-
+@pytest.fixture(scope="module")
+def reference(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    single = tmp_path_factory.mktemp("single")
+    run_cli(["train", *tiny_run_args(tiny_data_dir, single, *COMMON, "--train.micro_batch_size", "8")])
     ref = per_step(single)
     assert ref[-1] < ref[0]
-    for name, run in (("accumulation", accum), ("ddp", ddp)):
-        for step, (a, b) in enumerate(zip(ref, per_step(run)), start=1):
-            assert abs(a - b) <= 1e-5 * abs(a), f"{name} step {step}: {a} vs {b}"
+    return ref
+
+
+def assert_close(ref: list[float], got: list[float], name: str) -> None:
+    for step, (a, b) in enumerate(zip(ref, got), start=1):
+        assert abs(a - b) <= 1e-5 * abs(a), f"{name} step {step}: {a} vs {b}"
+
+
+def test_gradient_accumulation_matches(tiny_data_dir: Path, tmp_path: Path, reference: list[float]) -> None:
+    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, "--train.micro_batch_size", "2")])
+    assert_close(reference, per_step(tmp_path), "accumulation")
+
+
+LAYOUTS = {
+    "ddp": (2, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1", "--train.micro_batch_size", "4"]),
+    "fsdp": (2, ["--train.micro_batch_size", "4"]),  # dp_shard = -1 -> 2
+    "fsdp-zero2-accum": (2, ["--parallel.fsdp_reshard_after_forward", "never", "--train.micro_batch_size", "2"]),
+    "hsdp": (4, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "2"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_data_parallel_layout_matches_single_process(layout: str, tiny_data_dir: Path, tmp_path: Path,
+                                                     reference: list[float]) -> None:
+    nproc, extra = LAYOUTS[layout]
+    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra)], nproc=nproc)
+    assert_close(reference, per_step(tmp_path), layout)
