@@ -150,7 +150,10 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     compile: bool = False
-    activation_checkpointing: Literal["none", "full"] = "none"
+    # none | full (every block) | selective (every `ac_every`-th block) | op (save matmul and
+    # attention outputs, recompute elementwise ops)
+    activation_checkpointing: Literal["none", "full", "selective", "op"] = "none"
+    ac_every: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_interval: int = 100  # 0 disables validation
     eval_batches: int = 8
@@ -164,7 +167,8 @@ class TrainConfig:
     stop_at: int | None = None
 
     def validate(self) -> None:
-        _positive("train", self, "steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_batches")
+        _positive("train", self, "steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_batches",
+                  "ac_every")
         require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 disables)")
         require(self.eval_interval >= 0, "train.eval_interval", self.eval_interval, "must be >= 0 (0 disables)")
         require(self.output_dir != "", "train.output_dir", self.output_dir, "must be a non-empty path")

@@ -28,6 +28,7 @@ from lmforge.data.pack import prepare_data
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.models.llama.model import Transformer
 from lmforge.observability.flops import training_flops_per_token
+from lmforge.observability.memory import ActivationMeter, model_state_bytes
 from lmforge.observability.metrics import MetricsLogger, memory_stats
 from lmforge.observability.peak import resolve_peak_flops
 from lmforge.observability.plot import plot_loss_curve
@@ -86,6 +87,9 @@ class Trainer:
         self.scaler = build_grad_scaler(cfg.train.mixed_precision, self.device)
         self.state = TrainState()
         self.accum = cfg.accum_steps(self.info.world_size)
+        self._measure_activations = True
+        self.activation_bytes = 0
+        self.state_bytes: dict[str, int] = {}
 
         dp_rank, dp_world = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
         self.train_loader = DistributedTokenLoader(
@@ -153,7 +157,7 @@ class Trainer:
         full = self._full_init(model) or not use_fsdp  # DDP and single process need whole weights
         if full:
             self._materialise(model)
-        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
         if cfg.train.compile:
             apply_compile(model)
         if use_fsdp:
@@ -214,20 +218,37 @@ class Trainer:
             if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last only
                 model.set_requires_gradient_sync(last)
             sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
-            with sync:
+            meter = ActivationMeter([model]) if self._measure_activations and i == 0 else None
+            with sync, (meter.measure() if meter else contextlib.nullcontext()):
                 with autocast_context(cfg.train.mixed_precision, self.device):
                     logits = model(x)
                 loss = cross_entropy_loss(logits, y) / self.accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
+            if meter is not None:
+                self.activation_bytes = meter.bytes
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self._measure_activations:  # once, after the first step: optimizer state now exists
+            self._measure_activations = False
+            self.state_bytes = model_state_bytes([model], self.optimizer)
+            self._write_memory_report()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return total, grad_norm
+
+    def _write_memory_report(self) -> None:
+        """memory/rank<r>.json: what this rank holds, so each parallel dimension's effect shows."""
+        report = {"rank": self.info.rank, "mesh": self.mesh.degrees, **self.state_bytes,
+                  "activations": self.activation_bytes, **memory_stats(self.device)}
+        out = self.run_dir / "memory"
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f"rank{self.info.rank}.json.tmp"
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out / f"rank{self.info.rank}.json")
 
     def _global_mean(self, value: torch.Tensor) -> float:
         value = value.detach().clone()
@@ -277,6 +298,10 @@ class Trainer:
                     metrics = {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
                                "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": mfu,
                                "tokens_seen": self.state.tokens_seen, **memory_stats(self.device)}
+                    if self.state_bytes:  # tensor accounting, once (every rank's is in memory/)
+                        metrics.update({f"mem_{k}_bytes": v for k, v in self.state_bytes.items()})
+                        metrics["mem_activations_bytes"] = self.activation_bytes
+                        self.state_bytes = {}
                     if cfg.train.mixed_precision == "fp16":
                         metrics["loss_scale"] = float(self.scaler.get_scale())
                     self.metrics.log(step, metrics, prefix="train")

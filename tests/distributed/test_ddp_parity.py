@@ -3,6 +3,7 @@ per-step losses as one process with the same global batch (and as one process wi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,21 @@ def per_step(run_dir: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+def reference_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     single = tmp_path_factory.mktemp("single")
     run_cli(["train", *tiny_run_args(tiny_data_dir, single, *COMMON, "--train.micro_batch_size", "8")])
-    ref = per_step(single)
+    return single
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir: Path) -> list[float]:
+    ref = per_step(reference_dir)
     assert ref[-1] < ref[0]
     return ref
+
+
+def memory(run_dir: Path, rank: int) -> dict:
+    return json.loads((run_dir / "memory" / f"rank{rank}.json").read_text())
 
 
 def assert_close(ref: list[float], got: list[float], name: str) -> None:
@@ -55,3 +65,20 @@ def test_data_parallel_layout_matches_single_process(layout: str, tiny_data_dir:
     nproc, extra = LAYOUTS[layout]
     run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra)], nproc=nproc)
     assert_close(reference, per_step(tmp_path), layout)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("shards", [2, 4])
+def test_fsdp_memory_per_rank_falls_with_shards(shards: int, tiny_data_dir: Path, tmp_path: Path,
+                                               reference_dir: Path) -> None:
+    """Parameter + gradient + optimizer bytes per rank are ~1/N of one process under dp_shard=N."""
+    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, "--train.steps", "2",
+                                     "--train.micro_batch_size", str(8 // shards))], nproc=shards)
+    whole = memory(reference_dir, 0)
+    for rank in range(shards):
+        mine = memory(tmp_path, rank)
+        assert mine["mesh"]["dp_shard"] == shards
+        for kind in ("params", "grads", "optimizer"):
+            ratio = mine[kind] / whole[kind]
+            assert abs(ratio - 1 / shards) < 0.1 / shards, f"{kind}: rank {rank} holds {ratio:.3f} of the whole"
