@@ -34,7 +34,38 @@ def _job_config(args: argparse.Namespace):
     return load_job_config(args.recipe, overrides, world_size=world_size_from_env())
 
 
+def _pop_nproc(overrides: list[str]) -> tuple[int, list[str]]:
+    """Take `--nproc N` (or `--nproc=N`) out of the override list."""
+    rest, nproc, i = [], 1, 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if arg == "--nproc" or arg.startswith("--nproc="):
+            value = arg.split("=", 1)[1] if "=" in arg else (overrides[i + 1] if i + 1 < len(overrides) else "")
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError("--nproc", value, "must be a positive integer (processes on this machine)",
+                                  "command line")
+            nproc = int(value)
+            i += 1 if "=" in arg else 2
+            continue
+        rest.append(arg)
+        i += 1
+    return nproc, rest
+
+
+def _launch_torchrun(nproc: int, args: argparse.Namespace) -> int:
+    """Re-run this command under torchrun with `nproc` local processes (validated first)."""
+    import subprocess
+
+    load_job_config(args.recipe, parse_override_args(args.overrides), world_size=nproc)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "lmforge.cli", "train", *([args.recipe] if args.recipe else []), *args.overrides]
+    return subprocess.call(cmd)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    nproc, args.overrides = _pop_nproc(args.overrides)
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_torchrun(nproc, args)
     cfg = _job_config(args)  # validated before any process group starts
     from lmforge.train.trainer import Trainer
 

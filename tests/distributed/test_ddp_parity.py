@@ -63,7 +63,10 @@ LAYOUTS = {
 def test_data_parallel_layout_matches_single_process(layout: str, tiny_data_dir: Path, tmp_path: Path,
                                                      reference: list[float]) -> None:
     nproc, extra = LAYOUTS[layout]
-    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra)], nproc=nproc)
+    if layout == "fsdp":  # through `lmforge train --nproc N`, which wraps torchrun
+        run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra), "--nproc", str(nproc)])
+    else:
+        run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra)], nproc=nproc)
     assert_close(reference, per_step(tmp_path), layout)
 
 
