@@ -1,0 +1,49 @@
+"""A checkpoint saved under one parallel layout resumes under another (DCP reshards), and training
+continues with the losses the uninterrupted single-process run has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_metrics, run_cli, tiny_run_args
+
+COMMON = ["--train.steps", "8", "--train.global_batch_size", "8", "--train.eval_interval", "0",
+          "--checkpoint.interval", "4"]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run)}
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    run = tmp_path_factory.mktemp("straight")
+    run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON, "--train.micro_batch_size", "8")])
+    return losses(run)
+
+
+LAYOUT_CHANGES = {
+    # name: (first nproc, first layout, second nproc, second layout)
+    "fsdp2->single": (2, ["--train.micro_batch_size", "4"], 1, ["--train.micro_batch_size", "8"]),
+    "single->fsdp2": (1, ["--train.micro_batch_size", "8"], 2, ["--train.micro_batch_size", "4"]),
+    "ddp2->hsdp2x2": (2, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1", "--train.micro_batch_size", "4"],
+                      4, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "2"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("change", list(LAYOUT_CHANGES))
+def test_resume_under_another_layout(change: str, tiny_data_dir: Path, tmp_path: Path,
+                                     straight: dict[int, float]) -> None:
+    n1, layout1, n2, layout2 = LAYOUT_CHANGES[change]
+    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *layout1, "--train.stop_at", "4")], nproc=n1)
+    proc = run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *layout2,
+                                            "--checkpoint.resume", "auto")], nproc=n2)
+    assert "resumed from" in proc.stdout and "step-00000004" in proc.stdout
+    got = losses(tmp_path)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert abs(got[step] - straight[step]) <= 1e-5 * abs(straight[step]), f"{change} step {step}"
