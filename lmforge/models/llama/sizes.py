@@ -22,6 +22,9 @@ SIZES: dict[str, ModelConfig] = {
     # Llama 3.1 70B.
     "70B": ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, ffn_hidden=28672,
                        rope_theta=500000.0, max_seq_len=8192),
+    # Llama 3.1 405B.
+    "405B": ModelConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, vocab_size=128256, ffn_hidden=53248,
+                        rope_theta=500000.0, max_seq_len=8192),
 }
 
 
