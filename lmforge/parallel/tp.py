@@ -45,10 +45,12 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
     """Shard `model` (an lmforge Llama `Transformer`, possibly a pipeline stage with some of
     tok_embeddings / norm / output set to None) over the 1-D `tp_mesh`, in place.
 
-    Call it first, before activation checkpointing, torch.compile and fully_shard, on a model whose
-    parameters are identical on every TP rank (the same seed, or on the meta device): row/column
-    shards are cut from rank 0's copy, and norm weights under sequence parallelism are assumed to be
-    the same everywhere (RMSNorm's ones init).
+    Call it first, before activation checkpointing, torch.compile and fully_shard. Row/column
+    shards are cut from rank 0's copy and norm weights under sequence parallelism are assumed equal
+    everywhere (RMSNorm's ones init), so pass an initialised model (e.g. `build_model`). On a CPU
+    mesh do NOT shard on meta and `init_weights` afterwards: DTensor has no RNG tracker for CPU
+    meshes, every TP rank would draw the same values for its own shard (duplicated rows). On CUDA
+    meta + `init_weights` after sharding is fine (DTensor's offset RNG, same seed on all ranks).
 
     With `loss_parallel` the model returns vocabulary-sharded DTensor logits: compute the loss with
     `tp_cross_entropy` inside `loss_parallel_ctx(True)`. Otherwise logits are a plain, replicated
