@@ -265,6 +265,10 @@ class ParallelConfig:
         require(r.dp_shard >= 1 and product == world_size, "parallel",
                 f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} x pp={self.pp}",
                 f"degrees must multiply to the world size ({world_size})")
+        if r.dp_replicate > 1 and r.dp_shard == 1 and (r.tp > 1 or r.pp > 1):
+            require(False, "parallel.dp_replicate", r.dp_replicate,
+                    "plain DDP (dp_shard = 1) does not combine with tp or pp; use dp_shard (FSDP, or HSDP with "
+                    "dp_replicate)")
         if r.tp > 1:
             require(model.n_heads % r.tp == 0, "parallel.tp", r.tp, f"must divide model.n_heads ({model.n_heads})")
             require(model.kv_heads % r.tp == 0, "parallel.tp", r.tp,

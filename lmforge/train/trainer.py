@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lmforge.checkpoint.manager import CheckpointManager
 from lmforge.checkpoint.state import ModelOptimizerState, RNGState
@@ -34,21 +33,18 @@ from lmforge.observability.peak import resolve_peak_flops
 from lmforge.observability.plot import plot_loss_curve
 from lmforge.observability.progress import ProgressBar
 from lmforge.parallel.ac import apply_activation_checkpointing
+from lmforge.parallel.clip import clip_grad_norm_
 from lmforge.parallel.compile import apply_compile
 from lmforge.parallel.ddp import apply_ddp
 from lmforge.parallel.fsdp import apply_fsdp
 from lmforge.parallel.mesh import DistInfo, build_mesh, init_distributed, shutdown_distributed
+from lmforge.parallel.tp import apply_tp, local_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import DTYPES, autocast_context, build_grad_scaler
 from lmforge.train.schedule import build_scheduler
 from lmforge.train.state import TrainState
 
 log = logging.getLogger("lmforge.train")
-
-
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy, computed in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
 
 
 class Trainer:
@@ -65,11 +61,11 @@ class Trainer:
 
     def _setup(self, cfg: JobConfig, echo: bool) -> None:
         r = cfg.parallel.resolved(self.info.world_size)
-        if r.tp > 1 or r.pp > 1:
+        if r.pp > 1:
             from lmforge.config import ConfigError
-            raise ConfigError("parallel.tp/pp", f"tp={r.tp}, pp={r.pp}",
-                              "the trainer runs data parallel layouts (dp_replicate, dp_shard) so far; "
-                              "tensor and pipeline parallel are being integrated")
+            raise ConfigError("parallel.pp", r.pp, "the trainer runs dp_replicate x dp_shard x tp layouts so far; "
+                              "pipeline parallel is being integrated")
+        self.loss_parallel = r.tp > 1 and r.loss_parallel
         self.is_main = self.info.rank == 0
         self.echo = echo and self.is_main
         self.mesh = build_mesh(self.info, cfg.parallel)
@@ -148,15 +144,20 @@ class Trainer:
             model.init_weights(self.device)
 
     def _build_model(self) -> torch.nn.Module:
-        """meta -> (full init) -> activation checkpointing -> compile -> FSDP2 or DDP -> (sharded init)."""
+        """meta -> (full init) -> tensor parallel -> activation checkpointing -> compile -> FSDP2 or DDP
+        -> (sharded init)."""
         cfg, degrees = self.cfg, self.mesh.degrees
         with torch.device("meta"):
             model = Transformer(cfg.model)
         n_params = sum(p.numel() for p in model.parameters())
         use_fsdp = degrees["dp_shard"] > 1
-        full = self._full_init(model) or not use_fsdp  # DDP and single process need whole weights
+        # DDP and one process need whole weights; so does TP on CPU, where DTensor has no RNG
+        # tracker and shards initialised after sharding would repeat each other.
+        full = self._full_init(model) or not use_fsdp or (degrees["tp"] > 1 and self.device.type == "cpu")
         if full:
             self._materialise(model)
+        if degrees["tp"] > 1:
+            apply_tp(model, self.mesh["tp"], cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
         if cfg.train.compile:
             apply_compile(model)
@@ -219,17 +220,18 @@ class Trainer:
                 model.set_requires_gradient_sync(last)
             sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
             meter = ActivationMeter([model]) if self._measure_activations and i == 0 else None
-            with sync, (meter.measure() if meter else contextlib.nullcontext()):
+            with sync, loss_parallel_ctx(self.loss_parallel), \
+                    (meter.measure() if meter else contextlib.nullcontext()):
                 with autocast_context(cfg.train.mixed_precision, self.device):
                     logits = model(x)
-                loss = cross_entropy_loss(logits, y) / self.accum
+                loss = tp_cross_entropy(logits, y, self.loss_parallel) / self.accum
                 self.scaler.scale(loss).backward()
-            total += loss.detach()
+            total += local_value(loss).detach()
             if meter is not None:
                 self.activation_bytes = meter.bytes
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = clip_grad_norm_(model.parameters(), max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self._measure_activations:  # once, after the first step: optimizer state now exists
@@ -264,9 +266,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.train.eval_batches):
             x, y = self.val_loader.next_batch()
-            with autocast_context(self.cfg.train.mixed_precision, self.device):
-                logits = self.model(x.to(self.device))
-            total += cross_entropy_loss(logits, y.to(self.device))
+            with loss_parallel_ctx(self.loss_parallel):
+                with autocast_context(self.cfg.train.mixed_precision, self.device):
+                    logits = self.model(x.to(self.device))
+                total += local_value(tp_cross_entropy(logits, y.to(self.device), self.loss_parallel))
         self.model.train()
         return self._global_mean(total / self.cfg.train.eval_batches)
 

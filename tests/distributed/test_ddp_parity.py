@@ -1,5 +1,5 @@
-"""Data-parallel parity: DDP, FSDP2 (ZeRO-3 and ZeRO-2-like) and HSDP under torchrun reach the same
-per-step losses as one process with the same global batch (and as one process with accumulation)."""
+"""Layout parity: DDP, FSDP2 (ZeRO-3 and ZeRO-2-like), HSDP, tensor parallel (with and without sequence
+and loss parallel) and FSDP2 x TP under torchrun reach the same per-step losses as one process with the same global batch (and as one process with accumulation)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,12 @@ LAYOUTS = {
     "fsdp": (2, ["--train.micro_batch_size", "4"]),  # dp_shard = -1 -> 2
     "fsdp-zero2-accum": (2, ["--parallel.fsdp_reshard_after_forward", "never", "--train.micro_batch_size", "2"]),
     "hsdp": (4, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "2"]),
+    "tp-sp-lossparallel": (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1", "--train.micro_batch_size", "8"]),
+    "tp-plain": (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1", "--parallel.sequence_parallel", "false",
+                     "--parallel.loss_parallel", "false", "--train.micro_batch_size", "4"]),
+    "fsdp2-x-tp2": (4, ["--parallel.tp", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "4"]),
+    "fsdp2-x-tp2-ac-op": (4, ["--parallel.tp", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "2",
+                             "--train.activation_checkpointing", "op"]),
 }
 
 

@@ -28,6 +28,10 @@ LAYOUT_CHANGES = {
     # name: (first nproc, first layout, second nproc, second layout)
     "fsdp2->single": (2, ["--train.micro_batch_size", "4"], 1, ["--train.micro_batch_size", "8"]),
     "single->fsdp2": (1, ["--train.micro_batch_size", "8"], 2, ["--train.micro_batch_size", "4"]),
+    "fsdp2xtp2->fsdp2": (4, ["--parallel.tp", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "4"],
+                         2, ["--train.micro_batch_size", "4"]),
+    "fsdp2xtp2->single": (4, ["--parallel.tp", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "4"],
+                          1, ["--train.micro_batch_size", "8"]),
     "ddp2->hsdp2x2": (2, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1", "--train.micro_batch_size", "4"],
                       4, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "2"]),
 }

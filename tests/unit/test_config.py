@@ -27,8 +27,9 @@ def test_recipe_and_overrides_are_typed(tmp_path: Path) -> None:
     assert cfg.train.steps == 7 and cfg.train.mixed_precision == "fp32"
 
 
-def test_shipped_recipes_are_valid() -> None:
-    recipes = sorted((REPO / "recipes").glob("*.toml"))
+def test_shipped_cpu_recipes_are_valid() -> None:
+    """CPU recipes run as one process; GPU layouts are checked at their world size in test_recipes."""
+    recipes = sorted((REPO / "recipes").glob("tiny-*.toml"))
     assert recipes, "no recipes shipped"
     for r in recipes:
         assert isinstance(load_job_config(str(r)), JobConfig)

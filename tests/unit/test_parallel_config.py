@@ -50,6 +50,8 @@ RULES = [
     ("microbatches divide batch", 2, ["--parallel.pp", "2", "--parallel.pp_microbatches", "3"],
      "parallel.pp_microbatches", "must divide train.micro_batch_size (4)"),
     ("batch over dp ranks", 4, ["--train.micro_batch_size", "4"], "train.global_batch_size", "4 x 4 = 16"),
+    ("plain DDP with TP", 4, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1", "--parallel.tp", "2",
+                              "--train.micro_batch_size", "4"], "parallel.dp_replicate", "does not combine"),
     ("unknown schedule", 2, ["--parallel.pp", "2", "--parallel.pp_schedule", "zigzag"], "parallel.pp_schedule",
      "one of"),
 ]
