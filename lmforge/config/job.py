@@ -156,7 +156,7 @@ class TrainConfig:
     ac_every: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_interval: int = 100  # 0 disables validation
-    eval_batches: int = 8
+    eval_batches: int = 8  # global batches of validation data per evaluation
     output_dir: str = "runs/default"
     deterministic: bool = False
     # "full": initialise the whole model, then shard (all layouts start from the same weights);

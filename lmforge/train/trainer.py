@@ -38,6 +38,17 @@ from lmforge.parallel.compile import apply_compile
 from lmforge.parallel.ddp import apply_ddp
 from lmforge.parallel.fsdp import apply_fsdp
 from lmforge.parallel.mesh import DistInfo, build_mesh, init_distributed, shutdown_distributed
+from lmforge.parallel.pp import (
+    PipelineParts,
+    broadcast_loss,
+    build_schedule,
+    materialise_part,
+    parts_module,
+    pipeline_eval,
+    pipeline_step,
+    plan_pipeline,
+    split_model,
+)
 from lmforge.parallel.tp import apply_tp, local_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import DTYPES, autocast_context, build_grad_scaler
@@ -61,10 +72,6 @@ class Trainer:
 
     def _setup(self, cfg: JobConfig, echo: bool) -> None:
         r = cfg.parallel.resolved(self.info.world_size)
-        if r.pp > 1:
-            from lmforge.config import ConfigError
-            raise ConfigError("parallel.pp", r.pp, "the trainer runs dp_replicate x dp_shard x tp layouts so far; "
-                              "pipeline parallel is being integrated")
         self.loss_parallel = r.tp > 1 and r.loss_parallel
         self.is_main = self.info.rank == 0
         self.echo = echo and self.is_main
@@ -77,12 +84,13 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         self.data_dir = self._prepare_data()
+        self.scaler = build_grad_scaler(cfg.train.mixed_precision, self.device)
+        self.accum = cfg.accum_steps(self.info.world_size)
+        self.pipe: PipelineParts | None = None
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.steps)
-        self.scaler = build_grad_scaler(cfg.train.mixed_precision, self.device)
         self.state = TrainState()
-        self.accum = cfg.accum_steps(self.info.world_size)
         self._measure_activations = True
         self.activation_bytes = 0
         self.state_bytes: dict[str, int] = {}
@@ -143,9 +151,21 @@ class Trainer:
             torch.manual_seed(self.cfg.train.seed)
             model.init_weights(self.device)
 
+    def _parallelize(self, module: torch.nn.Module, pipeline: bool) -> None:
+        """TP -> activation checkpointing -> compile -> FSDP2, in place (DESIGN.md's order)."""
+        cfg, degrees = self.cfg, self.mesh.degrees
+        if degrees["tp"] > 1:
+            apply_tp(module, self.mesh["tp"], cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel)
+        apply_activation_checkpointing(module, cfg.train.activation_checkpointing, cfg.train.ac_every)
+        if cfg.train.compile:
+            apply_compile(module)
+        if degrees["dp_shard"] > 1:
+            apply_fsdp(module, self.mesh.fsdp, cfg.parallel, self.device, pipeline=pipeline)
+
     def _build_model(self) -> torch.nn.Module:
-        """meta -> (full init) -> tensor parallel -> activation checkpointing -> compile -> FSDP2 or DDP
-        -> (sharded init)."""
+        """meta -> (full init) -> [pipeline split] -> TP -> AC -> compile -> FSDP2 or DDP -> (sharded
+        init). Returns the module whose state dict is checkpointed (under pipelining a view of this
+        rank's stages with the model's own parameter names; the schedule in `self.pipe` runs them)."""
         cfg, degrees = self.cfg, self.mesh.degrees
         with torch.device("meta"):
             model = Transformer(cfg.model)
@@ -156,22 +176,36 @@ class Trainer:
         full = self._full_init(model) or not use_fsdp or (degrees["tp"] > 1 and self.device.type == "cpu")
         if full:
             self._materialise(model)
-        if degrees["tp"] > 1:
-            apply_tp(model, self.mesh["tp"], cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel)
-        apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
-        if cfg.train.compile:
-            apply_compile(model)
-        if use_fsdp:
-            apply_fsdp(model, self.mesh.fsdp, cfg.parallel, self.device)
-        if not full:
-            self._materialise(model)
-        self.inner_model = model
         layout = " x ".join(f"{k}={v}" for k, v in degrees.items() if v > 1) or "single process"
         self._say(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, dim {cfg.model.dim}; "
                   f"world size {self.info.world_size} ({self.info.backend}): {layout}")
+        if degrees["pp"] > 1:
+            return self._build_pipeline(model, full)
+        self._parallelize(model, pipeline=False)
+        if not full:
+            self._materialise(model)
         if not use_fsdp and degrees["dp_replicate"] > 1:
             return apply_ddp(model, self.mesh["dp_replicate"])
         return model
+
+    def _build_pipeline(self, model: Transformer, materialised: bool) -> torch.nn.Module:
+        cfg, pp_mesh = self.cfg, self.mesh["pp"]
+        plan = plan_pipeline(cfg.parallel, cfg.model, pp_mesh.size(), cfg.train.seq_len)
+        parts = split_model(model, plan, pp_mesh.get_local_rank())
+        del model
+        for part, stage in zip(parts, plan.local_stages(pp_mesh.get_local_rank())):
+            self._parallelize(part, pipeline=True)
+            if not materialised:
+                materialise_part(part, self.device, cfg.train.seed, stage)
+        n_micro = cfg.parallel.pp_microbatches or plan.n_stages
+        loss_parallel = self.loss_parallel
+
+        def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return tp_cross_entropy(logits, targets, loss_parallel)
+
+        self.pipe = build_schedule(parts, plan, pp_mesh, loss_fn, n_micro, self.device, accum_steps=self.accum,
+                                   scale_loss=self.scaler.scale if self.scaler.is_enabled() else None)
+        return parts_module(parts)
 
     def _peak_flops(self) -> float:
         dtype = DTYPES[self.cfg.train.mixed_precision]
@@ -208,30 +242,45 @@ class Trainer:
 
     # -- steps -----------------------------------------------------------------------------------
 
-    def train_step(self) -> tuple[float, float]:
+    def _sync_grads(self, last: bool) -> None:
+        """FSDP2 reduce-scatters gradients only on the last micro-batch of an accumulation."""
+        modules = self.pipe.parts if self.pipe is not None else [self.model]
+        for m in modules:
+            if hasattr(m, "set_requires_gradient_sync"):
+                m.set_requires_gradient_sync(last)
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
+        """One micro-batch; returns its mean loss (detached; zero on pipeline ranks without the last stage)."""
+        cfg, model = self.cfg, self.model
+        self._sync_grads(last)
+        if self.pipe is not None:
+            with loss_parallel_ctx(self.loss_parallel), autocast_context(cfg.train.mixed_precision, self.device):
+                loss = pipeline_step(self.pipe, x, y)
+            return loss.detach() if loss is not None else torch.zeros((), device=self.device)
+        sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
+        with sync, loss_parallel_ctx(self.loss_parallel):
+            with autocast_context(cfg.train.mixed_precision, self.device):
+                logits = model(x)
+            loss = tp_cross_entropy(logits, y, self.loss_parallel)
+            self.scaler.scale(loss / self.accum).backward()
+        return local_value(loss).detach()
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `accum` micro-batches; returns (local mean loss, grad norm)."""
         model, cfg = self.model, self.cfg
         total = torch.zeros((), device=self.device)
         for i in range(self.accum):
             x, y = self.train_loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            last = i == self.accum - 1
-            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last only
-                model.set_requires_gradient_sync(last)
-            sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
             meter = ActivationMeter([model]) if self._measure_activations and i == 0 else None
-            with sync, loss_parallel_ctx(self.loss_parallel), \
-                    (meter.measure() if meter else contextlib.nullcontext()):
-                with autocast_context(cfg.train.mixed_precision, self.device):
-                    logits = model(x)
-                loss = tp_cross_entropy(logits, y, self.loss_parallel) / self.accum
-                self.scaler.scale(loss).backward()
-            total += local_value(loss).detach()
+            with meter.measure() if meter else contextlib.nullcontext():
+                total += self._forward_backward(x, y, last=i == self.accum - 1) / self.accum
             if meter is not None:
                 self.activation_bytes = meter.bytes
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
-        grad_norm = clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = clip_grad_norm_(model.parameters(), max_norm,
+                                    pp_group=self.pipe.group if self.pipe is not None else None)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self._measure_activations:  # once, after the first step: optimizer state now exists
@@ -253,6 +302,9 @@ class Trainer:
         tmp.replace(out / f"rank{self.info.rank}.json")
 
     def _global_mean(self, value: torch.Tensor) -> float:
+        """Mean over data-parallel ranks (after taking the pipeline's last stage's value)."""
+        if self.pipe is not None:
+            value = broadcast_loss(self.pipe, value)
         value = value.detach().clone()
         if self.info.world_size > 1:
             dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.dp_mesh.get_group())
@@ -260,18 +312,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over the first `eval_batches` batches (same batches every time)."""
+        """Mean validation loss over the first `eval_batches` global batches (the same every time)."""
         self.model.eval()
         self.val_loader.reset()
         total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.train.eval_batches):
+        # eval_batches global batches, whatever the layout: every layout sees the same sequences.
+        n = self.cfg.train.eval_batches * self.accum
+        for _ in range(n):
             x, y = self.val_loader.next_batch()
+            x, y = x.to(self.device), y.to(self.device)
             with loss_parallel_ctx(self.loss_parallel):
                 with autocast_context(self.cfg.train.mixed_precision, self.device):
-                    logits = self.model(x.to(self.device))
-                total += local_value(tp_cross_entropy(logits, y.to(self.device), self.loss_parallel))
+                    if self.pipe is not None:
+                        loss = pipeline_eval(self.pipe, x, y)
+                        total += loss if loss is not None else 0.0
+                        continue
+                    logits = self.model(x)
+                total += local_value(tp_cross_entropy(logits, y, self.loss_parallel))
         self.model.train()
-        return self._global_mean(total / self.cfg.train.eval_batches)
+        return self._global_mean(total / n)
 
     def fit(self) -> list[float]:
         cfg = self.cfg
