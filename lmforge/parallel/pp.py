@@ -15,8 +15,12 @@ Order of use (DESIGN.md: pipeline split -> TP -> AC -> compile -> FSDP):
         apply_tp(part, ...); apply_activation_checkpointing(part, ...); apply_compile(part)
         apply_fsdp(part, ..., pipeline=True)
         (meta model only) materialise_part(part, device, seed, stage)
-    pipe  = build_schedule(parts, plan, pp_group, cfg.parallel.pp_schedule, loss_fn, n_micro, device)
+    pipe  = build_schedule(parts, plan, mesh["pp"], loss_fn, n_micro, device, accum_steps)
     loss  = pipeline_step(pipe, x, y)                    # mean loss on the last stage, else None
+    loss  = broadcast_loss(pipe, loss)                   # the same value on every pp rank
+
+Checkpoints: `parts_module(pipe.parts)` is one module with this rank's parameters under their
+original names; give it to DCP (`ModelOptimizerState(parts_module(parts), optimizer)`).
 
 Initial weights: pass a fully initialised model to `split_model` and every layout starts from
 exactly the weights one process would have (the parts are copies). A meta model gives meta parts;
