@@ -18,9 +18,33 @@ def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, device: torch.de
     return angles.cos().float(), angles.sin().float()
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), written into one output: 4 kernels, no cat."""
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.empty_like(x)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """A rotation's gradient is the inverse rotation (angle -theta: sin -> -sin), so backward
+    needs only the tables, not x, and costs the same four kernels as forward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x of shape (batch, seq, heads, head_dim) by per-position angles (seq, head_dim // 2)."""
-    x1, x2 = x.chunk(2, dim=-1)
     cos = cos[:, None, :].to(x.dtype)
     sin = sin[:, None, :].to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return _Rope.apply(x, cos, sin)

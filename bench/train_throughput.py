@@ -1,0 +1,200 @@
+"""Training throughput: lmforge's Llama against transformers.LlamaForCausalLM, same run, interleaved.
+
+Both models have the same shape (6 layers, width 384, 6 heads, no GQA, SwiGLU hidden 1024,
+vocabulary 8192, untied, context 256, batch 8), start from the SAME weights (ours, exported
+through lmforge.models.llama.hf), train on the same random token batches with the same dtype
+policy (fp32 master weights, torch.autocast("cpu", bfloat16)) and the same AdamW. One step is:
+forward, loss, backward, clip_grad_norm_(1.0), optimizer step, zero_grad. The loss is computed
+the same way for both, outside the model (logits -> float -> F.cross_entropy, as lmforge's
+trainer does), so the comparison is model against model; HF's `labels=` path is not used.
+
+The machine may be shared and noisy, so the models take turns: after a warm-up, each round times
+`--steps` steps of every model, the order alternating (A B, B A, ...), and the report gives the
+median tokens/s over rounds. MFU = tokens/s x training FLOPs per token / measured peak.
+
+    python bench/train_throughput.py --rounds 12 --steps 4 [--compile] [--threads 2] [--min-ratio 1.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.models.llama import build_model
+from lmforge.models.llama.hf import to_hf_config, to_hf_state_dict
+
+BATCH, SEQ = 8, 256
+MODEL = ModelConfig(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=8192, ffn_hidden=1024,
+                    max_seq_len=SEQ, tie_embeddings=False)
+ADAMW = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def training_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    try:
+        from lmforge.observability.flops import training_flops_per_token as count
+    except ImportError:  # TODO: drop once observability.flops is everywhere
+        n_matmul = cfg.n_layers * (4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_hidden_size) + cfg.dim * cfg.vocab_size
+        return 6.0 * n_matmul + 6.0 * cfg.n_layers * cfg.dim * (seq + 1)
+    return count(cfg, seq)
+
+
+def peak_flops() -> float:
+    """Measured bf16 matmul peak of this CPU on the threads in use (cached by observability.peak)."""
+    try:
+        from lmforge.observability.peak import resolve_peak_flops
+    except ImportError:
+        n = 2048
+        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        return 2.0 * n**3 / best
+    return resolve_peak_flops("cpu", torch.bfloat16)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+
+
+@dataclass
+class Contestant:
+    name: str
+    model: torch.nn.Module
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer = field(init=False)
+    rates: list[float] = field(default_factory=list)  # tokens/s, one per timed round
+    first_loss: float = float("nan")
+
+    def __post_init__(self) -> None:
+        params = list(self.model.parameters())
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, **ADAMW, **optimizer_impl())
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = self.logits(x)
+        loss = cross_entropy(logits, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def optimizer_impl() -> dict[str, bool]:
+    """fused AdamW where this torch has it for CPU, else foreach; the same for every model."""
+    try:
+        p = torch.nn.Parameter(torch.zeros(2))
+        p.grad = torch.zeros(2)
+        torch.optim.AdamW([p], fused=True).step()
+        return {"fused": True}
+    except (RuntimeError, TypeError):
+        return {"foreach": True}
+
+
+def build_contestants(compile_: bool) -> list[Contestant]:
+    import transformers
+
+    ours = build_model(MODEL, seed=0).train()
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in to_hf_config(MODEL).items()
+                                         if k not in ("architectures", "model_type", "torch_dtype", "dtype")},
+                                      attn_implementation="sdpa")
+    hf = transformers.LlamaForCausalLM(hf_cfg).float().train()
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict(), MODEL), strict=False)
+    if unexpected or [m for m in missing if "rotary" not in m]:
+        raise RuntimeError(f"weights do not map onto HF: missing {missing}, unexpected {unexpected}")
+    assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
+    out = [Contestant("lmforge", ours, ours),
+           Contestant("hf", hf, lambda x: hf(input_ids=x, use_cache=False).logits)]
+    if compile_:
+        from lmforge.parallel.compile import apply_compile
+
+        comp = build_model(MODEL, seed=0).train()
+        apply_compile(comp)
+        out.append(Contestant("lmforge+compile", comp, comp))
+    return out
+
+
+def batches(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, MODEL.vocab_size, (n, BATCH, SEQ + 1), generator=g)
+    return [(d[:, :-1].contiguous(), d[:, 1:].contiguous()) for d in data]
+
+
+def run(c: Contestant, data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Seconds for the steps over `data` (the loss is read once at the end, like a logger would)."""
+    t0 = time.perf_counter()
+    loss = None
+    for x, y in data:
+        loss = c.step(x, y)
+    float(loss)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=4, help="training steps per model per round")
+    ap.add_argument("--rounds", type=int, default=10, help="timed rounds (models alternate each round)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd lmforge (reported separately)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--min-ratio", type=float, default=0.0, help="exit 1 if lmforge/hf is below this")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    contestants = build_contestants(args.compile)
+    data = batches(args.steps, seed=1)
+    # Same weights, same first batch: the first losses must agree (bf16 rounding aside).
+    for c in contestants:
+        c.first_loss = float(c.step(*data[0]))
+    for c in contestants:
+        run(c, batches(args.warmup, seed=2))
+    for r in range(args.rounds):
+        order = contestants if r % 2 == 0 else contestants[::-1]
+        for c in order:
+            c.rates.append(args.steps * BATCH * SEQ / run(c, data))
+        print(f"round {r + 1:>2}/{args.rounds}: " + "  ".join(f"{c.name} {c.rates[-1]:,.0f}" for c in contestants),
+              file=sys.stderr, flush=True)
+
+    flops_tok = training_flops_per_token(MODEL, SEQ)
+    peak = peak_flops()
+    print(f"\nmodel: {MODEL.n_layers} layers, dim {MODEL.dim}, {MODEL.n_heads} heads (kv {MODEL.kv_heads}), "
+          f"ffn {MODEL.ffn_hidden_size}, vocab {MODEL.vocab_size}, untied; batch {BATCH} x seq {SEQ}; "
+          f"bf16 autocast, fp32 master weights, AdamW {optimizer_impl()}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"training FLOPs/token {flops_tok / 1e6:.1f} M; peak (measured bf16 matmul) {peak / 1e9:.0f} GFLOP/s; "
+          f"{args.rounds} rounds x {args.steps} steps, medians\n")
+    print(f"{'model':<16} {'tokens/s':>9} {'min':>8} {'max':>8} {'MFU':>6} {'first loss':>11}")
+    med = {}
+    for c in contestants:
+        med[c.name] = statistics.median(c.rates)
+        print(f"{c.name:<16} {med[c.name]:>9,.0f} {min(c.rates):>8,.0f} {max(c.rates):>8,.0f} "
+              f"{med[c.name] * flops_tok / peak:>6.1%} {c.first_loss:>11.4f}")
+    paired = statistics.median(a / b for a, b in zip(contestants[0].rates, contestants[1].rates))
+    ratio = med["lmforge"] / med["hf"]
+    print(f"\nmedian of per-round ratios lmforge/hf = {paired:.2f}x")
+    if args.compile:
+        print(f"ratio lmforge+compile/hf = {med['lmforge+compile'] / med['hf']:.2f}x")
+    print(f"ratio lmforge/hf = {ratio:.2f}x")
+    if ratio < args.min_ratio:
+        print(f"FAIL: ratio {ratio:.2f} < --min-ratio {args.min_ratio}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
