@@ -56,9 +56,9 @@ def test_pp2_schedule_matches_single_process(schedule: str, tiny_data_dir: Path,
 COMBINED = {
     "pp2-x-fsdp2": (4, ["--parallel.pp", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "2"]),
     "pp2-x-tp2": (4, ["--parallel.pp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "1",
-                      "--train.micro_batch_size", "4"]),
+                      "--parallel.sequence_parallel", "false", "--train.micro_batch_size", "4"]),
     "pp2-x-tp2-x-fsdp2": (8, ["--parallel.pp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "2",
-                              "--train.micro_batch_size", "2"]),
+                              "--parallel.sequence_parallel", "false", "--train.micro_batch_size", "2"]),
 }
 
 
