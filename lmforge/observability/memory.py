@@ -53,9 +53,15 @@ class ActivationMeter:
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         local = _local(t)
         if local.device.type != "meta" and local.numel():
-            ptr = local.untyped_storage().data_ptr()
+            try:
+                storage = local.untyped_storage()
+                ptr = storage.data_ptr()
+            except RuntimeError:
+                # FSDP2's unsharded parameters may have freed their storage by now: a parameter,
+                # not an activation, so there is nothing to count.
+                return t
             if ptr not in self._param_ptrs:
-                self._storages[ptr] = local.untyped_storage().nbytes()
+                self._storages[ptr] = storage.nbytes()
         return t
 
     @contextmanager
