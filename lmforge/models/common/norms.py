@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -51,5 +52,8 @@ class RMSNorm(nn.Module):
         autocast the autocast dtype: every consumer of a norm is a matmul that would cast to it
         anyway, so casting once here saves a cast per consumer, forward and backward."""
         dev = x.device.type
-        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)  # not on meta
+        out_dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
+        if dev != "cpu":  # CUDA has fused rms_norm kernels (forward and backward): use them
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(out_dtype)
         return _RMSNormFn.apply(x, self.weight, self.eps, out_dtype)
