@@ -83,7 +83,7 @@ class Contestant:
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(groups, **ADAMW, **optimizer_impl())
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = self.logits(x)
         loss = cross_entropy(logits, y)
