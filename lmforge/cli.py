@@ -58,7 +58,7 @@ def _launch_torchrun(nproc: int, args: argparse.Namespace) -> int:
 
     load_job_config(args.recipe, parse_override_args(args.overrides), world_size=nproc)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "lmforge.cli", "train", *([args.recipe] if args.recipe else []), *args.overrides]
+           "-m", "lmforge", "train", *([args.recipe] if args.recipe else []), *args.overrides]
     return subprocess.call(cmd)
 
 

@@ -40,9 +40,9 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.C
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "lmforge.cli", *args]
+               "-m", "lmforge", *args]
     else:
-        cmd = [sys.executable, "-m", "lmforge.cli", *args]
+        cmd = [sys.executable, "-m", "lmforge", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     return proc
