@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         losses = trainer.fit()
         if trainer.is_main and losses:
-            print(f"done: {len(losses)} steps this run, loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
+            print(f"done: step {trainer.state.step}, logged loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
                   f"outputs in {cfg.train.output_dir}", flush=True)
     finally:
         trainer.close()

@@ -107,7 +107,8 @@ class Trainer:
                                       process_group=None)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak_flops = self._peak_flops() if self.is_main else 0.0
-        self.losses: list[float] = []  # per-step global mean loss, for tests and the caller
+        # Global mean loss at each logged step (all-reduced only then: no per-step host sync).
+        self.losses: list[float] = []
         if self.is_main:
             self._write_run_files()
         self._resume()
@@ -348,7 +349,6 @@ class Trainer:
                 self.state.tokens_seen += tokens_per_step
                 window_steps += 1
                 step = self.state.step
-                self.losses.append(self._global_mean(loss))
                 if step % log_every == 0 or step in (steps, stop):
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
@@ -356,7 +356,8 @@ class Trainer:
                     tps = window_steps * tokens_per_step / elapsed
                     mfu = tps * self.flops_per_token / (self.peak_flops * self.info.world_size) \
                         if self.peak_flops else 0.0
-                    loss_value = self.losses[-1]
+                    loss_value = self._global_mean(loss)
+                    self.losses.append(loss_value)
                     metrics = {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
                                "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": mfu,
                                "tokens_seen": self.state.tokens_seen, **memory_stats(self.device)}
