@@ -6,13 +6,16 @@ through lmforge.models.llama.hf), train on the same random token batches with th
 policy (fp32 master weights, torch.autocast("cpu", bfloat16)) and the same AdamW. One step is:
 forward, loss, backward, clip_grad_norm_(1.0), optimizer step, zero_grad. The loss is computed
 the same way for both, outside the model (logits -> float -> F.cross_entropy, as lmforge's
-trainer does), so the comparison is model against model; HF's `labels=` path is not used.
+trainer did before 2026-12), so the comparison is model against model; HF's `labels=` path is not used.
+With `--loss library` each library computes its own loss as its users get it: lmforge the chunked
+fp32 cross-entropy its trainer uses (`lmforge.models.common.cross_entropy`), HF its `labels=` path
+(`ForCausalLMLoss`, given `shift_labels` so both score the same 2048 tokens).
 
 The machine may be shared and noisy, so the models take turns: after a warm-up, each round times
 `--steps` steps of every model, the order alternating (A B, B A, ...), and the report gives the
 median tokens/s over rounds. MFU = tokens/s x training FLOPs per token / measured peak.
 
-    python bench/train_throughput.py --rounds 12 --steps 4 [--compile] [--threads 2] [--min-ratio 1.1]
+    python bench/train_throughput.py --rounds 12 --steps 4 [--compile] [--loss same|library] [--threads 2] [--min-ratio 1.1]
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class Contestant:
     name: str
     model: torch.nn.Module
-    logits: Callable[[torch.Tensor], torch.Tensor]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs, targets) -> mean loss
     optimizer: torch.optim.Optimizer = field(init=False)
     rates: list[float] = field(default_factory=list)  # tokens/s, one per timed round
     first_loss: float = float("nan")
@@ -84,9 +87,7 @@ class Contestant:
         self.optimizer = torch.optim.AdamW(groups, **ADAMW, **optimizer_impl())
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = self.logits(x)
-        loss = cross_entropy(logits, y)
+        loss = self.loss(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
@@ -105,7 +106,18 @@ def optimizer_impl() -> dict[str, bool]:
         return {"foreach": True}
 
 
-def build_contestants(compile_: bool) -> list[Contestant]:
+def model_then_loss(model: Callable[[torch.Tensor], torch.Tensor],
+                    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Forward under bf16 autocast, then the loss outside it (as lmforge's trainer does)."""
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        return loss(logits, y)
+    return step
+
+
+def build_contestants(compile_: bool, loss_mode: str = "same") -> list[Contestant]:
     import transformers
 
     ours = build_model(MODEL, seed=0).train()
@@ -117,14 +129,22 @@ def build_contestants(compile_: bool) -> list[Contestant]:
     if unexpected or [m for m in missing if "rotary" not in m]:
         raise RuntimeError(f"weights do not map onto HF: missing {missing}, unexpected {unexpected}")
     assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
-    out = [Contestant("lmforge", ours, ours),
-           Contestant("hf", hf, lambda x: hf(input_ids=x, use_cache=False).logits)]
+    if loss_mode == "library":
+        from lmforge.models.common.cross_entropy import cross_entropy as lmforge_loss
+
+        def hf_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return hf(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+        out = [Contestant("lmforge", ours, model_then_loss(ours, lmforge_loss)), Contestant("hf", hf, hf_loss)]
+    else:
+        out = [Contestant("lmforge", ours, model_then_loss(ours)),
+               Contestant("hf", hf, model_then_loss(lambda x: hf(input_ids=x, use_cache=False).logits))]
     if compile_:
         from lmforge.parallel.compile import apply_compile
 
         comp = build_model(MODEL, seed=0).train()
         apply_compile(comp)
-        out.append(Contestant("lmforge+compile", comp, comp))
+        out.append(Contestant("lmforge+compile", comp, model_then_loss(comp)))
     return out
 
 
@@ -150,13 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10, help="timed rounds (models alternate each round)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd lmforge (reported separately)")
+    ap.add_argument("--loss", choices=["same", "library"], default="same",
+                    help="same: one loss function for both (model vs model); library: each library's own loss")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--min-ratio", type=float, default=0.0, help="exit 1 if lmforge/hf is below this")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    contestants = build_contestants(args.compile)
+    contestants = build_contestants(args.compile, args.loss)
     data = batches(args.steps, seed=1)
     # Same weights, same first batch: the first losses must agree (bf16 rounding aside).
     for c in contestants:
@@ -174,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_flops()
     print(f"\nmodel: {MODEL.n_layers} layers, dim {MODEL.dim}, {MODEL.n_heads} heads (kv {MODEL.kv_heads}), "
           f"ffn {MODEL.ffn_hidden_size}, vocab {MODEL.vocab_size}, untied; batch {BATCH} x seq {SEQ}; "
-          f"bf16 autocast, fp32 master weights, AdamW {optimizer_impl()}; torch {torch.__version__}, "
+          f"bf16 autocast, fp32 master weights, loss: {args.loss}, AdamW {optimizer_impl()}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"training FLOPs/token {flops_tok / 1e6:.1f} M; peak (measured bf16 matmul) {peak / 1e9:.0f} GFLOP/s; "
           f"{args.rounds} rounds x {args.steps} steps, medians\n")

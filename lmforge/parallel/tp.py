@@ -35,6 +35,8 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel import loss_parallel as _torch_loss_parallel
 
+from lmforge.models.common.cross_entropy import cross_entropy
+
 # Arguments of Attention.forward as TransformerBlock passes them: (x, cos, sin, cache, layer).
 # Only x is converted; the RoPE tables, the cache and the layer index pass through untouched.
 _ATTENTION_ARGS = 5
@@ -132,7 +134,9 @@ def tp_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_parallel:
         logits = logits.full_tensor()
     if isinstance(targets, DTensor):
         targets = targets.full_tensor()
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+    if isinstance(logits, DTensor):  # vocabulary-sharded: torch's loss_parallel kernels
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+    return cross_entropy(logits, targets)
 
 
 def local_value(loss: torch.Tensor) -> torch.Tensor:
