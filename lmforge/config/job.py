@@ -277,9 +277,6 @@ class ParallelConfig:
                     f"must divide the feed-forward width ({model.ffn_hidden_size})")
             require(model.vocab_size % r.tp == 0, "parallel.tp", r.tp,
                     f"must divide model.vocab_size ({model.vocab_size})")
-            require(not (r.sequence_parallel and r.pp > 1), "parallel.sequence_parallel", True,
-                    "not supported with pp > 1 yet (pipeline stages exchanging sequence-sharded activations "
-                    "hang in torch 2.13 pipelining); set parallel.sequence_parallel = false")
             if r.sequence_parallel:
                 require(train.seq_len % r.tp == 0, "parallel.tp", r.tp,
                         f"must divide train.seq_len ({train.seq_len}) with sequence parallel")

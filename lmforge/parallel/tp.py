@@ -15,6 +15,12 @@ The plan (the same as torchtitan's Llama plan):
 
 Attention reshapes with `view(b, s, -1, head_dim)`, so it runs unchanged on the local heads; the
 RoPE tables are buffers and stay plain tensors.
+
+With pipeline parallelism, stages exchange the residual stream as it is between blocks: the plain
+local tensor, (batch, seq / tp, dim) under sequence parallelism. The first block of a later stage
+takes it as Shard(1) like any other block (its SequenceParallel norm does), and each attention
+slices the RoPE tables to the whole sequence it sees after the all-gather, not to the shard the
+stage received.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Layout parity: DDP, FSDP2 (ZeRO-3 and ZeRO-2-like), HSDP, tensor parallel (with and without sequence
-and loss parallel) and FSDP2 x TP under torchrun reach the same per-step losses as one process with the same global batch (and as one process with accumulation)."""
+and loss parallel) and FSDP2 x TP under torchrun reach the same per-step losses (1e-5 relative) as one
+process with the same global batch (and as one process with accumulation), and the same final weights
+(1e-4, from each run's last checkpoint)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_metrics, run_cli, tiny_run_args
+from tests.distributed.parity import WEIGHT_PARITY, assert_same_final_weights
 
 STEPS = 6
+# One checkpoint after the last step: the final weights are compared with one process's.
 COMMON = ["--train.steps", str(STEPS), "--train.global_batch_size", "8", "--train.eval_interval", "0",
-          "--checkpoint.enabled", "false"]
+          *WEIGHT_PARITY]
 
 
 def per_step(run_dir: Path) -> list[float]:
@@ -44,9 +48,11 @@ def assert_close(ref: list[float], got: list[float], name: str) -> None:
         assert abs(a - b) <= 1e-5 * abs(a), f"{name} step {step}: {a} vs {b}"
 
 
-def test_gradient_accumulation_matches(tiny_data_dir: Path, tmp_path: Path, reference: list[float]) -> None:
+def test_gradient_accumulation_matches(tiny_data_dir: Path, tmp_path: Path, reference: list[float],
+                                       reference_dir: Path) -> None:
     run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, "--train.micro_batch_size", "2")])
     assert_close(reference, per_step(tmp_path), "accumulation")
+    assert_same_final_weights(reference_dir, tmp_path, "accumulation")
 
 
 LAYOUTS = {
@@ -67,13 +73,14 @@ LAYOUTS = {
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_data_parallel_layout_matches_single_process(layout: str, tiny_data_dir: Path, tmp_path: Path,
-                                                     reference: list[float]) -> None:
+                                                     reference: list[float], reference_dir: Path) -> None:
     nproc, extra = LAYOUTS[layout]
     if layout == "fsdp":  # through `lmforge train --nproc N`, which wraps torchrun
         run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra), "--nproc", str(nproc)])
     else:
         run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra)], nproc=nproc)
     assert_close(reference, per_step(tmp_path), layout)
+    assert_same_final_weights(reference_dir, tmp_path, layout)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Pipeline layouts through the trainer: each schedule at pp=2, and pp combined with FSDP2 and
-TP (up to pp x tp x dp_shard on 8 ranks), reach the single-process per-step losses."""
+TP (with and without sequence parallel; up to pp x tp x dp_shard on 8 ranks), reach the
+single-process per-step losses (1e-5 relative), validation loss and final weights (1e-4)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_metrics, run_cli, tiny_run_args
+from tests.distributed.parity import WEIGHT_PARITY, assert_same_final_weights
 
 STEPS = 5
 # Four layers, so V and interleaved schedules get one layer per stage.
 COMMON = ["--model.n_layers", "4", "--train.steps", str(STEPS), "--train.global_batch_size", "8",
-          "--train.eval_interval", "5", "--checkpoint.enabled", "false"]
+          "--train.eval_interval", "5", *WEIGHT_PARITY]
 
 
 def per_step(run_dir: Path, prefix: str = "train") -> list[float]:
@@ -35,6 +37,7 @@ def assert_matches(reference_dir: Path, run: Path, name: str) -> None:
         assert abs(a - b) <= 1e-5 * abs(a), f"{name} step {step}: {a} vs {b}"
     (va,), (vb,) = per_step(reference_dir, "val"), per_step(run, "val")
     assert abs(va - vb) <= 1e-5 * abs(va), f"{name} validation: {va} vs {vb}"
+    assert_same_final_weights(reference_dir, run, name)
 
 
 SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev"]
@@ -57,6 +60,11 @@ COMBINED = {
     "pp2-x-fsdp2": (4, ["--parallel.pp", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "2"]),
     "pp2-x-tp2": (4, ["--parallel.pp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "1",
                       "--parallel.sequence_parallel", "false", "--train.micro_batch_size", "4"]),
+    # Sequence parallel: the stages exchange the (batch, seq / tp, dim) shard of the residual stream.
+    "pp2-x-tp2-sp-1f1b": (4, ["--parallel.pp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "1",
+                              "--parallel.pp_schedule", "1f1b", "--train.micro_batch_size", "4"]),
+    "pp2-x-tp2-sp-interleaved_zb": (4, ["--parallel.pp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "1",
+                                        "--parallel.pp_schedule", "interleaved_zb", "--train.micro_batch_size", "4"]),
     "pp2-x-tp2-x-fsdp2": (8, ["--parallel.pp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "2",
                               "--parallel.sequence_parallel", "false", "--train.micro_batch_size", "2"]),
 }

@@ -52,8 +52,6 @@ RULES = [
     ("batch over dp ranks", 4, ["--train.micro_batch_size", "4"], "train.global_batch_size", "4 x 4 = 16"),
     ("plain DDP with TP", 4, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1", "--parallel.tp", "2",
                               "--train.micro_batch_size", "4"], "parallel.dp_replicate", "does not combine"),
-    ("sequence parallel with pipeline", 4, ["--parallel.pp", "2", "--parallel.tp", "2"],
-     "parallel.sequence_parallel", "pp > 1"),
     ("unknown schedule", 2, ["--parallel.pp", "2", "--parallel.pp_schedule", "zigzag"], "parallel.pp_schedule",
      "one of"),
 ]
@@ -74,6 +72,7 @@ def test_parallel_rule(rule: str, world: int, overrides: list[str], key: str, ph
     (4, ["--parallel.dp_replicate", "2", "--train.micro_batch_size", "2"], (2, 2, 1, 1)),
     (8, ["--parallel.tp", "2", "--parallel.pp", "2", "--parallel.sequence_parallel", "false",
          "--train.micro_batch_size", "2"], (1, 2, 2, 2)),
+    (4, ["--parallel.tp", "2", "--parallel.pp", "2", "--train.micro_batch_size", "8"], (1, 1, 2, 2)),  # SP x PP
 ])
 def test_dp_shard_takes_the_rest(world: int, overrides: list[str], expected: tuple) -> None:
     cfg = load_job_config(None, parse_override_args(BASE + overrides), world_size=world)

@@ -87,8 +87,11 @@ class Transformer(nn.Module):
         start = cache.pos if cache is not None else 0
         seq = tokens.shape[1]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        cos = self.rope_cos[start:start + seq]
-        sin = self.rope_sin[start:start + seq]
+        # The tables from `start` on; each attention takes the length it sees. (A block's input
+        # may be a slice of the sequence, e.g. under sequence parallelism after a pipeline
+        # stage boundary, while its attention sees the whole sequence.)
+        cos = self.rope_cos[start:]
+        sin = self.rope_sin[start:]
         for layer in self.layers.values():
             h = layer(h, cos, sin, cache)
         if cache is not None:
