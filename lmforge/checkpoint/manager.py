@@ -99,6 +99,12 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def step_of(path: Path) -> int:
+    """N of a `step-N` directory name (-1 when the name is not one)."""
+    m = _STEP_RE.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
 # -- integrity ---------------------------------------------------------------------------------------
 
 
