@@ -34,6 +34,7 @@ once, not once per rank. DCP itself needs a filesystem shared by all ranks.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -528,6 +529,9 @@ class CheckpointManager:
         self._base: _Base | None = None
         self._since_full = 0
         self._records: list[dict[str, float]] = []
+        self._staged: threading.Event | None = None  # set once the async save copied the state
+        self._stall_rec: dict[str, float] | None = None
+        self._hooks: dict[int, Any] = {}  # id(optimizer) -> step pre-hook handle
 
     # -- process-group helpers --
 
@@ -651,10 +655,13 @@ class CheckpointManager:
         fsyncs and renames; only then are checkpoints beyond keep_last deleted. An existing
         `step-N` (e.g. a corrupt one a resume skipped) is replaced only once the new one is complete.
 
-        With `async_save`, the call first waits for the previous save, copies the state into
-        reused host buffers (the only time the caller is blocked) and returns; the write, manifest
-        and rename happen in a background thread (a later `save` or `wait()` waits for them, and
-        raises their error). Either way `stats()` then reports the stall and the total time."""
+        With `async_save`, the call waits for the previous save, takes the state dicts (references
+        to the live tensors) and returns; a background thread copies the tensors into reused host
+        buffers, then writes, publishes and prunes (a later `save` or `wait()` waits for it and
+        raises its error). The copy overlaps the next forward/backward: the optimizers in `state`
+        get a step pre-hook that waits until the copy is done, since their step is what changes
+        the tensors in place (anything else that does must call `wait_staged()` first). The stall
+        reported by `stats()` is the time in this call plus the time that hook waited."""
         if step < 0:
             raise ValueError(f"step={step}: must be >= 0")
         _check_keys(state)
@@ -664,12 +671,13 @@ class CheckpointManager:
         flat = self._flatten(self._dcp_state(state, lambda _key, _obj: rank_key(rank)))
         rec: dict[str, float] = {"step": float(step)}
         if self.async_save:
-            if self._staging is None or self._staging.keys() != flat.keys():
-                self._staging = _create_cpu_state_dict(flat)
-            staged = _copy_state_dict(flat, self._staging, type_check=False)
+            # Non-tensor values are small; copied now, since their owners may change them in place.
+            flat = {k: v if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in flat.items()}
+            self._hook_optimizers(state)
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-ckpt")
-            self._pending = self._executor.submit(self._write, step, staged, t0, rec)
+            self._staged, self._stall_rec = threading.Event(), rec
+            self._pending = self._executor.submit(self._stage_and_write, step, flat, t0, rec, self._staged)
             rec["stall_s"] = time.perf_counter() - t0
         else:
             self._write(step, flat, t0, rec)
@@ -677,9 +685,36 @@ class CheckpointManager:
         self._records.append(rec)
         return self.root / step_dir_name(step)
 
+    def _hook_optimizers(self, state: Mapping[str, Any]) -> None:
+        for obj in state.values():
+            opt = getattr(obj, "optimizer", None) if isinstance(obj, ModelOptimizerState) else None
+            if opt is not None and id(opt) not in self._hooks:
+                self._hooks[id(opt)] = opt.register_step_pre_hook(lambda *_: self.wait_staged())
+
+    def _stage_and_write(self, step: int, flat: dict[str, Any], t0: float, rec: dict[str, float],
+                         staged: threading.Event) -> None:
+        try:
+            if self._staging is None or self._staging.keys() != flat.keys():
+                self._staging = _create_cpu_state_dict(flat)
+            flat = _copy_state_dict(flat, self._staging, type_check=False)
+        finally:
+            staged.set()
+        self._write(step, flat, t0, rec)
+
+    def wait_staged(self) -> None:
+        """Block until the async save in progress has copied the state (then it may change)."""
+        event, rec = self._staged, self._stall_rec
+        self._staged = None
+        if event is not None and not event.is_set():
+            t0 = time.perf_counter()
+            event.wait()
+            if rec is not None:
+                rec["stall_s"] = rec.get("stall_s", 0.0) + time.perf_counter() - t0
+
     def wait(self) -> None:
         """Block until the save in progress (if any) is published; re-raise its error. Collective
         only in the sense that every rank waits for its own part."""
+        self.wait_staged()
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
@@ -693,6 +728,9 @@ class CheckpointManager:
                 self._executor.shutdown(wait=True)
                 self._executor = None
             self._staging = None
+            for handle in self._hooks.values():
+                handle.remove()
+            self._hooks.clear()
 
     def stats(self) -> list[dict[str, float]]:
         """Finished saves since the last call: step, stall_s (caller blocked), total_s (until
