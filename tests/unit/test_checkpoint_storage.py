@@ -200,3 +200,16 @@ def test_incremental_references_unchanged_tensors_and_restores_exactly(tmp_path:
     victim.write_bytes(victim.read_bytes()[:-10])
     v = verify_checkpoint(saved[1][0])
     assert not v.ok and "base checkpoint step-00000001" in v.reason
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("checkpoint.optimizer_states", "fp8", "fp32"), ("checkpoint.compression", "lz4", "zstd"),
+    ("checkpoint.memory_interval", "-1", ">= 0"), ("checkpoint.full_every", "-2", ">= 0"),
+    ("checkpoint.async_mode", "process", "async")])
+def test_bad_checkpoint_config_is_one_clear_line(key: str, value: str, allowed: str):
+    from lmforge.config import ConfigError, load_job_config
+
+    with pytest.raises(ConfigError) as e:
+        load_job_config(None, [(key, value)])
+    msg = str(e.value)
+    assert key in msg and value in msg and allowed in msg and "\n" not in msg
