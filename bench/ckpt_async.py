@@ -58,7 +58,7 @@ def main() -> None:
 
     sync = CheckpointManager(root / "sync", keep_last=1)
     asyn = CheckpointManager(root / "async", keep_last=1, async_save=True)
-    tokens = torch.randint(0, 16384, (4, 129), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 16384, (8, 65), generator=torch.Generator().manual_seed(0))
 
     def train_step() -> float:
         """One real step; returns its time. opt.step() first waits (pre-hook) for the async copy."""
