@@ -34,12 +34,14 @@ once, not once per rank. DCP itself needs a filesystem shared by all ranks.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -53,10 +55,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from lmforge.checkpoint.formats import (
+    decode_moment,
+    encode_moments,
+    stored_names,
+    template_for,
+    tensor_digest,
+)
 from lmforge.checkpoint.state import (
     ModelOptimizerState,
     PerRankState,
@@ -86,6 +98,12 @@ class CheckpointError(Exception):
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    """N of a `step-N` directory name (-1 when the name is not one)."""
+    m = _STEP_RE.match(Path(path).name)
+    return int(m.group(1)) if m else -1
 
 
 # -- integrity ---------------------------------------------------------------------------------------
@@ -206,6 +224,10 @@ def verify_checkpoint(path: Path, deep: bool = True, _cache: dict | None = None)
     unlisted = sorted({getattr(v, "relative_path", None) for v in storage.values()} - listed - {None})
     if unlisted:
         return Verdict(False, f"DCP metadata refers to files not in the manifest: {', '.join(unlisted[:3])}")
+    if manifest.get("kind") == "incremental":
+        why = _verify_base(path, manifest, deep, _cache)
+        if why:
+            return Verdict(False, why)
     if not deep:
         return Verdict(True, "ok (sizes)", step)
     if _cache is not None:
@@ -213,7 +235,46 @@ def verify_checkpoint(path: Path, deep: bool = True, _cache: dict | None = None)
     return Verdict(True, "ok", step)
 
 
-def _write_manifest(path: Path, step: int, world_size: int) -> dict:
+def base_of(path: Path, manifest: Mapping[str, Any]) -> Path | None:
+    """The full checkpoint an incremental one takes its unchanged tensors from (a sibling dir)."""
+    name = manifest.get("base")
+    if manifest.get("kind") != "incremental" or not isinstance(name, str):
+        return None
+    return path.parent / name
+
+
+def _verify_base(path: Path, manifest: Mapping[str, Any], deep: bool, cache: dict | None) -> str:
+    """'' when the base of incremental checkpoint `path` is valid and holds every key it refers to."""
+    name, refs = manifest.get("base"), manifest.get("refs")
+    if not isinstance(name, str) or "/" in name or name.startswith(".") or not isinstance(refs, list):
+        return f"{MANIFEST} is malformed (incremental without a base or refs)"
+    base = path.parent / name
+    vb = verify_checkpoint(base, deep=deep, _cache=cache)
+    if not vb.ok:
+        return f"its base checkpoint {name} is not valid ({vb.reason})"
+    base_manifest, _ = _read_manifest(base)
+    if base_manifest is None or base_manifest.get("kind") == "incremental":
+        return f"its base checkpoint {name} is not a full checkpoint"
+    keys = set(dcp.FileSystemReader(str(base)).read_metadata().state_dict_metadata)
+    missing = [k for k in refs if k not in keys]
+    if missing:
+        return f"its base checkpoint {name} lacks {len(missing)} tensor(s) it refers to, e.g. {missing[0]}"
+    return ""
+
+
+def saved_metadata(path: Path) -> dict[str, Any]:
+    """DCP metadata per stored key of checkpoint `path`, including keys an incremental checkpoint
+    takes from its base (so checks see the whole state)."""
+    out = dict(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    manifest, _ = _read_manifest(path)
+    base = base_of(path, manifest) if manifest else None
+    if base is not None:
+        base_meta = dcp.FileSystemReader(str(base)).read_metadata().state_dict_metadata
+        out.update({k: base_meta[k] for k in manifest["refs"] if k in base_meta})
+    return out
+
+
+def _write_manifest(path: Path, step: int, world_size: int, extra: Mapping[str, Any] | None = None) -> dict:
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST
                    and not p.name.startswith(MANIFEST))
     rels = [p.relative_to(path).as_posix() for p in files]
@@ -227,9 +288,12 @@ def _write_manifest(path: Path, step: int, world_size: int) -> dict:
         "created_unix": time.time(),
         "torch_version": torch.__version__,
         "checksum": "sha256",
-        "keys": sorted({k.split(".", 1)[0] for k in meta.state_dict_metadata}),
+        "keys": sorted({k.split(".", 1)[0] for k in [*meta.state_dict_metadata, *(extra or {}).get("refs", ())]}),
         "files": [{"path": r, "size": p.stat().st_size, "sha256": d} for r, p, d in zip(rels, files, digests)],
+        "kind": "full", "compression": "none", "optimizer_states": "fp32",
+        **(extra or {}),
     }
+    manifest["bytes"] = sum(f["size"] for f in manifest["files"])
     tmp = path / (MANIFEST + ".partial")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -319,6 +383,49 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _dcp_load(request: dict[str, Any], path: Path, process_group: dist.ProcessGroup | None, distributed: bool) -> None:
+    if not request:
+        return
+    if distributed:
+        dcp.load(request, checkpoint_id=str(path), process_group=process_group)
+    else:
+        with _quiet_no_dist():
+            dcp.load(request, checkpoint_id=str(path), no_dist=True)
+
+
+def load_flat(path: Path, flat: dict[str, Any], process_group: dist.ProcessGroup | None = None,
+              distributed: bool = False) -> None:
+    """Load checkpoint `path` into the flat state dict `flat` (tensors in place, other values
+    replaced), whatever the stored form: lossy optimizer moments are decoded, keys an incremental
+    checkpoint refers to are read from its base, zstd files are decompressed by DCP's reader.
+    Collective when `distributed`. Raises CheckpointError naming the first key it lacks."""
+    manifest, _ = _read_manifest(path)
+    manifest = manifest or {}
+    block = int(manifest.get("quant_block", 256))
+    refs = set(manifest.get("refs", [])) if manifest.get("kind") == "incremental" else set()
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    local: dict[str, Any] = {}
+    from_base: dict[str, Any] = {}
+    decode: list[tuple[str, list[str]]] = []
+    for k, t in flat.items():
+        names = stored_names(k, t, saved | refs)
+        if names is None:
+            raise CheckpointError(f"checkpoint {path}: has no entry {k!r} (was it saved from a different state?)")
+        for n in names:
+            (local if n in saved else from_base)[n] = t if n == k else template_for(n, t, block)
+        if names != [k]:
+            decode.append((k, names))
+    _dcp_load(local, path, process_group, distributed)
+    if from_base:
+        _dcp_load(from_base, base_of(path, manifest), process_group, distributed)
+    got = {**local, **from_base}
+    for k in flat:
+        if k in got:
+            flat[k] = got[k]
+    for k, names in decode:
+        decode_moment(k, flat[k], [got[n] for n in names], block)
+
+
 def save_model_weights(step_dir: Path, model: nn.Module, step: int | None = None) -> Path:
     """A weights-only checkpoint ({"model": FQN state dict}, manifest, atomic publish) at
     `step_dir`, single process, no process group: for imported models (HF -> run) and exports
@@ -354,15 +461,16 @@ def load_model_weights(path: Path, model: nn.Module) -> int:
     v = verify_checkpoint(path)
     if not v.ok:
         raise CheckpointError(f"checkpoint {path}: {v.reason}")
-    meta = dcp.FileSystemReader(str(path)).read_metadata()
     sd = get_model_state_dict(model)
-    _check_model_against(path, meta.state_dict_metadata, sd)
+    _check_model_against(path, saved_metadata(path), sd)
+    flat = {f"model.{k}": v for k, v in sd.items()}
     try:
-        with _quiet_no_dist():
-            dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+        load_flat(path, flat)
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 (DCP's multi-line errors become one line)
         raise CheckpointError(f"checkpoint {path}: cannot load model weights ({_first_line(e)})") from None
-    set_model_state_dict(model, sd)
+    set_model_state_dict(model, {k: flat[f"model.{k}"] for k in sd})
     assert v.step is not None
     return v.step
 
@@ -370,20 +478,60 @@ def load_model_weights(path: Path, model: nn.Module) -> int:
 # -- the manager -------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Base:
+    """The last full checkpoint this manager wrote, with this rank's digest of every stored tensor."""
+
+    path: Path
+    digests: dict[str, str]
+    world: int
+
+
 class CheckpointManager:
     """Saves, verifies, lists, prunes and loads checkpoints under `root` (see the module docstring).
 
     `process_group`: the group whose ranks save and load together (None: the default group when
-    torch.distributed is initialised, else single-process). `keep_last`: how many checkpoints to
-    keep; older ones are deleted after a new one is published."""
+    torch.distributed is initialised, else single-process); with `async_save` pass a group of its
+    own (e.g. `dist.new_group(backend="gloo")`), since the writer thread runs collectives on it
+    while training runs its own. `keep_last`: how many checkpoints to keep; older ones are deleted
+    after a new one is published (never the base of a kept incremental one).
 
-    def __init__(self, root: Path, keep_last: int, process_group: dist.ProcessGroup | None = None) -> None:
+    Storage options: `async_save` (stage a copy, write in a background thread; see `save`),
+    `compression` ("none" | "zstd": lossless, DCP's ZStandard stream extension, decompressed on
+    load), `optimizer_states` ("fp32" | "bf16" | "int8": how optimizer moments are stored, see
+    formats.py; weights are always exact), `full_every` (0: every checkpoint full; k: a full one
+    then k-1 incremental ones that store only tensors whose content changed since that full one)."""
+
+    def __init__(self, root: Path, keep_last: int, process_group: dist.ProcessGroup | None = None, *,
+                 async_save: bool = False, compression: str = "none", optimizer_states: str = "fp32",
+                 quant_block: int = 256, full_every: int = 0) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: must be >= 1")
+        if compression not in ("none", "zstd"):
+            raise ValueError(f"compression={compression!r}: must be 'none' or 'zstd'")
+        if optimizer_states not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"optimizer_states={optimizer_states!r}: must be 'fp32', 'bf16' or 'int8'")
+        if quant_block < 1 or full_every < 0:
+            raise ValueError(f"quant_block={quant_block}, full_every={full_every}: must be >= 1 and >= 0")
         self.root = Path(root)
         self.keep_last = keep_last
         self.process_group = process_group
+        self.async_save = async_save
+        self.compression = compression
+        self.optimizer_states = optimizer_states
+        self.quant_block = quant_block
+        self.full_every = full_every
         self._verified: dict[str, Any] = {}  # resolved path -> file fingerprint hashed OK by this manager
+        self._lock = threading.Lock()  # _verified is touched by the writer thread too
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Any = None  # Future of the save being written in the background
+        self._staging: dict[str, Any] | None = None  # reused host buffers for async staging
+        self._base: _Base | None = None
+        self._since_full = 0
+        self._records: list[dict[str, float]] = []
+        self._staged: threading.Event | None = None  # set once the async save copied the state
+        self._stall_rec: dict[str, float] | None = None
+        self._hooks: dict[int, Any] = {}  # id(optimizer) -> step pre-hook handle
 
     # -- process-group helpers --
 
@@ -505,13 +653,103 @@ class CheckpointManager:
 
         Collective when distributed. Writes into `step-N.tmp`, then rank 0 writes the manifest,
         fsyncs and renames; only then are checkpoints beyond keep_last deleted. An existing
-        `step-N` (e.g. a corrupt one a resume skipped) is replaced only once the new one is complete."""
+        `step-N` (e.g. a corrupt one a resume skipped) is replaced only once the new one is complete.
+
+        With `async_save`, the call waits for the previous save, takes the state dicts (references
+        to the live tensors) and returns; a background thread copies the tensors into reused host
+        buffers, then writes, publishes and prunes (a later `save` or `wait()` waits for it and
+        raises its error). The copy overlaps the next forward/backward: the optimizers in `state`
+        get a step pre-hook that waits until the copy is done, since their step is what changes
+        the tensors in place (anything else that does must call `wait_staged()` first). The stall
+        reported by `stats()` is the time in this call plus the time that hook waited."""
         if step < 0:
             raise ValueError(f"step={step}: must be >= 0")
         _check_keys(state)
+        t0 = time.perf_counter()
+        self.wait()
+        rank, _ = self._rank_world()
+        flat = self._flatten(self._dcp_state(state, lambda _key, _obj: rank_key(rank)))
+        rec: dict[str, float] = {"step": float(step)}
+        if self.async_save:
+            # Non-tensor values are small; copied now, since their owners may change them in place.
+            flat = {k: v if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in flat.items()}
+            self._hook_optimizers(state)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-ckpt")
+            self._staged, self._stall_rec = threading.Event(), rec
+            self._pending = self._executor.submit(self._stage_and_write, step, flat, t0, rec, self._staged)
+            rec["stall_s"] = time.perf_counter() - t0
+        else:
+            self._write(step, flat, t0, rec)
+            rec["stall_s"] = rec["total_s"]
+        self._records.append(rec)
+        return self.root / step_dir_name(step)
+
+    def _hook_optimizers(self, state: Mapping[str, Any]) -> None:
+        for obj in state.values():
+            opt = getattr(obj, "optimizer", None) if isinstance(obj, ModelOptimizerState) else None
+            if opt is not None and id(opt) not in self._hooks:
+                self._hooks[id(opt)] = opt.register_step_pre_hook(lambda *_: self.wait_staged())
+
+    def _stage_and_write(self, step: int, flat: dict[str, Any], t0: float, rec: dict[str, float],
+                         staged: threading.Event) -> None:
+        try:
+            if self._staging is None or self._staging.keys() != flat.keys():
+                self._staging = _create_cpu_state_dict(flat)
+            flat = _copy_state_dict(flat, self._staging, type_check=False)
+        finally:
+            staged.set()
+        self._write(step, flat, t0, rec)
+
+    def wait_staged(self) -> None:
+        """Block until the async save in progress has copied the state (then it may change)."""
+        event, rec = self._staged, self._stall_rec
+        self._staged = None
+        if event is not None and not event.is_set():
+            t0 = time.perf_counter()
+            event.wait()
+            if rec is not None:
+                rec["stall_s"] = rec.get("stall_s", 0.0) + time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Block until the save in progress (if any) is published; re-raise its error. Collective
+        only in the sense that every rank waits for its own part."""
+        self.wait_staged()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the save in progress and stop the writer thread."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self._staging = None
+            for handle in self._hooks.values():
+                handle.remove()
+            self._hooks.clear()
+
+    def stats(self) -> list[dict[str, float]]:
+        """Finished saves since the last call: step, stall_s (caller blocked), total_s (until
+        published), bytes, incremental (0/1). A save still being written is reported later."""
+        done = [r for r in self._records if "total_s" in r and "stall_s" in r]
+        self._records = [r for r in self._records if r not in done]
+        return done
+
+    @staticmethod
+    def _flatten(dcp_state: Mapping[str, Any]) -> dict[str, Any]:
+        nested = {k: (v.state_dict() if isinstance(v, Stateful) else v) for k, v in dcp_state.items()}
+        flat, _ = flatten_state_dict(nested)
+        return flat
+
+    def _write(self, step: int, flat: dict[str, Any], t0: float, rec: dict[str, float]) -> None:
+        """Encode, write with DCP, publish (rank 0), prune. Runs in the caller or the writer thread."""
         final = self.root / step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
-        rank, world = self._rank_world()
+        _, world = self._rank_world()
 
         def prepare() -> None:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -520,27 +758,67 @@ class CheckpointManager:
             tmp.mkdir()
 
         self._on_rank0(prepare)  # also a barrier: nobody writes before the directory is clean
-        dcp_state = self._dcp_state(state, lambda _key, _obj: rank_key(rank))
+        flat = encode_moments(flat, self.optimizer_states, self.quant_block)
+        refs, digests = self._unchanged(flat, world)
+        extensions = None
+        if self.compression == "zstd":
+            from torch.distributed.checkpoint._extension import ZStandard
+
+            extensions = [ZStandard()]
+        writer = dcp.FileSystemWriter(str(tmp), _extensions=extensions)
+        to_write = {k: v for k, v in flat.items() if k not in refs}
         if self._distributed():
-            dcp.save(dcp_state, checkpoint_id=str(tmp), process_group=self.process_group)
+            dcp.save(to_write, storage_writer=writer, process_group=self.process_group)
         else:
             with _quiet_no_dist():
-                dcp.save(dcp_state, checkpoint_id=str(tmp), no_dist=True)
+                dcp.save(to_write, storage_writer=writer, no_dist=True)
         self._barrier()  # every rank's files are written and fsynced (DCP's FileSystemWriter)
+        extra: dict[str, Any] = {"compression": self.compression, "optimizer_states": self.optimizer_states,
+                                 "quant_block": self.quant_block}
+        if refs:
+            assert self._base is not None
+            extra.update(kind="incremental", base=self._base.path.name, refs=sorted(refs))
 
-        def publish() -> None:
-            _write_manifest(tmp, step, world)
+        def publish() -> int:
+            manifest = _write_manifest(tmp, step, world, extra)
             _publish(tmp, final)
             # The manifest's hashes were just computed from the files on disk; check names, sizes
             # and DCP's file references again after the rename, before anything is deleted.
             v = verify_checkpoint(final, deep=False)
             if not v.ok:
                 raise CheckpointError(f"checkpoint {final}: failed its check right after saving: {v.reason}")
-            self._verified.pop(str(final.resolve()), None)
+            with self._lock:
+                self._verified.pop(str(final.resolve()), None)
             self._prune(step)
+            return manifest["bytes"]
 
-        self._on_rank0(publish)
-        return final
+        rec["bytes"] = float(self._on_rank0(publish))
+        rec["incremental"] = float(bool(refs))
+        if self.full_every:
+            if refs:
+                self._since_full += 1
+            else:
+                self._base, self._since_full = _Base(final, digests, world), 0
+        rec["total_s"] = time.perf_counter() - t0
+
+    def _unchanged(self, flat: Mapping[str, Any], world: int) -> tuple[set[str], dict[str, str]]:
+        """(keys to take from the base instead of writing, this rank's digests). Empty when this
+        save must be full: incremental off, no base yet, k-th save, world size changed, base gone."""
+        if not self.full_every:
+            return set(), {}
+        digests = {k: tensor_digest(v) for k, v in flat.items() if isinstance(v, torch.Tensor)}
+        base = self._base
+        if base is None or base.world != world or self._since_full + 1 >= self.full_every:
+            return set(), digests
+        if not self._on_rank0(lambda: verify_checkpoint(base.path, deep=False).ok):
+            log.warning("base checkpoint %s is gone or invalid: writing a full checkpoint", base.path)
+            return set(), digests
+        same = {k for k, d in digests.items() if base.digests.get(k) == d}
+        if self._distributed():
+            everyone: list[Any] = [None] * world
+            dist.all_gather_object(everyone, sorted(same), group=self.process_group)
+            same = set.intersection(*(set(x) for x in everyone))
+        return same, digests
 
     def _prune(self, new_step: int) -> None:
         """Keep the new checkpoint plus the newest keep_last-1 older ones that pass the size check;
@@ -561,13 +839,29 @@ class CheckpointManager:
                 else:
                     older.append((s, p))
         keep = self.keep_last - 1
+        doomed = []
         for _, p in sorted(older, reverse=True):
             if keep > 0 and verify_checkpoint(p, deep=False).ok:
                 keep -= 1
                 continue
+            doomed.append(p)
+        # Never delete the base of a checkpoint that stays (incremental ones read tensors from it).
+        needed = set()
+        for p in self.root.iterdir():
+            if p not in doomed and _STEP_RE.match(p.name) and p.is_dir():
+                manifest, _ = _read_manifest(p)
+                base = base_of(p, manifest) if manifest else None
+                if base is not None:
+                    needed.add(base.name)
+        for p in doomed:
+            if p.name in needed:
+                log.info("keeping checkpoint %s beyond keep_last=%d: a kept incremental checkpoint is based on it",
+                         p, self.keep_last)
+                continue
             log.info("deleting checkpoint %s (keep_last=%d)", p, self.keep_last)
             shutil.rmtree(p, ignore_errors=True)
-            self._verified.pop(str(p.resolve()), None)
+            with self._lock:
+                self._verified.pop(str(p.resolve()), None)
 
     # -- load --
 
@@ -598,9 +892,10 @@ class CheckpointManager:
             assert v.step is not None
             return v.step
 
+        self.wait()  # a save of this path may still be in flight
         step = self._on_rank0(check)
         rank, world = self._rank_world()
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        saved = saved_metadata(path)
         saved_top: dict[str, set[str]] = {}
         for k in saved:
             top, _, rest = k.partition(".")
@@ -620,14 +915,15 @@ class CheckpointManager:
         for k, t in templates.items():
             if k not in saved_top and _has_leaves(t):
                 raise CheckpointError(f"checkpoint {path}: has no state '{k}' (it has: {', '.join(sorted(saved_top))})")
+        flat, mapping = flatten_state_dict(templates)
         try:
-            if self._distributed():
-                dcp.load(templates, checkpoint_id=str(path), process_group=self.process_group)
-            else:
-                with _quiet_no_dist():
-                    dcp.load(templates, checkpoint_id=str(path), no_dist=True)
+            load_flat(path, flat, self.process_group, self._distributed())
+        except CheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001 (DCP's multi-line errors become one line)
             raise CheckpointError(f"checkpoint {path}: cannot load into this run's state ({_first_line(e)})") from None
+        for k, where in mapping.items():  # non-tensor values were replaced: put them back in place
+            set_element(templates, where, flat[k])
         for k, v in dcp_state.items():
             if isinstance(v, Stateful):
                 v.load_state_dict(templates[k])

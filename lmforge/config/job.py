@@ -184,10 +184,31 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "none"  # "none", "auto" (newest valid under <output_dir>/checkpoints) or a path
     folder: str = "checkpoints"
+    # "async": the step loop is blocked only while the state is copied to host memory; the write,
+    # manifest and rename run in a background thread (the next save or the end of training waits).
+    async_mode: Literal["none", "async"] = "none"
+    # Second tier: a snapshot every `memory_interval` steps (0: off) under memory_dir/<run> (host
+    # RAM on Linux: survives a crashed worker, not a reboot), keeping the newest `memory_keep`.
+    # Resume "auto" takes the newest valid checkpoint of either tier.
+    memory_interval: int = 0
+    memory_keep: int = 1
+    memory_dir: str = "/dev/shm/lmforge"
+    compression: Literal["none", "zstd"] = "none"  # lossless, durable tier
+    # How AdamW moments are stored in the durable tier (weights are always exact): bf16, or int8
+    # with one absmax scale per `quant_block` values.
+    optimizer_states: Literal["fp32", "bf16", "int8"] = "fp32"
+    quant_block: int = 256
+    # Incremental durable checkpoints: a full one, then full_every-1 that store only the tensors
+    # whose content changed since it (0: every checkpoint is full).
+    full_every: int = 0
 
     def validate(self) -> None:
-        _positive("checkpoint", self, "interval", "keep_last")
+        _positive("checkpoint", self, "interval", "keep_last", "memory_keep", "quant_block")
         require(self.folder != "", "checkpoint.folder", self.folder, "must be a non-empty path")
+        require(self.memory_interval >= 0, "checkpoint.memory_interval", self.memory_interval, "must be >= 0 (0 disables)")
+        require(self.memory_dir != "", "checkpoint.memory_dir", self.memory_dir, "must be a non-empty path")
+        require(self.full_every >= 0, "checkpoint.full_every", self.full_every,
+                "must be >= 0 (0: every checkpoint full; k: a full one every k)")
 
 
 @dataclass

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lmforge.checkpoint.manager import CheckpointManager
 from lmforge.checkpoint.state import ModelOptimizerState, RNGState
+from lmforge.checkpoint.tiers import TieredCheckpoints
 from lmforge.config import JobConfig
 from lmforge.data.loader import DistributedTokenLoader, TokenDataset
 from lmforge.data.pack import prepare_data
@@ -103,8 +103,9 @@ class Trainer:
             TokenDataset(self.data_dir, "val"), cfg.train.seq_len, cfg.train.micro_batch_size,
             dp_rank, dp_world, seed=cfg.data.seed, shuffle=False)
 
-        self.ckpt = CheckpointManager(self.run_dir / cfg.checkpoint.folder, cfg.checkpoint.keep_last,
-                                      process_group=None)
+        self.ckpt = TieredCheckpoints(cfg.checkpoint, self.run_dir)
+        if cfg.checkpoint.resume.strip().lower() == "none":
+            self.ckpt.clear_memory()  # snapshots of an earlier run in this directory are stale
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak_flops = self._peak_flops() if self.is_main else 0.0
         # Global mean loss at each logged step (all-reduced only then: no per-step host sync).
@@ -374,9 +375,15 @@ class Trainer:
                     val = self.evaluate()
                     self.metrics.log(step, {"loss": val, "perplexity": math.exp(min(val, 50.0))}, prefix="val")
                     bar.update(step, {"val_loss": val})
-                if cfg.checkpoint.enabled and (step % cfg.checkpoint.interval == 0 or step in (steps, stop)):
-                    self.ckpt.save(step, self.checkpoint_state())
+                tier = self.ckpt.due(step, final=step in (steps, stop)) if cfg.checkpoint.enabled else None
+                if tier is not None:
+                    self.ckpt.save(step, self.checkpoint_state(), tier=tier)
+                    self._log_checkpoint_stats()
                     window_start = time.perf_counter()  # do not charge checkpoint time to throughput
+        self.ckpt.wait()
+        self._log_checkpoint_stats()
+        if self.state.step >= steps:
+            self.ckpt.clear_memory()  # the final durable checkpoint supersedes the snapshots
         if self.is_main and cfg.metrics.plot and cfg.metrics.jsonl:
             try:
                 plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
@@ -384,7 +391,15 @@ class Trainer:
                 log.warning("loss plot not written: %s", e)
         return self.losses
 
+    def _log_checkpoint_stats(self) -> None:
+        """One `ckpt` metrics row per finished save: stall_s (step loop blocked), total_s (until
+        published), bytes, memory_tier and incremental flags."""
+        for tier, rec in self.ckpt.stats():
+            step = int(rec.pop("step"))
+            self.metrics.log(step, {**rec, "memory_tier": float(tier == "memory")}, prefix="ckpt")
+
     def close(self) -> None:
+        self.ckpt.close()
         self.metrics.close()
         shutdown_distributed()
 

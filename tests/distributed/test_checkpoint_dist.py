@@ -167,3 +167,70 @@ def test_ddp_save_and_load_in_fresh_ranks(tmp_path: Path):
     for k, v in saved[0]["params"].items():
         assert torch.equal(v, model.state_dict()[k]), k
     _assert_same_optimizer(saved[0]["optim"], opt.state_dict())
+
+
+def _async_storage_ranks(rank: int, world: int, root: str) -> dict:
+    """2 DDP ranks, a frozen embedding: async + zstd + int8 moments + incremental saves on a group of
+    their own while DDP keeps all-reducing on the default group; then a load in the same ranks."""
+    import json
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lmforge.checkpoint import CheckpointManager, ModelOptimizerState
+    from lmforge.models.llama.model import build_model
+
+    group = dist.new_group(backend="gloo")
+    inner = build_model(CFG, seed=0)
+    inner.tok_embeddings.weight.requires_grad_(False)
+    model = DDP(inner)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(rank)
+
+    def step() -> None:
+        tokens = torch.randint(0, CFG.vocab_size, (2, 16), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    mgr = CheckpointManager(Path(root), keep_last=1, process_group=group, async_save=True, compression="zstd",
+                            optimizer_states="int8", full_every=3)
+    state = {"app": ModelOptimizerState(model, opt)}
+    step()
+    mgr.save(1, state)
+    step()  # DDP all-reduces while the writer thread runs its collectives
+    mgr.save(2, state)
+    expected = {k: v.clone() for k, v in inner.state_dict().items()}
+    step()  # after the call: must not show up in checkpoint 2
+    mgr.close()
+    manifests = {p.name: json.loads((p / "lmforge-checkpoint.json").read_text()) for p in sorted(Path(root).iterdir())}
+    inner2 = build_model(CFG, seed=7)
+    inner2.tok_embeddings.weight.requires_grad_(False)
+    fresh = DDP(inner2)
+    opt2 = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    loader = CheckpointManager(Path(root), keep_last=1, process_group=group)
+    step_loaded = loader.load(loader.resolve_resume("auto"), {"app": ModelOptimizerState(fresh, opt2)})
+    same = all(torch.equal(fresh.module.state_dict()[k], v) for k, v in expected.items())
+    return {"manifests": manifests, "step": step_loaded, "same": same, "stats": mgr.stats()}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_async_compressed_incremental_save_on_two_ranks(tmp_path: Path):
+    from tests.distributed.spawn import run_ranks
+
+    root = tmp_path / "ckpt"
+    results = run_ranks(_async_storage_ranks, WORLD, tmp_path / "out", args=(str(root),),
+                        preload=("torch", "torch.distributed.checkpoint"))
+    m = results[0]["manifests"]
+    # keep_last=1 keeps step 1 only because incremental step 2 is based on it.
+    assert sorted(m) == ["step-00000001", "step-00000002"]
+    assert m["step-00000001"]["kind"] == "full" and m["step-00000001"]["world_size"] == 2
+    inc = m["step-00000002"]
+    assert inc["kind"] == "incremental" and inc["base"] == "step-00000001"
+    assert inc["compression"] == "zstd" and inc["optimizer_states"] == "int8"
+    assert "model.tok_embeddings.weight" in inc["refs"]
+    assert not any(k.startswith("model.layers") for k in inc["refs"])
+    for r in results:
+        assert r["step"] == 2 and r["same"], r
+    assert results[0]["stats"] == [] or all(s["stall_s"] <= s["total_s"] for s in results[0]["stats"])
