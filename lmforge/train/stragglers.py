@@ -4,7 +4,8 @@ Collectives make every rank wait for the slowest, so wall-clock step times come 
 ranks and cannot single out a slow one. What differs is the time a rank spends *working*: here
 the process CPU time (waiting inside gloo collectives sleeps and is not counted; measured in
 docs/benchmarks.md). At each log step the ranks all-gather one float (mean busy seconds per step
-since the last log step); a rank above `factor` x the median is reported.
+since the last log step); the slowest rank is reported when it is above `factor` x the median of
+the *other* ranks (with the median of all, a rank could never exceed 2x in a world of two).
 
 Limits: a rank slowed by sleeping (I/O stalls, preemption) is not seen by CPU time; on CUDA the
 CPU time is host-side launch work only (device time would need CUDA events): there the report
@@ -24,7 +25,7 @@ import torch.distributed as dist
 @dataclass(frozen=True)
 class StragglerReport:
     times: list[float]  # busy seconds per step, by global rank
-    median: float
+    median: float  # of the ranks other than the slowest
     max_over_median: float
     straggler_rank: int  # -1 when no rank exceeds the factor
 
@@ -34,9 +35,10 @@ class StragglerReport:
 
 
 def find_straggler(times: list[float], factor: float) -> StragglerReport:
-    """The slowest rank, reported when its time exceeds `factor` x the median of all ranks."""
-    median = statistics.median(times)
+    """The slowest rank, reported when its time exceeds `factor` x the median of the other ranks."""
     slowest = max(range(len(times)), key=lambda r: times[r])
+    others = [t for r, t in enumerate(times) if r != slowest] or [times[slowest]]
+    median = statistics.median(others)
     ratio = times[slowest] / median if median > 0 else 1.0
     return StragglerReport(list(times), median, ratio, slowest if ratio > factor else -1)
 

@@ -434,10 +434,10 @@ class Trainer:
         report = self.stragglers.report()
         if report is None:
             return {}
-        if report.straggler_rank >= 0:
+        if report.straggler_rank >= 0 and self.is_main:
             times = ", ".join(f"{t * 1e3:.1f}" for t in report.times)
             msg = (f"step {step}: straggler rank {report.straggler_rank}: busy {report.max_over_median:.2f}x the "
-                   f"median per step (ms by rank: {times})")
+                   f"median of the other ranks per step (ms by rank: {times})")
             log.warning(msg)
             self._say(msg)
         return report.metrics()
