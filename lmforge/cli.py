@@ -22,9 +22,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lmforge.models.llama.hf import HFFormatError
     from lmforge.observability.errors import ObservabilityError
     from lmforge.serve.generate import GenerationError
+    from lmforge.train.stability import TrainingDivergedError
 
     return (ConfigError, CheckpointError, DataError, HFFormatError, GenerationError, ObservabilityError,
-            FileNotFoundError)
+            TrainingDivergedError, FileNotFoundError)
 
 
 def _job_config(args: argparse.Namespace):

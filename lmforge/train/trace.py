@@ -5,7 +5,8 @@
     {"step": 5, "rank": 1, "dp_rank": 1, "positions": [...], "windows": [...]}
 
 `positions` are global loader stream positions (a sample's stable id: unique over the run),
-`windows` the token windows they map to. A resume or a stability rollback first drops every
+`windows` the token windows they map to. A step the stability policy skipped is traced too (its
+data was read, not learnt from). A resume or a stability rollback first drops every
 line past the step it continues from, so the files always describe the run's effective history:
 over all ranks of one data-parallel group the multiset of samples is the training set.
 """

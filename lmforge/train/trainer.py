@@ -387,8 +387,11 @@ class Trainer:
         self.metrics.log(step, event, prefix="stability")
         msg = f"step {step}: {check.verdict} (loss {loss:.4g}, grad norm {grad_norm:.4g}, z {check.zscore:.1f})"
         msg += ": rolling back" if check.verdict == "rollback" else ": optimizer step skipped"
-        log.warning(msg)
-        self._say(f"stability: {msg}")
+        if check.verdict == "overflow":  # routine for fp16 loss scaling: counted, not shouted
+            log.info(msg)
+        elif self.is_main:
+            log.warning(msg)
+            self._say(f"stability: {msg}")
 
     def _rollback_target(self, before_step: int) -> Path | None:
         """Newest valid checkpoint saved before `before_step` (rank 0 decides, all ranks get it)."""
