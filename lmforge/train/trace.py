@@ -7,8 +7,9 @@
 `positions` are global loader stream positions (a sample's stable id: unique over the run),
 `windows` the token windows they map to. A step the stability policy skipped is traced too (its
 data was read, not learnt from). A resume or a stability rollback first drops every
-line past the step it continues from, so the files always describe the run's effective history:
-over all ranks of one data-parallel group the multiset of samples is the training set.
+line past the step it continues from, so the files always describe the run's effective history.
+Ranks with the same `dp_rank` (tensor / pipeline peers) read the same samples: count each dp_rank
+once to get the multiset of samples trained on.
 """
 
 from __future__ import annotations
