@@ -21,6 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# A slowest rank less than this much busier than the median is scheduling noise, whatever the ratio
+# (a 15 ms debug step varies by several ms on a shared CPU).
+NOISE_FLOOR_S = 0.005
+
 
 @dataclass(frozen=True)
 class StragglerReport:
@@ -35,12 +39,14 @@ class StragglerReport:
 
 
 def find_straggler(times: list[float], factor: float) -> StragglerReport:
-    """The slowest rank, reported when its time exceeds `factor` x the median of the other ranks."""
+    """The slowest rank, reported when its time exceeds `factor` x the median of the other ranks
+    (and that median by at least NOISE_FLOOR_S)."""
     slowest = max(range(len(times)), key=lambda r: times[r])
     others = [t for r, t in enumerate(times) if r != slowest] or [times[slowest]]
     median = statistics.median(others)
     ratio = times[slowest] / median if median > 0 else 1.0
-    return StragglerReport(list(times), median, ratio, slowest if ratio > factor else -1)
+    slow = ratio > factor and times[slowest] - median >= NOISE_FLOOR_S
+    return StragglerReport(list(times), median, ratio, slowest if slow else -1)
 
 
 class StragglerMonitor:

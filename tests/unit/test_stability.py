@@ -72,6 +72,7 @@ def test_straggler_rule() -> None:
     assert find_straggler([0.010, 0.014], factor=1.5).straggler_rank == -1
     assert find_straggler([0.010, 0.016], factor=1.5).straggler_rank == 1  # beyond 2x of the median of all
     assert find_straggler([0.010, 0.040], factor=1.5).metrics()["step_time_max_over_median"] == pytest.approx(4.0)
+    assert find_straggler([0.002, 0.006], factor=1.5).straggler_rank == -1  # 3x, but 4 ms: noise
 
 
 @pytest.mark.parametrize("key,value,phrase", [
