@@ -22,9 +22,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lmforge.models.llama.hf import HFFormatError
     from lmforge.observability.errors import ObservabilityError
     from lmforge.serve.generate import GenerationError
+    from lmforge.train.stability import TrainingDivergedError
 
     return (ConfigError, CheckpointError, DataError, HFFormatError, GenerationError, ObservabilityError,
-            FileNotFoundError)
+            TrainingDivergedError, FileNotFoundError)
 
 
 def _job_config(args: argparse.Namespace):
@@ -34,38 +35,82 @@ def _job_config(args: argparse.Namespace):
     return load_job_config(args.recipe, overrides, world_size=world_size_from_env())
 
 
-def _pop_nproc(overrides: list[str]) -> tuple[int, list[str]]:
-    """Take `--nproc N` (or `--nproc=N`) out of the override list."""
-    rest, nproc, i = [], 1, 0
+# torchrun options `lmforge train` passes through (value-taking; `--nproc` is --nproc-per-node).
+LAUNCHER_OPTIONS = ("--nproc", "--max-restarts", "--nnodes", "--rdzv-endpoint", "--rdzv-id")
+
+
+def _pop_launcher_args(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Take the launcher options (`--opt V` or `--opt=V`) out of the override list, checked."""
+    rest, found, i = [], {}, 0
     while i < len(overrides):
         arg = overrides[i]
-        if arg == "--nproc" or arg.startswith("--nproc="):
+        name = arg.split("=", 1)[0]
+        if name in LAUNCHER_OPTIONS:
             value = arg.split("=", 1)[1] if "=" in arg else (overrides[i + 1] if i + 1 < len(overrides) else "")
-            if not value.isdigit() or int(value) < 1:
-                raise ConfigError("--nproc", value, "must be a positive integer (processes on this machine)",
-                                  "command line")
-            nproc = int(value)
+            found[name] = value
             i += 1 if "=" in arg else 2
             continue
         rest.append(arg)
         i += 1
-    return nproc, rest
+    for name, what in (("--nproc", "a positive integer (processes on this machine)"),
+                       ("--max-restarts", "an integer >= 0 (worker-group restarts after a failure)")):
+        v = found.get(name)
+        if v is not None and (not v.isdigit() or (name == "--nproc" and int(v) < 1)):
+            raise ConfigError(name, v, f"must be {what}", "command line")
+    nnodes = found.get("--nnodes")
+    if nnodes is not None:
+        parts = nnodes.split(":")
+        if not (1 <= len(parts) <= 2 and all(p.isdigit() and int(p) >= 1 for p in parts)
+                and int(parts[0]) <= int(parts[-1])):
+            raise ConfigError("--nnodes", nnodes, "must be N or MIN:MAX with 1 <= MIN <= MAX (torchrun's elastic range)",
+                              "command line")
+    return found, rest
 
 
-def _launch_torchrun(nproc: int, args: argparse.Namespace) -> int:
-    """Re-run this command under torchrun with `nproc` local processes (validated first)."""
+def _pop_nproc(overrides: list[str]) -> tuple[int, list[str]]:
+    """Take `--nproc N` (or `--nproc=N`) out of the override list (other launcher options too)."""
+    found, rest = _pop_launcher_args(overrides)
+    return int(found.get("--nproc", "1")), rest
+
+
+def torchrun_command(launcher: dict[str, str], recipe: str | None, overrides: list[str]) -> list[str]:
+    """The torchrun command line for `lmforge train` with these launcher options. One node and no
+    rendezvous endpoint: `--standalone`; otherwise a c10d rendezvous at --rdzv-endpoint, with
+    --nnodes MIN:MAX for an elastic job (torchrun admits nodes joining or leaving within the range
+    and restarts the workers on membership changes, up to --max-restarts times)."""
+    nproc = int(launcher.get("--nproc", "1"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if "--rdzv-endpoint" in launcher:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launcher['--rdzv-endpoint']}",
+                f"--rdzv-id={launcher.get('--rdzv-id', 'lmforge')}", f"--nnodes={launcher.get('--nnodes', '1')}"]
+    else:
+        if launcher.get("--nnodes", "1") not in ("1", "1:1"):
+            raise ConfigError("--nnodes", launcher["--nnodes"], "needs --rdzv-endpoint HOST:PORT (one node can run "
+                              "standalone; several need a rendezvous)", "command line")
+        cmd.append("--standalone")
+    if "--max-restarts" in launcher:
+        cmd.append(f"--max-restarts={launcher['--max-restarts']}")
+    return [*cmd, "-m", "lmforge", "train", *([recipe] if recipe else []), *overrides]
+
+
+def _launch_torchrun(launcher: dict[str, str], args: argparse.Namespace) -> int:
+    """Re-run this command under torchrun (validated first). Restarted workers resume from the
+    newest valid checkpoint (Trainer._resume); the shared rendezvous store is disabled, which makes
+    torchrun's restarts reliable (PYTORCH_ON_CPU.md)."""
     import subprocess
 
-    load_job_config(args.recipe, parse_override_args(args.overrides), world_size=nproc)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "lmforge", "train", *([args.recipe] if args.recipe else []), *args.overrides]
-    return subprocess.call(cmd)
+    nproc = int(launcher.get("--nproc", "1"))
+    min_nodes = int(launcher.get("--nnodes", "1").split(":")[0])
+    load_job_config(args.recipe, parse_override_args(args.overrides), world_size=nproc * min_nodes)
+    env = {**os.environ}
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    return subprocess.call(torchrun_command(launcher, args.recipe, args.overrides), env=env)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    nproc, args.overrides = _pop_nproc(args.overrides)
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return _launch_torchrun(nproc, args)
+    launcher, args.overrides = _pop_launcher_args(args.overrides)
+    if "LOCAL_RANK" not in os.environ and (int(launcher.get("--nproc", "1")) > 1 or set(launcher) - {"--nproc"}):
+        return _launch_torchrun(launcher, args)
     cfg = _job_config(args)  # validated before any process group starts
     from lmforge.train.trainer import Trainer
 

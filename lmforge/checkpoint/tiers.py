@@ -107,6 +107,21 @@ class TieredCheckpoints:
             return snapshot
         return durable
 
+    def newest_valid_before(self, step: int) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """The newest checkpoint of either tier saved before `step` that verifies (an incremental
+        one only with its base), and the newer invalid ones skipped on the way with why. Local,
+        not collective: one rank decides (a rollback target) and shares the answer."""
+        found = [(step_of(p), p, mgr) for _, mgr in self.tiers() for p in mgr.list_checkpoints()]
+        skipped: list[tuple[Path, str]] = []
+        for s, p, mgr in sorted(found, key=lambda t: t[0], reverse=True):
+            if s >= step:
+                continue
+            verdict = mgr._verify_local(p)
+            if verdict.ok:
+                return p, skipped
+            skipped.append((p, verdict.reason))
+        return None, skipped
+
     def load(self, path: Path, state: Mapping[str, Any]) -> int:
         mgr = self.memory if (self.memory is not None and Path(path).parent == self.memory.root) else self.disk
         return mgr.load(path, state)

@@ -9,6 +9,7 @@ from lmforge.config.job import (
     OptimizerConfig,
     ParallelConfig,
     SchedulerConfig,
+    StabilityConfig,
     TokenizerConfig,
     TrainConfig,
     load_job_config,
@@ -17,6 +18,6 @@ from lmforge.config.loader import ConfigError, parse_override_args
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "MetricsConfig", "ModelConfig",
-    "OptimizerConfig", "ParallelConfig", "SchedulerConfig", "TokenizerConfig", "TrainConfig",
+    "OptimizerConfig", "ParallelConfig", "SchedulerConfig", "StabilityConfig", "TokenizerConfig", "TrainConfig",
     "load_job_config", "parse_override_args",
 ]

@@ -165,6 +165,9 @@ class TrainConfig:
     # Stop this run after this step although the schedule spans `steps` (Megatron's exit interval):
     # for time-limited cluster jobs that resume later, and for resume tests.
     stop_at: int | None = None
+    # Debug: write <output_dir>/trace/rank<r>.jsonl, per step the loader positions and window ids
+    # this rank consumed (to check that resumes and resharding see each sample exactly once).
+    trace_samples: bool = False
 
     def validate(self) -> None:
         _positive("train", self, "steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_batches",
@@ -219,11 +222,41 @@ class MetricsConfig:
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     peak_flops: float | None = None  # per device; None = known GPU peak or measured CPU peak
     plot: bool = True
+    # At each log step every rank's busy time per step is all-gathered; a rank slower than the
+    # median by this factor is reported as a straggler. 0 disables (no collective).
+    straggler_factor: float = 1.5
 
     def validate(self) -> None:
         _positive("metrics", self, "log_interval")
+        require(self.straggler_factor == 0 or self.straggler_factor > 1, "metrics.straggler_factor",
+                self.straggler_factor, "must be > 1, or 0 to disable")
         if self.peak_flops is not None:
             require(self.peak_flops > 0, "metrics.peak_flops", self.peak_flops, "must be > 0")
+
+
+@dataclass
+class StabilityConfig:
+    """Training stability policy (lmforge.train.stability). Off by default: when on, every step
+    reads the global loss and grad norm on the host (one small all-reduce and a sync per step)."""
+
+    enabled: bool = False
+    skip_nonfinite: bool = True  # NaN/inf loss or grad norm -> skip the optimizer step
+    spike_zscore: float = 6.0  # loss z-score over the window above this -> skip the batch; 0 disables
+    spike_window: int = 50  # recent (accepted) losses the z-score is computed over
+    spike_min_history: int = 10  # no spike verdict before this many losses are in the window
+    max_consecutive_spikes: int = 3  # that many spikes in a row -> roll back; 0 never rolls back
+    max_rollbacks: int = 5  # more rollbacks than this in one run -> stop with an error
+
+    def validate(self) -> None:
+        require(self.spike_zscore >= 0, "stability.spike_zscore", self.spike_zscore, "must be >= 0 (0 disables)")
+        _positive("stability", self, "spike_window", "spike_min_history")
+        require(self.spike_min_history <= self.spike_window, "stability.spike_min_history",
+                self.spike_min_history, f"must be <= stability.spike_window ({self.spike_window})")
+        require(self.spike_min_history >= 2, "stability.spike_min_history", self.spike_min_history,
+                "must be >= 2 (a z-score needs a spread)")
+        require(self.max_consecutive_spikes >= 0, "stability.max_consecutive_spikes", self.max_consecutive_spikes,
+                "must be >= 0 (0 never rolls back)")
+        require(self.max_rollbacks >= 0, "stability.max_rollbacks", self.max_rollbacks, "must be >= 0")
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev")
@@ -344,10 +377,12 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def validate(self, world_size: int = 1) -> None:
         """Check every section, then what spans sections. Raises ConfigError (one line)."""
-        for section in ("model", "data", "tokenizer", "optimizer", "scheduler", "train", "checkpoint", "metrics"):
+        for section in ("model", "data", "tokenizer", "optimizer", "scheduler", "train", "checkpoint", "metrics",
+                        "stability"):
             getattr(self, section).validate()
         self.parallel.validate(world_size, self.model, self.train)
         t, m = self.train, self.model

@@ -8,6 +8,11 @@ is a permutation seeded by (seed, e) (identity when not shuffling). Each call ta
 per global batch does not depend on how it is split over ranks and micro-batches, and the whole
 state is one integer in global-stream units: a run resumes exactly, also on another number of
 ranks.
+
+A sample's stable id is its global stream position (the window index is `window_indices(pos)`);
+`last_positions` holds this rank's positions of the last batch, for tracing. `skip_range(start,
+end)` marks global positions never to be served (a stability rollback skips the batches that made
+the loss spike); the ranges are part of the state.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 from lmforge.data.errors import DataError
 from lmforge.data.files import read_json
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: adds "skip" (v1 states load with no skip ranges)
 
 
 class TokenDataset:
@@ -93,6 +98,9 @@ class DistributedTokenLoader:
                             f"for one window of seq_len + 1 = {seq_len + 1}; lower train.seq_len or add data")
         self.position = 0  # global stream position of the next global batch
         self._perm_cache: dict[int, np.ndarray] = {}
+        self.skips: list[tuple[int, int]] = []  # [start, end) global positions never served
+        self.last_positions = np.zeros(0, dtype=np.int64)  # this rank's positions in the last batch
+        self.last_windows = np.zeros(0, dtype=np.int64)  # and their window indices
 
     # -- the global stream -----------------------------------------------------------------------
 
@@ -128,11 +136,29 @@ class DistributedTokenLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), int64 tensors of shape (micro_batch_size, seq_len), for this rank."""
         m = self.micro_batch_size
-        idx = self.window_indices(self.position + self.dp_rank * m, m)
+        self._jump_skips()
+        start = self.position + self.dp_rank * m
+        idx = self.window_indices(start, m)
+        self.last_positions = np.arange(start, start + m, dtype=np.int64)
+        self.last_windows = idx
         self.position += m * self.dp_world
         windows = np.stack([self.dataset.window(int(i), self.seq_len) for i in idx])
         batch = torch.from_numpy(windows)
         return batch[:, :-1], batch[:, 1:]
+
+    def _jump_skips(self) -> None:
+        moved = True
+        while moved:
+            moved = False
+            for lo, hi in self.skips:
+                if lo <= self.position < hi:
+                    self.position, moved = hi, True
+
+    def skip_range(self, start: int, end: int) -> None:
+        """Never serve global positions [start, end) (whole global batches: a skipped step's data)."""
+        if not 0 <= start < end:
+            raise DataError(f"skip range [{start}, {end}): must satisfy 0 <= start < end")
+        self.skips.append((int(start), int(end)))
 
     def reset(self) -> None:
         """Back to the start of the stream (epoch 0, position 0)."""
@@ -151,10 +177,13 @@ class DistributedTokenLoader:
 
     # -- state -------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, int]:
-        """Plain ints, identical on every rank (nothing rank- or split-shape-specific)."""
+    def state_dict(self) -> dict[str, int | str]:
+        """Plain values, identical on every rank (nothing rank- or split-shape-specific); the skip
+        ranges as one string "start:end,..." (a string keeps DCP from flattening a list whose
+        length differs between save and load)."""
         return {"version": STATE_VERSION, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
-                "n_windows": self.n_windows, "shuffle": int(self.shuffle)}
+                "n_windows": self.n_windows, "shuffle": int(self.shuffle),
+                "skip": ",".join(f"{lo}:{hi}" for lo, hi in self.skips)}
 
     def load_state_dict(self, sd: dict) -> None:
         """Continue at the saved global position. dp_world and micro_batch_size may differ from the
@@ -173,4 +202,11 @@ class DistributedTokenLoader:
                                 f"has {mine[key]}; keep {what} as in the saved run to resume exactly")
         if saved["position"] < 0:
             raise DataError(f"data loader state has position {saved['position']}: must be >= 0")
+        try:
+            skips = [tuple(int(v) for v in r.split(":")) for r in str(sd.get("skip", "")).split(",") if r]
+            if any(len(r) != 2 or not 0 <= r[0] < r[1] for r in skips):
+                raise ValueError("bad range")
+        except ValueError:
+            raise DataError(f"data loader state has malformed skip ranges {sd.get('skip')!r}") from None
         self.position = saved["position"]
+        self.skips = [(lo, hi) for lo, hi in skips]

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -50,10 +51,14 @@ from lmforge.parallel.pp import (
     split_model,
 )
 from lmforge.parallel.tp import apply_tp, local_value, loss_parallel_ctx, tp_cross_entropy
+from lmforge.train.faults import FaultInjector
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import DTYPES, autocast_context, build_grad_scaler
 from lmforge.train.schedule import build_scheduler
+from lmforge.train.stability import StabilityPolicy, StepCheck
 from lmforge.train.state import TrainState
+from lmforge.train.stragglers import StragglerMonitor
+from lmforge.train.trace import SampleTracer, truncate_traces
 
 log = logging.getLogger("lmforge.train")
 
@@ -91,6 +96,14 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.steps)
         self.state = TrainState()
+        # Fault tolerance (lmforge.train.stability/stragglers/trace/faults): all off by default.
+        self.faults = FaultInjector.from_env()
+        self.stability = StabilityPolicy(cfg.stability, loss_scaling=self.scaler.is_enabled()) \
+            if cfg.stability.enabled else None
+        self.last_check: StepCheck | None = None
+        self._step_loss: float | None = None  # global loss of the last step, when the policy read it
+        self.stragglers = StragglerMonitor(cfg.metrics.straggler_factor, self.device) \
+            if cfg.metrics.straggler_factor and self.info.world_size > 1 else None
         self._measure_activations = True
         self.activation_bytes = 0
         self.state_bytes: dict[str, int] = {}
@@ -112,7 +125,12 @@ class Trainer:
         self.losses: list[float] = []
         if self.is_main:
             self._write_run_files()
+        self.tracer = SampleTracer(self.run_dir, self.info.rank, dp_rank) if cfg.train.trace_samples else None
         self._resume()
+        if self.tracer is not None:  # drop what a crashed or stopped run traced past the resume point
+            if self.is_main:
+                truncate_traces(self.run_dir, self.state.step)
+            dist.barrier()
         # After the resume, so TensorBoard hides what a crashed run logged past the checkpoint.
         self.metrics = MetricsLogger(self.run_dir, jsonl=cfg.metrics.jsonl, tensorboard=cfg.metrics.tensorboard,
                                      enabled=self.is_main, purge_step=self.state.step + 1 if self.state.step else None)
@@ -226,7 +244,7 @@ class Trainer:
         (self.run_dir / "tokenizer.json.tmp").replace(self.run_dir / "tokenizer.json")
 
     def checkpoint_state(self) -> dict:
-        return {
+        state = {
             "app": ModelOptimizerState(self.model, self.optimizer),
             "scheduler": self.scheduler,
             "scaler": self.scaler,
@@ -234,9 +252,19 @@ class Trainer:
             "rng": RNGState(),
             "train": self.state,
         }
+        if self.stability is not None:
+            state["stability"] = self.stability
+        return state
 
     def _resume(self) -> None:
-        path = self.ckpt.resolve_resume(self.cfg.checkpoint.resume)
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restarts > 0:
+            # torchrun restarted the workers after a failure: continue from the newest valid
+            # checkpoint of this run (resume 'auto'); the configured one only when there is none yet.
+            path = self.ckpt.resolve_resume("auto") or self.ckpt.resolve_resume(self.cfg.checkpoint.resume)
+            self._say(f"restart {restarts} (torchrun): resuming from {path or 'scratch'}")
+        else:
+            path = self.ckpt.resolve_resume(self.cfg.checkpoint.resume)
         if path is None:
             return
         step = self.ckpt.load(path, self.checkpoint_state())
@@ -264,6 +292,8 @@ class Trainer:
             with autocast_context(cfg.train.mixed_precision, self.device):
                 logits = model(x)
             loss = tp_cross_entropy(logits, y, self.loss_parallel)
+            if self.faults.active:  # test-only injection (LMFORGE_FAULTS)
+                loss = self.faults.poison_loss(self.state.step + 1, self.train_loader.last_positions.tolist(), loss)
             self.scaler.scale(loss / self.accum).backward()
         return local_value(loss).detach()
 
@@ -271,19 +301,31 @@ class Trainer:
         """One optimizer step over `accum` micro-batches; returns (local mean loss, grad norm)."""
         model, cfg = self.model, self.cfg
         total = torch.zeros((), device=self.device)
+        self.faults.maybe_delay(self.info.rank)
         for i in range(self.accum):
             x, y = self.train_loader.next_batch()
+            if self.tracer is not None:
+                self.tracer.add(self.train_loader.last_positions, self.train_loader.last_windows)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             meter = ActivationMeter([model]) if self._measure_activations and i == 0 else None
             with meter.measure() if meter else contextlib.nullcontext():
                 total += self._forward_backward(x, y, last=i == self.accum - 1) / self.accum
             if meter is not None:
                 self.activation_bytes = meter.bytes
+        self.faults.maybe_kill(self.state.step + 1, self.info.rank)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
         grad_norm = clip_grad_norm_(model.parameters(), max_norm,
                                     pp_group=self.pipe.group if self.pipe is not None else None)
-        self.scaler.step(self.optimizer)
+        self.last_check = None
+        if self.stability is not None:
+            # One all-reduce + host sync per step, only with the policy on (stability.py).
+            self._step_loss = self._global_mean(total)
+            end = self.train_loader.position
+            self.last_check = self.stability.check(self.state.step + 1, self._step_loss, float(grad_norm),
+                                                   (end - cfg.train.global_batch_size, end))
+        if self.last_check is None or not self.last_check.skip:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         if self._measure_activations:  # once, after the first step: optimizer state now exists
             self._measure_activations = False
@@ -334,6 +376,71 @@ class Trainer:
         self.model.train()
         return self._global_mean(total / n)
 
+    # -- fault tolerance ---------------------------------------------------------------------------
+
+    def _log_stability_event(self, step: int, check: StepCheck, grad_norm: float) -> None:
+        """One metrics record (prefix "stability") and one log line per skipped step."""
+        assert self.stability is not None
+        loss = self._step_loss if self._step_loss is not None else float("nan")
+        event = {"skip": 1, f"event_{check.verdict}": 1, "loss": loss, "grad_norm": grad_norm,
+                 "zscore": check.zscore, **self.stability.counters()}
+        self.metrics.log(step, event, prefix="stability")
+        msg = f"step {step}: {check.verdict} (loss {loss:.4g}, grad norm {grad_norm:.4g}, z {check.zscore:.1f})"
+        msg += ": rolling back" if check.verdict == "rollback" else ": optimizer step skipped"
+        if check.verdict == "overflow":  # routine for fp16 loss scaling: counted, not shouted
+            log.info(msg)
+        elif self.is_main:
+            log.warning(msg)
+            self._say(f"stability: {msg}")
+
+    def _rollback_target(self, before_step: int) -> Path | None:
+        """Newest valid checkpoint saved before `before_step` (rank 0 decides, all ranks get it)."""
+        box: list[str | None] = [None]
+        if self.is_main:
+            target, skipped = self.ckpt.newest_valid_before(before_step)
+            for p, reason in skipped:
+                log.warning("rollback: skipping invalid checkpoint %s: %s", p, reason)
+            box[0] = str(target) if target is not None else None
+        if self.info.world_size > 1:
+            dist.broadcast_object_list(box, group_src=0)
+        return Path(box[0]) if box[0] is not None else None
+
+    def _rollback(self, check: StepCheck) -> bool:
+        """Reload the newest valid checkpoint from before the spikes; the loader skips everything
+        consumed since (the batches that led to the spikes, and the spikes). False when there is no
+        such checkpoint (the spiking steps were skipped anyway; training goes on)."""
+        target = self._rollback_target(check.first_spike_step)
+        if target is None:
+            self._say(f"stability: no valid checkpoint before step {check.first_spike_step}; not rolling back")
+            return False
+        end = self.train_loader.position
+        skips = list(self.train_loader.skips)
+        state = {k: v for k, v in self.checkpoint_state().items() if k != "stability"}  # keep the counters
+        step = self.ckpt.load(target, state)
+        start = self.train_loader.position
+        self.train_loader.skips = sorted(set(skips) | set(self.train_loader.skips))
+        self.train_loader.skip_range(start, end)
+        if self.tracer is not None:
+            self.tracer.discard_step()
+            truncate_traces(self.run_dir, step, [self.tracer.path])
+        self.metrics.log(check.first_spike_step, {"rollback_to_step": step, "skipped_from_position": start,
+                                                  "skipped_samples": end - start}, prefix="stability")
+        self._say(f"stability: rolled back to {target} (step {step}); skipping loader positions [{start}, {end})")
+        return True
+
+    def _straggler_metrics(self, step: int) -> dict[str, float | int]:
+        assert self.stragglers is not None
+        report = self.stragglers.report()
+        if report is None:
+            return {}
+        if report.straggler_rank >= 0 and self.is_main:
+            times = ", ".join(f"{t * 1e3:.1f}" for t in report.times)
+            msg = (f"step {step}: straggler rank {report.straggler_rank}: busy {report.max_over_median:.2f}x the "
+                   f"median of the other ranks per step (ms by rank: {times})")
+            log.warning(msg)
+            self._say(msg)
+        return report.metrics()
+
     def fit(self) -> list[float]:
         cfg = self.cfg
         steps, log_every = cfg.train.steps, cfg.metrics.log_interval
@@ -345,11 +452,23 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         with bar:
             while self.state.step < stop:
+                if self.stragglers is not None:
+                    self.stragglers.start_step()
                 loss, grad_norm = self.train_step()
+                if self.stragglers is not None:
+                    self.stragglers.end_step()
+                check = self.last_check
+                if check is not None and check.skip:
+                    self._log_stability_event(self.state.step + 1, check, float(grad_norm))
+                if check is not None and check.verdict == "rollback" and self._rollback(check):
+                    window_start, window_steps = time.perf_counter(), 0
+                    continue
                 self.state.step += 1
                 self.state.tokens_seen += tokens_per_step
                 window_steps += 1
                 step = self.state.step
+                if self.tracer is not None:
+                    self.tracer.end_step(step)
                 if step % log_every == 0 or step in (steps, stop):
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
@@ -357,7 +476,7 @@ class Trainer:
                     tps = window_steps * tokens_per_step / elapsed
                     mfu = tps * self.flops_per_token / (self.peak_flops * self.info.world_size) \
                         if self.peak_flops else 0.0
-                    loss_value = self._global_mean(loss)
+                    loss_value = self._step_loss if self.stability is not None else self._global_mean(loss)
                     self.losses.append(loss_value)
                     metrics = {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
                                "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": mfu,
@@ -368,6 +487,10 @@ class Trainer:
                         self.state_bytes = {}
                     if cfg.train.mixed_precision == "fp16":
                         metrics["loss_scale"] = float(self.scaler.get_scale())
+                    if self.stability is not None:
+                        metrics.update(self.stability.counters())
+                    if self.stragglers is not None:
+                        metrics.update(self._straggler_metrics(step))
                     self.metrics.log(step, metrics, prefix="train")
                     bar.update(step, metrics)
                     window_start, window_steps = time.perf_counter(), 0

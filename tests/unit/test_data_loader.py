@@ -114,7 +114,7 @@ def test_exact_resume(ds: TokenDataset) -> None:
     for _ in range(5):
         ref.next_batch()
     sd = ref.state_dict()
-    assert all(type(v) is int for v in sd.values())
+    assert all(type(v) is int for k, v in sd.items() if k != "skip") and sd["skip"] == ""
     assert sd["position"] == 20
     resumed = loader(ds)
     resumed.load_state_dict(sd)
@@ -192,3 +192,28 @@ def test_real_packed_data(tiny_data_dir: Path) -> None:
     x, y = DistributedTokenLoader(train, 32, 4, seed=1).next_batch()
     assert x.shape == (4, 32) and int(x.max()) < manifest["vocab_size"]
     assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_skip_ranges_are_never_served_and_survive_resume(ds: TokenDataset) -> None:
+    ref = loader(ds, micro=4)
+    served = []
+    ref.skip_range(8, 16)
+    for _ in range(3):
+        ref.next_batch()
+        served += ref.last_positions.tolist()
+    assert served == [0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19]  # positions 8..15 skipped
+    ref.skip_range(24, 28)
+    sd = ref.state_dict()
+    assert sd["skip"] == "8:16,24:28"
+    resumed = loader(ds, micro=2, rank=1, world=2)  # another dp layout continues the same stream
+    resumed.load_state_dict(sd)
+    resumed.next_batch()
+    assert resumed.last_positions.tolist() == [22, 23]  # global batch 20..23
+    resumed.next_batch()
+    assert resumed.last_positions.tolist() == [30, 31]  # global batch 28..31; 24..27 skipped
+    v1 = {k: v for k, v in sd.items() if k != "skip"}  # a version-1 state has no skip ranges
+    old = loader(ds, micro=4)
+    old.load_state_dict(v1)
+    assert old.skips == []
+    with pytest.raises(DataError, match="malformed skip"):
+        old.load_state_dict({**sd, "skip": "5:3"})

@@ -1,0 +1,84 @@
+"""Test-only fault injection, read from the environment variable LMFORGE_FAULTS (JSON).
+
+Tests and chaos drills use it to make failures happen at chosen points of a real run, through
+the real CLI and launcher, without special code paths in the training step:
+
+    {"nan_steps": [3],            loss (and so the gradients) of these optimizer steps -> NaN
+     "spike_steps": [7, 8, 9],    loss of these steps multiplied by "spike_factor" (default 10)
+     "spike_positions": [40],     ... of every micro-batch holding these global loader positions
+                                  (bad data: it spikes again whenever it is read)
+     "kill": [[4, 1], [7, 0]],    SIGKILL rank r in the middle of step s (after backward, before
+                                  the optimizer step), once: a marker file in "marker_dir"
+                                  records that it happened, so the restarted run passes on
+     "marker_dir": "/tmp/x",
+     "delay_rank": 1, "delay_s": 0.05}   this rank burns CPU for delay_s each step (a straggler)
+
+Steps count from 1 (the step being computed). Unset variable: every hook is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+ENV = "LMFORGE_FAULTS"
+
+
+class FaultInjector:
+    def __init__(self, spec: dict | None = None) -> None:
+        spec = spec or {}
+        self.nan_steps = {int(s) for s in spec.get("nan_steps", [])}
+        self.spike_steps = {int(s) for s in spec.get("spike_steps", [])}
+        self.spike_positions = {int(p) for p in spec.get("spike_positions", [])}
+        self.spike_factor = float(spec.get("spike_factor", 10.0))
+        self.kill = {(int(s), int(r)) for s, r in spec.get("kill", [])}
+        self.marker_dir = Path(spec["marker_dir"]) if "marker_dir" in spec else None
+        self.delay_rank = int(spec.get("delay_rank", -1))
+        self.delay_s = float(spec.get("delay_s", 0.0))
+        if self.kill and self.marker_dir is None:
+            raise ValueError(f"{ENV}: 'kill' needs a 'marker_dir' (else a restarted run would be killed again)")
+
+    @classmethod
+    def from_env(cls) -> FaultInjector:
+        raw = os.environ.get(ENV, "")
+        return cls(json.loads(raw) if raw.strip() else None)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.nan_steps or self.spike_steps or self.spike_positions or self.kill or self.delay_s > 0)
+
+    def poison_loss(self, step: int, positions: Iterable[int], loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate at `step` for the micro-batch of these loader positions (NaN
+        or scaled up when injected there)."""
+        if step in self.nan_steps:
+            return loss * float("nan")
+        if step in self.spike_steps or not self.spike_positions.isdisjoint(int(p) for p in positions):
+            return loss * self.spike_factor
+        return loss
+
+    def maybe_kill(self, step: int, rank: int) -> None:
+        if (step, rank) not in self.kill or self.marker_dir is None:
+            return
+        marker = self.marker_dir / f"killed-step{step}-rank{rank}"
+        if marker.exists():
+            return
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(f"{time.time()}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def maybe_delay(self, rank: int) -> None:
+        """Busy-wait (a slow device uses its time computing, not sleeping)."""
+        if rank != self.delay_rank or self.delay_s <= 0:
+            return
+        end = time.perf_counter() + self.delay_s
+        while time.perf_counter() < end:
+            pass
