@@ -81,13 +81,6 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
                                               use_local_output=not loss_parallel)
     if root_plan:
         parallelize_module(model, tp_mesh, root_plan)
-    if getattr(model, "tok_embeddings", None) is not None:
-        # The embedding's output is the view `DTensor.to_local()` returns. In torch 2.13 a
-        # torch.compile'd block taking that view as input sends its gradient past to_local's
-        # backward, into the embedding's redistribute as a plain tensor (AttributeError:
-        # '_local_tensor'), plain TP or sequence parallel alike. A copy of its own (one
-        # (batch, seq[/tp], dim) tensor per micro-batch) avoids it; registered after TP's hook.
-        model.tok_embeddings.register_forward_hook(_own_copy)
 
     for block in model.layers.values():
         plan: dict[str, object] = {
@@ -115,10 +108,6 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
     # the same mesh), so the two modules can share the embedding's DTensor parameter again.
     if tied and getattr(model, "output", None) is not None and getattr(model, "tok_embeddings", None) is not None:
         model.output.weight = model.tok_embeddings.weight
-
-
-def _own_copy(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output.clone()
 
 
 def loss_parallel_ctx(enabled: bool) -> contextlib.AbstractContextManager:
