@@ -1,7 +1,7 @@
 """Layout parity: DDP, FSDP2 (ZeRO-3 and ZeRO-2-like), HSDP, tensor parallel (with and without sequence
 and loss parallel) and FSDP2 x TP under torchrun reach the same per-step losses (1e-5 relative) as one
 process with the same global batch (and as one process with accumulation), and the same final weights
-(1e-4, from each run's last checkpoint)."""
+(1e-4, from each run's last checkpoint). FSDP2 and TP with torch.compile reach the eager losses."""
 
 from __future__ import annotations
 
@@ -98,3 +98,24 @@ def test_fsdp_memory_per_rank_falls_with_shards(shards: int, tiny_data_dir: Path
         for kind in ("params", "grads", "optimizer"):
             ratio = mine[kind] / whole[kind]
             assert abs(ratio - 1 / shards) < 0.1 / shards, f"{kind}: rank {rank} holds {ratio:.3f} of the whole"
+
+
+COMPILED = {  # torch.compile per block, under each sharding; 3 steps (compile is 15-20 s cold per process)
+    "fsdp-compile": (2, ["--train.micro_batch_size", "4"]),
+    "tp-sp-lossparallel-compile": (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1",
+                                       "--train.micro_batch_size", "8"]),
+}
+COMPILED_STEPS = 3
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", list(COMPILED))
+def test_compiled_layout_matches_eager(layout: str, tiny_data_dir: Path, tmp_path: Path,
+                                       reference: list[float]) -> None:
+    """Same tolerance as the single-process compile test (tests/e2e/test_train_options.py)."""
+    nproc, extra = COMPILED[layout]
+    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra, "--train.compile", "true",
+                                     "--train.stop_at", str(COMPILED_STEPS))], nproc=nproc, timeout=600)
+    got = [r["loss"] for r in read_metrics(tmp_path)]
+    assert got == pytest.approx(reference[:COMPILED_STEPS], rel=1e-4), layout

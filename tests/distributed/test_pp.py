@@ -10,19 +10,16 @@ process loads into the whole model. All schedules run inside one spawned job.
 from __future__ import annotations
 
 import math
-import os
-import socket
-import traceback
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lmforge.models.llama.sizes import SIZES
+from tests.distributed.spawn import run_ranks
 
 CFG = replace(SIZES["debug"], dim=64, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=32)
 WORLD = 2
@@ -36,12 +33,6 @@ LR, MAX_NORM = 1e-2, 0.5
 EPS = 1e-6
 SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev"]
 CKPT_SCHEDULE = "zbv"  # V layout: rank 0 holds the first and the last stage
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -166,46 +157,29 @@ def _compiled_zero_bubble_refused(mesh) -> str:
     return ""
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.device_mesh import init_device_mesh
+def _worker(rank: int, world: int, out: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
 
-        from lmforge.checkpoint import ModelOptimizerState
+    from lmforge.checkpoint import ModelOptimizerState
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("pp",))
-        results = {}
-        for schedule in SCHEDULES:
-            res, view, opt = _train(schedule, mesh)
-            results[schedule] = res
-            if schedule == CKPT_SCHEDULE:
-                dcp.save({"app": ModelOptimizerState(view, opt)}, checkpoint_id=str(Path(out) / "ckpt"))
-        results["1f1b-accum2"], _, _ = _train("1f1b", mesh, accum=2)
-        results["compile-refused"] = _compiled_zero_bubble_refused(mesh)
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        (Path(out) / f"error{rank}.txt").write_text(traceback.format_exc())
-        os._exit(1)
-    os._exit(0)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
+    results = {}
+    for schedule in SCHEDULES:
+        res, view, opt = _train(schedule, mesh)
+        results[schedule] = res
+        if schedule == CKPT_SCHEDULE:
+            dcp.save({"app": ModelOptimizerState(view, opt)}, checkpoint_id=str(Path(out) / "ckpt"))
+    results["1f1b-accum2"], _, _ = _train("1f1b", mesh, accum=2)
+    results["compile-refused"] = _compiled_zero_bubble_refused(mesh)
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    import multiprocessing
-
     out = tmp_path_factory.mktemp("pp")
-    multiprocessing.set_forkserver_preload(["torch", "torch.distributed.checkpoint", __name__])
-    try:
-        mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True,
-                           start_method="forkserver")
-    except Exception as e:
-        errors = "\n".join(p.read_text() for p in sorted(out.glob("error*.txt")))
-        raise AssertionError(f"pipeline workers failed: {e}\n{errors}") from None
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = run_ranks(_worker, WORLD, out, args=(str(out),),
+                        preload=("torch", "torch.distributed.checkpoint", __name__))
     for r in results:
         r["_dir"] = out
     return results

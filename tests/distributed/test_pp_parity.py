@@ -78,3 +78,16 @@ def test_pp_combined_layouts_match_single_process(layout: str, tiny_data_dir: Pa
     nproc, extra = COMBINED[layout]
     run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra)], nproc=nproc, timeout=600)
     assert_matches(reference_dir, tmp_path, layout)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pp2_1f1b_compiled_matches_eager(tiny_data_dir: Path, tmp_path: Path, reference_dir: Path) -> None:
+    """torch.compile per block on the pipeline stages; the single-process compile test's tolerance."""
+    steps = 3  # compile is 15-20 s cold per process
+    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, "--parallel.pp", "2",
+                                     "--parallel.dp_shard", "1", "--parallel.pp_schedule", "1f1b",
+                                     "--parallel.pp_microbatches", "2", "--train.micro_batch_size", "4",
+                                     "--train.compile", "true", "--train.stop_at", str(steps))],
+            nproc=2, timeout=600)
+    assert per_step(tmp_path) == pytest.approx(per_step(reference_dir)[:steps], rel=1e-4)

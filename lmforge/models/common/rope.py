@@ -21,6 +21,11 @@ def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, device: torch.de
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), written into one output: 4 kernels, no cat."""
     x1, x2 = x.chunk(2, dim=-1)
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace `out=` into a non-contiguous view: each call would break the graph
+        # (and a break inside a tensor-parallel block left DTensor gradients as plain tensors).
+        # Inductor fuses this form into one kernel anyway.
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     out = torch.empty_like(x)
     o1, o2 = out.chunk(2, dim=-1)
     torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
