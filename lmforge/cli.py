@@ -115,13 +115,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lmforge.train.trainer import Trainer
 
     trainer = Trainer(cfg)
+    finished = False
     try:
         losses = trainer.fit()
         if trainer.is_main and losses:
             print(f"done: step {trainer.state.step}, logged loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
                   f"outputs in {cfg.train.output_dir}", flush=True)
+        finished = True
     finally:
-        trainer.close()
+        trainer.close(clean=finished)
     if trainer.info.world_size > 1:
         # gloo worker teardown aborts now and then after destroy_process_group (PYTORCH_ON_CPU.md):
         # everything is saved and flushed, so leave without running interpreter finalisers.

@@ -11,7 +11,9 @@ the real CLI and launcher, without special code paths in the training step:
                                   the optimizer step), once: a marker file in "marker_dir"
                                   records that it happened, so the restarted run passes on
      "marker_dir": "/tmp/x",
-     "delay_rank": 1, "delay_s": 0.05}   this rank burns CPU for delay_s each step (a straggler)
+     "delay_rank": 1, "delay_s": 0.05,   this rank burns CPU for delay_s each step (a straggler)
+     "error": [3, 1]}             rank r raises InjectedFault at step s, where a kill would happen
+                                  (a bug on one rank: the run must end with the error, not hang)
 
 Steps count from 1 (the step being computed). Unset variable: every hook is a no-op.
 """
@@ -30,6 +32,10 @@ import torch
 ENV = "LMFORGE_FAULTS"
 
 
+class InjectedFault(RuntimeError):
+    """The error the "error" hook raises."""
+
+
 class FaultInjector:
     def __init__(self, spec: dict | None = None) -> None:
         spec = spec or {}
@@ -41,6 +47,8 @@ class FaultInjector:
         self.marker_dir = Path(spec["marker_dir"]) if "marker_dir" in spec else None
         self.delay_rank = int(spec.get("delay_rank", -1))
         self.delay_s = float(spec.get("delay_s", 0.0))
+        error = spec.get("error")
+        self.error = (int(error[0]), int(error[1])) if error else None
         if self.kill and self.marker_dir is None:
             raise ValueError(f"{ENV}: 'kill' needs a 'marker_dir' (else a restarted run would be killed again)")
 
@@ -51,7 +59,8 @@ class FaultInjector:
 
     @property
     def active(self) -> bool:
-        return bool(self.nan_steps or self.spike_steps or self.spike_positions or self.kill or self.delay_s > 0)
+        return bool(self.nan_steps or self.spike_steps or self.spike_positions or self.kill or self.delay_s > 0
+                    or self.error is not None)
 
     def poison_loss(self, step: int, positions: Iterable[int], loss: torch.Tensor) -> torch.Tensor:
         """The loss to backpropagate at `step` for the micro-batch of these loader positions (NaN
@@ -63,6 +72,8 @@ class FaultInjector:
         return loss
 
     def maybe_kill(self, step: int, rank: int) -> None:
+        if self.error == (step, rank):
+            raise InjectedFault(f"injected error at step {step} on rank {rank} ({ENV})")
         if (step, rank) not in self.kill or self.marker_dir is None:
             return
         marker = self.marker_dir / f"killed-step{step}-rank{rank}"

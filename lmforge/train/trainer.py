@@ -521,8 +521,12 @@ class Trainer:
             step = int(rec.pop("step"))
             self.metrics.log(step, {**rec, "memory_tier": float(tier == "memory")}, prefix="ckpt")
 
-    def close(self) -> None:
-        self.ckpt.close()
+    def close(self, clean: bool = True) -> None:
+        """Finish the checkpoint writer, the logs and the process group. `clean=False` when
+        leaving on an error: no barrier and no wait on collectives (the other ranks may be stuck
+        or gone), so the error reaches the user instead of a hang."""
+        if clean:
+            self.ckpt.close()
         self.metrics.close()
-        shutdown_distributed()
+        shutdown_distributed(barrier=clean)
 
