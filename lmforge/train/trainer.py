@@ -50,6 +50,7 @@ from lmforge.parallel.pp import (
     split_model,
 )
 from lmforge.parallel.tp import apply_tp, local_value, loss_parallel_ctx, tp_cross_entropy
+from lmforge.train.moe import moe_layers, moe_metrics, router_loss, update_expert_biases
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import DTYPES, autocast_context, build_grad_scaler
 from lmforge.train.schedule import build_scheduler
@@ -89,6 +90,7 @@ class Trainer:
         self.pipe: PipelineParts | None = None
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.moe = moe_layers(self.model)  # (block index, MoE) pairs; empty for dense models
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.steps)
         self.state = TrainState()
         self._measure_activations = True
@@ -263,7 +265,8 @@ class Trainer:
             with autocast_context(cfg.train.mixed_precision, self.device):
                 logits = model(x)
             loss = tp_cross_entropy(logits, y, self.loss_parallel)
-            self.scaler.scale(loss / self.accum).backward()
+            aux = router_loss(self.moe)  # MoE aux/z losses join the loss; the logged loss stays the LM loss
+            self.scaler.scale((loss + aux if aux is not None else loss) / self.accum).backward()
         return local_value(loss).detach()
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,6 +287,8 @@ class Trainer:
                                     pp_group=self.pipe.group if self.pipe is not None else None)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.moe:  # aux-loss-free balancing: biases move from the load of all dp ranks
+            update_expert_biases(self.moe, self._dp_group())
         if self._measure_activations:  # once, after the first step: optimizer state now exists
             self._measure_activations = False
             self.state_bytes = model_state_bytes([model], self.optimizer)
@@ -301,6 +306,9 @@ class Trainer:
         tmp = out / f"rank{self.info.rank}.json.tmp"
         tmp.write_text(json.dumps(report, indent=1))
         tmp.replace(out / f"rank{self.info.rank}.json")
+
+    def _dp_group(self) -> dist.ProcessGroup | None:
+        return self.dp_mesh.get_group() if self.info.world_size > 1 else None
 
     def _global_mean(self, value: torch.Tensor) -> float:
         """Mean over data-parallel ranks (after taking the pipeline's last stage's value)."""
@@ -367,6 +375,8 @@ class Trainer:
                         self.state_bytes = {}
                     if cfg.train.mixed_precision == "fp16":
                         metrics["loss_scale"] = float(self.scaler.get_scale())
+                    if self.moe:
+                        metrics.update(moe_metrics(self.moe, self._dp_group()))
                     self.metrics.log(step, metrics, prefix="train")
                     bar.update(step, metrics)
                     window_start, window_steps = time.perf_counter(), 0
