@@ -356,3 +356,12 @@ def test_flops_count_active_parameters_by_hand():
     # expert choice: capacity_factor * top_k experts per token on average
     ec = replace(cfg, moe=replace(cfg.moe, router="expert_choice", capacity_factor=1.5, bias_update_rate=0.0))
     assert flops_breakdown(ec, 16)["ffn"] == 2 * (dense_ffn + 2 * (router + 1.5 * routed + shared))
+
+
+def test_sizes_lists_moe_models_with_active_params(capsys):
+    from lmforge.cli import main
+
+    assert main(["sizes"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.strip().startswith("mixtral-8x7b"))
+    # Mixtral 8x7B: 46.7B parameters, 12.9B active (Mistral AI's published figures)
+    assert "46,702,792,704" in line and "12,879,925,248" in line and "2/8" in line
