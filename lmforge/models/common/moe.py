@@ -82,8 +82,11 @@ class _Null:
 
 
 def count_per_expert(expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Assignments per expert (int64). A scatter-add rather than bincount: it also runs on meta."""
+    """Assignments per expert (int64). bincount has no meta kernel: a scatter-add there (on CPU the
+    scatter-add into few bins is ~6x slower than bincount)."""
     flat = expert_idx.reshape(-1)
+    if flat.device.type != "meta":
+        return torch.bincount(flat, minlength=n_experts)
     return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
