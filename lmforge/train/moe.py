@@ -44,13 +44,28 @@ def _sum_over(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     return t
 
 
+def reset_expert_load(layers: list[tuple[int, MoE]]) -> None:
+    """Forget counted loads (call before a step's first forward: evaluation forwards that run in
+    training mode, e.g. pipeline eval for V schedules, must not count)."""
+    for _, m in layers:
+        m.load_sum = None
+
+
 @torch.no_grad()
-def update_expert_biases(layers: list[tuple[int, MoE]], group: dist.ProcessGroup | None = None) -> None:
+def update_expert_biases(layers: list[tuple[int, MoE]], group: dist.ProcessGroup | None = None,
+                         apply: bool = True) -> None:
     """After an optimizer step: sum each layer's tokens per expert since the last update over the
     data-parallel `group` (one all-reduce for all layers, so every replica applies the same
-    update and the biases stay identical), move the biases, reset the counters."""
+    update and the biases stay identical), move the biases, reset the counters.
+
+    `apply=False` only resets (same value on every rank). The trainer passes it for the run's
+    first step in every layout: torch pipelining's metadata inference runs one extra forward
+    (on empty tensors for later stages) inside the first pipelined step, which would be counted;
+    skipping that step's update everywhere keeps all layouts equal to one process."""
     layers = [(i, m) for i, m in layers if m.cfg.bias_update_rate > 0 and m.router.expert_bias is not None]
-    if not layers:
+    if not apply:
+        reset_expert_load(layers)
+    if not layers or not apply:
         return
     loads = _sum_over(torch.stack([m.load_sum if m.load_sum is not None else torch.zeros_like(m.router.expert_bias)
                                    for _, m in layers]), group)

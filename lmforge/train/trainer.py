@@ -50,7 +50,7 @@ from lmforge.parallel.pp import (
     split_model,
 )
 from lmforge.parallel.tp import apply_tp, local_value, loss_parallel_ctx, tp_cross_entropy
-from lmforge.train.moe import moe_layers, moe_metrics, router_loss, update_expert_biases
+from lmforge.train.moe import moe_layers, moe_metrics, reset_expert_load, router_loss, update_expert_biases
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import DTYPES, autocast_context, build_grad_scaler
 from lmforge.train.schedule import build_scheduler
@@ -273,6 +273,7 @@ class Trainer:
         """One optimizer step over `accum` micro-batches; returns (local mean loss, grad norm)."""
         model, cfg = self.model, self.cfg
         total = torch.zeros((), device=self.device)
+        reset_expert_load(self.moe)
         for i in range(self.accum):
             x, y = self.train_loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -287,8 +288,8 @@ class Trainer:
                                     pp_group=self.pipe.group if self.pipe is not None else None)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.moe:  # aux-loss-free balancing: biases move from the load of all dp ranks
-            update_expert_biases(self.moe, self._dp_group())
+        if self.moe:  # aux-loss-free balancing: biases move from the load of all dp ranks (not on step 1)
+            update_expert_biases(self.moe, self._dp_group(), apply=self.state.step > 0)
         if self._measure_activations:  # once, after the first step: optimizer state now exists
             self._measure_activations = False
             self.state_bytes = model_state_bytes([model], self.optimizer)

@@ -219,7 +219,7 @@ class ExpertChoiceRouter(nn.Module):
 
 def dispatch(x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Gather the token of every assignment, grouped by expert: (A, dim)."""
-    return x[routing.token_idx]
+    return x.index_select(0, routing.token_idx)
 
 
 def combine(ys: torch.Tensor, routing: Routing, n_tokens: int) -> torch.Tensor:
