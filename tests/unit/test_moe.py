@@ -365,3 +365,10 @@ def test_sizes_lists_moe_models_with_active_params(capsys):
     line = next(row for row in capsys.readouterr().out.splitlines() if row.strip().startswith("mixtral-8x7b"))
     # Mixtral 8x7B: 46.7B parameters, 12.9B active (Mistral AI's published figures)
     assert "46,702,792,704" in line and "12,879,925,248" in line and "2/8" in line
+
+
+def test_hf_export_refuses_moe_clearly():
+    from lmforge.models.llama.hf import HFFormatError, to_hf_config
+
+    with pytest.raises(HFFormatError, match="Mixture-of-Experts"):
+        to_hf_config(MOE_MODEL)
