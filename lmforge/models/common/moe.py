@@ -234,9 +234,12 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
-    """torch._grouped_mm exists, runs on this device (its meta kernel takes bf16 only) and gets the
-    16-byte aligned strides it needs."""
+    """torch._grouped_mm exists, runs on this device and gets the 16-byte aligned strides it needs.
+    Its meta / fake-tensor kernel follows the CUDA rules (bf16 only), so meta tensors and fp32
+    under torch.compile take the padded bmm."""
     if not hasattr(torch, "_grouped_mm") or x.device.type == "meta":
+        return False
+    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
         return False
     return all(t.shape[-1] * t.element_size() % 16 == 0 and t.shape[-2] * t.element_size() % 16 == 0
                for t in (x, *ws))
