@@ -26,10 +26,11 @@ SIZES: dict[str, ModelConfig] = {
     "405B": ModelConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, vocab_size=128256, ffn_hidden=53248,
                         rope_theta=500000.0, max_seq_len=8192),
     # Mixture-of-Experts. tiny-moe: the CPU recipe (8 experts of half the dense width, top-2: the
-    # active feed-forward equals the tiny dense one's; first layer dense; bias balancing).
+    # active feed-forward equals the tiny dense one's; first layer dense; bias balancing at rate 0.01:
+    # DeepSeek-V3's 0.001 is too slow to balance within a few hundred steps, see docs/benchmarks.md).
     "tiny-moe": ModelConfig(dim=256, n_layers=4, n_heads=4, vocab_size=8192, multiple_of=64, max_seq_len=256,
                             moe=MoEConfig(n_experts=8, top_k=2, expert_hidden=352, first_k_dense=1,
-                                          bias_update_rate=0.001)),
+                                          bias_update_rate=0.01)),
     # Mixtral 8x7B: Mistral-7B blocks, every feed-forward 8 experts top-2 (softmax, renormalised).
     "mixtral-8x7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000, ffn_hidden=14336,
                                 rope_theta=1e6, max_seq_len=32768,
