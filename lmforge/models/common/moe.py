@@ -36,6 +36,7 @@ Routers:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -66,19 +67,11 @@ class Routing:
     z_loss: torch.Tensor
 
 
-def _no_autocast(device: torch.device) -> torch.autocast | _Null:
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Router math in fp32: a bf16 softmax over experts flips near-ties between runs."""
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
-    return _Null()
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    return contextlib.nullcontext()  # meta: no autocast there
 
 
 def count_per_expert(expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
