@@ -146,14 +146,17 @@ def cmd_sizes(args: argparse.Namespace) -> int:
     from lmforge.models.llama import SIZES, count_params
     from lmforge.observability.flops import training_flops_per_token
 
-    print(f"{'size':>6} {'params':>14} {'non-embedding':>14} {'layers':>6} {'dim':>6} {'heads':>5} {'kv':>3} "
-          f"{'train GFLOP/token @2048':>24}")
+    # `active`: parameters one token uses (MoE: router + top_k + shared experts); = params when dense.
+    w = max(len(n) for n in SIZES)
+    print(f"{'size':>{w}} {'params':>17} {'active':>17} {'non-embedding':>17} {'layers':>6} {'dim':>6} "
+          f"{'heads':>5} {'kv':>3} {'experts':>9} {'train GFLOP/token @2048':>24}")
     for name, cfg in SIZES.items():
         c = count_params(cfg)
         seq = min(2048, cfg.max_seq_len)
         flops = training_flops_per_token(cfg, seq) / 1e9
-        print(f"{name:>6} {c['total']:>14,} {c['non_embedding']:>14,} {cfg.n_layers:>6} {cfg.dim:>6} "
-              f"{cfg.n_heads:>5} {cfg.kv_heads:>3} {flops:>24.3f}")
+        experts = f"{cfg.moe.top_k}/{cfg.moe.n_experts}" if cfg.moe.n_experts else "-"
+        print(f"{name:>{w}} {c['total']:>17,} {c.get('active', c['total']):>17,} {c['non_embedding']:>17,} "
+              f"{cfg.n_layers:>6} {cfg.dim:>6} {cfg.n_heads:>5} {cfg.kv_heads:>3} {experts:>9} {flops:>24.3f}")
     return 0
 
 

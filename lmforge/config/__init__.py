@@ -6,6 +6,7 @@ from lmforge.config.job import (
     JobConfig,
     MetricsConfig,
     ModelConfig,
+    MoEConfig,
     OptimizerConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -17,7 +18,7 @@ from lmforge.config.job import (
 from lmforge.config.loader import ConfigError, parse_override_args
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "MetricsConfig", "ModelConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "MetricsConfig", "ModelConfig", "MoEConfig",
     "OptimizerConfig", "ParallelConfig", "SchedulerConfig", "StabilityConfig", "TokenizerConfig", "TrainConfig",
     "load_job_config", "parse_override_args",
 ]

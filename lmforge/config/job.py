@@ -25,6 +25,65 @@ def _positive(section: str, obj: Any, *names: str) -> None:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward (issue 4). `n_experts = 0` keeps every layer dense.
+
+    Layer i is MoE when n_experts > 0, i >= first_k_dense and (i - first_k_dense) % layer_interval
+    == 0. Routed experts are SwiGLUs of width `expert_hidden` (None: the dense ffn width);
+    `n_shared_experts` adds one always-on SwiGLU of width n_shared_experts * expert_hidden.
+    `capacity_factor`: 0 = dropless token choice; > 0 caps each expert at
+    ceil(capacity_factor * tokens * top_k / n_experts) assignments (token choice drops the rest;
+    expert choice needs it > 0: it IS the per-expert capacity). `bias_update_rate` > 0 turns on
+    auxiliary-loss-free balancing (DeepSeek-V3): a per-expert selection bias moved by
+    rate * sign(mean load - load) after every optimizer step.
+    """
+
+    n_experts: int = 0
+    top_k: int = 2
+    n_shared_experts: int = 0
+    expert_hidden: int | None = None
+    first_k_dense: int = 0
+    layer_interval: int = 1
+    router: Literal["token_choice", "expert_choice"] = "token_choice"
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk: bool = True
+    route_scale: float = 1.0
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(dim, 1)) scales the shared expert
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0
+    capacity_factor: float = 0.0
+
+    def validate(self, section: str = "model.moe") -> None:
+        require(self.n_experts >= 0, f"{section}.n_experts", self.n_experts, "must be >= 0 (0 = dense)")
+        if self.n_experts == 0:
+            return
+        require(1 <= self.top_k <= self.n_experts, f"{section}.top_k", self.top_k,
+                f"must be in [1, n_experts = {self.n_experts}]")
+        require(self.n_shared_experts >= 0, f"{section}.n_shared_experts", self.n_shared_experts, "must be >= 0")
+        if self.expert_hidden is not None:
+            require(self.expert_hidden > 0, f"{section}.expert_hidden", self.expert_hidden, "must be > 0")
+        require(self.first_k_dense >= 0, f"{section}.first_k_dense", self.first_k_dense, "must be >= 0")
+        require(self.layer_interval >= 1, f"{section}.layer_interval", self.layer_interval, "must be >= 1")
+        require(self.route_scale > 0, f"{section}.route_scale", self.route_scale, "must be > 0")
+        for n in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
+            v = getattr(self, n)
+            require(v >= 0, f"{section}.{n}", v, "must be >= 0 (0 = off)")
+        require(not (self.shared_expert_gate and self.n_shared_experts == 0), f"{section}.shared_expert_gate",
+                True, "needs n_shared_experts > 0")
+        if self.router == "expert_choice":
+            require(self.capacity_factor > 0, f"{section}.capacity_factor", self.capacity_factor,
+                    "must be > 0 with router = 'expert_choice' (each expert takes capacity_factor * "
+                    "tokens * top_k / n_experts tokens)")
+            require(self.aux_loss_coef == 0, f"{section}.aux_loss_coef", self.aux_loss_coef,
+                    "must be 0 with router = 'expert_choice' (balanced by construction)")
+            require(self.bias_update_rate == 0, f"{section}.bias_update_rate", self.bias_update_rate,
+                    "must be 0 with router = 'expert_choice' (balanced by construction)")
+            require(self.score_func == "softmax", f"{section}.score_func", self.score_func,
+                    "must be 'softmax' with router = 'expert_choice'")
+
+
+@dataclass
 class ModelConfig:
     """Llama-style decoder. `ffn_hidden=None` derives the SwiGLU width like Llama (8/3·dim, rounded)."""
 
@@ -41,6 +100,16 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` has a Mixture-of-Experts feed-forward (see MoEConfig)."""
+        m = self.moe
+        return m.n_experts > 0 and layer >= m.first_k_dense and (layer - m.first_k_dense) % m.layer_interval == 0
+
+    @property
+    def expert_hidden_size(self) -> int:
+        return self.moe.expert_hidden if self.moe.expert_hidden is not None else self.ffn_hidden_size
 
     @property
     def kv_heads(self) -> int:
@@ -75,6 +144,10 @@ class ModelConfig:
         if self.ffn_dim_multiplier is not None:
             require(self.ffn_dim_multiplier > 0, f"{section}.ffn_dim_multiplier", self.ffn_dim_multiplier,
                     "must be > 0")
+        self.moe.validate(f"{section}.moe")
+        if self.moe.n_experts:
+            require(self.moe.first_k_dense < self.n_layers, f"{section}.moe.first_k_dense", self.moe.first_k_dense,
+                    f"must be < {section}.n_layers ({self.n_layers}) or no layer is MoE")
 
 
 @dataclass
@@ -334,6 +407,13 @@ class ParallelConfig:
             if r.sequence_parallel:
                 require(train.seq_len % r.tp == 0, "parallel.tp", r.tp,
                         f"must divide train.seq_len ({train.seq_len}) with sequence parallel")
+        if model.moe.n_experts:
+            # MoE layers have no w1/w3/w2 Linears for the TP plan; expert parallel (ep) comes next.
+            require(r.tp == 1, "parallel.tp", r.tp, "must be 1 with MoE layers (model.moe.n_experts > 0) for now")
+            aux = model.moe.aux_loss_coef > 0 or model.moe.z_loss_coef > 0
+            require(not (aux and r.pp > 1), "parallel.pp", r.pp,
+                    "must be 1 with MoE aux/z losses (model.moe.aux_loss_coef, z_loss_coef > 0): the pipeline "
+                    "loss path does not add them yet; use bias_update_rate balancing with pp > 1")
         if r.pp > 1:
             stages = r.pp * r.stages_per_rank
             if self.pp_schedule in V_SCHEDULES:

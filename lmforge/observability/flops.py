@@ -28,9 +28,10 @@ The popular ``6N + 12 * L * d * s`` (Kaplan et al. 2020; PaLM appendix B) counts
 against all s keys, i.e. non-causal attention; with H * hd = d it equals ours with (s + 1) / 2
 replaced by s, so it overstates attention by a factor 2s / (s + 1).
 
-Extension points (not built yet): a sliding window of width w changes the keys seen by query i to
-``min(i + 1, w)`` (see `_mean_keys_per_query`), and a Mixture-of-Experts layer counts only the
-active experts' weights per token (see `_ffn_matmul_params`). Both are per layer, so mixed stacks
+Mixture-of-Experts layers count only the active weights per token (router, top_k experts, shared
+experts: see `_ffn_matmul_params`), so MFU of an MoE model is the MFU of its active parameters.
+Extension point (not built yet): a sliding window of width w changes the keys seen by query i to
+``min(i + 1, w)`` (see `_mean_keys_per_query`). Both are per layer, so mixed stacks
 (local/global attention, dense/MoE layers) fit the same loop in `flops_breakdown`.
 """
 
@@ -59,9 +60,17 @@ def _attention_matmul_params(cfg: ModelConfig, layer: int) -> int:
 def _ffn_matmul_params(cfg: ModelConfig, layer: int) -> int:
     """Weights one token multiplies in the SwiGLU MLP: w1 (gate), w3 (up), w2 (down).
 
-    The plug-in point for MoE layers: router + top_k active experts (+ shared experts).
+    MoE layers count the ACTIVE weights: router (dim x E) + top_k routed experts + shared experts
+    (+ the Qwen2-MoE shared-expert gate, dim x 1). Expert choice gives each token
+    capacity_factor * top_k experts on average (E experts x c = cf * T * k / E tokens each);
+    token choice with a capacity counts top_k (dropless exact; an upper bound when it drops).
     """
-    return 3 * cfg.dim * cfg.ffn_hidden_size
+    if not cfg.is_moe_layer(layer):
+        return 3 * cfg.dim * cfg.ffn_hidden_size
+    m, d, f = cfg.moe, cfg.dim, cfg.expert_hidden_size
+    routed = m.capacity_factor * m.top_k if m.router == "expert_choice" else m.top_k
+    shared = 3 * d * f * m.n_shared_experts + (d if m.shared_expert_gate else 0)
+    return round(d * m.n_experts + routed * 3 * d * f + shared)
 
 
 def _attention_flops_per_token(cfg: ModelConfig, layer: int, seq_len: int) -> float:

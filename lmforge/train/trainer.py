@@ -52,6 +52,7 @@ from lmforge.parallel.pp import (
 )
 from lmforge.parallel.tp import apply_tp, local_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.train.faults import FaultInjector
+from lmforge.train.moe import moe_layers, moe_metrics, reset_expert_load, router_loss, update_expert_biases
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import DTYPES, autocast_context, build_grad_scaler
 from lmforge.train.schedule import build_scheduler
@@ -94,6 +95,7 @@ class Trainer:
         self.pipe: PipelineParts | None = None
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.moe = moe_layers(self.model)  # (block index, MoE) pairs; empty for dense models
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.steps)
         self.state = TrainState()
         # Fault tolerance (lmforge.train.stability/stragglers/trace/faults): all off by default.
@@ -292,9 +294,10 @@ class Trainer:
             with autocast_context(cfg.train.mixed_precision, self.device):
                 logits = model(x)
             loss = tp_cross_entropy(logits, y, self.loss_parallel)
+            aux = router_loss(self.moe)  # MoE aux/z losses join the loss; the logged loss stays the LM loss
             if self.faults.active:  # test-only injection (LMFORGE_FAULTS)
                 loss = self.faults.poison_loss(self.state.step + 1, self.train_loader.last_positions.tolist(), loss)
-            self.scaler.scale(loss / self.accum).backward()
+            self.scaler.scale((loss + aux if aux is not None else loss) / self.accum).backward()
         return local_value(loss).detach()
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,6 +305,7 @@ class Trainer:
         model, cfg = self.model, self.cfg
         total = torch.zeros((), device=self.device)
         self.faults.maybe_delay(self.info.rank)
+        reset_expert_load(self.moe)
         for i in range(self.accum):
             x, y = self.train_loader.next_batch()
             if self.tracer is not None:
@@ -327,6 +331,10 @@ class Trainer:
         if self.last_check is None or not self.last_check.skip:
             self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.moe:  # aux-loss-free balancing: biases move from the load of all dp ranks (not on
+            # step 1, nor on a step the stability policy skipped)
+            skipped = self.last_check is not None and self.last_check.skip
+            update_expert_biases(self.moe, self._dp_group(), apply=self.state.step > 0 and not skipped)
         if self._measure_activations:  # once, after the first step: optimizer state now exists
             self._measure_activations = False
             self.state_bytes = model_state_bytes([model], self.optimizer)
@@ -344,6 +352,9 @@ class Trainer:
         tmp = out / f"rank{self.info.rank}.json.tmp"
         tmp.write_text(json.dumps(report, indent=1))
         tmp.replace(out / f"rank{self.info.rank}.json")
+
+    def _dp_group(self) -> dist.ProcessGroup | None:
+        return self.dp_mesh.get_group() if self.info.world_size > 1 else None
 
     def _global_mean(self, value: torch.Tensor) -> float:
         """Mean over data-parallel ranks (after taking the pipeline's last stage's value)."""
@@ -491,6 +502,8 @@ class Trainer:
                         metrics.update(self.stability.counters())
                     if self.stragglers is not None:
                         metrics.update(self._straggler_metrics(step))
+                    if self.moe:
+                        metrics.update(moe_metrics(self.moe, self._dp_group()))
                     self.metrics.log(step, metrics, prefix="train")
                     bar.update(step, metrics)
                     window_start, window_steps = time.perf_counter(), 0

@@ -77,6 +77,9 @@ def to_hf_config(cfg: ModelConfig, eos_token_id: int | None = None, bos_token_id
     (transformers 4.x) and as `rope_parameters` (5.x), so either version reads it."""
     if dtype not in _DTYPE_NAMES:
         raise HFFormatError(f"export dtype {dtype} is not supported; allowed: {', '.join(_DTYPE_NAMES.values())}")
+    if cfg.moe.n_experts:
+        raise HFFormatError("Mixture-of-Experts models cannot be exported to Hugging Face yet (Mixtral / "
+                            "Qwen2-MoE adapters are still to come)")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -16,6 +16,7 @@ from lmforge.config import ModelConfig
 from lmforge.models.common.attention import Attention
 from lmforge.models.common.kv_cache import KVCache
 from lmforge.models.common.mlp import SwiGLU
+from lmforge.models.common.moe import MoE
 from lmforge.models.common.norms import RMSNorm
 from lmforge.models.common.rope import rope_cos_sin
 
@@ -27,7 +28,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_hidden_size)
+        self.is_moe = cfg.is_moe_layer(layer_id)
+        self.feed_forward: SwiGLU | MoE = (MoE(cfg.dim, cfg.expert_hidden_size, cfg.moe) if self.is_moe
+                                           else SwiGLU(cfg.dim, cfg.ffn_hidden_size))
         # Depth-scaled init of the projections that write into the residual stream (GPT-2).
         self._std = cfg.init_std
         self._out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -123,10 +126,25 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameter count from the config alone (no tensors), by hand: used by `lmforge sizes`."""
     d, h, kv, hd, f, v = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size
     attn = d * h * hd + 2 * d * kv * hd + h * hd * d
-    mlp = 3 * d * f
-    per_layer = attn + mlp + 2 * d
+    layers = [attn + (moe_ffn_params(cfg)["total"] if cfg.is_moe_layer(i) else 3 * d * f) + 2 * d
+              for i in range(cfg.n_layers)]
     embedding = v * d
     output = 0 if cfg.tie_embeddings else v * d
-    total = embedding + cfg.n_layers * per_layer + d + output
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding - output,
-            "per_layer": per_layer}
+    total = embedding + sum(layers) + d + output
+    # per_layer: the mean over layers (equal for dense stacks; MoE stacks mix dense and MoE blocks).
+    out = {"total": total, "embedding": embedding, "non_embedding": total - embedding - output,
+           "per_layer": round(sum(layers) / cfg.n_layers)}
+    if cfg.moe.n_experts:
+        inactive = sum(moe_ffn_params(cfg)["total"] - moe_ffn_params(cfg)["active"]
+                       for i in range(cfg.n_layers) if cfg.is_moe_layer(i))
+        out["active"] = total - inactive
+    return out
+
+
+def moe_ffn_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters of one MoE feed-forward: all of them, and those one token uses (router, top_k
+    routed experts, shared experts and their gate)."""
+    m, d, f = cfg.moe, cfg.dim, cfg.expert_hidden_size
+    router = d * m.n_experts
+    shared = 3 * d * f * m.n_shared_experts + (d if m.shared_expert_gate else 0)
+    return {"total": router + 3 * d * f * m.n_experts + shared, "active": router + 3 * d * f * m.top_k + shared}

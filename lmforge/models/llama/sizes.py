@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, MoEConfig
 
 SIZES: dict[str, ModelConfig] = {
     "debug": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
@@ -25,6 +25,24 @@ SIZES: dict[str, ModelConfig] = {
     # Llama 3.1 405B.
     "405B": ModelConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, vocab_size=128256, ffn_hidden=53248,
                         rope_theta=500000.0, max_seq_len=8192),
+    # Mixture-of-Experts. tiny-moe: the CPU recipe (8 experts of half the dense width, top-2: the
+    # active feed-forward equals the tiny dense one's; first layer dense; bias balancing at rate 0.01:
+    # DeepSeek-V3's 0.001 is too slow to balance within a few hundred steps, see docs/benchmarks.md).
+    "tiny-moe": ModelConfig(dim=256, n_layers=4, n_heads=4, vocab_size=8192, multiple_of=64, max_seq_len=256,
+                            moe=MoEConfig(n_experts=8, top_k=2, expert_hidden=352, first_k_dense=1,
+                                          bias_update_rate=0.01)),
+    # Mixtral 8x7B: Mistral-7B blocks, every feed-forward 8 experts top-2 (softmax, renormalised).
+    "mixtral-8x7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000, ffn_hidden=14336,
+                                rope_theta=1e6, max_seq_len=32768,
+                                moe=MoEConfig(n_experts=8, top_k=2, aux_loss_coef=0.02)),
+    # DeepSeek-V3's MoE on Llama attention (GQA, not MLA): 61 layers, first 3 dense (width 18432),
+    # then 256 routed experts of width 2048, top-8, one shared expert, sigmoid scores, routed weights
+    # x 2.5, aux-loss-free bias balancing (update rate 0.001).
+    "deepseek-v3-like": ModelConfig(dim=7168, n_layers=61, n_heads=128, n_kv_heads=8, vocab_size=129280,
+                                    ffn_hidden=18432, max_seq_len=4096, norm_eps=1e-6,
+                                    moe=MoEConfig(n_experts=256, top_k=8, n_shared_experts=1, expert_hidden=2048,
+                                                  first_k_dense=3, score_func="sigmoid", norm_topk=True,
+                                                  route_scale=2.5, bias_update_rate=0.001)),
 }
 
 

@@ -1,0 +1,369 @@
+"""Mixture-of-Experts feed-forward: a router picks experts per token (or tokens per expert), the
+routed experts (SwiGLUs) run as grouped matmuls, optional shared experts see every token.
+
+Plain single-device PyTorch (no process groups). One forward is four steps, each a function, so
+expert parallelism can put its all-to-all between `dispatch` and the expert compute::
+
+    routing = router(x)                           # Routing: assignments sorted by expert
+    xs      = dispatch(x, routing)                # (assignments, dim), grouped by expert
+    ys      = experts(xs, routing.counts)         # grouped SwiGLU: one matmul per weight for all experts
+    out     = combine(ys, routing, n_tokens)      # weighted scatter-add back to the tokens
+
+Layout (names are stable; HF adapters and expert parallel rely on them)::
+
+    MoE.router.gate           nn.Linear(dim, n_experts, bias=False)
+    MoE.router.expert_bias    (n_experts,) persistent buffer: selection bias (aux-loss-free balancing)
+    MoE.experts.w1, .w3       (n_experts, hidden, dim)  gate / up, nn.Linear layout per expert
+    MoE.experts.w2            (n_experts, dim, hidden)  down
+    MoE.shared_experts        SwiGLU(dim, n_shared * hidden) or None
+    MoE.shared_expert_gate    nn.Linear(dim, 1, bias=False) or None (Qwen2-MoE)
+
+Dim 0 of w1/w3/w2 is the expert: expert parallel shards it (DTensor Shard(0)).
+
+Routers:
+- `TokenChoiceRouter`: each token takes its top-k experts by softmax or sigmoid score (plus the
+  selection-only `expert_bias`); weights are the unbiased scores, optionally renormalised over
+  the top k. Switch/GShard load-balancing loss and router z-loss are computed on the way.
+  Dropless unless `capacity_factor` > 0 (then first choices win over second choices, earlier
+  tokens over later ones, and what exceeds an expert's capacity is dropped: the residual carries
+  the token).
+- `ExpertChoiceRouter` (Zhou et al., 2022): each expert takes its top-c tokens of the whole
+  batch, c = ceil(capacity_factor * tokens * top_k / n_experts), so a token gets 0..E experts and
+  the load is balanced by construction. It looks at all tokens of the batch at once: NOT causal
+  (a token's experts depend on later tokens), and at generation time (one token per step) every
+  expert takes that token. Use it for training experiments, token choice for causal inference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import MoEConfig
+from lmforge.models.common.mlp import SwiGLU
+
+
+@dataclass
+class Routing:
+    """The router's decision for a flat batch of tokens, assignments sorted by expert.
+
+    token_idx (A,) int64: the token of each assignment; weights (A,) fp32: its combine weight;
+    counts (E,) int64: assignments per expert (the groups of the sorted order). load (E,) fp32:
+    tokens that chose each expert before capacity dropping (the demand; what balancing acts on).
+    dropped: assignments dropped for capacity (0-dim). aux_loss / z_loss: 0-dim fp32, with grad.
+    """
+
+    token_idx: torch.Tensor
+    weights: torch.Tensor
+    counts: torch.Tensor
+    load: torch.Tensor
+    dropped: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Router math in fp32: a bf16 softmax over experts flips near-ties between runs."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # meta: no autocast there
+
+
+def count_per_expert(expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert (int64). bincount has no meta kernel: a scatter-add there (on CPU the
+    scatter-add into few bins is ~6x slower than bincount)."""
+    flat = expert_idx.reshape(-1)
+    if flat.device.type != "meta":
+        return torch.bincount(flat, minlength=n_experts)
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2 (keeps logits small)."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Switch/GShard auxiliary loss E * sum_i f_i * P_i.
+
+    f_i = fraction of the T*k assignments that chose expert i (before dropping; no gradient),
+    P_i = mean router probability of expert i over the T tokens. 1.0 when perfectly uniform.
+    `probs` (T, E) must sum to 1 per token (sigmoid scores are normalised by the caller).
+    """
+    counts = count_per_expert(expert_idx, n_experts).to(probs.dtype)
+    f = counts / expert_idx.numel()
+    return n_experts * (f * probs.mean(0)).sum()
+
+
+def _sort_by_expert(expert_idx: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor,
+                    n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stable sort of assignments by expert -> (token_idx, weights, counts per expert)."""
+    order = torch.argsort(expert_idx, stable=True)
+    counts = count_per_expert(expert_idx, n_experts)
+    return token_idx[order], weights[order], counts
+
+
+def capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
+    """Assignments one expert may take: ceil(factor * tokens * top_k / n_experts), at most n_tokens."""
+    return min(n_tokens, max(1, math.ceil(factor * n_tokens * top_k / n_experts)))
+
+
+class TokenChoiceRouter(nn.Module):
+    """Each token picks top_k experts; see the module docstring."""
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.score_func, self.norm_topk, self.route_scale = cfg.score_func, cfg.norm_topk, cfg.route_scale
+        self.capacity_factor = cfg.capacity_factor
+        self.gate = nn.Linear(dim, cfg.n_experts, bias=False)
+        # Selection-only bias (aux-loss-free balancing). Persistent: it is training state.
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.trunc_normal_(self.gate.weight, std=std, a=-3 * std, b=3 * std)
+        self.expert_bias.zero_()
+
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, scores) in fp32 for flat tokens x (T, dim)."""
+        with _no_autocast(x.device):
+            logits = F.linear(x.float(), self.gate.weight.float())
+        scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
+        return logits, scores
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits, scores = self.scores(x)
+        return self.route(logits, scores)
+
+    def route(self, logits: torch.Tensor, scores: torch.Tensor) -> Routing:
+        """Routing from given (T, E) logits and scores: exposed so tests can hand-make them."""
+        t, e, k = scores.shape[0], self.n_experts, self.top_k
+        select = scores + self.expert_bias.to(scores.dtype) if self.expert_bias is not None else scores
+        expert_idx = select.topk(k, dim=-1).indices  # (T, k), the bias only picks
+        weights = scores.gather(-1, expert_idx)  # unbiased scores weigh
+        if self.norm_topk and k > 1:  # top-1 renormalised would be 1.0: no gradient to the gate
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        weights = weights * self.route_scale
+        probs = scores if self.score_func == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
+        aux = load_balancing_loss(probs, expert_idx, e)
+        z = router_z_loss(logits)
+        load = count_per_expert(expert_idx, e).float()
+        # k-major order: all first choices, then all second choices (GShard priority under capacity).
+        flat_expert = expert_idx.t().reshape(-1)
+        flat_token = torch.arange(t, device=scores.device).repeat(k)
+        flat_weight = weights.t().reshape(-1)
+        dropped = torch.zeros((), dtype=torch.long, device=scores.device)
+        if self.capacity_factor > 0 and scores.device.type != "meta":  # meta: shapes only, keep all
+            cap = capacity(t, k, e, self.capacity_factor)
+            order = torch.argsort(flat_expert, stable=True)
+            sorted_expert = flat_expert[order]
+            per_expert = count_per_expert(flat_expert, e)
+            starts = torch.cumsum(per_expert, 0) - per_expert
+            rank_sorted = torch.arange(order.numel(), device=scores.device) - starts[sorted_expert]
+            keep = torch.empty_like(flat_expert, dtype=torch.bool)
+            keep[order] = rank_sorted < cap
+            dropped = (~keep).sum()
+            flat_expert, flat_token, flat_weight = flat_expert[keep], flat_token[keep], flat_weight[keep]
+        token_idx, w, counts = _sort_by_expert(flat_expert, flat_token, flat_weight, e)
+        return Routing(token_idx, w, counts, load, dropped, aux, z)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, rate: float) -> None:
+        """DeepSeek-V3 aux-loss-free update: bias += rate * sign(mean load - load). `load` must be
+        the tokens per expert summed over every data-parallel rank (see lmforge.train.moe)."""
+        self.expert_bias.add_(rate * torch.sign(load.float().mean() - load.float()))
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Each expert picks its top-c tokens of the batch (not causal; see the module docstring)."""
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.capacity_factor, self.route_scale = cfg.capacity_factor, cfg.route_scale
+        self.gate = nn.Linear(dim, cfg.n_experts, bias=False)
+        self.register_buffer("expert_bias", None)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.trunc_normal_(self.gate.weight, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        with _no_autocast(x.device):
+            logits = F.linear(x.float(), self.gate.weight.float())
+        return self.route(logits, logits.softmax(-1))
+
+    def route(self, logits: torch.Tensor, scores: torch.Tensor) -> Routing:
+        t, e = scores.shape
+        c = capacity(t, self.top_k, e, self.capacity_factor)
+        top = scores.t().topk(c, dim=-1)  # (E, c): each expert's best tokens, already grouped by expert
+        token_idx = top.indices.reshape(-1)
+        weights = top.values.reshape(-1) * self.route_scale
+        counts = torch.full((e,), c, dtype=torch.long, device=scores.device)
+        zero = torch.zeros((), device=scores.device)
+        return Routing(token_idx, weights, counts, counts.float(), torch.zeros((), dtype=torch.long,
+                                                                                  device=scores.device),
+                       zero, router_z_loss(logits))
+
+
+def dispatch(x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Gather the token of every assignment, grouped by expert: (A, dim)."""
+    return x.index_select(0, routing.token_idx)
+
+
+def combine(ys: torch.Tensor, routing: Routing, n_tokens: int) -> torch.Tensor:
+    """Scatter-add weight * expert output back onto the tokens: (n_tokens, dim). Tokens with no
+    assignment (dropped, or unpicked under expert choice) get 0: the residual carries them."""
+    out = ys.new_zeros(n_tokens, ys.shape[-1])
+    return out.index_add(0, routing.token_idx, ys * routing.weights.to(ys.dtype)[:, None])
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(counts, 0).to(torch.int32)
+
+
+def _grouped_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
+    """torch._grouped_mm exists, runs on this device and gets the 16-byte aligned strides it needs.
+    Its meta / fake-tensor kernel follows the CUDA rules (bf16 only), so meta tensors and fp32
+    under torch.compile take the padded bmm."""
+    if not hasattr(torch, "_grouped_mm") or x.device.type == "meta":
+        return False
+    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return False
+    return all(t.shape[-1] * t.element_size() % 16 == 0 and t.shape[-2] * t.element_size() % 16 == 0
+               for t in (x, *ws))
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x (A, in) grouped by `counts` (E,) times the matching expert's w (E, out, in)^T ->
+    (A, out). torch._grouped_mm when usable, else a padded bmm; never a loop over experts."""
+    if _grouped_ok(x, w):
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=_offsets(counts))
+    return padded_bmm(x, w, counts)
+
+
+def padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Fallback: scatter rows into (E, max_count, in), one bmm, gather back. Pads to the busiest
+    expert, so it costs E * max_count rows instead of A."""
+    e = w.shape[0]
+    a = x.shape[0]
+    expert = torch.repeat_interleave(torch.arange(e, device=x.device), counts, output_size=a)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(a, device=x.device) - starts[expert]
+    width = int(counts.max()) if a else 0
+    padded = x.new_zeros(e, width, x.shape[-1])
+    padded = padded.index_put((expert, pos), x)
+    out = torch.bmm(padded, w.transpose(-2, -1))
+    return out[expert, pos]
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as 3-D weights; inputs arrive grouped by expert (see `dispatch`)."""
+
+    def __init__(self, dim: int, hidden: int, n_experts: int):
+        super().__init__()
+        self.n_experts, self.dim, self.hidden = n_experts, dim, hidden
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for w, s in ((self.w1, std), (self.w3, std), (self.w2, out_std)):
+            nn.init.trunc_normal_(w, std=s, a=-3 * s, b=3 * s)
+
+    def _weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cast to the autocast dtype by hand: torch._grouped_mm has no autocast rule."""
+        dev = x.device.type
+        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            dt = torch.get_autocast_dtype(dev)
+            return x.to(dt), self.w1.to(dt), self.w3.to(dt), self.w2.to(dt)
+        return x, self.w1, self.w3, self.w2
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        x, w1, w3, w2 = self._weights(x)
+        if x.device.type == "meta":  # shape inference (pipeline stages): group sizes are unknown
+            return F.linear(F.silu(F.linear(x, w1[0])) * F.linear(x, w3[0]), w2[0])
+        h = F.silu(grouped_mm(x, w1, counts)) * grouped_mm(x, w3, counts)
+        return grouped_mm(h, w2, counts)
+
+    def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Reference: a Python loop over experts (tests and bench/moe_experts.py)."""
+        x, w1, w3, w2 = self._weights(x)
+        outs, start = [], 0
+        for i, n in enumerate(counts.tolist()):
+            xi = x[start:start + n]
+            outs.append(F.linear(F.silu(F.linear(xi, w1[i])) * F.linear(xi, w3[i]), w2[i]))
+            start += n
+        return torch.cat(outs) if outs else x.new_zeros(0, self.dim)
+
+
+class MoE(nn.Module):
+    """Router + grouped routed experts + optional shared experts, on (batch, seq, dim).
+
+    After each forward in training mode `last_stats` holds detached per-layer figures (tokens
+    per expert, dropped, aux and z loss) and `aux_loss` the weighted router loss to add to the
+    training loss (aux_loss_coef * aux + z_loss_coef * z, with grad). `load_sum` accumulates
+    tokens per expert over the micro-batches of one optimizer step for the bias update (None
+    until a training forward; lmforge.train.moe.update_expert_biases consumes and resets it).
+    """
+
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        router = ExpertChoiceRouter if cfg.router == "expert_choice" else TokenChoiceRouter
+        self.router = router(dim, cfg)
+        self.experts = GroupedExperts(dim, hidden, cfg.n_experts)
+        self.shared_experts = SwiGLU(dim, cfg.n_shared_experts * hidden) if cfg.n_shared_experts else None
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
+        # A plain attribute, not a buffer: DDP would overwrite buffers with rank 0's at each forward.
+        self.load_sum: torch.Tensor | None = None
+        self.last_stats: dict[str, torch.Tensor] = {}
+        self.aux_loss: torch.Tensor | None = None
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.router.init_weights(std)
+        self.experts.init_weights(std, out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, out_std)
+        if self.shared_expert_gate is not None:
+            nn.init.trunc_normal_(self.shared_expert_gate.weight, std=std, a=-3 * std, b=3 * std)
+        self.load_sum = None
+
+    def forward(self, x: torch.Tensor, loop: bool = False) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        routing = self.router(x)
+        xs = dispatch(x, routing)
+        ys = self.experts.forward_loop(xs, routing.counts) if loop else self.experts(xs, routing.counts)
+        out = combine(ys, routing, x.shape[0])
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(x))
+            out = out + shared
+        if self.training:
+            self._record(routing)
+        return out.reshape(shape)
+
+    def _record(self, routing: Routing) -> None:
+        self.aux_loss = self.cfg.aux_loss_coef * routing.aux_loss + self.cfg.z_loss_coef * routing.z_loss
+        if routing.load.device.type == "meta":
+            return
+        with torch.no_grad():
+            self.load_sum = routing.load.detach().clone() if self.load_sum is None else self.load_sum + routing.load
+            self.last_stats = {"tokens_per_expert": routing.load.detach(), "dropped": routing.dropped.detach(),
+                               "aux_loss": routing.aux_loss.detach(), "z_loss": routing.z_loss.detach()}
+
+
+def load_stats(tokens_per_expert: torch.Tensor) -> dict[str, float]:
+    """Balance figures of one layer: coefficient of variation (std / mean, population std) and
+    max / mean of the tokens per expert. 0 and 1 when perfectly balanced."""
+    load = tokens_per_expert.double()
+    mean = load.mean()
+    if mean <= 0:
+        return {"load_cv": 0.0, "load_max_over_mean": 0.0}
+    return {"load_cv": float(load.std(unbiased=False) / mean), "load_max_over_mean": float(load.max() / mean)}

@@ -1,0 +1,105 @@
+"""What the trainer does for Mixture-of-Experts layers (the model itself stays process-group free):
+add the router losses to the training loss, update the aux-loss-free balancing biases after each
+optimizer step from the load summed over data-parallel ranks, and collect per-layer load metrics
+at log steps.
+
+Works through any wrapper (DDP, FSDP2, activation checkpointing, pipeline parts): MoE modules
+are found with `model.named_modules()` and named by their block index.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmforge.models.common.moe import MoE, load_stats
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def moe_layers(model: nn.Module) -> list[tuple[int, MoE]]:
+    """(block index, MoE module) for every MoE feed-forward in `model`, in block order."""
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, MoE):
+            m = _LAYER.search(name)
+            out.append((int(m.group(1)) if m else len(out), mod))
+    return sorted(out, key=lambda t: t[0])
+
+
+def router_loss(layers: list[tuple[int, MoE]]) -> torch.Tensor | None:
+    """Sum over layers of aux_loss_coef * aux + z_loss_coef * z of the last forward (with grad);
+    None when no layer has a nonzero coefficient (nothing to add)."""
+    terms = [m.aux_loss for _, m in layers
+             if m.aux_loss is not None and (m.cfg.aux_loss_coef > 0 or m.cfg.z_loss_coef > 0)]
+    return torch.stack(terms).sum() if terms else None
+
+
+def _sum_over(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def reset_expert_load(layers: list[tuple[int, MoE]]) -> None:
+    """Forget counted loads (call before a step's first forward: evaluation forwards that run in
+    training mode, e.g. pipeline eval for V schedules, must not count)."""
+    for _, m in layers:
+        m.load_sum = None
+
+
+@torch.no_grad()
+def update_expert_biases(layers: list[tuple[int, MoE]], group: dist.ProcessGroup | None = None,
+                         apply: bool = True) -> None:
+    """After an optimizer step: sum each layer's tokens per expert since the last update over the
+    data-parallel `group` (one all-reduce for all layers, so every replica applies the same
+    update and the biases stay identical), move the biases, reset the counters.
+
+    `apply=False` only resets (same value on every rank). The trainer passes it for the run's
+    first step in every layout: torch pipelining's metadata inference runs one extra forward
+    (on empty tensors for later stages) inside the first pipelined step, which would be counted;
+    skipping that step's update everywhere keeps all layouts equal to one process."""
+    layers = [(i, m) for i, m in layers if m.cfg.bias_update_rate > 0 and m.router.expert_bias is not None]
+    if not apply:
+        reset_expert_load(layers)
+    if not layers or not apply:
+        return
+    loads = _sum_over(torch.stack([m.load_sum if m.load_sum is not None else torch.zeros_like(m.router.expert_bias)
+                                   for _, m in layers]), group)
+    for (_, m), load in zip(layers, loads):
+        m.router.update_bias(load, m.cfg.bias_update_rate)
+        m.load_sum = None
+
+
+@torch.no_grad()
+def moe_metrics(layers: list[tuple[int, MoE]], group: dist.ProcessGroup | None = None,
+                per_expert_max: int = 16) -> dict[str, float]:
+    """Per-layer figures of the last training forward, tokens summed over `group` (one
+    all-reduce; call it on every rank of the group): load CV, max/mean, dropped assignments, aux
+    and z loss (means over ranks), and tokens per expert when a layer has <= `per_expert_max`
+    experts. Plus `moe_*` means over layers. Empty when no layer has run yet."""
+    layers = [(i, m) for i, m in layers if m.last_stats]
+    if not layers:
+        return {}
+    tokens = torch.stack([m.last_stats["tokens_per_expert"].float() for _, m in layers])
+    scalars = torch.stack([torch.stack([m.last_stats[k].float() for k in ("dropped", "aux_loss", "z_loss")])
+                           for _, m in layers])
+    n = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    packed = _sum_over(torch.cat([tokens, scalars], dim=1), group)
+    tokens, scalars = packed[:, :tokens.shape[1]], packed[:, tokens.shape[1]:]
+    out: dict[str, float] = {}
+    summary: dict[str, list[float]] = {}
+    for row, ((i, _), load) in enumerate(zip(layers, tokens)):
+        figures = load_stats(load)
+        figures |= {"dropped": float(scalars[row, 0]), "aux_loss": float(scalars[row, 1]) / n,
+                    "z_loss": float(scalars[row, 2]) / n}
+        for k, v in figures.items():
+            out[f"moe{i}_{k}"] = v
+            summary.setdefault(k, []).append(v)
+        if load.numel() <= per_expert_max:
+            out |= {f"moe{i}_tokens_e{j}": float(c) for j, c in enumerate(load)}
+    out |= {f"moe_{k}": sum(v) / len(v) for k, v in summary.items()}
+    return out
