@@ -74,7 +74,11 @@ def _names(keys: Any, limit: int = 6) -> str:
 def to_hf_config(cfg: ModelConfig, eos_token_id: int | None = None, bos_token_id: int | None = None,
                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """A LlamaConfig-compatible config.json dict. RoPE is written both as `rope_theta`
-    (transformers 4.x) and as `rope_parameters` (5.x), so either version reads it."""
+    (transformers 4.x) and as `rope_parameters` (5.x), so either version reads it. An MoE config
+    becomes a Mixtral or Qwen2-MoE config (lmforge.models.moe_hf)."""
+    if cfg.moe.n_experts:
+        from lmforge.models.moe_hf import to_hf_moe_config
+        return to_hf_moe_config(cfg, eos_token_id, bos_token_id, dtype)
     if dtype not in _DTYPE_NAMES:
         raise HFFormatError(f"export dtype {dtype} is not supported; allowed: {', '.join(_DTYPE_NAMES.values())}")
     return {
@@ -121,16 +125,30 @@ def _rope_settings(d: Mapping[str, Any]) -> tuple[list[str], float]:
 
 
 def from_hf_config(d: Mapping[str, Any]) -> ModelConfig:
-    """ModelConfig from a Llama config.json dict; refuses, in one line, what our model cannot
-    represent (RoPE scaling, biases, other activations, a head_dim that is not hidden/heads)."""
+    """ModelConfig from a config.json dict: Llama here, Mixtral and Qwen2-MoE by `model_type` in
+    lmforge.models.moe_hf. Refuses, in one line, what our model cannot represent (RoPE scaling,
+    biases, other activations, a head_dim that is not hidden/heads, other families)."""
+    model_type = d.get("model_type")
+    archs = d.get("architectures") or []
+    if model_type in ("mixtral", "qwen2_moe"):
+        from lmforge.models.moe_hf import from_hf_moe_config
+        return from_hf_moe_config(d)
+    if model_type != "llama" and "LlamaForCausalLM" not in archs:
+        raise HFFormatError(f"config.json: model_type = {model_type!r}: only Llama, Mixtral and Qwen2-MoE "
+                            "models (model_type 'llama', 'mixtral', 'qwen2_moe') can be imported")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key, False):
+            raise HFFormatError(f"config.json: {key} = {d.get(key)!r}: biases are not supported; must be false")
+    return checked_config(ModelConfig(**decoder_fields(d)))
+
+
+def decoder_fields(d: Mapping[str, Any], ffn_key: str = "intermediate_size") -> dict[str, Any]:
+    """ModelConfig fields every supported family shares (sizes, heads, norm, RoPE, tying), checked;
+    the dense SwiGLU width is read from `ffn_key`."""
     def bad(key: str, allowed: str) -> HFFormatError:
         return HFFormatError(f"config.json: {key} = {d.get(key)!r}: {allowed}")
 
-    model_type = d.get("model_type")
-    archs = d.get("architectures") or []
-    if model_type != "llama" and "LlamaForCausalLM" not in archs:
-        raise bad("model_type", "only Llama models (model_type 'llama', LlamaForCausalLM) can be imported")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", ffn_key, "vocab_size"):
         if not isinstance(d.get(key), int) or isinstance(d.get(key), bool) or d[key] <= 0:
             raise bad(key, "must be a positive integer")
     dim, n_heads = d["hidden_size"], d["num_attention_heads"]
@@ -140,9 +158,6 @@ def from_hf_config(d: Mapping[str, Any]) -> ModelConfig:
         raise bad("head_dim", f"only hidden_size / num_attention_heads ({dim // n_heads}) is supported")
     if d.get("hidden_act", "silu") not in ("silu", "swish"):
         raise bad("hidden_act", "only 'silu' (SwiGLU) is supported")
-    for key in ("attention_bias", "mlp_bias"):
-        if d.get(key, False):
-            raise bad(key, "biases are not supported; must be false")
     rope_types, theta = _rope_settings(d)
     for rope_type in rope_types:
         if rope_type != "default":
@@ -151,19 +166,22 @@ def from_hf_config(d: Mapping[str, Any]) -> ModelConfig:
     if d.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         raise bad("partial_rotary_factor", "only 1.0 (full rotary) is supported")
     n_kv = d.get("num_key_value_heads") or n_heads
-    cfg = ModelConfig(
+    return dict(
         dim=dim,
         n_layers=d["num_hidden_layers"],
         n_heads=n_heads,
         n_kv_heads=None if n_kv == n_heads else n_kv,
         vocab_size=d["vocab_size"],
-        ffn_hidden=d["intermediate_size"],
+        ffn_hidden=d[ffn_key],
         norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         max_seq_len=int(d.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         init_std=float(d.get("initializer_range", 0.02)),
     )
+
+
+def checked_config(cfg: ModelConfig) -> ModelConfig:
     try:
         cfg.validate()
     except ConfigError as e:
@@ -180,6 +198,9 @@ def _strip_wrappers(name: str) -> str:
 
 def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our names -> HF names. With tied embeddings HF stores no lm_head.weight, so it is dropped."""
+    if cfg.moe.n_experts:
+        from lmforge.models.moe_hf import to_hf_moe_state_dict
+        return to_hf_moe_state_dict(sd, cfg)
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
         name = _strip_wrappers(name)
@@ -198,6 +219,9 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 def from_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF names -> our names. Drops lm_head.weight when tied (some exports keep it) and stored
     rotary inv_freq buffers; any other unknown name is an error naming it."""
+    if cfg.moe.n_experts:
+        from lmforge.models.moe_hf import from_hf_moe_state_dict
+        return from_hf_moe_state_dict(sd, cfg)
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for name, t in sd.items():
@@ -274,7 +298,8 @@ def _atomic_dir(out_dir: Path, write: Any, overwrite: bool) -> Path:
 
 def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, tokenizer_json: Path | None = None,
               dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
-    """Write a directory `transformers.LlamaForCausalLM.from_pretrained` loads: config.json,
+    """Write a directory `transformers.AutoModelForCausalLM.from_pretrained` loads (Llama, or for
+    an MoE model Mixtral / Qwen2-MoE, named in `architectures`): config.json,
     model.safetensors, generation_config.json, and with a tokenizer tokenizer.json,
     tokenizer_config.json, special_tokens_map.json (AutoTokenizer loads it). Atomic."""
     eos_id = None
@@ -356,7 +381,8 @@ def read_hf_weights(hf_dir: Path, device: torch.device | str = "cpu") -> dict[st
 
 def import_hf(hf_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
               ) -> tuple[Transformer, ModelConfig]:
-    """Build our Transformer from a HF Llama directory (config.json + safetensors, sharded or not).
+    """Build our Transformer from a HF Llama, Mixtral or Qwen2-MoE directory (config.json +
+    safetensors, sharded or not).
     The model is built on meta and the loaded tensors are assigned, so weights are never held twice.
     `dtype=None` keeps the stored dtype."""
     cfg = from_hf_config(read_hf_config(hf_dir))
