@@ -29,7 +29,6 @@ import torch
 
 from lmforge.config import ModelConfig, MoEConfig
 from lmforge.models.llama.hf import (
-    _DTYPE_NAMES,
     _HF_IGNORED,
     _LAYER_RENAMES,
     _TOP_RENAMES,
@@ -40,6 +39,7 @@ from lmforge.models.llama.hf import (
     _strip_wrappers,
     checked_config,
     decoder_fields,
+    decoder_hf_config,
 )
 
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
@@ -118,34 +118,14 @@ def hf_family(cfg: ModelConfig) -> str:
 def to_hf_moe_config(cfg: ModelConfig, eos_token_id: int | None = None, bos_token_id: int | None = None,
                      dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """config.json for the family `hf_family(cfg)` picks (it raises when neither fits)."""
-    if dtype not in _DTYPE_NAMES:
-        raise HFFormatError(f"export dtype {dtype} is not supported; allowed: {', '.join(_DTYPE_NAMES.values())}")
     family, m = hf_family(cfg), cfg.moe
     d: dict[str, Any] = {
         "architectures": [ARCHITECTURES[family]],
         "model_type": family,
-        "hidden_size": cfg.dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "max_position_embeddings": cfg.max_seq_len,
-        "vocab_size": cfg.vocab_size,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_dropout": 0.0,
+        **decoder_hf_config(cfg, eos_token_id, bos_token_id, dtype),
         "num_experts_per_tok": m.top_k,
         "router_aux_loss_coef": m.aux_loss_coef,
         "output_router_logits": m.aux_loss_coef > 0,
-        "initializer_range": cfg.init_std,
-        "use_cache": True,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": None,
-        "torch_dtype": _DTYPE_NAMES[dtype],
     }
     if family == "mixtral":
         d.update(intermediate_size=cfg.expert_hidden_size, num_local_experts=m.n_experts,

@@ -79,13 +79,19 @@ def to_hf_config(cfg: ModelConfig, eos_token_id: int | None = None, bos_token_id
     if cfg.moe.n_experts:
         from lmforge.models.moe_hf import to_hf_moe_config
         return to_hf_moe_config(cfg, eos_token_id, bos_token_id, dtype)
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            **decoder_hf_config(cfg, eos_token_id, bos_token_id, dtype),
+            "intermediate_size": cfg.ffn_hidden_size, "attention_bias": False, "mlp_bias": False,
+            "pretraining_tp": 1}
+
+
+def decoder_hf_config(cfg: ModelConfig, eos_token_id: int | None, bos_token_id: int | None,
+                      dtype: torch.dtype) -> dict[str, Any]:
+    """The config.json keys every exported family shares (sizes, heads, norm, RoPE, tokens, dtype)."""
     if dtype not in _DTYPE_NAMES:
         raise HFFormatError(f"export dtype {dtype} is not supported; allowed: {', '.join(_DTYPE_NAMES.values())}")
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
         "hidden_size": cfg.dim,
-        "intermediate_size": cfg.ffn_hidden_size,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.kv_heads,
@@ -97,10 +103,7 @@ def to_hf_config(cfg: ModelConfig, eos_token_id: int | None = None, bos_token_id
         "max_position_embeddings": cfg.max_seq_len,
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
         "initializer_range": cfg.init_std,
         "use_cache": True,
         "bos_token_id": bos_token_id,
