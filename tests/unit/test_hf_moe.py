@@ -22,7 +22,7 @@ from lmforge.models.llama.hf import (
     to_hf_config,
     to_hf_state_dict,
 )
-from lmforge.models.llama.model import Transformer, build_model
+from lmforge.models.llama.model import Transformer, build_model, count_params
 
 transformers = pytest.importorskip("transformers")
 
@@ -237,3 +237,34 @@ def test_missing_expert_and_unexpected_weights_are_named(tmp_path: Path):
     with pytest.raises(HFFormatError, match="unexpected weights.*shared_expert_gate"):
         import_hf(out)
     assert json.loads((out / "config.json").read_text())["model_type"] == "mixtral"
+
+
+def test_published_configs_map_to_their_published_sizes():
+    """Mixtral-8x7B and Qwen1.5-MoE-A2.7B config.json values (typed in, no download) give the
+    published totals (46.7B / 12.9B active; 14.3B / 2.7B active) through our config and count."""
+    mixtral = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+               "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2,
+               "rope_theta": 1e6, "rms_norm_eps": 1e-5, "max_position_embeddings": 32768, "sliding_window": None,
+               "router_aux_loss_coef": 0.02, "output_router_logits": False, "hidden_act": "silu"}
+    c = count_params(from_hf_config(mixtral))
+    assert (c["total"], c["active"]) == (46_702_792_704, 12_879_925_248)
+    qwen = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": 2048,
+            "intermediate_size": 5632, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+            "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 151936,
+            "num_experts": 60, "num_experts_per_tok": 4, "norm_topk_prob": False, "decoder_sparse_step": 1,
+            "rope_theta": 1e6, "rms_norm_eps": 1e-6, "max_position_embeddings": 8192, "use_sliding_window": False,
+            "sliding_window": 32768, "max_window_layers": 21, "hidden_act": "silu"}
+    cfg = from_hf_config(qwen)
+    assert (cfg.moe.n_shared_experts, cfg.qkv_bias, cfg.moe.norm_topk) == (4, True, False)
+    c = count_params(cfg)
+    assert round(c["total"] / 1e9, 1) == 14.3 and round(c["active"] / 1e9, 1) == 2.7
+
+
+def test_count_params_counts_qkv_bias_and_dense_layers():
+    cfg = native_cfg(n_shared_experts=1, shared_expert_gate=True, dense_layers=[1])
+    cfg = ModelConfig(**{**cfg.__dict__, "qkv_bias": True})
+    model = build_model(cfg, seed=0)
+    assert [cfg.is_moe_layer(i) for i in range(3)] == [True, False, True]
+    assert model.layers["0"].attention.wk.bias.shape == (16,) and not model.layers["1"].attention.wq.bias.any()
+    assert count_params(cfg)["total"] == sum(p.numel() for p in model.parameters())
