@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.serve.generate import load_for_generation
+from lmforge.serve.generate import generate, load_for_generation
 from tests.conftest import run_cli, tiny_run_args
 
 transformers = pytest.importorskip("transformers")
@@ -48,6 +48,11 @@ def test_moe_export_loads_in_transformers_and_import_generates_identically(moe_r
     x = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-5
+    # KV-cached greedy decoding agrees with transformers' generate token for token.
+    prompt = [int(t) for t in x[0, :8]]
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)[0, len(prompt):].tolist()
+    assert generate(ours, prompt, max_new_tokens=10)[0] == theirs and len(theirs) == 10
 
     assert main(["import", str(hf_dir), str(imported)]) == 0
     capsys.readouterr()
