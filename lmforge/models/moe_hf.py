@@ -102,13 +102,15 @@ def hf_family(cfg: ModelConfig) -> str:
     HFFormatError naming what stands in the way (one line)."""
     common = _router_refusals(cfg.moe)
     if common:
-        raise HFFormatError("cannot export to Hugging Face (Mixtral / Qwen2-MoE): " + "; ".join(common))
+        raise HFFormatError("cannot export this Mixture-of-Experts model to Hugging Face (Mixtral / Qwen2-MoE): "
+                            + "; ".join(common))
     mixtral, qwen = _mixtral_refusals(cfg), _qwen2_moe_refusals(cfg)
     if not mixtral:
         return "mixtral"
     if not qwen:
         return "qwen2_moe"
-    raise HFFormatError("cannot export to Hugging Face: Mixtral needs no " + "; ".join(mixtral)
+    raise HFFormatError("cannot export this Mixture-of-Experts model to Hugging Face: Mixtral needs no "
+                        + "; ".join(mixtral)
                         + " | Qwen2-MoE needs " + "; ".join(qwen))
 
 
