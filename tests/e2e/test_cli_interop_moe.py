@@ -39,8 +39,12 @@ def greedy(source: Path, capsys) -> str:
 def test_moe_export_loads_in_transformers_and_import_generates_identically(moe_run: Path, tmp_path: Path,
                                                                            capsys) -> None:
     hf_dir, imported = tmp_path / "hf", tmp_path / "imported"
-    assert main(["export", str(moe_run), str(hf_dir)]) == 0
+    assert main(["export", str(moe_run), str(hf_dir), "--max-shard-size", "100KB"]) == 0
     assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["Qwen2MoeForCausalLM"]
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
+    assert sorted(p.name for p in hf_dir.glob("*.safetensors")) == shards
     ours, cfg, _ = load_for_generation(moe_run)
     assert cfg.moe.n_experts == 4 and not cfg.is_moe_layer(0) and cfg.is_moe_layer(1)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

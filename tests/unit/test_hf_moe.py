@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge.cli import _byte_size
 from lmforge.config import ModelConfig, MoEConfig
 from lmforge.models.llama.hf import (
     HFFormatError,
@@ -19,6 +20,7 @@ from lmforge.models.llama.hf import (
     from_hf_config,
     from_hf_state_dict,
     import_hf,
+    shard_groups,
     to_hf_config,
     to_hf_state_dict,
 )
@@ -268,3 +270,14 @@ def test_count_params_counts_qkv_bias_and_dense_layers():
     assert [cfg.is_moe_layer(i) for i in range(3)] == [True, False, True]
     assert model.layers["0"].attention.wk.bias.shape == (16,) and not model.layers["1"].attention.wq.bias.any()
     assert count_params(cfg)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_shard_groups_and_sizes():
+    t = {n: torch.zeros(k) for n, k in [("a", 10), ("b", 10), ("big", 100), ("c", 5)]}  # fp32: 4 bytes each
+    assert shard_groups(t, None) == [["a", "b", "big", "c"]]
+    assert shard_groups(t, 80) == [["a", "b"], ["big"], ["c"]]
+    assert shard_groups(t, 10**6) == [["a", "b", "big", "c"]]
+    assert (_byte_size("5GB"), _byte_size("500mb"), _byte_size("64KB"), _byte_size("123")) == (
+        5 * 10**9, 500 * 10**6, 64_000, 123)
+    with pytest.raises(Exception, match="positive size"):
+        _byte_size("-1GB")

@@ -299,12 +299,46 @@ def _atomic_dir(out_dir: Path, write: Any, overwrite: bool) -> Path:
     return out_dir
 
 
+def shard_groups(tensors: Mapping[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
+    """Tensor names split, in order, into groups of at most `max_bytes` each (a tensor larger than
+    that gets a group of its own); one group when `max_bytes` is None or everything fits."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if max_bytes is not None and groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    return groups
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], d: Path, max_shard_bytes: int | None) -> None:
+    """model.safetensors, or model-0000i-of-0000N.safetensors + model.safetensors.index.json (the
+    layout `save_pretrained` writes) when the weights exceed `max_shard_bytes`."""
+    groups = shard_groups(tensors, max_shard_bytes)
+    if len(groups) == 1:
+        save_file(tensors, str(d / SAFETENSORS_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, names in enumerate(groups, 1):
+        fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: tensors[k] for k in names}, str(d / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (d / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
 def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, tokenizer_json: Path | None = None,
-              dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
+              dtype: torch.dtype = torch.float32, overwrite: bool = False,
+              max_shard_bytes: int | None = None) -> Path:
     """Write a directory `transformers.AutoModelForCausalLM.from_pretrained` loads (Llama, or for
     an MoE model Mixtral / Qwen2-MoE, named in `architectures`): config.json,
     model.safetensors, generation_config.json, and with a tokenizer tokenizer.json,
-    tokenizer_config.json, special_tokens_map.json (AutoTokenizer loads it). Atomic."""
+    tokenizer_config.json, special_tokens_map.json (AutoTokenizer loads it). Weights above
+    `max_shard_bytes` are split into shards with an index (big MoE models). Atomic."""
     eos_id = None
     tok_files = None
     if tokenizer_json is not None:
@@ -317,7 +351,7 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, tokenizer
                for k, v in sd.items()}
 
     def write(d: Path) -> None:
-        save_file(tensors, str(d / SAFETENSORS_FILE), metadata={"format": "pt"})
+        _save_safetensors(tensors, d, max_shard_bytes)
         (d / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         gen = {"_from_model_config": True, "bos_token_id": eos_id, "eos_token_id": eos_id}
         (d / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
