@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the weights into safetensors shards of at most SIZE (e.g. 5GB, 500MB) + an index")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="turn a Hugging Face Llama directory into an lmforge run")
+    p = sub.add_parser("import", help="turn a Hugging Face Llama, Mixtral or Qwen2-MoE directory into an lmforge run")
     p.add_argument("hf_dir")
     p.add_argument("out", help="run directory to create")
     p.set_defaults(func=cmd_import)
