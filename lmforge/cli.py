@@ -176,7 +176,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, cfg, tokenizer_json = load_for_generation(Path(args.source))
     export_hf(model, cfg, Path(args.out), tokenizer_json=tokenizer_json, dtype=DTYPES[args.dtype],
-              overwrite=args.overwrite)
+              overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
     print(f"exported {args.source} -> {args.out} (config.json, model.safetensors"
           f"{', tokenizer' if tokenizer_json else ''})")
     return 0
@@ -255,7 +255,22 @@ def cmd_ckpt_convert(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({', '.join(f'{k}: {len(v)}' for k, v in nested.items())} entries)")
         return 0
     args.source, args.dtype = args.path, args.dtype or "fp32"
+    args.max_shard_size = getattr(args, "max_shard_size", None)
     return cmd_export(args)
+
+
+def _byte_size(text: str) -> int:
+    """'5GB', '500MB', '64KB' (powers of 1000, like save_pretrained's max_shard_size) or bytes."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    t = text.strip().upper()
+    unit = next((u for u in units if t.endswith(u)), "B")
+    try:
+        n = float(t[: len(t) - len(unit)] if t.endswith(unit) else t)
+    except ValueError:
+        n = -1.0
+    if not n > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive size such as 5GB, 500MB or 64KB")
+    return int(n * units[unit])
 
 
 RECIPE_USAGE = "[RECIPE.toml] [--section.key value ...]"
@@ -308,9 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype on disk")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--max-shard-size", type=_byte_size, default=None, metavar="SIZE",
+                   help="split the weights into safetensors shards of at most SIZE (e.g. 5GB, 500MB) + an index")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="turn a Hugging Face Llama directory into an lmforge run")
+    p = sub.add_parser("import", help="turn a Hugging Face Llama, Mixtral or Qwen2-MoE directory into an lmforge run")
     p.add_argument("hf_dir")
     p.add_argument("out", help="run directory to create")
     p.set_defaults(func=cmd_import)

@@ -53,6 +53,8 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     bias_update_rate: float = 0.0
     capacity_factor: float = 0.0
+    # Layers kept dense whatever the pattern above says (Qwen2-MoE `mlp_only_layers`).
+    dense_layers: list[int] = field(default_factory=list)
 
     def validate(self, section: str = "model.moe") -> None:
         require(self.n_experts >= 0, f"{section}.n_experts", self.n_experts, "must be >= 0 (0 = dense)")
@@ -65,6 +67,8 @@ class MoEConfig:
             require(self.expert_hidden > 0, f"{section}.expert_hidden", self.expert_hidden, "must be > 0")
         require(self.first_k_dense >= 0, f"{section}.first_k_dense", self.first_k_dense, "must be >= 0")
         require(self.layer_interval >= 1, f"{section}.layer_interval", self.layer_interval, "must be >= 1")
+        require(all(i >= 0 for i in self.dense_layers), f"{section}.dense_layers", self.dense_layers,
+                "must be layer indices >= 0")
         require(self.route_scale > 0, f"{section}.route_scale", self.route_scale, "must be > 0")
         for n in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
             v = getattr(self, n)
@@ -100,12 +104,14 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
+    qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2 family)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` has a Mixture-of-Experts feed-forward (see MoEConfig)."""
         m = self.moe
-        return m.n_experts > 0 and layer >= m.first_k_dense and (layer - m.first_k_dense) % m.layer_interval == 0
+        return (m.n_experts > 0 and layer >= m.first_k_dense and (layer - m.first_k_dense) % m.layer_interval == 0
+                and layer not in m.dense_layers)
 
     @property
     def expert_hidden_size(self) -> int:
@@ -148,6 +154,10 @@ class ModelConfig:
         if self.moe.n_experts:
             require(self.moe.first_k_dense < self.n_layers, f"{section}.moe.first_k_dense", self.moe.first_k_dense,
                     f"must be < {section}.n_layers ({self.n_layers}) or no layer is MoE")
+            require(all(i < self.n_layers for i in self.moe.dense_layers), f"{section}.moe.dense_layers",
+                    self.moe.dense_layers, f"must be layer indices < {section}.n_layers ({self.n_layers})")
+            require(any(self.is_moe_layer(i) for i in range(self.n_layers)), f"{section}.moe.dense_layers",
+                    self.moe.dense_layers, "leaves no MoE layer; set n_experts = 0 for a dense model")
 
 
 @dataclass

@@ -74,17 +74,27 @@ def _names(keys: Any, limit: int = 6) -> str:
 def to_hf_config(cfg: ModelConfig, eos_token_id: int | None = None, bos_token_id: int | None = None,
                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """A LlamaConfig-compatible config.json dict. RoPE is written both as `rope_theta`
-    (transformers 4.x) and as `rope_parameters` (5.x), so either version reads it."""
+    (transformers 4.x) and as `rope_parameters` (5.x), so either version reads it. An MoE config
+    becomes a Mixtral or Qwen2-MoE config (lmforge.models.moe_hf)."""
+    if cfg.moe.n_experts:
+        from lmforge.models.moe_hf import to_hf_moe_config
+        return to_hf_moe_config(cfg, eos_token_id, bos_token_id, dtype)
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            **decoder_hf_config(cfg, eos_token_id, bos_token_id, dtype),
+            "intermediate_size": cfg.ffn_hidden_size, "attention_bias": False, "mlp_bias": False,
+            "pretraining_tp": 1}
+
+
+def decoder_hf_config(cfg: ModelConfig, eos_token_id: int | None, bos_token_id: int | None,
+                      dtype: torch.dtype) -> dict[str, Any]:
+    """The config.json keys every exported family shares (sizes, heads, norm, RoPE, tokens, dtype)."""
     if dtype not in _DTYPE_NAMES:
         raise HFFormatError(f"export dtype {dtype} is not supported; allowed: {', '.join(_DTYPE_NAMES.values())}")
     if cfg.moe.n_experts:
         raise HFFormatError("Mixture-of-Experts models cannot be exported to Hugging Face yet (Mixtral / "
                             "Qwen2-MoE adapters are still to come)")
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
         "hidden_size": cfg.dim,
-        "intermediate_size": cfg.ffn_hidden_size,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.kv_heads,
@@ -96,10 +106,7 @@ def to_hf_config(cfg: ModelConfig, eos_token_id: int | None = None, bos_token_id
         "max_position_embeddings": cfg.max_seq_len,
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
         "initializer_range": cfg.init_std,
         "use_cache": True,
         "bos_token_id": bos_token_id,
@@ -124,16 +131,30 @@ def _rope_settings(d: Mapping[str, Any]) -> tuple[list[str], float]:
 
 
 def from_hf_config(d: Mapping[str, Any]) -> ModelConfig:
-    """ModelConfig from a Llama config.json dict; refuses, in one line, what our model cannot
-    represent (RoPE scaling, biases, other activations, a head_dim that is not hidden/heads)."""
+    """ModelConfig from a config.json dict: Llama here, Mixtral and Qwen2-MoE by `model_type` in
+    lmforge.models.moe_hf. Refuses, in one line, what our model cannot represent (RoPE scaling,
+    biases, other activations, a head_dim that is not hidden/heads, other families)."""
+    model_type = d.get("model_type")
+    archs = d.get("architectures") or []
+    if model_type in ("mixtral", "qwen2_moe"):
+        from lmforge.models.moe_hf import from_hf_moe_config
+        return from_hf_moe_config(d)
+    if model_type != "llama" and "LlamaForCausalLM" not in archs:
+        raise HFFormatError(f"config.json: model_type = {model_type!r}: only Llama, Mixtral and Qwen2-MoE "
+                            "models (model_type 'llama', 'mixtral', 'qwen2_moe') can be imported")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key, False):
+            raise HFFormatError(f"config.json: {key} = {d.get(key)!r}: biases are not supported; must be false")
+    return checked_config(ModelConfig(**decoder_fields(d)))
+
+
+def decoder_fields(d: Mapping[str, Any], ffn_key: str = "intermediate_size") -> dict[str, Any]:
+    """ModelConfig fields every supported family shares (sizes, heads, norm, RoPE, tying), checked;
+    the dense SwiGLU width is read from `ffn_key`."""
     def bad(key: str, allowed: str) -> HFFormatError:
         return HFFormatError(f"config.json: {key} = {d.get(key)!r}: {allowed}")
 
-    model_type = d.get("model_type")
-    archs = d.get("architectures") or []
-    if model_type != "llama" and "LlamaForCausalLM" not in archs:
-        raise bad("model_type", "only Llama models (model_type 'llama', LlamaForCausalLM) can be imported")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", ffn_key, "vocab_size"):
         if not isinstance(d.get(key), int) or isinstance(d.get(key), bool) or d[key] <= 0:
             raise bad(key, "must be a positive integer")
     dim, n_heads = d["hidden_size"], d["num_attention_heads"]
@@ -143,9 +164,6 @@ def from_hf_config(d: Mapping[str, Any]) -> ModelConfig:
         raise bad("head_dim", f"only hidden_size / num_attention_heads ({dim // n_heads}) is supported")
     if d.get("hidden_act", "silu") not in ("silu", "swish"):
         raise bad("hidden_act", "only 'silu' (SwiGLU) is supported")
-    for key in ("attention_bias", "mlp_bias"):
-        if d.get(key, False):
-            raise bad(key, "biases are not supported; must be false")
     rope_types, theta = _rope_settings(d)
     for rope_type in rope_types:
         if rope_type != "default":
@@ -154,19 +172,22 @@ def from_hf_config(d: Mapping[str, Any]) -> ModelConfig:
     if d.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         raise bad("partial_rotary_factor", "only 1.0 (full rotary) is supported")
     n_kv = d.get("num_key_value_heads") or n_heads
-    cfg = ModelConfig(
+    return dict(
         dim=dim,
         n_layers=d["num_hidden_layers"],
         n_heads=n_heads,
         n_kv_heads=None if n_kv == n_heads else n_kv,
         vocab_size=d["vocab_size"],
-        ffn_hidden=d["intermediate_size"],
+        ffn_hidden=d[ffn_key],
         norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         max_seq_len=int(d.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         init_std=float(d.get("initializer_range", 0.02)),
     )
+
+
+def checked_config(cfg: ModelConfig) -> ModelConfig:
     try:
         cfg.validate()
     except ConfigError as e:
@@ -183,6 +204,9 @@ def _strip_wrappers(name: str) -> str:
 
 def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our names -> HF names. With tied embeddings HF stores no lm_head.weight, so it is dropped."""
+    if cfg.moe.n_experts:
+        from lmforge.models.moe_hf import to_hf_moe_state_dict
+        return to_hf_moe_state_dict(sd, cfg)
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
         name = _strip_wrappers(name)
@@ -201,6 +225,9 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 def from_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF names -> our names. Drops lm_head.weight when tied (some exports keep it) and stored
     rotary inv_freq buffers; any other unknown name is an error naming it."""
+    if cfg.moe.n_experts:
+        from lmforge.models.moe_hf import from_hf_moe_state_dict
+        return from_hf_moe_state_dict(sd, cfg)
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for name, t in sd.items():
@@ -275,11 +302,46 @@ def _atomic_dir(out_dir: Path, write: Any, overwrite: bool) -> Path:
     return out_dir
 
 
+def shard_groups(tensors: Mapping[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
+    """Tensor names split, in order, into groups of at most `max_bytes` each (a tensor larger than
+    that gets a group of its own); one group when `max_bytes` is None or everything fits."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if max_bytes is not None and groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    return groups
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], d: Path, max_shard_bytes: int | None) -> None:
+    """model.safetensors, or model-0000i-of-0000N.safetensors + model.safetensors.index.json (the
+    layout `save_pretrained` writes) when the weights exceed `max_shard_bytes`."""
+    groups = shard_groups(tensors, max_shard_bytes)
+    if len(groups) == 1:
+        save_file(tensors, str(d / SAFETENSORS_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, names in enumerate(groups, 1):
+        fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: tensors[k] for k in names}, str(d / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (d / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
 def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, tokenizer_json: Path | None = None,
-              dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
-    """Write a directory `transformers.LlamaForCausalLM.from_pretrained` loads: config.json,
+              dtype: torch.dtype = torch.float32, overwrite: bool = False,
+              max_shard_bytes: int | None = None) -> Path:
+    """Write a directory `transformers.AutoModelForCausalLM.from_pretrained` loads (Llama, or for
+    an MoE model Mixtral / Qwen2-MoE, named in `architectures`): config.json,
     model.safetensors, generation_config.json, and with a tokenizer tokenizer.json,
-    tokenizer_config.json, special_tokens_map.json (AutoTokenizer loads it). Atomic."""
+    tokenizer_config.json, special_tokens_map.json (AutoTokenizer loads it). Weights above
+    `max_shard_bytes` are split into shards with an index (big MoE models). Atomic."""
     eos_id = None
     tok_files = None
     if tokenizer_json is not None:
@@ -292,7 +354,7 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, tokenizer
                for k, v in sd.items()}
 
     def write(d: Path) -> None:
-        save_file(tensors, str(d / SAFETENSORS_FILE), metadata={"format": "pt"})
+        _save_safetensors(tensors, d, max_shard_bytes)
         (d / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         gen = {"_from_model_config": True, "bos_token_id": eos_id, "eos_token_id": eos_id}
         (d / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -359,7 +421,8 @@ def read_hf_weights(hf_dir: Path, device: torch.device | str = "cpu") -> dict[st
 
 def import_hf(hf_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
               ) -> tuple[Transformer, ModelConfig]:
-    """Build our Transformer from a HF Llama directory (config.json + safetensors, sharded or not).
+    """Build our Transformer from a HF Llama, Mixtral or Qwen2-MoE directory (config.json +
+    safetensors, sharded or not).
     The model is built on meta and the loaded tensors are assigned, so weights are never held twice.
     `dtype=None` keeps the stored dtype."""
     cfg = from_hf_config(read_hf_config(hf_dir))

@@ -26,7 +26,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.qkv_bias)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         self.feed_forward: SwiGLU | MoE = (MoE(cfg.dim, cfg.expert_hidden_size, cfg.moe) if self.is_moe
@@ -125,7 +125,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameter count from the config alone (no tensors), by hand: used by `lmforge sizes`."""
     d, h, kv, hd, f, v = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size
-    attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+    attn = d * h * hd + 2 * d * kv * hd + h * hd * d + ((h + 2 * kv) * hd if cfg.qkv_bias else 0)
     layers = [attn + (moe_ffn_params(cfg)["total"] if cfg.is_moe_layer(i) else 3 * d * f) + 2 * d
               for i in range(cfg.n_layers)]
     embedding = v * d
