@@ -36,6 +36,7 @@ from lmforge.parallel.ac import apply_activation_checkpointing
 from lmforge.parallel.clip import clip_grad_norm_
 from lmforge.parallel.compile import apply_compile
 from lmforge.parallel.ddp import apply_ddp
+from lmforge.parallel.ep import apply_ep, apply_expert_fsdp
 from lmforge.parallel.fsdp import apply_fsdp
 from lmforge.parallel.mesh import DistInfo, build_mesh, init_distributed, shutdown_distributed
 from lmforge.parallel.pp import (
@@ -155,13 +156,17 @@ class Trainer:
             model.init_weights(self.device)
 
     def _parallelize(self, module: torch.nn.Module, pipeline: bool) -> None:
-        """TP -> activation checkpointing -> compile -> FSDP2, in place (DESIGN.md's order)."""
+        """TP -> EP -> activation checkpointing -> compile -> FSDP2, in place (DESIGN.md's order)."""
         cfg, degrees = self.cfg, self.mesh.degrees
         if degrees["tp"] > 1:
             apply_tp(module, self.mesh["tp"], cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel)
+        if degrees["ep"] > 1:
+            apply_ep(module, self.mesh["ep"])
         apply_activation_checkpointing(module, cfg.train.activation_checkpointing, cfg.train.ac_every)
         if cfg.train.compile:
             apply_compile(module)
+        if degrees["ep"] > 1:  # experts over dp_shard / ep first; the blocks then leave them alone
+            apply_expert_fsdp(module, self.mesh.expert_fsdp, cfg.parallel, self.dp_mesh.size())
         if degrees["dp_shard"] > 1:
             apply_fsdp(module, self.mesh.fsdp, cfg.parallel, self.device, pipeline=pipeline)
 
@@ -176,7 +181,8 @@ class Trainer:
         use_fsdp = degrees["dp_shard"] > 1
         # DDP and one process need whole weights; so does TP on CPU, where DTensor has no RNG
         # tracker and shards initialised after sharding would repeat each other.
-        full = self._full_init(model) or not use_fsdp or (degrees["tp"] > 1 and self.device.type == "cpu")
+        full = self._full_init(model) or not use_fsdp or (degrees["tp"] > 1 and self.device.type == "cpu") \
+            or (degrees["ep"] > 1 and self.device.type == "cpu")
         if full:
             self._materialise(model)
         layout = " x ".join(f"{k}={v}" for k, v in degrees.items() if v > 1) or "single process"
