@@ -14,10 +14,14 @@ hooks (`torch.distributed.tensor.distribute_module` input/output functions) move
     combine:  the inverse permutation, then the reverse all-to-all back to the source ranks;
               `moe.combine` then scatter-adds with the router weights as in one process.
 
-Gradient scale: a rank's expert gradients sum the contributions of the tokens of all ranks of
-its ep group (each from its own rank's mean loss), and FSDP2 over the remaining dp_shard/ep
-ranks sums over those; dividing by the whole data-parallel world (`set_gradient_divide_factor`)
-gives the mean over all ranks, as for dense weights. See `apply_expert_fsdp`.
+Gradient scale: a rank's expert gradients sum the contributions of the tokens of all `ep` ranks
+of its group (each from its own rank's mean loss), so the combine scales the gradient that enters
+the experts by 1/ep and the dispatch scales the tokens' gradient back by ep (exact for powers of
+two): the expert weights get the mean over their ep group, the tokens their own gradient. FSDP2
+over the remaining dp_shard/ep (x dp_replicate) ranks then averages as it does for dense weights:
+mean over all data-parallel ranks. (FSDP2's `set_gradient_divide_factor` would do the same in one
+place, but needs PREMUL_SUM, which gloo lacks, and its sum-only fallback lost the factor under
+gradient accumulation on a 1-rank mesh in torch 2.13.)
 """
 
 from __future__ import annotations
@@ -34,6 +38,19 @@ from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 
 from lmforge.config import ParallelConfig
 from lmforge.models.common.moe import MoE
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `factor` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
 
 
 def _split_sizes(counts: torch.Tensor, ranks: int) -> list[int]:
@@ -70,9 +87,12 @@ class _Dispatcher:
         block = torch.repeat_interleave(torch.arange(p * n, device=xs.device), by_expert_sizes, output_size=total)
         offset = torch.arange(total, device=xs.device) - (torch.cumsum(by_expert_sizes, 0) - by_expert_sizes)[block]
         self.order = by_expert_starts[block] + offset
-        return got[self.order], blocks.sum(0)
+        # Expert weights see the tokens of all `p` ranks: their gradient is scaled by 1/p (see combine),
+        # the tokens' own gradient is scaled back by p here, so it leaves the experts unchanged.
+        return _ScaleGrad.apply(got[self.order], float(p)), blocks.sum(0)
 
     def combine(self, module: nn.Module, ys: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        ys = _ScaleGrad.apply(ys, 1.0 / self.ranks)
         back = torch.empty_like(ys).index_copy(0, self.order, ys) if ys.shape[0] else ys
         out = all_to_all_single_autograd(back, self.input_splits, self.output_splits, self.group)
         self.order = None
@@ -107,20 +127,15 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> int:
     return n
 
 
-def apply_expert_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, dp_world: int,
-                      pipeline: bool = False) -> None:
+def apply_expert_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, pipeline: bool = False) -> None:
     """fully_shard each MoE layer's (ep-sharded) experts over `mesh`, the data-parallel ranks
     that hold the same experts (dp_shard / ep, times dp_replicate for HSDP), before the blocks are
-    sharded over all of dp_shard (those then leave the experts alone). Gradients are divided by
-    the whole data-parallel world `dp_world` (see the module docstring), not by `mesh`'s size."""
+    sharded over all of dp_shard (those then leave the experts alone). FSDP2 averages over `mesh`;
+    the 1/ep for the ep group is applied by the dispatch (see the module docstring)."""
     param_dtype = torch.bfloat16 if cfg.fsdp_param_dtype == "bf16" else torch.float32
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    gloo = dist.get_backend(mesh.get_group(0)) == "gloo"
     # The experts are most of an MoE model's weights: free them after forward like the blocks.
     reshard = cfg.fsdp_reshard_after_forward != "never" and not pipeline
     for mod in model.modules():
         if isinstance(mod, MoE):
             fully_shard(mod.experts, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-            mod.experts.set_gradient_divide_factor(float(dp_world))
-            if gloo:  # gloo has no PREMUL_SUM: plain sums with the division before and after
-                mod.experts.set_force_sum_reduction_for_comms(True)
