@@ -298,7 +298,8 @@ class ParallelConfig:
     j*E/P .. (j+1)*E/P - 1, tokens reach them by all-to-all) and FSDP-sharded over the D/P ranks
     that hold the same experts. So "ep=2 x dp_shard=2" runs on 2 ranks (each owns half the experts;
     the dense weights are FSDP-sharded over both); on 4 ranks it is dp_shard=4, ep=2: ep groups
-    {0,1} and {2,3}, experts FSDP-sharded over {0,2} and {1,3}. Not with tp > 1 or pp > 1 yet."""
+    {0,1} and {2,3}, experts FSDP-sharded over {0,2} and {1,3}. Composes with dp_replicate (HSDP)
+    and pp (within each stage); not with tp > 1 yet."""
 
     dp_replicate: int = 1
     dp_shard: int = -1
@@ -373,8 +374,8 @@ class ParallelConfig:
                     f"must divide model.moe.n_experts ({model.moe.n_experts})")
             require(r.dp_shard % r.ep == 0, "parallel.ep", r.ep,
                     f"must divide parallel.dp_shard ({r.dp_shard}): expert parallel borrows dp_shard ranks")
-            require(r.tp == 1 and r.pp == 1, "parallel.ep", r.ep,
-                    f"does not combine with tp ({r.tp}) or pp ({r.pp}) yet; use ep with dp_shard (and dp_replicate)")
+            require(r.tp == 1, "parallel.ep", r.ep,
+                    f"does not combine with tp ({r.tp}) yet; use ep with dp_shard (and dp_replicate, pp)")
         if model.moe.n_experts:
             # MoE layers have no w1/w3/w2 Linears for the TP plan; expert parallel (ep) comes next.
             require(r.tp == 1, "parallel.tp", r.tp, "must be 1 with MoE layers (model.moe.n_experts > 0) for now")

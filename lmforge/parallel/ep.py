@@ -72,6 +72,8 @@ class _Dispatcher:
 
     def dispatch(self, module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple[torch.Tensor, torch.Tensor]:
         xs, counts = inputs
+        if xs.device.type == "meta":  # shape inference (pipeline stages): no tokens to move
+            return xs, counts
         p, n = self.ranks, self.local_experts
         # recv[s, l]: assignments rank s sends to my local expert l. int64 all-to-all is fine on gloo/nccl.
         recv = torch.empty_like(counts)
@@ -92,6 +94,8 @@ class _Dispatcher:
         return _ScaleGrad.apply(got[self.order], float(p)), blocks.sum(0)
 
     def combine(self, module: nn.Module, ys: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        if ys.device.type == "meta":
+            return ys
         ys = _ScaleGrad.apply(ys, 1.0 / self.ranks)
         back = torch.empty_like(ys).index_copy(0, self.order, ys) if ys.shape[0] else ys
         out = all_to_all_single_autograd(back, self.input_splits, self.output_splits, self.group)

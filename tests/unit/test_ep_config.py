@@ -20,7 +20,7 @@ RULES = [
     ("ep borrows dp_shard, not dp_replicate", 2, [*MOE, "--parallel.ep", "2", "--parallel.dp_replicate", "2",
                                                   "--parallel.dp_shard", "1"], "parallel.ep",
      "must divide parallel.dp_shard (1)"),
-    ("ep with pp", 4, [*MOE, "--parallel.ep", "2", "--parallel.pp", "2"], "parallel.ep", "pp (2)"),
+    ("ep with tp", 4, [*MOE, "--parallel.ep", "2", "--parallel.tp", "2"], "parallel.ep", "tp (2)"),
 ]
 
 
@@ -37,6 +37,7 @@ def test_ep_rule(rule: str, world: int, overrides: list[str], key: str, phrase: 
     (2, ["--parallel.ep", "2"], (1, 2, 2)),  # ep=2 x dp_shard=2 on 2 ranks: ep borrows both dp_shard ranks
     (4, ["--parallel.ep", "2", "--train.micro_batch_size", "2"], (1, 4, 2)),  # dp_shard=4: experts FSDP over 2
     (4, ["--parallel.ep", "2", "--parallel.dp_replicate", "2", "--train.micro_batch_size", "2"], (2, 2, 2)),  # HSDP: ep inside dp_shard
+    (4, ["--parallel.ep", "2", "--parallel.pp", "2"], (1, 2, 2)),  # ep within each pipeline stage
 ])
 def test_ep_is_not_a_world_factor(world: int, overrides: list[str], expected: tuple) -> None:
     cfg = load_job_config(None, parse_override_args(BASE + MOE + overrides), world_size=world)
