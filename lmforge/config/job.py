@@ -374,11 +374,7 @@ class ParallelConfig:
                     f"must divide model.moe.n_experts ({model.moe.n_experts})")
             require(r.dp_shard % r.ep == 0, "parallel.ep", r.ep,
                     f"must divide parallel.dp_shard ({r.dp_shard}): expert parallel borrows dp_shard ranks")
-            require(r.tp == 1, "parallel.ep", r.ep,
-                    f"does not combine with tp ({r.tp}) yet; use ep with dp_shard (and dp_replicate, pp)")
         if model.moe.n_experts:
-            # MoE layers have no w1/w3/w2 Linears for the TP plan; expert parallel (ep) comes next.
-            require(r.tp == 1, "parallel.tp", r.tp, "must be 1 with MoE layers (model.moe.n_experts > 0) for now")
             aux = model.moe.aux_loss_coef > 0 or model.moe.z_loss_coef > 0
             require(not (aux and r.pp > 1), "parallel.pp", r.pp,
                     "must be 1 with MoE aux/z losses (model.moe.aux_loss_coef, z_loss_coef > 0): the pipeline "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
 
 from lmforge.checkpoint.manager import CheckpointManager
 from lmforge.checkpoint.state import ModelOptimizerState, RNGState
@@ -272,6 +273,8 @@ class Trainer:
                 logits = model(x)
             loss = tp_cross_entropy(logits, y, self.loss_parallel)
             aux = router_loss(self.moe)  # MoE aux/z losses join the loss; the logged loss stays the LM loss
+            if aux is not None and isinstance(loss, DTensor):  # loss parallel: MoE replicated over tp
+                aux = DTensor.from_local(aux, loss.device_mesh, [Replicate()] * loss.device_mesh.ndim)
             self.scaler.scale((loss + aux if aux is not None else loss) / self.accum).backward()
         return local_value(loss).detach()
 

@@ -1,8 +1,10 @@
 """Expert parallel through the trainer on gloo, fp32, token-choice dropless routing with aux loss,
-z loss and bias balancing: ep=2 (2 ranks: experts split in two, dense weights FSDP over both) and
+z loss and bias balancing: ep=2 (2 ranks: experts split in two, dense weights FSDP over both),
 ep=2 x dp_shard=2 (4 ranks: dp_shard=4, ep=2, experts FSDP-sharded over the 2 ranks holding the
-same half) reach the per-step losses of one process within 1e-5 relative and its final weights
-within 1e-4; an ep=2 checkpoint resumes in one process with the same losses.
+same half; with full activation checkpointing), tensor parallel with the MoE replicated over tp
+(tp=2; tp=2 x dp_shard=2 x ep=2) and pp=2 x dp_shard=2 x ep=2 reach the per-step losses and
+gradient norms of one process within 1e-5 relative and its final weights within 1e-4; an ep=2
+checkpoint resumes in one process with the same losses.
 
 What "the same global batch" means here: every rank routes its own micro-batch of 2 sequences,
 and the aux (load-balancing) loss of a micro-batch is not linear in the batch (it multiplies the
@@ -57,15 +59,27 @@ def reference(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return run
 
 
+# name: (ranks, overrides, layout line). Every rank routes micro-batches of 2 sequences.
+LAYOUTS = {
+    "ep2": (2, ["--parallel.ep", "2"], "dp_shard=2 x ep=2"),
+    "ep2-x-dp_shard2-ac": (4, ["--parallel.ep", "2", "--train.activation_checkpointing", "full"],
+                           "dp_shard=4 x ep=2"),
+    # Tensor parallel for attention (sequence + loss parallel), the MoE replicated over tp:
+    "tp2-moe-replicated": (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1"], "tp=2"),
+    "tp2-x-dp_shard2-x-ep2": (4, ["--parallel.tp", "2", "--parallel.dp_shard", "2", "--parallel.ep", "2"],
+                              "dp_shard=2 x tp=2 x ep=2"),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["ep2", "ep2-x-dp_shard2-ac"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_expert_parallel_matches_one_process(layout: str, reference: Path, tiny_data_dir: Path,
                                              tmp_path: Path) -> None:
-    nproc, extra = {"ep2": (2, []), "ep2-x-dp_shard2-ac": (4, ["--train.activation_checkpointing", "full"])}[layout]
+    nproc, extra, shown = LAYOUTS[layout]
     run = tmp_path / "ep"
-    proc = run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON, "--parallel.ep", "2", *extra)], nproc=nproc)
-    assert f"dp_shard={nproc} x ep=2" in proc.stdout
+    proc = run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON, *extra)], nproc=nproc)
+    assert shown in proc.stdout
     ref = losses(reference)
     assert_close(ref, losses(run), range(1, STEPS + 1), layout)
     # Adam hides a constant gradient scale from the losses; the gradient norm does not.
