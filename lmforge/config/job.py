@@ -298,8 +298,9 @@ class ParallelConfig:
     j*E/P .. (j+1)*E/P - 1, tokens reach them by all-to-all) and FSDP-sharded over the D/P ranks
     that hold the same experts. So "ep=2 x dp_shard=2" runs on 2 ranks (each owns half the experts;
     the dense weights are FSDP-sharded over both); on 4 ranks it is dp_shard=4, ep=2: ep groups
-    {0,1} and {2,3}, experts FSDP-sharded over {0,2} and {1,3}. Composes with dp_replicate (HSDP)
-    and pp (within each stage); not with tp > 1 yet."""
+    {0,1} and {2,3}, experts FSDP-sharded over {0,2} and {1,3}. Composes with dp_replicate (HSDP),
+    pp (within each stage) and tp (attention TP; the MoE layer is replicated over tp, each tp rank
+    runs its own ep all-to-alls)."""
 
     dp_replicate: int = 1
     dp_shard: int = -1
