@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.config import MoEConfig
 from lmforge.models.common.mlp import SwiGLU
@@ -267,7 +268,7 @@ def padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
 
 def _local(w: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor parameter (expert parallel), the tensor itself otherwise."""
-    return w.to_local() if hasattr(w, "to_local") else w
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 class GroupedExperts(nn.Module):
