@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 
 from lmforge.config import ParallelConfig
@@ -131,15 +131,18 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> int:
     return n
 
 
-def apply_expert_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, pipeline: bool = False) -> None:
+def apply_expert_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.device,
+                      pipeline: bool = False) -> None:
     """fully_shard each MoE layer's (ep-sharded) experts over `mesh`, the data-parallel ranks
     that hold the same experts (dp_shard / ep, times dp_replicate for HSDP), before the blocks are
     sharded over all of dp_shard (those then leave the experts alone). FSDP2 averages over `mesh`;
     the 1/ep for the ep group is applied by the dispatch (see the module docstring)."""
     param_dtype = torch.bfloat16 if cfg.fsdp_param_dtype == "bf16" else torch.float32
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    kwargs: dict = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)}
+    if cfg.cpu_offload:  # as lmforge.parallel.fsdp: pin_memory needs CUDA
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     # The experts are most of an MoE model's weights: free them after forward like the blocks.
     reshard = cfg.fsdp_reshard_after_forward != "never" and not pipeline
     for mod in model.modules():
         if isinstance(mod, MoE):
-            fully_shard(mod.experts, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+            fully_shard(mod.experts, reshard_after_forward=reshard, **kwargs)

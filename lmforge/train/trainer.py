@@ -167,7 +167,7 @@ class Trainer:
         if cfg.train.compile:
             apply_compile(module)
         if degrees["ep"] > 1:  # experts over dp_shard / ep first; the blocks then leave them alone
-            apply_expert_fsdp(module, self.mesh.expert_fsdp, cfg.parallel, pipeline=pipeline)
+            apply_expert_fsdp(module, self.mesh.expert_fsdp, cfg.parallel, self.device, pipeline=pipeline)
         if degrees["dp_shard"] > 1:
             apply_fsdp(module, self.mesh.fsdp, cfg.parallel, self.device, pipeline=pipeline)
 
