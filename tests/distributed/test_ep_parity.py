@@ -4,7 +4,7 @@ ep=2 x dp_shard=2 (4 ranks: dp_shard=4, ep=2, experts FSDP-sharded over the 2 ra
 same half; with full activation checkpointing), tensor parallel with the MoE replicated over tp
 (tp=2; tp=2 x dp_shard=2 x ep=2) and pp=2 x dp_shard=2 x ep=2 reach the per-step losses and
 gradient norms of one process within 1e-5 relative and its final weights within 1e-4; an ep=2
-checkpoint resumes in one process with the same losses.
+checkpoint resumes in one process, and a one-process checkpoint under ep=2, with the same losses.
 
 What "the same global batch" means here: every rank routes its own micro-batch of 2 sequences,
 and the aux (load-balancing) loss of a micro-batch is not linear in the batch (it multiplies the
@@ -94,12 +94,14 @@ def test_expert_parallel_matches_one_process(layout: str, reference: Path, tiny_
     early = weights(reference / "checkpoints/step-00000003", tmp_path)  # the tolerance is far below the updates
     assert max(float((want[k] - early[k]).abs().max()) for k in want if "experts" in k) > 1e-3
 
-    if layout == "ep2":  # the ep=2 checkpoint of step 3 resumes in one process: same losses after it
-        resumed = tmp_path / "resumed"
-        out = run_cli(["train", *tiny_run_args(tiny_data_dir, resumed, *COMMON, "--checkpoint.resume",
-                                              str(run / "checkpoints/step-00000003"))])
-        assert "resumed from" in out.stdout
-        assert_close(ref, losses(resumed), range(4, STEPS + 1), "ep2 -> single")
+    if layout == "ep2":  # step-3 checkpoints resume across layouts: ep=2 -> one process and back
+        for name, source, nproc, extra in (("ep2 -> single", run, 1, []),
+                                           ("single -> ep2", reference, 2, ["--parallel.ep", "2"])):
+            resumed = tmp_path / name.replace(" ", "")
+            out = run_cli(["train", *tiny_run_args(tiny_data_dir, resumed, *COMMON, *extra, "--checkpoint.resume",
+                                                  str(source / "checkpoints/step-00000003"))], nproc=nproc)
+            assert "resumed from" in out.stdout
+            assert_close(ref, losses(resumed), range(4, STEPS + 1), name)
 
 
 # Pipelining takes no aux/z loss yet (config rule) and its bias update differs from one process by
