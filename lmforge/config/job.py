@@ -353,12 +353,24 @@ class ParallelConfig:
     """The N-D layout on one DeviceMesh (pp, dp_replicate, dp_shard, tp), torchtitan's semantics:
     dp_shard > 1 is FSDP2 (ZeRO-3; ZeRO-2-like with `fsdp_reshard_after_forward = "never"`),
     dp_replicate > 1 alone is DDP, both is HSDP. dp_shard = -1 takes what the other degrees leave
-    of the world size. Degrees multiply to the world size."""
+    of the world size. Degrees multiply to the world size.
+
+    `ep` (expert parallel, torchtitan's design) borrows its ranks from dp_shard; it is not a
+    factor of the world size. With dp_shard = D and ep = P (P divides D and model.moe.n_experts):
+    tokens stay data-parallel over all D (x dp_replicate) ranks; dense weights are FSDP-sharded
+    over all D; each MoE layer's experts are split over P (rank j of an ep group owns experts
+    j*E/P .. (j+1)*E/P - 1, tokens reach them by all-to-all) and FSDP-sharded over the D/P ranks
+    that hold the same experts. So "ep=2 x dp_shard=2" runs on 2 ranks (each owns half the experts;
+    the dense weights are FSDP-sharded over both); on 4 ranks it is dp_shard=4, ep=2: ep groups
+    {0,1} and {2,3}, experts FSDP-sharded over {0,2} and {1,3}. Composes with dp_replicate (HSDP),
+    pp (within each stage) and tp (attention TP; the MoE layer is replicated over tp, each tp rank
+    runs its own ep all-to-alls)."""
 
     dp_replicate: int = 1
     dp_shard: int = -1
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel: borrowed from dp_shard (see above)
     sequence_parallel: bool = True  # with tp > 1: norms and residuals sharded along the sequence
     loss_parallel: bool = True  # with tp > 1: cross-entropy on vocab-sharded logits
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
@@ -417,9 +429,14 @@ class ParallelConfig:
             if r.sequence_parallel:
                 require(train.seq_len % r.tp == 0, "parallel.tp", r.tp,
                         f"must divide train.seq_len ({train.seq_len}) with sequence parallel")
+        require(self.ep >= 1, "parallel.ep", self.ep, "must be >= 1")
+        if r.ep > 1:
+            require(model.moe.n_experts > 0, "parallel.ep", r.ep, "needs MoE layers (model.moe.n_experts > 0)")
+            require(model.moe.n_experts % r.ep == 0, "parallel.ep", r.ep,
+                    f"must divide model.moe.n_experts ({model.moe.n_experts})")
+            require(r.dp_shard % r.ep == 0, "parallel.ep", r.ep,
+                    f"must divide parallel.dp_shard ({r.dp_shard}): expert parallel borrows dp_shard ranks")
         if model.moe.n_experts:
-            # MoE layers have no w1/w3/w2 Linears for the TP plan; expert parallel (ep) comes next.
-            require(r.tp == 1, "parallel.tp", r.tp, "must be 1 with MoE layers (model.moe.n_experts > 0) for now")
             aux = model.moe.aux_loss_coef > 0 or model.moe.z_loss_coef > 0
             require(not (aux and r.pp > 1), "parallel.pp", r.pp,
                     "must be 1 with MoE aux/z losses (model.moe.aux_loss_coef, z_loss_coef > 0): the pipeline "

@@ -52,12 +52,16 @@ def init_distributed(cfg: ParallelConfig, device_kind: str) -> DistInfo:
 
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+# With expert parallel dp_shard is built as two dimensions (dp_shard_mod_ep, ep) and flattened back
+# into "dp_shard", so everything that uses "dp_shard" or "dp" is unchanged.
+EP_MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
 
 
 @dataclass
 class ParallelMesh:
     """The world mesh (pp, dp_replicate, dp_shard, tp), size-1 dimensions included, plus the
-    flattened data-parallel mesh "dp" that the loader and loss averaging use."""
+    flattened data-parallel mesh "dp" that the loader and loss averaging use. With ep > 1 the
+    world is (pp, dp_replicate, dp_shard_mod_ep, ep, tp) with "dp_shard" flattened back."""
 
     world: DeviceMesh
     degrees: dict[str, int]
@@ -70,6 +74,19 @@ class ParallelMesh:
         return self.world["dp"]
 
     @property
+    def ep(self) -> DeviceMesh | None:
+        """The 1-D expert-parallel mesh (ranks that split one set of experts), None when ep = 1."""
+        return self.world["ep"] if self.degrees["ep"] > 1 else None
+
+    @property
+    def expert_fsdp(self) -> DeviceMesh:
+        """Mesh FSDP2 shards ep-split experts over: the dp ranks holding the same experts
+        (dp_shard / ep, with dp_replicate for HSDP)."""
+        if self.degrees["dp_replicate"] > 1:
+            return self.world["dp_replicate", "dp_shard_mod_ep"]
+        return self.world["dp_shard_mod_ep"]
+
+    @property
     def fsdp(self) -> DeviceMesh:
         """Mesh FSDP2 shards over: 2-D (replicate, shard) for HSDP, else the shard dimension."""
         if self.degrees["dp_replicate"] > 1:
@@ -79,9 +96,17 @@ class ParallelMesh:
 
 def build_mesh(info: DistInfo, cfg: ParallelConfig) -> ParallelMesh:
     r = cfg.resolved(info.world_size)
-    degrees = {"pp": r.pp, "dp_replicate": r.dp_replicate, "dp_shard": r.dp_shard, "tp": r.tp}
-    world = init_device_mesh(info.device.type, tuple(degrees[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
-    world["dp_replicate", "dp_shard"]._flatten("dp")
+    degrees = {"pp": r.pp, "dp_replicate": r.dp_replicate, "dp_shard": r.dp_shard, "tp": r.tp, "ep": r.ep}
+    if r.ep == 1:
+        world = init_device_mesh(info.device.type, tuple(degrees[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+        world["dp_replicate", "dp_shard"]._flatten("dp")
+        return ParallelMesh(world=world, degrees=degrees)
+    # ep borrows from dp_shard: dp_shard rank = dp_shard_mod_ep rank * ep + ep rank, so the ep
+    # groups are neighbouring ranks (the all-to-alls stay inside a node when ep <= GPUs per node).
+    sizes = {**degrees, "dp_shard_mod_ep": r.dp_shard // r.ep}
+    world = init_device_mesh(info.device.type, tuple(sizes[d] for d in EP_MESH_DIMS), mesh_dim_names=EP_MESH_DIMS)
+    world["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+    world["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
     return ParallelMesh(world=world, degrees=degrees)
 
 

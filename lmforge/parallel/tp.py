@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -42,6 +43,7 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel import loss_parallel as _torch_loss_parallel
 
 from lmforge.models.common.cross_entropy import cross_entropy
+from lmforge.models.common.moe import MoE
 
 # Arguments of Attention.forward as TransformerBlock passes them: (x, cos, sin, cache, layer).
 # Only x is converted; the RoPE tables, the cache and the layer index pass through untouched.
@@ -85,15 +87,19 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
         parallelize_module(model, tp_mesh, root_plan)
 
     for block in model.layers.values():
+        moe = isinstance(block.feed_forward, MoE)
         plan: dict[str, object] = {
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=Shard(1) if sp else Replicate()),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1) if sp else Replicate()),
         }
+        if not moe:
+            plan |= {
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1) if sp else Replicate()),
+            }
         if sp:
             rest = (None,) * (_ATTENTION_ARGS - 1)
             plan |= {
@@ -104,6 +110,14 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
                 "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),),
                                                    desired_input_layouts=(Replicate(),)),
             }
+            if moe:
+                # The MoE is replicated over tp (plain weights): all-gather the sequence and hand it a
+                # plain tensor, keep this rank's part of its (identical) output. Backward all-gathers
+                # the output gradient: every tp rank computes the same MoE gradients. Without
+                # sequence parallelism the MoE needs no plan: its input is already replicated.
+                plan["feed_forward"] = PrepareModuleInputOutput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                    output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
         parallelize_module(block, tp_mesh, plan)
 
     # Tied embeddings: both styles shard the (vocab, dim) table along the vocabulary (Shard(0) on

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.config import OptimizerConfig
 
 
-def _implementation_flags(impl: str, params: list[torch.Tensor]) -> dict[str, bool]:
+def _implementation_flags(impl: str, params: list[torch.Tensor], groups: list[list[torch.Tensor]]) -> dict[str, bool]:
     if impl == "fused":
         return {"fused": True}
     if impl == "foreach":
         return {"foreach": True}
     if impl == "for-loop":
         return {"foreach": False}
-    # auto: fused kernels exist for CPU and CUDA float tensors in recent PyTorch.
+    # auto: fused kernels exist for CPU and CUDA float tensors in recent PyTorch. They (and foreach)
+    # refuse a param group that mixes DTensors and plain tensors (tensor parallel without FSDP with an MoE
+    # layer replicated over tp): then the per-parameter loop. (Splitting the param groups instead
+    # would break resuming the optimizer state under another layout.)
+    if any(0 < sum(isinstance(p, DTensor) for p in g) < len(g) for g in groups):
+        return {"foreach": False}
     devices = {p.device.type for p in params}
     if devices <= {"cpu", "cuda"}:
         return {"fused": True}
@@ -28,4 +34,4 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             **_implementation_flags(cfg.implementation, params))
+                             **_implementation_flags(cfg.implementation, params, [decay, no_decay]))

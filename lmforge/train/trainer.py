@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
 
 from lmforge.checkpoint.state import ModelOptimizerState, RNGState
 from lmforge.checkpoint.tiers import TieredCheckpoints
@@ -37,6 +38,7 @@ from lmforge.parallel.ac import apply_activation_checkpointing
 from lmforge.parallel.clip import clip_grad_norm_
 from lmforge.parallel.compile import apply_compile
 from lmforge.parallel.ddp import apply_ddp
+from lmforge.parallel.ep import apply_ep, apply_expert_fsdp
 from lmforge.parallel.fsdp import apply_fsdp
 from lmforge.parallel.mesh import DistInfo, build_mesh, init_distributed, shutdown_distributed
 from lmforge.parallel.pp import (
@@ -174,13 +176,17 @@ class Trainer:
             model.init_weights(self.device)
 
     def _parallelize(self, module: torch.nn.Module, pipeline: bool) -> None:
-        """TP -> activation checkpointing -> compile -> FSDP2, in place (DESIGN.md's order)."""
+        """TP -> EP -> activation checkpointing -> compile -> FSDP2, in place (DESIGN.md's order)."""
         cfg, degrees = self.cfg, self.mesh.degrees
         if degrees["tp"] > 1:
             apply_tp(module, self.mesh["tp"], cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel)
+        if degrees["ep"] > 1:
+            apply_ep(module, self.mesh["ep"])
         apply_activation_checkpointing(module, cfg.train.activation_checkpointing, cfg.train.ac_every)
         if cfg.train.compile:
             apply_compile(module)
+        if degrees["ep"] > 1:  # experts over dp_shard / ep first; the blocks then leave them alone
+            apply_expert_fsdp(module, self.mesh.expert_fsdp, cfg.parallel, self.device, pipeline=pipeline)
         if degrees["dp_shard"] > 1:
             apply_fsdp(module, self.mesh.fsdp, cfg.parallel, self.device, pipeline=pipeline)
 
@@ -195,7 +201,8 @@ class Trainer:
         use_fsdp = degrees["dp_shard"] > 1
         # DDP and one process need whole weights; so does TP on CPU, where DTensor has no RNG
         # tracker and shards initialised after sharding would repeat each other.
-        full = self._full_init(model) or not use_fsdp or (degrees["tp"] > 1 and self.device.type == "cpu")
+        full = self._full_init(model) or not use_fsdp or (degrees["tp"] > 1 and self.device.type == "cpu") \
+            or (degrees["ep"] > 1 and self.device.type == "cpu")
         if full:
             self._materialise(model)
         layout = " x ".join(f"{k}={v}" for k, v in degrees.items() if v > 1) or "single process"
@@ -297,6 +304,8 @@ class Trainer:
             aux = router_loss(self.moe)  # MoE aux/z losses join the loss; the logged loss stays the LM loss
             if self.faults.active:  # test-only injection (LMFORGE_FAULTS)
                 loss = self.faults.poison_loss(self.state.step + 1, self.train_loader.last_positions.tolist(), loss)
+            if aux is not None and isinstance(loss, DTensor):  # loss parallel: MoE replicated over tp
+                aux = DTensor.from_local(aux, loss.device_mesh, [Replicate()] * loss.device_mesh.ndim)
             self.scaler.scale((loss + aux if aux is not None else loss) / self.accum).backward()
         return local_value(loss).detach()
 

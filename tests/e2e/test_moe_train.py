@@ -76,7 +76,6 @@ def test_resume_restores_expert_bias_bit_for_bit(reference, tiny_data_dir: Path,
 
 
 @pytest.mark.parametrize("extra,key", [
-    (["--parallel.tp", "2"], "parallel.tp"),
     (["--parallel.pp", "2", "--parallel.dp_shard", "1"], "parallel.pp"),
 ])
 def test_unsupported_moe_layouts_are_refused(extra: list[str], key: str, tiny_data_dir: Path, tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ GPU_RECIPES = {
     "llama3-8b-fsdp8.toml": ("8B", 8, {"dp_shard": 8, "tp": 1, "pp": 1}),
     "llama3-70b-fsdp8-tp8.toml": ("70B", 64, {"dp_shard": 8, "tp": 8, "pp": 1}),
     "llama3-405b-pp8-tp8-fsdp8.toml": ("405B", 512, {"dp_shard": 8, "tp": 8, "pp": 8}),
-    "mixtral-8x7b.toml": ("mixtral-8x7b", 64, {"dp_shard": 64, "tp": 1, "pp": 1}),
-    "deepseek-v3-like.toml": ("deepseek-v3-like", 2048, {"dp_shard": 128, "tp": 1, "pp": 16}),
+    "mixtral-8x7b.toml": ("mixtral-8x7b", 64, {"dp_shard": 64, "tp": 1, "pp": 1, "ep": 8}),
+    "deepseek-v3-like.toml": ("deepseek-v3-like", 2048, {"dp_shard": 128, "tp": 1, "pp": 16, "ep": 64}),
 }
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.config import MoEConfig
 from lmforge.models.common.mlp import SwiGLU
@@ -261,6 +262,11 @@ def padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return out[expert, pos]
 
 
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor parameter (expert parallel), the tensor itself otherwise."""
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as 3-D weights; inputs arrive grouped by expert (see `dispatch`)."""
 
@@ -276,12 +282,15 @@ class GroupedExperts(nn.Module):
             nn.init.trunc_normal_(w, std=s, a=-3 * s, b=3 * s)
 
     def _weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cast to the autocast dtype by hand: torch._grouped_mm has no autocast rule."""
+        """Cast to the autocast dtype by hand: torch._grouped_mm has no autocast rule. Under expert
+        parallel (lmforge.parallel.ep) the weights are Shard(0) DTensors and the tokens that arrive
+        are those of this rank's experts: compute on the local experts."""
+        w1, w3, w2 = (_local(w) for w in (self.w1, self.w3, self.w2))
         dev = x.device.type
         if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
-            return x.to(dt), self.w1.to(dt), self.w3.to(dt), self.w2.to(dt)
-        return x, self.w1, self.w3, self.w2
+            return x.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
+        return x, w1, w3, w2
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         x, w1, w3, w2 = self._weights(x)
