@@ -90,9 +90,6 @@ def decoder_hf_config(cfg: ModelConfig, eos_token_id: int | None, bos_token_id: 
     """The config.json keys every exported family shares (sizes, heads, norm, RoPE, tokens, dtype)."""
     if dtype not in _DTYPE_NAMES:
         raise HFFormatError(f"export dtype {dtype} is not supported; allowed: {', '.join(_DTYPE_NAMES.values())}")
-    if cfg.moe.n_experts:
-        raise HFFormatError("Mixture-of-Experts models cannot be exported to Hugging Face yet (Mixtral / "
-                            "Qwen2-MoE adapters are still to come)")
     return {
         "hidden_size": cfg.dim,
         "num_hidden_layers": cfg.n_layers,
