@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,21 @@ def tiny_run_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
             "--metrics.progress", "none", "--metrics.peak_flops", "1e11", "--metrics.plot", "false", *extra]
 
 
+def run_process_group(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own process group; on a timeout kill the whole group (torchrun's workers
+    too: killing only the launcher would leave hung ranks spinning for the rest of the suite)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)}\ntimed out after {timeout} s\nstdout:\n{out[-3000:]}\n"
+                             f"stderr:\n{err[-5000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `lmforge` in a fresh process (torchrun when nproc > 1); fail loudly with its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
@@ -43,7 +59,7 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.C
                "-m", "lmforge", *args]
     else:
         cmd = [sys.executable, "-m", "lmforge", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    proc = run_process_group(cmd, env, timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     return proc
 

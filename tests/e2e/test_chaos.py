@@ -59,14 +59,16 @@ def test_killed_ranks_restart_and_losses_match_bit_for_bit(tiny_data_dir: Path, 
 def test_an_error_on_one_rank_ends_the_job_with_that_error(tiny_data_dir: Path, tmp_path: Path) -> None:
     """A rank that raises must not leave the job hanging in a teardown barrier (its peers wait in
     a collective): the launcher stops the job and the error text reaches the user."""
-    import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.conftest import run_process_group
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LMFORGE_FAULTS": json.dumps({"error": [3, 1]})}
     cmd = [sys.executable, "-m", "lmforge", "train", "--nproc", "2",
            *tiny_run_args(tiny_data_dir, tmp_path / "run", *COMMON)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=150)
+    try:
+        proc = run_process_group(cmd, env, timeout=150)
+    except AssertionError as e:  # a timeout: the job hung instead of ending with the error
+        pytest.fail(str(e)[-2000:])
     assert proc.returncode != 0
     assert "injected error at step 3 on rank 1" in proc.stderr + proc.stdout
