@@ -436,11 +436,6 @@ class ParallelConfig:
                     f"must divide model.moe.n_experts ({model.moe.n_experts})")
             require(r.dp_shard % r.ep == 0, "parallel.ep", r.ep,
                     f"must divide parallel.dp_shard ({r.dp_shard}): expert parallel borrows dp_shard ranks")
-        if model.moe.n_experts:
-            aux = model.moe.aux_loss_coef > 0 or model.moe.z_loss_coef > 0
-            require(not (aux and r.pp > 1), "parallel.pp", r.pp,
-                    "must be 1 with MoE aux/z losses (model.moe.aux_loss_coef, z_loss_coef > 0): the pipeline "
-                    "loss path does not add them yet; use bias_update_rate balancing with pp > 1")
         if r.pp > 1:
             stages = r.pp * r.stages_per_rank
             if self.pp_schedule in V_SCHEDULES:

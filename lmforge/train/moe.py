@@ -10,6 +10,7 @@ are found with `model.named_modules()` and named by their block index.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,35 @@ def router_loss(layers: list[tuple[int, MoE]]) -> torch.Tensor | None:
     terms = [m.aux_loss for _, m in layers
              if m.aux_loss is not None and (m.cfg.aux_loss_coef > 0 or m.cfg.z_loss_coef > 0)]
     return torch.stack(terms).sum() if terms else None
+
+
+class _RouterLossGrad(torch.autograd.Function):
+    """Identity on a MoE layer's output; its backward also hands the layer's router loss the
+    gradient `scale`, exactly as if `scale * router_loss` had been added to the loss. Pipeline
+    stages other than the last never see the loss function, so this is how their router losses
+    train (the idea of Megatron-LM's MoEAuxLossAutoScaler)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.aux_shape, ctx.aux_dtype, ctx.aux_device = aux.shape, aux.dtype, aux.device
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return grad, torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=ctx.aux_device), None
+
+
+def attach_router_losses(layers: list[tuple[int, MoE]], scale: Callable[[], float]) -> list:
+    """For pipelining: make each MoE layer's backward train its router loss with weight `scale()`
+    (the factor the pipeline applies to each micro-batch's loss: 1 / (microbatches * accumulation),
+    times the fp16 loss scale). Returns the hook handles."""
+    def hook(mod: MoE, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        if not mod.training or mod.aux_loss is None or not torch.is_grad_enabled() or out.device.type == "meta":
+            return out
+        return _RouterLossGrad.apply(out, mod.aux_loss, scale())
+    return [m.register_forward_hook(hook) for _, m in layers
+            if m.cfg.aux_loss_coef > 0 or m.cfg.z_loss_coef > 0]
 
 
 def _sum_over(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

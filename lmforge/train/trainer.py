@@ -54,7 +54,14 @@ from lmforge.parallel.pp import (
 )
 from lmforge.parallel.tp import apply_tp, local_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.train.faults import FaultInjector
-from lmforge.train.moe import moe_layers, moe_metrics, reset_expert_load, router_loss, update_expert_biases
+from lmforge.train.moe import (
+    attach_router_losses,
+    moe_layers,
+    moe_metrics,
+    reset_expert_load,
+    router_loss,
+    update_expert_biases,
+)
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import DTYPES, autocast_context, build_grad_scaler
 from lmforge.train.schedule import build_scheduler
@@ -98,6 +105,10 @@ class Trainer:
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.moe = moe_layers(self.model)  # (block index, MoE) pairs; empty for dense models
+        if self.pipe is not None and self.moe:  # router losses of every stage join through the backward
+            pipe, scaler = self.pipe, self.scaler
+            attach_router_losses(self.moe, lambda: (scaler.get_scale() if scaler.is_enabled() else 1.0)
+                                 / (pipe.n_microbatches * self.accum))
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.steps)
         self.state = TrainState()
         # Fault tolerance (lmforge.train.stability/stragglers/trace/faults): all off by default.

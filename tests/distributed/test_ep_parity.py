@@ -104,8 +104,8 @@ def test_expert_parallel_matches_one_process(layout: str, reference: Path, tiny_
             assert_close(ref, losses(resumed), range(4, STEPS + 1), name)
 
 
-# Pipelining takes no aux/z loss yet (config rule) and its bias update differs from one process by
-# ~5e-6 from step 2 with or without ep (a pre-existing pp x MoE matter): routing by the router alone.
+# The bias update under pipelining differs from one process by ~5e-6 from step 2 with or without ep
+# (a pre-existing pp x MoE matter): routing by the router alone here; router losses are tested below.
 PLAIN_ROUTING = ["--model.moe.aux_loss_coef", "0", "--model.moe.z_loss_coef", "0",
                  "--model.moe.bias_update_rate", "0", "--checkpoint.enabled", "false"]
 
@@ -122,3 +122,20 @@ def test_expert_parallel_under_pipeline_matches_one_process(tiny_data_dir: Path,
     for key in ("loss", "grad_norm"):
         assert_close(losses(tmp_path / "single", key), losses(tmp_path / "pp", key), range(1, STEPS + 1),
                      f"pp2 x dp_shard2 x ep2 {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_router_losses_of_every_stage_train_under_pipeline(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """pp=2 (1f1b): stage 0 never sees the loss function, its MoE layer's aux and z losses train
+    through the backward (lmforge.train.moe.attach_router_losses). Large coefficients so that a
+    missing router-loss gradient on either stage moves the losses and grad norms past 1e-5; the
+    reference accumulates 4 micro-batches of 2 sequences, as the pipeline routes 2 x 2 per rank step."""
+    router = ["--model.moe.aux_loss_coef", "0.1", "--model.moe.z_loss_coef", "0.01",
+              "--model.moe.bias_update_rate", "0", "--checkpoint.enabled", "false"]
+    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path / "single", *COMMON, *router)])
+    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path / "pp", *COMMON, *router, "--parallel.pp", "2",
+                                     "--parallel.dp_shard", "1", "--train.micro_batch_size", "4")], nproc=2)
+    for key in ("loss", "grad_norm"):
+        assert_close(losses(tmp_path / "single", key), losses(tmp_path / "pp", key), range(1, STEPS + 1),
+                     f"pp2 with router losses {key}")

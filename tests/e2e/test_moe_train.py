@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.config import ConfigError, load_job_config, parse_override_args
+from lmforge.config import load_job_config, parse_override_args
 from lmforge.train.trainer import Trainer
 from tests.conftest import read_metrics, tiny_run_args
 
@@ -73,12 +73,3 @@ def test_resume_restores_expert_bias_bit_for_bit(reference, tiny_data_dir: Path,
     for i in ("1",):
         assert torch.equal(resumed.model.layers[i].feed_forward.router.expert_bias,
                            trainer.model.layers[i].feed_forward.router.expert_bias)
-
-
-@pytest.mark.parametrize("extra,key", [
-    (["--parallel.pp", "2", "--parallel.dp_shard", "1"], "parallel.pp"),
-])
-def test_unsupported_moe_layouts_are_refused(extra: list[str], key: str, tiny_data_dir: Path, tmp_path: Path) -> None:
-    args = tiny_run_args(tiny_data_dir, tmp_path, *MOE, *extra)
-    with pytest.raises(ConfigError, match=key):
-        load_job_config(None, parse_override_args(args), world_size=2)
