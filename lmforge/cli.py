@@ -67,12 +67,6 @@ def _pop_launcher_args(overrides: list[str]) -> tuple[dict[str, str], list[str]]
     return found, rest
 
 
-def _pop_nproc(overrides: list[str]) -> tuple[int, list[str]]:
-    """Take `--nproc N` (or `--nproc=N`) out of the override list (other launcher options too)."""
-    found, rest = _pop_launcher_args(overrides)
-    return int(found.get("--nproc", "1")), rest
-
-
 def torchrun_command(launcher: dict[str, str], recipe: str | None, overrides: list[str]) -> list[str]:
     """The torchrun command line for `lmforge train` with these launcher options. One node and no
     rendezvous endpoint: `--standalone`; otherwise a c10d rendezvous at --rdzv-endpoint, with
@@ -255,7 +249,7 @@ def cmd_ckpt_convert(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({', '.join(f'{k}: {len(v)}' for k, v in nested.items())} entries)")
         return 0
     args.source, args.dtype = args.path, args.dtype or "fp32"
-    args.max_shard_size = getattr(args, "max_shard_size", None)
+    args.max_shard_size = None  # one safetensors file
     return cmd_export(args)
 
 

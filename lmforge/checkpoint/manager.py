@@ -806,7 +806,9 @@ class CheckpointManager:
         save must be full: incremental off, no base yet, k-th save, world size changed, base gone."""
         if not self.full_every:
             return set(), {}
-        digests = {k: tensor_digest(v) for k, v in flat.items() if isinstance(v, torch.Tensor)}
+        # Optimizer state changes at every step (and frozen parameters have none): never hash it.
+        digests = {k: tensor_digest(v) for k, v in flat.items()
+                   if isinstance(v, torch.Tensor) and not k.startswith("optim.")}
         base = self._base
         if base is None or base.world != world or self._since_full + 1 >= self.full_every:
             return set(), digests

@@ -111,6 +111,7 @@ class TieredCheckpoints:
         """The newest checkpoint of either tier saved before `step` that verifies (an incremental
         one only with its base), and the newer invalid ones skipped on the way with why. Local,
         not collective: one rank decides (a rollback target) and shares the answer."""
+        self.wait()  # a save in flight may still publish or prune
         found = [(step_of(p), p, mgr) for _, mgr in self.tiers() for p in mgr.list_checkpoints()]
         skipped: list[tuple[Path, str]] = []
         for s, p, mgr in sorted(found, key=lambda t: t[0], reverse=True):
@@ -123,6 +124,7 @@ class TieredCheckpoints:
         return None, skipped
 
     def load(self, path: Path, state: Mapping[str, Any]) -> int:
+        self.wait()  # either tier's writer may still be copying the tensors this load overwrites
         mgr = self.memory if (self.memory is not None and Path(path).parent == self.memory.root) else self.disk
         return mgr.load(path, state)
 

@@ -8,7 +8,6 @@ incremental checkpoint takes from its base, and lossy optimizer moments (decoded
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from lmforge.checkpoint.manager import (
     step_of,
     verify_checkpoint,
 )
+from lmforge.data.files import atomic_open
 
 __all__ = ["CheckpointInfo", "convert_to_torch", "describe", "find_checkpoints", "inspect_rows", "read_checkpoint"]
 
@@ -153,9 +153,6 @@ def convert_to_torch(path: Path, out: Path) -> dict[str, Any]:
     for k, value in flat.items():
         top, _, rest = k.partition(".")
         nested.setdefault(top, {})[rest] = value
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(nested, tmp)
-    os.replace(tmp, out)
+    with atomic_open(Path(out), "wb") as f:
+        torch.save(nested, f)
     return nested

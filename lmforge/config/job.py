@@ -117,6 +117,18 @@ class ModelConfig:
     def expert_hidden_size(self) -> int:
         return self.moe.expert_hidden if self.moe.expert_hidden is not None else self.ffn_hidden_size
 
+    def moe_ffn_params(self) -> dict[str, int]:
+        """Parameters of one MoE feed-forward: all of them, and those one token uses on average
+        (router, routed experts, shared experts and their gate). Token choice uses top_k routed
+        experts (dropless exact; an upper bound when it drops); expert choice gives each token
+        capacity_factor * top_k on average (E experts x cf * T * k / E tokens each). The one
+        count behind `lmforge sizes` and the FLOPs/MFU of lmforge.observability.flops."""
+        m, d, f = self.moe, self.dim, self.expert_hidden_size
+        router = d * m.n_experts
+        shared = 3 * d * f * m.n_shared_experts + (d if m.shared_expert_gate else 0)
+        routed = m.capacity_factor * m.top_k if m.router == "expert_choice" else m.top_k
+        return {"total": router + 3 * d * f * m.n_experts + shared, "active": round(router + routed * 3 * d * f + shared)}
+
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads

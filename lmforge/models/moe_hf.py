@@ -30,7 +30,9 @@ import torch
 from lmforge.config import ModelConfig, MoEConfig
 from lmforge.models.llama.hf import (
     _HF_IGNORED,
+    _HF_LAYER,
     _LAYER_RENAMES,
+    _OUR_LAYER,
     _TOP_RENAMES,
     _TOP_RENAMES_BACK,
     HFFormatError,
@@ -50,8 +52,6 @@ _EXPERT_NAMES = {"mixtral": {"w1": "w1", "w3": "w3", "w2": "w2"},
 _PROJ_OURS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "w1": "w1", "w3": "w3", "w2": "w2"}
 _ATTN_BIAS = {"attention.wq.bias": "self_attn.q_proj.bias", "attention.wk.bias": "self_attn.k_proj.bias",
               "attention.wv.bias": "self_attn.v_proj.bias"}
-_OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 _HF_SHARED = re.compile(r"^mlp\.shared_expert\.(gate_proj|up_proj|down_proj)\.weight$")
 _HF_DENSE = re.compile(r"^mlp\.(gate_proj|up_proj|down_proj)\.weight$")

@@ -67,10 +67,7 @@ def _ffn_matmul_params(cfg: ModelConfig, layer: int) -> int:
     """
     if not cfg.is_moe_layer(layer):
         return 3 * cfg.dim * cfg.ffn_hidden_size
-    m, d, f = cfg.moe, cfg.dim, cfg.expert_hidden_size
-    routed = m.capacity_factor * m.top_k if m.router == "expert_choice" else m.top_k
-    shared = 3 * d * f * m.n_shared_experts + (d if m.shared_expert_gate else 0)
-    return round(d * m.n_experts + routed * 3 * d * f + shared)
+    return cfg.moe_ffn_params()["active"]
 
 
 def _attention_flops_per_token(cfg: ModelConfig, layer: int, seq_len: int) -> float:

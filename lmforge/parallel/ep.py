@@ -53,10 +53,6 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-def _split_sizes(counts: torch.Tensor, ranks: int) -> list[int]:
-    return counts.view(ranks, -1).sum(1).tolist()
-
-
 class _Dispatcher:
     """The state one MoE layer's expert call needs between dispatch and combine (the splits
     and the permutation of received rows). Rebuilt by every forward, also the recomputed one
@@ -78,14 +74,15 @@ class _Dispatcher:
         # recv[s, l]: assignments rank s sends to my local expert l. int64 all-to-all is fine on gloo/nccl.
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts.contiguous(), group=self.group)
-        self.input_splits = _split_sizes(counts, p)
-        self.output_splits = _split_sizes(recv, p)
+        # Both split lists in one device-to-host copy.
+        self.input_splits, self.output_splits = torch.stack([counts.view(p, -1).sum(1),
+                                                             recv.view(p, -1).sum(1)]).tolist()
         got = all_to_all_single_autograd(xs.contiguous(), self.output_splits, self.input_splits, self.group)
         # Rows arrive as blocks (source s, local expert l); the experts want (l, s).
         blocks = recv.view(p, n)
         starts = (torch.cumsum(blocks.reshape(-1), 0) - blocks.reshape(-1)).view(p, n)
         by_expert_sizes, by_expert_starts = blocks.t().reshape(-1), starts.t().reshape(-1)
-        total = int(by_expert_sizes.sum())
+        total = sum(self.output_splits)  # already on the host
         block = torch.repeat_interleave(torch.arange(p * n, device=xs.device), by_expert_sizes, output_size=total)
         offset = torch.arange(total, device=xs.device) - (torch.cumsum(by_expert_sizes, 0) - by_expert_sizes)[block]
         self.order = by_expert_starts[block] + offset

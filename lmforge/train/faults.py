@@ -49,6 +49,9 @@ class FaultInjector:
         self.delay_s = float(spec.get("delay_s", 0.0))
         error = spec.get("error")
         self.error = (int(error[0]), int(error[1])) if error else None
+        # Checked on every micro-batch: decided once.
+        self.active = bool(self.nan_steps or self.spike_steps or self.spike_positions or self.kill
+                           or self.delay_s > 0 or self.error is not None)
         if self.kill and self.marker_dir is None:
             raise ValueError(f"{ENV}: 'kill' needs a 'marker_dir' (else a restarted run would be killed again)")
 
@@ -57,10 +60,6 @@ class FaultInjector:
         raw = os.environ.get(ENV, "")
         return cls(json.loads(raw) if raw.strip() else None)
 
-    @property
-    def active(self) -> bool:
-        return bool(self.nan_steps or self.spike_steps or self.spike_positions or self.kill or self.delay_s > 0
-                    or self.error is not None)
 
     def poison_loss(self, step: int, positions: Iterable[int], loss: torch.Tensor) -> torch.Tensor:
         """The loss to backpropagate at `step` for the micro-batch of these loader positions (NaN

@@ -132,7 +132,10 @@ class Trainer:
             dp_rank, dp_world, seed=cfg.data.seed, shuffle=False)
 
         self.ckpt = TieredCheckpoints(cfg.checkpoint, self.run_dir)
-        if cfg.checkpoint.resume.strip().lower() == "none":
+        # torchrun restarted the workers after a failure: continue from the newest valid checkpoint
+        # of this run, memory-tier snapshots included (resume 'auto'), whatever was configured.
+        self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if self.restarts == 0 and cfg.checkpoint.resume.strip().lower() == "none":
             self.ckpt.clear_memory()  # snapshots of an earlier run in this directory are stale
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak_flops = self._peak_flops() if self.is_main else 0.0
@@ -277,12 +280,9 @@ class Trainer:
         return state
 
     def _resume(self) -> None:
-        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        if restarts > 0:
-            # torchrun restarted the workers after a failure: continue from the newest valid
-            # checkpoint of this run (resume 'auto'); the configured one only when there is none yet.
+        if self.restarts > 0:  # the configured checkpoint only when this run has none yet
             path = self.ckpt.resolve_resume("auto") or self.ckpt.resolve_resume(self.cfg.checkpoint.resume)
-            self._say(f"restart {restarts} (torchrun): resuming from {path or 'scratch'}")
+            self._say(f"restart {self.restarts} (torchrun): resuming from {path or 'scratch'}")
         else:
             path = self.ckpt.resolve_resume(self.cfg.checkpoint.resume)
         if path is None:

@@ -76,10 +76,11 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def count_per_expert(expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Assignments per expert (int64). bincount has no meta kernel: a scatter-add there (on CPU the
-    scatter-add into few bins is ~6x slower than bincount)."""
+    """Assignments per expert (int64). bincount on CPU only (there the scatter-add into few bins is
+    ~6x slower); elsewhere a scatter-add: no meta kernel for bincount, and on CUDA it reads the
+    input's max on the host (a sync per call)."""
     flat = expert_idx.reshape(-1)
-    if flat.device.type != "meta":
+    if flat.device.type == "cpu":
         return torch.bincount(flat, minlength=n_experts)
     return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
@@ -89,24 +90,23 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
-def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Switch/GShard auxiliary loss E * sum_i f_i * P_i.
 
-    f_i = fraction of the T*k assignments that chose expert i (before dropping; no gradient),
-    P_i = mean router probability of expert i over the T tokens. 1.0 when perfectly uniform.
-    `probs` (T, E) must sum to 1 per token (sigmoid scores are normalised by the caller).
+    f_i = fraction of the T*k assignments that chose expert i (`counts`: before dropping; no
+    gradient), P_i = mean router probability of expert i over the T tokens. 1.0 when perfectly
+    uniform. `probs` (T, E) must sum to 1 per token (sigmoid scores are normalised by the caller).
     """
-    counts = count_per_expert(expert_idx, n_experts).to(probs.dtype)
-    f = counts / expert_idx.numel()
-    return n_experts * (f * probs.mean(0)).sum()
+    counts = counts.to(probs.dtype)
+    f = counts / counts.sum()
+    return probs.shape[-1] * (f * probs.mean(0)).sum()
 
 
-def _sort_by_expert(expert_idx: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor,
-                    n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stable sort of assignments by expert -> (token_idx, weights, counts per expert)."""
+def _sort_by_expert(expert_idx: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of assignments by expert -> (token_idx, weights) grouped by expert."""
     order = torch.argsort(expert_idx, stable=True)
-    counts = count_per_expert(expert_idx, n_experts)
-    return token_idx[order], weights[order], counts
+    return token_idx[order], weights[order]
 
 
 def capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
@@ -151,9 +151,10 @@ class TokenChoiceRouter(nn.Module):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * self.route_scale
         probs = scores if self.score_func == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
-        aux = load_balancing_loss(probs, expert_idx, e)
+        counts = count_per_expert(expert_idx, e)  # counted once: aux loss, load, dispatch groups
+        aux = load_balancing_loss(probs, counts)
         z = router_z_loss(logits)
-        load = count_per_expert(expert_idx, e).float()
+        load = counts.float()
         # k-major order: all first choices, then all second choices (GShard priority under capacity).
         flat_expert = expert_idx.t().reshape(-1)
         flat_token = torch.arange(t, device=scores.device).repeat(k)
@@ -163,14 +164,14 @@ class TokenChoiceRouter(nn.Module):
             cap = capacity(t, k, e, self.capacity_factor)
             order = torch.argsort(flat_expert, stable=True)
             sorted_expert = flat_expert[order]
-            per_expert = count_per_expert(flat_expert, e)
-            starts = torch.cumsum(per_expert, 0) - per_expert
+            starts = torch.cumsum(counts, 0) - counts  # flat_expert holds the same assignments
             rank_sorted = torch.arange(order.numel(), device=scores.device) - starts[sorted_expert]
             keep = torch.empty_like(flat_expert, dtype=torch.bool)
             keep[order] = rank_sorted < cap
             dropped = (~keep).sum()
             flat_expert, flat_token, flat_weight = flat_expert[keep], flat_token[keep], flat_weight[keep]
-        token_idx, w, counts = _sort_by_expert(flat_expert, flat_token, flat_weight, e)
+            counts = counts.clamp(max=cap)  # each expert keeps its first `cap` assignments
+        token_idx, w = _sort_by_expert(flat_expert, flat_token, flat_weight)
         return Routing(token_idx, w, counts, load, dropped, aux, z)
 
     @torch.no_grad()

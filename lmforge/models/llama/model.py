@@ -126,7 +126,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameter count from the config alone (no tensors), by hand: used by `lmforge sizes`."""
     d, h, kv, hd, f, v = cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size
     attn = d * h * hd + 2 * d * kv * hd + h * hd * d + ((h + 2 * kv) * hd if cfg.qkv_bias else 0)
-    layers = [attn + (moe_ffn_params(cfg)["total"] if cfg.is_moe_layer(i) else 3 * d * f) + 2 * d
+    moe = cfg.moe_ffn_params() if cfg.moe.n_experts else {"total": 0, "active": 0}
+    layers = [attn + (moe["total"] if cfg.is_moe_layer(i) else 3 * d * f) + 2 * d
               for i in range(cfg.n_layers)]
     embedding = v * d
     output = 0 if cfg.tie_embeddings else v * d
@@ -135,16 +136,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     out = {"total": total, "embedding": embedding, "non_embedding": total - embedding - output,
            "per_layer": round(sum(layers) / cfg.n_layers)}
     if cfg.moe.n_experts:
-        inactive = sum(moe_ffn_params(cfg)["total"] - moe_ffn_params(cfg)["active"]
-                       for i in range(cfg.n_layers) if cfg.is_moe_layer(i))
+        inactive = (moe["total"] - moe["active"]) * sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
         out["active"] = total - inactive
     return out
 
-
-def moe_ffn_params(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters of one MoE feed-forward: all of them, and those one token uses (router, top_k
-    routed experts, shared experts and their gate)."""
-    m, d, f = cfg.moe, cfg.dim, cfg.expert_hidden_size
-    router = d * m.n_experts
-    shared = 3 * d * f * m.n_shared_experts + (d if m.shared_expert_gate else 0)
-    return {"total": router + 3 * d * f * m.n_experts + shared, "active": router + 3 * d * f * m.top_k + shared}
