@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lmforge.config.loader import ConfigError, apply_override, build_dataclass, load_toml
+from lmforge.config.loader import ConfigError, apply_override, build_dataclass, load_toml, nonfinite_fields
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -149,6 +149,9 @@ class ModelConfig:
     def validate(self, section: str = "model") -> None:
         _positive(section, self, "dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len")
         _positive(section, self, "norm_eps", "rope_theta", "init_std")
+        # Beyond these the model is dead or NaN from step one (RMSNorm divides by sqrt(ms + eps)).
+        require(self.norm_eps <= 0.1, f"{section}.norm_eps", self.norm_eps, "must be in (0, 0.1] (typical 1e-5 or 1e-6)")
+        require(self.init_std <= 1.0, f"{section}.init_std", self.init_std, "must be in (0, 1] (typical 0.02)")
         require(self.dim % self.n_heads == 0, f"{section}.n_heads", self.n_heads,
                 f"must divide {section}.dim ({self.dim})")
         require(self.head_dim % 2 == 0, f"{section}.n_heads", self.n_heads,
@@ -212,6 +215,9 @@ class OptimizerConfig:
 
     def validate(self) -> None:
         _positive("optimizer", self, "lr", "eps")
+        # AdamW steps are about lr in size whatever the gradient: above 1 every weight is noise.
+        require(self.lr <= 1.0, "optimizer.lr", self.lr, "must be in (0, 1] (typical 1e-4 to 1e-3)")
+        require(self.eps <= 0.1, "optimizer.eps", self.eps, "must be in (0, 0.1] (typical 1e-8)")
         for n in ("beta1", "beta2"):
             v = getattr(self, n)
             require(0.0 <= v < 1.0, f"optimizer.{n}", v, "must be in [0, 1)")
@@ -358,6 +364,10 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_
 # Schedules that run several stages per rank (virtual stages); the V-shaped ones need exactly two.
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev")
 V_SCHEDULES = ("zbv", "dualpipev")
+# Schedules that split the backward into input and weight passes (torch refuses compiled modules).
+SPLIT_BACKWARD_SCHEDULES = ("interleaved_zb", "zbv", "dualpipev")
+# Runtime schedules that run microbatches in rounds of pp: n_microbatches must fill whole rounds.
+ROUND_SCHEDULES = ("interleaved_1f1b", "interleaved_zb")
 
 
 @dataclass
@@ -495,6 +505,8 @@ class JobConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Check every section, then what spans sections. Raises ConfigError (one line)."""
+        for key, value in nonfinite_fields(self):  # also configs built in code, not only parsed ones
+            raise ConfigError(key, value, "must be a finite number (not NaN or infinity)")
         for section in ("model", "data", "tokenizer", "optimizer", "scheduler", "train", "checkpoint", "metrics",
                         "stability"):
             getattr(self, section).validate()
@@ -511,6 +523,29 @@ class JobConfig:
                 f"{dp} = {per_step})")
         require(self.scheduler.warmup_steps <= t.steps, "scheduler.warmup_steps", self.scheduler.warmup_steps,
                 f"must be <= train.steps ({t.steps})")
+        self._check_pipeline_combinations(world_size)
+
+    def _check_pipeline_combinations(self, world_size: int) -> None:
+        """What the pipeline builder (lmforge.parallel.pp) and torch's schedules would refuse on
+        every rank after launch, refused here once, before torchrun or a process group starts."""
+        r = self.parallel.resolved(world_size)
+        if r.pp <= 1:
+            return
+        stages = r.pp * r.stages_per_rank
+        require(not self.model.tie_embeddings, "model.tie_embeddings", True,
+                f"must be false with pipeline parallel (parallel.pp = {r.pp}): the embedding and the output "
+                "projection live on different stages")
+        schedule = self.parallel.pp_schedule
+        require(not (self.train.compile and schedule in SPLIT_BACKWARD_SCHEDULES), "train.compile", True,
+                f"must be false with parallel.pp_schedule = {schedule!r}, which splits the backward into input "
+                "and weight passes (unsupported on compiled modules); or use gpipe, 1f1b, interleaved_1f1b, "
+                "looped_bfs")
+        micro = self.parallel.pp_microbatches or stages
+        if schedule in ROUND_SCHEDULES:
+            rounds = max(1, micro // r.pp)
+            require(micro % rounds == 0, "parallel.pp_microbatches", micro,
+                    f"must be a multiple of its rounds of pp ({rounds}) for {schedule!r}; e.g. a multiple of "
+                    f"parallel.pp ({r.pp})")
 
     def accum_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on one data-parallel rank (gradient accumulation)."""

@@ -7,6 +7,7 @@ range checks; this module owns type conversion and the one-line error format.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -51,6 +52,30 @@ def _type_name(tp: Any) -> str:
             inner, getattr(inner, "__name__", str(inner))
         )
     return name + (" or none" if optional else "")
+
+
+def _finite(key: str, value: float, where: str | None) -> float:
+    """Every float option is a finite number: NaN or inf (also `1e400`, which parses as inf) would
+    train NaN or dead models that still checkpoint; no option has a meaning for them."""
+    if not math.isfinite(value):
+        raise ConfigError(key, value, "must be a finite number (not NaN or infinity)", where)
+    return value
+
+
+def nonfinite_fields(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float field of nested dataclass `obj` that is NaN or inf, for
+    configs built in code rather than through `coerce`."""
+    out: list[tuple[str, float]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += nonfinite_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append((prefix + f.name, value))
+        elif isinstance(value, list | tuple):
+            out += [(f"{prefix}{f.name}[{i}]", v) for i, v in enumerate(value)
+                    if isinstance(v, float) and not math.isfinite(v)]
+    return out
 
 
 def coerce(key: str, value: Any, tp: Any, *, from_cli: bool = False, where: str | None = None) -> Any:
@@ -99,12 +124,13 @@ def coerce(key: str, value: Any, tp: Any, *, from_cli: bool = False, where: str 
         if isinstance(value, bool):
             raise bad
         if isinstance(value, int | float):
-            return float(value)
+            return _finite(key, float(value), where)
         if from_cli:
             try:
-                return float(value)
+                number = float(str(value).replace("_", ""))
             except ValueError:
                 raise bad from None
+            return _finite(key, number, where)
         raise bad
     if inner is str:
         if isinstance(value, str):
