@@ -95,7 +95,10 @@ def _launch_torchrun(launcher: dict[str, str], args: argparse.Namespace) -> int:
 
     nproc = int(launcher.get("--nproc", "1"))
     min_nodes = int(launcher.get("--nnodes", "1").split(":")[0])
-    load_job_config(args.recipe, parse_override_args(args.overrides), world_size=nproc * min_nodes)
+    from lmforge.config.preflight import preflight
+
+    cfg = load_job_config(args.recipe, parse_override_args(args.overrides), world_size=nproc * min_nodes)
+    preflight(cfg, nproc * min_nodes, local_ranks=nproc)  # device and memory, before torchrun starts
     env = {**os.environ}
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return subprocess.call(torchrun_command(launcher, args.recipe, args.overrides), env=env)
@@ -106,7 +109,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "LOCAL_RANK" not in os.environ and (int(launcher.get("--nproc", "1")) > 1 or set(launcher) - {"--nproc"}):
         return _launch_torchrun(launcher, args)
     cfg = _job_config(args)  # validated before any process group starts
+    from lmforge.config.preflight import preflight
     from lmforge.train.trainer import Trainer
+
+    preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
     trainer = Trainer(cfg)
     finished = False
@@ -154,8 +160,17 @@ def cmd_sizes(args: argparse.Namespace) -> int:
     return 0
 
 
+# Largest `bench peak --n`: three n x n fp32 matrices of 16384 take 3 GiB; beyond that the benchmark
+# shrinks n to fit its time budget anyway, so a larger n would be reported but not measured.
+BENCH_PEAK_MAX_N = 16384
+
+
 def cmd_bench_peak(args: argparse.Namespace) -> int:
     from lmforge.observability.peak import run_peak_benchmark
+
+    if not 16 <= args.n <= BENCH_PEAK_MAX_N:
+        raise ConfigError("--n", args.n, f"must be in [16, {BENCH_PEAK_MAX_N}] (matrix size; three n x n matrices "
+                          f"of n = {args.n} would take {3 * 4 * args.n**2 / 2**30:,.1f} GiB in fp32)", "command line")
 
     results = run_peak_benchmark(dtypes=args.dtypes.split(","), n=args.n, force=args.force)
     for key, value in results.items():
@@ -186,13 +201,16 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.data.tokenizer import TextTokenizer
-    from lmforge.serve.generate import generate, load_for_generation
+    from lmforge.serve.generate import context_note, generate, load_for_generation
 
     model, cfg, tokenizer_json = load_for_generation(Path(args.source), device=args.device)
     if tokenizer_json is None:
         raise FileNotFoundError(f"no tokenizer.json found with {args.source}; generation needs one")
     tok = TextTokenizer.from_file(tokenizer_json)
     ids = tok.encode(args.prompt) or [tok.eos_id]
+    note = context_note(args.max_new_tokens, len(ids), cfg.max_seq_len)
+    if note:
+        print(note, file=sys.stderr)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
                    eos_id=tok.eos_id)

@@ -28,12 +28,21 @@ class GenerationError(ValueError):
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0:  # also refuses NaN
-        raise GenerationError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
+    if not 0 <= temperature < float("inf"):  # also refuses NaN; inf would divide every logit to 0
+        raise GenerationError(f"temperature = {temperature}: must be a finite number >= 0 (0 = greedy)")
     if top_k is not None and top_k < 1:
         raise GenerationError(f"top_k = {top_k}: must be >= 1 or none")
     if top_p is not None and not 0 < top_p <= 1:
         raise GenerationError(f"top_p = {top_p}: must be in (0, 1] or none")
+
+
+def context_note(max_new_tokens: int, prompt_len: int, max_seq_len: int) -> str | None:
+    """The note to show when generation will stop at the context length before max_new_tokens."""
+    room = max(0, max_seq_len - prompt_len)
+    if max_new_tokens <= room:
+        return None
+    return (f"note: generating at most {room} of --max-new-tokens {max_new_tokens}: the model's context is "
+            f"{max_seq_len} tokens and the prompt takes {prompt_len}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from lmforge.checkpoint.state import ModelOptimizerState, RNGState
 from lmforge.checkpoint.tiers import TieredCheckpoints
 from lmforge.config import JobConfig
+from lmforge.data.limits import cap_eval_batches, check_batch_fits_data
 from lmforge.data.loader import DistributedTokenLoader, TokenDataset
 from lmforge.data.pack import prepare_data
 from lmforge.data.tokenizer import TextTokenizer
@@ -130,6 +131,11 @@ class Trainer:
         self.val_loader = DistributedTokenLoader(
             TokenDataset(self.data_dir, "val"), cfg.train.seq_len, cfg.train.micro_batch_size,
             dp_rank, dp_world, seed=cfg.data.seed, shuffle=False)
+        check_batch_fits_data(self.train_loader.n_windows, cfg.train.global_batch_size, cfg.train.seq_len,
+                              str(self.data_dir))
+        self.eval_batches = cap_eval_batches(self.val_loader.n_windows, cfg.train.global_batch_size,
+                                             cfg.train.eval_batches,
+                                             self._say if cfg.train.eval_interval else lambda _: None)
 
         self.ckpt = TieredCheckpoints(cfg.checkpoint, self.run_dir)
         # torchrun restarted the workers after a failure: continue from the newest valid checkpoint
@@ -392,7 +398,7 @@ class Trainer:
         self.val_loader.reset()
         total = torch.zeros((), device=self.device)
         # eval_batches global batches, whatever the layout: every layout sees the same sequences.
-        n = self.cfg.train.eval_batches * self.accum
+        n = self.eval_batches * self.accum
         for _ in range(n):
             x, y = self.val_loader.next_batch()
             x, y = x.to(self.device), y.to(self.device)

@@ -1,0 +1,86 @@
+"""Checks of a validated JobConfig against the machine it is about to run on, before any process
+group starts or any tensor is allocated: is the device there, and can the training state fit.
+
+Kept apart from `JobConfig.validate`, which depends on the config alone (recipes for 8 x 8 GPUs
+must validate on a laptop); these depend on this machine and run only when a job is launched.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lmforge.config.job import JobConfig
+from lmforge.config.loader import ConfigError
+
+# fp32 weights + fp32 gradients + AdamW's two fp32 moments, per parameter (mixed precision keeps
+# fp32 master weights; activations come on top, so this is a lower bound of what training needs).
+TRAIN_BYTES_PER_PARAM = 4 + 4 + 8
+
+
+def available_host_bytes() -> int | None:
+    """Memory the kernel can give without swapping (MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def training_state_bytes(cfg: JobConfig, world_size: int) -> tuple[int, int]:
+    """(parameters, bytes of weights + gradients + AdamW state on one rank). Sharding over
+    dp_shard, tp and pp divides the state; replication (dp_replicate) does not."""
+    from lmforge.models.llama.model import count_params
+
+    params = count_params(cfg.model)["total"]
+    r = cfg.parallel.resolved(world_size)
+    shards = max(r.dp_shard, 1) * r.tp * r.pp
+    return params, -(-params * TRAIN_BYTES_PER_PARAM // shards)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_device(cfg: JobConfig) -> None:
+    """`train.device = 'cuda'` on a machine without CUDA: one line, not a RuntimeError per rank."""
+    if cfg.train.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device", "cuda", "no CUDA device is available on this machine; use 'cpu' or "
+                              "'auto'")
+
+
+def check_memory_fits(cfg: JobConfig, world_size: int, local_ranks: int = 1) -> None:
+    """Refuse a model whose training state cannot fit, with the estimate, before allocation.
+
+    On CPU the `local_ranks` processes of this machine share its RAM; on CUDA each rank has one
+    device of its own.
+    """
+    params, per_rank = training_state_bytes(cfg, world_size)
+    import torch
+
+    on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        where, have, need = "per GPU", torch.cuda.get_device_properties(0).total_memory, per_rank
+    else:
+        where, have, need = "of host memory available", available_host_bytes(), per_rank * local_ranks
+    if have is None or need <= have:
+        return
+    raise ConfigError("model", f"{params:,} parameters",
+                      f"training needs at least {_gib(need)} for weights, gradients and AdamW state "
+                      f"({TRAIN_BYTES_PER_PARAM} bytes per parameter{f' x {local_ranks} ranks' if not on_cuda and local_ranks > 1 else ''}"
+                      f", sharded over dp_shard x tp x pp) but this machine has {_gib(have)} {where}; "
+                      "use a smaller model.dim / n_layers or shard over more ranks")
+
+
+def preflight(cfg: JobConfig, world_size: int, local_ranks: int = 1) -> None:
+    """Every machine-dependent check, in the order a user would fix them."""
+    check_device(cfg)
+    check_memory_fits(cfg, world_size, local_ranks)
