@@ -25,6 +25,7 @@ import torch
 
 from lmforge.data.errors import DataError
 from lmforge.data.files import read_json
+from lmforge.data.verify import verify_pack
 
 STATE_VERSION = 2  # 2: adds "skip" (v1 states load with no skip ranges)
 
@@ -59,6 +60,10 @@ class TokenDataset:
         if size != want:
             raise DataError(f"{path} has {size} bytes but {manifest_path} says {self.n_tokens} tokens of "
                             f"{self.dtype.name} ({want} bytes); rerun `lmforge data prepare`")
+        problems = verify_pack(self.dir, m, splits=(split,))  # size + mtime; sha256 when they changed
+        if problems:
+            raise DataError(f"{problems[0]}; rerun `lmforge data prepare` to repack, or `lmforge data verify "
+                            f"{self.dir}` for a full check")
         self.path = path
         self.tokens = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.n_tokens,)) \
             if self.n_tokens else np.zeros(0, dtype=self.dtype)
@@ -143,6 +148,10 @@ class DistributedTokenLoader:
         self.last_windows = idx
         self.position += m * self.dp_world
         windows = np.stack([self.dataset.window(int(i), self.seq_len) for i in idx])
+        if windows.size and windows.max() >= self.dataset.vocab_size:  # else an IndexError in the embedding
+            raise DataError(f"{self.dataset.path}: token id {windows.max()} in window {idx[np.argmax(windows.max(1))]} "
+                            f"is outside the vocabulary ({self.dataset.vocab_size} ids); run `lmforge data verify "
+                            f"{self.dataset.dir}` and repack")
         batch = torch.from_numpy(windows)
         return batch[:, :-1], batch[:, 1:]
 

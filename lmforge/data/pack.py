@@ -27,12 +27,13 @@ from lmforge.config.job import DataConfig, TokenizerConfig
 from lmforge.data.corpus import prepare_corpus
 from lmforge.data.errors import DataError
 from lmforge.data.files import atomic_open, fingerprint, read_json, sha256_file, write_json_atomic
-from lmforge.data.tokenizer import TextTokenizer, tokenizer_is_current, train_tokenizer
+from lmforge.data.tokenizer import TextTokenizer, bounded_pieces, tokenizer_is_current, train_tokenizer
+from lmforge.data.verify import pack_files, verify_pack
 
-PACK_FORMAT = 1
+PACK_FORMAT = 2  # 2: manifest fingerprints every file ("files"); long documents packed in pieces
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
-_CHUNK_CHARS = 4 << 20  # text per encode_batch call: large enough to use every core, small in memory
+_CHUNK_CHARS = 1 << 20  # text per encode_batch call: ~200 bytes of Rust-side state per character
 _CHUNK_DOCS = 4096
 
 
@@ -56,23 +57,37 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-def _text_chunks(corpus_jsonl: Path) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def _piece_batches(corpus_jsonl: Path) -> Iterator[list[tuple[int, str, bool]]]:
+    """(corpus row, piece of its text, last piece of the document?) in batches of about
+    `_CHUNK_CHARS` characters: long documents are cut at pre-token boundaries
+    (tokenizer.bounded_pieces), so the Rust tokenizer never holds more than a batch at once."""
+    batch: list[tuple[int, str, bool]] = []
     chars = 0
     with open(corpus_jsonl, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+        for row, line in enumerate(f):
             try:
                 text = json.loads(line)["text"]
             except (ValueError, KeyError, TypeError):
-                raise DataError(f"{corpus_jsonl}:{n}: not a corpus line written by lmforge; delete it and "
+                raise DataError(f"{corpus_jsonl}:{row + 1}: not a corpus line written by lmforge; delete it and "
                                 "rerun `lmforge data prepare`") from None
-            chunk.append(text)
-            chars += len(text)
-            if chars >= _CHUNK_CHARS or len(chunk) >= _CHUNK_DOCS:
-                yield chunk
-                chunk, chars = [], 0
-    if chunk:
-        yield chunk
+            del line
+            pieces = bounded_pieces(text)
+            piece = next(pieces)
+            for following in pieces:
+                batch.append((row, piece, False))
+                chars += len(piece)
+                piece = following
+                if chars >= _CHUNK_CHARS:
+                    yield batch
+                    batch, chars = [], 0
+            batch.append((row, piece, True))
+            chars += len(piece)
+            del text
+            if chars >= _CHUNK_CHARS or len(batch) >= _CHUNK_DOCS:
+                yield batch
+                batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def _count_lines(path: Path) -> int:
@@ -86,22 +101,12 @@ def _manifest_inputs(corpus: dict, tokenizer: dict, val_fraction: float, seed: i
 
 
 def pack_is_current(out_dir: Path, inputs: dict) -> dict | None:
-    """The existing manifest when it was made from exactly `inputs` and its shards are intact
-    (present, with the byte sizes it records), else None."""
+    """The existing manifest when it was made from exactly `inputs` and every file it lists still
+    has the content it records (size + mtime fast path, sha256 on any difference), else None."""
     m = read_json(Path(out_dir) / MANIFEST)
     if not m or m.get("inputs") != inputs:
         return None
-    try:
-        itemsize = np.dtype(m["dtype"]).itemsize
-        for split in SPLITS:
-            s = m["splits"][split]
-            if (Path(out_dir) / s["file"]).stat().st_size != s["tokens"] * itemsize:
-                return None
-            if not (Path(out_dir) / f"{split}.idx.npy").is_file():
-                return None
-    except (KeyError, TypeError, OSError):
-        return None
-    return m
+    return m if not verify_pack(out_dir, m) else None
 
 
 def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fraction: float,
@@ -119,9 +124,9 @@ def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fra
     corpus_fp = fingerprint(corpus_jsonl, old.get("corpus"))
     tok_fp = fingerprint(tokenizer_json, old.get("tokenizer"))
     inputs = _manifest_inputs(corpus_fp, tok_fp, val_fraction, seed)
-    current = pack_is_current(out_dir, inputs)
-    if current is not None:
-        return {**current, "skipped": True}
+    problems = verify_pack(out_dir, old) if old.get("inputs") == inputs else []
+    if old.get("inputs") == inputs and not problems:
+        return {**old, "skipped": True}
 
     tok = TextTokenizer.from_file(tokenizer_json)
     dtype = token_dtype(tok.vocab_size)
@@ -131,27 +136,26 @@ def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fra
 
     lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
     doc_rows: dict[str, list[int]] = {s: [] for s in SPLITS}
-    eos = np.array([tok.eos_id], dtype=np.int64)
-    row = 0
+    eos = np.array([tok.eos_id], dtype=dtype)
+    doc_tokens, n_docs = 0, len(is_val)  # tokens so far of the document being packed (pieces)
     with atomic_open(out_dir / "train.bin", "wb") as f_train, atomic_open(out_dir / "val.bin", "wb") as f_val:
         files = {"train": f_train, "val": f_val}
-        for texts in _text_chunks(corpus_jsonl):
-            parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-            for ids in tok.encode_batch(texts):
-                if row >= len(is_val):
+        for batch in _piece_batches(corpus_jsonl):
+            for (row, _, last), ids in zip(batch, tok.encode_batch([piece for _, piece, _ in batch])):
+                if row >= n_docs:
                     raise DataError(f"{corpus_jsonl} changed while packing; rerun `lmforge data prepare`")
                 split = "val" if is_val[row] else "train"
-                parts[split] += [np.asarray(ids, dtype=np.int64), eos]
-                lengths[split].append(len(ids) + 1)
-                doc_rows[split].append(row)
-                row += 1
-            for split, arrs in parts.items():
-                if arrs:
-                    arr = np.concatenate(arrs)
-                    if arr.max() >= tok.vocab_size:  # a cast would silently wrap: refuse
-                        raise DataError(f"{tokenizer_json}: produced id {arr.max()} >= vocab_size {tok.vocab_size}")
-                    files[split].write(arr.astype(dtype).tobytes())
-    if row != len(is_val):
+                arr = np.asarray(ids, dtype=np.int64)
+                if arr.size and arr.max() >= tok.vocab_size:  # a cast would silently wrap: refuse
+                    raise DataError(f"{tokenizer_json}: produced id {arr.max()} >= vocab_size {tok.vocab_size}")
+                files[split].write(arr.astype(dtype).tobytes())
+                doc_tokens += len(ids)
+                if last:
+                    files[split].write(eos.tobytes())
+                    lengths[split].append(doc_tokens + 1)
+                    doc_rows[split].append(row)
+                    doc_tokens = 0
+    if sum(len(v) for v in lengths.values()) != n_docs:
         raise DataError(f"{corpus_jsonl} changed while packing; rerun `lmforge data prepare`")
 
     splits = {}
@@ -162,14 +166,17 @@ def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fra
                 np.save(f, arr)
         splits[split] = {"file": f"{split}.bin", "tokens": int(offsets[-1]), "documents": len(lengths[split]),
                          "sha256": sha256_file(out_dir / f"{split}.bin")}
+    # Every file the loader or a rerun trusts, fingerprinted: opening checks size + mtime, and the
+    # sha256 when either differs (lmforge.data.verify).
+    files_fp = {name: fingerprint(out_dir / name) for name in pack_files()}
     manifest = {
         "inputs": inputs, "corpus": corpus_fp, "tokenizer": tok_fp, "format": PACK_FORMAT,
-        "dtype": dtype.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "splits": splits,
+        "files": files_fp, "dtype": dtype.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "splits": splits,
         "seed": seed, "val_fraction": val_fraction, "corpus_sha256": corpus_fp["sha256"],
         "tokenizer_sha256": tok_fp["sha256"], "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     write_json_atomic(out_dir / MANIFEST, manifest)
-    return {**manifest, "skipped": False}
+    return {**manifest, "skipped": False, "repaired": problems[0] if problems else None}
 
 
 def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig, log: Callable[[str], None] = print) -> Path:
@@ -199,6 +206,8 @@ def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig, log: Callable[[str],
     t0 = time.perf_counter()
     m = pack_corpus(corpus_path, tok_path, out, cfg.val_fraction, cfg.seed)
     state = "up to date" if m["skipped"] else f"packed in {time.perf_counter() - t0:.1f}s"
+    if m.get("repaired"):
+        log(f"data: warning: {m['repaired']}; packed again")
     tr, va = m["splits"]["train"], m["splits"]["val"]
     log(f"data: shards {out} {state}: train {tr['tokens']:,} tokens / {tr['documents']} docs, "
         f"val {va['tokens']:,} tokens / {va['documents']} docs ({m['dtype']})")

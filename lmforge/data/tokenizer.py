@@ -29,13 +29,46 @@ def new_byte_level_bpe() -> Tokenizer:
     return tok
 
 
-def _batches(texts: Iterator[str], size: int = 1000) -> Iterator[list[str]]:
+# Longest text handed to the Rust tokenizer in one piece: it keeps offsets and pre-token strings
+# for a whole input, about 200 bytes per character, so a 50 MB document would take 10 GB at once.
+MAX_PIECE_CHARS = 1 << 18
+
+
+def _is_cut(text: str, i: int) -> bool:
+    """Whether a piece may start at `i`: a space between two non-space characters. Every pattern of
+    the byte-level pre-tokenizer (GPT-2's regex) takes a space only as its first character, and none
+    looks behind, so a pre-token starts at such a space in the whole text as in the piece: pieces
+    encode to exactly the ids of the whole (BPE merges never cross pre-tokens)."""
+    return text[i] == " " and not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace()
+
+
+def bounded_pieces(text: str, max_chars: int = MAX_PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `max_chars` characters, cut at pre-token boundaries
+    (`_is_cut`), so that encoding piece by piece gives the ids of encoding the whole in bounded
+    memory. A stretch of `max_chars` without such a space (one giant "word") is cut where the
+    limit falls; only the tokens at that cut can differ."""
+    start, n = 0, len(text)
+    while n - start > max_chars:
+        end = start + max_chars
+        cut = text.rfind(" ", start + 1, end)
+        while cut > start and not _is_cut(text, cut):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _batches(texts: Iterator[str], size: int = 1000, max_chars: int = 4 * MAX_PIECE_CHARS) -> Iterator[list[str]]:
+    """Lists of up to `size` texts and about `max_chars` characters (bounded memory per call)."""
     batch: list[str] = []
+    chars = 0
     for t in texts:
         batch.append(t)
-        if len(batch) == size:
+        chars += len(t)
+        if len(batch) == size or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
@@ -83,7 +116,8 @@ def train_tokenizer(corpus_jsonl: Path, out_path: Path, vocab_size: int, min_fre
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_batches(iter_corpus_texts(corpus_jsonl)), trainer=trainer)
+    pieces = (piece for text in iter_corpus_texts(corpus_jsonl) for piece in bounded_pieces(text))
+    tok.train_from_iterator(_batches(pieces), trainer=trainer)  # same word counts as whole texts
     if tok.token_to_id(EOS_TOKEN) != 0:  # invariant the packer and generation rely on
         raise RuntimeError(f"{EOS_TOKEN} got id {tok.token_to_id(EOS_TOKEN)}, expected 0")
     with atomic_open(out_path, "w", encoding="utf-8") as f:

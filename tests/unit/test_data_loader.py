@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from lmforge.data.errors import DataError
+from lmforge.data.files import fingerprint
 from lmforge.data.loader import DistributedTokenLoader, TokenDataset
+from lmforge.data.verify import pack_files
 
 SEQ = 4
 
@@ -21,9 +23,12 @@ def make_packed(d: Path, n_train: int = 4 * 50 + 1, n_val: int = 4 * 6 + 3, dtyp
     splits = {}
     for split, n in (("train", n_train), ("val", n_val)):
         np.arange(n, dtype=dtype).tofile(d / f"{split}.bin")
+        np.save(d / f"{split}.idx.npy", np.array([0, n], dtype=np.int64))
+        np.save(d / f"{split}.docs.npy", np.array([0], dtype=np.int64))
         splits[split] = {"file": f"{split}.bin", "tokens": n, "documents": 1}
+    files = {name: fingerprint(d / name) for name in pack_files()}
     (d / "manifest.json").write_text(json.dumps({"dtype": dtype, "vocab_size": 70000, "eos_id": 0,
-                                                 "splits": splits}))
+                                                 "splits": splits, "files": files}))
     return d
 
 
