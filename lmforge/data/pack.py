@@ -190,6 +190,9 @@ def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig, log: Callable[[str],
     srcs = ", ".join(f"{k} {v}" for k, v in sorted(c["sources"].items()))
     state = "up to date" if c["skipped_stage"] else f"built in {time.perf_counter() - t0:.1f}s"
     skipped = f", {c['skipped_lines']} malformed lines skipped" if c.get("skipped_lines") else ""
+    if c.get("invalid_utf8"):
+        skipped += ", invalid UTF-8 replaced with U+FFFD in " + ", ".join(
+            f"{n} documents of {src}" for src, n in sorted(c["invalid_utf8"].items()))
     log(f"data: corpus {corpus_path} {state}: {c['documents']} documents ({srcs}), "
         f"{c['chars'] / 1e6:.1f}M chars{skipped}")
 
