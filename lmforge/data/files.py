@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 
 @contextmanager
@@ -32,10 +35,93 @@ def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
         raise
 
 
+NONFINITE_KEY = "nonfinite"
+
+
+def _nonfinite_name(x: float) -> str:
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def strict_json_value(obj: Any, path: str = "", found: dict[str, str] | None = None) -> Any:
+    """`obj` with every NaN/inf float (Python or numpy) replaced by None; `found` collects
+    {dotted path: "nan" | "inf" | "-inf"} of what was replaced."""
+    if isinstance(obj, float | np.floating):
+        x = float(obj)
+        if math.isfinite(x):
+            return x if isinstance(obj, np.floating) else obj
+        if found is not None:
+            found[path] = _nonfinite_name(x)
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json_value(v, f"{path}.{k}" if path else str(k), found) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json_value(v, f"{path}[{i}]", found) for i, v in enumerate(obj)]
+    return obj
+
+
+def strict_json_record(obj: Any) -> Any:
+    """A value strict JSON parsers accept: non-finite numbers become null, and a dict gets a
+    "nonfinite" entry naming them ({"loss": "nan"}), so nothing is lost and `json.loads` in other
+    languages (and `jq`) never meets `NaN` or `Infinity`."""
+    found: dict[str, str] = {}
+    clean = strict_json_value(obj, "", found)
+    if found and isinstance(clean, dict):
+        clean[NONFINITE_KEY] = found
+    return clean
+
+
+def dumps_strict(obj: Any, **kwargs: Any) -> str:
+    """`json.dumps` of `strict_json_record(obj)`, refusing any NaN/inf left (there are none)."""
+    return json.dumps(strict_json_record(obj), allow_nan=False, **kwargs)
+
+
+def restore_nonfinite(record: Any) -> Any:
+    """Inverse of `strict_json_record` for a flat record: the null values it names are NaN/inf again."""
+    flags = record.get(NONFINITE_KEY) if isinstance(record, dict) else None
+    if not isinstance(flags, dict):
+        return record
+    out = {k: v for k, v in record.items() if k != NONFINITE_KEY}
+    for key, name in flags.items():
+        if key in out and out[key] is None and name in ("nan", "inf", "-inf"):
+            out[key] = float(name)
+    return out
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (/proc/self/status);
+    elsewhere set-and-restore."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path: Path | str) -> None:
+    """Give `path` (a file, or a directory and everything in it) the modes a plain `open` or
+    `mkdir` would have under the umask. tempfile.mkstemp/mkdtemp create 0600/0700 whatever the
+    umask, which leaves exported files unreadable to the group on a shared filesystem."""
+    path = Path(path)
+    mask = current_umask()
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
+        for p in path.rglob("*"):
+            if not p.is_symlink():
+                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Strict JSON (see `dumps_strict`), written temp-then-rename."""
+    text = dumps_strict(obj, indent=2, sort_keys=True)
     with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 def read_json(path: Path) -> dict | None:

@@ -5,9 +5,10 @@ The JSONL record, one line per `MetricsLogger.log` call, flat so any tool can re
     {"step": 120, "prefix": "train", "time": 1718000000.123, "loss": 3.21, "lr": 0.0003, ...}
 
 `step` (int), `prefix` ("train", "val", ...) and `time` (Unix seconds) are reserved; every other
-key is a metric name, unprefixed, with an int or float value (NaN/Infinity are written as the
-bare tokens Python's json module reads back). A resumed run appends to the same file, so a step
-may appear twice after a crash; readers keep the last record of each (prefix, step).
+key is a metric name, unprefixed, with an int or float value. The file is strict JSON: a NaN or
+infinite value is written as null and named in a "nonfinite" entry ({"loss": null, "nonfinite":
+{"loss": "nan"}}); `read_metrics` turns it back into the float. A resumed run appends to the same
+file, so a step may appear twice after a crash; readers keep the last record of each (prefix, step).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import Any
 
 import torch
 
-RESERVED_KEYS = ("step", "prefix", "time")
+from lmforge.data.files import NONFINITE_KEY, dumps_strict, restore_nonfinite
+
+RESERVED_KEYS = ("step", "prefix", "time", NONFINITE_KEY)
 GIB = float(1 << 30)
 
 
@@ -218,7 +221,7 @@ class MetricsLogger:
         values = {k: _number(k, v) for k, v in metrics.items()}
         if self._file is not None:
             record = {"step": int(step), "prefix": prefix, "time": round(time.time(), 3), **values}
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(dumps_strict(record) + "\n")  # NaN/inf -> null + "nonfinite"
             self._file.flush()
         if self._tb is not None:
             for k, v in values.items():
@@ -259,7 +262,7 @@ def read_metrics(path: Path | str, prefix: str | None = None) -> list[dict[str, 
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = restore_nonfinite(json.loads(line))  # null + "nonfinite" flag -> NaN/inf again
         except ValueError:
             continue
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):

@@ -8,7 +8,6 @@ into the checkpoint, so a resume continues bit for bit.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from lmforge.checkpoint.state import ModelOptimizerState, RNGState
 from lmforge.checkpoint.tiers import TieredCheckpoints
 from lmforge.config import JobConfig
+from lmforge.data.files import dumps_strict
 from lmforge.data.limits import cap_eval_batches, check_batch_fits_data
 from lmforge.data.loader import DistributedTokenLoader, TokenDataset
 from lmforge.data.pack import prepare_data
@@ -267,7 +267,7 @@ class Trainer:
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(asdict(self.cfg), indent=2))
+        tmp.write_text(dumps_strict(asdict(self.cfg), indent=2))
         tmp.replace(self.run_dir / "config.json")
         shutil.copyfile(self.data_dir / "tokenizer.json", self.run_dir / "tokenizer.json.tmp")
         (self.run_dir / "tokenizer.json.tmp").replace(self.run_dir / "tokenizer.json")
@@ -376,7 +376,7 @@ class Trainer:
         out = self.run_dir / "memory"
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f"rank{self.info.rank}.json.tmp"
-        tmp.write_text(json.dumps(report, indent=1))
+        tmp.write_text(dumps_strict(report, indent=1))
         tmp.replace(out / f"rank{self.info.rank}.json")
 
     def _dp_group(self) -> dist.ProcessGroup | None:

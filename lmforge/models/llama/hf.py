@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmforge.config import ConfigError, ModelConfig
+from lmforge.data.files import make_readable
 from lmforge.models.common.rope import rope_cos_sin
 from lmforge.models.llama.model import Transformer
 
@@ -286,6 +287,7 @@ def _atomic_dir(out_dir: Path, write: Any, overwrite: bool) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         write(tmp)
+        make_readable(tmp)  # mkdtemp's 0700 would survive the rename: the umask decides, as for any file
         old = None
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
