@@ -71,7 +71,11 @@ def test_jsonl_records_and_resume_appends(tmp_path: Path, monkeypatch: pytest.Mo
                        "lr": pytest.approx(1e-3), "tokens_seen": 2048}
     assert isinstance(rows[0]["tokens_seen"], int)
     assert rows[1]["prefix"] == "val" and rows[1]["perplexity"] == pytest.approx(math.exp(3.4))
-    assert rows[2]["step"] == 2 and math.isnan(rows[2]["loss"])
+    # strict JSON (issue 10): NaN is null plus a flag, and read_metrics gives the NaN back
+    assert rows[2]["step"] == 2 and rows[2]["loss"] is None and rows[2]["nonfinite"] == {"loss": "nan"}
+    strict = [json.loads(x, parse_constant=lambda c: pytest.fail(f"non-strict JSON token {c}"))
+              for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(strict) == 3 and math.isnan(M.read_metrics(tmp_path / "metrics.jsonl")[-1]["loss"])
 
 
 def test_reserved_and_bad_values(tmp_path: Path) -> None:
