@@ -209,6 +209,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("recipe", str(p), f"is not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("recipe", str(p), f"is not UTF-8 text (byte {e.start}); a recipe is a TOML file") from None
+    except OSError as e:
+        raise ConfigError("recipe", str(p), f"cannot be read ({e.strerror or e})") from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
