@@ -6,7 +6,12 @@ Layout of `out_dir` (all written temp-then-rename; the manifest last, so its pre
                                 is followed by the end-of-text id
     train.idx.npy, val.idx.npy  int64 offsets of document starts, plus the end (len = documents + 1)
     train.docs.npy, val.docs.npy  int64 corpus line number (0-based) of each packed document
-    manifest.json               dtype, vocab, counts per split, sha256 of inputs and shards, seed, ...
+    manifest.json               dtype, vocab, counts per split, sha256 of inputs and shards, seed, and
+                                "files": a fingerprint (sha256, size, mtime) of every file above, checked
+                                when a pack is reused or opened (lmforge.data.verify)
+
+Documents are tokenized in pieces of bounded size cut at pre-token boundaries (identical ids), so
+one huge document needs no more memory than many small ones.
 
 The validation split is a seeded random set of whole documents, never a cut inside one, so no
 validation text leaks into training. `prepare_data` chains the three stages; each is skipped when
