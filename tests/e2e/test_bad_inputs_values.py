@@ -433,8 +433,11 @@ def test_50mb_document_prepares_in_under_1gb(tmp_path: Path) -> None:
         for i in range(8):
             f.write(json.dumps({"text": f"a small document {i}"}) + "\n")
     del text
-    code = ("import resource, sys; from lmforge.cli import main; rc = main(sys.argv[1:]); "
-            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    # VmHWM: the peak RSS of this process image. (getrusage's ru_maxrss would not do: Linux carries
+    # the forking parent's peak, this test process's, across exec into it.)
+    code = ("import sys; from lmforge.cli import main; rc = main(sys.argv[1:]); "
+            "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0].split()[1]; "
+            "print('PEAK_KB', hwm); sys.exit(rc)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code, "data", "prepare", "--data.corpus", str(src), "--data.dir",
                            str(tmp_path / "d"), "--tokenizer.vocab_size", "300", "--data.val_fraction", "0.2"],
