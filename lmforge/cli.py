@@ -296,7 +296,7 @@ def _byte_size(text: str) -> int:
         n = float(t[: len(t) - len(unit)] if t.endswith(unit) else t)
     except ValueError:
         n = -1.0
-    if not n > 0:
+    if not 0 < n < float("inf"):  # NaN and inf too
         raise argparse.ArgumentTypeError(f"{text!r}: must be a positive size such as 5GB, 500MB or 64KB")
     return int(n * units[unit])
 

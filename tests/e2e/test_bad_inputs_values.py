@@ -108,6 +108,10 @@ REFUSALS = [
     Refusal("recipe lr = nan", [], ["optimizer.lr", "finite", "recipe.toml"], recipe="[optimizer]\nlr = nan\n"),
     Refusal("recipe norm_eps = inf", [], ["model.norm_eps", "finite"], recipe="[model]\nnorm_eps = inf\n"),
     Refusal("recipe of random bytes", [], ["recipe", "not UTF-8"], recipe=b"\xff\xfe\x00\x9c" * 64),  # type: ignore[arg-type]
+    Refusal("10**12 layers cannot fit (refused at once)", ["--model.n_layers", "1000000000000"],
+            ["model", "GiB", "parameters"]),
+    Refusal("max_seq_len 10**10: RoPE tables cannot fit", ["--model.max_seq_len", "10000000000"],
+            ["RoPE", "GiB"]),
     Refusal("dim 1048576 cannot fit", ["--model.dim", "1048576", "--model.n_heads", "8", "--model.max_seq_len", "64"],
             ["model", "GiB", "parameters"]),
 ]
@@ -133,14 +137,14 @@ def test_refused_before_training(case: Refusal, tiny_data_dir: Path, tmp_path: P
 
 def test_memory_refusal_gives_the_estimate(tiny_data_dir: Path, tmp_path: Path, capsys) -> None:
     from lmforge.config import load_job_config, parse_override_args
-    from lmforge.config.preflight import TRAIN_BYTES_PER_PARAM, training_state_bytes
+    from lmforge.config.preflight import TRAIN_BYTES_PER_PARAM, fixed_buffer_bytes, training_state_bytes
 
     over = ["--model.dim", "1048576", "--model.n_heads", "8", "--model.max_seq_len", "64"]
     cfg = load_job_config(None, parse_override_args(train_args(tiny_data_dir, tmp_path / "r", *over)[1:]))
     params, need = training_state_bytes(cfg, 1)
     assert need == params * TRAIN_BYTES_PER_PARAM and params > 2e13
     code, _, err = run_main(train_args(tiny_data_dir, tmp_path / "r", *over), capsys)
-    assert code == 2 and f"{need / 2**30:,.1f} GiB" in err
+    assert code == 2 and f"{(need + fixed_buffer_bytes(cfg)) / 2**30:,.1f} GiB" in err
 
 
 def test_cuda_device_without_cuda_is_one_line(tiny_data_dir: Path, tmp_path: Path, capsys) -> None:
@@ -357,6 +361,20 @@ def test_bench_peak_refuses_n_it_would_not_measure(n: str, capsys) -> None:
     code, _, err = run_main(["bench", "peak", "--n", n, "--dtypes", "fp32"], capsys)
     assert code == 2 and "--n" in err and "[16, 16384]" in err
     assert time.perf_counter() - t0 < 5  # refused, not measured
+
+
+@pytest.mark.parametrize("size", ["inf", "nanGB", "-1MB"])
+def test_export_refuses_nonfinite_shard_size(size: str, run_dir: Path, tmp_path: Path, capsys) -> None:
+    before = tree_hash(run_dir)
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error: exit 2, usage + one line
+        main(["export", str(run_dir), str(tmp_path / "hf"), "--max-shard-size", size])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    # argparse prints its usage (wrapped over lines), then the one error line
+    assert_clean_stderr("\n".join(ln for ln in err.splitlines() if not ln.startswith(("usage:", " "))))
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("lmforge export: error:")
+    assert "must be a positive size" in err and not (tmp_path / "hf").exists()
+    assert tree_hash(run_dir) == before
 
 
 # -- item 8: strict JSON, modes under the umask -------------------------------------------------------
