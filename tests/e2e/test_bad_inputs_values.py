@@ -367,7 +367,7 @@ def test_bench_peak_refuses_n_it_would_not_measure(n: str, capsys) -> None:
 def test_export_refuses_nonfinite_shard_size(size: str, run_dir: Path, tmp_path: Path, capsys) -> None:
     before = tree_hash(run_dir)
     with pytest.raises(SystemExit) as e:  # argparse's own usage error: exit 2, usage + one line
-        main(["export", str(run_dir), str(tmp_path / "hf"), "--max-shard-size", size])
+        main(["export", str(run_dir), str(tmp_path / "hf"), f"--max-shard-size={size}"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     # argparse prints its usage (wrapped over lines), then the one error line
