@@ -106,3 +106,14 @@ def test_real_process_exit_code_and_no_traceback() -> None:
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "model.n_heads = 7" in proc.stderr
+
+
+def test_code_built_configs_with_nonfinite_floats_are_refused() -> None:
+    """Not only parsed values: a JobConfig built in code is walked field by field (issue 10)."""
+    from lmforge.config import ModelConfig, OptimizerConfig
+
+    for cfg, key in ((JobConfig(optimizer=OptimizerConfig(lr=float("inf"))), r"optimizer\.lr"),
+                     (JobConfig(model=ModelConfig(rope_theta=float("nan"))), r"model\.rope_theta")):
+        with pytest.raises(ConfigError, match=key + ".*finite"):
+            cfg.validate()
+    JobConfig().validate()  # the defaults stay valid
