@@ -105,15 +105,6 @@ def _manifest_inputs(corpus: dict, tokenizer: dict, val_fraction: float, seed: i
             "val_fraction": val_fraction, "seed": seed}
 
 
-def pack_is_current(out_dir: Path, inputs: dict) -> dict | None:
-    """The existing manifest when it was made from exactly `inputs` and every file it lists still
-    has the content it records (size + mtime fast path, sha256 on any difference), else None."""
-    m = read_json(Path(out_dir) / MANIFEST)
-    if not m or m.get("inputs") != inputs:
-        return None
-    return m if not verify_pack(out_dir, m) else None
-
-
 def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fraction: float,
                 seed: int) -> dict:
     """Tokenise every document, append eos, and write the train/val shards, indexes and manifest.
