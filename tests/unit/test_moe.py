@@ -182,14 +182,20 @@ def test_grouped_equals_loop_exactly_fp32_forward_and_grads(path, monkeypatch):
 def test_grouped_bf16_and_autocast_close_to_fp32():
     ex, x, counts = experts_and_input()
     ref = ex.forward_loop(x, counts)
+    # Measured (torch 2.13 CPU, AMD EPYC Zen 3): the largest difference from fp32 is 0.0162, 0.5% of
+    # the largest output (3.25), the same in both paths; allowed: 3x that. A wrong expert or weight
+    # moves outputs by O(1).
+    allowed = 3 * 0.0162
     bf = ex.to(torch.bfloat16)(x.bfloat16(), counts)
     assert bf.dtype == torch.bfloat16
-    torch.testing.assert_close(bf.float(), ref, rtol=0.05, atol=0.02)
+    err = (bf.float() - ref).abs().max().item()
+    assert 0 < err <= allowed, err
     ex.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto = ex(x, counts)
     assert auto.dtype == torch.bfloat16
-    torch.testing.assert_close(auto.float(), ref, rtol=0.05, atol=0.02)
+    err = (auto.float() - ref).abs().max().item()
+    assert 0 < err <= allowed, err
 
 
 def test_padded_bmm_handles_odd_widths():
