@@ -352,9 +352,9 @@ class Trainer:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.moe:  # aux-loss-free balancing: biases move from the load of all dp ranks (not on
-            # step 1, nor on a step the stability policy skipped)
+            # a step the stability policy skipped)
             skipped = self.last_check is not None and self.last_check.skip
-            update_expert_biases(self.moe, self._dp_group(), apply=self.state.step > 0 and not skipped)
+            update_expert_biases(self.moe, self._dp_group(), apply=not skipped)
         if self._measure_activations:  # once, after the first step: optimizer state now exists
             self._measure_activations = False
             self.state_bytes = model_state_bytes([model], self.optimizer)
