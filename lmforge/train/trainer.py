@@ -1,6 +1,6 @@
 """The training loop: one process or many under torchrun, the same code.
 
-Build order (DESIGN.md): model on meta -> parallelism from outside (activation checkpointing ->
+Build order (docs/architecture.md): model on meta -> parallelism from outside (activation checkpointing ->
 compile -> data parallel) -> materialise + init -> optimizer -> resume. Everything stateful goes
 into the checkpoint, so a resume continues bit for bit.
 """
@@ -190,7 +190,7 @@ class Trainer:
             model.init_weights(self.device)
 
     def _parallelize(self, module: torch.nn.Module, pipeline: bool) -> None:
-        """TP -> EP -> activation checkpointing -> compile -> FSDP2, in place (DESIGN.md's order)."""
+        """TP -> EP -> activation checkpointing -> compile -> FSDP2, in place (the order in docs/architecture.md)."""
         cfg, degrees = self.cfg, self.mesh.degrees
         if degrees["tp"] > 1:
             apply_tp(module, self.mesh["tp"], cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel)
