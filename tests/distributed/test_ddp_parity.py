@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_metrics, run_cli, tiny_run_args
-from tests.distributed.parity import WEIGHT_PARITY, assert_same_final_weights
+from tests.distributed.parity import WEIGHT_PARITY, assert_same_final_weights, library_warnings
 
 STEPS = 6
 # One checkpoint after the last step: the final weights are compared with one process's.
@@ -29,7 +29,8 @@ def per_step(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def reference_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     single = tmp_path_factory.mktemp("single")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, single, *COMMON, "--train.micro_batch_size", "8")])
+    proc = run_cli(["train", *tiny_run_args(tiny_data_dir, single, *COMMON, "--train.micro_batch_size", "8")])
+    assert library_warnings(proc.stderr) == []
     return single
 
 
@@ -77,9 +78,11 @@ def test_data_parallel_layout_matches_single_process(layout: str, tiny_data_dir:
                                                      reference: list[float], reference_dir: Path) -> None:
     nproc, extra = LAYOUTS[layout]
     if layout == "fsdp":  # through `lmforge train --nproc N`, which wraps torchrun
-        run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra), "--nproc", str(nproc)])
+        proc = run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra), "--nproc", str(nproc)])
     else:
-        run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra)], nproc=nproc)
+        proc = run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra)], nproc=nproc)
+    # No library warning reaches the user's terminal (e.g. torch's DeviceMesh slicing deprecation).
+    assert library_warnings(proc.stderr) == [], layout
     assert_close(reference, per_step(tmp_path), layout)
     assert_same_final_weights(reference_dir, tmp_path, layout)
 
