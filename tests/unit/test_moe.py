@@ -465,3 +465,28 @@ def test_grouped_mm_takes_the_chosen_path(monkeypatch):
     got = moe_mod.grouped_mm(x, ex.w1.detach(), counts)
     assert not calls
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_count_the_same_load_and_print_nothing(capfd):
+    """torch.compile per block (as lmforge.parallel.compile): the load counted for balancing
+    equals eager's, and no graph-break warning reaches the terminal (the counting node and the
+    padded bmm run eagerly on purpose)."""
+    from lmforge.models.llama import build_model
+    from lmforge.parallel.compile import apply_compile
+    from lmforge.train.moe import moe_layers
+
+    torch._dynamo.reset()
+    x = torch.randint(0, MOE_MODEL.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    loads = {}
+    for mode in ("eager", "compiled"):
+        model = build_model(MOE_MODEL, "cpu", seed=0)
+        if mode == "compiled":
+            apply_compile(model)
+        for _ in range(2):
+            model(x).float().sum().backward()
+        loads[mode] = [m.load_sum for _, m in moe_layers(model)]
+    assert len(loads["eager"]) == 2 and all(torch.equal(a, b) for a, b in zip(loads["eager"], loads["compiled"]))
+    assert float(loads["eager"][0].sum()) == 2 * 2 * 32 * 2  # two micro-batches, once each
+    err = capfd.readouterr().err
+    assert "Graph break" not in err and "Warning" not in err, err[-2000:]

@@ -274,9 +274,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return padded_bmm(x, w, counts)
 
 
+@torch.compiler.disable
 def padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Fallback: scatter rows into (E, max_count, in), one bmm, gather back. Pads to the busiest
-    expert, so it costs E * max_count rows instead of A."""
+    expert, so it costs E * max_count rows instead of A. Eager under torch.compile: the padded
+    width is read from the data (a host sync); traced, it would break the graph with a warning
+    and recompile for every new width."""
     e = w.shape[0]
     a = x.shape[0]
     expert = torch.repeat_interleave(torch.arange(e, device=x.device), counts, output_size=a)
