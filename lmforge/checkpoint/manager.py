@@ -351,13 +351,17 @@ def _first_line(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {line}"[:300]
 
 
-def _check_model_against(path: Path, saved: Mapping[str, Any], model_sd: Mapping[str, Any]) -> None:
-    """One clear line when the model does not fit the checkpoint (usually a config mismatch)."""
+def _check_model_against(path: Path, saved: Mapping[str, Any], model_sd: Mapping[str, Any],
+                         all_ranks_keys: set[str] | None = None) -> None:
+    """One clear line when the model does not fit the checkpoint (usually a config mismatch).
+    `all_ranks_keys`: the model keys of every rank together (a pipeline rank holds only its
+    stages' weights: the checkpoint's other weights belong to the other ranks)."""
     saved_model = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
     if not saved_model:
         raise CheckpointError(f"checkpoint {path}: holds no model weights (no top-level 'model' key)")
     missing = [k for k in model_sd if k not in saved_model]
-    extra = [k for k in saved_model if k not in model_sd]
+    held = all_ranks_keys if all_ranks_keys is not None else model_sd
+    extra = [k for k in saved_model if k not in held]
     if missing or extra:
         what = (f"lacks weights {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}" if missing else
                 f"has weights the model lacks: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
@@ -913,7 +917,12 @@ class CheckpointManager:
         # Materialise what DCP loads into (as dcp.load does for Statefuls) so it can be checked first.
         templates = {k: (v.state_dict() if isinstance(v, Stateful) else v) for k, v in dcp_state.items()}
         if "model" in templates:
-            _check_model_against(path, saved, templates["model"])
+            keys: set[str] | None = None
+            if world > 1:  # pipeline ranks hold parts of the model: check extras against the union
+                gathered: list[Any] = [None] * world
+                dist.all_gather_object(gathered, sorted(templates["model"]), group=self.process_group)
+                keys = {k for part in gathered for k in part}
+            _check_model_against(path, saved, templates["model"], keys)
         for k, t in templates.items():
             if k not in saved_top and _has_leaves(t):
                 raise CheckpointError(f"checkpoint {path}: has no state '{k}' (it has: {', '.join(sorted(saved_top))})")

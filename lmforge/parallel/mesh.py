@@ -4,7 +4,7 @@ from a laptop to a cluster; meshes are returned and passed explicitly, never sto
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -61,17 +61,21 @@ EP_MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
 class ParallelMesh:
     """The world mesh (pp, dp_replicate, dp_shard, tp), size-1 dimensions included, plus the
     flattened data-parallel mesh "dp" that the loader and loss averaging use. With ep > 1 the
-    world is (pp, dp_replicate, dp_shard_mod_ep, ep, tp) with "dp_shard" flattened back."""
+    world is (pp, dp_replicate, dp_shard_mod_ep, ep, tp) with "dp_shard" flattened back.
+
+    Flattened meshes are kept as `_flatten` returns them (`flat`), never sliced back out of the
+    world mesh by name: torch deprecates that (a UserWarning on every run since torch 2.11)."""
 
     world: DeviceMesh
     degrees: dict[str, int]
+    flat: dict[str, DeviceMesh] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> DeviceMesh:
-        return self.world[name]
+        return self.flat[name] if name in self.flat else self.world[name]
 
     @property
     def dp(self) -> DeviceMesh:
-        return self.world["dp"]
+        return self.flat["dp"]
 
     @property
     def ep(self) -> DeviceMesh | None:
@@ -90,8 +94,10 @@ class ParallelMesh:
     def fsdp(self) -> DeviceMesh:
         """Mesh FSDP2 shards over: 2-D (replicate, shard) for HSDP, else the shard dimension."""
         if self.degrees["dp_replicate"] > 1:
+            if "dp_shard" in self.flat:  # ep > 1: dp_shard is itself a flattened mesh
+                return DeviceMesh._concatenate([self.world["dp_replicate"], self.flat["dp_shard"]])
             return self.world["dp_replicate", "dp_shard"]
-        return self.world["dp_shard"]
+        return self["dp_shard"]
 
 
 def build_mesh(info: DistInfo, cfg: ParallelConfig) -> ParallelMesh:
@@ -99,15 +105,14 @@ def build_mesh(info: DistInfo, cfg: ParallelConfig) -> ParallelMesh:
     degrees = {"pp": r.pp, "dp_replicate": r.dp_replicate, "dp_shard": r.dp_shard, "tp": r.tp, "ep": r.ep}
     if r.ep == 1:
         world = init_device_mesh(info.device.type, tuple(degrees[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
-        world["dp_replicate", "dp_shard"]._flatten("dp")
-        return ParallelMesh(world=world, degrees=degrees)
+        return ParallelMesh(world=world, degrees=degrees, flat={"dp": world["dp_replicate", "dp_shard"]._flatten("dp")})
     # ep borrows from dp_shard: dp_shard rank = dp_shard_mod_ep rank * ep + ep rank, so the ep
     # groups are neighbouring ranks (the all-to-alls stay inside a node when ep <= GPUs per node).
     sizes = {**degrees, "dp_shard_mod_ep": r.dp_shard // r.ep}
     world = init_device_mesh(info.device.type, tuple(sizes[d] for d in EP_MESH_DIMS), mesh_dim_names=EP_MESH_DIMS)
-    world["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
-    world["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
-    return ParallelMesh(world=world, degrees=degrees)
+    flat = {"dp_shard": world["dp_shard_mod_ep", "ep"]._flatten("dp_shard"),
+            "dp": world["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")}
+    return ParallelMesh(world=world, degrees=degrees, flat=flat)
 
 
 def shutdown_distributed(barrier: bool = True) -> None:

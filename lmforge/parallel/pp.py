@@ -7,7 +7,7 @@ forward passes through what is missing) -- torchtitan's approach. Parameter name
 model's own (`layers.5.attention.wq.weight` on whichever stage holds layer 5), so checkpoints do
 not depend on the pipeline layout.
 
-Order of use (DESIGN.md: pipeline split -> TP -> AC -> compile -> FSDP):
+Order of use (docs/architecture.md: pipeline split -> TP -> EP -> AC -> compile -> FSDP):
 
     plan  = plan_pipeline(cfg.parallel, cfg.model, pp_size, seq_len)
     parts = split_model(model, plan, pp_rank)            # model: initialised, or on meta

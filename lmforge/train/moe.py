@@ -75,8 +75,8 @@ def _sum_over(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
 
 
 def reset_expert_load(layers: list[tuple[int, MoE]]) -> None:
-    """Forget counted loads (call before a step's first forward: evaluation forwards that run in
-    training mode, e.g. pipeline eval for V schedules, must not count)."""
+    """Forget counted loads (call before a step's first forward: evaluation that runs whole
+    training steps, pipeline eval for V schedules, must not count)."""
     for _, m in layers:
         m.load_sum = None
 
@@ -88,10 +88,10 @@ def update_expert_biases(layers: list[tuple[int, MoE]], group: dist.ProcessGroup
     data-parallel `group` (one all-reduce for all layers, so every replica applies the same
     update and the biases stay identical), move the biases, reset the counters.
 
-    `apply=False` only resets (same value on every rank). The trainer passes it for the run's
-    first step in every layout: torch pipelining's metadata inference runs one extra forward
-    (on empty tensors for later stages) inside the first pipelined step, which would be counted;
-    skipping that step's update everywhere keeps all layouts equal to one process."""
+    `apply=False` only resets (same value on every rank): the trainer passes it for a step the
+    stability policy skipped. A layer counts the load of the forwards whose backward ran (see
+    lmforge.models.common.moe.MoE), so the extra forwards of torch pipelining's shape inference
+    and of activation checkpointing never count: every layout moves the biases as one process."""
     layers = [(i, m) for i, m in layers if m.cfg.bias_update_rate > 0 and m.router.expert_bias is not None]
     if not apply:
         reset_expert_load(layers)

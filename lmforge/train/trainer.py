@@ -1,6 +1,6 @@
 """The training loop: one process or many under torchrun, the same code.
 
-Build order (DESIGN.md): model on meta -> parallelism from outside (activation checkpointing ->
+Build order (docs/architecture.md): model on meta -> parallelism from outside (activation checkpointing ->
 compile -> data parallel) -> materialise + init -> optimizer -> resume. Everything stateful goes
 into the checkpoint, so a resume continues bit for bit.
 """
@@ -196,7 +196,7 @@ class Trainer:
             model.init_weights(self.device)
 
     def _parallelize(self, module: torch.nn.Module, pipeline: bool) -> None:
-        """TP -> EP -> activation checkpointing -> compile -> FSDP2, in place (DESIGN.md's order)."""
+        """TP -> EP -> activation checkpointing -> compile -> FSDP2, in place (the order in docs/architecture.md)."""
         cfg, degrees = self.cfg, self.mesh.degrees
         if degrees["tp"] > 1:
             apply_tp(module, self.mesh["tp"], cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel)
@@ -358,9 +358,9 @@ class Trainer:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.moe:  # aux-loss-free balancing: biases move from the load of all dp ranks (not on
-            # step 1, nor on a step the stability policy skipped)
+            # a step the stability policy skipped)
             skipped = self.last_check is not None and self.last_check.skip
-            update_expert_biases(self.moe, self._dp_group(), apply=self.state.step > 0 and not skipped)
+            update_expert_biases(self.moe, self._dp_group(), apply=not skipped)
         if self._measure_activations:  # once, after the first step: optimizer state now exists
             self._measure_activations = False
             self.state_bytes = model_state_bytes([model], self.optimizer)

@@ -48,3 +48,9 @@ def assert_same_final_weights(reference_dir: Path, run_dir: Path, name: str, ato
         assert diff <= atol, f"{name} {key}: final weights differ by {diff:.3g} (> {atol})"
     print(f"{name}: final weights within {worst:.2g} of one process's")  # shown with pytest -s
     return worst
+
+
+def library_warnings(stderr: str) -> list[str]:
+    """Lines of a run's stderr that look like a library warning (Python's `...Warning: ...`, torch's
+    deprecation notes): a user's terminal should show none."""
+    return [ln for ln in stderr.splitlines() if "Warning" in ln or "deprecat" in ln.lower()]

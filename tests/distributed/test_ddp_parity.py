@@ -1,7 +1,8 @@
 """Layout parity: DDP, FSDP2 (ZeRO-3 and ZeRO-2-like), HSDP, tensor parallel (with and without sequence
 and loss parallel) and FSDP2 x TP under torchrun reach the same per-step losses (1e-5 relative) as one
 process with the same global batch (and as one process with accumulation), and the same final weights
-(1e-4, from each run's last checkpoint). FSDP2 and TP with torch.compile reach the eager losses."""
+(1e-4, from each run's last checkpoint). FSDP2 and TP with torch.compile reach the eager losses and
+final weights."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_metrics, run_cli, tiny_run_args
-from tests.distributed.parity import WEIGHT_PARITY, assert_same_final_weights
+from tests.distributed.parity import WEIGHT_PARITY, assert_same_final_weights, library_warnings
 
 STEPS = 6
 # One checkpoint after the last step: the final weights are compared with one process's.
@@ -28,7 +29,8 @@ def per_step(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def reference_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     single = tmp_path_factory.mktemp("single")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, single, *COMMON, "--train.micro_batch_size", "8")])
+    proc = run_cli(["train", *tiny_run_args(tiny_data_dir, single, *COMMON, "--train.micro_batch_size", "8")])
+    assert library_warnings(proc.stderr) == []
     return single
 
 
@@ -76,9 +78,11 @@ def test_data_parallel_layout_matches_single_process(layout: str, tiny_data_dir:
                                                      reference: list[float], reference_dir: Path) -> None:
     nproc, extra = LAYOUTS[layout]
     if layout == "fsdp":  # through `lmforge train --nproc N`, which wraps torchrun
-        run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra), "--nproc", str(nproc)])
+        proc = run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra), "--nproc", str(nproc)])
     else:
-        run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra)], nproc=nproc)
+        proc = run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra)], nproc=nproc)
+    # No library warning reaches the user's terminal (e.g. torch's DeviceMesh slicing deprecation).
+    assert library_warnings(proc.stderr) == [], layout
     assert_close(reference, per_step(tmp_path), layout)
     assert_same_final_weights(reference_dir, tmp_path, layout)
 
@@ -108,14 +112,25 @@ COMPILED = {  # torch.compile per block, under each sharding; 3 steps (compile i
 COMPILED_STEPS = 3
 
 
+@pytest.fixture(scope="module")
+def reference_at_stop_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, eager, stopped (and checkpointed) after COMPILED_STEPS of the same schedule."""
+    run = tmp_path_factory.mktemp("single-stop")
+    run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON, "--train.micro_batch_size", "8",
+                                     "--train.stop_at", str(COMPILED_STEPS))])
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(COMPILED))
 def test_compiled_layout_matches_eager(layout: str, tiny_data_dir: Path, tmp_path: Path,
-                                       reference: list[float]) -> None:
-    """Same tolerance as the single-process compile test (tests/e2e/test_train_options.py)."""
+                                       reference: list[float], reference_at_stop_dir: Path) -> None:
+    """Losses: the single-process compile test's tolerance (tests/e2e/test_train_options.py);
+    final weights (checkpoint after the last step) within the eager layouts' 1e-4."""
     nproc, extra = COMPILED[layout]
     run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra, "--train.compile", "true",
                                      "--train.stop_at", str(COMPILED_STEPS))], nproc=nproc, timeout=600)
     got = [r["loss"] for r in read_metrics(tmp_path)]
     assert got == pytest.approx(reference[:COMPILED_STEPS], rel=1e-4), layout
+    assert_same_final_weights(reference_at_stop_dir, tmp_path, layout)

@@ -31,7 +31,11 @@ MOE = ["--model.moe.n_experts", "4", "--model.moe.top_k", "2", "--model.moe.expe
        "--model.moe.bias_update_rate", "0.01"]
 COMMON = ["--train.steps", str(STEPS), "--train.global_batch_size", "8", "--train.micro_batch_size", "2",
           "--train.eval_interval", "0", "--checkpoint.interval", "3", *MOE,
-          "--optimizer.eps", "1e-6"]  # why: tests/distributed/parity.py (WEIGHT_PARITY)
+          # AdamW eps: why not 1e-8, tests/distributed/parity.py (WEIGHT_PARITY). 1e-5 here: with bias
+          # balancing from step 1, tp=2 after 6 steps differed from one process by 1.6e-4 on one
+          # embedding value at eps 1e-6 (losses within 1e-7, biases bit-equal: a near-cancelling
+          # gradient element that Adam divides by its own size); 3.8e-6 at 1e-5 (2026-12-02).
+          "--optimizer.eps", "1e-5"]
 
 
 def losses(run: Path, key: str = "loss") -> dict[int, float]:
@@ -104,10 +108,8 @@ def test_expert_parallel_matches_one_process(layout: str, reference: Path, tiny_
             assert_close(ref, losses(resumed), range(4, STEPS + 1), name)
 
 
-# The bias update under pipelining differs from one process by ~5e-6 from step 2 with or without ep
-# (a pre-existing pp x MoE matter): routing by the router alone here; router losses are tested below.
-PLAIN_ROUTING = ["--model.moe.aux_loss_coef", "0", "--model.moe.z_loss_coef", "0",
-                 "--model.moe.bias_update_rate", "0", "--checkpoint.enabled", "false"]
+# Router losses off here (tested below, pp alone); bias balancing on, as in one process.
+PLAIN_ROUTING = ["--model.moe.aux_loss_coef", "0", "--model.moe.z_loss_coef", "0", "--checkpoint.enabled", "false"]
 
 
 @pytest.mark.slow
@@ -139,3 +141,63 @@ def test_router_losses_of_every_stage_train_under_pipeline(tiny_data_dir: Path, 
     for key in ("loss", "grad_norm"):
         assert_close(losses(tmp_path / "single", key), losses(tmp_path / "pp", key), range(1, STEPS + 1),
                      f"pp2 with router losses {key}")
+
+
+
+def biases(step_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in weights(step_dir, tmp).items() if k.endswith("expert_bias")}
+
+
+def assert_same_biases(reference: Path, run: Path, step: int, tmp: Path) -> None:
+    want = biases(reference / f"checkpoints/step-{step:08d}", tmp)
+    assert len(want) == 4 and all(b.abs().sum() > 0 for b in want.values())  # every layer's bias moved
+    got = biases(run / f"checkpoints/step-{step:08d}", tmp)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), f"{run.name} step {step} {k}: {got[k].tolist()} vs {v.tolist()}"
+
+
+BIAS_PP_LAYERS = ["--model.n_layers", "4", "--model.moe.first_k_dense", "0"]  # MoE layers on both stages
+BIAS_PP = ["--parallel.pp", "2", "--parallel.dp_shard", "1", "--parallel.pp_schedule", "1f1b",
+           "--train.micro_batch_size", "4"]
+
+
+@pytest.fixture(scope="module")
+def bias_runs(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(one process, pp=2) with bias balancing and router losses, checkpoints at steps 3 and 6."""
+    single, pp = tmp_path_factory.mktemp("bias_single"), tmp_path_factory.mktemp("bias_pp")
+    run_cli(["train", *tiny_run_args(tiny_data_dir, single, *COMMON, *BIAS_PP_LAYERS)])
+    run_cli(["train", *tiny_run_args(tiny_data_dir, pp, *COMMON, *BIAS_PP_LAYERS, *BIAS_PP)], nproc=2)
+    return single, pp
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bias_balancing_under_pipeline_matches_one_process(bias_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """pp=2 (1f1b) with aux-loss-free bias balancing (from step 1) and router losses on: the
+    per-step losses and grad norms of one process, and bit-equal expert biases at steps 3 and 6.
+    Torch pipelining runs an extra shape-inference forward and backward in the first step of
+    every process; a layer counts only the load of forwards whose weight gradients are computed
+    (lmforge.models.common.moe), so that pass, on placeholder inputs, never moves a bias."""
+    single, pp = bias_runs
+    for key in ("loss", "grad_norm"):
+        assert_close(losses(single, key), losses(pp, key), range(1, STEPS + 1), f"pp2 bias {key}")
+    for step in (3, STEPS):
+        assert_same_biases(single, pp, step, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.xfail(strict=True, reason="a pipeline run does not resume: loading its optimizer state fails "
+                   "(KeyError 'betas' in AdamW.step after set_optimizer_state_dict), with or without MoE")
+def test_bias_balancing_under_pipeline_resumes(bias_runs: tuple[Path, Path], tiny_data_dir: Path,
+                                               tmp_path: Path) -> None:
+    """The resumed pipeline's first step runs shape inference again: steps 4-6 still equal one
+    process's, biases included."""
+    single, pp = bias_runs
+    resumed = tmp_path / "resumed"
+    out = run_cli(["train", *tiny_run_args(tiny_data_dir, resumed, *COMMON, *BIAS_PP_LAYERS, *BIAS_PP,
+                                           "--checkpoint.resume", str(pp / "checkpoints/step-00000003"))], nproc=2)
+    assert "resumed from" in out.stdout
+    for key in ("loss", "grad_norm"):
+        assert_close(losses(single, key), losses(resumed, key), range(4, STEPS + 1), f"pp2 resumed bias {key}")
+    assert_same_biases(single, resumed, STEPS, tmp_path)

@@ -91,3 +91,8 @@ def test_pp2_1f1b_compiled_matches_eager(tiny_data_dir: Path, tmp_path: Path, re
                                      "--train.compile", "true", "--train.stop_at", str(steps))],
             nproc=2, timeout=600)
     assert per_step(tmp_path) == pytest.approx(per_step(reference_dir)[:steps], rel=1e-4)
+    # Final weights against one eager process stopped at the same step (the eager layouts' 1e-4).
+    eager = tmp_path.parent / f"{tmp_path.name}-eager"
+    run_cli(["train", *tiny_run_args(tiny_data_dir, eager, *COMMON, "--train.micro_batch_size", "8",
+                                     "--train.stop_at", str(steps))])
+    assert_same_final_weights(eager, tmp_path, "pp2-1f1b-compile")

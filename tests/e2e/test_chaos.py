@@ -1,6 +1,8 @@
 """Chaos test: SIGKILL one rank at random steps, several times in one run, under
 `lmforge train --nproc 2 --max-restarts K` (torchrun restarts). The job finishes unattended and its
-per-step losses equal the uninterrupted run's bit for bit (CPU, fp32, 2 ranks)."""
+per-step losses equal the uninterrupted run's bit for bit (CPU, fp32, 2 ranks). Two kill plans by
+default (seed 5: steps 4 and 6, ranks 0 and 1; seed 2: the first and the last step it may kill,
+steps 2 and 8, rank 0); LMFORGE_CHAOS_SEED="s1,s2,..." picks others."""
 
 from __future__ import annotations
 
@@ -23,20 +25,36 @@ def last_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run)}
 
 
+def chaos_seeds() -> list[int]:
+    """The kill plans' seeds: LMFORGE_CHAOS_SEED (comma-separated) or 5 and 2 (~1 min each)."""
+    return [int(s) for s in os.environ.get("LMFORGE_CHAOS_SEED", "5,2").split(",") if s.strip()]
+
+
 def kill_plan(seed: int, kills: int) -> list[tuple[int, int]]:
     """(step, rank) pairs: distinct steps in [2, STEPS], a random rank each."""
     rng = random.Random(seed)
     return sorted((s, rng.randrange(2)) for s in rng.sample(range(2, STEPS + 1), kills))
 
 
+@pytest.fixture(scope="module")
+def straight(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run, once for every seed."""
+    run = tmp_path_factory.mktemp("straight")
+    run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON)], nproc=2)
+    return run
+
+
+def test_seeds_give_different_plans() -> None:
+    """The default seeds kill at different (step, rank) pairs, so two runs test two scenarios."""
+    plans = [kill_plan(s, kills=2) for s in (5, 2)]
+    assert plans[0] != plans[1] and all(len(set(p)) == 2 for p in plans), plans
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_killed_ranks_restart_and_losses_match_bit_for_bit(tiny_data_dir: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    straight = tmp_path / "straight"
-    run_cli(["train", *tiny_run_args(tiny_data_dir, straight, *COMMON)], nproc=2)
-
-    seed = int(os.environ.get("LMFORGE_CHAOS_SEED", "5"))
+@pytest.mark.parametrize("seed", chaos_seeds())
+def test_killed_ranks_restart_and_losses_match_bit_for_bit(seed: int, straight: Path, tiny_data_dir: Path,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plan = kill_plan(seed, kills=2)
     markers = tmp_path / "kills"
     monkeypatch.setenv("LMFORGE_FAULTS", json.dumps({"kill": plan, "marker_dir": str(markers)}))

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from lmforge.cli import main
 from lmforge.models.llama.model import Transformer
 from lmforge.serve.generate import load_for_generation
 from tests.conftest import run_cli, tiny_run_args
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

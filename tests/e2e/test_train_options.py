@@ -66,15 +66,21 @@ def test_op_level_checkpointing_saves_matmuls_only() -> None:
     assert op == none  # op-level keeps matmul outputs: no matmul is recomputed
 
 
+# Tolerances: ~3.5x the largest per-step relative loss difference from fp32 measured over these 4
+# steps (2026-12-02, AMD EPYC Zen 3, torch 2.13 CPU): bf16 autocast 8.9e-4, fp16 with loss scaling 8.1e-5.
+BF16_REL, FP16_REL = 3e-3, 3e-4
+
+
 def test_bf16_autocast_close_to_fp32(tiny_data_dir: Path, tmp_path: Path, reference: list[float]) -> None:
     losses = train(tiny_data_dir, tmp_path, "--train.mixed_precision", "bf16")
-    assert losses == pytest.approx(reference, rel=2e-2)
+    assert losses == pytest.approx(reference, rel=BF16_REL)
     assert losses != reference  # it really ran in reduced precision
 
 
 def test_fp16_dynamic_loss_scaling(tiny_data_dir: Path, tmp_path: Path, reference: list[float]) -> None:
     losses = train(tiny_data_dir, tmp_path, "--train.mixed_precision", "fp16")
-    assert losses == pytest.approx(reference, rel=2e-2)
+    assert losses == pytest.approx(reference, rel=FP16_REL)
+    assert losses != reference
     scales = [r["loss_scale"] for r in read_metrics(tmp_path)]
     assert len(scales) == STEPS and all(s > 1.0 for s in scales)  # the GradScaler is active
 

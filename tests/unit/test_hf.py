@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from lmforge.config import ModelConfig
+from lmforge.data.tokenizer import TextTokenizer, train_tokenizer
 from lmforge.models.llama import SIZES, build_model
 from lmforge.models.llama.hf import (
     HFFormatError,
@@ -24,7 +26,6 @@ from lmforge.models.llama.hf import (
     to_hf_state_dict,
 )
 
-transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -59,28 +60,12 @@ def tokens(cfg_vocab: int, batch: int = 2, seq: int = 40, seed: int = 0) -> torc
 
 
 def train_tiny_tokenizer(path: Path) -> Path:
-    """lmforge's byte-level BPE ("<|endoftext|>" = id 0), trained on a few lines; built directly with
-    `tokenizers` the same way when lmforge.data.tokenizer is not importable."""
+    """lmforge's byte-level BPE ("<|endoftext|>" = id 0), trained on a few lines."""
     text = ["To be, or not to be, that is the question.", "In the beginning was the Word.",
             "Whether 'tis nobler in the mind to suffer the slings and arrows"] * 20
-    try:
-        from lmforge.data.tokenizer import train_tokenizer
-    except ImportError:
-        train_tokenizer = None
-    if train_tokenizer is not None:
-        corpus = path.with_name("corpus.jsonl")
-        corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in text))
-        return train_tokenizer(corpus, path, vocab_size=320, min_frequency=1)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(text, trainer)
-    tok.save(str(path))
-    return path
+    corpus = path.with_name("corpus.jsonl")
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in text))
+    return train_tokenizer(corpus, path, vocab_size=320, min_frequency=1)
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
@@ -192,18 +177,13 @@ def test_tokenizer_export_loads_with_autotokenizer(tmp_path: Path):
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == 0
-    try:
-        from lmforge.data.tokenizer import TextTokenizer
-        text_tok = TextTokenizer.from_file(tok_path)
-    except ImportError:
-        text_tok = None
+    text_tok = TextTokenizer.from_file(tok_path)
     for text in ["To be, or not to be", "  whether 'tis nobler\nin the mind ünïcödé 123", ""]:
         ids = ours.encode(text, add_special_tokens=False).ids
         assert len(ids) > 0 or text == ""
         assert hf_tok(text)["input_ids"] == ids
         assert hf_tok.decode(ids) == text
-        if text_tok is not None:
-            assert text_tok.encode(text) == ids
+        assert text_tok.encode(text) == ids
     assert hf_tok("the end<|endoftext|>")["input_ids"][-1] == 0
     fast = transformers.PreTrainedTokenizerFast.from_pretrained(out)
     assert fast("the question")["input_ids"] == ours.encode("the question").ids

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from lmforge.cli import _byte_size
@@ -25,8 +26,6 @@ from lmforge.models.llama.hf import (
     to_hf_state_dict,
 )
 from lmforge.models.llama.model import Transformer, build_model, count_params
-
-transformers = pytest.importorskip("transformers")
 
 TOL = 1e-5
 VOCAB = 128

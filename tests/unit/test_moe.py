@@ -182,14 +182,20 @@ def test_grouped_equals_loop_exactly_fp32_forward_and_grads(path, monkeypatch):
 def test_grouped_bf16_and_autocast_close_to_fp32():
     ex, x, counts = experts_and_input()
     ref = ex.forward_loop(x, counts)
+    # Measured (torch 2.13 CPU, AMD EPYC Zen 3): the largest difference from fp32 is 0.0162, 0.5% of
+    # the largest output (3.25), the same in both paths; allowed: 3x that. A wrong expert or weight
+    # moves outputs by O(1).
+    allowed = 3 * 0.0162
     bf = ex.to(torch.bfloat16)(x.bfloat16(), counts)
     assert bf.dtype == torch.bfloat16
-    torch.testing.assert_close(bf.float(), ref, rtol=0.05, atol=0.02)
+    err = (bf.float() - ref).abs().max().item()
+    assert 0 < err <= allowed, err
     ex.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto = ex(x, counts)
     assert auto.dtype == torch.bfloat16
-    torch.testing.assert_close(auto.float(), ref, rtol=0.05, atol=0.02)
+    err = (auto.float() - ref).abs().max().item()
+    assert 0 < err <= allowed, err
 
 
 def test_padded_bmm_handles_odd_widths():
@@ -372,3 +378,115 @@ def test_hf_export_refuses_moe_clearly():
 
     with pytest.raises(HFFormatError, match="Mixture-of-Experts"):
         to_hf_config(MOE_MODEL)
+
+
+# -- which forwards count for bias balancing -------------------------------------------------------
+
+
+def _balancing_layer() -> MoE:
+    torch.manual_seed(0)
+    moe = MoE(DIM, 32, MoEConfig(n_experts=4, top_k=2, bias_update_rate=0.1))
+    moe.init_weights(0.3, 0.3)
+    return moe
+
+
+def test_load_counts_only_forwards_that_are_backpropagated():
+    """A training forward's load counts when its backward runs, once; a forward that is never
+    backpropagated (no_grad, or torch pipelining's shape inference: autograd.grad towards the
+    input only) does not count."""
+    moe = _balancing_layer()
+    x = torch.randn(3, 4, DIM, requires_grad=True)
+    out = moe(x)
+    assert moe.load_sum is None  # not before the backward
+    out.sum().backward()
+    once = moe.load_sum.clone()
+    assert float(once.sum()) == 3 * 4 * 2
+    moe(x).sum().backward()
+    assert torch.equal(moe.load_sum, 2 * once)  # two trained micro-batches, same tokens
+
+    moe.load_sum = None
+    with torch.no_grad():
+        moe(x)
+    (grad_x,) = torch.autograd.grad(moe(x).sum(), x)  # shape inference: input gradients only
+    assert grad_x.abs().sum() > 0 and moe.load_sum is None
+    moe(x)  # a forward whose graph is dropped
+    assert moe.load_sum is None
+
+
+@pytest.mark.parametrize("mode", ["full", "op"])
+def test_load_counts_once_under_activation_checkpointing(mode: str):
+    """The recomputed forward does not count again: the same load as without checkpointing."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    from lmforge.parallel.ac import _save_matmuls
+
+    moe = _balancing_layer()
+    x = torch.randn(3, 4, DIM, requires_grad=True)
+    moe(x).sum().backward()
+    plain = moe.load_sum.clone()
+    moe.load_sum = None
+    kwargs = {"context_fn": partial(create_selective_checkpoint_contexts, _save_matmuls)} if mode == "op" else {}
+    checkpoint(moe, x, use_reentrant=False, **kwargs).sum().backward()
+    assert torch.equal(moe.load_sum, plain)
+
+
+@pytest.mark.parametrize("device, dtype, compiling, capability, want", [
+    ("cuda", torch.bfloat16, False, (9, 0), "grouped"),      # H100: the CUTLASS kernel
+    ("cuda", torch.bfloat16, True, (10, 0), "grouped"),      # B200, compiled: bf16 has a meta kernel
+    ("cuda", torch.bfloat16, False, (8, 0), "padded_bmm"),   # A100: torch's fallback loops with host syncs
+    ("cuda", torch.float16, False, (9, 0), "padded_bmm"),    # fp16 (GPUs without bf16 run fp16)
+    ("cuda", torch.float32, False, (9, 0), "padded_bmm"),
+    ("cpu", torch.float32, False, None, "grouped"),
+    ("cpu", torch.float32, True, None, "padded_bmm"),        # compile: the meta kernel is bf16-only
+    ("cpu", torch.bfloat16, True, None, "grouped"),
+    ("meta", torch.bfloat16, False, None, "padded_bmm"),
+])
+def test_grouped_mm_path_by_device_and_dtype(device, dtype, compiling, capability, want):
+    from lmforge.models.common.moe import grouped_mm_path
+
+    assert grouped_mm_path(device, dtype, compiling, capability) == want
+
+
+def test_grouped_mm_takes_the_chosen_path(monkeypatch):
+    """`grouped_mm` follows `grouped_mm_path`: forced to the padded bmm it never calls
+    torch._grouped_mm (and gives the same result)."""
+    import lmforge.models.common.moe as moe_mod
+
+    ex, x, counts = experts_and_input()
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    want = moe_mod.grouped_mm(x, ex.w1.detach(), counts)
+    assert calls  # fp32 on CPU, eager: grouped
+    calls.clear()
+    monkeypatch.setattr(moe_mod, "grouped_mm_path", lambda *a, **k: "padded_bmm")
+    got = moe_mod.grouped_mm(x, ex.w1.detach(), counts)
+    assert not calls
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_count_the_same_load_and_print_nothing(capfd):
+    """torch.compile per block (as lmforge.parallel.compile): the load counted for balancing
+    equals eager's, and no graph-break warning reaches the terminal (the counting node and the
+    padded bmm run eagerly on purpose)."""
+    from lmforge.models.llama import build_model
+    from lmforge.parallel.compile import apply_compile
+    from lmforge.train.moe import moe_layers
+
+    torch._dynamo.reset()
+    x = torch.randint(0, MOE_MODEL.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    loads = {}
+    for mode in ("eager", "compiled"):
+        model = build_model(MOE_MODEL, "cpu", seed=0)
+        if mode == "compiled":
+            apply_compile(model)
+        for _ in range(2):
+            model(x).float().sum().backward()
+        loads[mode] = [m.load_sum for _, m in moe_layers(model)]
+    assert len(loads["eager"]) == 2 and all(torch.equal(a, b) for a, b in zip(loads["eager"], loads["compiled"]))
+    assert float(loads["eager"][0].sum()) == 2 * 2 * 32 * 2  # two micro-batches, once each
+    err = capfd.readouterr().err
+    assert "Graph break" not in err and "Warning" not in err, err[-2000:]

@@ -130,15 +130,17 @@ class TokenChoiceRouter(nn.Module):
         nn.init.trunc_normal_(self.gate.weight, std=std, a=-3 * std, b=3 * std)
         self.expert_bias.zero_()
 
-    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, scores) in fp32 for flat tokens x (T, dim)."""
+    def scores(self, x: torch.Tensor, gate_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, scores) in fp32 for flat tokens x (T, dim). `gate_weight`: the gate's weight as
+        the MoE layer hands it in (see `MoE.forward`), `self.gate.weight` by default."""
+        w = self.gate.weight if gate_weight is None else gate_weight
         with _no_autocast(x.device):
-            logits = F.linear(x.float(), self.gate.weight.float())
+            logits = F.linear(x.float(), w.float())
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
         return logits, scores
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        logits, scores = self.scores(x)
+    def forward(self, x: torch.Tensor, gate_weight: torch.Tensor | None = None) -> Routing:
+        logits, scores = self.scores(x, gate_weight)
         return self.route(logits, scores)
 
     def route(self, logits: torch.Tensor, scores: torch.Tensor) -> Routing:
@@ -194,9 +196,10 @@ class ExpertChoiceRouter(nn.Module):
     def init_weights(self, std: float) -> None:
         nn.init.trunc_normal_(self.gate.weight, std=std, a=-3 * std, b=3 * std)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, gate_weight: torch.Tensor | None = None) -> Routing:
+        w = self.gate.weight if gate_weight is None else gate_weight
         with _no_autocast(x.device):
-            logits = F.linear(x.float(), self.gate.weight.float())
+            logits = F.linear(x.float(), w.float())
         return self.route(logits, logits.softmax(-1))
 
     def route(self, logits: torch.Tensor, scores: torch.Tensor) -> Routing:
@@ -228,13 +231,35 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0).to(torch.int32)
 
 
+def grouped_mm_path(device_type: str, dtype: torch.dtype, compiling: bool = False,
+                    cuda_capability: tuple[int, int] | None = None) -> str:
+    """"grouped" (torch._grouped_mm) or "padded_bmm" for expert matmuls on this device and dtype.
+
+    - CUDA (GPU-only rules; lmforge's CI has no GPU, scripts/gpu_check.sh runs them): torch's
+      fast grouped kernel (CUTLASS, no host sync) takes bf16 on compute capability 9.0 and newer
+      only. Other dtypes (fp16, fp32) and older GPUs get torch's fallback, a per-expert loop that
+      copies the group offsets to the host: the padded bmm (one batched matmul) is used instead.
+      A cast to bf16 would change the numerics the user chose, so it is not done.
+    - CPU: torch's composite kernel takes every float dtype, but its meta / fake-tensor kernel
+      (what torch.compile traces with) follows the CUDA rule (bf16 only): other dtypes take the
+      padded bmm under compile.
+    - meta and other devices: padded bmm (meta has no group sizes to run on).
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return "padded_bmm"
+    if device_type == "cuda":
+        major = cuda_capability[0] if cuda_capability is not None else 0
+        return "grouped" if dtype == torch.bfloat16 and major >= 9 else "padded_bmm"
+    if device_type == "cpu":
+        return "grouped" if dtype == torch.bfloat16 or not compiling else "padded_bmm"
+    return "padded_bmm"
+
+
 def _grouped_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
-    """torch._grouped_mm exists, runs on this device and gets the 16-byte aligned strides it needs.
-    Its meta / fake-tensor kernel follows the CUDA rules (bf16 only), so meta tensors and fp32
-    under torch.compile take the padded bmm."""
-    if not hasattr(torch, "_grouped_mm") or x.device.type == "meta":
-        return False
-    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+    """`grouped_mm_path` allows torch._grouped_mm here, and the operands have the 16-byte aligned
+    strides it needs."""
+    cap = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
+    if grouped_mm_path(x.device.type, x.dtype, torch.compiler.is_compiling(), cap) != "grouped":
         return False
     return all(t.shape[-1] * t.element_size() % 16 == 0 and t.shape[-2] * t.element_size() % 16 == 0
                for t in (x, *ws))
@@ -242,15 +267,19 @@ def _grouped_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (A, in) grouped by `counts` (E,) times the matching expert's w (E, out, in)^T ->
-    (A, out). torch._grouped_mm when usable, else a padded bmm; never a loop over experts."""
+    (A, out). torch._grouped_mm when usable (see `grouped_mm_path`), else a padded bmm; never a
+    loop over experts."""
     if _grouped_ok(x, w):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=_offsets(counts))
     return padded_bmm(x, w, counts)
 
 
+@torch.compiler.disable
 def padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Fallback: scatter rows into (E, max_count, in), one bmm, gather back. Pads to the busiest
-    expert, so it costs E * max_count rows instead of A."""
+    expert, so it costs E * max_count rows instead of A. Eager under torch.compile: the padded
+    width is read from the data (a host sync); traced, it would break the graph with a warning
+    and recompile for every new width."""
     e = w.shape[0]
     a = x.shape[0]
     expert = torch.repeat_interleave(torch.arange(e, device=x.device), counts, output_size=a)
@@ -311,14 +340,61 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs) if outs else x.new_zeros(0, self.dim)
 
 
+class _PendingLoad:
+    """The load of one training forward, added to its layer's `load_sum` when (and if) the
+    backward of that forward reaches the router's gate weight."""
+
+    def __init__(self, layer: MoE):
+        self.layer = layer
+        self.load: torch.Tensor | None = None
+
+    def commit(self) -> None:
+        if self.load is not None:
+            m = self.layer
+            m.load_sum = self.load.clone() if m.load_sum is None else m.load_sum + self.load
+            self.load = None  # at most once
+
+
+class _CountLoadInBackward(torch.autograd.Function):
+    """Identity on the router's gate weight; its backward commits the forward's load.
+
+    Why in the backward, and on the weight: the balancing bias must move from the load of the
+    forwards that train the model, and only those. Torch's pipelining runs an extra forward and
+    an input-gradient backward to infer shapes (the first step of every process, and after each
+    evaluation), and V-schedule evaluation runs a whole step; activation checkpointing recomputes
+    forwards. A node between the gate weight and its use runs in backward exactly when that
+    forward's weight gradients are computed: once per trained micro-batch, never for the shape
+    inference (autograd.grad towards the stage inputs skips nodes that only lead to weights),
+    not again for a recomputation (its graph is used for saved tensors, not run backwards)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, pending: _PendingLoad) -> torch.Tensor:
+        ctx.pending = pending
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.pending.commit()
+        return grad, None
+
+
+@torch.compiler.disable
+def _counting_gate_weight(weight: torch.Tensor, pending: _PendingLoad) -> torch.Tensor:
+    """`weight` through `_CountLoadInBackward`, always eager: its backward changes Python state,
+    which a compiled graph cannot replay (under torch.compile this is one small graph break)."""
+    return _CountLoadInBackward.apply(weight, pending)
+
+
 class MoE(nn.Module):
     """Router + grouped routed experts + optional shared experts, on (batch, seq, dim).
 
     After each forward in training mode `last_stats` holds detached per-layer figures (tokens
     per expert, dropped, aux and z loss) and `aux_loss` the weighted router loss to add to the
     training loss (aux_loss_coef * aux + z_loss_coef * z, with grad). `load_sum` accumulates
-    tokens per expert over the micro-batches of one optimizer step for the bias update (None
-    until a training forward; lmforge.train.moe.update_expert_biases consumes and resets it).
+    tokens per expert over the micro-batches of one optimizer step for the bias update: a
+    forward's load counts when its backward reaches the router (`_CountLoadInBackward`), so
+    forwards that are not trained (pipeline shape inference, recomputation) never count. None
+    until then; lmforge.train.moe.update_expert_biases consumes and resets it.
     """
 
     def __init__(self, dim: int, hidden: int, cfg: MoEConfig):
@@ -346,7 +422,12 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, loop: bool = False) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        routing = self.router(x)
+        gate_weight = self.router.gate.weight
+        pending = None
+        if self.training and torch.is_grad_enabled() and gate_weight.requires_grad and x.device.type != "meta":
+            pending = _PendingLoad(self)
+            gate_weight = _counting_gate_weight(gate_weight, pending)
+        routing = self.router(x, gate_weight)
         xs = dispatch(x, routing)
         ys = self.experts.forward_loop(xs, routing.counts) if loop else self.experts(xs, routing.counts)
         out = combine(ys, routing, x.shape[0])
@@ -356,15 +437,16 @@ class MoE(nn.Module):
                 shared = shared * torch.sigmoid(self.shared_expert_gate(x))
             out = out + shared
         if self.training:
-            self._record(routing)
+            self._record(routing, pending)
         return out.reshape(shape)
 
-    def _record(self, routing: Routing) -> None:
+    def _record(self, routing: Routing, pending: _PendingLoad | None) -> None:
         self.aux_loss = self.cfg.aux_loss_coef * routing.aux_loss + self.cfg.z_loss_coef * routing.z_loss
         if routing.load.device.type == "meta":
             return
         with torch.no_grad():
-            self.load_sum = routing.load.detach().clone() if self.load_sum is None else self.load_sum + routing.load
+            if pending is not None:
+                pending.load = routing.load.detach()
             self.last_stats = {"tokens_per_expert": routing.load.detach(), "dropped": routing.dropped.detach(),
                                "aux_loss": routing.aux_loss.detach(), "z_loss": routing.z_loss.detach()}
 

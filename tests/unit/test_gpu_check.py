@@ -1,0 +1,77 @@
+"""scripts/gpu_check.sh without a GPU: it stops at once with one line (exit 2), refuses unknown
+check names, and its verdict logic (loss falling, finite, table) holds on synthetic metrics. The
+GPU checks themselves run only on a GPU machine; nothing else in the suite depends on them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    yield mod
+    del sys.modules[spec.name]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",  # no GPU, even on a machine that has one
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(["bash", "scripts/gpu_check.sh", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_without_a_gpu_it_fails_fast_with_one_line(gpu_check) -> None:
+    proc = run_script()
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [gpu_check.NO_GPU] and proc.stdout == ""
+
+
+def test_unknown_check_is_refused_in_one_line(gpu_check, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    assert gpu_check.main(["--only", "compile,warp-drive"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warp-drive" in err[0] and "1b-dense" in err[0]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert gpu_check.main(["--only", "compile"]) == 2  # a valid subset still needs the GPU
+    assert capsys.readouterr().err.strip() == gpu_check.NO_GPU
+
+
+def write_metrics(run: Path, losses: list[float], **extra: float) -> None:
+    run.mkdir(parents=True)
+    rows = [{"step": 10 * (i + 1), "prefix": "train", "loss": v, "tokens_per_s": 1000.0 + i, "mfu": 0.4, **extra}
+            for i, v in enumerate(losses)]
+    rows.insert(1, {"step": 10, "prefix": "val", "loss": 0.1})  # validation records are ignored
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+
+
+def test_verdict_from_metrics(gpu_check, tmp_path: Path) -> None:
+    write_metrics(tmp_path / "good", [9.0, 7.5, 6.2], loss_scale=65536.0)
+    s = gpu_check.read_run(tmp_path / "good")
+    assert s.losses == [9.0, 7.5, 6.2] and s.tokens_per_s == 1002.0 and s.loss_scales == [65536.0] * 3
+    assert gpu_check.training_verdict(s, 1.0) == ("PASS", "loss -2.80")
+    assert gpu_check.training_verdict(s, 3.0)[0] == "FAIL"
+    write_metrics(tmp_path / "nan", [9.0, float("nan"), 6.0])
+    assert gpu_check.training_verdict(gpu_check.read_run(tmp_path / "nan"), 1.0) == ("FAIL", "non-finite loss")
+    assert gpu_check.training_verdict(gpu_check.read_run(tmp_path / "missing"), 1.0)[0] == "FAIL"
+
+
+def test_table_has_one_row_per_check(gpu_check) -> None:
+    rows = [gpu_check.Result("compile", "PASS", 9.1, 6.0, 12345.0, 0.42, 31.0, "loss -3.10"),
+            gpu_check.Result("cpu-offload", "FAIL", note="exit 1: boom")]
+    lines = gpu_check.format_table(rows).splitlines()
+    assert len(lines) == 4 and lines[0].split()[:2] == ["check", "result"]
+    assert lines[2].split()[:6] == ["compile", "PASS", "9.10", "->", "6.00", "12,345"] and "42.0%" in lines[2]
+    assert "FAIL" in lines[3] and "exit 1: boom" in lines[3] and math.isnan(rows[1].mfu)
