@@ -8,28 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-
-@contextmanager
-def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
-    """Open `<path>.tmp` for writing; on success fsync and rename it onto `path`, else remove it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+from lmforge.storage.atomic import atomic_open  # the one atomic-write primitive (re-exported here)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
