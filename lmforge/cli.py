@@ -441,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 (the one user-error handler: every failure ends in one line)
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 (the one user-error handler; DCP's errors are BaseExceptions)
         code, line = explain(e, args.output)
         if debug:
             traceback.print_exc()

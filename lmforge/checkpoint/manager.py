@@ -434,8 +434,11 @@ def save_model_weights(step_dir: Path, model: nn.Module, step: int | None = None
             dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp), no_dist=True)
         _write_manifest(tmp, step, 1)
         _publish(tmp, step_dir)
-    except BaseException:
+    except BaseException as e:
+        cause = None if isinstance(e, KeyboardInterrupt | SystemExit) else diagnose_write_failure(e, step_dir)
         shutil.rmtree(tmp, ignore_errors=True)
+        if cause is not None:
+            raise cause from e  # DCP's CheckpointException is not even an Exception: name the fault
         raise
     return step_dir
 

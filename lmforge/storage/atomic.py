@@ -99,6 +99,13 @@ def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
         fsync_dir(path.parent)
     except OSError as e:
         raise with_path(e, path, tmp) from e
+    except RuntimeError as e:  # torch.save swallows ENOSPC into "unexpected pos N vs M": find it
+        from lmforge.storage.explain import diagnose_write_failure
+
+        cause = diagnose_write_failure(e, path) if created else None
+        if cause is not None:
+            raise cause from e
+        raise
     finally:
         if created:
             with contextlib.suppress(OSError):
