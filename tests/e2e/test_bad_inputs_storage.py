@@ -541,10 +541,12 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_second_job_refuses_and_sigkilled_launcher_leaves_no_worker(world: World, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_second_job_refuses_and_killed_launcher_leaves_no_worker(world: World, tmp_path: Path, sig: int) -> None:
     """A `--nproc 2` job runs; a second job into its run directory refuses in one line naming the
-    launcher's host and pid; then the launcher gets SIGKILL and within a few seconds no process it
-    started (torchrun, workers) is left."""
+    launcher's host and pid, and its files are unchanged by it; then the launcher gets SIGKILL (or
+    SIGTERM, which it passes on) and within a few seconds no process it started (torchrun, workers)
+    is left."""
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     args = micro_args(world.data, run, "--train.steps", "100000", "--train.global_batch_size", "4",
@@ -561,11 +563,21 @@ def test_second_job_refuses_and_sigkilled_launcher_leaves_no_worker(world: World
         workers |= _descendants(launcher.pid)
         assert len(workers) >= 3, workers  # torchrun + 2 workers
 
-        code, _, err = cli(["train", *micro_args(world.data, run, "--checkpoint.resume", "auto")])
-        assert_one_line_error(code, err)
-        assert f"pid {launcher.pid}" in err and "in use by another lmforge job (host " in err, err
+        job = [launcher.pid, *workers]
+        for p in job:  # freeze the whole job, so its files hold still while they are hashed
+            os.kill(p, signal.SIGSTOP)
+        try:
+            before = tree_hash(run)
+            for second in (["--checkpoint.resume", "auto"], ["--overwrite"]):
+                code, _, err = cli(["train", *micro_args(world.data, run), *second])
+                assert_one_line_error(code, err)
+                assert f"pid {launcher.pid}" in err and "in use by another lmforge job (host " in err, err
+            assert tree_hash(run) == before
+        finally:
+            for p in job:
+                os.kill(p, signal.SIGCONT)
 
-        os.kill(launcher.pid, signal.SIGKILL)
+        os.kill(launcher.pid, sig)
         launcher.wait()
         t0 = time.monotonic()
         deadline = time.monotonic() + 10
