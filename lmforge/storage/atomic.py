@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_copy", "atomic_dir", "atomic_open", "fsync_dir", "os_error_in", "temp_sibling",
+__all__ = ["atomic_copy", "atomic_dir", "atomic_open", "as_if_created", "current_umask", "fsync_dir", "os_error_in", "temp_sibling",
            "with_path", "write_text_atomic"]
 
 
@@ -110,6 +110,26 @@ def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
         if created:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux: /proc/self/status; else set and restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_if_created(path: Path) -> Path:
+    """Give `path` the mode an ordinary new file gets (0666 filtered by the umask): for files a
+    library created 0600 (safetensors), which other users of a shared filesystem could not read."""
+    os.chmod(path, 0o666 & ~current_umask())
+    return Path(path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

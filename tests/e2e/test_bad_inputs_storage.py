@@ -590,3 +590,19 @@ def test_second_job_refuses_and_killed_launcher_leaves_no_worker(world: World, t
         for p in [launcher.pid, *workers]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_exports_and_imports_follow_the_umask(world: World, tmp_path: Path) -> None:
+    """Files and directories written through the atomic primitives get 0666/0777 minus the umask
+    (group- and world-readable under 022), not the 0600/0700 of temp files."""
+    old = os.umask(0o022)
+    try:
+        assert cli(["export", world.run, tmp_path / "hf"])[0] == 0
+        assert cli(["import", tmp_path / "hf", tmp_path / "imp"])[0] == 0
+        assert cli(["ckpt", "convert", world.ckpt2, tmp_path / "x.pt"])[0] == 0
+    finally:
+        os.umask(old)
+    for p in [tmp_path / "hf", *(tmp_path / "hf").rglob("*"), tmp_path / "imp", *(tmp_path / "imp").rglob("*"),
+              tmp_path / "x.pt"]:
+        mode = p.stat().st_mode & 0o777
+        assert mode == (0o755 if p.is_dir() else 0o644), f"{p}: {oct(mode)}"

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from lmforge.config import ConfigError, ModelConfig
 from lmforge.models.common.rope import rope_cos_sin
 from lmforge.models.llama.model import Transformer
-from lmforge.storage.atomic import atomic_dir
+from lmforge.storage.atomic import as_if_created, atomic_dir
 
 EOS_TOKEN = "<|endoftext|>"
 SAFETENSORS_FILE = "model.safetensors"
@@ -306,11 +306,13 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], d: Path, max_shard_bytes
     groups = shard_groups(tensors, max_shard_bytes)
     if len(groups) == 1:
         save_file(tensors, str(d / SAFETENSORS_FILE), metadata={"format": "pt"})
+        as_if_created(d / SAFETENSORS_FILE)
         return
     weight_map = {}
     for i, names in enumerate(groups, 1):
         fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         save_file({k: tensors[k] for k in names}, str(d / fname), metadata={"format": "pt"})
+        as_if_created(d / fname)
         weight_map.update(dict.fromkeys(names, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
