@@ -51,10 +51,11 @@ def _alive(pid: int) -> bool:
 
 def guard_worker() -> None:
     """In a torchrun worker: die (SIGKILL) when torchrun dies; leave at once if the launcher that
-    started this job is already gone (it died before the parent-death signal was armed)."""
+    started this job is already gone (it died before the parent-death signal was armed). No test
+    of the parent pid: in a container torchrun itself is often pid 1."""
     set_parent_death_signal(signal.SIGKILL)
     launcher = os.environ.get(LAUNCHER_PID_ENV, "")
-    if os.getppid() == 1 or (launcher.isdigit() and not _alive(int(launcher))):
+    if launcher.isdigit() and not _alive(int(launcher)):
         os._exit(1)
 
 
