@@ -449,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         name = " ".join(a for a in (args.command, getattr(args, "data_command", None),
                                     getattr(args, "ckpt_command", None), getattr(args, "bench_command", None)) if a)
-        print(f"lmforge {name}: {line}", file=sys.stderr)
+        sys.stderr.write(f"lmforge {name}: {line}\n")  # one write: ranks' lines never interleave
+        sys.stderr.flush()
         return code
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -84,8 +83,23 @@ def _torchrun_with_parent_death(argv: list[str]) -> None:
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != launcher:  # the launcher died before the signal was armed
         sys.exit(1)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     sys.argv = ["torch.distributed.run", *argv[1:]]
-    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+    try:
+        run(parse_args(argv[1:]))
+    except ChildFailedError as e:
+        # Each worker has printed its own one-line error; torchrun's multi-line report would bury it.
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        if code != 2:  # 2: a user error, already explained by the worker
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            print(f"lmforge train: rank {rank} {how}; its output above says why", file=sys.stderr, flush=True)
+        sys.exit(code if 0 < code < 256 else 1)
+    except SignalException as e:  # torchrun stopped its workers on a signal; leave as that signal would
+        sys.exit(128 + int(e.sigval))
 
 
 if __name__ == "__main__":

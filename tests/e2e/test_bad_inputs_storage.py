@@ -398,6 +398,9 @@ CASES = [
     Case("model-too-large-to-allocate", lambda w, t: ["train", *micro_args(w.data, t / "r", "--model.dim", "1048576")],
          r"memory"),
     Case("generate-missing-source", lambda w, t: ["generate", t / "nope"], r"nope"),
+    Case("error-in-nproc2-workers-stays-short", lambda w, t: [
+        "train", *micro_args(w.data, t / "r", "--train.global_batch_size", "4", "--checkpoint.resume", t / "nope"),
+        "--nproc", "2"], r"resume checkpoint \S+nope: does not exist", process=True),
 ]
 
 
