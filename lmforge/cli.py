@@ -1,38 +1,50 @@
 """`lmforge <command>`: each command reads files and writes files, and can be rerun alone.
 
-User-caused errors (config, data, checkpoint, paths) print one line and exit 2; no traceback.
+User-caused errors (config, data, checkpoint, paths, full or read-only disks) print one line and
+exit 2; anything else prints one line and exits 1. Tracebacks only with `--debug`. No command
+replaces existing data unless told to (`--overwrite`), and none ever writes over what it reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from lmforge.cli_errors import UserError, check_device, check_text_arg, explain
 from lmforge.config import ConfigError, load_job_config, parse_override_args
+from lmforge.storage.guard import check_destination, resolved
+from lmforge.storage.lock import LOCK_ENV, RunLock
+from lmforge.storage.rundir import check_data_dir, prepare_run_dir
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception classes whose message is a complete one-line explanation for the user."""
-    from lmforge.checkpoint.manager import CheckpointError
-    from lmforge.data.errors import DataError
-    from lmforge.models.llama.hf import HFFormatError
-    from lmforge.observability.errors import ObservabilityError
-    from lmforge.serve.generate import GenerationError
-    from lmforge.train.stability import TrainingDivergedError
-
-    return (ConfigError, CheckpointError, DataError, HFFormatError, GenerationError, ObservabilityError,
-            TrainingDivergedError, FileNotFoundError)
+def _load_config(args: argparse.Namespace, world_size: int):
+    try:
+        return load_job_config(args.recipe, parse_override_args(args.overrides), world_size=world_size)
+    except UnicodeDecodeError as e:
+        raise UserError(f"recipe {args.recipe}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                        f"{e.start}); a recipe is a TOML file") from None
 
 
 def _job_config(args: argparse.Namespace):
     from lmforge.parallel.mesh import world_size_from_env
 
-    overrides = parse_override_args(args.overrides)
-    return load_job_config(args.recipe, overrides, world_size=world_size_from_env())
+    cfg = _load_config(args, world_size_from_env())
+    args.output = cfg.train.output_dir if args.command == "train" else cfg.data.dir
+    return cfg
+
+
+def _pop_flag(overrides: list[str], flag: str) -> bool:
+    """Remove every standalone `flag` from the override list; whether there was one."""
+    found = flag in overrides
+    overrides[:] = [a for a in overrides if a != flag]
+    return found
 
 
 # torchrun options `lmforge train` passes through (value-taking; `--nproc` is --nproc-per-node).
@@ -55,12 +67,12 @@ def _pop_launcher_args(overrides: list[str]) -> tuple[dict[str, str], list[str]]
     for name, what in (("--nproc", "a positive integer (processes on this machine)"),
                        ("--max-restarts", "an integer >= 0 (worker-group restarts after a failure)")):
         v = found.get(name)
-        if v is not None and (not v.isdigit() or (name == "--nproc" and int(v) < 1)):
+        if v is not None and (not re.fullmatch(r"[0-9]+", v) or (name == "--nproc" and int(v) < 1)):
             raise ConfigError(name, v, f"must be {what}", "command line")
     nnodes = found.get("--nnodes")
     if nnodes is not None:
         parts = nnodes.split(":")
-        if not (1 <= len(parts) <= 2 and all(p.isdigit() and int(p) >= 1 for p in parts)
+        if not (1 <= len(parts) <= 2 and all(re.fullmatch(r"[0-9]+", p) and int(p) >= 1 for p in parts)
                 and int(parts[0]) <= int(parts[-1])):
             raise ConfigError("--nnodes", nnodes, "must be N or MIN:MAX with 1 <= MIN <= MAX (torchrun's elastic range)",
                               "command line")
@@ -87,32 +99,74 @@ def torchrun_command(launcher: dict[str, str], recipe: str | None, overrides: li
     return [*cmd, "-m", "lmforge", "train", *([recipe] if recipe else []), *overrides]
 
 
-def _launch_torchrun(launcher: dict[str, str], args: argparse.Namespace) -> int:
+def _launch_torchrun(launcher: dict[str, str], args: argparse.Namespace, overwrite: bool) -> int:
     """Re-run this command under torchrun (validated first). Restarted workers resume from the
     newest valid checkpoint (Trainer._resume); the shared rendezvous store is disabled, which makes
-    torchrun's restarts reliable (PYTORCH_ON_CPU.md)."""
-    import subprocess
+    torchrun's restarts reliable (PYTORCH_ON_CPU.md). One node: this launcher takes the run
+    directory's lock and applies its rules, and passes the lock on to torchrun; several nodes:
+    global rank 0 does (each node has a launcher). No process outlives the launcher (launcher.py)."""
+    from lmforge.launcher import run_supervised
 
     nproc = int(launcher.get("--nproc", "1"))
     min_nodes = int(launcher.get("--nnodes", "1").split(":")[0])
     from lmforge.config.preflight import preflight
 
-    cfg = load_job_config(args.recipe, parse_override_args(args.overrides), world_size=nproc * min_nodes)
+    cfg = _load_config(args, nproc * min_nodes)
+    args.output = cfg.train.output_dir
+    check_device(cfg.train.device, "--train.device")
     preflight(cfg, nproc * min_nodes, local_ranks=nproc)  # device and memory, before torchrun starts
     env = {**os.environ}
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    return subprocess.call(torchrun_command(launcher, args.recipe, args.overrides), env=env)
+    if "--rdzv-endpoint" in launcher:
+        return run_supervised(torchrun_command(launcher, args.recipe, [*args.overrides, *(
+            ["--overwrite"] if overwrite else [])]), env)
+    with _run_dir_guard(cfg, overwrite, worker=False) as lock:
+        assert lock is not None
+        env[LOCK_ENV] = str(resolved(cfg.train.output_dir))
+        return run_supervised(torchrun_command(launcher, args.recipe, args.overrides), env,
+                              pass_fds=(lock.inheritable_fd(),))
+
+
+@contextlib.contextmanager
+def _run_dir_guard(cfg, overwrite: bool, worker: bool) -> Iterator[RunLock | None]:
+    """Hold the run directory's lock for the job's life and apply the run-directory rules
+    (lmforge.storage.rundir) once per job: in one process, in the `--nproc` launcher, or in global
+    rank 0 of a torchrun job started directly. A worker whose launcher holds the lock does neither."""
+    run_dir = Path(cfg.train.output_dir)
+    if worker and (os.environ.get(LOCK_ENV) == str(resolved(run_dir)) or int(os.environ.get("RANK", "0")) != 0):
+        yield None
+        return
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    with RunLock(run_dir) as lock:
+        check_data_dir(Path(cfg.data.dir), cfg.data.corpus, overwrite=False)
+        note = prepare_run_dir(run_dir, cfg.checkpoint.folder, cfg.checkpoint.resume, overwrite, Path(cfg.data.dir),
+                               restarted)
+        if note:
+            print(note, flush=True)
+        yield lock
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     launcher, args.overrides = _pop_launcher_args(args.overrides)
-    if "LOCAL_RANK" not in os.environ and (int(launcher.get("--nproc", "1")) > 1 or set(launcher) - {"--nproc"}):
-        return _launch_torchrun(launcher, args)
-    cfg = _job_config(args)  # validated before any process group starts
-    from lmforge.config.preflight import preflight
-    from lmforge.train.trainer import Trainer
+    overwrite = _pop_flag(args.overrides, "--overwrite")
+    worker = "LOCAL_RANK" in os.environ
+    if worker:
+        from lmforge.launcher import guard_worker
 
+        guard_worker()  # never outlive torchrun
+    if not worker and (int(launcher.get("--nproc", "1")) > 1 or set(launcher) - {"--nproc"}):
+        return _launch_torchrun(launcher, args, overwrite)
+    from lmforge.config.preflight import preflight
+
+    cfg = _job_config(args)  # validated before any process group starts
+    check_device(cfg.train.device, "--train.device")
     preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    with _run_dir_guard(cfg, overwrite, worker):
+        return _train(cfg)
+
+
+def _train(cfg) -> int:
+    from lmforge.train.trainer import Trainer
 
     trainer = Trainer(cfg)
     finished = False
@@ -134,7 +188,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    overwrite = _pop_flag(args.overrides, "--overwrite")
     cfg = _job_config(args)
+    check_data_dir(Path(cfg.data.dir), cfg.data.corpus, overwrite)
     from lmforge.data.pack import prepare_data
 
     out = prepare_data(cfg.data, cfg.tokenizer, log=print)
@@ -199,6 +255,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lmforge.serve.generate import load_for_generation
     from lmforge.train.precision import DTYPES
 
+    args.output = args.out
+    check_destination(Path(args.out), args.overwrite, sources={"source": Path(args.source)})
     model, cfg, tokenizer_json = load_for_generation(Path(args.source))
     export_hf(model, cfg, Path(args.out), tokenizer_json=tokenizer_json, dtype=DTYPES[args.dtype],
               overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
@@ -210,7 +268,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from lmforge.serve.hf_import import import_to_run
 
-    step_dir = import_to_run(Path(args.hf_dir), Path(args.out))
+    args.output = args.out
+    step_dir = import_to_run(Path(args.hf_dir), Path(args.out), overwrite=args.overwrite)
     print(f"imported {args.hf_dir} -> {step_dir}")
     return 0
 
@@ -219,6 +278,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.data.tokenizer import TextTokenizer
     from lmforge.serve.generate import context_note, generate, load_for_generation
 
+    check_text_arg(args.prompt, "--prompt")
+    check_device(args.device, "--device")
     model, cfg, tokenizer_json = load_for_generation(Path(args.source), device=args.device)
     if tokenizer_json is None:
         raise FileNotFoundError(f"no tokenizer.json found with {args.source}; generation needs one")
@@ -275,10 +336,11 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_convert(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = args.output = Path(args.out)
     if args.to == "torch":
         from lmforge.checkpoint.tools import convert_to_torch
 
+        check_destination(out, args.overwrite, kind="file", sources={"checkpoint": Path(args.path)})
         nested = convert_to_torch(Path(args.path), out)
         print(f"wrote {out} ({', '.join(f'{k}: {len(v)}' for k, v in nested.items())} entries)")
         return 0
@@ -312,6 +374,10 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 def _split_recipe_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
     """`train r.toml --a.b 1` -> (['train'], 'r.toml', ['--a.b', '1'])."""
+    return _split(argv)
+
+
+def _split(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
     for prefix in (["train"], ["data", "prepare"]):
         n = len(prefix)
         if argv[:n] == prefix and not any(a in ("-h", "--help") for a in argv[n:]):
@@ -322,7 +388,8 @@ def _split_recipe_args(argv: list[str]) -> tuple[list[str], str | None, list[str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__,
+                                     epilog="--debug (anywhere): show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a recipe (torchrun for data parallel)")
@@ -362,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="turn a Hugging Face Llama, Mixtral or Qwen2-MoE directory into an lmforge run")
     p.add_argument("hf_dir")
     p.add_argument("out", help="run directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("generate", help="generate text from a run, checkpoint or HF directory")
@@ -392,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out", help="output file (torch) or directory (hf)")
     q.add_argument("--to", choices=["torch", "hf"], default="torch")
     q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="hf: weights dtype on disk")
-    q.add_argument("--overwrite", action="store_true", help="hf: replace a non-empty output directory")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output file (torch) or "
+                   "non-empty directory (hf)")
     q.set_defaults(func=cmd_ckpt_convert)
     return parser
 
@@ -400,18 +469,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LMFORGE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _pop_flag(argv, "--debug") or os.environ.get("LMFORGE_DEBUG", "") not in ("", "0")
     head, recipe, overrides = _split_recipe_args(argv)
     args = build_parser().parse_args(head)
-    args.recipe, args.overrides = recipe, overrides
+    args.recipe, args.overrides, args.output = recipe, overrides, None
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except _user_errors() as e:
-        print(f"lmforge {args.command}: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 (the one user-error handler; DCP's errors are BaseExceptions)
+        code, line = explain(e, args.output)
+        if debug:
+            traceback.print_exc()
+        name = " ".join(a for a in (args.command, getattr(args, "data_command", None),
+                                    getattr(args, "ckpt_command", None), getattr(args, "bench_command", None)) if a)
+        sys.stderr.write(f"lmforge {name}: {line}\n")  # one write: ranks' lines never interleave
+        sys.stderr.flush()
+        return code
 
 
 if __name__ == "__main__":

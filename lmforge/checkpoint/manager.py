@@ -77,6 +77,9 @@ from lmforge.checkpoint.state import (
     rank_key,
     unpack,
 )
+from lmforge.data.files import dumps_strict
+from lmforge.storage.atomic import atomic_open, fsync_dir
+from lmforge.storage.explain import describe_os_error, diagnose_write_failure
 
 __all__ = ["MANIFEST", "CheckpointError", "CheckpointManager", "load_model_weights", "save_model_weights",
            "step_dir_name", "verify_checkpoint"]
@@ -128,14 +131,6 @@ def _hash_files(paths: list[Path]) -> list[str]:
         return [_sha256(p) for p in paths]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(paths))) as pool:
         return list(pool.map(_sha256, paths))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_manifest(path: Path) -> tuple[dict | None, str]:
@@ -294,13 +289,8 @@ def _write_manifest(path: Path, step: int, world_size: int, extra: Mapping[str, 
         **(extra or {}),
     }
     manifest["bytes"] = sum(f["size"] for f in manifest["files"])
-    tmp = path / (MANIFEST + ".partial")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / MANIFEST)
-    _fsync_dir(path)
+    with atomic_open(path / MANIFEST, "w") as f:  # its temp name starts with MANIFEST: never listed
+        f.write(dumps_strict(manifest, indent=1))
     return manifest
 
 
@@ -382,7 +372,7 @@ def _publish(tmp: Path, final: Path) -> None:
             shutil.rmtree(old)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
 
@@ -449,8 +439,11 @@ def save_model_weights(step_dir: Path, model: nn.Module, step: int | None = None
             dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp), no_dist=True)
         _write_manifest(tmp, step, 1)
         _publish(tmp, step_dir)
-    except BaseException:
+    except BaseException as e:
+        cause = None if isinstance(e, KeyboardInterrupt | SystemExit) else diagnose_write_failure(e, step_dir)
         shutil.rmtree(tmp, ignore_errors=True)
+        if cause is not None:
+            raise cause from e  # DCP's CheckpointException is not even an Exception: name the fault
         raise
     return step_dir
 
@@ -604,6 +597,9 @@ class CheckpointManager:
         """(newest valid checkpoint or None, [(skipped invalid one, why)]), newest first."""
         skipped = []
         for _, p in reversed(self._scan(include_tmp=True)):
+            if p.name.endswith(".tmp"):  # a save that never finished: never a candidate, never a blocker
+                log.warning("skipping unfinished save %s (never published; ignored)", p)
+                continue
             v = self._verify_local(p)
             if v.ok:
                 return p, skipped
@@ -750,9 +746,34 @@ class CheckpointManager:
         return flat
 
     def _write(self, step: int, flat: dict[str, Any], t0: float, rec: dict[str, float]) -> None:
-        """Encode, write with DCP, publish (rank 0), prune. Runs in the caller or the writer thread."""
+        """`_write_unchecked`, and when it fails (full disk, read-only, I/O error, ...) remove the
+        temp directory and raise one CheckpointError line saying why and that the previous
+        checkpoint is intact (nothing older is touched before a save is published)."""
         final = self.root / step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
+        try:
+            self._write_unchecked(step, flat, t0, rec, final, tmp)
+        except BaseException as e:
+            # Diagnose before cleaning up: a full disk is still full now.
+            cause = diagnose_write_failure(e, tmp) if not isinstance(e, CheckpointError | KeyboardInterrupt) \
+                else None
+            if self._rank_world()[0] == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, KeyboardInterrupt | SystemExit | CheckpointError):
+                raise
+            try:
+                published = [p for p in self.list_checkpoints() if step_of(p) != step]
+            except OSError:
+                published = []
+            previous = (f"the previous checkpoint {published[-1]} is intact" if published
+                        else "no earlier checkpoint exists")
+            why = describe_os_error(cause, tmp) if cause is not None else _first_line(e)
+            raise CheckpointError(f"checkpoint save to {final} failed: {why}; the unfinished save was removed and "
+                                  f"{previous} (rerun with --checkpoint.resume auto to continue from it)") from e
+
+    def _write_unchecked(self, step: int, flat: dict[str, Any], t0: float, rec: dict[str, float],
+                         final: Path, tmp: Path) -> None:
+        """Encode, write with DCP, publish (rank 0), prune. Runs in the caller or the writer thread."""
         _, world = self._rank_world()
 
         def prepare() -> None:

@@ -31,7 +31,7 @@ from lmforge.checkpoint.manager import (
     step_of,
     verify_checkpoint,
 )
-from lmforge.data.files import atomic_open
+from lmforge.storage.atomic import atomic_open
 
 __all__ = ["CheckpointInfo", "convert_to_torch", "describe", "find_checkpoints", "inspect_rows", "read_checkpoint"]
 

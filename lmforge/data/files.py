@@ -9,31 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-
-@contextmanager
-def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
-    """Open `<path>.tmp` for writing; on success fsync and rename it onto `path`, else remove it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
+from lmforge.storage.atomic import atomic_open  # the one atomic-write primitive (re-exported here)
 
 NONFINITE_KEY = "nonfinite"
 
@@ -85,36 +66,6 @@ def restore_nonfinite(record: Any) -> Any:
         if key in out and out[key] is None and name in ("nan", "inf", "-inf"):
             out[key] = float(name)
     return out
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux reports it (/proc/self/status);
-    elsewhere set-and-restore."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def make_readable(path: Path | str) -> None:
-    """Give `path` (a file, or a directory and everything in it) the modes a plain `open` or
-    `mkdir` would have under the umask. tempfile.mkstemp/mkdtemp create 0600/0700 whatever the
-    umask, which leaves exported files unreadable to the group on a shared filesystem."""
-    path = Path(path)
-    mask = current_umask()
-    if path.is_dir():
-        os.chmod(path, 0o777 & ~mask)
-        for p in path.rglob("*"):
-            if not p.is_symlink():
-                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-    else:
-        os.chmod(path, 0o666 & ~mask)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -9,9 +9,6 @@ a run (generate, export, eval) takes an imported model too:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,29 +17,29 @@ import torch
 from lmforge.checkpoint.manager import save_model_weights, step_dir_name
 from lmforge.config import JobConfig, TokenizerConfig, TrainConfig
 from lmforge.models.llama.hf import HFFormatError, import_hf
+from lmforge.storage.atomic import atomic_copy, atomic_dir, write_text_atomic
+from lmforge.storage.guard import DestinationError, check_destination
 
 
-def import_to_run(hf_dir: Path, out: Path) -> Path:
+def import_to_run(hf_dir: Path, out: Path, overwrite: bool = False) -> Path:
     """Import `hf_dir` (fp32 weights) as a new run directory `out`; returns the checkpoint step dir.
-    Refuses an existing non-empty `out` (never overwrites a run)."""
+    Refuses an existing non-empty `out` unless `overwrite`, and always an `out` that overlaps
+    `hf_dir` (lmforge.storage.guard); written whole into a temp dir, then renamed."""
     hf_dir, out = Path(hf_dir), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise HFFormatError(f"{out}: already exists and is not empty; choose a new run directory")
+    try:
+        check_destination(out, overwrite, sources={"Hugging Face directory": hf_dir})
+    except DestinationError as e:
+        raise HFFormatError(str(e)) from None
     model, cfg = import_hf(hf_dir, "cpu", dtype=torch.float32)
     job = JobConfig(model=cfg,
                     tokenizer=TokenizerConfig(vocab_size=cfg.vocab_size),
                     train=TrainConfig(output_dir=str(out), seq_len=min(TrainConfig.seq_len, cfg.max_seq_len)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(asdict(job), indent=2) + "\n")
+
+    def fill(tmp: Path) -> None:
+        write_text_atomic(tmp / "config.json", json.dumps(asdict(job), indent=2) + "\n")
         if (hf_dir / "tokenizer.json").is_file():
-            shutil.copyfile(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
+            atomic_copy(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
         save_model_weights(tmp / job.checkpoint.folder / step_dir_name(0), model, step=0)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_dir(out, fill, replace=overwrite)
     return out / job.checkpoint.folder / step_dir_name(0)

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -54,6 +53,7 @@ from lmforge.parallel.pp import (
     split_model,
 )
 from lmforge.parallel.tp import apply_tp, local_value, loss_parallel_ctx, tp_cross_entropy
+from lmforge.storage.atomic import atomic_copy, write_text_atomic
 from lmforge.train.faults import FaultInjector
 from lmforge.train.moe import (
     attach_router_losses,
@@ -265,12 +265,8 @@ class Trainer:
             return 0.0
 
     def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / "config.json.tmp"
-        tmp.write_text(dumps_strict(asdict(self.cfg), indent=2))
-        tmp.replace(self.run_dir / "config.json")
-        shutil.copyfile(self.data_dir / "tokenizer.json", self.run_dir / "tokenizer.json.tmp")
-        (self.run_dir / "tokenizer.json.tmp").replace(self.run_dir / "tokenizer.json")
+        write_text_atomic(self.run_dir / "config.json", dumps_strict(asdict(self.cfg), indent=2))
+        atomic_copy(self.data_dir / "tokenizer.json", self.run_dir / "tokenizer.json")
 
     def checkpoint_state(self) -> dict:
         state = {
@@ -373,11 +369,7 @@ class Trainer:
         """memory/rank<r>.json: what this rank holds, so each parallel dimension's effect shows."""
         report = {"rank": self.info.rank, "mesh": self.mesh.degrees, **self.state_bytes,
                   "activations": self.activation_bytes, **memory_stats(self.device)}
-        out = self.run_dir / "memory"
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f"rank{self.info.rank}.json.tmp"
-        tmp.write_text(dumps_strict(report, indent=1))
-        tmp.replace(out / f"rank{self.info.rank}.json")
+        write_text_atomic(self.run_dir / "memory" / f"rank{self.info.rank}.json", dumps_strict(report, indent=1))
 
     def _dp_group(self) -> dist.ProcessGroup | None:
         return self.dp_mesh.get_group() if self.info.world_size > 1 else None

@@ -9,10 +9,8 @@ export works where only torch and safetensors are installed.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmforge.config import ConfigError, ModelConfig
-from lmforge.data.files import make_readable
 from lmforge.models.common.rope import rope_cos_sin
 from lmforge.models.llama.model import Transformer
+from lmforge.storage.atomic import as_if_created, atomic_dir
 
 EOS_TOKEN = "<|endoftext|>"
 SAFETENSORS_FILE = "model.safetensors"
@@ -279,26 +277,12 @@ def _tokenizer_files(tokenizer_json: Path, max_len: int) -> tuple[dict, dict, in
 
 
 def _atomic_dir(out_dir: Path, write: Any, overwrite: bool) -> Path:
-    """Fill a temp dir beside `out_dir`, then rename it into place: readers never see half an export."""
+    """Fill a temp dir beside `out_dir`, then rename it into place: readers never see half an export
+    (lmforge.storage.atomic.atomic_dir). A non-empty `out_dir` is replaced only with `overwrite`."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise HFFormatError(f"{out_dir}: already exists and is not empty; choose a new directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        write(tmp)
-        make_readable(tmp)  # mkdtemp's 0700 would survive the rename: the umask decides, as for any file
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "d")
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        raise HFFormatError(f"{out_dir}: already exists and is not empty; choose a new directory or pass --overwrite")
+    return atomic_dir(out_dir, write, replace=overwrite)
 
 
 def shard_groups(tensors: Mapping[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
@@ -322,11 +306,13 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], d: Path, max_shard_bytes
     groups = shard_groups(tensors, max_shard_bytes)
     if len(groups) == 1:
         save_file(tensors, str(d / SAFETENSORS_FILE), metadata={"format": "pt"})
+        as_if_created(d / SAFETENSORS_FILE)
         return
     weight_map = {}
     for i, names in enumerate(groups, 1):
         fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         save_file({k: tensors[k] for k in names}, str(d / fname), metadata={"format": "pt"})
+        as_if_created(d / fname)
         weight_map.update(dict.fromkeys(names, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -413,8 +399,11 @@ def read_hf_weights(hf_dir: Path, device: torch.device | str = "cpu") -> dict[st
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     if wanted is None or name in wanted:
                         out[name] = f.get_tensor(name)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise HFFormatError(f"{path}: cannot read safetensors ({e.__class__.__name__}: {e})") from None
+        except OSError:
+            raise  # unreadable storage: the CLI names the file and the fault
+        except Exception as e:  # noqa: BLE001 (SafetensorError derives from Exception only)
+            raise HFFormatError(f"{path}: not a readable safetensors file ({e}); is it truncated or still "
+                                "downloading? fetch it again") from None
     return out
 
 

@@ -1,0 +1,95 @@
+"""The CLI's one user-error handler: every failure a user can cause or fix ends in one line.
+
+`explain` maps an exception to (exit code, line): the library's own errors and the CLI's checks
+(the message is the line), storage faults (OSError: the path and what to do, lmforge.storage.
+explain), undecodable text, missing devices and memory exhaustion: exit code 2. Anything else is
+an internal error: one line and exit code 1, with the traceback only under `--debug`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+__all__ = ["UserError", "check_device", "check_text_arg", "explain", "user_error_types"]
+
+
+class UserError(Exception):
+    """A bad argument or environment the CLI detected itself; the message is one line."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception classes whose message is a complete one-line explanation for the user."""
+    from lmforge.checkpoint.manager import CheckpointError
+    from lmforge.config import ConfigError
+    from lmforge.data.errors import DataError
+    from lmforge.models.llama.hf import HFFormatError
+    from lmforge.observability.errors import ObservabilityError
+    from lmforge.serve.generate import GenerationError
+    from lmforge.storage.guard import DestinationError
+    from lmforge.storage.lock import RunDirBusy
+    from lmforge.train.stability import TrainingDivergedError
+
+    return (ConfigError, CheckpointError, DataError, HFFormatError, GenerationError, ObservabilityError,
+            TrainingDivergedError, DestinationError, RunDirBusy, UserError)
+
+
+_OOM = re.compile(r"can't allocate memory|out of memory|Cannot allocate memory|std::bad_alloc", re.IGNORECASE)
+
+
+def _first_line(e: BaseException) -> str:
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{e.__class__.__name__}: {text}"[:400] if text else e.__class__.__name__
+
+
+def explain(exc: BaseException, output: Path | str | None = None) -> tuple[int, str]:
+    """(exit code, one line) for `exc`; `output`: where the command writes, named when an OSError
+    carries no path of its own."""
+    from lmforge.storage.explain import describe_os_error
+
+    if isinstance(exc, user_error_types()):
+        return 2, " ".join(str(exc).split("\n"))
+    if isinstance(exc, OSError):
+        return 2, describe_os_error(exc, output)
+    if isinstance(exc, UnicodeDecodeError):
+        return 2, (f"input is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}: "
+                   f"{exc.reason}); pass a UTF-8 text file")
+    if isinstance(exc, UnicodeEncodeError):
+        return 2, f"text cannot be encoded as {exc.encoding} ({exc.reason} at position {exc.start}); pass UTF-8 text"
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and _OOM.search(str(exc))):
+        return 2, (f"out of memory ({_first_line(exc)}); make the model or batch smaller (model.dim, "
+                   "model.n_layers, train.micro_batch_size, train.seq_len) or spread it over more devices")
+    return 1, f"internal error: {_first_line(exc)} (rerun with --debug for the traceback)"
+
+
+def check_device(spec: str, flag: str) -> None:
+    """Refuse a device string torch does not know, or a CUDA device this machine lacks, in one line."""
+    import torch
+
+    if spec == "auto":
+        return
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{flag} {spec!r}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} {spec}: no CUDA device is available on this machine "
+                            f"(torch {torch.__version__}); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"{flag} {spec}: MPS is not available on this machine; use cpu")
+    elif device.type != "cpu":
+        raise UserError(f"{flag} {spec}: lmforge runs on cpu, cuda or mps")
+
+
+def check_text_arg(value: str, flag: str) -> None:
+    """Command-line text that is not valid UTF-8 reaches Python as lone surrogates: refuse it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "surrogateescape")
+        bad = bytes(b for b in raw if b >= 0x80)[:4].hex(" ")
+        raise UserError(f"{flag}: not valid UTF-8 text (bytes {bad}); pass UTF-8 text") from None

@@ -1,0 +1,104 @@
+"""What `lmforge train` checks before it writes into a run directory (and into the data directory).
+
+A run directory that already holds a run (checkpoints, metrics, config) is continued only when
+asked (`--checkpoint.resume auto|PATH`) and started over only with `--overwrite`, which moves the
+earlier run aside to `<run>.old-<time>` instead of mixing two runs' files; nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from lmforge.storage.guard import DestinationError, check_no_overlap, overlap
+from lmforge.storage.lock import LOCK_NAME
+
+__all__ = ["RUN_FILES", "check_data_dir", "earlier_run", "move_run_aside", "prepare_run_dir"]
+
+# What a training run writes besides its checkpoint folder; any of these marks an earlier run.
+RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "memory", "trace", "loss.png")
+# What `data prepare` writes into data.dir (lmforge.data.pack / corpus / tokenizer).
+DATA_FILES = ("corpus.jsonl", "corpus.meta.json", "tokenizer.json", "tokenizer.meta.json", "manifest.json",
+              "train.bin", "val.bin", "train.idx.npy", "val.idx.npy", "train.docs.npy", "val.docs.npy")
+_DATA_MARKERS = ("manifest.json", "corpus.meta.json")
+
+
+def earlier_run(run_dir: Path, ckpt_folder: str) -> list[str]:
+    """Names in `run_dir` that an earlier training run left (empty: a new or empty directory)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [n for n in RUN_FILES if (run_dir / n).exists()]
+    ckpt = run_dir / ckpt_folder
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+        found.insert(0, f"{ckpt_folder}/")
+    found += sorted(p.name for p in run_dir.glob("events.out.tfevents.*"))
+    return found
+
+
+def move_run_aside(run_dir: Path) -> Path:
+    """Move everything in `run_dir` but the lock file to a new sibling `<run>.old-<time>`; returns it."""
+    run_dir = Path(run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
+    dest.mkdir()
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name != LOCK_NAME:
+            os.rename(entry, dest / entry.name)
+    return dest
+
+
+def prepare_run_dir(run_dir: Path, ckpt_folder: str, resume: str, overwrite: bool,
+                    data_dir: Path, restarted: bool) -> str:
+    """Apply the run-directory rules (the caller holds the run's lock). Returns a line to print
+    when the earlier run was moved aside, else ''. `restarted`: torchrun restarted the workers of
+    this job (its own run: continue, never refuse)."""
+    run_dir = Path(run_dir)
+    if overlap(run_dir, data_dir) == "is the same path as":
+        raise DestinationError(f"train.output_dir {run_dir} is the data directory (data.dir): the run's files would "
+                               "mix with the dataset's; choose another --train.output_dir")
+    if restarted:
+        return ""
+    mode = resume.strip().lower()
+    if overwrite:
+        check_no_overlap(run_dir, {"data directory (data.dir)": data_dir}, "train.output_dir")
+        if mode == "auto":
+            raise DestinationError("--overwrite starts the run over and --checkpoint.resume auto continues it: "
+                                   "pass one of them")
+        if mode != "none" and overlap(resume, run_dir) in ("is the same path as", "is inside"):
+            raise DestinationError(f"--checkpoint.resume {resume} is inside {run_dir}, which --overwrite would move "
+                                   "aside; resume from a checkpoint outside it, or drop --overwrite")
+    found = earlier_run(run_dir, ckpt_folder)
+    if not found or (mode != "none" and not overwrite):
+        return ""
+    if not overwrite:
+        raise DestinationError(
+            f"train.output_dir {run_dir} already holds a run ({', '.join(found[:4])}); continue it with "
+            f"--checkpoint.resume auto, start over with --overwrite (moves it to {run_dir.name}.old-<time>), or "
+            "choose another --train.output_dir")
+    dest = move_run_aside(run_dir)
+    return f"--overwrite: moved the earlier run in {run_dir} to {dest}"
+
+
+def check_data_dir(data_dir: Path, corpus: str, overwrite: bool) -> None:
+    """`data prepare` (and `train`, which prepares data too) writes DATA_FILES into `data_dir`:
+    refuse a corpus file that is one of them (it would be replaced by its own rewrite) and a
+    non-empty directory that holds no lmforge dataset (someone else's files) unless `overwrite`."""
+    data_dir = Path(data_dir)
+    if corpus != "default":
+        for name in DATA_FILES:
+            if overlap(corpus, data_dir / name) in ("is the same path as", "contains"):
+                raise DestinationError(f"data.corpus {corpus} is where data prepare writes its own {name} in "
+                                       f"data.dir {data_dir} (refused even with --overwrite); move the corpus or "
+                                       "choose another --data.dir")
+    if overwrite or not data_dir.is_dir() or any((data_dir / m).is_file() for m in _DATA_MARKERS):
+        return
+    others = sorted(p.name for p in data_dir.iterdir() if corpus == "default" or overlap(p, corpus) != "is the same path as")
+    if others:
+        raise DestinationError(f"data.dir {data_dir} is not empty ({', '.join(others[:3])}) and holds no lmforge "
+                               "dataset; choose a new or empty --data.dir, or pass --overwrite to write into it")
