@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from lmforge.cli_errors import UserError, check_device, check_text_arg, explain
+from lmforge.cli_errors import check_device, check_text_arg, explain
 from lmforge.config import ConfigError, load_job_config, parse_override_args
 from lmforge.storage.guard import check_destination, resolved
 from lmforge.storage.lock import LOCK_ENV, RunLock
@@ -25,11 +25,7 @@ from lmforge.storage.rundir import check_data_dir, prepare_run_dir
 
 
 def _load_config(args: argparse.Namespace, world_size: int):
-    try:
-        return load_job_config(args.recipe, parse_override_args(args.overrides), world_size=world_size)
-    except UnicodeDecodeError as e:
-        raise UserError(f"recipe {args.recipe}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                        f"{e.start}); a recipe is a TOML file") from None
+    return load_job_config(args.recipe, parse_override_args(args.overrides), world_size=world_size)
 
 
 def _job_config(args: argparse.Namespace):
