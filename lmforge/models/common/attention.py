@@ -42,16 +42,17 @@ class Attention(nn.Module):
             start = cache.pos
             k, v = cache.update(layer, k, v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
+        # Query head h reads KV head h // (heads / kv_heads) (also per rank under TP: both counts
+        # are local there). SDPA's GQA mode does that inside the kernel (CPU flash attention and
+        # CUDA flash read the shared K/V), instead of materialising K and V `groups` times.
+        gqa = q.shape[1] != k.shape[1]
         if start == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif s == 1:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:  # a chunk appended after cached positions: query i sees keys up to start + i
             kpos = torch.arange(k.shape[2], device=x.device)
             qpos = torch.arange(start, start + s, device=x.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=kpos[None, :] <= qpos[:, None])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=kpos[None, :] <= qpos[:, None],
+                                                 enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
