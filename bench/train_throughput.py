@@ -3,7 +3,10 @@
 Both models have the same shape (6 layers, width 384, 6 heads, no GQA, SwiGLU hidden 1024,
 vocabulary 8192, untied, context 256, batch 8), start from the SAME weights (ours, exported
 through lmforge.models.llama.hf), train on the same random token batches with the same dtype
-policy (fp32 master weights, torch.autocast("cpu", bfloat16)) and the same AdamW. One step is:
+policy and the same AdamW. `--dtype bf16`: fp32 master weights under torch.autocast("cpu",
+bfloat16); `--dtype fp32`: plain fp32, no autocast. The default is what lmforge's `auto`
+precision picks on this CPU: bf16 where the CPU has native bf16 (AVX512_BF16 or AMX), fp32
+elsewhere (AVX2-only CPUs run bf16 matmuls ~100x slower than fp32). One step is:
 forward, loss, backward, clip_grad_norm_(1.0), optimizer step, zero_grad. The loss is computed
 the same way for both, outside the model (logits -> float -> F.cross_entropy, as lmforge's
 trainer did before 2026-12), so the comparison is model against model; HF's `labels=` path is not used.
@@ -15,12 +18,16 @@ The machine may be shared and noisy, so the models take turns: after a warm-up, 
 `--steps` steps of every model, the order alternating (A B, B A, ...), and the report gives the
 median tokens/s over rounds. MFU = tokens/s x training FLOPs per token / measured peak.
 
-    python bench/train_throughput.py --rounds 12 --steps 4 [--compile] [--loss same|library] [--threads 2] [--min-ratio 1.1]
+    python bench/train_throughput.py --rounds 12 --steps 4 [--dtype fp32|bf16] [--compile] [--loss same|library]
+        [--threads 2] [--min-ratio 1.1]
+
+Exit 1 when lmforge/hf (ratio of the medians) is below `--min-ratio` (default: the target, 1.1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -38,6 +45,26 @@ BATCH, SEQ = 8, 256
 MODEL = ModelConfig(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=8192, ffn_hidden=1024,
                     max_seq_len=SEQ, tie_embeddings=False)
 ADAMW = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+TARGET_RATIO = 1.1  # lmforge / hf tokens/s (issue 9)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def native_bf16_cpu() -> bool:
+    """True on CPUs with bf16 matmul instructions (AVX512_BF16 or AMX), by torch's dispatch
+    capability and the kernel's CPU flags (a capability of AVX512 alone does not imply bf16)."""
+    if torch.backends.cpu.get_cpu_capability() == "AMX":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def default_dtype() -> str:
+    """What `mixed_precision = "auto"` resolves to on this CPU: bf16 with native bf16, else fp32."""
+    return "bf16" if native_bf16_cpu() else "fp32"
 
 
 def training_flops_per_token(cfg: ModelConfig, seq: int) -> float:
@@ -49,13 +76,13 @@ def training_flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return count(cfg, seq)
 
 
-def peak_flops() -> float:
-    """Measured bf16 matmul peak of this CPU on the threads in use (cached by observability.peak)."""
+def peak_flops(dtype: torch.dtype) -> float:
+    """Measured matmul peak of this CPU in `dtype` on the threads in use (cached by observability.peak)."""
     try:
         from lmforge.observability.peak import resolve_peak_flops
     except ImportError:
         n = 2048
-        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         torch.mm(a, b)
         best = float("inf")
         for _ in range(5):
@@ -63,7 +90,7 @@ def peak_flops() -> float:
             torch.mm(a, b)
             best = min(best, time.perf_counter() - t0)
         return 2.0 * n**3 / best
-    return resolve_peak_flops("cpu", torch.bfloat16)
+    return resolve_peak_flops("cpu", dtype)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -106,18 +133,23 @@ def optimizer_impl() -> dict[str, bool]:
         return {"foreach": True}
 
 
+def autocast(dtype: str) -> contextlib.AbstractContextManager:
+    """bf16: torch.autocast on CPU (fp32 master weights); fp32: no autocast at all."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
 def model_then_loss(model: Callable[[torch.Tensor], torch.Tensor],
-                    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy
-                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Forward under bf16 autocast, then the loss outside it (as lmforge's trainer does)."""
+                    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
+                    dtype: str = "bf16") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Forward under the dtype policy, then the loss outside it (as lmforge's trainer does)."""
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(dtype):
             logits = model(x)
         return loss(logits, y)
     return step
 
 
-def build_contestants(compile_: bool, loss_mode: str = "same") -> list[Contestant]:
+def build_contestants(compile_: bool, loss_mode: str = "same", dtype: str = "bf16") -> list[Contestant]:
     import transformers
 
     ours = build_model(MODEL, seed=0).train()
@@ -133,18 +165,19 @@ def build_contestants(compile_: bool, loss_mode: str = "same") -> list[Contestan
         from lmforge.models.common.cross_entropy import cross_entropy as lmforge_loss
 
         def hf_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast(dtype):
                 return hf(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
-        out = [Contestant("lmforge", ours, model_then_loss(ours, lmforge_loss)), Contestant("hf", hf, hf_loss)]
+        out = [Contestant("lmforge", ours, model_then_loss(ours, lmforge_loss, dtype)),
+               Contestant("hf", hf, hf_loss)]
     else:
-        out = [Contestant("lmforge", ours, model_then_loss(ours)),
-               Contestant("hf", hf, model_then_loss(lambda x: hf(input_ids=x, use_cache=False).logits))]
+        out = [Contestant("lmforge", ours, model_then_loss(ours, dtype=dtype)),
+               Contestant("hf", hf, model_then_loss(lambda x: hf(input_ids=x, use_cache=False).logits, dtype=dtype))]
     if compile_:
         from lmforge.parallel.compile import apply_compile
 
         comp = build_model(MODEL, seed=0).train()
         apply_compile(comp)
-        out.append(Contestant("lmforge+compile", comp, model_then_loss(comp)))
+        out.append(Contestant("lmforge+compile", comp, model_then_loss(comp, dtype=dtype)))
     return out
 
 
@@ -173,14 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loss", choices=["same", "library"], default="same",
                     help="same: one loss function for both (model vs model); library: each library's own loss")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--min-ratio", type=float, default=0.0, help="exit 1 if lmforge/hf is below this")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="fp32 (no autocast) or bf16 (autocast, fp32 master weights); default: what lmforge's "
+                         f"`auto` precision picks on this CPU ({default_dtype()} here)")
+    ap.add_argument("--min-ratio", type=float, default=TARGET_RATIO,
+                    help=f"exit 1 if lmforge/hf is below this (default: the target, {TARGET_RATIO})")
     args = ap.parse_args(argv)
+    dtype = args.dtype or default_dtype()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    contestants = build_contestants(args.compile, args.loss)
+    contestants = build_contestants(args.compile, args.loss, dtype)
     data = batches(args.steps, seed=1)
-    # Same weights, same first batch: the first losses must agree (bf16 rounding aside).
+    # Same weights, same first batch: the first losses must agree (rounding aside).
     for c in contestants:
         c.first_loss = float(c.step(*data[0]))
     for c in contestants:
@@ -193,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
 
     flops_tok = training_flops_per_token(MODEL, SEQ)
-    peak = peak_flops()
+    peak = peak_flops(DTYPES[dtype])
     print(f"\nmodel: {MODEL.n_layers} layers, dim {MODEL.dim}, {MODEL.n_heads} heads (kv {MODEL.kv_heads}), "
           f"ffn {MODEL.ffn_hidden_size}, vocab {MODEL.vocab_size}, untied; batch {BATCH} x seq {SEQ}; "
-          f"bf16 autocast, fp32 master weights, loss: {args.loss}, AdamW {optimizer_impl()}; torch {torch.__version__}, "
+          f"{'bf16 autocast, fp32 master weights' if dtype == 'bf16' else 'fp32, no autocast'}, "
+          f"loss: {args.loss}, AdamW {optimizer_impl()}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"training FLOPs/token {flops_tok / 1e6:.1f} M; peak (measured bf16 matmul) {peak / 1e9:.0f} GFLOP/s; "
+    print(f"training FLOPs/token {flops_tok / 1e6:.1f} M; peak (measured {dtype} matmul) {peak / 1e9:.0f} GFLOP/s; "
           f"{args.rounds} rounds x {args.steps} steps, medians\n")
     print(f"{'model':<16} {'tokens/s':>9} {'min':>8} {'max':>8} {'MFU':>6} {'first loss':>11}")
     med = {}

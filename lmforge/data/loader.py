@@ -13,11 +13,15 @@ A sample's stable id is its global stream position (the window index is `window_
 `last_positions` holds this rank's positions of the last batch, for tracing. `skip_range(start,
 end)` marks global positions never to be served (a stability rollback skips the batches that made
 the loss spike); the ranges are part of the state.
+
+While the caller trains on one batch, the next is read on a background thread (`prefetch`); the
+state stays the consumed position, so checkpoints and resumes are exact as without it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +92,7 @@ class DistributedTokenLoader:
     """
 
     def __init__(self, dataset: TokenDataset, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_world: int = 1, seed: int = 0, shuffle: bool = True):
+                 dp_world: int = 1, seed: int = 0, shuffle: bool = True, prefetch: bool = True):
         if seq_len < 1 or micro_batch_size < 1:
             raise DataError(f"seq_len = {seq_len}, micro_batch_size = {micro_batch_size}: both must be >= 1")
         if not 0 <= dp_rank < dp_world:
@@ -106,6 +110,9 @@ class DistributedTokenLoader:
         self.skips: list[tuple[int, int]] = []  # [start, end) global positions never served
         self.last_positions = np.zeros(0, dtype=np.int64)  # this rank's positions in the last batch
         self.last_windows = np.zeros(0, dtype=np.int64)  # and their window indices
+        # One reader thread per loader: the next batch is read while the step runs (next_batch).
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lmforge-loader") if prefetch else None
+        self._pending: tuple[tuple, Future] | None = None  # ((position, skips) it was read for, result)
 
     # -- the global stream -----------------------------------------------------------------------
 
@@ -139,29 +146,58 @@ class DistributedTokenLoader:
     # -- batches -----------------------------------------------------------------------------------
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), int64 tensors of shape (micro_batch_size, seq_len), for this rank."""
-        m = self.micro_batch_size
-        self._jump_skips()
-        start = self.position + self.dp_rank * m
-        idx = self.window_indices(start, m)
-        self.last_positions = np.arange(start, start + m, dtype=np.int64)
+        """(inputs, targets), int64 tensors of shape (micro_batch_size, seq_len), for this rank.
+
+        With `prefetch`, the batch after this one is read on a background thread while the caller
+        trains on this one. The state (`position`, `state_dict`) always counts consumed batches
+        only; a prefetched batch is used only if it was read for exactly the current position and
+        skip ranges (a reset, a resume or a new skip range discards it)."""
+        key = (self.position, tuple(self.skips))
+        batch = None
+        if self._pending is not None:
+            pending_key, future = self._pending
+            self._pending = None
+            batch = future.result() if pending_key == key else None
+        if batch is None:
+            batch = self._read(*key)
+        start, idx, tokens, self.position = batch
+        self.last_positions = np.arange(start, start + self.micro_batch_size, dtype=np.int64)
         self.last_windows = idx
-        self.position += m * self.dp_world
+        if self._executor is not None:
+            nxt = (self.position, tuple(self.skips))
+            self._pending = (nxt, self._executor.submit(self._read, *nxt))
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def _read(self, position: int, skips: tuple[tuple[int, int], ...]
+              ) -> tuple[int, np.ndarray, torch.Tensor, int]:
+        """The batch served at global `position` given `skips`, without touching the loader's state:
+        (this rank's first position, window indices, tokens (m, seq_len + 1), next global position)."""
+        m = self.micro_batch_size
+        position = self._after_skips(position, skips)
+        start = position + self.dp_rank * m
+        idx = self.window_indices(start, m)
         windows = np.stack([self.dataset.window(int(i), self.seq_len) for i in idx])
         if windows.size and windows.max() >= self.dataset.vocab_size:  # else an IndexError in the embedding
             raise DataError(f"{self.dataset.path}: token id {windows.max()} in window {idx[np.argmax(windows.max(1))]} "
                             f"is outside the vocabulary ({self.dataset.vocab_size} ids); run `lmforge data verify "
                             f"{self.dataset.dir}` and repack")
-        batch = torch.from_numpy(windows)
-        return batch[:, :-1], batch[:, 1:]
+        return start, idx, torch.from_numpy(windows), position + m * self.dp_world
 
-    def _jump_skips(self) -> None:
+    @staticmethod
+    def _after_skips(position: int, skips: tuple[tuple[int, int], ...]) -> int:
         moved = True
         while moved:
             moved = False
-            for lo, hi in self.skips:
-                if lo <= self.position < hi:
-                    self.position, moved = hi, True
+            for lo, hi in skips:
+                if lo <= position < hi:
+                    position, moved = hi, True
+        return position
+
+    def close(self) -> None:
+        """Stop the prefetch thread (a pending read is waited for and dropped)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor, self._pending = None, None
 
     def skip_range(self, start: int, end: int) -> None:
         """Never serve global positions [start, end) (whole global batches: a skipped step's data)."""

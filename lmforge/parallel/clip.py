@@ -7,11 +7,12 @@ are plain, replicated copies across TP ranks), and a pipeline stage holds only i
 Here each group of same-mesh, same-layout DTensors gets its full (global) norm, plain tensors are
 taken as they are (already identical on the ranks that share them), the squares are summed, and
 optionally summed over the pipeline group; then every gradient is scaled in place by
-min(1, max_norm / (total + 1e-6)), the factor torch uses.
+min(1, max_norm / (total + 1e-6)), the factor torch uses (not at all when max_norm is inf).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -43,7 +44,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm:
     Handles plain tensors and DTensors on different meshes/placements in one call. With
     `pp_group`, the squared norms of all pipeline stages are summed (pass the pipeline group;
     every rank of it must call). For plain tensors alone and no `pp_group` the result is
-    bit-identical to torch.nn.utils.clip_grad_norm_.
+    bit-identical to torch.nn.utils.clip_grad_norm_. `max_norm = inf` (clipping off) measures
+    the norm and leaves the gradients untouched: no pass multiplying every gradient by 1.
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
@@ -65,6 +67,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=pp_group)
         total = sq.sqrt()
 
+    if math.isinf(max_norm):  # clipping off: the norm is still wanted (logging, stability), the scaling is not
+        return total
     # Scale per group: torch's foreach kernels refuse a list that mixes DTensors and plain tensors.
     for group in groups:
         clip_grads_with_norm_(group, max_norm, total, foreach)

@@ -46,3 +46,18 @@ def test_single_tensor_and_no_grads() -> None:
     assert torch.allclose(p.grad, torch.full((4,), 3.0 / (6.0 + 1e-6)))
     q = torch.ones(2, requires_grad=True)
     assert clip_grad_norm_([q], 1.0).item() == 0.0 and q.grad is None
+
+
+def test_clipping_off_measures_the_norm_and_writes_no_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_norm = inf (train.max_grad_norm <= 0): the same norm as torch, and no scaling pass at
+    all (torch would multiply every gradient by 1.0)."""
+    ours, ref = _params(1, 1.0), _params(1, 1.0)
+    before = [(p.grad.data_ptr(), p.grad.clone()) for p in ours if p.grad is not None]
+
+    def no_scaling(*args, **kwargs):
+        raise AssertionError("gradients were scaled with clipping off")
+    monkeypatch.setattr("lmforge.parallel.clip.clip_grads_with_norm_", no_scaling)
+    n_ours = clip_grad_norm_(ours, float("inf"))
+    assert torch.equal(n_ours, torch.nn.utils.clip_grad_norm_(ref, float("inf")))
+    after = [(p.grad.data_ptr(), p.grad) for p in ours if p.grad is not None]
+    assert all(pa == pb and torch.equal(ga, gb) for (pa, ga), (pb, gb) in zip(before, after))

@@ -222,3 +222,40 @@ def test_skip_ranges_are_never_served_and_survive_resume(ds: TokenDataset) -> No
     assert old.skips == []
     with pytest.raises(DataError, match="malformed skip"):
         old.load_state_dict({**sd, "skip": "5:3"})
+
+
+def test_prefetch_serves_the_same_stream_and_checkpoints_the_consumed_position(ds: TokenDataset) -> None:
+    """The background read of the next batch changes nothing a user can see: the same batches as a
+    loader without it (also across a new skip range, a reset and a resume), and `state_dict` is
+    the position of the batches consumed, never of the one already read ahead."""
+    fast = DistributedTokenLoader(ds, SEQ, 4, seed=7, prefetch=True)
+    plain = DistributedTokenLoader(ds, SEQ, 4, seed=7, prefetch=False)
+
+    def same_next() -> None:
+        (xf, yf), (xp, yp) = fast.next_batch(), plain.next_batch()
+        assert torch.equal(xf, xp) and torch.equal(yf, yp)
+        assert np.array_equal(fast.last_positions, plain.last_positions)
+        assert np.array_equal(fast.last_windows, plain.last_windows)
+        assert fast.state_dict() == plain.state_dict()
+
+    for _ in range(3):
+        same_next()
+    assert fast._pending is not None  # a batch is read ahead ...
+    assert fast.state_dict()["position"] == 12  # ... but the state counts the 3 consumed batches
+    for lo in (fast, plain):  # skip the batch that `fast` already read ahead
+        lo.skip_range(12, 20)
+    for _ in range(2):
+        same_next()
+    sd = fast.state_dict()
+    resumed = DistributedTokenLoader(ds, SEQ, 4, seed=7, prefetch=True)
+    resumed.next_batch()  # reads ahead from position 0; the resume below must discard that
+    resumed.load_state_dict(sd)
+    for _ in range(60):  # across epochs
+        x_ref, _ = plain.next_batch()
+        x, _ = resumed.next_batch()
+        assert torch.equal(x, x_ref)
+    fast.reset()
+    plain.reset()
+    same_next()
+    fast.close()
+    same_next()  # after close: synchronous reads, same stream

@@ -178,6 +178,30 @@ def test_gqa_attention_equals_naive_reference(kv_heads: int):
     torch.testing.assert_close(out, naive_attention(attn, x, cfg.rope_theta), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_gqa_gradients_equal_the_repeated_kv_path(kv_heads: int):
+    """SDPA's GQA mode against K/V repeated per query head (the former path): outputs and gradients."""
+    cfg = replace(GQA, n_kv_heads=kv_heads)
+    attn = randomised(cfg).layers["0"].attention
+    q = torch.randn(2, cfg.n_heads, 20, attn.head_dim, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 20, attn.head_dim, requires_grad=True) for _ in range(2))
+    groups = cfg.n_heads // kv_heads
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                         is_causal=True)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    dy = torch.randn_like(out)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dy), torch.autograd.grad(ref, (q, k, v), dy)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # and the module end to end: its input gradient equals the naive reference's
+    cos, sin = rope_cos_sin(attn.head_dim, 20, cfg.rope_theta)
+    x = torch.randn(2, 20, cfg.dim, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    dx, = torch.autograd.grad(attn(x, cos, sin).square().sum(), x)
+    dxr, = torch.autograd.grad(naive_attention(attn, xr, cfg.rope_theta).square().sum(), xr)
+    torch.testing.assert_close(dx, dxr, rtol=0, atol=1e-5)
+
+
 def test_causal_masking_future_tokens_do_not_change_earlier_logits():
     model = randomised(GQA)
     x = tokens(GQA, batch=2, seq=20)

@@ -6,13 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.common.linear import Linear, MatmulKernels, fused_linear
+
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, kernels: MatmulKernels | None = None):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
-        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+        self.kernels = kernels  # fp32 CPU: gate and up as one matmul, kernels chosen per shape (linear.py)
+        self.w1 = Linear(dim, hidden, bias=False, kernels=kernels)  # gate
+        self.w3 = Linear(dim, hidden, bias=False, kernels=kernels)  # up
+        self.w2 = Linear(hidden, dim, bias=False, kernels=kernels)  # down
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.trunc_normal_(self.w1.weight, std=std, a=-3 * std, b=3 * std)
@@ -20,4 +23,5 @@ class SwiGLU(nn.Module):
         nn.init.trunc_normal_(self.w2.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = fused_linear(x, (self.w1, self.w3), self.kernels)
+        return self.w2(F.silu(gate) * up)

@@ -15,6 +15,7 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.models.common.attention import Attention
 from lmforge.models.common.kv_cache import KVCache
+from lmforge.models.common.linear import Linear, MatmulKernels
 from lmforge.models.common.mlp import SwiGLU
 from lmforge.models.common.moe import MoE
 from lmforge.models.common.norms import RMSNorm
@@ -22,15 +23,15 @@ from lmforge.models.common.rope import rope_cos_sin
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, kernels: MatmulKernels | None = None):
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.qkv_bias)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.qkv_bias, kernels)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         self.feed_forward: SwiGLU | MoE = (MoE(cfg.dim, cfg.expert_hidden_size, cfg.moe) if self.is_moe
-                                           else SwiGLU(cfg.dim, cfg.ffn_hidden_size))
+                                           else SwiGLU(cfg.dim, cfg.ffn_hidden_size, kernels))
         # Depth-scaled init of the projections that write into the residual stream (GPT-2).
         self._std = cfg.init_std
         self._out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -48,15 +49,18 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: MatmulKernels | None = None):
+        """`kernels`: the fp32 CPU matmul kernel choice shared by all linear layers (default: one
+        with the per-machine disk cache, see models/common/linear.py)."""
         super().__init__()
         self.cfg = cfg
+        self.kernels = kernels if kernels is not None else MatmulKernels.with_disk_cache()
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         # A ModuleDict keyed by the global layer index keeps names stable when a pipeline stage
         # deletes the layers it does not own.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i, self.kernels) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False, kernels=self.kernels)
         cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -1,0 +1,228 @@
+"""models/common/linear.py: fused projections and per-shape matmul kernels compute what F.linear does.
+
+Tolerances are derived from measured error: each path's outputs and gradients are compared with an
+fp64 reference, and ours may be off by at most a small multiple of F.linear's own fp32 error on the
+same data (both are fp32 GEMMs that sum in different orders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.models.common import linear as linear_mod
+from lmforge.models.common.linear import KERNELS, MIN_MACS, Linear, MatmulKernels, fast_path_ok, fused_linear
+from lmforge.models.llama import Transformer, build_model
+
+onednn = pytest.mark.skipif(not linear_mod._onednn_available(), reason="torch built without oneDNN")
+
+
+class Forced(MatmulKernels):
+    """Every shape on one kernel (no timing), to test each kernel on its own."""
+
+    def __init__(self, name: str):
+        super().__init__(cache_path=None)
+        self.name = name
+        self.used: list[str] = []
+
+    def _measure(self, a, b, bias) -> str:
+        self.used.append(self.name)
+        return self.name
+
+
+def errors(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor] | None, dy: torch.Tensor,
+           fn) -> list[float]:
+    """Max abs error of y, dx, each dW (and db) of `fn(x, ws, bs)` against fp64 autograd."""
+    def run(dtype, f):
+        xx = x.to(dtype).requires_grad_()
+        ww = [w.to(dtype).requires_grad_() for w in ws]
+        bb = [b.to(dtype).requires_grad_() for b in bs] if bs else None
+        y = torch.cat(f(xx, ww, bb), -1)
+        y.backward(dy.to(dtype))
+        return [y, xx.grad, *(w.grad for w in ww), *((b.grad for b in bb) if bb else ())]
+
+    def reference(xx, ww, bb):
+        return [F.linear(xx, w, b) for w, b in zip(ww, bb or [None] * len(ww))]
+    exact = run(torch.float64, reference)
+    return [(a.double() - e).abs().max().item() for a, e in zip(run(torch.float32, fn), exact)]
+
+
+def modules(ws: list[torch.Tensor], bs: list[torch.Tensor] | None, kernels: MatmulKernels | None):
+    lins = []
+    for i, w in enumerate(ws):
+        lin = Linear(w.shape[1], w.shape[0], bias=bs is not None, kernels=kernels)
+        lin.weight = torch.nn.Parameter(w)
+        if bs is not None:
+            lin.bias = torch.nn.Parameter(bs[i])
+        lins.append(lin)
+    return lins
+
+
+# (M, K, [N per projection]): q/k/v with GQA, gate/up, and a single big projection (the head)
+SHAPES = [(512, 192, [192, 64, 64]), (600, 128, [352, 352]), (256, 96, [2048])]
+
+
+@onednn
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_outputs_and_gradients_match_f_linear(kernel: str, shape, bias: bool) -> None:
+    m, k, ns = shape
+    assert m * k * sum(ns) >= MIN_MACS  # large enough to take the kernel path
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, m // 2, k, generator=g)
+    ws = [torch.randn(n, k, generator=g) / k**0.5 for n in ns]
+    bs = [torch.randn(n, generator=g) for n in ns] if bias else None
+    dy = torch.randn(2, m // 2, sum(ns), generator=g)
+    kernels = Forced(kernel)
+
+    def plain(xx, ww, bb):
+        return [F.linear(xx, w, b) for w, b in zip(ww, bb or [None] * len(ww))]
+
+    err_ours = errors_through_params(x, ws, bs, dy, kernels)
+    err_ref = errors(x, ws, bs, dy, plain)
+    assert kernels.used == [kernel] * 3  # forward, input gradient, weight gradient
+    for i, (a, r) in enumerate(zip(err_ours, err_ref)):
+        assert a <= 4 * r + 1e-6, f"output {i}: error {a:.3g} vs F.linear's {r:.3g}"
+
+
+def errors_through_params(x, ws, bs, dy, kernels) -> list[float]:
+    """Like `errors` for the module path: the fp32 run reads gradients off the modules' parameters."""
+    xx = x.clone().requires_grad_()
+    lins = modules([w.clone() for w in ws], [b.clone() for b in bs] if bs else None, kernels)
+    assert fast_path_ok(xx, tuple(lins), kernels)
+    y = torch.cat(fused_linear(xx, tuple(lins), kernels), -1)
+    y.backward(dy)
+    got = [y, xx.grad, *(lin.weight.grad for lin in lins), *((lin.bias.grad for lin in lins) if bs else ())]
+    x64 = x.double().requires_grad_()
+    w64 = [w.double().requires_grad_() for w in ws]
+    b64 = [b.double().requires_grad_() for b in bs] if bs else None
+    y64 = torch.cat([F.linear(x64, w, b) for w, b in zip(w64, b64 or [None] * len(w64))], -1)
+    y64.backward(dy.double())
+    exact = [y64, x64.grad, *(w.grad for w in w64), *((b.grad for b in b64) if b64 else ())]
+    return [(a.double() - e).abs().max().item() for a, e in zip(got, exact)]
+
+
+@onednn
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_single_linear_module_matches_f_linear(kernel: str) -> None:
+    lin = Linear(256, 1024, bias=True, kernels=Forced(kernel))
+    ref = torch.nn.Linear(256, 1024)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(4, 100, 256)
+    xr = x.clone().requires_grad_()
+    x.requires_grad_()
+    dy = torch.randn(4, 100, 1024)
+    lin(x).backward(dy)
+    ref(xr).backward(dy)
+    assert lin.kernels.used == [kernel] * 3  # fwd, dgrad, wgrad all measured (forced) once
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-4)
+
+
+CFG = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=64, max_seq_len=64)
+
+
+@onednn
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_whole_model_matches_the_plain_model(kernel: str) -> None:
+    """The same weights through the fused/kernel path and through plain F.linear modules: logits
+    and every parameter's gradient agree to fp32 rounding."""
+    with torch.device("meta"):
+        fast, plain = Transformer(CFG, kernels=Forced(kernel)), Transformer(CFG, kernels=Forced(kernel))
+    for mod in plain.modules():  # plain: no kernels anywhere -> F.linear, module by module
+        if hasattr(mod, "kernels"):
+            mod.kernels = None
+    for m in (fast, plain):
+        m.to_empty(device="cpu")
+        torch.manual_seed(0)
+        m.init_weights()
+    x = torch.randint(0, CFG.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
+    lf, lp = fast(x), plain(x)
+    torch.testing.assert_close(lf, lp, rtol=1e-4, atol=1e-5)
+    F.cross_entropy(lf.flatten(0, 1), x.flatten()).backward()
+    F.cross_entropy(lp.flatten(0, 1), x.flatten()).backward()
+    assert fast.kernels.used, "no matmul was large enough to take the kernel path"
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    for (n, a), (_, b) in zip(fast.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fallbacks_take_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """autocast, compile tracing, other dtypes, hooks, no kernels: the module path (F.linear)."""
+    kernels = MatmulKernels(cache_path=None)
+    lins = tuple(Linear(64, 64, bias=False, kernels=kernels) for _ in range(3))
+    x = torch.randn(8, 64)
+    assert fast_path_ok(x, lins, kernels)
+    assert not fast_path_ok(x, lins, None)
+    assert not fast_path_ok(x.double(), lins, kernels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast_path_ok(x, lins, kernels)
+        assert fused_linear(x, lins, kernels)[0].dtype == torch.bfloat16  # autocast applied as by F.linear
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not fast_path_ok(x, lins, kernels)
+    monkeypatch.undo()
+    handle = lins[1].register_forward_hook(lambda mod, inp, out: out * 2)
+    assert not fast_path_ok(x, lins, kernels)
+    torch.testing.assert_close(fused_linear(x, lins, kernels)[1], 2 * F.linear(x, lins[1].weight))
+    handle.remove()
+    assert fast_path_ok(x, lins, kernels)
+
+
+def test_dtensor_parameters_fall_back(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        kernels = MatmulKernels(cache_path=None)
+        lin = Linear(64, 32, bias=False, kernels=kernels)
+        ref = F.linear(torch.ones(4, 64), lin.weight)
+        lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Replicate()]))
+        x = distribute_tensor(torch.ones(4, 64), mesh, [Replicate()])
+        assert not fast_path_ok(x, (lin,), kernels)
+        assert not fast_path_ok(torch.ones(4, 64), (lin,), kernels)
+        torch.testing.assert_close(lin(x).full_tensor(), ref)
+    finally:
+        dist.destroy_process_group()
+
+
+@onednn
+def test_choices_are_timed_once_and_shared_through_the_disk_cache(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "k.json"
+    first = MatmulKernels(cache_path=path, trials=1)
+    a, b = torch.randn(512, 256), torch.randn(256, 256)
+    torch.testing.assert_close(first.matmul("fwd", a, b), a @ b.t(), rtol=1e-5, atol=1e-4)
+    key = "fwd 512x256x256"
+    assert first.choices[key] in KERNELS
+    stored = json.loads(path.read_text())
+    assert list(stored.values()) == [{key: first.choices[key]}]
+    # a new process (object) reads it and never times that shape again
+    second = MatmulKernels(cache_path=path)
+    monkeypatch.setattr(second, "_measure", lambda *args: pytest.fail("timed a cached shape"))
+    second.matmul("fwd", a, b)
+    assert second.choices == first.choices
+    # small matmuls are not timed at all
+    tiny = MatmulKernels(cache_path=path)
+    monkeypatch.setattr(tiny, "_measure", lambda *args: pytest.fail("timed a tiny matmul"))
+    tiny.matmul("fwd", torch.randn(8, 8), torch.randn(8, 8))
+    # an unreadable cache is ignored and rewritten
+    path.write_text("{not json")
+    third = MatmulKernels(cache_path=path, trials=1)
+    third.matmul("fwd", a, b)
+    assert key in json.loads(path.read_text())[third._key]
+
+
+def test_build_model_keeps_nn_linear_names_and_types() -> None:
+    model = build_model(CFG)
+    lins = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert "layers.0.attention.wq" in lins and "layers.1.feed_forward.w3" in lins and "output" in lins
+    assert all(isinstance(m.kernels, MatmulKernels) for m in model.modules() if isinstance(m, Linear))
