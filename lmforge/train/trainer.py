@@ -27,6 +27,7 @@ from lmforge.data.limits import cap_eval_batches, check_batch_fits_data
 from lmforge.data.loader import DistributedTokenLoader, TokenDataset
 from lmforge.data.pack import prepare_data
 from lmforge.data.tokenizer import TextTokenizer
+from lmforge.models.common.linear import MatmulKernels
 from lmforge.models.llama.model import Transformer
 from lmforge.observability.flops import training_flops_per_token
 from lmforge.observability.memory import ActivationMeter, model_state_bytes
@@ -216,7 +217,10 @@ class Trainer:
         rank's stages with the model's own parameter names; the schedule in `self.pipe` runs them)."""
         cfg, degrees = self.cfg, self.mesh.degrees
         with torch.device("meta"):
-            model = Transformer(cfg.model)
+            # Several ranks would each time the fp32 kernels and could choose differently (their
+            # results then differ in the last bits): one process only (models/common/linear.py).
+            kernels = MatmulKernels.with_disk_cache() if self.info.world_size == 1 else MatmulKernels(enabled=False)
+            model = Transformer(cfg.model, kernels)
         n_params = sum(p.numel() for p in model.parameters())
         use_fsdp = degrees["dp_shard"] > 1
         # DDP and one process need whole weights; so does TP on CPU, where DTensor has no RNG

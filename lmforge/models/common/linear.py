@@ -117,10 +117,12 @@ class MatmulKernels:
 
     def _measure(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> str:
         """Time both kernels on operands with a's and b's shapes and strides (random values)."""
+        gen = torch.Generator().manual_seed(0)  # the training RNG stream must not depend on timing
+
         def like(t: torch.Tensor) -> torch.Tensor:  # same strides: backward passes transposed views
-            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).normal_()
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).normal_(generator=gen)
         ra, rb = like(a), like(b)
-        rbias = None if bias is None else torch.randn_like(bias)
+        rbias = None if bias is None else like(bias)
         best = {name: float("inf") for name in KERNELS}
         with torch.no_grad():
             for name in KERNELS:  # warm-up (oneDNN builds its primitive on first use)
