@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,8 +122,15 @@ def detect_hardware(device: str = "auto", cpuinfo: str | None = None) -> Hardwar
     flags = parse_cpu_flags(_read_cpuinfo() if cpuinfo is None else cpuinfo)
     capability = torch.backends.cpu.get_cpu_capability()
     if use_cuda and torch.cuda.is_available():
-        return Hardware("cuda", cuda_bf16=torch.cuda.is_bf16_supported(including_emulation=False),
-                        cpu_capability=capability, cpu_flags=flags, device_name=torch.cuda.get_device_name())
+        # This rank's GPU, read without making it current: that would create a CUDA context on it
+        # (and on GPU 0 when switching back) before the trainer picks the device.
+        idx = int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count()
+        if torch.version.hip:
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        else:
+            bf16 = torch.cuda.get_device_capability(idx)[0] >= 8  # Ampere and later: bf16 tensor cores
+        return Hardware("cuda", cuda_bf16=bf16, cpu_capability=capability, cpu_flags=flags,
+                        device_name=torch.cuda.get_device_name(idx))
     return Hardware("cpu", cpu_capability=capability, cpu_flags=flags)
 
 

@@ -143,3 +143,20 @@ def test_slowdown_is_measured_and_quick() -> None:
         assert slower < 2.0  # AMX / AVX512_BF16: bf16 is at least near fp32
     else:
         assert slower > 5.0  # converted element by element: far slower (~100x on a Zen 3)
+
+
+@pytest.mark.parametrize("capability,name,mode", [((7, 0), "Tesla V100-SXM2-16GB", "fp16"),
+                                                  ((9, 0), "NVIDIA H100 80GB HBM3", "bf16")])
+def test_gpu_detection_reads_this_ranks_gpu(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int],
+                                            name: str, mode: str) -> None:
+    asked: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: asked.append(i) or capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: asked.append(i) or name)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    hw = detect_hardware("auto")
+    assert hw.device_type == "cuda" and hw.device_name == name and asked == [1, 1]  # local rank 3 of 2 GPUs
+    assert choose_precision("auto", hw).mode == mode
+    assert detect_hardware("cpu").device_type == "cpu"  # train.device = "cpu" on a GPU machine
