@@ -27,7 +27,7 @@ RUNS = {
     "none": ("tiny-moe.toml", ["--model.moe.bias_update_rate", "0"]),
     "aux": ("tiny-moe.toml", ["--model.moe.bias_update_rate", "0", "--model.moe.aux_loss_coef", "0.01"]),
     "bias": ("tiny-moe.toml", []),  # the recipe: bias_update_rate from tiny-moe.toml (or --bias-rate)
-    "dense": ("tiny-dense.toml", []),
+    "dense": ("tiny-dense.toml", ["--model.dim", "256"]),  # tiny-moe's width: equal active parameters
 }
 
 

@@ -249,7 +249,11 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per forward on one rank; the rest is gradient accumulation
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 0
-    mixed_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # "auto": bf16 where the hardware runs it natively (GPUs with bf16, CPUs with AMX/AVX512_BF16),
+    # fp16 + loss scaling on older GPUs, fp32 elsewhere (lmforge.train.precision). The trainer
+    # resolves it before the process group starts and writes the choice and its reason here.
+    mixed_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    mixed_precision_reason: str = ""  # written by the trainer: why this precision (config.json)
     compile: bool = False
     # none | full (every block) | selective (every `ac_every`-th block) | op (save matmul and
     # attention outputs, recompute elementwise ops)

@@ -111,13 +111,15 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_matmul_flops(device: torch.device | str, dtype: torch.dtype | str = torch.bfloat16, n: int = 2048,
-                         seconds: float = 2.0) -> tuple[float, int]:
+                         seconds: float = 2.0, batch_seconds: float = 0.01) -> tuple[float, int]:
     """Best observed FLOP/s of n x n x n matmuls (2 n^3 FLOPs each) on `device`; no cache.
 
     Warms up, then times batches of matmuls for about `seconds` and keeps the fastest batch
     (best-of rejects interference from other processes). If one matmul at `n` would take longer
     than a quarter of the budget (fp16 on most CPUs is emulated and ~1000x slower), `n` is
-    halved until it fits. Returns (flops_per_s, n actually used).
+    halved until it fits. Each timed batch lasts about `batch_seconds`: shorter batches let the
+    best one fall between other processes' time slices on a busy machine. Returns (flops_per_s,
+    n actually used).
     """
     device = torch.device(device)
     key = dtype_key(dtype)
@@ -129,12 +131,13 @@ def measure_matmul_flops(device: torch.device | str, dtype: torch.dtype | str = 
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if key == "tf32" else "highest")
     try:
-        return _measure(device, tdtype, n, seconds)
+        return _measure(device, tdtype, n, seconds, batch_seconds)
     finally:
         torch.set_float32_matmul_precision(previous)
 
 
-def _measure(device: torch.device, tdtype: torch.dtype, n: int, seconds: float) -> tuple[float, int]:
+def _measure(device: torch.device, tdtype: torch.dtype, n: int, seconds: float,
+             batch_seconds: float = 0.01) -> tuple[float, int]:
     def one(size: int) -> float:
         a = torch.randn(size, size, device=device).to(tdtype)
         b = torch.randn(size, size, device=device).to(tdtype)
@@ -158,8 +161,8 @@ def _measure(device: torch.device, tdtype: torch.dtype, n: int, seconds: float) 
     torch.mm(a, b, out=c)  # warm-up: allocator, kernel selection, thread pool
     _sync(device)
     first = time.perf_counter() - t0
-    # Enough matmuls per timed batch that timer and launch overheads vanish (>= ~10 ms).
-    reps = max(1, int(0.01 / max(first, 1e-7)))
+    # Enough matmuls per timed batch that timer and launch overheads vanish (>= ~batch_seconds).
+    reps = max(1, int(batch_seconds / max(first, 1e-7)))
     best = float("inf")
     deadline = time.perf_counter() + seconds
     while True:

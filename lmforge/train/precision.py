@@ -1,21 +1,202 @@
 """Mixed precision policy: parameters and optimizer state stay fp32 (the master weights), matmuls
-run in bf16/fp16 under autocast; fp16 adds dynamic loss scaling (GradScaler)."""
+run in bf16/fp16 under autocast; fp16 adds dynamic loss scaling (GradScaler).
+
+`train.mixed_precision = "auto"` picks what the hardware runs natively, because a reduced
+precision the hardware only emulates is not a speed-up but a slow-down (bf16 matmuls on an
+AVX2-only CPU run ~100x slower than fp32):
+
+- CUDA GPU with bf16 tensor cores -> bf16
+- CUDA GPU without (Volta, Turing) -> fp16 with dynamic loss scaling
+- CPU with native bf16 (AMX or AVX512_BF16) -> bf16
+- any other CPU -> fp32
+
+`choose_precision` is pure (the hardware comes in as a `Hardware` value) so every case can be
+tested on any machine; `detect_hardware` reads this machine.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from lmforge.config import JobConfig
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the precision choice depends on. `cpu_capability` is torch's ATen dispatch level
+    (torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", ...); `cpu_flags` the CPU's
+    feature flags (/proc/cpuinfo); `cuda_bf16` whether the GPU has bf16 tensor cores (not
+    emulation). `device_type` is where training runs: "cuda" or "cpu"."""
+
+    device_type: str
+    cuda_bf16: bool = False
+    cpu_capability: str = "DEFAULT"
+    cpu_flags: frozenset[str] = frozenset()
+    device_name: str = ""
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    mode: str  # "fp32" | "bf16" | "fp16"
+    reason: str  # one short phrase for the run header and config.json
+    native: bool  # the hardware runs `mode`'s matmuls natively (False: expect a large slowdown)
+
+
+def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """Feature flags from /proc/cpuinfo text: x86 "flags", ARM "Features" (first CPU only)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return frozenset(value.lower().split())
+    return frozenset()
+
+
+def cpu_native_feature(dtype: str, flags: frozenset[str]) -> str | None:
+    """The CPU feature that runs `dtype` ("bf16" / "fp16") matmuls natively, or None.
+
+    oneDNN (torch's CPU matmul backend for reduced precision) uses AMX tiles and the AVX512_BF16 /
+    AVX512_FP16 dot-product instructions; without them it converts to fp32 element by element,
+    which is what makes bf16 on AVX2 CPUs ~100x slower than fp32."""
+    if dtype == "bf16":
+        if {"amx_bf16", "amx_tile"} <= flags:
+            return "AMX"
+        if "avx512_bf16" in flags:
+            return "AVX512_BF16"
+    if dtype == "fp16":
+        if {"amx_fp16", "amx_tile"} <= flags:
+            return "AMX-FP16"
+        if "avx512_fp16" in flags:
+            return "AVX512_FP16"
+    return None
+
+
+def choose_precision(requested: str, hw: Hardware) -> PrecisionChoice:
+    """Resolve `requested` ("auto" or an explicit mode) on `hw` into a concrete mode and reason."""
+    if hw.device_type == "cuda":
+        gpu = hw.device_name or "CUDA GPU"
+        if requested == AUTO:
+            if hw.cuda_bf16:
+                return PrecisionChoice("bf16", f"auto: {gpu} has bf16 tensor cores: bf16", True)
+            return PrecisionChoice("fp16", f"auto: {gpu} has no bf16 tensor cores: fp16 with dynamic loss scaling",
+                                   True)
+        native = requested != "bf16" or hw.cuda_bf16
+        note = "" if native else f" ({gpu} has no bf16 tensor cores: emulated)"
+        return PrecisionChoice(requested, f"set in the config{note}", native)
+    cpu = hw.cpu_capability
+    bf16_feature = cpu_native_feature("bf16", hw.cpu_flags)
+    if requested == AUTO:
+        if bf16_feature is not None:
+            return PrecisionChoice("bf16", f"auto: CPU has native bf16 ({bf16_feature}): bf16", True)
+        return PrecisionChoice("fp32", f"auto: CPU has no native bf16 ({cpu}): fp32", True)
+    if requested == "fp32":
+        return PrecisionChoice("fp32", "set in the config", True)
+    feature = cpu_native_feature(requested, hw.cpu_flags)
+    if feature is not None:
+        return PrecisionChoice(requested, f"set in the config; CPU has native {requested} ({feature})", True)
+    return PrecisionChoice(requested, f"set in the config; CPU has no native {requested} ({cpu}): emulated, slow",
+                           False)
+
+
+def _read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no flags, so "auto" falls back to fp32 on CPU
+        return ""
+
+
+def detect_hardware(device: str = "auto", cpuinfo: str | None = None) -> Hardware:
+    """This machine as `choose_precision` needs it. `device` is train.device ("auto" = CUDA when
+    available)."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    flags = parse_cpu_flags(_read_cpuinfo() if cpuinfo is None else cpuinfo)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if use_cuda and torch.cuda.is_available():
+        # This rank's GPU, read without making it current: that would create a CUDA context on it
+        # (and on GPU 0 when switching back) before the trainer picks the device.
+        idx = int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count()
+        if torch.version.hip:
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        else:
+            bf16 = torch.cuda.get_device_capability(idx)[0] >= 8  # Ampere and later: bf16 tensor cores
+        return Hardware("cuda", cuda_bf16=bf16, cpu_capability=capability, cpu_flags=flags,
+                        device_name=torch.cuda.get_device_name(idx))
+    return Hardware("cpu", cpu_capability=capability, cpu_flags=flags)
+
+
+def resolve_job_precision(cfg: JobConfig, hw: Hardware | None = None) -> tuple[JobConfig, PrecisionChoice]:
+    """A copy of `cfg` whose train.mixed_precision is concrete and whose
+    train.mixed_precision_reason says why; the caller's config is not changed.
+
+    Resolving is idempotent: a resolved config (e.g. a run's config.json read back) resolves to
+    the same mode again, with the reason re-derived for this machine."""
+    hw = hw if hw is not None else detect_hardware(cfg.train.device)
+    choice = choose_precision(cfg.train.mixed_precision, hw)
+    train = dataclasses.replace(cfg.train, mixed_precision=choice.mode, mixed_precision_reason=choice.reason)
+    return dataclasses.replace(cfg, train=train), choice
+
+
+def measure_slowdown(mode: str, device: torch.device | str = "cpu", n: int = 128, seconds: float = 0.05,
+                     rounds: int = 2) -> float:
+    """How many times slower `mode`'s n x n matmuls run than fp32's here (~0.3 s on a CPU).
+
+    Alternates the two dtypes `rounds` times, each timed in ~1 ms batches, and keeps each one's
+    best rate, so load from other processes skews neither side. On CPU it runs on one thread
+    (restored after): both dtypes scale alike with threads, and a multi-threaded matmul on a busy
+    machine measures threads waiting for each other rather than the arithmetic. At n = 128 an
+    emulated bf16 is ~30x slower than fp32 on a Zen 3; at the model's larger shapes it is worse
+    (~100x or more), so the figure is a lower bound."""
+    from lmforge.observability.peak import measure_matmul_flops
+
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        best = {mode: 0.0, "fp32": 0.0}
+        for _ in range(rounds):
+            for key in best:
+                flops, _ = measure_matmul_flops(device, key, n=n, seconds=seconds, batch_seconds=0.001)
+                best[key] = max(best[key], flops)
+    finally:
+        torch.set_num_threads(threads)
+    return best["fp32"] / best[mode]
 
 
 def autocast_context(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
     if mode == "fp32":
         return contextlib.nullcontext()
+    if mode not in DTYPES:
+        raise ValueError(f"mixed precision {mode!r} is not resolved (one of fp32, bf16, fp16 expected)")
     return torch.autocast(device_type=device.type, dtype=DTYPES[mode])
 
 
 def build_grad_scaler(mode: str, device: torch.device) -> torch.amp.GradScaler:
     """Enabled only for fp16 (bf16 has fp32's exponent range and needs no scaling)."""
     return torch.amp.GradScaler(device.type, enabled=(mode == "fp16"))
+
+
+def check_same_precision_on_all_ranks(choice: PrecisionChoice) -> None:
+    """Every rank resolves "auto" itself (same machine kind, same answer); nodes of different
+    kinds would not, and ranks must not mix precisions: refuse in one line."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    modes: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(modes, choice.mode)
+    if len(set(modes)) > 1:
+        from lmforge.config import ConfigError
+
+        by_rank = ", ".join(f"rank {r}: {m}" for r, m in enumerate(modes))
+        raise ConfigError("train.mixed_precision", "auto", f"resolves differently across ranks ({by_rank}); "
+                          "set fp32, bf16 or fp16 explicitly")
