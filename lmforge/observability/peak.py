@@ -292,6 +292,16 @@ def resolve_peak_flops(device: torch.device | str, dtype: torch.dtype | str, ove
     return flops
 
 
+def _measured_size(label: str, dtype: torch.dtype | str, n: int, threads: int | None,
+                   cache_path: Path | None) -> int:
+    """The matrix size a cached figure was measured at (smaller than asked when one matmul at `n`
+    did not fit the time budget), so what is printed is what was measured."""
+    path = Path(cache_path) if cache_path is not None else default_cache_path()
+    entry = _read_cache(path).get(_cache_key(label, dtype_key(dtype), n, threads))
+    used = entry.get("n_used") if isinstance(entry, dict) else None
+    return int(used) if isinstance(used, int) and used > 0 else n
+
+
 def run_peak_benchmark(dtypes: Iterable[torch.dtype | str] = ("bf16", "fp32"), n: int = 2048, force: bool = False,
                        seconds: float = 2.0, cache_path: Path | None = None) -> dict[str, float]:
     """Figures for `lmforge bench peak`: the measured CPU peak per dtype and, with a GPU, its
@@ -303,14 +313,15 @@ def run_peak_benchmark(dtypes: Iterable[torch.dtype | str] = ("bf16", "fp32"), n
         if key == "tf32":
             continue  # a GPU mode; on CPU it is plain fp32
         flops = measure_cpu_peak_flops(key, n, seconds, cache_path, force)
-        results[f"cpu {key} measured (n={n}, {threads} threads)"] = flops
+        used = _measured_size(f"cpu={cpu_model_name()}", key, n, threads, cache_path)
+        results[f"cpu {key} measured (n={used}, {threads} threads)"] = flops
     if torch.cuda.is_available():
         dev = torch.device("cuda", torch.cuda.current_device())
         name = torch.cuda.get_device_name(dev)
         for key in keys:
             flops = _cached_measure(dev, f"gpu={name}", None, key, n, seconds, cache_path, force)
             assert flops is not None
-            results[f"{name} {key} measured (n={n})"] = flops
+            results[f"{name} {key} measured (n={_measured_size(f'gpu={name}', key, n, None, cache_path)})"] = flops
             known = known_gpu_peak_flops(name, key)
             if known is not None:
                 results[f"{name} {key} datasheet"] = known

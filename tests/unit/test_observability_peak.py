@@ -173,3 +173,13 @@ def test_measured_peaks_fit_the_dtype_and_the_threads() -> None:
         assert bf16 > 0.5 * fp32  # AMX / AVX512_BF16
     else:
         assert bf16 < fp32 / 5  # ~30x below on a Zen 3 at this size
+
+
+def test_bench_peak_label_names_the_size_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow dtype shrinks n to fit the time budget: the printed label must say the n measured,
+    also when the figure comes from the cache."""
+    cache = tmp_path / "peak.json"
+    monkeypatch.setattr(peak, "measure_matmul_flops", lambda dev, dt, n, s: (5e9, 256))
+    for _ in range(2):  # measured, then cached
+        (label,) = run_peak_benchmark(dtypes=["bf16"], n=2048, seconds=0.1, cache_path=cache)
+        assert "n=256," in label and "n=2048" not in label
