@@ -3,8 +3,10 @@ shapes (dim 256, 8 experts of width 352, top-2, micro-batch 16 x 256 tokens -> 8
 
 Runs the variants interleaved (loop, grouped, padded bmm, loop, ...) so machine noise hits all of
 them alike, and prints the median time of each and its ratio to the loop (the named baseline).
+The check: the model's path (`GroupedExperts.forward`, "grouped_mm") is at least `--min-ratio`
+times faster than the loop (default 1.3; measured 1.60x-2.32x), exit 1 below.
 
-    PYTHONPATH=. python bench/moe_experts.py [--dtype bf16|fp32] [--repeats 10] [--skew 0.0]
+    PYTHONPATH=. python bench/moe_experts.py [--dtype bf16|fp32] [--repeats 10] [--skew 0.0] [--min-ratio 1.3]
 
 `--skew` > 0 draws the routing from a Zipf-like distribution instead of uniform (the padded bmm
 pays for the busiest expert; the grouped matmul does not).
@@ -14,12 +16,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from lmforge.models.common import moe as moe_mod
 from lmforge.models.common.moe import GroupedExperts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _check import verdict  # noqa: E402
+
+TARGET = 1.3  # loop time / the model's grouped path time
 
 
 def counts_for(n_tokens: int, top_k: int, n_experts: int, skew: float, seed: int = 0) -> torch.Tensor:
@@ -29,7 +38,7 @@ def counts_for(n_tokens: int, top_k: int, n_experts: int, skew: float, seed: int
     return torch.bincount(choice.flatten(), minlength=n_experts)
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--repeats", type=int, default=10)
@@ -39,6 +48,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--skew", type=float, default=0.0)
+    ap.add_argument("--min-ratio", type=float, default=TARGET,
+                    help=f"exit 1 if the model's path is less than this many times faster than the loop (default {TARGET:g})")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
@@ -75,7 +86,10 @@ def main() -> None:
     for v in variants:
         med = statistics.median(times[v])
         print(f"  {v:<11} median {med * 1e3:8.2f} ms   speed-up vs loop {base / med:5.2f}x")
+    model_path = statistics.median(times["grouped_mm"])  # what GroupedExperts.forward runs (either kernel)
+    return verdict("moe_experts", "loop over experts", f"loop / model path time ({args.dtype})",
+                   base / model_path, args.min_ratio)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,13 +4,16 @@ time per step (medians after warm-up). The baseline is the same run with no dela
 
 Wall time is the same on both ranks (collectives wait for the slowest), so it cannot name the slow
 rank; CPU time does when the slowness is computation (gloo waits sleep, not spin), which is what
-lmforge.train.stragglers uses.
+lmforge.train.stragglers uses. The check: with rank 1 burning 100 ms of CPU per step, its CPU time
+over rank 0's, relative to the same ratio without delay (the named baseline), is at least
+`--min-ratio` (default 1.5, the default `metrics.straggler_factor`: the slow rank is named), exit 1 below.
 
-    .venv/bin/python bench/straggler_time.py
+    .venv/bin/python bench/straggler_time.py [--min-ratio 1.5]
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -22,6 +25,11 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.distributed.spawn import run_ranks  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _check import verdict  # noqa: E402
+
+TARGET = 1.5  # the default metrics.straggler_factor
 
 
 def _spin(seconds: float) -> None:
@@ -53,14 +61,23 @@ def _rank(rank: int, world: int, mode: str) -> list[tuple[float, float]]:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--min-ratio", type=float, default=TARGET,
+                    help=f"exit 1 if the slow rank's CPU-time ratio (vs no delay) is below this (default {TARGET:g})")
+    args = ap.parse_args()
     print(f"{'rank 1 delay':<13} {'rank':>4} {'wall ms/step':>13} {'CPU ms/step':>12}")
+    cpu_ratio: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("none", "sleep", "spin"):
+            cpus = []
             for rank, rows in enumerate(run_ranks(_rank, 2, Path(tmp) / mode, args=(mode,))):
                 wall = statistics.median(w for w, _ in rows) * 1e3
                 cpu = statistics.median(c for _, c in rows) * 1e3
+                cpus.append(cpu)
                 print(f"{mode:<13} {rank:>4} {wall:>13.1f} {cpu:>12.1f}")
-    return 0
+            cpu_ratio[mode] = cpus[1] / max(cpus[0], 1e-9)
+    return verdict("straggler_time", "no delay (CPU rank1/rank0)", "CPU rank1/rank0 burning 100 ms / no delay",
+                   cpu_ratio["spin"] / cpu_ratio["none"], args.min_ratio)
 
 
 if __name__ == "__main__":

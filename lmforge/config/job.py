@@ -401,7 +401,9 @@ class ParallelConfig:
     loss_parallel: bool = True  # with tp > 1: cross-entropy on vocab-sharded logits
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
     fsdp_param_dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: FSDP casts params, reduces in fp32
-    cpu_offload: bool = False  # params, grads, optimizer state on CPU (a no-op when training on CPU)
+    # params, grads, optimizer state on CPU (a no-op when training on CPU); these three need FSDP
+    # (dp_shard > 1) and are refused without it. With ep > 1 they apply to the experts too.
+    cpu_offload: bool = False
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv",
                          "dualpipev"] = "1f1b"
     pp_microbatches: int = 0  # 0: as many as pipeline stages
@@ -455,6 +457,12 @@ class ParallelConfig:
             if r.sequence_parallel:
                 require(train.seq_len % r.tp == 0, "parallel.tp", r.tp,
                         f"must divide train.seq_len ({train.seq_len}) with sequence parallel")
+        if r.dp_shard == 1:  # no FSDP (one process, or DDP): these would be silently ignored
+            for key, default in (("cpu_offload", False), ("fsdp_param_dtype", "fp32"),
+                                 ("fsdp_reshard_after_forward", "default")):
+                require(getattr(self, key) == default, f"parallel.{key}", getattr(self, key),
+                        f"applies to FSDP only, which needs parallel.dp_shard > 1 (here 1 at world size "
+                        f"{world_size}); allowed here: {default!r}")
         require(self.ep >= 1, "parallel.ep", self.ep, "must be >= 1")
         if r.ep > 1:
             require(model.moe.n_experts > 0, "parallel.ep", r.ep, "needs MoE layers (model.moe.n_experts > 0)")

@@ -33,11 +33,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 
 from lmforge.config import ParallelConfig
 from lmforge.models.common.moe import MoE
+from lmforge.parallel.fsdp import fsdp_kwargs
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -133,13 +134,17 @@ def apply_expert_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, d
     """fully_shard each MoE layer's (ep-sharded) experts over `mesh`, the data-parallel ranks
     that hold the same experts (dp_shard / ep, times dp_replicate for HSDP), before the blocks are
     sharded over all of dp_shard (those then leave the experts alone). FSDP2 averages over `mesh`;
-    the 1/ep for the ep group is applied by the dispatch (see the module docstring)."""
-    param_dtype = torch.bfloat16 if cfg.fsdp_param_dtype == "bf16" else torch.float32
-    kwargs: dict = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)}
-    if cfg.cpu_offload:  # as lmforge.parallel.fsdp: pin_memory needs CUDA
-        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
-    # The experts are most of an MoE model's weights: free them after forward like the blocks.
-    reshard = cfg.fsdp_reshard_after_forward != "never" and not pipeline
+    the 1/ep for the ep group is applied by the dispatch (see the module docstring).
+
+    The FSDP options apply to the experts as to the blocks, even where `mesh` has one rank
+    (dp_shard == ep): `fsdp_param_dtype` casts them for compute, `cpu_offload` keeps them in host
+    memory, `fsdp_reshard_after_forward` frees them after forward. (ep > 1 implies dp_shard > 1,
+    so the config never refuses these options with ep.)"""
+    kwargs = fsdp_kwargs(mesh, cfg, device)  # fsdp_param_dtype and cpu_offload, as for the blocks
+    # The experts are most of an MoE model's weights: free them after forward like the blocks
+    # (`default`: not under pipelining, where microbatches would re-gather them; `always`/`never` hold).
+    reshard = cfg.fsdp_reshard_after_forward == "always" or (cfg.fsdp_reshard_after_forward == "default"
+                                                             and not pipeline)
     for mod in model.modules():
         if isinstance(mod, MoE):
             fully_shard(mod.experts, reshard_after_forward=reshard, **kwargs)

@@ -36,13 +36,23 @@ def pick_device(kind: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def choose_backend(backend: str, device_type: str, cpu_offload: bool) -> str:
+    """The process group backend: `parallel.backend`, or for "auto" nccl on CUDA and gloo on CPU.
+    With `cpu_offload` on CUDA, FSDP2 runs collectives on host tensors too (e.g. the grad norm of
+    offloaded gradients), so the group needs a CPU backend beside nccl: "cpu:gloo,cuda:nccl"."""
+    base = backend if backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+    if cpu_offload and device_type == "cuda" and base == "nccl":  # GPU-only path
+        return "cpu:gloo,cuda:nccl"
+    return base
+
+
 def init_distributed(cfg: ParallelConfig, device_kind: str) -> DistInfo:
     """Start the default process group (torchrun env, or an in-process store at world size 1)."""
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world = world_size_from_env()
     device = pick_device(device_kind, local_rank)
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    backend = choose_backend(cfg.backend, device.type, cfg.cpu_offload)
     if not dist.is_initialized():
         if world == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from lmforge.models.common.linear import MatmulKernels
 from lmforge.models.llama.model import Transformer
 from lmforge.observability.flops import training_flops_per_token
 from lmforge.observability.memory import ActivationMeter, model_state_bytes
-from lmforge.observability.metrics import MetricsLogger, memory_stats
+from lmforge.observability.metrics import MetricsLogger, StepTimer, memory_stats
 from lmforge.observability.peak import resolve_peak_flops
 from lmforge.observability.plot import plot_loss_curve
 from lmforge.observability.progress import ProgressBar
@@ -498,7 +497,9 @@ class Trainer:
         self.model.train()
         bar = ProgressBar(total=steps, initial=self.state.step, mode=cfg.metrics.progress if self.echo else "none",
                           description="train")
-        window_start, window_steps = time.perf_counter(), 0
+        # One window between log lines: steps and their time only (saves, evaluations and the
+        # logging itself are paused out of both), so tokens/s and MFU are those of training.
+        timer = StepTimer(self.flops_per_token, self.peak_flops, self.info.world_size, device=self.device)
         with bar:
             while self.state.step < stop:
                 if self.stragglers is not None:
@@ -510,21 +511,17 @@ class Trainer:
                 if check is not None and check.skip:
                     self._log_stability_event(self.state.step + 1, check, float(grad_norm))
                 if check is not None and check.verdict == "rollback" and self._rollback(check):
-                    window_start, window_steps = time.perf_counter(), 0
+                    timer.start()  # the steps rolled back are gone: their window too
                     continue
                 self.state.step += 1
                 self.state.tokens_seen += tokens_per_step
-                window_steps += 1
+                timer.add(tokens_per_step)
                 step = self.state.step
                 if self.tracer is not None:
                     self.tracer.end_step(step)
                 if step % log_every == 0 or step in (steps, stop):
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    elapsed = time.perf_counter() - window_start
-                    tps = window_steps * tokens_per_step / elapsed
-                    mfu = tps * self.flops_per_token / (self.peak_flops * self.info.world_size) \
-                        if self.peak_flops else 0.0
+                    window = timer.measure(reset=False)
+                    tps, mfu = window.tokens_per_s, window.mfu
                     loss_value = self._step_loss if self.stability is not None else self._global_mean(loss)
                     self.losses.append(loss_value)
                     metrics = {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
@@ -544,16 +541,17 @@ class Trainer:
                         metrics.update(moe_metrics(self.moe, self._dp_group()))
                     self.metrics.log(step, metrics, prefix="train")
                     bar.update(step, metrics)
-                    window_start, window_steps = time.perf_counter(), 0
+                    timer.start()
                 if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == steps):
-                    val = self.evaluate()
-                    self.metrics.log(step, {"loss": val, "perplexity": math.exp(min(val, 50.0))}, prefix="val")
-                    bar.update(step, {"val_loss": val})
+                    with timer.paused():
+                        val = self.evaluate()
+                        self.metrics.log(step, {"loss": val, "perplexity": math.exp(min(val, 50.0))}, prefix="val")
+                        bar.update(step, {"val_loss": val})
                 tier = self.ckpt.due(step, final=step in (steps, stop)) if cfg.checkpoint.enabled else None
                 if tier is not None:
-                    self.ckpt.save(step, self.checkpoint_state(), tier=tier)
-                    self._log_checkpoint_stats()
-                    window_start = time.perf_counter()  # do not charge checkpoint time to throughput
+                    with timer.paused():
+                        self.ckpt.save(step, self.checkpoint_state(), tier=tier)
+                        self._log_checkpoint_stats()
         self.ckpt.wait()
         self._log_checkpoint_stats()
         if self.state.step >= steps:
