@@ -117,7 +117,9 @@ def test_single_linear_module_matches_f_linear(kernel: str) -> None:
     xr = x.clone().requires_grad_()
     x.requires_grad_()
     dy = torch.randn(4, 100, 1024)
-    lin(x).backward(dy)
+    out = lin(x)
+    assert out._base is None  # not a view, like F.linear's output (FSDP2 warns on a module returning a view)
+    out.backward(dy)
     ref(xr).backward(dy)
     assert lin.kernels.used == [kernel] * 3  # fwd, dgrad, wgrad all measured (forced) once
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)

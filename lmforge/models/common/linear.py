@@ -180,7 +180,9 @@ class _FusedLinear(torch.autograd.Function):
         y = kernels.matmul("fwd", x2, w, bias)
         ctx.save_for_backward(x2, *weights)
         ctx.kernels, ctx.x_shape, ctx.has_bias = kernels, x.shape, bias is not None
-        return y.view(*x.shape[:-1], w.shape[0])
+        # Not a view (as F.linear's output is not): FSDP2 warns when a wrapped module returns a view,
+        # since an in-place op on it would skip its pre-backward hook.
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], w.shape[0]))
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
