@@ -72,6 +72,31 @@ def _unpack_group_options(packed: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def is_group_options(key: str) -> bool:
+    """A packed param-group entry in the manager's flat layout: "optim.param_groups.<fqn>"."""
+    return key.startswith("optim." + _GROUP_PREFIX)
+
+
+def legacy_group_options(stored: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{fqn: group options} from the list-indexed groups of checkpoints written before the groups
+    were keyed by FQN (`stored`: {"optim.param_groups.<i>.<option>": value}, "params" included)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in stored.items():
+        index, _, option = key[len("optim." + _GROUP_PREFIX):].partition(".")
+        groups.setdefault(index, {})[option] = value
+    by_fqn: dict[str, dict[str, Any]] = {}
+    for options in groups.values():
+        for fqn in options.pop("params", []):
+            by_fqn[fqn] = options
+    return by_fqn
+
+
+def merge_group_options(packed: bytes, options: dict[str, Any]) -> bytes:
+    """`packed` (this run's options for one parameter) with the saved `options` laid over it:
+    an option this PyTorch has and the saved one lacks keeps this run's value."""
+    return pack({**unpack(packed), **options})
+
+
 class ModelOptimizerState:
     """Model and optimizer as one Stateful: {"model": FQN state dict, "optim": optimizer state
     keyed by parameter FQN ("state.<fqn>.exp_avg", ..., "param_groups.<fqn>": that parameter's
