@@ -10,7 +10,9 @@ DCP keys (top level; nested keys are joined with "."):
 
     model.<fqn>        the model's plain FQN state dict (no "module." prefix), from a
                        ModelOptimizerState (whatever key the caller passed it under)
-    optim.state.<fqn>.<name>, optim.param_groups.*   its optimizer, keyed by parameter FQN
+    optim.state.<fqn>.<name>   its optimizer state, keyed by parameter FQN
+    optim.param_groups.<fqn>   that parameter's group options (lr, betas, ...), one pickled dict
+                       (older checkpoints: optim.param_groups.<i>.<option>, still loaded)
     <key>.rank<r>      a PerRankState (e.g. RNGState) passed under <key>: one pickled entry per rank
     <key>.*            any other Stateful / plain dict the caller passed under <key>
 
@@ -73,6 +75,9 @@ from lmforge.checkpoint.state import (
     ModelOptimizerState,
     PerRankState,
     choose_rank_key,
+    is_group_options,
+    legacy_group_options,
+    merge_group_options,
     pack,
     rank_key,
     unpack,
@@ -418,6 +423,28 @@ def load_flat(path: Path, flat: dict[str, Any], process_group: dist.ProcessGroup
             flat[k] = got[k]
     for k, names in decode:
         decode_moment(k, flat[k], [got[n] for n in names], block)
+
+
+_LEGACY_GROUP = re.compile(r"optim\.param_groups\.\d+\..+")
+
+
+def _legacy_groups(path: Path, flat: dict[str, Any], saved: Mapping[str, Any],
+                   process_group: dist.ProcessGroup | None, distributed: bool) -> dict[str, bytes]:
+    """For a checkpoint from before param groups were keyed by FQN ("optim.param_groups.<i>.lr"):
+    the values of `flat`'s "optim.param_groups.<fqn>" entries read from its list-indexed groups
+    ({} for any other checkpoint). A parameter the saved groups do not list (a pipeline stage's,
+    whose groups DCP kept only one stage's of) keeps this run's options. Collective like load_flat."""
+    wanted = [k for k in flat if is_group_options(k) and k not in saved]
+    if not wanted or "optim.param_groups.0.params" not in saved:
+        return {}
+    stored: dict[str, Any] = {k: None for k in saved if _LEGACY_GROUP.fullmatch(k)}
+    load_flat(path, stored, process_group, distributed)
+    by_fqn = legacy_group_options(stored)
+    out: dict[str, bytes] = {}
+    for k in wanted:
+        options = by_fqn.get(k[len("optim.param_groups."):])
+        out[k] = flat[k] if options is None else merge_group_options(flat[k], options)
+    return out
 
 
 def save_model_weights(step_dir: Path, model: nn.Module, step: int | None = None) -> Path:
@@ -949,7 +976,11 @@ class CheckpointManager:
                 raise CheckpointError(f"checkpoint {path}: has no state '{k}' (it has: {', '.join(sorted(saved_top))})")
         flat, mapping = flatten_state_dict(templates)
         try:
-            load_flat(path, flat, self.process_group, self._distributed())
+            legacy = _legacy_groups(path, flat, saved, self.process_group, self._distributed())
+            rest = {k: v for k, v in flat.items() if k not in legacy}
+            load_flat(path, rest, self.process_group, self._distributed())
+            flat.update(rest)
+            flat.update(legacy)
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 (DCP's multi-line errors become one line)

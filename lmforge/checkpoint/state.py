@@ -25,33 +25,94 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
-    set_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
 __all__ = ["ModelOptimizerState", "PerRank", "PerRankState", "RNGState", "Stateful", "rank_key"]
 
 
+# Optimizer state keyed by parameter FQN throughout, param-group options included. Why: DCP keeps
+# ONE rank's copy of a key that several ranks save, and pipeline stages hold different parameters
+# in "their" group i, so list-indexed groups ("param_groups.<i>.lr") would give every stage one
+# stage's groups. PyTorch's flat layout keys each option by FQN ("param_groups.<fqn>.lr").
+OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+_GROUP_PREFIX = "param_groups."
+
+
+def _pack_group_options(flat: dict[str, Any]) -> dict[str, Any]:
+    """PyTorch's flat optimizer dict with each parameter's group options as ONE entry
+    "param_groups.<fqn>" (pickled {option: value}) instead of one entry per option: DCP stores
+    every non-tensor value as its own serialized object (~1.4 KB each), a dozen options per
+    parameter. Option names are keyword names (no dots), so the FQN is all before the last dot."""
+    out: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if key.startswith(_GROUP_PREFIX):
+            fqn, _, option = key[len(_GROUP_PREFIX):].rpartition(".")
+            groups.setdefault(fqn, {})[option] = value
+        else:
+            out[key] = value
+    out.update({_GROUP_PREFIX + fqn: pack(options) for fqn, options in groups.items()})
+    return out
+
+
+def _unpack_group_options(packed: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `_pack_group_options`: PyTorch's flat layout again."""
+    out: dict[str, Any] = {}
+    for key, value in packed.items():
+        if key.startswith(_GROUP_PREFIX):
+            out.update({f"{key}.{name}": v for name, v in unpack(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def is_group_options(key: str) -> bool:
+    """A packed param-group entry in the manager's flat layout: "optim.param_groups.<fqn>"."""
+    return key.startswith("optim." + _GROUP_PREFIX)
+
+
+def legacy_group_options(stored: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{fqn: group options} from the list-indexed groups of checkpoints written before the groups
+    were keyed by FQN (`stored`: {"optim.param_groups.<i>.<option>": value}, "params" included)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in stored.items():
+        index, _, option = key[len("optim." + _GROUP_PREFIX):].partition(".")
+        groups.setdefault(index, {})[option] = value
+    by_fqn: dict[str, dict[str, Any]] = {}
+    for options in groups.values():
+        for fqn in options.pop("params", []):
+            by_fqn[fqn] = options
+    return by_fqn
+
+
+def merge_group_options(packed: bytes, options: dict[str, Any]) -> bytes:
+    """`packed` (this run's options for one parameter) with the saved `options` laid over it:
+    an option this PyTorch has and the saved one lacks keeps this run's value."""
+    return pack({**unpack(packed), **options})
+
+
 class ModelOptimizerState:
-    """Model and optimizer as one Stateful: {"model": FQN state dict, "optim": optimizer state dict
-    keyed by parameter FQN}. Works for nn.Module, DDP and FSDP2 (DCP's state_dict utilities)."""
+    """Model and optimizer as one Stateful: {"model": FQN state dict, "optim": optimizer state
+    keyed by parameter FQN ("state.<fqn>.exp_avg", ..., "param_groups.<fqn>": that parameter's
+    group options)}. Works for nn.Module, DDP, FSDP2 and pipeline stages (each rank saves and
+    loads the groups of the parameters it holds)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = model
         self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        return {k: part.state_dict() for k, part in self.parts().items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
-                       optim_state_dict=state_dict["optim"])
+        for k, part in self.parts().items():
+            part.load_state_dict(state_dict[k])
 
     def parts(self) -> dict[str, Stateful]:
         """The two halves as separate Statefuls (the manager saves them as top-level "model" and
@@ -76,10 +137,11 @@ class _OptimPart:
         self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        return _pack_group_options(get_optimizer_state_dict(self.model, self.optimizer, options=OPTIM_OPTIONS))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+        set_optimizer_state_dict(self.model, self.optimizer, _unpack_group_options(state_dict),
+                                 options=OPTIM_OPTIONS)
 
 
 # -- per-rank state --------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from lmforge.checkpoint.manager import (
     step_of,
     verify_checkpoint,
 )
+from lmforge.checkpoint.state import is_group_options, unpack
 from lmforge.storage.atomic import atomic_open
 
 __all__ = ["CheckpointInfo", "convert_to_torch", "describe", "find_checkpoints", "inspect_rows", "read_checkpoint"]
@@ -123,7 +124,8 @@ def _read_raw(path: Path) -> dict[str, Any]:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The whole checkpoint as one flat dict {DCP key: value}, verified first; incremental
-    references resolved, lossy optimizer moments decoded to fp32 under their plain key."""
+    references resolved, lossy optimizer moments decoded to fp32 under their plain key, each
+    parameter's optimizer group options ("optim.param_groups.<fqn>") as a dict."""
     path = Path(path)
     v = verify_checkpoint(path)
     if not v.ok:
@@ -142,6 +144,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         name = k[: -len(INT8)]
         value = dequantize_int8(flat.pop(k), flat.pop(name + SCALE), block)
         flat[name] = value.square() if name.endswith("exp_avg_sq") else value
+    for k in [k for k in flat if is_group_options(k) and isinstance(flat[k], bytes)]:
+        flat[k] = unpack(flat[k])  # a parameter's group options, stored as one packed entry
     return flat
 
 

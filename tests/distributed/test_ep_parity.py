@@ -187,8 +187,6 @@ def test_bias_balancing_under_pipeline_matches_one_process(bias_runs: tuple[Path
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.xfail(strict=True, reason="a pipeline run does not resume: loading its optimizer state fails "
-                   "(KeyError 'betas' in AdamW.step after set_optimizer_state_dict), with or without MoE")
 def test_bias_balancing_under_pipeline_resumes(bias_runs: tuple[Path, Path], tiny_data_dir: Path,
                                                tmp_path: Path) -> None:
     """The resumed pipeline's first step runs shape inference again: steps 4-6 still equal one

@@ -22,6 +22,7 @@ from lmforge.checkpoint.manager import (
     CheckpointError,
     CheckpointManager,
     load_model_weights,
+    saved_metadata,
     verify_checkpoint,
 )
 from lmforge.checkpoint.state import ModelOptimizerState, PerRank, RNGState, choose_rank_key
@@ -298,3 +299,53 @@ def test_resume_auto_refuses_when_checkpoints_exist_but_none_is_valid(tmp_path: 
     with pytest.raises(CheckpointError, match=r"1 checkpoint\(s\) under .*none valid \(newest step-00000004: no lmforge") as e:
         mgr.resolve_resume("auto")
     assert "\n" not in str(e.value)
+
+
+def _two_groups(seed: int, decay: float, lr: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Matrices decayed, gains not (as build_optimizer): two groups with different options."""
+    model, _, _ = trained(seed=seed, steps=0)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": decay},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_param_groups_are_keyed_by_parameter(tmp_path: Path):
+    """Group options are saved per parameter FQN (pipeline stages hold different parameters in
+    "the same" group i: list-indexed groups would be one stage's); moments keep their keys."""
+    from lmforge.checkpoint.tools import read_checkpoint
+
+    model, opt = _two_groups(seed=0, decay=0.1, lr=1e-2)
+    path = CheckpointManager(tmp_path, keep_last=1).save(1, {"app": ModelOptimizerState(model, opt)})
+    keys = set(saved_metadata(path))
+    fqns = list(model.state_dict())
+    assert {f"optim.param_groups.{f}" for f in fqns} <= keys
+    assert {f"optim.state.{f}.exp_avg" for f in fqns} <= keys
+    assert not [k for k in keys if k.startswith("optim.param_groups.0")]
+    groups = read_checkpoint(path)
+    assert groups["optim.param_groups.output.weight"]["weight_decay"] == 0.1
+    assert groups["optim.param_groups.norm.weight"]["weight_decay"] == 0.0
+    model2, opt2 = _two_groups(seed=3, decay=0.5, lr=3e-1)
+    CheckpointManager(tmp_path, keep_last=1).load(path, {"app": ModelOptimizerState(model2, opt2)})
+    assert [g["weight_decay"] for g in opt2.param_groups] == [0.1, 0.0]
+    assert_same_optimizer(opt, opt2)
+
+
+def test_checkpoint_with_list_indexed_param_groups_still_loads(tmp_path: Path, monkeypatch):
+    """A checkpoint written before groups were keyed by FQN ("optim.param_groups.<i>.lr") resumes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    import lmforge.checkpoint.state as state_mod
+
+    model, opt = _two_groups(seed=0, decay=0.1, lr=1e-2)
+    with monkeypatch.context() as m:
+        m.setattr(state_mod, "OPTIM_OPTIONS", StateDictOptions())  # the old layout
+        path = CheckpointManager(tmp_path, keep_last=1).save(1, {"app": ModelOptimizerState(model, opt)})
+    keys = set(saved_metadata(path))
+    assert "optim.param_groups.1.weight_decay" in keys and "optim.param_groups.output.weight" not in keys
+    model2, opt2 = _two_groups(seed=3, decay=0.5, lr=3e-1)
+    CheckpointManager(tmp_path, keep_last=1).load(path, {"app": ModelOptimizerState(model2, opt2)})
+    assert [g["weight_decay"] for g in opt2.param_groups] == [0.1, 0.0]
+    assert_same_optimizer(opt, opt2)
