@@ -105,7 +105,7 @@ def _launch_torchrun(launcher: dict[str, str], args: argparse.Namespace, overwri
 
     nproc = int(launcher.get("--nproc", "1"))
     min_nodes = int(launcher.get("--nnodes", "1").split(":")[0])
-    from lmforge.config.preflight import preflight
+    from lmforge.train.preflight import preflight
 
     cfg = _load_config(args, nproc * min_nodes)
     args.output = cfg.train.output_dir
@@ -152,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         guard_worker()  # never outlive torchrun
     if not worker and (int(launcher.get("--nproc", "1")) > 1 or set(launcher) - {"--nproc"}):
         return _launch_torchrun(launcher, args, overwrite)
-    from lmforge.config.preflight import preflight
+    from lmforge.train.preflight import preflight
 
     cfg = _job_config(args)  # validated before any process group starts
     check_device(cfg.train.device, "--train.device")

@@ -65,7 +65,9 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.C
 
 
 def read_metrics(run_dir: Path, prefix: str = "train") -> list[dict]:
-    from lmforge.data.files import restore_nonfinite  # strict JSON: NaN/inf are null + a "nonfinite" flag
+    from lmforge.storage.strict_json import (
+        restore_nonfinite,  # strict JSON: NaN/inf are null + a "nonfinite" flag
+    )
 
     rows = [restore_nonfinite(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]

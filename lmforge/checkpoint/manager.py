@@ -82,19 +82,18 @@ from lmforge.checkpoint.state import (
     rank_key,
     unpack,
 )
-from lmforge.data.files import dumps_strict
 from lmforge.storage.atomic import atomic_open, fsync_dir
 from lmforge.storage.explain import describe_os_error, diagnose_write_failure
+from lmforge.storage.layout import _STEP_RE, MANIFEST, step_dir_name, step_of
+from lmforge.storage.strict_json import dumps_strict
 
 __all__ = ["MANIFEST", "CheckpointError", "CheckpointManager", "load_model_weights", "save_model_weights",
            "step_dir_name", "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "lmforge-checkpoint.json"
 FORMAT = "lmforge-checkpoint"
 FORMAT_VERSION = 1
-_STEP_RE = re.compile(r"^step-(\d+)(\.tmp)?$")
 _HASH_CHUNK = 8 << 20
 _T = TypeVar("_T")
 
@@ -102,16 +101,6 @@ _T = TypeVar("_T")
 class CheckpointError(Exception):
     """A checkpoint the user pointed at (or that a resume found) is missing, incomplete, corrupt or
     does not fit the state it is loaded into. The message is one line: which checkpoint, what."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def step_of(path: Path) -> int:
-    """N of a `step-N` directory name (-1 when the name is not one)."""
-    m = _STEP_RE.match(Path(path).name)
-    return int(m.group(1)) if m else -1
 
 
 # -- integrity ---------------------------------------------------------------------------------------

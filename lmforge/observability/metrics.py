@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lmforge.data.files import NONFINITE_KEY, dumps_strict, restore_nonfinite
+from lmforge.storage.strict_json import NONFINITE_KEY, dumps_strict, restore_nonfinite
 
 RESERVED_KEYS = ("step", "prefix", "time", NONFINITE_KEY)
 GIB = float(1 << 30)

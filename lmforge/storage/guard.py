@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmforge.storage.layout import MANIFEST, step_of
+
 __all__ = ["DestinationError", "check_destination", "check_no_overlap", "enclosing_checkpoint",
            "overlap", "resolved"]
 
@@ -53,8 +55,6 @@ def check_no_overlap(dest: Path | str, sources: dict[str, Path | str | None], fl
 
 def enclosing_checkpoint(path: Path | str) -> Path | None:
     """The checkpoint directory `path` is (or lies inside), or None."""
-    from lmforge.checkpoint.manager import MANIFEST, step_of
-
     p = resolved(path)
     for d in [p, *p.parents]:
         if d.is_dir() and ((d / MANIFEST).is_file() or (d / ".metadata").is_file() or step_of(d) >= 0):

@@ -21,7 +21,6 @@ from torch.distributed.tensor import DTensor, Replicate
 from lmforge.checkpoint.state import ModelOptimizerState, RNGState
 from lmforge.checkpoint.tiers import TieredCheckpoints
 from lmforge.config import JobConfig
-from lmforge.data.files import dumps_strict
 from lmforge.data.limits import cap_eval_batches, check_batch_fits_data
 from lmforge.data.loader import DistributedTokenLoader, TokenDataset
 from lmforge.data.pack import prepare_data
@@ -54,6 +53,7 @@ from lmforge.parallel.pp import (
 )
 from lmforge.parallel.tp import apply_tp, local_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.storage.atomic import atomic_copy, write_text_atomic
+from lmforge.storage.strict_json import dumps_strict
 from lmforge.train.faults import FaultInjector
 from lmforge.train.moe import (
     attach_router_losses,

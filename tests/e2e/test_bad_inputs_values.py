@@ -137,7 +137,7 @@ def test_refused_before_training(case: Refusal, tiny_data_dir: Path, tmp_path: P
 
 def test_memory_refusal_gives_the_estimate(tiny_data_dir: Path, tmp_path: Path, capsys) -> None:
     from lmforge.config import load_job_config, parse_override_args
-    from lmforge.config.preflight import TRAIN_BYTES_PER_PARAM, fixed_buffer_bytes, training_state_bytes
+    from lmforge.train.preflight import TRAIN_BYTES_PER_PARAM, fixed_buffer_bytes, training_state_bytes
 
     over = ["--model.dim", "1048576", "--model.n_heads", "8", "--model.max_seq_len", "64"]
     cfg = load_job_config(None, parse_override_args(train_args(tiny_data_dir, tmp_path / "r", *over)[1:]))

@@ -69,16 +69,6 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
-def check_device(cfg: JobConfig) -> None:
-    """`train.device = 'cuda'` on a machine without CUDA: one line, not a RuntimeError per rank."""
-    if cfg.train.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device", "cuda", "no CUDA device is available on this machine; use 'cpu' or "
-                              "'auto'")
-
-
 def check_memory_fits(cfg: JobConfig, world_size: int, local_ranks: int = 1) -> None:
     """Refuse a model whose training state cannot fit, with the estimate, before allocation.
 
@@ -104,6 +94,6 @@ def check_memory_fits(cfg: JobConfig, world_size: int, local_ranks: int = 1) -> 
 
 
 def preflight(cfg: JobConfig, world_size: int, local_ranks: int = 1) -> None:
-    """Every machine-dependent check, in the order a user would fix them."""
-    check_device(cfg)
+    """Every machine-dependent check of the config (the device string itself is checked by the CLI,
+    lmforge.cli_errors.check_device)."""
     check_memory_fits(cfg, world_size, local_ranks)
