@@ -499,6 +499,7 @@ class Trainer:
                           description="train")
         # One window between log lines: steps and their time only (saves, evaluations and the
         # logging itself are paused out of both), so tokens/s and MFU are those of training.
+        peak_warned = False
         timer = StepTimer(self.flops_per_token, self.peak_flops, self.info.world_size, device=self.device)
         with bar:
             while self.state.step < stop:
@@ -522,6 +523,12 @@ class Trainer:
                 if step % log_every == 0 or step in (steps, stop):
                     window = timer.measure(reset=False)
                     tps, mfu = window.tokens_per_s, window.mfu
+                    if mfu > 1.0 and not peak_warned:  # the denominator is wrong, not the run
+                        peak_warned = True
+                        self._say(f"warning: MFU reads {mfu:.0%}: the peak it divides by "
+                                  f"({self.peak_flops / 1e9:,.1f} GFLOP/s per device) is below what this run "
+                                  "achieves, e.g. measured while the machine was busy; re-measure it on a quiet "
+                                  "machine with `lmforge bench peak --force` (or set metrics.peak_flops)")
                     loss_value = self._step_loss if self.stability is not None else self._global_mean(loss)
                     self.losses.append(loss_value)
                     metrics = {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0],

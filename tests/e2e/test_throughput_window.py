@@ -82,3 +82,21 @@ def test_logged_tokens_per_s_is_that_of_the_steps(case: str, tiny_data_dir: Path
         # and far from a window that lost steps' time (5x high) or gained a 0.25 s pause (low).
         assert 0.6 * truth < r["tokens_per_s"] <= 1.02 * truth, (case, r["step"], r["tokens_per_s"], truth)
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * trainer.flops_per_token / 1e11, rel=1e-9)
+
+
+def test_an_impossible_mfu_says_the_peak_is_wrong(tiny_data_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A peak below what the run achieves (a cached peak measured on a busy machine) makes MFU
+    read over 100%: the run says so once, naming the fix, instead of printing the figure silently."""
+    args = tiny_run_args(tiny_data_dir, tmp_path / "run", "--train.steps", "4", "--metrics.log_interval", "2",
+                         "--checkpoint.enabled", "false", "--train.eval_interval", "0",
+                         "--metrics.peak_flops", "1e3")
+    trainer = Trainer(load_job_config(None, parse_override_args(args)), echo=True)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    rows = [r for r in read_metrics(tmp_path / "run") if "mfu" in r]
+    assert len(rows) == 2 and all(r["mfu"] > 1.0 for r in rows)
+    warnings = [ln for ln in capsys.readouterr().out.splitlines() if "MFU reads" in ln]
+    assert len(warnings) == 1 and "lmforge bench peak --force" in warnings[0]
