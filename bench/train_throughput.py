@@ -7,12 +7,13 @@ policy and the same AdamW. `--dtype bf16`: fp32 master weights under torch.autoc
 bfloat16); `--dtype fp32`: plain fp32, no autocast. The default is what lmforge's `auto`
 precision picks on this CPU: bf16 where the CPU has native bf16 (AVX512_BF16 or AMX), fp32
 elsewhere (AVX2-only CPUs run bf16 matmuls ~100x slower than fp32). One step is:
-forward, loss, backward, clip_grad_norm_(1.0), optimizer step, zero_grad. The loss is computed
-the same way for both, outside the model (logits -> float -> F.cross_entropy, as lmforge's
-trainer did before 2026-12), so the comparison is model against model; HF's `labels=` path is not used.
-With `--loss library` each library computes its own loss as its users get it: lmforge the chunked
-fp32 cross-entropy its trainer uses (`lmforge.models.common.cross_entropy`), HF its `labels=` path
-(`ForCausalLMLoss`, given `shift_labels` so both score the same 2048 tokens).
+forward, loss, backward, clip_grad_norm_(1.0), optimizer step, zero_grad.
+
+The loss (`--loss`, default `library`): each library computes its own loss as its users get it,
+lmforge the chunked fp32 cross-entropy its trainer uses (`lmforge.models.common.cross_entropy`), HF
+its `labels=` path (`ForCausalLMLoss`, given `shift_labels` so both score the same 2048 tokens).
+With `--loss same` both models' logits go through one function (logits -> float ->
+F.cross_entropy), so the comparison is model against model alone.
 
 The machine may be shared and noisy, so the models take turns: after a warm-up, each round times
 `--steps` steps of every model, the order alternating (A B, B A, ...), and the report gives the
@@ -40,6 +41,8 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.models.llama import build_model
 from lmforge.models.llama.hf import to_hf_config, to_hf_state_dict
+from lmforge.observability.flops import training_flops_per_token as count_training_flops
+from lmforge.observability.peak import resolve_peak_flops
 
 BATCH, SEQ = 8, 256
 MODEL = ModelConfig(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=8192, ffn_hidden=1024,
@@ -68,28 +71,11 @@ def default_dtype() -> str:
 
 
 def training_flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    try:
-        from lmforge.observability.flops import training_flops_per_token as count
-    except ImportError:  # TODO: drop once observability.flops is everywhere
-        n_matmul = cfg.n_layers * (4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_hidden_size) + cfg.dim * cfg.vocab_size
-        return 6.0 * n_matmul + 6.0 * cfg.n_layers * cfg.dim * (seq + 1)
-    return count(cfg, seq)
+    return count_training_flops(cfg, seq)
 
 
 def peak_flops(dtype: torch.dtype) -> float:
     """Measured matmul peak of this CPU in `dtype` on the threads in use (cached by observability.peak)."""
-    try:
-        from lmforge.observability.peak import resolve_peak_flops
-    except ImportError:
-        n = 2048
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        torch.mm(a, b)
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
-        return 2.0 * n**3 / best
     return resolve_peak_flops("cpu", dtype)
 
 
@@ -149,7 +135,7 @@ def model_then_loss(model: Callable[[torch.Tensor], torch.Tensor],
     return step
 
 
-def build_contestants(compile_: bool, loss_mode: str = "same", dtype: str = "bf16") -> list[Contestant]:
+def build_contestants(compile_: bool, loss_mode: str = "library", dtype: str = "bf16") -> list[Contestant]:
     import transformers
 
     ours = build_model(MODEL, seed=0).train()
@@ -203,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10, help="timed rounds (models alternate each round)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd lmforge (reported separately)")
-    ap.add_argument("--loss", choices=["same", "library"], default="same",
-                    help="same: one loss function for both (model vs model); library: each library's own loss")
+    ap.add_argument("--loss", choices=["same", "library"], default="library",
+                    help="library (default): each library's own loss; same: one loss function for both (model vs model)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="fp32 (no autocast) or bf16 (autocast, fp32 master weights); default: what lmforge's "

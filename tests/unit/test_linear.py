@@ -25,7 +25,7 @@ class Forced(MatmulKernels):
     """Every shape on one kernel (no timing), to test each kernel on its own."""
 
     def __init__(self, name: str):
-        super().__init__(cache_path=None)
+        super().__init__(cache_path=None, enabled=True)
         self.name = name
         self.used: list[str] = []
 
@@ -157,7 +157,7 @@ def test_whole_model_matches_the_plain_model(kernel: str) -> None:
 
 def test_fallbacks_take_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
     """autocast, compile tracing, other dtypes, hooks, no kernels: the module path (F.linear)."""
-    kernels = MatmulKernels(cache_path=None)
+    kernels = MatmulKernels(cache_path=None, enabled=True)
     lins = tuple(Linear(64, 64, bias=False, kernels=kernels) for _ in range(3))
     x = torch.randn(8, 64)
     assert fast_path_ok(x, lins, kernels)
@@ -184,7 +184,7 @@ def test_dtensor_parameters_fall_back(tmp_path: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        kernels = MatmulKernels(cache_path=None)
+        kernels = MatmulKernels(cache_path=None, enabled=True)
         lin = Linear(64, 32, bias=False, kernels=kernels)
         ref = F.linear(torch.ones(4, 64), lin.weight)
         lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Replicate()]))
@@ -200,7 +200,7 @@ def test_dtensor_parameters_fall_back(tmp_path: Path) -> None:
 def test_choices_are_timed_once_and_shared_through_the_disk_cache(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "k.json"
-    first = MatmulKernels(cache_path=path, trials=1)
+    first = MatmulKernels(cache_path=path, trials=1, enabled=True)
     a, b = torch.randn(512, 256), torch.randn(256, 256)
     torch.testing.assert_close(first.matmul("fwd", a, b), a @ b.t(), rtol=1e-5, atol=1e-4)
     key = "fwd 512x256x256"
@@ -208,17 +208,17 @@ def test_choices_are_timed_once_and_shared_through_the_disk_cache(tmp_path: Path
     stored = json.loads(path.read_text())
     assert list(stored.values()) == [{key: first.choices[key]}]
     # a new process (object) reads it and never times that shape again
-    second = MatmulKernels(cache_path=path)
+    second = MatmulKernels(cache_path=path, enabled=True)
     monkeypatch.setattr(second, "_measure", lambda *args: pytest.fail("timed a cached shape"))
     second.matmul("fwd", a, b)
     assert second.choices == first.choices
     # small matmuls are not timed at all
-    tiny = MatmulKernels(cache_path=path)
+    tiny = MatmulKernels(cache_path=path, enabled=True)
     monkeypatch.setattr(tiny, "_measure", lambda *args: pytest.fail("timed a tiny matmul"))
     tiny.matmul("fwd", torch.randn(8, 8), torch.randn(8, 8))
     # an unreadable cache is ignored and rewritten
     path.write_text("{not json")
-    third = MatmulKernels(cache_path=path, trials=1)
+    third = MatmulKernels(cache_path=path, trials=1, enabled=True)
     third.matmul("fwd", a, b)
     assert key in json.loads(path.read_text())[third._key]
 
@@ -228,3 +228,15 @@ def test_build_model_keeps_nn_linear_names_and_types() -> None:
     lins = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert "layers.0.attention.wq" in lins and "layers.1.feed_forward.w3" in lins and "output" in lins
     assert all(isinstance(m.kernels, MatmulKernels) for m in model.modules() if isinstance(m, Linear))
+
+
+@pytest.mark.parametrize("capability, on", [("DEFAULT", False), ("AVX2", False), ("AVX512", True), ("AMX", True)])
+def test_the_fast_path_is_on_by_default_only_where_it_paid_off(monkeypatch: pytest.MonkeyPatch,
+                                                               capability: str, on: bool) -> None:
+    """AVX2-only CPUs: plain F.linear (the fused/kernel path trained 3-7% slower on a Zen 3)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    kernels = MatmulKernels(cache_path=None)
+    assert kernels.enabled is (on and linear_mod._onednn_available())
+    lins = tuple(Linear(64, 64, bias=False, kernels=kernels) for _ in range(2))
+    assert fast_path_ok(torch.randn(8, 64), lins, kernels) is kernels.enabled
+    assert not MatmulKernels(cache_path=None, enabled=False).enabled

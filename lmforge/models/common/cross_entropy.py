@@ -46,11 +46,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         step = _chunk_rows(vocab)
         scale = grad_out.to(lse.dtype) / n
         grad = torch.empty_like(logits)
+        same_dtype = logits.dtype == lse.dtype  # fp32 logits: work in the gradient's own rows, no copies
         for r in range(0, n, step):
-            # copy=True: for fp32 logits `.to` would return the saved tensor itself, edited in place below.
-            p = logits[r:r + step].to(lse.dtype, copy=True).sub_(lse[r:r + step, None]).exp_().mul_(scale)
-            p.scatter_add_(1, targets[r:r + step, None], (-scale).expand(p.shape[0], 1))
-            grad[r:r + step].copy_(p)
+            rows = slice(r, r + step)
+            p = grad[rows] if same_dtype else torch.empty(grad[rows].shape, dtype=lse.dtype)
+            torch.sub(logits[rows], lse[rows, None], out=p).exp_().mul_(scale)
+            p.scatter_add_(1, targets[rows, None], (-scale).expand(p.shape[0], 1))
+            if not same_dtype:
+                grad[rows].copy_(p)
         return grad, None
 
 

@@ -12,7 +12,10 @@ Two things make a CPU fp32 step faster without changing what is computed:
   kernel (`torch.ops.mkldnn._linear_pointwise` on ordinary tensors: no mkldnn-layout conversions).
   Which is faster depends on the CPU and the shape (oneDNN was 2.2x faster on a Zen 5, and on a
   Zen 3 faster for some of this model's shapes and slower for others), so `MatmulKernels` times
-  both the first time it meets a shape and keeps the winner. The choice is cached on disk per CPU
+  both the first time it meets a shape and keeps the winner. On CPUs without AVX512 both libraries
+  run AVX2 code and the timed choice did not survive in context: on a quiet Zen 3 the whole model
+  trained 3-7% slower with the fused/kernel path than with plain `F.linear` (docs/benchmarks.md),
+  so there (`cpu_capability` AVX2 or less) the layers take plain `F.linear` unless forced. The choice is cached on disk per CPU
   model, thread count and torch version, so every later process (a resumed run, the other ranks)
   uses the same kernels and stays bit-for-bit reproducible.
 
@@ -58,6 +61,12 @@ def _aten(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) ->
 _IMPLS = {"aten": _aten, "onednn": _onednn}
 
 
+def kernel_choice_pays_off() -> bool:
+    """True on CPUs with AVX512 (torch's dispatch capability AVX512 or AMX), where oneDNN's kernels
+    can beat MKL's AVX2 path; measured to lose end to end on AVX2-only CPUs."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -81,13 +90,15 @@ class MatmulKernels:
     (the input gradient as dy @ (W^T)^T, the weight gradient as dy^T @ (x^T)^T), so their operand
     layouts are part of the key. Timing: `trials` interleaved runs of each kernel on random
     operands of that shape, the minimum wins (robust to a shared machine's noise). `cache_path=None`
-    keeps choices in memory only.
+    keeps choices in memory only. `enabled=None` (the default) turns the fast path on where
+    `kernel_choice_pays_off()`; True forces it on (tests), False off: plain `F.linear` everywhere.
     """
 
-    def __init__(self, cache_path: Path | None = None, trials: int = 3, enabled: bool = True):
+    def __init__(self, cache_path: Path | None = None, trials: int = 3, enabled: bool | None = None):
         self.cache_path = cache_path
         self.trials = trials
-        self.enabled = enabled and _onednn_available()
+        wanted = kernel_choice_pays_off() if enabled is None else enabled
+        self.enabled = wanted and _onednn_available()
         self._key = f"{_cpu_model()} | threads={torch.get_num_threads()} | torch={torch.__version__}"
         self._choice: dict[str, str] = {}
         if self.enabled and cache_path is not None:
@@ -207,10 +218,10 @@ def _plain(t: torch.Tensor) -> bool:
 
 
 def fast_path_ok(x: torch.Tensor, linears: tuple[nn.Linear, ...], kernels: MatmulKernels | None) -> bool:
-    """True where the fused / kernel-chosen path computes exactly what the modules would: plain
-    fp32 CPU tensors, no autocast, no compile tracing, no hooks on the modules (TP plans, user
+    """True where the fused / kernel-chosen path is on (`kernels.enabled`) and computes exactly what
+    the modules would: plain fp32 CPU tensors, no autocast, no compile tracing, no hooks on the modules (TP plans, user
     hooks), and the same bias presence on all."""
-    if kernels is None or not _plain(x) or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+    if kernels is None or not kernels.enabled or not _plain(x) or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
     has_bias = linears[0].bias is not None
     for lin in linears:
