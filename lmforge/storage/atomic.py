@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -23,8 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_copy", "atomic_dir", "atomic_open", "as_if_created", "current_umask", "fsync_dir", "os_error_in", "temp_sibling",
-           "with_path", "write_text_atomic"]
+from lmforge.storage.explain import diagnose_write_failure, os_error_in, with_path
+
+__all__ = ["atomic_copy", "atomic_dir", "atomic_open", "as_if_created", "current_umask", "fsync_dir", "temp_sibling",
+           "write_text_atomic"]
 
 
 def temp_sibling(path: Path, suffix: str = ".tmp") -> Path:
@@ -45,35 +46,6 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def with_path(e: OSError, path: Path | str, temp: Path | None = None) -> OSError:
-    """`e` with `path` as its filename when it has none, or names the temp path `temp` (or a file
-    inside it) that the user never asked for. Same errno, so the same OSError subclass."""
-    named = e.filename is not None and not (temp is not None and str(e.filename).startswith(str(temp)))
-    if named or not e.errno:
-        return e
-    return OSError(e.errno, os.strerror(e.errno), str(path))
-
-
-_OS_ERROR_TEXT = re.compile(r"os error (\d+)|\[Errno (\d+)\]")
-
-
-def os_error_in(exc: BaseException, path: Path | str) -> OSError | None:
-    """The OSError behind `exc` (itself, its cause/context chain, or an errno quoted in the message
-    of a library that wraps it, like safetensors' "(os error 28)"), named `path`; None if none."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno:
-            return with_path(e, path)
-        m = _OS_ERROR_TEXT.search(str(e))
-        if m:
-            code = int(m.group(1) or m.group(2))
-            return OSError(code, os.strerror(code), str(path))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 @contextmanager
@@ -100,8 +72,6 @@ def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     except OSError as e:
         raise with_path(e, path, tmp) from e
     except RuntimeError as e:  # torch.save swallows ENOSPC into "unexpected pos N vs M": find it
-        from lmforge.storage.explain import diagnose_write_failure
-
         cause = diagnose_write_failure(e, path) if created else None
         if cause is not None:
             raise cause from e

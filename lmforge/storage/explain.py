@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
-from lmforge.storage.atomic import os_error_in
-
-__all__ = ["ADVICE", "describe_os_error", "diagnose_write_failure"]
+__all__ = ["ADVICE", "describe_os_error", "diagnose_write_failure", "os_error_in", "with_path"]
 
 ADVICE: dict[int, str] = {
     errno.ENOSPC: "no space left on the device: free space there, or write somewhere else",
@@ -36,6 +35,35 @@ ADVICE: dict[int, str] = {
     errno.EBUSY: "busy (a mount point, or in use): choose another path",
     errno.ELOOP: "too many levels of symbolic links",
 }
+
+def with_path(e: OSError, path: Path | str, temp: Path | None = None) -> OSError:
+    """`e` with `path` as its filename when it has none, or names the temp path `temp` (or a file
+    inside it) that the user never asked for. Same errno, so the same OSError subclass."""
+    named = e.filename is not None and not (temp is not None and str(e.filename).startswith(str(temp)))
+    if named or not e.errno:
+        return e
+    return OSError(e.errno, os.strerror(e.errno), str(path))
+
+
+_OS_ERROR_TEXT = re.compile(r"os error (\d+)|\[Errno (\d+)\]")
+
+
+def os_error_in(exc: BaseException, path: Path | str) -> OSError | None:
+    """The OSError behind `exc` (itself, its cause/context chain, or an errno quoted in the message
+    of a library that wraps it, like safetensors' "(os error 28)"), named `path`; None if none."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return with_path(e, path)
+        m = _OS_ERROR_TEXT.search(str(e))
+        if m:
+            code = int(m.group(1) or m.group(2))
+            return OSError(code, os.strerror(code), str(path))
+        e = e.__cause__ or e.__context__
+    return None
+
 
 _FULL_BELOW = 1 << 20  # bytes free under which a failed write is put down to a full disk
 
