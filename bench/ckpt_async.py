@@ -25,7 +25,7 @@ import torch
 
 from lmforge.checkpoint.manager import MANIFEST, CheckpointManager
 from lmforge.checkpoint.state import ModelOptimizerState
-from lmforge.config.job import ModelConfig
+from lmforge.config import ModelConfig
 from lmforge.models.llama.model import Transformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

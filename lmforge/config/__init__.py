@@ -5,10 +5,7 @@ from lmforge.config.job import (
     DataConfig,
     JobConfig,
     MetricsConfig,
-    ModelConfig,
-    MoEConfig,
     OptimizerConfig,
-    ParallelConfig,
     SchedulerConfig,
     StabilityConfig,
     TokenizerConfig,
@@ -16,6 +13,8 @@ from lmforge.config.job import (
     load_job_config,
 )
 from lmforge.config.loader import ConfigError, parse_override_args
+from lmforge.config.model import ModelConfig, MoEConfig
+from lmforge.config.parallel import ParallelConfig
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "MetricsConfig", "ModelConfig", "MoEConfig",

@@ -1,0 +1,160 @@
+"""The model sections: the Llama-style decoder and its Mixture-of-Experts feed-forward."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lmforge.config.checks import require, require_positive
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward (issue 4). `n_experts = 0` keeps every layer dense.
+
+    Layer i is MoE when n_experts > 0, i >= first_k_dense and (i - first_k_dense) % layer_interval
+    == 0. Routed experts are SwiGLUs of width `expert_hidden` (None: the dense ffn width);
+    `n_shared_experts` adds one always-on SwiGLU of width n_shared_experts * expert_hidden.
+    `capacity_factor`: 0 = dropless token choice; > 0 caps each expert at
+    ceil(capacity_factor * tokens * top_k / n_experts) assignments (token choice drops the rest;
+    expert choice needs it > 0: it IS the per-expert capacity). `bias_update_rate` > 0 turns on
+    auxiliary-loss-free balancing (DeepSeek-V3): a per-expert selection bias moved by
+    rate * sign(mean load - load) after every optimizer step.
+    """
+
+    n_experts: int = 0
+    top_k: int = 2
+    n_shared_experts: int = 0
+    expert_hidden: int | None = None
+    first_k_dense: int = 0
+    layer_interval: int = 1
+    router: Literal["token_choice", "expert_choice"] = "token_choice"
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk: bool = True
+    route_scale: float = 1.0
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(dim, 1)) scales the shared expert
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0
+    capacity_factor: float = 0.0
+    # Layers kept dense whatever the pattern above says (Qwen2-MoE `mlp_only_layers`).
+    dense_layers: list[int] = field(default_factory=list)
+
+    def validate(self, section: str = "model.moe") -> None:
+        require(self.n_experts >= 0, f"{section}.n_experts", self.n_experts, "must be >= 0 (0 = dense)")
+        if self.n_experts == 0:
+            return
+        require(1 <= self.top_k <= self.n_experts, f"{section}.top_k", self.top_k,
+                f"must be in [1, n_experts = {self.n_experts}]")
+        require(self.n_shared_experts >= 0, f"{section}.n_shared_experts", self.n_shared_experts, "must be >= 0")
+        if self.expert_hidden is not None:
+            require(self.expert_hidden > 0, f"{section}.expert_hidden", self.expert_hidden, "must be > 0")
+        require(self.first_k_dense >= 0, f"{section}.first_k_dense", self.first_k_dense, "must be >= 0")
+        require(self.layer_interval >= 1, f"{section}.layer_interval", self.layer_interval, "must be >= 1")
+        require(all(i >= 0 for i in self.dense_layers), f"{section}.dense_layers", self.dense_layers,
+                "must be layer indices >= 0")
+        require(self.route_scale > 0, f"{section}.route_scale", self.route_scale, "must be > 0")
+        for n in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
+            v = getattr(self, n)
+            require(v >= 0, f"{section}.{n}", v, "must be >= 0 (0 = off)")
+        require(not (self.shared_expert_gate and self.n_shared_experts == 0), f"{section}.shared_expert_gate",
+                True, "needs n_shared_experts > 0")
+        if self.router == "expert_choice":
+            require(self.capacity_factor > 0, f"{section}.capacity_factor", self.capacity_factor,
+                    "must be > 0 with router = 'expert_choice' (each expert takes capacity_factor * "
+                    "tokens * top_k / n_experts tokens)")
+            require(self.aux_loss_coef == 0, f"{section}.aux_loss_coef", self.aux_loss_coef,
+                    "must be 0 with router = 'expert_choice' (balanced by construction)")
+            require(self.bias_update_rate == 0, f"{section}.bias_update_rate", self.bias_update_rate,
+                    "must be 0 with router = 'expert_choice' (balanced by construction)")
+            require(self.score_func == "softmax", f"{section}.score_func", self.score_func,
+                    "must be 'softmax' with router = 'expert_choice'")
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder. `ffn_hidden=None` derives the SwiGLU width like Llama (8/3·dim, rounded)."""
+
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    vocab_size: int = 8192
+    ffn_hidden: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2 family)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` has a Mixture-of-Experts feed-forward (see MoEConfig)."""
+        m = self.moe
+        return (m.n_experts > 0 and layer >= m.first_k_dense and (layer - m.first_k_dense) % m.layer_interval == 0
+                and layer not in m.dense_layers)
+
+    @property
+    def expert_hidden_size(self) -> int:
+        return self.moe.expert_hidden if self.moe.expert_hidden is not None else self.ffn_hidden_size
+
+    def moe_ffn_params(self) -> dict[str, int]:
+        """Parameters of one MoE feed-forward: all of them, and those one token uses on average
+        (router, routed experts, shared experts and their gate). Token choice uses top_k routed
+        experts (dropless exact; an upper bound when it drops); expert choice gives each token
+        capacity_factor * top_k on average (E experts x cf * T * k / E tokens each). The one
+        count behind `lmforge sizes` and the FLOPs/MFU of lmforge.observability.flops."""
+        m, d, f = self.moe, self.dim, self.expert_hidden_size
+        router = d * m.n_experts
+        shared = 3 * d * f * m.n_shared_experts + (d if m.shared_expert_gate else 0)
+        routed = m.capacity_factor * m.top_k if m.router == "expert_choice" else m.top_k
+        return {"total": router + 3 * d * f * m.n_experts + shared, "active": round(router + routed * 3 * d * f + shared)}
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    def validate(self, section: str = "model") -> None:
+        require_positive(section, self, "dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len")
+        require_positive(section, self, "norm_eps", "rope_theta", "init_std")
+        # Beyond these the model is dead or NaN from step one (RMSNorm divides by sqrt(ms + eps)).
+        require(self.norm_eps <= 0.1, f"{section}.norm_eps", self.norm_eps, "must be in (0, 0.1] (typical 1e-5 or 1e-6)")
+        require(self.init_std <= 1.0, f"{section}.init_std", self.init_std, "must be in (0, 1] (typical 0.02)")
+        require(self.dim % self.n_heads == 0, f"{section}.n_heads", self.n_heads,
+                f"must divide {section}.dim ({self.dim})")
+        require(self.head_dim % 2 == 0, f"{section}.n_heads", self.n_heads,
+                f"must leave an even head dim for RoPE ({section}.dim / n_heads = {self.head_dim})")
+        if self.n_kv_heads is not None:
+            require(self.n_kv_heads > 0, f"{section}.n_kv_heads", self.n_kv_heads, "must be > 0")
+            require(self.n_heads % self.n_kv_heads == 0, f"{section}.n_kv_heads", self.n_kv_heads,
+                    f"must divide {section}.n_heads ({self.n_heads})")
+        if self.ffn_hidden is not None:
+            require(self.ffn_hidden > 0, f"{section}.ffn_hidden", self.ffn_hidden, "must be > 0")
+        if self.ffn_dim_multiplier is not None:
+            require(self.ffn_dim_multiplier > 0, f"{section}.ffn_dim_multiplier", self.ffn_dim_multiplier,
+                    "must be > 0")
+        self.moe.validate(f"{section}.moe")
+        if self.moe.n_experts:
+            require(self.moe.first_k_dense < self.n_layers, f"{section}.moe.first_k_dense", self.moe.first_k_dense,
+                    f"must be < {section}.n_layers ({self.n_layers}) or no layer is MoE")
+            require(all(i < self.n_layers for i in self.moe.dense_layers), f"{section}.moe.dense_layers",
+                    self.moe.dense_layers, f"must be layer indices < {section}.n_layers ({self.n_layers})")
+            require(any(self.is_moe_layer(i) for i in range(self.n_layers)), f"{section}.moe.dense_layers",
+                    self.moe.dense_layers, "leaves no MoE layer; set n_experts = 0 for a dense model")
