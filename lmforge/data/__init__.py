@@ -1,4 +1,7 @@
 """Data path: corpus (corpus.py) -> byte-level BPE (tokenizer.py) -> token shards (pack.py) -> the
 stateful, data-parallel training loader (loader.py). `pack.prepare_data` runs the three file stages,
-each skipped when its output is current. Submodules are imported explicitly (no heavy imports here).
+each skipped when its output is current. A new pipeline step (filtering, deduplication, ...) is a
+module here with one function from input files to output files, written temp-then-rename and
+skipped when its output is current, chained in `pack.prepare_data`. Submodules are imported
+explicitly (no heavy imports here).
 """
