@@ -14,7 +14,6 @@ import logging
 import os
 import platform
 import re
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lmforge.observability.errors import ObservabilityError
+from lmforge.storage.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -215,19 +215,10 @@ def _read_cache(path: Path) -> dict:
 
 
 def _write_cache(path: Path, data: dict) -> None:
-    """Atomic: a temp file in the same folder, then os.replace. A cache that cannot be written
-    (read-only home) only costs a re-measurement next time, so it warns instead of failing."""
+    """Atomic (storage/atomic.py). A cache that cannot be written (read-only home) only costs a
+    re-measurement next time, so it warns instead of failing."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
     except OSError as e:
         log.warning("could not write peak FLOP/s cache %s: %s", path, e)
 

@@ -6,11 +6,11 @@ figure state shared with the caller.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from lmforge.observability.errors import ObservabilityError
 from lmforge.observability.metrics import read_metrics
+from lmforge.storage.atomic import atomic_open
 
 
 def _loss_points(records: list[dict], prefix: str) -> tuple[list[int], list[float]]:
@@ -54,14 +54,6 @@ def plot_loss_curve(metrics_jsonl: Path | str, out_png: Path | str, log_scale: b
     ax.legend()
     fig.tight_layout()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would survive the rename; a pid-unique name keeps the umask.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png")
     return out

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from lmforge.storage.atomic import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "LMFORGE_CACHE_DIR"
@@ -170,10 +172,7 @@ class MatmulKernels:
                 self._choice[key] = mine[key]
                 return
             mine[key] = name
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_path.with_name(f"{self.cache_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            tmp.replace(self.cache_path)
+            write_text_atomic(self.cache_path, json.dumps(data, indent=1, sort_keys=True))
         except OSError as e:  # a read-only home: choices stay in memory for this process
             log.info("matmul kernel cache %s not written (%s)", self.cache_path, e)
 
