@@ -43,13 +43,13 @@ from lmforge.models.llama import build_model
 from lmforge.models.llama.hf import to_hf_config, to_hf_state_dict
 from lmforge.observability.flops import training_flops_per_token as count_training_flops
 from lmforge.observability.peak import resolve_peak_flops
+from lmforge.tensors.dtypes import DTYPES
 
 BATCH, SEQ = 8, 256
 MODEL = ModelConfig(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=8192, ffn_hidden=1024,
                     max_seq_len=SEQ, tie_embeddings=False)
 ADAMW = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 TARGET_RATIO = 1.1  # lmforge / hf tokens/s (issue 9)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def native_bf16_cpu() -> bool:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loss", choices=["same", "library"], default="library",
                     help="library (default): each library's own loss; same: one loss function for both (model vs model)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                     help="fp32 (no autocast) or bf16 (autocast, fp32 master weights); default: what lmforge's "
                          f"`auto` precision picks on this CPU ({default_dtype()} here)")
     ap.add_argument("--min-ratio", type=float, default=TARGET_RATIO,

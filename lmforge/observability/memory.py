@@ -10,16 +10,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+from lmforge.tensors.dtensor import local_shard
 
 
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of distinct storages (tied weights and views count once)."""
     seen: dict[int, int] = {}
     for t in tensors:
-        local = _local(t)
+        local = local_shard(t)
         if local.device.type == "meta" or local.numel() == 0:
             continue
         storage = local.untyped_storage()
@@ -42,8 +40,8 @@ class ActivationMeter:
     """Sums the bytes autograd saves for backward (excluding parameters) while active."""
 
     def __init__(self, modules: Iterable[nn.Module]):
-        self._param_ptrs = {_local(p).untyped_storage().data_ptr() for m in modules for p in m.parameters()
-                            if _local(p).device.type != "meta"}
+        self._param_ptrs = {local_shard(p).untyped_storage().data_ptr() for m in modules for p in m.parameters()
+                            if local_shard(p).device.type != "meta"}
         self._storages: dict[int, int] = {}
 
     @property
@@ -51,7 +49,7 @@ class ActivationMeter:
         return sum(self._storages.values())
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        local = _local(t)
+        local = local_shard(t)
         if local.device.type != "meta" and local.numel():
             try:
                 storage = local.untyped_storage()

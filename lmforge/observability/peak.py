@@ -22,6 +22,7 @@ import torch
 
 from lmforge.observability.errors import ObservabilityError
 from lmforge.storage.atomic import write_text_atomic
+from lmforge.tensors.dtypes import DTYPES, short_name
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +63,15 @@ _GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
     (r"\bMI250X\b", {"bf16": 383e12, "fp16": 383e12, "fp32": 95.7e12}),
 ]
 
-_DTYPE_NAMES = {
-    "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
-    "fp32": "fp32", "float32": "fp32", "float": "fp32", "tf32": "tf32",
-}
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+_TORCH_DTYPES = {**DTYPES, "tf32": torch.float32}  # tf32: fp32 tensors on tf32 tensor cores
 
 
 def dtype_key(dtype: torch.dtype | str) -> str:
     """'bf16' | 'fp16' | 'fp32' | 'tf32' for a torch dtype or a name ('bfloat16', 'half', ...)."""
-    if isinstance(dtype, torch.dtype):
-        name = str(dtype).removeprefix("torch.")
-    else:
-        name = str(dtype).strip().lower()
-    if name not in _DTYPE_NAMES:
+    key = "tf32" if str(dtype).strip().lower() == "tf32" else short_name(dtype)
+    if key is None:
         raise ObservabilityError(f"unknown dtype {dtype!r} for peak FLOP/s; allowed: bf16, fp16, fp32, tf32")
-    return _DTYPE_NAMES[name]
+    return key
 
 
 def _gpu_dtype_key(dtype: torch.dtype | str) -> str:
