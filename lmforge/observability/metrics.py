@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lmforge.storage.layout import RunDir
 from lmforge.storage.strict_json import NONFINITE_KEY, dumps_strict, restore_nonfinite
 
 RESERVED_KEYS = ("step", "prefix", "time", NONFINITE_KEY)
@@ -206,11 +207,11 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=purge_step)
+            self._tb = SummaryWriter(log_dir=str(RunDir(self.out_dir).tensorboard), purge_step=purge_step)
 
     @property
     def jsonl_path(self) -> Path:
-        return self.out_dir / "metrics.jsonl"
+        return RunDir(self.out_dir).metrics
 
     def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
         if not self.enabled:

@@ -18,6 +18,7 @@ from lmforge.config import ModelConfig
 from lmforge.config.loader import ConfigError, build_dataclass
 from lmforge.models.llama.hf import import_hf, is_hf_dir
 from lmforge.models.llama.model import Transformer, build_model
+from lmforge.storage.layout import RunDir
 
 
 class GenerationError(ValueError):
@@ -139,7 +140,7 @@ def generate(model: Transformer, prompt_ids: list[int] | list[list[int]] | torch
 # -- loading -----------------------------------------------------------------------------------
 
 def _read_run_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
+    path = RunDir(run_dir).config
     try:
         d = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -150,10 +151,11 @@ def _read_run_config(run_dir: Path) -> dict:
 
 
 def _is_run_dir(path: Path) -> bool:
-    if not (path / "config.json").is_file():
+    config = RunDir(path).config
+    if not config.is_file():
         return False
     try:
-        d = json.loads((path / "config.json").read_text())
+        d = json.loads(config.read_text())
     except (OSError, json.JSONDecodeError):
         return False
     return isinstance(d, dict) and isinstance(d.get("model"), dict)
@@ -184,7 +186,7 @@ def load_for_generation(path: Path, device: torch.device | str = "cpu"
         run_dir = path
         d = _read_run_config(run_dir)
         ck = d.get("checkpoint") if isinstance(d.get("checkpoint"), dict) else {}
-        step_dir = newest_checkpoint(run_dir / ck.get("folder", "checkpoints"))
+        step_dir = newest_checkpoint(RunDir(run_dir, ck.get("folder", "checkpoints")).checkpoints)
     elif (path / MANIFEST).is_file() or (path / ".metadata").is_file():
         step_dir = path
         run_dir = next((p for p in (path.parent.parent, path.parent) if _is_run_dir(p)), None)
@@ -196,11 +198,11 @@ def load_for_generation(path: Path, device: torch.device | str = "cpu"
         raise GenerationError(f"{path}: not a Hugging Face directory (config.json + model.safetensors), "
                               "an lmforge run directory or a checkpoint step directory")
     try:
-        cfg = build_dataclass(ModelConfig, d["model"], "model.", where=str(run_dir / "config.json"))
+        cfg = build_dataclass(ModelConfig, d["model"], "model.", where=str(RunDir(run_dir).config))
         cfg.validate()
     except ConfigError as e:
         raise GenerationError(str(e)) from None
     model = build_model(cfg, device, seed=0)  # materialises buffers; the weights are overwritten
     load_model_weights(step_dir, model)  # verifies the manifest first; CheckpointError if invalid
-    tok = run_dir / "tokenizer.json"
+    tok = RunDir(run_dir).tokenizer
     return model.eval(), cfg, tok if tok.is_file() else None

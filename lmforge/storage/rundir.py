@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 from lmforge.storage.guard import DestinationError, check_no_overlap, overlap
+from lmforge.storage.layout import RunDir
 from lmforge.storage.lock import LOCK_NAME
 
 __all__ = ["RUN_FILES", "check_data_dir", "earlier_run", "move_run_aside", "prepare_run_dir"]
 
-# What a training run writes besides its checkpoint folder; any of these marks an earlier run.
-RUN_FILES = ("config.json", "metrics.jsonl", "tokenizer.json", "memory", "trace", "loss.png")
+RUN_FILES = RunDir.RUN_FILES  # what a run writes besides its checkpoints
 # What `data prepare` writes into data.dir (lmforge.data.pack / corpus / tokenizer).
 DATA_FILES = ("corpus.jsonl", "corpus.meta.json", "tokenizer.json", "tokenizer.meta.json", "manifest.json",
               "train.bin", "val.bin", "train.idx.npy", "val.idx.npy", "train.docs.npy", "val.docs.npy")
