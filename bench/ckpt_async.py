@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint.manager import MANIFEST, CheckpointManager
+from lmforge.checkpoint.manager import CheckpointManager
 from lmforge.checkpoint.state import ModelOptimizerState
 from lmforge.config import ModelConfig
 from lmforge.models.llama.model import Transformer
+from lmforge.storage.layout import MANIFEST
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _check import verdict  # noqa: E402

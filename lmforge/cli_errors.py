@@ -20,7 +20,7 @@ class UserError(Exception):
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception classes whose message is a complete one-line explanation for the user."""
-    from lmforge.checkpoint.manager import CheckpointError
+    from lmforge.checkpoint.errors import CheckpointError
     from lmforge.config import ConfigError
     from lmforge.data.errors import DataError
     from lmforge.models.llama.hf import HFFormatError

@@ -22,8 +22,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-from lmforge.checkpoint.manager import CheckpointError, CheckpointManager, step_of
+from lmforge.checkpoint.errors import CheckpointError
+from lmforge.checkpoint.manager import CheckpointManager
 from lmforge.config.job import CheckpointConfig
+from lmforge.storage.layout import step_of
 
 __all__ = ["TieredCheckpoints", "memory_root"]
 
@@ -117,7 +119,7 @@ class TieredCheckpoints:
         for s, p, mgr in sorted(found, key=lambda t: t[0], reverse=True):
             if s >= step:
                 continue
-            verdict = mgr._verify_local(p)
+            verdict = mgr.verify_local(p)
             if verdict.ok:
                 return p, skipped
             skipped.append((p, verdict.reason))

@@ -20,19 +20,13 @@ from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlan
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from lmforge.checkpoint.dcp_io import quiet_no_dist
+from lmforge.checkpoint.errors import CheckpointError
 from lmforge.checkpoint.formats import BF16, INT8, SCALE, dequantize_int8
-from lmforge.checkpoint.manager import (
-    MANIFEST,
-    CheckpointError,
-    _quiet_no_dist,
-    _read_manifest,
-    base_of,
-    saved_metadata,
-    step_of,
-    verify_checkpoint,
-)
+from lmforge.checkpoint.manifest import base_of, read_manifest, saved_metadata, verify_checkpoint
 from lmforge.checkpoint.state import is_group_options, unpack
 from lmforge.storage.atomic import atomic_open
+from lmforge.storage.layout import MANIFEST, step_of
 
 __all__ = ["CheckpointInfo", "convert_to_torch", "describe", "find_checkpoints", "inspect_rows", "read_checkpoint"]
 
@@ -54,7 +48,7 @@ class CheckpointInfo:
 def describe(path: Path, tier: str = "disk", deep: bool = False) -> CheckpointInfo:
     path = Path(path)
     v = verify_checkpoint(path, deep=deep)
-    manifest, _ = _read_manifest(path) if path.is_dir() else (None, "")
+    manifest, _ = read_manifest(path) if path.is_dir() else (None, "")
     info = CheckpointInfo(path, tier, v.step if v.step is not None else step_of(path), v.ok, v.reason)
     if manifest:
         info.kind = manifest.get("kind", "full")
@@ -97,7 +91,7 @@ def inspect_rows(path: Path) -> list[tuple[str, str, str, int, str]]:
     """(key, shape, dtype, bytes, where) per stored tensor; where = "" or "base step-N" or the
     stored form of a lossy moment."""
     path = Path(path)
-    manifest, why = _read_manifest(path)
+    manifest, why = read_manifest(path)
     if manifest is None:
         raise CheckpointError(f"checkpoint {path}: {why}")
     refs = set(manifest.get("refs", [])) if manifest.get("kind") == "incremental" else set()
@@ -115,7 +109,7 @@ def inspect_rows(path: Path) -> list[tuple[str, str, str, int, str]]:
 
 def _read_raw(path: Path) -> dict[str, Any]:
     sd: dict[str, Any] = {}  # filled by the planner from the metadata (as in dcp_to_torch_save)
-    with _quiet_no_dist():
+    with quiet_no_dist():
         _load_state_dict(sd, storage_reader=dcp.FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
                          no_dist=True)
     flat, _ = flatten_state_dict(sd)
@@ -130,7 +124,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     v = verify_checkpoint(path)
     if not v.ok:
         raise CheckpointError(f"checkpoint {path}: {v.reason}")
-    manifest, _ = _read_manifest(path)
+    manifest, _ = read_manifest(path)
     assert manifest is not None
     flat = _read_raw(path)
     base = base_of(path, manifest)

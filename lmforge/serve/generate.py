@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint.manager import MANIFEST, CheckpointError, CheckpointManager, load_model_weights
+from lmforge.checkpoint.errors import CheckpointError
+from lmforge.checkpoint.manager import CheckpointManager
+from lmforge.checkpoint.weights import load_model_weights
 from lmforge.config import ModelConfig
 from lmforge.config.loader import ConfigError, build_dataclass
 from lmforge.models.llama.hf import import_hf, is_hf_dir
 from lmforge.models.llama.model import Transformer, build_model
-from lmforge.storage.layout import RunDir
+from lmforge.storage.layout import MANIFEST, RunDir
 
 
 class GenerationError(ValueError):

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint.manager import save_model_weights, step_dir_name
+from lmforge.checkpoint.weights import save_model_weights
 from lmforge.config import JobConfig, TokenizerConfig, TrainConfig
 from lmforge.models.llama.hf import HFFormatError, import_hf
 from lmforge.storage.atomic import atomic_copy, atomic_dir, write_text_atomic
 from lmforge.storage.guard import DestinationError, check_destination
+from lmforge.storage.layout import step_dir_name
 
 
 def import_to_run(hf_dir: Path, out: Path, overwrite: bool = False) -> Path:

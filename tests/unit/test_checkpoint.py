@@ -17,17 +17,14 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from lmforge.checkpoint.manager import (
-    MANIFEST,
-    CheckpointError,
-    CheckpointManager,
-    load_model_weights,
-    saved_metadata,
-    verify_checkpoint,
-)
+from lmforge.checkpoint.errors import CheckpointError
+from lmforge.checkpoint.manager import CheckpointManager
+from lmforge.checkpoint.manifest import saved_metadata, verify_checkpoint
 from lmforge.checkpoint.state import ModelOptimizerState, PerRank, RNGState, choose_rank_key
+from lmforge.checkpoint.weights import load_model_weights
 from lmforge.models.llama.model import build_model
 from lmforge.models.llama.sizes import SIZES
+from lmforge.storage.layout import MANIFEST
 
 CFG = replace(SIZES["debug"], max_seq_len=32)
 

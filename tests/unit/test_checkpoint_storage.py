@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.checkpoint import manager as manager_mod
+from lmforge.checkpoint import dcp_io as manager_mod  # async staging copy and DCP writes live in dcp_io
 from lmforge.checkpoint.formats import dequantize_int8, quantize_int8
-from lmforge.checkpoint.manager import MANIFEST, CheckpointManager, load_model_weights, verify_checkpoint
+from lmforge.checkpoint.manager import CheckpointManager
+from lmforge.checkpoint.manifest import verify_checkpoint
 from lmforge.checkpoint.state import ModelOptimizerState
+from lmforge.checkpoint.weights import load_model_weights
 from lmforge.models.llama.model import build_model
+from lmforge.storage.layout import MANIFEST
 from tests.unit.test_checkpoint import CFG, assert_same_optimizer, trained
 
 

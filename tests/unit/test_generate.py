@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.checkpoint.manager import CheckpointError, CheckpointManager, save_model_weights, step_dir_name
+from lmforge.checkpoint.errors import CheckpointError
+from lmforge.checkpoint.manager import CheckpointManager
 from lmforge.checkpoint.state import ModelOptimizerState
+from lmforge.checkpoint.weights import save_model_weights
 from lmforge.config import JobConfig, ModelConfig
 from lmforge.models.llama import SIZES, build_model
 from lmforge.models.llama.hf import export_hf
@@ -23,6 +25,7 @@ from lmforge.serve.generate import (
     sample_next_token,
 )
 from lmforge.serve.hf_import import import_to_run
+from lmforge.storage.layout import step_dir_name
 
 
 @pytest.fixture(autouse=True, scope="module")
