@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.interop.hf.registry import to_hf_config, to_hf_state_dict
 from lmforge.models.llama import build_model
-from lmforge.models.llama.hf import to_hf_config, to_hf_state_dict
 from lmforge.observability.flops import training_flops_per_token as count_training_flops
 from lmforge.observability.peak import resolve_peak_flops
 

@@ -16,7 +16,8 @@ import torch
 from lmforge.checkpoint.manager import MANIFEST, CheckpointError, CheckpointManager, load_model_weights
 from lmforge.config import ModelConfig
 from lmforge.config.loader import ConfigError, build_dataclass
-from lmforge.models.llama.hf import import_hf, is_hf_dir
+from lmforge.interop.hf.importer import import_hf
+from lmforge.interop.hf.io import is_hf_dir
 from lmforge.models.llama.model import Transformer, build_model
 
 

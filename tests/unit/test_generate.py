@@ -13,8 +13,9 @@ import torch
 from lmforge.checkpoint.manager import CheckpointError, CheckpointManager, save_model_weights, step_dir_name
 from lmforge.checkpoint.state import ModelOptimizerState
 from lmforge.config import JobConfig, ModelConfig
+from lmforge.interop.hf.exporter import export_hf
+from lmforge.interop.hf.importer import import_to_run
 from lmforge.models.llama import SIZES, build_model
-from lmforge.models.llama.hf import export_hf
 from lmforge.serve.generate import (
     GenerationError,
     filter_logits,
@@ -22,7 +23,6 @@ from lmforge.serve.generate import (
     load_for_generation,
     sample_next_token,
 )
-from lmforge.serve.hf_import import import_to_run
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -238,7 +238,7 @@ def test_load_hf_dir_and_import_to_run(tmp_path: Path):
     run_model, run_cfg, _ = load_for_generation(tmp_path / "run")
     assert generate(run_model, p, 10) == expected
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["dim"] == cfg.dim
-    from lmforge.models.llama.hf import HFFormatError
+    from lmforge.interop.hf.base import HFFormatError
     with pytest.raises(HFFormatError, match="not empty"):
         import_to_run(tmp_path / "hf", tmp_path / "run")
 
