@@ -2,7 +2,7 @@
 
 Both models have the same shape (6 layers, width 384, 6 heads, no GQA, SwiGLU hidden 1024,
 vocabulary 8192, untied, context 256, batch 8), start from the SAME weights (ours, exported
-through lmforge.models.llama.hf), train on the same random token batches with the same dtype
+through lmforge.interop.hf), train on the same random token batches with the same dtype
 policy and the same AdamW. `--dtype bf16`: fp32 master weights under torch.autocast("cpu",
 bfloat16); `--dtype fp32`: plain fp32, no autocast. The default is what lmforge's `auto`
 precision picks on this CPU: bf16 where the CPU has native bf16 (AVX512_BF16 or AMX), fp32
@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.interop.hf.registry import to_hf_config, to_hf_state_dict
 from lmforge.models.llama import build_model
-from lmforge.models.llama.hf import to_hf_config, to_hf_state_dict
 from lmforge.observability.flops import training_flops_per_token as count_training_flops
 from lmforge.observability.peak import resolve_peak_flops
 from lmforge.tensors.dtypes import DTYPES

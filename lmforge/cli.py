@@ -247,7 +247,7 @@ def cmd_bench_peak(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lmforge.models.llama.hf import export_hf
+    from lmforge.interop.hf.exporter import export_hf
     from lmforge.serve.generate import load_for_generation
     from lmforge.train.precision import DTYPES
 
@@ -262,7 +262,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from lmforge.serve.hf_import import import_to_run
+    from lmforge.interop.hf.importer import import_to_run
 
     args.output = args.out
     step_dir = import_to_run(Path(args.hf_dir), Path(args.out), overwrite=args.overwrite)

@@ -23,7 +23,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lmforge.checkpoint.errors import CheckpointError
     from lmforge.config import ConfigError
     from lmforge.data.errors import DataError
-    from lmforge.models.llama.hf import HFFormatError
+    from lmforge.interop.hf.base import HFFormatError
     from lmforge.observability.errors import ObservabilityError
     from lmforge.serve.generate import GenerationError
     from lmforge.storage.guard import DestinationError

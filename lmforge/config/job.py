@@ -13,6 +13,7 @@ from lmforge.config.checks import require, require_positive
 from lmforge.config.loader import ConfigError, apply_override, build_dataclass, load_toml, nonfinite_fields
 from lmforge.config.model import ModelConfig
 from lmforge.config.parallel import ROUND_SCHEDULES, SPLIT_BACKWARD_SCHEDULES, ParallelConfig
+from lmforge.config.train import TrainConfig
 
 
 @dataclass
@@ -79,50 +80,6 @@ class SchedulerConfig:
         require(0.0 <= self.min_lr_ratio <= 1.0, "scheduler.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         require(0.0 < self.decay_fraction <= 1.0, "scheduler.decay_fraction", self.decay_fraction,
                 "must be in (0, 1]")
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000
-    seq_len: int = 256
-    global_batch_size: int = 8  # sequences per optimizer step, summed over data-parallel ranks
-    micro_batch_size: int = 8  # sequences per forward on one rank; the rest is gradient accumulation
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    seed: int = 0
-    # "auto": bf16 where the hardware runs it natively (GPUs with bf16, CPUs with AMX/AVX512_BF16),
-    # fp16 + loss scaling on older GPUs, fp32 elsewhere (lmforge.train.precision). The trainer
-    # resolves it before the process group starts and writes the choice and its reason here.
-    mixed_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    mixed_precision_reason: str = ""  # written by the trainer: why this precision (config.json)
-    compile: bool = False
-    # none | full (every block) | selective (every `ac_every`-th block) | op (save matmul and
-    # attention outputs, recompute elementwise ops)
-    activation_checkpointing: Literal["none", "full", "selective", "op"] = "none"
-    ac_every: int = 2
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    eval_interval: int = 100  # 0 disables validation
-    eval_batches: int = 8  # global batches of validation data per evaluation
-    output_dir: str = "runs/default"
-    deterministic: bool = False
-    # "full": initialise the whole model, then shard (all layouts start from the same weights);
-    # "sharded": initialise shards after sharding (any size); "auto": full up to 2 GiB of weights.
-    init: Literal["auto", "full", "sharded"] = "auto"
-    # Stop this run after this step although the schedule spans `steps` (Megatron's exit interval):
-    # for time-limited cluster jobs that resume later, and for resume tests.
-    stop_at: int | None = None
-    # Debug: write <output_dir>/trace/rank<r>.jsonl, per step the loader positions and window ids
-    # this rank consumed (to check that resumes and resharding see each sample exactly once).
-    trace_samples: bool = False
-
-    def validate(self) -> None:
-        require_positive("train", self, "steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_batches",
-                  "ac_every")
-        require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 disables)")
-        require(self.eval_interval >= 0, "train.eval_interval", self.eval_interval, "must be >= 0 (0 disables)")
-        require(self.output_dir != "", "train.output_dir", self.output_dir, "must be a non-empty path")
-        if self.stop_at is not None:
-            require(0 < self.stop_at <= self.steps, "train.stop_at", self.stop_at,
-                    f"must be in [1, train.steps = {self.steps}]")
 
 
 @dataclass

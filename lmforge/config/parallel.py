@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Literal
 from lmforge.config.checks import require
 
 if TYPE_CHECKING:
-    from lmforge.config.job import TrainConfig
     from lmforge.config.model import ModelConfig
+    from lmforge.config.train import TrainConfig
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev")

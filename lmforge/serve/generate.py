@@ -18,7 +18,8 @@ from lmforge.checkpoint.manager import CheckpointManager
 from lmforge.checkpoint.weights import load_model_weights
 from lmforge.config import ModelConfig
 from lmforge.config.loader import ConfigError, build_dataclass
-from lmforge.models.llama.hf import import_hf, is_hf_dir
+from lmforge.interop.hf.importer import import_hf
+from lmforge.interop.hf.io import is_hf_dir
 from lmforge.models.llama.model import Transformer, build_model
 from lmforge.storage.layout import MANIFEST, RunDir
 

@@ -379,7 +379,7 @@ CASES = [
          setup=_raise_in("lmforge.checkpoint.tools:read_checkpoint", OSError(5, "Input/output error", "x.pt"))),
     Case("export-permission-denied", lambda w, t: ["export", w.run, t / "hf"], r"permission denied",
          lambda w, t: [w.run],
-         setup=_raise_in("lmforge.models.llama.hf:atomic_dir", PermissionError(13, "Permission denied", "hf"))),
+         setup=_raise_in("lmforge.interop.hf.io:atomic_dir", PermissionError(13, "Permission denied", "hf"))),
 
     # ---- item 6: one line for bad text, devices, memory, unreadable files ----
     Case("recipe-of-random-bytes", lambda w, t: ["train", _random_bytes_recipe(t)], r"r\.toml.*not UTF-8 text",

@@ -14,7 +14,7 @@ from lmforge.checkpoint.manager import CheckpointManager
 from lmforge.checkpoint.state import ModelOptimizerState
 from lmforge.cli import main
 from lmforge.config.job import JobConfig
-from lmforge.models.llama.hf import import_hf
+from lmforge.interop.hf.importer import import_hf
 from tests.unit.test_checkpoint import CFG, trained
 
 

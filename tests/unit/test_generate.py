@@ -15,8 +15,9 @@ from lmforge.checkpoint.manager import CheckpointManager
 from lmforge.checkpoint.state import ModelOptimizerState
 from lmforge.checkpoint.weights import save_model_weights
 from lmforge.config import JobConfig, ModelConfig
+from lmforge.interop.hf.exporter import export_hf
+from lmforge.interop.hf.importer import import_to_run
 from lmforge.models.llama import SIZES, build_model
-from lmforge.models.llama.hf import export_hf
 from lmforge.serve.generate import (
     GenerationError,
     filter_logits,
@@ -24,7 +25,6 @@ from lmforge.serve.generate import (
     load_for_generation,
     sample_next_token,
 )
-from lmforge.serve.hf_import import import_to_run
 from lmforge.storage.layout import step_dir_name
 
 
@@ -241,7 +241,7 @@ def test_load_hf_dir_and_import_to_run(tmp_path: Path):
     run_model, run_cfg, _ = load_for_generation(tmp_path / "run")
     assert generate(run_model, p, 10) == expected
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["dim"] == cfg.dim
-    from lmforge.models.llama.hf import HFFormatError
+    from lmforge.interop.hf.base import HFFormatError
     with pytest.raises(HFFormatError, match="not empty"):
         import_to_run(tmp_path / "hf", tmp_path / "run")
 

@@ -15,16 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer, train_tokenizer
+from lmforge.interop.hf.base import HFFormatError
+from lmforge.interop.hf.exporter import export_hf
+from lmforge.interop.hf.importer import import_hf
+from lmforge.interop.hf.registry import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from lmforge.models.llama import SIZES, build_model
-from lmforge.models.llama.hf import (
-    HFFormatError,
-    export_hf,
-    from_hf_config,
-    from_hf_state_dict,
-    import_hf,
-    to_hf_config,
-    to_hf_state_dict,
-)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -251,7 +246,7 @@ def test_export_is_atomic_and_never_overwrites_by_default(tmp_path: Path):
     def boom(*_a, **_k):
         raise RuntimeError("disk full")
 
-    import lmforge.models.llama.hf as hf_mod
+    import lmforge.interop.hf.io as hf_mod
     orig = hf_mod.save_file
     hf_mod.save_file = boom
     try:

@@ -15,16 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.cli import _byte_size
 from lmforge.config import ModelConfig, MoEConfig
-from lmforge.models.llama.hf import (
-    HFFormatError,
-    export_hf,
-    from_hf_config,
-    from_hf_state_dict,
-    import_hf,
-    shard_groups,
-    to_hf_config,
-    to_hf_state_dict,
-)
+from lmforge.interop.hf.base import HFFormatError
+from lmforge.interop.hf.exporter import export_hf
+from lmforge.interop.hf.importer import import_hf
+from lmforge.interop.hf.io import shard_groups
+from lmforge.interop.hf.registry import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from lmforge.models.llama.model import Transformer, build_model, count_params
 
 TOL = 1e-5

@@ -374,7 +374,8 @@ def test_sizes_lists_moe_models_with_active_params(capsys):
 
 
 def test_hf_export_refuses_moe_clearly():
-    from lmforge.models.llama.hf import HFFormatError, to_hf_config
+    from lmforge.interop.hf.base import HFFormatError
+    from lmforge.interop.hf.registry import to_hf_config
 
     with pytest.raises(HFFormatError, match="Mixture-of-Experts"):
         to_hf_config(MOE_MODEL)

@@ -1,0 +1,199 @@
+"""Hugging Face Llama (`LlamaForCausalLM`), and the Llama decoder layout Mixtral and Qwen2-MoE
+extend: the shared config.json keys and the attention / norm / embedding weight names.
+
+The state-dict conversion is a pure rename: our RoPE uses the "rotate half" layout that HF Llama
+checkpoints use, so q/k rows need no permutation (the logits tests in tests/unit/test_hf.py hold
+that to 1e-5).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.interop.hf.base import HFAdapter, HFFormatError, checked_config, name_list, unwrapped_name
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+# ours -> HF, for the names inside one transformer block.
+LAYER_RENAMES = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
+# ours -> HF, for the names outside the blocks.
+TOP_RENAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_RENAMES_BACK = {v: k for k, v in LAYER_RENAMES.items()}
+TOP_RENAMES_BACK = {v: k for k, v in TOP_RENAMES.items()}
+OUR_LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
+HF_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# Buffers some older HF checkpoints store; they are recomputed from the config.
+HF_IGNORED_NAME = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def decoder_hf_config(cfg: ModelConfig, eos_token_id: int | None, bos_token_id: int | None,
+                      dtype: torch.dtype) -> dict[str, Any]:
+    """The config.json keys every exported family shares (sizes, heads, norm, RoPE, tokens, dtype).
+    RoPE is written both as `rope_theta` (transformers 4.x) and as `rope_parameters` (5.x), so
+    either version reads it."""
+    if dtype not in DTYPE_NAMES:
+        raise HFFormatError(f"export dtype {dtype} is not supported; allowed: {', '.join(DTYPE_NAMES.values())}")
+    return {
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": cfg.max_seq_len,
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+        "use_cache": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": None,
+        "torch_dtype": DTYPE_NAMES[dtype],
+    }
+
+
+def _rope_settings(d: Mapping[str, Any]) -> tuple[list[str], float]:
+    """(RoPE types named, theta) from the 4.x keys (rope_theta, rope_scaling) and 5.x rope_parameters."""
+    types, theta = [], d.get("rope_theta")
+    for key in ("rope_parameters", "rope_scaling"):
+        params = d.get(key)
+        if not params:
+            continue
+        if not isinstance(params, Mapping) or any(isinstance(v, Mapping) for v in params.values()):
+            raise HFFormatError(f"config.json: {key} = {params!r}: only one global RoPE table is supported")
+        types.append(str(params.get("rope_type", params.get("type", "default"))))
+        theta = params.get("rope_theta", theta)
+    return types, float(theta if theta is not None else 10000.0)
+
+
+def decoder_fields(d: Mapping[str, Any], ffn_key: str = "intermediate_size") -> dict[str, Any]:
+    """ModelConfig fields every supported family shares (sizes, heads, norm, RoPE, tying), checked:
+    refuses in one line RoPE scaling, other activations, a head_dim that is not hidden / heads.
+    The dense SwiGLU width is read from `ffn_key`."""
+    def bad(key: str, allowed: str) -> HFFormatError:
+        return HFFormatError(f"config.json: {key} = {d.get(key)!r}: {allowed}")
+
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", ffn_key, "vocab_size"):
+        if not isinstance(d.get(key), int) or isinstance(d.get(key), bool) or d[key] <= 0:
+            raise bad(key, "must be a positive integer")
+    dim, n_heads = d["hidden_size"], d["num_attention_heads"]
+    if dim % n_heads:
+        raise bad("num_attention_heads", f"must divide hidden_size ({dim})")
+    if d.get("head_dim") is not None and d["head_dim"] != dim // n_heads:
+        raise bad("head_dim", f"only hidden_size / num_attention_heads ({dim // n_heads}) is supported")
+    if d.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise bad("hidden_act", "only 'silu' (SwiGLU) is supported")
+    rope_types, theta = _rope_settings(d)
+    for rope_type in rope_types:
+        if rope_type != "default":
+            raise HFFormatError(f"config.json: RoPE type {rope_type!r} is not supported; only 'default' "
+                                "(no rope_scaling) can be imported")
+    if d.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
+        raise bad("partial_rotary_factor", "only 1.0 (full rotary) is supported")
+    n_kv = d.get("num_key_value_heads") or n_heads
+    return dict(
+        dim=dim,
+        n_layers=d["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=None if n_kv == n_heads else n_kv,
+        vocab_size=d["vocab_size"],
+        ffn_hidden=d[ffn_key],
+        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        max_seq_len=int(d.get("max_position_embeddings", 2048)),
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        init_std=float(d.get("initializer_range", 0.02)),
+    )
+
+
+def hf_name(ours: str) -> str:
+    """HF name of one of our parameter names (for error messages); unknown names unchanged."""
+    if ours in TOP_RENAMES:
+        return TOP_RENAMES[ours]
+    m = OUR_LAYER_NAME.match(ours)
+    if m and m.group(2) in LAYER_RENAMES:
+        return f"model.layers.{m.group(1)}.{LAYER_RENAMES[m.group(2)]}"
+    return ours
+
+
+class LlamaAdapter(HFAdapter):
+    """Dense Llama: every parameter is a rename of one of ours."""
+
+    model_type = "llama"
+    architecture = "LlamaForCausalLM"
+    display_name = "Llama"
+    mixture_of_experts = False
+    reads_architecture_alone = True
+
+    def to_hf_config(self, cfg: ModelConfig, eos_token_id: int | None, bos_token_id: int | None,
+                     dtype: torch.dtype) -> dict[str, Any]:
+        """A LlamaConfig-compatible config.json dict."""
+        return {"architectures": [self.architecture], "model_type": self.model_type,
+                **decoder_hf_config(cfg, eos_token_id, bos_token_id, dtype),
+                "intermediate_size": cfg.ffn_hidden_size, "attention_bias": False, "mlp_bias": False,
+                "pretraining_tp": 1}
+
+    def from_hf_config(self, d: Mapping[str, Any]) -> ModelConfig:
+        """Refuses biases, and what `decoder_fields` refuses."""
+        for key in ("attention_bias", "mlp_bias"):
+            if d.get(key, False):
+                raise HFFormatError(f"config.json: {key} = {d.get(key)!r}: biases are not supported; must be false")
+        return checked_config(ModelConfig(**decoder_fields(d)))
+
+    def to_hf_state_dict(self, sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        """With tied embeddings HF stores no lm_head.weight, so it is dropped."""
+        out: dict[str, torch.Tensor] = {}
+        for name, t in sd.items():
+            name = unwrapped_name(name)
+            if cfg.tie_embeddings and name == "output.weight":
+                continue
+            if name in TOP_RENAMES:
+                out[TOP_RENAMES[name]] = t
+                continue
+            m = OUR_LAYER_NAME.match(name)
+            if m is None or m.group(2) not in LAYER_RENAMES:
+                raise HFFormatError(f"parameter {name!r} has no Hugging Face Llama equivalent")
+            out[f"model.layers.{m.group(1)}.{LAYER_RENAMES[m.group(2)]}"] = t
+        return out
+
+    def from_hf_state_dict(self, sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        """Drops lm_head.weight when tied (some exports keep it) and stored rotary inv_freq buffers."""
+        out: dict[str, torch.Tensor] = {}
+        unknown = []
+        for name, t in sd.items():
+            if HF_IGNORED_NAME.search(name) or (cfg.tie_embeddings and name == "lm_head.weight"):
+                continue
+            if name in TOP_RENAMES_BACK:
+                out[TOP_RENAMES_BACK[name]] = t
+                continue
+            m = HF_LAYER_NAME.match(name)
+            if m is None or m.group(2) not in LAYER_RENAMES_BACK:
+                unknown.append(name)
+                continue
+            out[f"layers.{m.group(1)}.{LAYER_RENAMES_BACK[m.group(2)]}"] = t
+        if unknown:
+            raise HFFormatError(f"unexpected weights for a Llama model: {name_list(unknown)}")
+        return out
