@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from lmforge.tensors.dtensor import local_shard
+
 __all__ = ["BF16", "INT8", "SCALE", "decode_moment", "encode_moments", "is_moment", "quantize_int8",
            "dequantize_int8", "stored_names", "tensor_digest"]
 
@@ -62,10 +64,6 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.T
     return out.reshape(q.shape)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _int8_ok(t: torch.Tensor) -> bool:
     """int8 blocks run along the last dim, computed on this rank's data: plain tensors, or DTensors
     whose last dim is not sharded (else blocks would straddle ranks; those are stored as bf16)."""
@@ -81,7 +79,7 @@ def _like(ref: torch.Tensor, local: torch.Tensor, shape: tuple[int, ...]) -> tor
     if not isinstance(ref, DTensor):
         return local
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, ref.device_mesh, ref.placements, run_check=False, shape=torch.Size(shape),
+    return DTensor.fromlocal_shard(local, ref.device_mesh, ref.placements, run_check=False, shape=torch.Size(shape),
                               stride=stride)
 
 
@@ -95,7 +93,7 @@ def encode_moments(flat: Mapping[str, Any], mode: str, block: int) -> dict[str, 
             out[k] = v
         elif mode == "int8" and _int8_ok(v):
             sq = k.endswith("exp_avg_sq")
-            src = _local(v).float()
+            src = local_shard(v).float()
             q, s = quantize_int8(src.clamp(min=0).sqrt() if sq else src, block, round_up=sq)
             nb = -(-v.shape[-1] // block)
             out[k + INT8] = _like(v, q, tuple(v.shape))
@@ -119,7 +117,7 @@ def stored_names(key: str, template: Any, saved: set[str]) -> list[str] | None:
 
 def template_for(name: str, template: torch.Tensor, block: int) -> torch.Tensor:
     """An empty tensor (DTensor when `template` is one) to load stored key `name` into."""
-    local = _local(template)
+    local = local_shard(template)
     if name.endswith(BF16):
         return template.to(torch.bfloat16) if isinstance(template, DTensor) else torch.empty_like(local,
                                                                                               dtype=torch.bfloat16)
@@ -133,11 +131,11 @@ def template_for(name: str, template: torch.Tensor, block: int) -> torch.Tensor:
 
 def decode_moment(key: str, target: torch.Tensor, loaded: list[torch.Tensor], block: int) -> None:
     """Write the decoded moment into `target` in place (fp32, same layout)."""
-    dst = _local(target)
+    dst = local_shard(target)
     if len(loaded) == 1:
-        dst.copy_(_local(loaded[0]).to(dst.dtype))
+        dst.copy_(local_shard(loaded[0]).to(dst.dtype))
         return
-    value = dequantize_int8(_local(loaded[0]), _local(loaded[1]), block)
+    value = dequantize_int8(local_shard(loaded[0]), local_shard(loaded[1]), block)
     if key.endswith("exp_avg_sq"):
         value = value.square()
     dst.copy_(value.to(dst.dtype))
@@ -145,7 +143,7 @@ def decode_moment(key: str, target: torch.Tensor, loaded: list[torch.Tensor], bl
 
 def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of this rank's bytes of `t` plus dtype and shape (incremental checkpoints compare these)."""
-    local = _local(t).detach()
+    local = local_shard(t).detach()
     if local.device.type != "cpu":
         local = local.cpu()
     h = hashlib.sha256(f"{local.dtype}|{tuple(local.shape)}|".encode())

@@ -75,12 +75,6 @@ def unwrapped_name(name: str) -> str:
     return ".".join(p for p in name.split(".") if p not in WRAPPER_NAME_PARTS)
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a DTensor (FSDP2 / TP) is gathered, a plain tensor returned as is."""
-    full = getattr(t, "full_tensor", None)
-    return full() if callable(full) else t
-
-
 def checked_config(cfg: ModelConfig) -> ModelConfig:
     """`cfg` after ModelConfig's own checks, a failure reported as an HFFormatError."""
     try:

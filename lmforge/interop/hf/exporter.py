@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.interop.hf.base import full_tensor
 from lmforge.interop.hf.io import (
     CONFIG_FILE,
     save_safetensors,
@@ -18,6 +17,7 @@ from lmforge.interop.hf.io import (
     write_output_dir,
 )
 from lmforge.interop.hf.registry import to_hf_config, to_hf_state_dict
+from lmforge.tensors.dtensor import gathered
 
 
 def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, tokenizer_json: Path | None = None,
@@ -36,7 +36,7 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: Path, tokenizer
     hf_cfg = to_hf_config(cfg, eos_token_id=eos_id, bos_token_id=eos_id, dtype=dtype)
     sd = to_hf_state_dict(model.state_dict(), cfg)
     # safetensors refuses shared or non-contiguous storage: give each tensor its own contiguous copy.
-    tensors = {k: full_tensor(v).detach().to(device="cpu", dtype=dtype).contiguous().clone()
+    tensors = {k: gathered(v).detach().to(device="cpu", dtype=dtype).contiguous().clone()
                for k, v in sd.items()}
 
     def write(d: Path) -> None:

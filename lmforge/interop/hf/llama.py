@@ -16,8 +16,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.interop.hf.base import HFAdapter, HFFormatError, checked_config, name_list, unwrapped_name
-
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+from lmforge.tensors.dtypes import HF_NAMES
 
 # ours -> HF, for the names inside one transformer block.
 LAYER_RENAMES = {
@@ -50,8 +49,8 @@ def decoder_hf_config(cfg: ModelConfig, eos_token_id: int | None, bos_token_id: 
     """The config.json keys every exported family shares (sizes, heads, norm, RoPE, tokens, dtype).
     RoPE is written both as `rope_theta` (transformers 4.x) and as `rope_parameters` (5.x), so
     either version reads it."""
-    if dtype not in DTYPE_NAMES:
-        raise HFFormatError(f"export dtype {dtype} is not supported; allowed: {', '.join(DTYPE_NAMES.values())}")
+    if dtype not in HF_NAMES:
+        raise HFFormatError(f"export dtype {dtype} is not supported; allowed: {', '.join(HF_NAMES.values())}")
     return {
         "hidden_size": cfg.dim,
         "num_hidden_layers": cfg.n_layers,
@@ -71,7 +70,7 @@ def decoder_hf_config(cfg: ModelConfig, eos_token_id: int | None, bos_token_id: 
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "pad_token_id": None,
-        "torch_dtype": DTYPE_NAMES[dtype],
+        "torch_dtype": HF_NAMES[dtype],
     }
 
 

@@ -29,7 +29,6 @@ from lmforge.interop.hf.base import (
     HFAdapter,
     HFFormatError,
     checked_config,
-    full_tensor,
     name_list,
     unwrapped_name,
 )
@@ -42,6 +41,7 @@ from lmforge.interop.hf.llama import (
     TOP_RENAMES_BACK,
     decoder_hf_config,
 )
+from lmforge.tensors.dtensor import gathered
 
 # HF projection name (either family) -> our SwiGLU weight name.
 PROJ_OURS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "w1": "w1", "w3": "w3", "w2": "w2"}
@@ -160,11 +160,11 @@ class MoEAdapter(HFAdapter):
             elif rest == "feed_forward.router.gate.weight":
                 out[f"{layer}.{prefix}.gate.weight"] = t
             elif rest == "feed_forward.router.expert_bias":
-                if bool((full_tensor(t) != 0).any()):
+                if bool((gathered(t) != 0).any()):
                     raise HFFormatError(f"{name} is nonzero (aux-loss-free bias balancing): Hugging Face "
                                         f"{self.model_type} routes without a selection bias; cannot export exactly")
             elif rest in ("feed_forward.experts.w1", "feed_forward.experts.w3", "feed_forward.experts.w2"):
-                w = full_tensor(t)
+                w = gathered(t)
                 ours = rest.rsplit(".", 1)[1]
                 for j in range(w.shape[0]):
                     out[f"{layer}.{prefix}.experts.{j}.{names[ours]}.weight"] = w[j]
