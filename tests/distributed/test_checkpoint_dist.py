@@ -217,7 +217,7 @@ def _async_storage_ranks(rank: int, world: int, root: str) -> dict:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_async_compressed_incremental_save_on_two_ranks(tmp_path: Path):
-    from tests.distributed.spawn import run_ranks
+    from tests.helpers.spawn import run_ranks
 
     root = tmp_path / "ckpt"
     results = run_ranks(_async_storage_ranks, WORLD, tmp_path / "out", args=(str(root),),

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics, run_cli, tiny_run_args
-from tests.distributed.parity import WEIGHT_PARITY, assert_same_final_weights, library_warnings
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
+from tests.helpers.parity import WEIGHT_PARITY, assert_same_final_weights, library_warnings
 
 STEPS = 6
 # One checkpoint after the last step: the final weights are compared with one process's.

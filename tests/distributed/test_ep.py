@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 DIM, HIDDEN, E, TOKENS = 8, 16, 4, 12
 

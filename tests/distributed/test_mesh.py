@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 LAYOUTS = {
     "hsdp": {"dp_replicate": 2, "dp_shard": 2},

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lmforge.models.llama.sizes import SIZES
-from tests.distributed.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 CFG = replace(SIZES["debug"], dim=64, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=32)
 WORLD = 2

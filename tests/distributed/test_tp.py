@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.models.llama.sizes import SIZES
-from tests.distributed.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 CFG = replace(SIZES["debug"], max_seq_len=64)  # dim 64, 2 layers, 4 heads, 2 kv heads, vocab 512
 SEQ, BATCH, STEPS, LR, MAX_NORM = 32, 4, 6, 3e-3, 1.0
