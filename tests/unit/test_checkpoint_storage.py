@@ -18,7 +18,7 @@ from lmforge.checkpoint.formats import dequantize_int8, quantize_int8
 from lmforge.checkpoint.manager import MANIFEST, CheckpointManager, load_model_weights, verify_checkpoint
 from lmforge.checkpoint.state import ModelOptimizerState
 from lmforge.models.llama.model import build_model
-from tests.unit.test_checkpoint import CFG, assert_same_optimizer, trained
+from tests.helpers.checkpoint import CFG, assert_same_optimizer, trained
 
 
 @pytest.fixture(autouse=True, scope="module")
