@@ -16,3 +16,18 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-data")
     return prepare_data(DataConfig(corpus="default", dir=str(out), max_documents=120, val_fraction=0.05),
                         TokenizerConfig(vocab_size=512, min_frequency=2), log=lambda *_: None)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The folder says how a test runs: each test gets its folder's marker (`-m cli`,
+    `-m "not multi_rank"`). Every test in tests/multi_rank spawns several gloo ranks, so it is
+    `distributed` too (tests/cli marks its torchrun cases one by one)."""
+    folder_markers = {"unit": ("unit",), "multi_rank": ("multi_rank", "distributed"), "cli": ("cli",)}
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        path = Path(item.path).resolve()
+        if not path.is_relative_to(tests_dir):
+            continue
+        folder = path.relative_to(tests_dir).parts[0]
+        for name in folder_markers.get(folder, ()):
+            item.add_marker(name)

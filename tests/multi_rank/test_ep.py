@@ -71,7 +71,6 @@ def _ep_rank(rank: int, world: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.distributed
 def test_ep_dispatch_combine_match_one_process(tmp_path: Path) -> None:
     results = run_ranks(_ep_rank, 2, tmp_path)
     xs = _tokens()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tests.helpers.spawn import run_ranks
 
 LAYOUTS = {
@@ -39,7 +37,6 @@ def _meshes(rank: int, world: int) -> dict:
     return out
 
 
-@pytest.mark.distributed
 def test_meshes_have_the_right_ranks_and_warn_nothing(tmp_path: Path) -> None:
     got = run_ranks(_meshes, 4, tmp_path)
     for rank, meshes in enumerate(got):

@@ -156,7 +156,6 @@ def _check(case: str, r: dict) -> None:
     assert r["dtensor_params"] > 0
 
 
-@pytest.mark.distributed
 def test_tp_two_ranks_match_single_process(tmp_path: Path) -> None:
     results = run_ranks(_tp_worker, 2, tmp_path, preload=PRELOAD)
     for res in results:
@@ -171,7 +170,6 @@ def test_tp_two_ranks_match_single_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.distributed
 def test_fsdp2_x_tp_four_ranks_match_single_process(tmp_path: Path) -> None:
     for res in run_ranks(_fsdp_tp_worker, 4, tmp_path, preload=PRELOAD):
         _check("fsdp+sp+lp", res["fsdp+sp+lp"])
