@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Helpers assert too: pytest shows their failing values as it does for the tests' own asserts.
+pytest.register_assert_rewrite("tests.helpers")
+
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
