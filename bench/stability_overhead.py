@@ -75,7 +75,7 @@ def _scalar_allreduce(rank: int, world: int, n: int) -> list[float]:
 
 def micro(n: int = 500) -> float:
     """Median seconds of the policy's per-step extra work on 2 gloo ranks (rank 0's view)."""
-    from tests.distributed.spawn import run_ranks
+    from tests.helpers.spawn import run_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
         return statistics.median(run_ranks(_scalar_allreduce, 2, Path(tmp), args=(n,))[0][50:])

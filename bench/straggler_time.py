@@ -24,7 +24,7 @@ import torch
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.distributed.spawn import run_ranks  # noqa: E402
+from tests.helpers.spawn import run_ranks  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _check import verdict  # noqa: E402

@@ -15,7 +15,7 @@ from lmforge.checkpoint.state import ModelOptimizerState
 from lmforge.cli import main
 from lmforge.config.job import JobConfig
 from lmforge.interop.hf.importer import import_hf
-from tests.unit.test_checkpoint import CFG, trained
+from tests.helpers.checkpoint import CFG, trained
 
 
 @pytest.fixture(scope="module")

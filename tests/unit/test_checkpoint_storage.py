@@ -21,7 +21,7 @@ from lmforge.checkpoint.state import ModelOptimizerState
 from lmforge.checkpoint.weights import load_model_weights
 from lmforge.models.llama.model import build_model
 from lmforge.storage.layout import MANIFEST
-from tests.unit.test_checkpoint import CFG, assert_same_optimizer, trained
+from tests.helpers.checkpoint import CFG, assert_same_optimizer, trained
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,5 +1,5 @@
 """lmforge.parallel.clip on plain tensors: bit-identical to torch.nn.utils.clip_grad_norm_ (the
-DTensor / multi-mesh / pipeline cases are in tests/distributed/test_tp.py)."""
+DTensor / multi-mesh / pipeline cases are in tests/multi_rank/test_tp.py)."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lmforge.config import load_job_config, parse_override_args
-from tests.unit.test_parallel_config import BASE
-from tests.unit.test_parallel_config import test_parallel_rule as check_rule
+from tests.helpers.config import BASE
+from tests.helpers.config import check_parallel_rule as check_rule
 
 MOE = ["--model.moe.n_experts", "4", "--model.moe.top_k", "2"]
 

@@ -12,7 +12,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy
 from lmforge.config import ConfigError, ParallelConfig, load_job_config, parse_override_args
 from lmforge.parallel.fsdp import fsdp_kwargs
 from lmforge.parallel.mesh import choose_backend
-from tests.unit.test_parallel_config import BASE
+from tests.helpers.config import BASE
 
 OPTIONS = [("cpu_offload", "true", True), ("fsdp_param_dtype", "bf16", "bf16"),
            ("fsdp_reshard_after_forward", "never", "never"), ("fsdp_reshard_after_forward", "always", "always")]

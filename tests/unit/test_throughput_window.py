@@ -18,7 +18,7 @@ import pytest
 from lmforge.checkpoint.tiers import TieredCheckpoints
 from lmforge.config import load_job_config, parse_override_args
 from lmforge.train.trainer import Trainer
-from tests.conftest import read_metrics, tiny_run_args
+from tests.helpers.cli import read_metrics, tiny_run_args
 
 STEPS, LOG_EVERY, SLOW_S = 20, 10, 0.25
 CASES = {

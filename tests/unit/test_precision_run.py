@@ -16,7 +16,7 @@ from lmforge.observability import peak
 from lmforge.observability.flops import training_flops_per_token
 from lmforge.train.precision import choose_precision, cpu_native_feature, detect_hardware
 from lmforge.train.trainer import Trainer
-from tests.conftest import read_metrics, tiny_run_args
+from tests.helpers.cli import read_metrics, tiny_run_args
 
 FAKE_PEAKS = {"fp32": 3e11, "bf16": 7e14}  # far apart: MFU shows which one was divided by
 

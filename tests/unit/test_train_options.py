@@ -10,7 +10,7 @@ import torch
 
 from lmforge.config import load_job_config, parse_override_args
 from lmforge.train.trainer import Trainer
-from tests.conftest import read_metrics, tiny_run_args
+from tests.helpers.cli import read_metrics, tiny_run_args
 
 STEPS = 4
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from tests.distributed.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 LAYOUTS = {
     "hsdp": {"dp_replicate": 2, "dp_shard": 2},
@@ -39,7 +37,6 @@ def _meshes(rank: int, world: int) -> dict:
     return out
 
 
-@pytest.mark.distributed
 def test_meshes_have_the_right_ranks_and_warn_nothing(tmp_path: Path) -> None:
     got = run_ranks(_meshes, 4, tmp_path)
     for rank, meshes in enumerate(got):

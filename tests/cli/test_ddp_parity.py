@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics, run_cli, tiny_run_args
-from tests.distributed.parity import WEIGHT_PARITY, assert_same_final_weights, library_warnings
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
+from tests.helpers.parity import WEIGHT_PARITY, assert_same_final_weights, library_warnings
 
 STEPS = 6
 # One checkpoint after the last step: the final weights are compared with one process's.
@@ -126,7 +126,7 @@ def reference_at_stop_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPath
 @pytest.mark.parametrize("layout", list(COMPILED))
 def test_compiled_layout_matches_eager(layout: str, tiny_data_dir: Path, tmp_path: Path,
                                        reference: list[float], reference_at_stop_dir: Path) -> None:
-    """Losses: the single-process compile test's tolerance (tests/e2e/test_train_options.py);
+    """Losses: the single-process compile test's tolerance (tests/unit/test_train_options.py);
     final weights (checkpoint after the last step) within the eager layouts' 1e-4."""
     nproc, extra = COMPILED[layout]
     run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra, "--train.compile", "true",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
 
 COMMON = ["--train.steps", "8", "--train.global_batch_size", "8", "--train.eval_interval", "0",
           "--checkpoint.interval", "4"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
 
 
 @pytest.mark.slow

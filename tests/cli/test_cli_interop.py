@@ -12,7 +12,7 @@ import transformers
 from lmforge.cli import main
 from lmforge.models.llama.model import Transformer
 from lmforge.serve.generate import load_for_generation
-from tests.conftest import run_cli, tiny_run_args
+from tests.helpers.cli import run_cli, tiny_run_args
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import pytest
 from lmforge.cli import main
 from lmforge.data.files import fingerprint
 from lmforge.data.verify import pack_files
-from tests.conftest import REPO, run_cli, tiny_run_args
+from tests.helpers.cli import REPO, run_cli, tiny_run_args
 
 MAX_STDERR_LINES = 3
 

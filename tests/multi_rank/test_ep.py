@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 DIM, HIDDEN, E, TOKENS = 8, 16, 4, 12
 
@@ -71,7 +71,6 @@ def _ep_rank(rank: int, world: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.distributed
 def test_ep_dispatch_combine_match_one_process(tmp_path: Path) -> None:
     results = run_ranks(_ep_rank, 2, tmp_path)
     xs = _tokens()

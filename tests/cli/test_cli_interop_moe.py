@@ -14,7 +14,7 @@ import transformers
 
 from lmforge.cli import main
 from lmforge.serve.generate import generate, load_for_generation
-from tests.conftest import run_cli, tiny_run_args
+from tests.helpers.cli import run_cli, tiny_run_args
 
 MOE = ["--model.qkv_bias", "true", "--model.moe.n_experts", "4", "--model.moe.top_k", "2",
        "--model.moe.expert_hidden", "32", "--model.moe.n_shared_experts", "1", "--model.moe.shared_expert_gate", "true",

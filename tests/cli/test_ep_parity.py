@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
 
 STEPS = 6
 MOE = ["--model.moe.n_experts", "4", "--model.moe.top_k", "2", "--model.moe.expert_hidden", "32",
@@ -31,7 +31,7 @@ MOE = ["--model.moe.n_experts", "4", "--model.moe.top_k", "2", "--model.moe.expe
        "--model.moe.bias_update_rate", "0.01"]
 COMMON = ["--train.steps", str(STEPS), "--train.global_batch_size", "8", "--train.micro_batch_size", "2",
           "--train.eval_interval", "0", "--checkpoint.interval", "3", *MOE,
-          # AdamW eps: why not 1e-8, tests/distributed/parity.py (WEIGHT_PARITY). 1e-5 here: with bias
+          # AdamW eps: why not 1e-8, tests/helpers/parity.py (WEIGHT_PARITY). 1e-5 here: with bias
           # balancing from step 1, tp=2 after 6 steps differed from one process by 1.6e-4 on one
           # embedding value at eps 1e-6 (losses within 1e-7, biases bit-equal: a near-cancelling
           # gradient element that Adam divides by its own size); 3.8e-6 at 1e-5 (2026-12-02).

@@ -134,7 +134,6 @@ def _assert_same_optimizer(a: dict, b: dict) -> None:
             assert torch.equal(a["state"][i][name], b["state"][i][name]), (i, name)
 
 
-@pytest.mark.distributed
 def test_ddp_save_and_load_in_fresh_ranks(tmp_path: Path):
     root, out = tmp_path / "ckpt", tmp_path / "out"
     out.mkdir()
@@ -214,10 +213,9 @@ def _async_storage_ranks(rank: int, world: int, root: str) -> dict:
     return {"manifests": manifests, "step": step_loaded, "same": same, "stats": mgr.stats()}
 
 
-@pytest.mark.distributed
 @pytest.mark.slow
 def test_async_compressed_incremental_save_on_two_ranks(tmp_path: Path):
-    from tests.distributed.spawn import run_ranks
+    from tests.helpers.spawn import run_ranks
 
     root = tmp_path / "ckpt"
     results = run_ranks(_async_storage_ranks, WORLD, tmp_path / "out", args=(str(root),),

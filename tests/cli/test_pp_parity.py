@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics, run_cli, tiny_run_args
-from tests.distributed.parity import WEIGHT_PARITY, assert_same_final_weights
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
+from tests.helpers.parity import WEIGHT_PARITY, assert_same_final_weights
 
 STEPS = 5
 # Four layers, so V and interleaved schedules get one layer per stage.

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.models.llama.sizes import SIZES
-from tests.distributed.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 CFG = replace(SIZES["debug"], max_seq_len=64)  # dim 64, 2 layers, 4 heads, 2 kv heads, vocab 512
 SEQ, BATCH, STEPS, LR, MAX_NORM = 32, 4, 6, 3e-3, 1.0
@@ -156,7 +156,6 @@ def _check(case: str, r: dict) -> None:
     assert r["dtensor_params"] > 0
 
 
-@pytest.mark.distributed
 def test_tp_two_ranks_match_single_process(tmp_path: Path) -> None:
     results = run_ranks(_tp_worker, 2, tmp_path, preload=PRELOAD)
     for res in results:
@@ -171,7 +170,6 @@ def test_tp_two_ranks_match_single_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.distributed
 def test_fsdp2_x_tp_four_ranks_match_single_process(tmp_path: Path) -> None:
     for res in run_ranks(_fsdp_tp_worker, 4, tmp_path, preload=PRELOAD):
         _check("fsdp+sp+lp", res["fsdp+sp+lp"])

@@ -14,7 +14,7 @@ import torch
 # (~1e-10) of a near-zero gradient element, which differs between any two programs that sum in
 # another order, becomes a step of up to ~lr (measured at trainer level: 1.7e-4 on one embedding
 # value after 6 steps of plain gradient accumulation, one process). At 1e-6 the same comparison
-# gives 4.8e-6, so the check is about the layout, not about that conditioning (as in test_pp.py).
+# gives 4.8e-6, so the check is about the layout, not about that conditioning (as in tests/multi_rank/test_pp.py).
 WEIGHT_PARITY = ["--checkpoint.enabled", "true", "--checkpoint.interval", "1000", "--checkpoint.keep_last", "1",
                  "--optimizer.eps", "1e-6"]
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lmforge.models.llama.sizes import SIZES
-from tests.distributed.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 CFG = replace(SIZES["debug"], dim=64, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=32)
 WORLD = 2
@@ -217,7 +217,6 @@ def _assert_parity(ref: dict, ref_micro: dict, ranks: list[dict], name: str) -> 
             assert diff <= 1e-4, f"{name}: {k} differs from the reference by up to {diff:.2e}"
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_schedule_matches_single_process(schedule: str, ranks: list[dict], ref: dict, ref_micro: dict) -> None:
     assert ref["losses"][-1] < ref["losses"][0]
@@ -238,19 +237,16 @@ def test_schedule_matches_single_process(schedule: str, ranks: list[dict], ref: 
         assert results[1]["stages"] == [1] and results[1]["last"]
 
 
-@pytest.mark.distributed
 def test_zero_bubble_schedules_refuse_compiled_parts(ranks: list[dict]) -> None:
     for r in ranks:
         assert "'zbv' splits the backward" in r["compile-refused"] and "train.compile" in r["compile-refused"]
 
 
-@pytest.mark.distributed
 def test_accumulation_over_pipeline_steps(ranks: list[dict], ref: dict) -> None:
     # Two pipeline steps of 4 rows per optimizer step, 4 microbatches each: 8 microbatches of 1 row.
     _assert_parity(ref, reference(chunks=2 * MICRO), [r["1f1b-accum2"] for r in ranks], "1f1b accum=2")
 
 
-@pytest.mark.distributed
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_checkpoint_of_parts_loads_into_the_whole_model(ranks: list[dict]) -> None:
     import torch.distributed.checkpoint as dcp

@@ -12,7 +12,7 @@ import pytest
 
 from lmforge.config import load_job_config, parse_override_args
 from lmforge.train.trainer import Trainer
-from tests.conftest import read_metrics
+from tests.helpers.cli import read_metrics
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny-dense.toml"
 

@@ -20,7 +20,7 @@ import pytest
 
 from lmforge.checkpoint.tiers import memory_root
 from lmforge.cli import main
-from tests.conftest import REPO, read_metrics, tiny_run_args
+from tests.helpers.cli import REPO, read_metrics, tiny_run_args
 
 STEPS = 12
 COMMON = ["--train.steps", str(STEPS), "--train.global_batch_size", "2", "--train.micro_batch_size", "2",

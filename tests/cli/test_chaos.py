@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
 
 STEPS = 8
 COMMON = ["--train.steps", str(STEPS), "--train.global_batch_size", "4", "--train.micro_batch_size", "2",
@@ -79,7 +79,7 @@ def test_an_error_on_one_rank_ends_the_job_with_that_error(tiny_data_dir: Path, 
     a collective): the launcher stops the job and the error text reaches the user."""
     import sys
 
-    from tests.conftest import run_process_group
+    from tests.helpers.cli import run_process_group
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LMFORGE_FAULTS": json.dumps({"error": [3, 1]})}
     cmd = [sys.executable, "-m", "lmforge", "train", "--nproc", "2",

@@ -32,9 +32,9 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import main
-from tests.conftest import REPO, read_metrics
+from tests.helpers.cli import REPO, read_metrics
 
-# A smaller model than conftest's TINY_MODEL: the cases here are about files, not training.
+# A smaller model than tests/helpers/cli.py's TINY_MODEL: the cases here are about files, not training.
 MICRO_MODEL = ["--model.dim", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--model.n_kv_heads", "1",
                "--model.vocab_size", "512", "--model.multiple_of", "32", "--model.max_seq_len", "32"]
 STEPS = 6

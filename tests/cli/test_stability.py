@@ -14,7 +14,7 @@ import torch
 
 from lmforge.serve.generate import load_for_generation
 from lmforge.train.trace import read_traces
-from tests.conftest import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
 
 COMMON = ["--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.eval_interval", "0",
           "--stability.enabled", "true", "--stability.spike_min_history", "4", "--stability.spike_zscore", "6"]

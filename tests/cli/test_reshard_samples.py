@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.train.trace import read_traces
-from tests.conftest import run_cli, tiny_run_args
+from tests.helpers.cli import run_cli, tiny_run_args
 
 STEPS = 9
 COMMON = ["--train.steps", str(STEPS), "--train.global_batch_size", "4", "--train.eval_interval", "0",

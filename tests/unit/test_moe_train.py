@@ -11,7 +11,7 @@ import torch
 
 from lmforge.config import load_job_config, parse_override_args
 from lmforge.train.trainer import Trainer
-from tests.conftest import read_metrics, tiny_run_args
+from tests.helpers.cli import read_metrics, tiny_run_args
 
 MOE = ["--model.moe.n_experts", "4", "--model.moe.top_k", "2", "--model.moe.expert_hidden", "32",
        "--model.moe.first_k_dense", "1", "--model.moe.aux_loss_coef", "0.01", "--model.moe.z_loss_coef", "0.001",
