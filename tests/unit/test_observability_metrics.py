@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from pathlib import Path
 
 import pytest
@@ -47,10 +48,13 @@ def test_cpu_memory_stats() -> None:
     assert 0.01 < stats["mem_rss_gib"] < 1024  # this process holds torch: tens of MiB at least
     assert stats["mem_max_rss_gib"] >= stats["mem_rss_gib"] * 0.99  # peak >= current (page rounding)
     before = memory_stats("cpu")["mem_rss_gib"]
-    big = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+    # 64 MiB of fresh anonymous pages, touched: a torch allocation could reuse heap pages that an
+    # earlier test in this process left resident (then RSS would not move).
+    big = mmap.mmap(-1, 64 << 20)
+    big.write(b"\x01" * (64 << 20))
     after = memory_stats("cpu")["mem_rss_gib"]
     assert after - before > 0.04
-    del big
+    big.close()
 
 
 def _lines(path: Path) -> list[dict]:
