@@ -159,8 +159,8 @@ def tp_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_parallel:
     return cross_entropy(logits, targets)
 
 
-def local_value(loss: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from a loss that may be a replicated DTensor (for logging, all-reduces over
-    the data-parallel group and `GradScaler` bookkeeping)."""
+def full_value(loss: torch.Tensor) -> torch.Tensor:
+    """The full (gathered) value as a plain tensor of a loss that may be a DTensor (for logging,
+    all-reduces over the data-parallel group and `GradScaler` bookkeeping)."""
     return loss.full_tensor() if isinstance(loss, DTensor) else loss
 

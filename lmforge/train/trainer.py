@@ -51,18 +51,11 @@ from lmforge.parallel.pp import (
     plan_pipeline,
     split_model,
 )
-from lmforge.parallel.tp import apply_tp, local_value, loss_parallel_ctx, tp_cross_entropy
+from lmforge.parallel.tp import apply_tp, full_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.storage.atomic import atomic_copy, write_text_atomic
 from lmforge.storage.strict_json import dumps_strict
 from lmforge.train.faults import FaultInjector
-from lmforge.train.moe import (
-    attach_router_losses,
-    moe_layers,
-    moe_metrics,
-    reset_expert_load,
-    router_loss,
-    update_expert_biases,
-)
+from lmforge.train.lr_schedule import build_scheduler
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import (
     DTYPES,
@@ -72,7 +65,14 @@ from lmforge.train.precision import (
     measure_slowdown,
     resolve_job_precision,
 )
-from lmforge.train.schedule import build_scheduler
+from lmforge.train.router_balance import (
+    attach_router_losses,
+    moe_layers,
+    moe_metrics,
+    reset_expert_load,
+    router_loss,
+    update_expert_biases,
+)
 from lmforge.train.stability import StabilityPolicy, StepCheck
 from lmforge.train.state import TrainState
 from lmforge.train.stragglers import StragglerMonitor
@@ -339,7 +339,7 @@ class Trainer:
             if aux is not None and isinstance(loss, DTensor):  # loss parallel: MoE replicated over tp
                 aux = DTensor.from_local(aux, loss.device_mesh, [Replicate()] * loss.device_mesh.ndim)
             self.scaler.scale((loss + aux if aux is not None else loss) / self.accum).backward()
-        return local_value(loss).detach()
+        return full_value(loss).detach()
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `accum` micro-batches; returns (local mean loss, grad norm)."""
@@ -420,7 +420,7 @@ class Trainer:
                         total += loss if loss is not None else 0.0
                         continue
                     logits = self.model(x)
-                total += local_value(tp_cross_entropy(logits, y, self.loss_parallel))
+                total += full_value(tp_cross_entropy(logits, y, self.loss_parallel))
         self.model.train()
         return self._global_mean(total / n)
 

@@ -179,7 +179,7 @@ class TokenChoiceRouter(nn.Module):
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float) -> None:
         """DeepSeek-V3 aux-loss-free update: bias += rate * sign(mean load - load). `load` must be
-        the tokens per expert summed over every data-parallel rank (see lmforge.train.moe)."""
+        the tokens per expert summed over every data-parallel rank (see lmforge.train.router_balance)."""
         self.expert_bias.add_(rate * torch.sign(load.float().mean() - load.float()))
 
 
@@ -394,7 +394,7 @@ class MoE(nn.Module):
     tokens per expert over the micro-batches of one optimizer step for the bias update: a
     forward's load counts when its backward reaches the router (`_CountLoadInBackward`), so
     forwards that are not trained (pipeline shape inference, recomputation) never count. None
-    until then; lmforge.train.moe.update_expert_biases consumes and resets it.
+    until then; lmforge.train.router_balance.update_expert_biases consumes and resets it.
     """
 
     def __init__(self, dim: int, hidden: int, cfg: MoEConfig):

@@ -1,4 +1,4 @@
-"""What the trainer does for Mixture-of-Experts layers (the model itself stays process-group free):
+"""Router balancing: what the trainer does for Mixture-of-Experts layers (the model itself stays process-group free):
 add the router losses to the training loss, update the aux-loss-free balancing biases after each
 optimizer step from the load summed over data-parallel ranks, and collect per-layer load metrics
 at log steps.
