@@ -25,37 +25,21 @@ from lmforge.data.limits import cap_eval_batches, check_batch_fits_data
 from lmforge.data.loader import DistributedTokenLoader, TokenDataset
 from lmforge.data.pack import prepare_data
 from lmforge.data.tokenizer import TextTokenizer
-from lmforge.models.common.linear import MatmulKernels
-from lmforge.models.llama.model import Transformer
 from lmforge.observability.flops import training_flops_per_token
 from lmforge.observability.memory import ActivationMeter, model_state_bytes
 from lmforge.observability.metrics import MetricsLogger, StepTimer, memory_stats
 from lmforge.observability.peak import resolve_peak_flops
 from lmforge.observability.plot import plot_loss_curve
 from lmforge.observability.progress import ProgressBar
-from lmforge.parallel.ac import apply_activation_checkpointing
 from lmforge.parallel.clip import clip_grad_norm_
-from lmforge.parallel.compile import apply_compile
-from lmforge.parallel.ddp import apply_ddp
-from lmforge.parallel.ep import apply_ep, apply_expert_fsdp
-from lmforge.parallel.fsdp import apply_fsdp
 from lmforge.parallel.mesh import DistInfo, build_mesh, init_distributed, shutdown_distributed
-from lmforge.parallel.pp import (
-    PipelineParts,
-    broadcast_loss,
-    build_schedule,
-    materialise_part,
-    parts_module,
-    pipeline_eval,
-    pipeline_step,
-    plan_pipeline,
-    split_model,
-)
-from lmforge.parallel.tp import apply_tp, full_value, loss_parallel_ctx, tp_cross_entropy
+from lmforge.parallel.pp import broadcast_loss, pipeline_eval, pipeline_step
+from lmforge.parallel.tp import full_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.storage.atomic import atomic_copy, write_text_atomic
 from lmforge.storage.strict_json import dumps_strict
 from lmforge.train.faults import FaultInjector
 from lmforge.train.lr_schedule import build_scheduler
+from lmforge.train.model_build import build_training_model
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import (
     DTYPES,
@@ -96,11 +80,10 @@ class Trainer:
             raise
 
     def _setup(self, cfg: JobConfig, echo: bool) -> None:
-        r = cfg.parallel.resolved(self.info.world_size)
-        self.loss_parallel = r.tp > 1 and r.loss_parallel
         self.is_main = self.info.rank == 0
         self.echo = echo and self.is_main
         self.mesh = build_mesh(self.info, cfg.parallel)
+        self.loss_parallel = self.mesh.degrees.tp > 1 and cfg.parallel.loss_parallel
         self.dp_mesh = self.mesh.dp
         self.device = self.info.device
         self.run_dir = Path(cfg.train.output_dir)
@@ -118,8 +101,9 @@ class Trainer:
                         self.precision.mode, slower)
         self.scaler = build_grad_scaler(cfg.train.mixed_precision, self.device)
         self.accum = cfg.accum_steps(self.info.world_size)
-        self.pipe: PipelineParts | None = None
-        self.model = self._build_model()
+        built = build_training_model(cfg, self.mesh, self.info, self._say,
+                                     scale_loss=self.scaler.scale if self.scaler.is_enabled() else None)
+        self.model, self.pipe = built.module, built.pipe
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.moe = moe_layers(self.model)  # (block index, MoE) pairs; empty for dense models
         if self.pipe is not None and self.moe:  # router losses of every stage join through the backward
@@ -193,87 +177,6 @@ class Trainer:
             raise ConfigError("model.vocab_size", self.cfg.model.vocab_size,
                               f"must be >= the tokenizer's vocabulary ({tok.vocab_size}, {data_dir})")
         return data_dir
-
-    def _full_init(self, model: torch.nn.Module) -> bool:
-        """Initialise the whole model before sharding when it is small (every layout then starts
-        from the weights one process would have); big models initialise their shards after
-        sharding, so they never exist whole in one process."""
-        mode = self.cfg.train.init
-        if mode != "auto":
-            return mode == "full"
-        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        return nbytes <= 2 * 2**30
-
-    def _materialise(self, model: torch.nn.Module) -> None:
-        model.to_empty(device=self.device)
-        # Same seed on every rank: replicas start identical without a broadcast.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.train.seed)
-            model.init_weights(self.device)
-
-    def _parallelize(self, module: torch.nn.Module, pipeline: bool) -> None:
-        """TP -> EP -> activation checkpointing -> compile -> FSDP2, in place (the order in docs/architecture.md)."""
-        cfg, degrees = self.cfg, self.mesh.degrees
-        if degrees["tp"] > 1:
-            apply_tp(module, self.mesh["tp"], cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel)
-        if degrees["ep"] > 1:
-            apply_ep(module, self.mesh["ep"])
-        apply_activation_checkpointing(module, cfg.train.activation_checkpointing, cfg.train.ac_every)
-        if cfg.train.compile:
-            apply_compile(module)
-        if degrees["ep"] > 1:  # experts over dp_shard / ep first; the blocks then leave them alone
-            apply_expert_fsdp(module, self.mesh.expert_fsdp, cfg.parallel, self.device, pipeline=pipeline)
-        if degrees["dp_shard"] > 1:
-            apply_fsdp(module, self.mesh.fsdp, cfg.parallel, self.device, pipeline=pipeline)
-
-    def _build_model(self) -> torch.nn.Module:
-        """meta -> (full init) -> [pipeline split] -> TP -> AC -> compile -> FSDP2 or DDP -> (sharded
-        init). Returns the module whose state dict is checkpointed (under pipelining a view of this
-        rank's stages with the model's own parameter names; the schedule in `self.pipe` runs them)."""
-        cfg, degrees = self.cfg, self.mesh.degrees
-        with torch.device("meta"):
-            # Several ranks would each time the fp32 kernels and could choose differently (their
-            # results then differ in the last bits): one process only (models/common/linear.py).
-            kernels = MatmulKernels.with_disk_cache() if self.info.world_size == 1 else MatmulKernels(enabled=False)
-            model = Transformer(cfg.model, kernels)
-        n_params = sum(p.numel() for p in model.parameters())
-        use_fsdp = degrees["dp_shard"] > 1
-        # DDP and one process need whole weights; so does TP on CPU, where DTensor has no RNG
-        # tracker and shards initialised after sharding would repeat each other.
-        full = self._full_init(model) or not use_fsdp or (degrees["tp"] > 1 and self.device.type == "cpu") \
-            or (degrees["ep"] > 1 and self.device.type == "cpu")
-        if full:
-            self._materialise(model)
-        layout = " x ".join(f"{k}={v}" for k, v in degrees.items() if v > 1) or "single process"
-        self._say(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, dim {cfg.model.dim}; "
-                  f"world size {self.info.world_size} ({self.info.backend}): {layout}")
-        if degrees["pp"] > 1:
-            return self._build_pipeline(model, full)
-        self._parallelize(model, pipeline=False)
-        if not full:
-            self._materialise(model)
-        if not use_fsdp and degrees["dp_replicate"] > 1:
-            return apply_ddp(model, self.mesh["dp_replicate"])
-        return model
-
-    def _build_pipeline(self, model: Transformer, materialised: bool) -> torch.nn.Module:
-        cfg, pp_mesh = self.cfg, self.mesh["pp"]
-        plan = plan_pipeline(cfg.parallel, cfg.model, pp_mesh.size(), cfg.train.seq_len)
-        parts = split_model(model, plan, pp_mesh.get_local_rank())
-        del model
-        for part, stage in zip(parts, plan.local_stages(pp_mesh.get_local_rank())):
-            self._parallelize(part, pipeline=True)
-            if not materialised:
-                materialise_part(part, self.device, cfg.train.seed, stage)
-        n_micro = cfg.parallel.pp_microbatches or plan.n_stages
-        loss_parallel = self.loss_parallel
-
-        def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return tp_cross_entropy(logits, targets, loss_parallel)
-
-        self.pipe = build_schedule(parts, plan, pp_mesh, loss_fn, n_micro, self.device, accum_steps=self.accum,
-                                   scale_loss=self.scaler.scale if self.scaler.is_enabled() else None)
-        return parts_module(parts)
 
     def _peak_flops(self) -> float:
         dtype = DTYPES[self.cfg.train.mixed_precision]
@@ -386,7 +289,7 @@ class Trainer:
 
     def _write_memory_report(self) -> None:
         """memory/rank<r>.json: what this rank holds, so each parallel dimension's effect shows."""
-        report = {"rank": self.info.rank, "mesh": self.mesh.degrees, **self.state_bytes,
+        report = {"rank": self.info.rank, "mesh": self.mesh.degrees.as_dict(), **self.state_bytes,
                   "activations": self.activation_bytes, **memory_stats(self.device)}
         write_text_atomic(self.run_dir / "memory" / f"rank{self.info.rank}.json", dumps_strict(report, indent=1))
 
