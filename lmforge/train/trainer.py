@@ -49,14 +49,7 @@ from lmforge.train.precision import (
     measure_slowdown,
     resolve_job_precision,
 )
-from lmforge.train.router_balance import (
-    attach_router_losses,
-    moe_layers,
-    moe_metrics,
-    reset_expert_load,
-    router_loss,
-    update_expert_biases,
-)
+from lmforge.train.router_balance import RouterBalance
 from lmforge.train.stability import StabilityPolicy, StepCheck
 from lmforge.train.state import TrainState
 from lmforge.train.stragglers import StragglerMonitor
@@ -105,11 +98,11 @@ class Trainer:
                                      scale_loss=self.scaler.scale if self.scaler.is_enabled() else None)
         self.model, self.pipe = built.module, built.pipe
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.moe = moe_layers(self.model)  # (block index, MoE) pairs; empty for dense models
-        if self.pipe is not None and self.moe:  # router losses of every stage join through the backward
+        self.router = RouterBalance.for_model(self.model, self._dp_group())  # None for dense models
+        if self.pipe is not None and self.router is not None:  # every stage's router losses join in backward
             pipe, scaler = self.pipe, self.scaler
-            attach_router_losses(self.moe, lambda: (scaler.get_scale() if scaler.is_enabled() else 1.0)
-                                 / (pipe.n_microbatches * self.accum))
+            self.router.train_through_pipeline(lambda: (scaler.get_scale() if scaler.is_enabled() else 1.0)
+                                               / (pipe.n_microbatches * self.accum))
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.steps)
         self.state = TrainState()
         # Fault tolerance (lmforge.train.stability/stragglers/trace/faults): all off by default.
@@ -236,7 +229,8 @@ class Trainer:
             with autocast_context(cfg.train.mixed_precision, self.device):
                 logits = model(x)
             loss = tp_cross_entropy(logits, y, self.loss_parallel)
-            aux = router_loss(self.moe)  # MoE aux/z losses join the loss; the logged loss stays the LM loss
+            # MoE aux/z losses join the loss; the logged loss stays the LM loss
+            aux = self.router.loss() if self.router is not None else None
             if self.faults.active:  # test-only injection (LMFORGE_FAULTS)
                 loss = self.faults.poison_loss(self.state.step + 1, self.train_loader.last_positions.tolist(), loss)
             if aux is not None and isinstance(loss, DTensor):  # loss parallel: MoE replicated over tp
@@ -249,7 +243,8 @@ class Trainer:
         model, cfg = self.model, self.cfg
         total = torch.zeros((), device=self.device)
         self.faults.maybe_delay(self.info.rank)
-        reset_expert_load(self.moe)
+        if self.router is not None:
+            self.router.start_step()
         for i in range(self.accum):
             x, y = self.train_loader.next_batch()
             if self.tracer is not None:
@@ -275,10 +270,10 @@ class Trainer:
         if self.last_check is None or not self.last_check.skip:
             self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.moe:  # aux-loss-free balancing: biases move from the load of all dp ranks (not on
-            # a step the stability policy skipped)
+        if self.router is not None:  # aux-loss-free balancing: biases move from the load of all dp
+            # ranks (not on a step the stability policy skipped)
             skipped = self.last_check is not None and self.last_check.skip
-            update_expert_biases(self.moe, self._dp_group(), apply=not skipped)
+            self.router.end_step(apply=not skipped)
         if self._measure_activations:  # once, after the first step: optimizer state now exists
             self._measure_activations = False
             self.state_bytes = model_state_bytes([model], self.optimizer)
@@ -447,8 +442,8 @@ class Trainer:
                         metrics.update(self.stability.counters())
                     if self.stragglers is not None:
                         metrics.update(self._straggler_metrics(step))
-                    if self.moe:
-                        metrics.update(moe_metrics(self.moe, self._dp_group()))
+                    if self.router is not None:
+                        metrics.update(self.router.metrics())
                     self.metrics.log(step, metrics, prefix="train")
                     bar.update(step, metrics)
                     timer.start()

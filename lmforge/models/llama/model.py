@@ -32,7 +32,7 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.qkv_bias, kernels)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
-        self.feed_forward: SwiGLU | MoE = (MoE(cfg.dim, cfg.expert_hidden_size, cfg.moe) if self.is_moe
+        self.feed_forward: SwiGLU | MoE = (MoE(cfg.dim, cfg.expert_hidden_size, cfg.moe, layer_id) if self.is_moe
                                            else SwiGLU(cfg.dim, cfg.ffn_hidden_size, kernels))
         # Depth-scaled init of the projections that write into the residual stream (GPT-2).
         self._std = cfg.init_std
