@@ -1,8 +1,10 @@
 """The training loop: one process or many under torchrun, the same code.
 
-Build order (docs/architecture.md): model on meta -> parallelism from outside (activation checkpointing ->
-compile -> data parallel) -> materialise + init -> optimizer -> resume. Everything stateful goes
-into the checkpoint, so a resume continues bit for bit.
+Setup order (docs/architecture.md): process group + mesh -> data stage (train/data_stage.py) ->
+model on meta, parallelised and initialised (train/model_build.py -> parallel/parallelize.py) ->
+optimizer, LR schedule -> loaders -> resume. Everything stateful goes into the checkpoint, so a
+resume continues bit for bit. `train_step` returns a `StepResult`; `fit` logs, evaluates
+(train/evaluate.py) and checkpoints around it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 import logging
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,10 +23,6 @@ from torch.distributed.tensor import DTensor, Replicate
 from lmforge.checkpoint.state import ModelOptimizerState, RNGState
 from lmforge.checkpoint.tiers import TieredCheckpoints
 from lmforge.config import JobConfig
-from lmforge.data.limits import cap_eval_batches, check_batch_fits_data
-from lmforge.data.loader import DistributedTokenLoader, TokenDataset
-from lmforge.data.pack import prepare_data
-from lmforge.data.tokenizer import TextTokenizer
 from lmforge.observability.flops import training_flops_per_token
 from lmforge.observability.memory import ActivationMeter, model_state_bytes
 from lmforge.observability.metrics import MetricsLogger, StepTimer, memory_stats
@@ -33,10 +31,12 @@ from lmforge.observability.plot import plot_loss_curve
 from lmforge.observability.progress import ProgressBar
 from lmforge.parallel.clip import clip_grad_norm_
 from lmforge.parallel.mesh import DistInfo, build_mesh, init_distributed, shutdown_distributed
-from lmforge.parallel.pp import broadcast_loss, pipeline_eval, pipeline_step
+from lmforge.parallel.pp import broadcast_loss, pipeline_step
 from lmforge.parallel.tp import full_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.storage.atomic import atomic_copy, write_text_atomic
 from lmforge.storage.strict_json import dumps_strict
+from lmforge.train.data_stage import open_loaders, prepare_training_data
+from lmforge.train.evaluate import local_validation_loss
 from lmforge.train.faults import FaultInjector
 from lmforge.train.lr_schedule import build_scheduler
 from lmforge.train.model_build import build_training_model
@@ -56,6 +56,17 @@ from lmforge.train.stragglers import StragglerMonitor
 from lmforge.train.trace import SampleTracer, truncate_traces
 
 log = logging.getLogger("lmforge.train")
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step (`Trainer.train_step`) hands to `fit`."""
+
+    loss: torch.Tensor  # this rank's mean loss over the micro-batches (detached; 0 off the last pipeline stage)
+    grad_norm: torch.Tensor  # global gradient norm, before clipping
+    check: StepCheck | None = None  # the stability policy's verdict (None with the policy off)
+    global_loss: float | None = None  # loss averaged over data-parallel ranks, when the policy read it
+    memory: dict[str, int] | None = None  # tensor bytes by kind + activations: after the first step only
 
 
 class Trainer:
@@ -84,7 +95,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)
 
-        self.data_dir = self._prepare_data()
+        self.data_dir = prepare_training_data(cfg, self.is_main, self._say)
         check_same_precision_on_all_ranks(self.precision)
         self._say(f"precision: {self.precision.mode} ({self.precision.reason})")
         if self.is_main and not self.precision.native and self.device.type == "cpu":
@@ -109,26 +120,13 @@ class Trainer:
         self.faults = FaultInjector.from_env()
         self.stability = StabilityPolicy(cfg.stability, loss_scaling=self.scaler.is_enabled()) \
             if cfg.stability.enabled else None
-        self.last_check: StepCheck | None = None
-        self._step_loss: float | None = None  # global loss of the last step, when the policy read it
         self.stragglers = StragglerMonitor(cfg.metrics.straggler_factor, self.device) \
             if cfg.metrics.straggler_factor and self.info.world_size > 1 else None
-        self._measure_activations = True
-        self.activation_bytes = 0
-        self.state_bytes: dict[str, int] = {}
+        self._measure_memory = True  # after the first step (memory/rank<r>.json, one metrics row)
 
         dp_rank, dp_world = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
-        self.train_loader = DistributedTokenLoader(
-            TokenDataset(self.data_dir, "train"), cfg.train.seq_len, cfg.train.micro_batch_size,
-            dp_rank, dp_world, seed=cfg.data.seed, shuffle=True)
-        self.val_loader = DistributedTokenLoader(
-            TokenDataset(self.data_dir, "val"), cfg.train.seq_len, cfg.train.micro_batch_size,
-            dp_rank, dp_world, seed=cfg.data.seed, shuffle=False)
-        check_batch_fits_data(self.train_loader.n_windows, cfg.train.global_batch_size, cfg.train.seq_len,
-                              str(self.data_dir))
-        self.eval_batches = cap_eval_batches(self.val_loader.n_windows, cfg.train.global_batch_size,
-                                             cfg.train.eval_batches,
-                                             self._say if cfg.train.eval_interval else lambda _: None)
+        loaders = open_loaders(cfg, self.data_dir, dp_rank, dp_world, self._say)
+        self.train_loader, self.val_loader, self.eval_batches = loaders.train, loaders.val, loaders.eval_batches
 
         self.ckpt = TieredCheckpoints(cfg.checkpoint, self.run_dir)
         # torchrun restarted the workers after a failure: continue from the newest valid checkpoint
@@ -157,19 +155,6 @@ class Trainer:
     def _say(self, msg: str) -> None:
         if self.echo:
             print(msg, flush=True)
-
-    def _prepare_data(self) -> Path:
-        """Rank 0 builds corpus/tokenizer/shards if missing (each stage skips when done)."""
-        if self.is_main:
-            prepare_data(self.cfg.data, self.cfg.tokenizer, log=self._say)
-        dist.barrier()
-        data_dir = Path(self.cfg.data.dir)
-        tok = TextTokenizer.from_file(data_dir / "tokenizer.json")
-        if tok.vocab_size > self.cfg.model.vocab_size:
-            from lmforge.config import ConfigError
-            raise ConfigError("model.vocab_size", self.cfg.model.vocab_size,
-                              f"must be >= the tokenizer's vocabulary ({tok.vocab_size}, {data_dir})")
-        return data_dir
 
     def _peak_flops(self) -> float:
         dtype = DTYPES[self.cfg.train.mixed_precision]
@@ -238,54 +223,54 @@ class Trainer:
             self.scaler.scale((loss + aux if aux is not None else loss) / self.accum).backward()
         return full_value(loss).detach()
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over `accum` micro-batches; returns (local mean loss, grad norm)."""
+    def train_step(self) -> StepResult:
+        """One optimizer step over `accum` micro-batches."""
         model, cfg = self.model, self.cfg
         total = torch.zeros((), device=self.device)
         self.faults.maybe_delay(self.info.rank)
         if self.router is not None:
             self.router.start_step()
+        activation_bytes = 0
         for i in range(self.accum):
             x, y = self.train_loader.next_batch()
             if self.tracer is not None:
                 self.tracer.add(self.train_loader.last_positions, self.train_loader.last_windows)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            meter = ActivationMeter([model]) if self._measure_activations and i == 0 else None
+            meter = ActivationMeter([model]) if self._measure_memory and i == 0 else None
             with meter.measure() if meter else contextlib.nullcontext():
                 total += self._forward_backward(x, y, last=i == self.accum - 1) / self.accum
             if meter is not None:
-                self.activation_bytes = meter.bytes
+                activation_bytes = meter.bytes
         self.faults.maybe_kill(self.state.step + 1, self.info.rank)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
         grad_norm = clip_grad_norm_(model.parameters(), max_norm,
                                     pp_group=self.pipe.group if self.pipe is not None else None)
-        self.last_check = None
+        result = StepResult(loss=total, grad_norm=grad_norm)
         if self.stability is not None:
             # One all-reduce + host sync per step, only with the policy on (stability.py).
-            self._step_loss = self._global_mean(total)
+            result.global_loss = self._global_mean(total)
             end = self.train_loader.position
-            self.last_check = self.stability.check(self.state.step + 1, self._step_loss, float(grad_norm),
-                                                   (end - cfg.train.global_batch_size, end))
-        if self.last_check is None or not self.last_check.skip:
+            result.check = self.stability.check(self.state.step + 1, result.global_loss, float(grad_norm),
+                                                (end - cfg.train.global_batch_size, end))
+        skipped = result.check is not None and result.check.skip
+        if not skipped:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.router is not None:  # aux-loss-free balancing: biases move from the load of all dp
             # ranks (not on a step the stability policy skipped)
-            skipped = self.last_check is not None and self.last_check.skip
             self.router.end_step(apply=not skipped)
-        if self._measure_activations:  # once, after the first step: optimizer state now exists
-            self._measure_activations = False
-            self.state_bytes = model_state_bytes([model], self.optimizer)
-            self._write_memory_report()
+        if self._measure_memory:  # once, after the first step: optimizer state now exists
+            self._measure_memory = False
+            result.memory = {**model_state_bytes([model], self.optimizer), "activations": activation_bytes}
+            self._write_memory_report(result.memory)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return total, grad_norm
+        return result
 
-    def _write_memory_report(self) -> None:
+    def _write_memory_report(self, memory: dict[str, int]) -> None:
         """memory/rank<r>.json: what this rank holds, so each parallel dimension's effect shows."""
-        report = {"rank": self.info.rank, "mesh": self.mesh.degrees.as_dict(), **self.state_bytes,
-                  "activations": self.activation_bytes, **memory_stats(self.device)}
+        report = {"rank": self.info.rank, "mesh": self.mesh.degrees.as_dict(), **memory, **memory_stats(self.device)}
         write_text_atomic(self.run_dir / "memory" / f"rank{self.info.rank}.json", dumps_strict(report, indent=1))
 
     def _dp_group(self) -> dist.ProcessGroup | None:
@@ -300,34 +285,20 @@ class Trainer:
             dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.dp_mesh.get_group())
         return float(value)
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over the first `eval_batches` global batches (the same every time)."""
-        self.model.eval()
-        self.val_loader.reset()
-        total = torch.zeros((), device=self.device)
-        # eval_batches global batches, whatever the layout: every layout sees the same sequences.
-        n = self.eval_batches * self.accum
-        for _ in range(n):
-            x, y = self.val_loader.next_batch()
-            x, y = x.to(self.device), y.to(self.device)
-            with loss_parallel_ctx(self.loss_parallel):
-                with autocast_context(self.cfg.train.mixed_precision, self.device):
-                    if self.pipe is not None:
-                        loss = pipeline_eval(self.pipe, x, y)
-                        total += loss if loss is not None else 0.0
-                        continue
-                    logits = self.model(x)
-                total += full_value(tp_cross_entropy(logits, y, self.loss_parallel))
-        self.model.train()
-        return self._global_mean(total / n)
+        """Mean validation loss over the first `eval_batches` global batches (the same every time,
+        whatever the layout)."""
+        local = local_validation_loss(self.model, self.pipe, self.val_loader, self.eval_batches * self.accum,
+                                      self.device, self.loss_parallel, self.cfg.train.mixed_precision)
+        return self._global_mean(local)
 
     # -- fault tolerance ---------------------------------------------------------------------------
 
-    def _log_stability_event(self, step: int, check: StepCheck, grad_norm: float) -> None:
+    def _log_stability_event(self, step: int, result: StepResult) -> None:
         """One metrics record (prefix "stability") and one log line per skipped step."""
-        assert self.stability is not None
-        loss = self._step_loss if self._step_loss is not None else float("nan")
+        assert self.stability is not None and result.check is not None
+        check, grad_norm = result.check, float(result.grad_norm)
+        loss = result.global_loss if result.global_loss is not None else float("nan")
         event = {"skip": 1, f"event_{check.verdict}": 1, "loss": loss, "grad_norm": grad_norm,
                  "zscore": check.zscore, **self.stability.counters()}
         self.metrics.log(step, event, prefix="stability")
@@ -398,17 +369,20 @@ class Trainer:
         # One window between log lines: steps and their time only (saves, evaluations and the
         # logging itself are paused out of both), so tokens/s and MFU are those of training.
         peak_warned = False
+        memory: dict[str, int] = {}  # tensor accounting, once (every rank's is in memory/)
         timer = StepTimer(self.flops_per_token, self.peak_flops, self.info.world_size, device=self.device)
         with bar:
             while self.state.step < stop:
                 if self.stragglers is not None:
                     self.stragglers.start_step()
-                loss, grad_norm = self.train_step()
+                result = self.train_step()
                 if self.stragglers is not None:
                     self.stragglers.end_step()
-                check = self.last_check
+                if result.memory is not None:  # logged at the next log step
+                    memory = result.memory
+                check = result.check
                 if check is not None and check.skip:
-                    self._log_stability_event(self.state.step + 1, check, float(grad_norm))
+                    self._log_stability_event(self.state.step + 1, result)
                 if check is not None and check.verdict == "rollback" and self._rollback(check):
                     timer.start()  # the steps rolled back are gone: their window too
                     continue
@@ -427,15 +401,14 @@ class Trainer:
                                   f"({self.peak_flops / 1e9:,.1f} GFLOP/s per device) is below what this run "
                                   "achieves, e.g. measured while the machine was busy; re-measure it on a quiet "
                                   "machine with `lmforge bench peak --force` (or set metrics.peak_flops)")
-                    loss_value = self._step_loss if self.stability is not None else self._global_mean(loss)
+                    loss_value = result.global_loss if self.stability is not None else self._global_mean(result.loss)
                     self.losses.append(loss_value)
                     metrics = {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
-                               "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": mfu,
+                               "grad_norm": float(result.grad_norm), "tokens_per_s": tps, "mfu": mfu,
                                "tokens_seen": self.state.tokens_seen, **memory_stats(self.device)}
-                    if self.state_bytes:  # tensor accounting, once (every rank's is in memory/)
-                        metrics.update({f"mem_{k}_bytes": v for k, v in self.state_bytes.items()})
-                        metrics["mem_activations_bytes"] = self.activation_bytes
-                        self.state_bytes = {}
+                    if memory:
+                        metrics.update({f"mem_{k}_bytes": v for k, v in memory.items()})
+                        memory = {}
                     if cfg.train.mixed_precision == "fp16":
                         metrics["loss_scale"] = float(self.scaler.get_scale())
                     if self.stability is not None:
