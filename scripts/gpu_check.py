@@ -147,7 +147,7 @@ def inner_offload(out: Path) -> dict:
 
     from lmforge.config import ModelConfig, ParallelConfig
     from lmforge.models.llama import build_model
-    from lmforge.parallel.fsdp import apply_fsdp
+    from lmforge.parallel.fsdp import FSDPPolicy, apply_fsdp
 
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
@@ -156,7 +156,7 @@ def inner_offload(out: Path) -> dict:
         cfg = ModelConfig(dim=256, n_layers=4, n_heads=4, vocab_size=8192, multiple_of=64, max_seq_len=256)
         model = build_model(cfg, dev, seed=0)
         mesh = init_device_mesh("cuda", (1,), mesh_dim_names=("dp_shard",))
-        apply_fsdp(model, mesh, ParallelConfig(cpu_offload=True), dev)
+        apply_fsdp(model, mesh, FSDPPolicy.from_config(ParallelConfig(cpu_offload=True), dev))
         params = list(model.parameters())
         on_cpu = all(p.to_local().device.type == "cpu" for p in params)
         pinned = all(p.to_local().is_pinned() for p in params)

@@ -11,5 +11,6 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
     """Wrap with DDP when there is more than one replica; at one replica DDP would only cost time."""
     if dp_mesh.size() == 1:
         return model
-    device_ids = [model.output.weight.device.index] if next(model.parameters()).is_cuda else None
+    first = next(model.parameters())  # all on this rank's device
+    device_ids = [first.device.index] if first.is_cuda else None
     return DDP(model, process_group=dp_mesh.get_group(), device_ids=device_ids, gradient_as_bucket_view=True)

@@ -36,9 +36,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 
-from lmforge.config import ParallelConfig
 from lmforge.models.common.moe import MoE
-from lmforge.parallel.fsdp import fsdp_kwargs
+from lmforge.parallel.fsdp import FSDPPolicy
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -129,22 +128,17 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> int:
     return n
 
 
-def apply_expert_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.device,
-                      pipeline: bool = False) -> None:
+def apply_expert_fsdp(model: nn.Module, mesh: DeviceMesh, policy: FSDPPolicy, pipeline: bool = False) -> None:
     """fully_shard each MoE layer's (ep-sharded) experts over `mesh`, the data-parallel ranks
     that hold the same experts (dp_shard / ep, times dp_replicate for HSDP), before the blocks are
     sharded over all of dp_shard (those then leave the experts alone). FSDP2 averages over `mesh`;
     the 1/ep for the ep group is applied by the dispatch (see the module docstring).
 
-    The FSDP options apply to the experts as to the blocks, even where `mesh` has one rank
-    (dp_shard == ep): `fsdp_param_dtype` casts them for compute, `cpu_offload` keeps them in host
-    memory, `fsdp_reshard_after_forward` frees them after forward. (ep > 1 implies dp_shard > 1,
+    `policy` is the one the blocks are sharded with, even where `mesh` has one rank
+    (dp_shard == ep): `fsdp_param_dtype` casts the experts for compute, `cpu_offload` keeps them in
+    host memory, `fsdp_reshard_after_forward` frees them after forward. (ep > 1 implies dp_shard > 1,
     so the config never refuses these options with ep.)"""
-    kwargs = fsdp_kwargs(mesh, cfg, device)  # fsdp_param_dtype and cpu_offload, as for the blocks
-    # The experts are most of an MoE model's weights: free them after forward like the blocks
-    # (`default`: not under pipelining, where microbatches would re-gather them; `always`/`never` hold).
-    reshard = cfg.fsdp_reshard_after_forward == "always" or (cfg.fsdp_reshard_after_forward == "default"
-                                                             and not pipeline)
+    reshard = policy.reshard_experts(pipeline)
     for mod in model.modules():
         if isinstance(mod, MoE):
-            fully_shard(mod.experts, reshard_after_forward=reshard, **kwargs)
+            fully_shard(mod.experts, reshard_after_forward=reshard, **policy.kwargs(mesh))

@@ -4,7 +4,7 @@ from a laptop to a cluster; meshes are returned and passed explicitly, never sto
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -61,6 +61,31 @@ def init_distributed(cfg: ParallelConfig, device_kind: str) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
 
 
+@dataclass(frozen=True)
+class ParallelDegrees:
+    """The size of each parallel dimension after `dp_shard = -1` is resolved (1 when unused).
+    `ep` borrows its ranks from `dp_shard` and is not a factor of the world size."""
+
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    ep: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDegrees:
+        r = cfg.resolved(world_size)
+        return cls(pp=r.pp, dp_replicate=r.dp_replicate, dp_shard=r.dp_shard, tp=r.tp, ep=r.ep)
+
+    def as_dict(self) -> dict[str, int]:
+        """Name -> degree in mesh order (pp, dp_replicate, dp_shard, tp, ep), e.g. for reports."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        """The dimensions in use, e.g. "dp_shard=2 x tp=2" ("single process" when none)."""
+        return " x ".join(f"{k}={v}" for k, v in self.as_dict().items() if v > 1) or "single process"
+
+
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 # With expert parallel dp_shard is built as two dimensions (dp_shard_mod_ep, ep) and flattened back
 # into "dp_shard", so everything that uses "dp_shard" or "dp" is unchanged.
@@ -77,7 +102,7 @@ class ParallelMesh:
     world mesh by name: torch deprecates that (a UserWarning on every run since torch 2.11)."""
 
     world: DeviceMesh
-    degrees: dict[str, int]
+    degrees: ParallelDegrees
     flat: dict[str, DeviceMesh] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> DeviceMesh:
@@ -90,20 +115,20 @@ class ParallelMesh:
     @property
     def ep(self) -> DeviceMesh | None:
         """The 1-D expert-parallel mesh (ranks that split one set of experts), None when ep = 1."""
-        return self.world["ep"] if self.degrees["ep"] > 1 else None
+        return self.world["ep"] if self.degrees.ep > 1 else None
 
     @property
     def expert_fsdp(self) -> DeviceMesh:
         """Mesh FSDP2 shards ep-split experts over: the dp ranks holding the same experts
         (dp_shard / ep, with dp_replicate for HSDP)."""
-        if self.degrees["dp_replicate"] > 1:
+        if self.degrees.dp_replicate > 1:
             return self.world["dp_replicate", "dp_shard_mod_ep"]
         return self.world["dp_shard_mod_ep"]
 
     @property
     def fsdp(self) -> DeviceMesh:
         """Mesh FSDP2 shards over: 2-D (replicate, shard) for HSDP, else the shard dimension."""
-        if self.degrees["dp_replicate"] > 1:
+        if self.degrees.dp_replicate > 1:
             if "dp_shard" in self.flat:  # ep > 1: dp_shard is itself a flattened mesh
                 return DeviceMesh._concatenate([self.world["dp_replicate"], self.flat["dp_shard"]])
             return self.world["dp_replicate", "dp_shard"]
@@ -111,14 +136,14 @@ class ParallelMesh:
 
 
 def build_mesh(info: DistInfo, cfg: ParallelConfig) -> ParallelMesh:
-    r = cfg.resolved(info.world_size)
-    degrees = {"pp": r.pp, "dp_replicate": r.dp_replicate, "dp_shard": r.dp_shard, "tp": r.tp, "ep": r.ep}
-    if r.ep == 1:
-        world = init_device_mesh(info.device.type, tuple(degrees[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+    degrees = ParallelDegrees.from_config(cfg, info.world_size)
+    if degrees.ep == 1:
+        world = init_device_mesh(info.device.type, tuple(getattr(degrees, d) for d in MESH_DIMS),
+                                 mesh_dim_names=MESH_DIMS)
         return ParallelMesh(world=world, degrees=degrees, flat={"dp": world["dp_replicate", "dp_shard"]._flatten("dp")})
     # ep borrows from dp_shard: dp_shard rank = dp_shard_mod_ep rank * ep + ep rank, so the ep
     # groups are neighbouring ranks (the all-to-alls stay inside a node when ep <= GPUs per node).
-    sizes = {**degrees, "dp_shard_mod_ep": r.dp_shard // r.ep}
+    sizes = {**degrees.as_dict(), "dp_shard_mod_ep": degrees.dp_shard // degrees.ep}
     world = init_device_mesh(info.device.type, tuple(sizes[d] for d in EP_MESH_DIMS), mesh_dim_names=EP_MESH_DIMS)
     flat = {"dp_shard": world["dp_shard_mod_ep", "ep"]._flatten("dp_shard"),
             "dp": world["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")}

@@ -1,11 +1,12 @@
 """Pipeline parallelism on torch.distributed.pipelining: split the layers over stages, give each
 rank its stages (as pruned deep copies of the model), run a torch schedule.
 
-A stage is the whole `Transformer` with the modules it does not own removed (the layers deleted
-from the `layers` ModuleDict, `tok_embeddings` / `norm` / `output` set to None; the model's
-forward passes through what is missing) -- torchtitan's approach. Parameter names stay the
-model's own (`layers.5.attention.wq.weight` on whichever stage holds layer 5), so checkpoints do
-not depend on the pipeline layout.
+A stage is the whole model with the modules it does not own removed (the blocks deleted from the
+`layers` ModuleDict; the modules the model names in `first_stage_modules` set to None except on
+the first stage, those in `last_stage_modules` except on the last; the model's forward passes
+through what is missing) -- torchtitan's approach. Parameter names stay the model's own
+(`layers.5.<...>` on whichever stage holds layer 5), so checkpoints do not depend on the pipeline
+layout.
 
 Order of use (docs/architecture.md: pipeline split -> TP -> EP -> AC -> compile -> FSDP):
 
@@ -247,10 +248,9 @@ def split_model(model: nn.Module, plan: StagePlan, pp_rank: int) -> list[nn.Modu
         owned = {str(i) for i in plan.layers[stage]}
         memo: dict[int, object] = {id(block): None for name, block in model.layers.items() if name not in owned}
         if stage != 0:
-            memo[id(model.tok_embeddings)] = None
+            memo |= {id(getattr(model, name)): None for name in model.first_stage_modules}
         if stage != last:
-            memo[id(model.norm)] = None
-            memo[id(model.output)] = None
+            memo |= {id(getattr(model, name)): None for name in model.last_stage_modules}
         part = copy.deepcopy(model, memo)
         for name in [k for k, v in part.layers._modules.items() if v is None]:
             del part.layers[name]
@@ -274,19 +274,26 @@ class _PartsView(nn.Module):
 
     def __init__(self, parts: list[nn.Module]) -> None:
         super().__init__()
-        self.tok_embeddings = next((p.tok_embeddings for p in parts if p.tok_embeddings is not None), None)
+        # In the model's order (first-stage modules, blocks, last-stage modules): parameters()
+        # then lists them as the whole model would (the optimizer and the grad norm follow it).
+        for name in parts[0].first_stage_modules:
+            setattr(self, name, _first_held(parts, name))
         layers = {name: block for p in parts for name, block in p.layers.items()}
         self.layers = nn.ModuleDict({k: layers[k] for k in sorted(layers, key=int)})
-        self.norm = next((p.norm for p in parts if p.norm is not None), None)
-        self.output = next((p.output for p in parts if p.output is not None), None)
+        for name in parts[0].last_stage_modules:
+            setattr(self, name, _first_held(parts, name))
 
     def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003
         raise RuntimeError("the pipeline parts view is for state dicts; run the pipeline schedule instead")
 
 
+def _first_held(parts: list[nn.Module], name: str) -> nn.Module | None:
+    return next((getattr(p, name) for p in parts if getattr(p, name) is not None), None)
+
+
 def parts_module(parts: list[nn.Module]) -> nn.Module:
     """One module holding this rank's parts' modules (shared, not copied) with the original FQNs
-    (`tok_embeddings.weight`, `layers.5...`), so DCP's get_state_dict / set_state_dict (e.g.
+    (`layers.5...`), so DCP's get_state_dict / set_state_dict (e.g.
     `ModelOptimizerState(parts_module(parts), optimizer)`) save a pipeline-layout-independent
     checkpoint: each rank writes its own FQNs, any layout (or one process) loads them."""
     return _PartsView(parts)

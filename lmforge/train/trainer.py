@@ -1,8 +1,10 @@
 """The training loop: one process or many under torchrun, the same code.
 
-Build order (docs/architecture.md): model on meta -> parallelism from outside (activation checkpointing ->
-compile -> data parallel) -> materialise + init -> optimizer -> resume. Everything stateful goes
-into the checkpoint, so a resume continues bit for bit.
+Setup order (docs/architecture.md): process group + mesh -> data stage (train/data_stage.py) ->
+model on meta, parallelised and initialised (train/model_build.py -> parallel/parallelize.py) ->
+optimizer, LR schedule -> loaders -> resume. Everything stateful goes into the checkpoint, so a
+resume continues bit for bit. `train_step` returns a `StepResult`; `fit` logs, evaluates
+(train/evaluate.py) and checkpoints around it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 import logging
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,48 +23,23 @@ from torch.distributed.tensor import DTensor, Replicate
 from lmforge.checkpoint.state import ModelOptimizerState, RNGState
 from lmforge.checkpoint.tiers import TieredCheckpoints
 from lmforge.config import JobConfig
-from lmforge.data.limits import cap_eval_batches, check_batch_fits_data
-from lmforge.data.loader import DistributedTokenLoader, TokenDataset
-from lmforge.data.pack import prepare_data
-from lmforge.data.tokenizer import TextTokenizer
-from lmforge.models.common.linear import MatmulKernels
-from lmforge.models.llama.model import Transformer
 from lmforge.observability.flops import training_flops_per_token
 from lmforge.observability.memory import ActivationMeter, model_state_bytes
 from lmforge.observability.metrics import MetricsLogger, StepTimer, memory_stats
 from lmforge.observability.peak import resolve_peak_flops
 from lmforge.observability.plot import plot_loss_curve
 from lmforge.observability.progress import ProgressBar
-from lmforge.parallel.ac import apply_activation_checkpointing
 from lmforge.parallel.clip import clip_grad_norm_
-from lmforge.parallel.compile import apply_compile
-from lmforge.parallel.ddp import apply_ddp
-from lmforge.parallel.ep import apply_ep, apply_expert_fsdp
-from lmforge.parallel.fsdp import apply_fsdp
 from lmforge.parallel.mesh import DistInfo, build_mesh, init_distributed, shutdown_distributed
-from lmforge.parallel.pp import (
-    PipelineParts,
-    broadcast_loss,
-    build_schedule,
-    materialise_part,
-    parts_module,
-    pipeline_eval,
-    pipeline_step,
-    plan_pipeline,
-    split_model,
-)
-from lmforge.parallel.tp import apply_tp, local_value, loss_parallel_ctx, tp_cross_entropy
+from lmforge.parallel.pp import broadcast_loss, pipeline_step
+from lmforge.parallel.tp import full_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.storage.atomic import atomic_copy, write_text_atomic
 from lmforge.storage.strict_json import dumps_strict
+from lmforge.train.data_stage import open_loaders, prepare_training_data
+from lmforge.train.evaluate import local_validation_loss
 from lmforge.train.faults import FaultInjector
-from lmforge.train.moe import (
-    attach_router_losses,
-    moe_layers,
-    moe_metrics,
-    reset_expert_load,
-    router_loss,
-    update_expert_biases,
-)
+from lmforge.train.lr_schedule import build_scheduler
+from lmforge.train.model_build import build_training_model
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import (
     DTYPES,
@@ -72,13 +49,24 @@ from lmforge.train.precision import (
     measure_slowdown,
     resolve_job_precision,
 )
-from lmforge.train.schedule import build_scheduler
+from lmforge.train.router_balance import RouterBalance
 from lmforge.train.stability import StabilityPolicy, StepCheck
 from lmforge.train.state import TrainState
 from lmforge.train.stragglers import StragglerMonitor
 from lmforge.train.trace import SampleTracer, truncate_traces
 
 log = logging.getLogger("lmforge.train")
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step (`Trainer.train_step`) hands to `fit`."""
+
+    loss: torch.Tensor  # this rank's mean loss over the micro-batches (detached; 0 off the last pipeline stage)
+    grad_norm: torch.Tensor  # global gradient norm, before clipping
+    check: StepCheck | None = None  # the stability policy's verdict (None with the policy off)
+    global_loss: float | None = None  # loss averaged over data-parallel ranks, when the policy read it
+    memory: dict[str, int] | None = None  # tensor bytes by kind + activations: after the first step only
 
 
 class Trainer:
@@ -96,11 +84,10 @@ class Trainer:
             raise
 
     def _setup(self, cfg: JobConfig, echo: bool) -> None:
-        r = cfg.parallel.resolved(self.info.world_size)
-        self.loss_parallel = r.tp > 1 and r.loss_parallel
         self.is_main = self.info.rank == 0
         self.echo = echo and self.is_main
         self.mesh = build_mesh(self.info, cfg.parallel)
+        self.loss_parallel = self.mesh.degrees.tp > 1 and cfg.parallel.loss_parallel
         self.dp_mesh = self.mesh.dp
         self.device = self.info.device
         self.run_dir = Path(cfg.train.output_dir)
@@ -108,7 +95,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)
 
-        self.data_dir = self._prepare_data()
+        self.data_dir = prepare_training_data(cfg, self.is_main, self._say)
         check_same_precision_on_all_ranks(self.precision)
         self._say(f"precision: {self.precision.mode} ({self.precision.reason})")
         if self.is_main and not self.precision.native and self.device.type == "cpu":
@@ -118,40 +105,28 @@ class Trainer:
                         self.precision.mode, slower)
         self.scaler = build_grad_scaler(cfg.train.mixed_precision, self.device)
         self.accum = cfg.accum_steps(self.info.world_size)
-        self.pipe: PipelineParts | None = None
-        self.model = self._build_model()
+        built = build_training_model(cfg, self.mesh, self.info, self._say,
+                                     scale_loss=self.scaler.scale if self.scaler.is_enabled() else None)
+        self.model, self.pipe = built.module, built.pipe
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.moe = moe_layers(self.model)  # (block index, MoE) pairs; empty for dense models
-        if self.pipe is not None and self.moe:  # router losses of every stage join through the backward
+        self.router = RouterBalance.for_model(self.model, self._dp_group())  # None for dense models
+        if self.pipe is not None and self.router is not None:  # every stage's router losses join in backward
             pipe, scaler = self.pipe, self.scaler
-            attach_router_losses(self.moe, lambda: (scaler.get_scale() if scaler.is_enabled() else 1.0)
-                                 / (pipe.n_microbatches * self.accum))
+            self.router.train_through_pipeline(lambda: (scaler.get_scale() if scaler.is_enabled() else 1.0)
+                                               / (pipe.n_microbatches * self.accum))
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.steps)
         self.state = TrainState()
         # Fault tolerance (lmforge.train.stability/stragglers/trace/faults): all off by default.
         self.faults = FaultInjector.from_env()
         self.stability = StabilityPolicy(cfg.stability, loss_scaling=self.scaler.is_enabled()) \
             if cfg.stability.enabled else None
-        self.last_check: StepCheck | None = None
-        self._step_loss: float | None = None  # global loss of the last step, when the policy read it
         self.stragglers = StragglerMonitor(cfg.metrics.straggler_factor, self.device) \
             if cfg.metrics.straggler_factor and self.info.world_size > 1 else None
-        self._measure_activations = True
-        self.activation_bytes = 0
-        self.state_bytes: dict[str, int] = {}
+        self._measure_memory = True  # after the first step (memory/rank<r>.json, one metrics row)
 
         dp_rank, dp_world = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
-        self.train_loader = DistributedTokenLoader(
-            TokenDataset(self.data_dir, "train"), cfg.train.seq_len, cfg.train.micro_batch_size,
-            dp_rank, dp_world, seed=cfg.data.seed, shuffle=True)
-        self.val_loader = DistributedTokenLoader(
-            TokenDataset(self.data_dir, "val"), cfg.train.seq_len, cfg.train.micro_batch_size,
-            dp_rank, dp_world, seed=cfg.data.seed, shuffle=False)
-        check_batch_fits_data(self.train_loader.n_windows, cfg.train.global_batch_size, cfg.train.seq_len,
-                              str(self.data_dir))
-        self.eval_batches = cap_eval_batches(self.val_loader.n_windows, cfg.train.global_batch_size,
-                                             cfg.train.eval_batches,
-                                             self._say if cfg.train.eval_interval else lambda _: None)
+        loaders = open_loaders(cfg, self.data_dir, dp_rank, dp_world, self._say)
+        self.train_loader, self.val_loader, self.eval_batches = loaders.train, loaders.val, loaders.eval_batches
 
         self.ckpt = TieredCheckpoints(cfg.checkpoint, self.run_dir)
         # torchrun restarted the workers after a failure: continue from the newest valid checkpoint
@@ -180,100 +155,6 @@ class Trainer:
     def _say(self, msg: str) -> None:
         if self.echo:
             print(msg, flush=True)
-
-    def _prepare_data(self) -> Path:
-        """Rank 0 builds corpus/tokenizer/shards if missing (each stage skips when done)."""
-        if self.is_main:
-            prepare_data(self.cfg.data, self.cfg.tokenizer, log=self._say)
-        dist.barrier()
-        data_dir = Path(self.cfg.data.dir)
-        tok = TextTokenizer.from_file(data_dir / "tokenizer.json")
-        if tok.vocab_size > self.cfg.model.vocab_size:
-            from lmforge.config import ConfigError
-            raise ConfigError("model.vocab_size", self.cfg.model.vocab_size,
-                              f"must be >= the tokenizer's vocabulary ({tok.vocab_size}, {data_dir})")
-        return data_dir
-
-    def _full_init(self, model: torch.nn.Module) -> bool:
-        """Initialise the whole model before sharding when it is small (every layout then starts
-        from the weights one process would have); big models initialise their shards after
-        sharding, so they never exist whole in one process."""
-        mode = self.cfg.train.init
-        if mode != "auto":
-            return mode == "full"
-        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        return nbytes <= 2 * 2**30
-
-    def _materialise(self, model: torch.nn.Module) -> None:
-        model.to_empty(device=self.device)
-        # Same seed on every rank: replicas start identical without a broadcast.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.train.seed)
-            model.init_weights(self.device)
-
-    def _parallelize(self, module: torch.nn.Module, pipeline: bool) -> None:
-        """TP -> EP -> activation checkpointing -> compile -> FSDP2, in place (the order in docs/architecture.md)."""
-        cfg, degrees = self.cfg, self.mesh.degrees
-        if degrees["tp"] > 1:
-            apply_tp(module, self.mesh["tp"], cfg.parallel.sequence_parallel, cfg.parallel.loss_parallel)
-        if degrees["ep"] > 1:
-            apply_ep(module, self.mesh["ep"])
-        apply_activation_checkpointing(module, cfg.train.activation_checkpointing, cfg.train.ac_every)
-        if cfg.train.compile:
-            apply_compile(module)
-        if degrees["ep"] > 1:  # experts over dp_shard / ep first; the blocks then leave them alone
-            apply_expert_fsdp(module, self.mesh.expert_fsdp, cfg.parallel, self.device, pipeline=pipeline)
-        if degrees["dp_shard"] > 1:
-            apply_fsdp(module, self.mesh.fsdp, cfg.parallel, self.device, pipeline=pipeline)
-
-    def _build_model(self) -> torch.nn.Module:
-        """meta -> (full init) -> [pipeline split] -> TP -> AC -> compile -> FSDP2 or DDP -> (sharded
-        init). Returns the module whose state dict is checkpointed (under pipelining a view of this
-        rank's stages with the model's own parameter names; the schedule in `self.pipe` runs them)."""
-        cfg, degrees = self.cfg, self.mesh.degrees
-        with torch.device("meta"):
-            # Several ranks would each time the fp32 kernels and could choose differently (their
-            # results then differ in the last bits): one process only (models/common/linear.py).
-            kernels = MatmulKernels.with_disk_cache() if self.info.world_size == 1 else MatmulKernels(enabled=False)
-            model = Transformer(cfg.model, kernels)
-        n_params = sum(p.numel() for p in model.parameters())
-        use_fsdp = degrees["dp_shard"] > 1
-        # DDP and one process need whole weights; so does TP on CPU, where DTensor has no RNG
-        # tracker and shards initialised after sharding would repeat each other.
-        full = self._full_init(model) or not use_fsdp or (degrees["tp"] > 1 and self.device.type == "cpu") \
-            or (degrees["ep"] > 1 and self.device.type == "cpu")
-        if full:
-            self._materialise(model)
-        layout = " x ".join(f"{k}={v}" for k, v in degrees.items() if v > 1) or "single process"
-        self._say(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, dim {cfg.model.dim}; "
-                  f"world size {self.info.world_size} ({self.info.backend}): {layout}")
-        if degrees["pp"] > 1:
-            return self._build_pipeline(model, full)
-        self._parallelize(model, pipeline=False)
-        if not full:
-            self._materialise(model)
-        if not use_fsdp and degrees["dp_replicate"] > 1:
-            return apply_ddp(model, self.mesh["dp_replicate"])
-        return model
-
-    def _build_pipeline(self, model: Transformer, materialised: bool) -> torch.nn.Module:
-        cfg, pp_mesh = self.cfg, self.mesh["pp"]
-        plan = plan_pipeline(cfg.parallel, cfg.model, pp_mesh.size(), cfg.train.seq_len)
-        parts = split_model(model, plan, pp_mesh.get_local_rank())
-        del model
-        for part, stage in zip(parts, plan.local_stages(pp_mesh.get_local_rank())):
-            self._parallelize(part, pipeline=True)
-            if not materialised:
-                materialise_part(part, self.device, cfg.train.seed, stage)
-        n_micro = cfg.parallel.pp_microbatches or plan.n_stages
-        loss_parallel = self.loss_parallel
-
-        def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return tp_cross_entropy(logits, targets, loss_parallel)
-
-        self.pipe = build_schedule(parts, plan, pp_mesh, loss_fn, n_micro, self.device, accum_steps=self.accum,
-                                   scale_loss=self.scaler.scale if self.scaler.is_enabled() else None)
-        return parts_module(parts)
 
     def _peak_flops(self) -> float:
         dtype = DTYPES[self.cfg.train.mixed_precision]
@@ -333,61 +214,63 @@ class Trainer:
             with autocast_context(cfg.train.mixed_precision, self.device):
                 logits = model(x)
             loss = tp_cross_entropy(logits, y, self.loss_parallel)
-            aux = router_loss(self.moe)  # MoE aux/z losses join the loss; the logged loss stays the LM loss
+            # MoE aux/z losses join the loss; the logged loss stays the LM loss
+            aux = self.router.loss() if self.router is not None else None
             if self.faults.active:  # test-only injection (LMFORGE_FAULTS)
                 loss = self.faults.poison_loss(self.state.step + 1, self.train_loader.last_positions.tolist(), loss)
             if aux is not None and isinstance(loss, DTensor):  # loss parallel: MoE replicated over tp
                 aux = DTensor.from_local(aux, loss.device_mesh, [Replicate()] * loss.device_mesh.ndim)
             self.scaler.scale((loss + aux if aux is not None else loss) / self.accum).backward()
-        return local_value(loss).detach()
+        return full_value(loss).detach()
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over `accum` micro-batches; returns (local mean loss, grad norm)."""
+    def train_step(self) -> StepResult:
+        """One optimizer step over `accum` micro-batches."""
         model, cfg = self.model, self.cfg
         total = torch.zeros((), device=self.device)
         self.faults.maybe_delay(self.info.rank)
-        reset_expert_load(self.moe)
+        if self.router is not None:
+            self.router.start_step()
+        activation_bytes = 0
         for i in range(self.accum):
             x, y = self.train_loader.next_batch()
             if self.tracer is not None:
                 self.tracer.add(self.train_loader.last_positions, self.train_loader.last_windows)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            meter = ActivationMeter([model]) if self._measure_activations and i == 0 else None
+            meter = ActivationMeter([model]) if self._measure_memory and i == 0 else None
             with meter.measure() if meter else contextlib.nullcontext():
                 total += self._forward_backward(x, y, last=i == self.accum - 1) / self.accum
             if meter is not None:
-                self.activation_bytes = meter.bytes
+                activation_bytes = meter.bytes
         self.faults.maybe_kill(self.state.step + 1, self.info.rank)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
         grad_norm = clip_grad_norm_(model.parameters(), max_norm,
                                     pp_group=self.pipe.group if self.pipe is not None else None)
-        self.last_check = None
+        result = StepResult(loss=total, grad_norm=grad_norm)
         if self.stability is not None:
             # One all-reduce + host sync per step, only with the policy on (stability.py).
-            self._step_loss = self._global_mean(total)
+            result.global_loss = self._global_mean(total)
             end = self.train_loader.position
-            self.last_check = self.stability.check(self.state.step + 1, self._step_loss, float(grad_norm),
-                                                   (end - cfg.train.global_batch_size, end))
-        if self.last_check is None or not self.last_check.skip:
+            result.check = self.stability.check(self.state.step + 1, result.global_loss, float(grad_norm),
+                                                (end - cfg.train.global_batch_size, end))
+        skipped = result.check is not None and result.check.skip
+        if not skipped:
             self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.moe:  # aux-loss-free balancing: biases move from the load of all dp ranks (not on
-            # a step the stability policy skipped)
-            skipped = self.last_check is not None and self.last_check.skip
-            update_expert_biases(self.moe, self._dp_group(), apply=not skipped)
-        if self._measure_activations:  # once, after the first step: optimizer state now exists
-            self._measure_activations = False
-            self.state_bytes = model_state_bytes([model], self.optimizer)
-            self._write_memory_report()
+        if self.router is not None:  # aux-loss-free balancing: biases move from the load of all dp
+            # ranks (not on a step the stability policy skipped)
+            self.router.end_step(apply=not skipped)
+        if self._measure_memory:  # once, after the first step: optimizer state now exists
+            self._measure_memory = False
+            result.memory = {**model_state_bytes([model], self.optimizer), "activations": activation_bytes}
+            self._write_memory_report(result.memory)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return total, grad_norm
+        return result
 
-    def _write_memory_report(self) -> None:
+    def _write_memory_report(self, memory: dict[str, int]) -> None:
         """memory/rank<r>.json: what this rank holds, so each parallel dimension's effect shows."""
-        report = {"rank": self.info.rank, "mesh": self.mesh.degrees, **self.state_bytes,
-                  "activations": self.activation_bytes, **memory_stats(self.device)}
+        report = {"rank": self.info.rank, "mesh": self.mesh.degrees.as_dict(), **memory, **memory_stats(self.device)}
         write_text_atomic(self.run_dir / "memory" / f"rank{self.info.rank}.json", dumps_strict(report, indent=1))
 
     def _dp_group(self) -> dist.ProcessGroup | None:
@@ -402,34 +285,20 @@ class Trainer:
             dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.dp_mesh.get_group())
         return float(value)
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over the first `eval_batches` global batches (the same every time)."""
-        self.model.eval()
-        self.val_loader.reset()
-        total = torch.zeros((), device=self.device)
-        # eval_batches global batches, whatever the layout: every layout sees the same sequences.
-        n = self.eval_batches * self.accum
-        for _ in range(n):
-            x, y = self.val_loader.next_batch()
-            x, y = x.to(self.device), y.to(self.device)
-            with loss_parallel_ctx(self.loss_parallel):
-                with autocast_context(self.cfg.train.mixed_precision, self.device):
-                    if self.pipe is not None:
-                        loss = pipeline_eval(self.pipe, x, y)
-                        total += loss if loss is not None else 0.0
-                        continue
-                    logits = self.model(x)
-                total += local_value(tp_cross_entropy(logits, y, self.loss_parallel))
-        self.model.train()
-        return self._global_mean(total / n)
+        """Mean validation loss over the first `eval_batches` global batches (the same every time,
+        whatever the layout)."""
+        local = local_validation_loss(self.model, self.pipe, self.val_loader, self.eval_batches * self.accum,
+                                      self.device, self.loss_parallel, self.cfg.train.mixed_precision)
+        return self._global_mean(local)
 
     # -- fault tolerance ---------------------------------------------------------------------------
 
-    def _log_stability_event(self, step: int, check: StepCheck, grad_norm: float) -> None:
+    def _log_stability_event(self, step: int, result: StepResult) -> None:
         """One metrics record (prefix "stability") and one log line per skipped step."""
-        assert self.stability is not None
-        loss = self._step_loss if self._step_loss is not None else float("nan")
+        assert self.stability is not None and result.check is not None
+        check, grad_norm = result.check, float(result.grad_norm)
+        loss = result.global_loss if result.global_loss is not None else float("nan")
         event = {"skip": 1, f"event_{check.verdict}": 1, "loss": loss, "grad_norm": grad_norm,
                  "zscore": check.zscore, **self.stability.counters()}
         self.metrics.log(step, event, prefix="stability")
@@ -500,17 +369,20 @@ class Trainer:
         # One window between log lines: steps and their time only (saves, evaluations and the
         # logging itself are paused out of both), so tokens/s and MFU are those of training.
         peak_warned = False
+        memory: dict[str, int] = {}  # tensor accounting, once (every rank's is in memory/)
         timer = StepTimer(self.flops_per_token, self.peak_flops, self.info.world_size, device=self.device)
         with bar:
             while self.state.step < stop:
                 if self.stragglers is not None:
                     self.stragglers.start_step()
-                loss, grad_norm = self.train_step()
+                result = self.train_step()
                 if self.stragglers is not None:
                     self.stragglers.end_step()
-                check = self.last_check
+                if result.memory is not None:  # logged at the next log step
+                    memory = result.memory
+                check = result.check
                 if check is not None and check.skip:
-                    self._log_stability_event(self.state.step + 1, check, float(grad_norm))
+                    self._log_stability_event(self.state.step + 1, result)
                 if check is not None and check.verdict == "rollback" and self._rollback(check):
                     timer.start()  # the steps rolled back are gone: their window too
                     continue
@@ -529,23 +401,22 @@ class Trainer:
                                   f"({self.peak_flops / 1e9:,.1f} GFLOP/s per device) is below what this run "
                                   "achieves, e.g. measured while the machine was busy; re-measure it on a quiet "
                                   "machine with `lmforge bench peak --force` (or set metrics.peak_flops)")
-                    loss_value = self._step_loss if self.stability is not None else self._global_mean(loss)
+                    loss_value = result.global_loss if self.stability is not None else self._global_mean(result.loss)
                     self.losses.append(loss_value)
                     metrics = {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
-                               "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": mfu,
+                               "grad_norm": float(result.grad_norm), "tokens_per_s": tps, "mfu": mfu,
                                "tokens_seen": self.state.tokens_seen, **memory_stats(self.device)}
-                    if self.state_bytes:  # tensor accounting, once (every rank's is in memory/)
-                        metrics.update({f"mem_{k}_bytes": v for k, v in self.state_bytes.items()})
-                        metrics["mem_activations_bytes"] = self.activation_bytes
-                        self.state_bytes = {}
+                    if memory:
+                        metrics.update({f"mem_{k}_bytes": v for k, v in memory.items()})
+                        memory = {}
                     if cfg.train.mixed_precision == "fp16":
                         metrics["loss_scale"] = float(self.scaler.get_scale())
                     if self.stability is not None:
                         metrics.update(self.stability.counters())
                     if self.stragglers is not None:
                         metrics.update(self._straggler_metrics(step))
-                    if self.moe:
-                        metrics.update(moe_metrics(self.moe, self._dp_group()))
+                    if self.router is not None:
+                        metrics.update(self.router.metrics())
                     self.metrics.log(step, metrics, prefix="train")
                     bar.update(step, metrics)
                     timer.start()

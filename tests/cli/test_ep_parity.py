@@ -130,7 +130,7 @@ def test_expert_parallel_under_pipeline_matches_one_process(tiny_data_dir: Path,
 @pytest.mark.distributed
 def test_router_losses_of_every_stage_train_under_pipeline(tiny_data_dir: Path, tmp_path: Path) -> None:
     """pp=2 (1f1b): stage 0 never sees the loss function, its MoE layer's aux and z losses train
-    through the backward (lmforge.train.moe.attach_router_losses). Large coefficients so that a
+    through the backward (lmforge.train.router_balance.attach_router_losses). Large coefficients so that a
     missing router-loss gradient on either stage moves the losses and grad norms past 1e-5; the
     reference accumulates 4 micro-batches of 2 sequences, as the pipeline routes 2 x 2 per rank step."""
     router = ["--model.moe.aux_loss_coef", "0.1", "--model.moe.z_loss_coef", "0.01",

@@ -36,7 +36,7 @@ def _parity(tp_mesh, dp_mesh, sp: bool, lp: bool, tied: bool = False) -> dict:
 
     from lmforge.models.llama.model import build_model
     from lmforge.parallel.clip import clip_grad_norm_
-    from lmforge.parallel.tp import apply_tp, local_value, loss_parallel_ctx, tp_cross_entropy
+    from lmforge.parallel.tp import apply_tp, full_value, loss_parallel_ctx, tp_cross_entropy
 
     cfg = replace(CFG, tie_embeddings=tied)
     ref = build_model(cfg, seed=0)
@@ -63,7 +63,7 @@ def _parity(tp_mesh, dp_mesh, sp: bool, lp: bool, tied: bool = False) -> dict:
         with loss_parallel_ctx(lp):
             loss = tp_cross_entropy(model(x[mine]), y[mine], lp)
             loss.backward()
-        value = local_value(loss).detach().clone()
+        value = full_value(loss).detach().clone()
         if dp_mesh is not None:
             dist.all_reduce(value, group=dp_mesh.get_group())
             value /= dp_size

@@ -23,7 +23,7 @@ from lmforge.models.common.moe import (
     padded_bmm,
 )
 from lmforge.models.llama import Transformer, build_model, count_params
-from lmforge.train.moe import moe_layers, moe_metrics, router_loss, update_expert_biases
+from lmforge.train.router_balance import moe_layers, moe_metrics, router_loss, update_expert_biases
 
 DIM = 16
 
@@ -475,7 +475,7 @@ def test_compiled_blocks_count_the_same_load_and_print_nothing(capfd):
     padded bmm run eagerly on purpose)."""
     from lmforge.models.llama import build_model
     from lmforge.parallel.compile import apply_compile
-    from lmforge.train.moe import moe_layers
+    from lmforge.train.router_balance import moe_layers
 
     torch._dynamo.reset()
     x = torch.randint(0, MOE_MODEL.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -9,8 +9,8 @@ import torch
 
 from lmforge.config import ModelConfig, OptimizerConfig, SchedulerConfig
 from lmforge.models.llama import build_model
+from lmforge.train.lr_schedule import build_scheduler, lr_multiplier
 from lmforge.train.optim import build_optimizer
-from lmforge.train.schedule import build_scheduler, lr_multiplier
 
 
 def test_cosine_warmup_then_decay_to_floor() -> None:

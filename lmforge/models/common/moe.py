@@ -47,6 +47,7 @@ from torch.distributed.tensor import DTensor
 
 from lmforge.config import MoEConfig
 from lmforge.models.common.mlp import SwiGLU
+from lmforge.models.common.router_stats import PendingLoad, RouterStats, counting_gate_weight
 
 
 @dataclass
@@ -179,7 +180,7 @@ class TokenChoiceRouter(nn.Module):
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float) -> None:
         """DeepSeek-V3 aux-loss-free update: bias += rate * sign(mean load - load). `load` must be
-        the tokens per expert summed over every data-parallel rank (see lmforge.train.moe)."""
+        the tokens per expert summed over every data-parallel rank (see lmforge.train.router_balance)."""
         self.expert_bias.add_(rate * torch.sign(load.float().mean() - load.float()))
 
 
@@ -340,75 +341,53 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs) if outs else x.new_zeros(0, self.dim)
 
 
-class _PendingLoad:
-    """The load of one training forward, added to its layer's `load_sum` when (and if) the
-    backward of that forward reaches the router's gate weight."""
-
-    def __init__(self, layer: MoE):
-        self.layer = layer
-        self.load: torch.Tensor | None = None
-
-    def commit(self) -> None:
-        if self.load is not None:
-            m = self.layer
-            m.load_sum = self.load.clone() if m.load_sum is None else m.load_sum + self.load
-            self.load = None  # at most once
-
-
-class _CountLoadInBackward(torch.autograd.Function):
-    """Identity on the router's gate weight; its backward commits the forward's load.
-
-    Why in the backward, and on the weight: the balancing bias must move from the load of the
-    forwards that train the model, and only those. Torch's pipelining runs an extra forward and
-    an input-gradient backward to infer shapes (the first step of every process, and after each
-    evaluation), and V-schedule evaluation runs a whole step; activation checkpointing recomputes
-    forwards. A node between the gate weight and its use runs in backward exactly when that
-    forward's weight gradients are computed: once per trained micro-batch, never for the shape
-    inference (autograd.grad towards the stage inputs skips nodes that only lead to weights),
-    not again for a recomputation (its graph is used for saved tensors, not run backwards)."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, pending: _PendingLoad) -> torch.Tensor:
-        ctx.pending = pending
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        ctx.pending.commit()
-        return grad, None
-
-
-@torch.compiler.disable
-def _counting_gate_weight(weight: torch.Tensor, pending: _PendingLoad) -> torch.Tensor:
-    """`weight` through `_CountLoadInBackward`, always eager: its backward changes Python state,
-    which a compiled graph cannot replay (under torch.compile this is one small graph break)."""
-    return _CountLoadInBackward.apply(weight, pending)
-
-
 class MoE(nn.Module):
     """Router + grouped routed experts + optional shared experts, on (batch, seq, dim).
 
-    After each forward in training mode `last_stats` holds detached per-layer figures (tokens
-    per expert, dropped, aux and z loss) and `aux_loss` the weighted router loss to add to the
-    training loss (aux_loss_coef * aux + z_loss_coef * z, with grad). `load_sum` accumulates
-    tokens per expert over the micro-batches of one optimizer step for the bias update: a
-    forward's load counts when its backward reaches the router (`_CountLoadInBackward`), so
-    forwards that are not trained (pipeline shape inference, recomputation) never count. None
-    until then; lmforge.train.moe.update_expert_biases consumes and resets it.
+    Each forward in training mode reports to `router_stats` (a `RouterStats`, under `layer_id`):
+    the weighted router loss, detached figures, and (from its backward) the load for the bias
+    update. `aux_loss`, `last_stats` and `load_sum` are this layer's entries there (None / {} when
+    absent), for single-layer use; lmforge.train.router_balance reads the collector itself.
     """
 
-    def __init__(self, dim: int, hidden: int, cfg: MoEConfig):
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, layer_id: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.layer_id = layer_id
         router = ExpertChoiceRouter if cfg.router == "expert_choice" else TokenChoiceRouter
         self.router = router(dim, cfg)
         self.experts = GroupedExperts(dim, hidden, cfg.n_experts)
         self.shared_experts = SwiGLU(dim, cfg.n_shared_experts * hidden) if cfg.n_shared_experts else None
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         # A plain attribute, not a buffer: DDP would overwrite buffers with rank 0's at each forward.
-        self.load_sum: torch.Tensor | None = None
-        self.last_stats: dict[str, torch.Tensor] = {}
-        self.aux_loss: torch.Tensor | None = None
+        self.router_stats = RouterStats()
+
+    def report_to(self, stats: RouterStats) -> None:
+        """Report to `stats` from now on (the trainer's collector)."""
+        self.router_stats = stats
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        return self.router_stats.aux_loss.get(self.layer_id)
+
+    @property
+    def last_stats(self) -> dict[str, torch.Tensor]:
+        return self.router_stats.last.get(self.layer_id, {})
+
+    @last_stats.setter
+    def last_stats(self, figures: dict[str, torch.Tensor]) -> None:
+        self.router_stats.last[self.layer_id] = figures
+
+    @property
+    def load_sum(self) -> torch.Tensor | None:
+        return self.router_stats.load.get(self.layer_id)
+
+    @load_sum.setter
+    def load_sum(self, load: torch.Tensor | None) -> None:
+        if load is None:
+            self.router_stats.load.pop(self.layer_id, None)
+        else:
+            self.router_stats.load[self.layer_id] = load
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.router.init_weights(std)
@@ -425,8 +404,8 @@ class MoE(nn.Module):
         gate_weight = self.router.gate.weight
         pending = None
         if self.training and torch.is_grad_enabled() and gate_weight.requires_grad and x.device.type != "meta":
-            pending = _PendingLoad(self)
-            gate_weight = _counting_gate_weight(gate_weight, pending)
+            pending = PendingLoad(self.router_stats, self.layer_id)
+            gate_weight = counting_gate_weight(gate_weight, pending)
         routing = self.router(x, gate_weight)
         xs = dispatch(x, routing)
         ys = self.experts.forward_loop(xs, routing.counts) if loop else self.experts(xs, routing.counts)
@@ -440,15 +419,17 @@ class MoE(nn.Module):
             self._record(routing, pending)
         return out.reshape(shape)
 
-    def _record(self, routing: Routing, pending: _PendingLoad | None) -> None:
-        self.aux_loss = self.cfg.aux_loss_coef * routing.aux_loss + self.cfg.z_loss_coef * routing.z_loss
+    def _record(self, routing: Routing, pending: PendingLoad | None) -> None:
+        stats = self.router_stats
+        stats.aux_loss[self.layer_id] = self.cfg.aux_loss_coef * routing.aux_loss + self.cfg.z_loss_coef * routing.z_loss
         if routing.load.device.type == "meta":
             return
         with torch.no_grad():
             if pending is not None:
                 pending.load = routing.load.detach()
-            self.last_stats = {"tokens_per_expert": routing.load.detach(), "dropped": routing.dropped.detach(),
-                               "aux_loss": routing.aux_loss.detach(), "z_loss": routing.z_loss.detach()}
+            stats.last[self.layer_id] = {"tokens_per_expert": routing.load.detach(),
+                                         "dropped": routing.dropped.detach(),
+                                         "aux_loss": routing.aux_loss.detach(), "z_loss": routing.z_loss.detach()}
 
 
 def load_stats(tokens_per_expert: torch.Tensor) -> dict[str, float]:

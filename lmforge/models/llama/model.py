@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
 
 from lmforge.config import ModelConfig
 from lmforge.models.common.attention import Attention
@@ -20,6 +21,7 @@ from lmforge.models.common.mlp import SwiGLU
 from lmforge.models.common.moe import MoE
 from lmforge.models.common.norms import RMSNorm
 from lmforge.models.common.rope import rope_cos_sin
+from lmforge.models.llama.tp_plan import tp_plan
 
 
 class TransformerBlock(nn.Module):
@@ -30,7 +32,7 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.qkv_bias, kernels)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
-        self.feed_forward: SwiGLU | MoE = (MoE(cfg.dim, cfg.expert_hidden_size, cfg.moe) if self.is_moe
+        self.feed_forward: SwiGLU | MoE = (MoE(cfg.dim, cfg.expert_hidden_size, cfg.moe, layer_id) if self.is_moe
                                            else SwiGLU(cfg.dim, cfg.ffn_hidden_size, kernels))
         # Depth-scaled init of the projections that write into the residual stream (GPT-2).
         self._std = cfg.init_std
@@ -49,6 +51,11 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    # For pipeline parallelism (lmforge.parallel.pp): the modules only the first stage keeps and
+    # those only the last stage keeps (the blocks in `layers` are split); `forward` skips a None.
+    first_stage_modules = ("tok_embeddings",)
+    last_stage_modules = ("norm", "output")
+
     def __init__(self, cfg: ModelConfig, kernels: MatmulKernels | None = None):
         """`kernels`: the fp32 CPU matmul kernel choice shared by all linear layers (default: one
         with the per-machine disk cache, see models/common/linear.py)."""
@@ -65,6 +72,11 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.tie_weights()
+
+    def tp_plan(self, sequence_parallel: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
+        """This model's tensor-parallel plan (lmforge/models/llama/tp_plan.py), for the modules it
+        holds now; lmforge.parallel.tp.apply_tp applies it."""
+        return tp_plan(self, sequence_parallel, loss_parallel)
 
     def tie_weights(self) -> None:
         if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:

@@ -1,0 +1,35 @@
+"""Validation loss: the first `n` micro-batches of the in-order validation stream, so every
+evaluation, and every parallel layout, sees the same sequences."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.data.loader import DistributedTokenLoader
+from lmforge.parallel.pp import PipelineParts, pipeline_eval
+from lmforge.parallel.tp import full_value, loss_parallel_ctx, tp_cross_entropy
+from lmforge.train.precision import autocast_context
+
+
+@torch.no_grad()
+def local_validation_loss(model: nn.Module, pipe: PipelineParts | None, loader: DistributedTokenLoader, n: int,
+                          device: torch.device, loss_parallel: bool, precision: str) -> torch.Tensor:
+    """This rank's mean loss over `n` micro-batches (zero on pipeline ranks without the last
+    stage); the caller averages it over the data-parallel ranks. Leaves `model` in train mode."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(n):
+        x, y = loader.next_batch()
+        x, y = x.to(device), y.to(device)
+        with loss_parallel_ctx(loss_parallel):
+            with autocast_context(precision, device):
+                if pipe is not None:
+                    loss = pipeline_eval(pipe, x, y)
+                    total += loss if loss is not None else 0.0
+                    continue
+                logits = model(x)
+            total += full_value(tp_cross_entropy(logits, y, loss_parallel))
+    model.train()
+    return total / n
