@@ -211,15 +211,16 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_sizes(args: argparse.Namespace) -> int:
-    from lmforge.models.llama import SIZES, count_params
+    from lmforge.models.registry import FAMILIES
     from lmforge.observability.flops import training_flops_per_token
 
     # `active`: parameters one token uses (MoE: router + top_k + shared experts); = params when dense.
-    w = max(len(n) for n in SIZES)
+    sizes = {name: (fam, cfg) for fam in FAMILIES.values() for name, cfg in fam.sizes.items()}
+    w = max(len(n) for n in sizes)
     print(f"{'size':>{w}} {'params':>17} {'active':>17} {'non-embedding':>17} {'layers':>6} {'dim':>6} "
           f"{'heads':>5} {'kv':>3} {'experts':>9} {'train GFLOP/token @2048':>24}")
-    for name, cfg in SIZES.items():
-        c = count_params(cfg)
+    for name, (fam, cfg) in sizes.items():
+        c = fam.count_params(cfg)
         seq = min(2048, cfg.max_seq_len)
         flops = training_flops_per_token(cfg, seq) / 1e9
         experts = f"{cfg.moe.top_k}/{cfg.moe.n_experts}" if cfg.moe.n_experts else "-"

@@ -68,7 +68,7 @@ def _step_and_leftover(path: Path) -> tuple[int, bool]:
 
 
 @dataclass
-class _Base:
+class LastFullCheckpoint:
     """The last full checkpoint this manager wrote, with this rank's digest of every stored tensor."""
 
     path: Path
@@ -113,7 +113,7 @@ class CheckpointManager:
         self._verified: dict[str, Any] = {}  # resolved path -> file fingerprint hashed OK by this manager
         self._lock = threading.Lock()  # _verified is touched by the writer thread too
         self._writer = AsyncWriter()  # the thread async saves are written in
-        self._base: _Base | None = None
+        self._base: LastFullCheckpoint | None = None
         self._since_full = 0
         self._records: list[dict[str, float]] = []
 
@@ -321,7 +321,7 @@ class CheckpointManager:
             if refs:
                 self._since_full += 1
             else:
-                self._base, self._since_full = _Base(final, digests, world), 0
+                self._base, self._since_full = LastFullCheckpoint(final, digests, world), 0
         rec["total_s"] = time.perf_counter() - t0
 
     def _unchanged(self, flat: Mapping[str, Any], world: int) -> tuple[set[str], dict[str, str]]:

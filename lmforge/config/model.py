@@ -91,6 +91,7 @@ class ModelConfig:
     init_std: float = 0.02
     qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2 family)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    family: str = "llama"  # the model family (lmforge/models/registry.py: FAMILIES)
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` has a Mixture-of-Experts feed-forward (see MoEConfig)."""
@@ -132,6 +133,8 @@ class ModelConfig:
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
     def validate(self, section: str = "model") -> None:
+        require(isinstance(self.family, str) and self.family.strip() != "", f"{section}.family", self.family,
+                "must name a model family, e.g. 'llama'")
         require_positive(section, self, "dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len")
         require_positive(section, self, "norm_eps", "rope_theta", "init_std")
         # Beyond these the model is dead or NaN from step one (RMSNorm divides by sqrt(ms + eps)).

@@ -62,7 +62,7 @@ from torch.distributed.pipelining.schedules import (
 from torch.distributed.tensor import DTensor
 
 from lmforge.config import ModelConfig, ParallelConfig
-from lmforge.models.llama.model import count_params
+from lmforge.models.registry import family_of
 from lmforge.observability.flops import flops_breakdown
 
 __all__ = [
@@ -104,7 +104,7 @@ def stage_costs(method: str, cfg: ModelConfig, seq_len: int | None = None) -> tu
     the balancing are exact.
     """
     if method == "params":
-        counts = count_params(cfg)
+        counts = family_of(cfg).count_params(cfg)
         output = counts["total"] - counts["embedding"] - counts["non_embedding"]
         return [counts["per_layer"]] * cfg.n_layers, counts["embedding"], output + cfg.dim
     if method == "flops":

@@ -20,7 +20,8 @@ from lmforge.config import ModelConfig
 from lmforge.config.loader import ConfigError, build_dataclass
 from lmforge.interop.hf.importer import import_hf
 from lmforge.interop.hf.io import is_hf_dir
-from lmforge.models.llama.model import Transformer, build_model
+from lmforge.models.llama.model import Transformer
+from lmforge.models.registry import family_of
 from lmforge.storage.layout import MANIFEST, RunDir
 
 
@@ -205,7 +206,7 @@ def load_for_generation(path: Path, device: torch.device | str = "cpu"
         cfg.validate()
     except ConfigError as e:
         raise GenerationError(str(e)) from None
-    model = build_model(cfg, device, seed=0)  # materialises buffers; the weights are overwritten
+    model = family_of(cfg).build(cfg, device, 0)  # materialises buffers; the weights are overwritten
     load_model_weights(step_dir, model)  # verifies the manifest first; CheckpointError if invalid
     tok = RunDir(run_dir).tokenizer
     return model.eval(), cfg, tok if tok.is_file() else None

@@ -1,6 +1,6 @@
 """The model as a training run needs it: the family's modules built on the meta device, then
 every parallel dimension applied (lmforge.parallel.parallelize), initialised before or after
-sharding. A new model family is chosen here.
+sharding. The family comes from `model.family` (lmforge/models/registry.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from lmforge.config import JobConfig
 from lmforge.models.common.linear import MatmulKernels
-from lmforge.models.llama.model import Transformer
+from lmforge.models.registry import family_of
 from lmforge.parallel.mesh import DistInfo, ParallelMesh
 from lmforge.parallel.parallelize import ParallelModel, parallelize
 
@@ -24,7 +24,7 @@ def build_training_model(cfg: JobConfig, mesh: ParallelMesh, info: DistInfo, say
         # Several ranks would each time the fp32 kernels and could choose differently (their
         # results then differ in the last bits): one process only (models/common/linear.py).
         kernels = MatmulKernels.with_disk_cache() if info.world_size == 1 else MatmulKernels(enabled=False)
-        model = Transformer(cfg.model, kernels)
+        model = family_of(cfg.model).model_class(cfg.model, kernels)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, dim {cfg.model.dim}; "
         f"world size {info.world_size} ({info.backend}): {mesh.degrees.describe()}")

@@ -39,8 +39,9 @@ _COUNTED_LAYERS = 4096  # count_params walks the layers; beyond this, extrapolat
 def parameter_count(model: ModelConfig) -> int:
     """Parameters of `model`, in constant time also for absurd layer counts (10**12 layers must be
     refused in a second, not counted one by one)."""
-    from lmforge.models.llama.model import count_params
+    from lmforge.models.registry import family_of
 
+    count_params = family_of(model).count_params
     if model.n_layers <= _COUNTED_LAYERS:
         return count_params(model)["total"]
     half = count_params(replace(model, n_layers=_COUNTED_LAYERS // 2))["total"]

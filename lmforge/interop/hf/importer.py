@@ -23,6 +23,7 @@ from lmforge.interop.hf.llama import hf_name
 from lmforge.interop.hf.registry import from_hf_config, from_hf_state_dict
 from lmforge.models.common.rope import rope_cos_sin
 from lmforge.models.llama.model import Transformer
+from lmforge.models.registry import family_of
 from lmforge.storage.atomic import atomic_copy, atomic_dir, write_text_atomic
 from lmforge.storage.guard import DestinationError, check_destination
 from lmforge.storage.layout import step_dir_name
@@ -39,7 +40,7 @@ def import_hf(hf_dir: Path, device: torch.device | str = "cpu", dtype: torch.dty
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = family_of(cfg).model_class(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()
                 if not (cfg.tie_embeddings and k == "output.weight")}
     missing = [hf_name(k) for k in expected if k not in sd]

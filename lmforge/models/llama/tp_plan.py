@@ -28,8 +28,7 @@ Only torch's parallel styles are used here (a plan is data); nothing of lmforge.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -40,15 +39,12 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
-if TYPE_CHECKING:
-    from lmforge.models.llama.model import Transformer
-
 # Arguments of Attention.forward as TransformerBlock passes them: (x, cos, sin, cache, layer).
 # Only x is converted; the RoPE tables, the cache and the layer index pass through untouched.
 ATTENTION_ARGS = 5
 
 
-def tp_plan(model: Transformer, sequence_parallel: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
+def tp_plan(model: nn.Module, sequence_parallel: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
     """Module path (from the model root) -> parallel style, for `model` as it is: a pipeline stage
     with some of tok_embeddings / norm / output set to None and only its own layers gets the plan
     of what it holds. With `loss_parallel` the output projection returns vocabulary-sharded
