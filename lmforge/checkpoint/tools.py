@@ -26,7 +26,7 @@ from lmforge.checkpoint.formats import BF16, INT8, SCALE, dequantize_int8
 from lmforge.checkpoint.manifest import base_of, read_manifest, saved_metadata, verify_checkpoint
 from lmforge.checkpoint.state import is_group_options, unpack
 from lmforge.storage.atomic import atomic_open
-from lmforge.storage.layout import MANIFEST, step_of
+from lmforge.storage.layout import MANIFEST, RunDir, step_of
 
 __all__ = ["CheckpointInfo", "convert_to_torch", "describe", "find_checkpoints", "inspect_rows", "read_checkpoint"]
 
@@ -74,7 +74,7 @@ def find_checkpoints(target: Path) -> Iterator[tuple[str, Path]]:
     if (target / MANIFEST).is_file() or (target / ".metadata").is_file() or step_of(target) >= 0:
         yield "disk", target
         return
-    config = target / "config.json"
+    config = RunDir(target).config
     if config.is_file():
         from lmforge.checkpoint.tiers import memory_root
 

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
+from lmforge.tensors.dtensor import gathered
+
 
 def _groups(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Plain tensors first, then one list per (mesh, placements), in first-seen order (the same
@@ -54,7 +56,7 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm:
     norms: list[torch.Tensor] = []
     for group in groups:
         norm = get_total_norm([p.grad for p in group], 2.0, False, foreach)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        norms.append(gathered(norm))
 
     if len(norms) == 1 and pp_group is None:
         total = norms[0]  # exactly torch's value, no square/sqrt round trip

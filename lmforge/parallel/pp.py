@@ -59,11 +59,12 @@ from torch.distributed.pipelining.schedules import (
     ScheduleLoopedBFS,
     ScheduleZBVZeroBubble,
 )
-from torch.distributed.tensor import DTensor
 
 from lmforge.config import ModelConfig, ParallelConfig
+from lmforge.config.parallel import SPLIT_BACKWARD_SCHEDULES, V_SCHEDULES
 from lmforge.models.registry import family_of
 from lmforge.observability.flops import flops_breakdown
+from lmforge.tensors.dtensor import gathered
 
 __all__ = [
     "PipelineError", "PipelineParts", "StagePlan", "SCHEDULES", "V_STYLE", "balanced_partition", "broadcast_loss",
@@ -80,11 +81,11 @@ SCHEDULES: dict[str, type] = {
     "zbv": ScheduleZBVZeroBubble,
     "dualpipev": ScheduleDualPipeV,
 }
-V_STYLE = frozenset({"zbv", "dualpipev"})  # rank r holds stages r and 2*pp-1-r
+V_STYLE = frozenset(V_SCHEDULES)  # rank r holds stages r and 2*pp-1-r
 # Forward-only eval is a forward + backward step here (see pipeline_eval).
 _EVAL_BY_STEP = V_STYLE
 # Split input/weight backward: torch refuses them on compiled stage modules.
-_SPLIT_BACKWARD = frozenset({"interleaved_zb", "zbv", "dualpipev"})
+_SPLIT_BACKWARD = frozenset(SPLIT_BACKWARD_SCHEDULES)
 
 
 class PipelineError(ValueError):
@@ -358,7 +359,7 @@ def build_schedule(parts: list[nn.Module], plan: StagePlan, pp_group: dist.Proce
     def scaled_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = loss_fn(output, target)
         detached = loss.detach()
-        raw.append(detached.full_tensor() if isinstance(detached, DTensor) else detached)
+        raw.append(gathered(detached))
         loss = loss * factor
         return scale_loss(loss) if scale_loss is not None else loss
 

@@ -21,6 +21,7 @@ from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 from torch.distributed.tensor.parallel import loss_parallel as _torch_loss_parallel
 
 from lmforge.models.common.cross_entropy import cross_entropy
+from lmforge.tensors.dtensor import gathered
 
 
 class TensorParallelModel(Protocol):
@@ -95,5 +96,5 @@ def tp_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_parallel:
 def full_value(loss: torch.Tensor) -> torch.Tensor:
     """The full (gathered) value as a plain tensor of a loss that may be a DTensor (for logging,
     all-reduces over the data-parallel group and `GradScaler` bookkeeping)."""
-    return loss.full_tensor() if isinstance(loss, DTensor) else loss
+    return gathered(loss)
 

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmforge.tensors.dtypes import DTYPES
+
 if TYPE_CHECKING:
     from lmforge.config import JobConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTO = "auto"
 
 

@@ -19,10 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.storage.atomic import write_text_atomic
+from lmforge.storage.layout import RunDir
+
 
 class SampleTracer:
     def __init__(self, run_dir: Path, rank: int, dp_rank: int) -> None:
-        self.dir = Path(run_dir) / "trace"
+        self.dir = RunDir(run_dir).trace
         self.path = self.dir / f"rank{rank}.jsonl"
         self.rank, self.dp_rank = rank, dp_rank
         self._positions: list[int] = []
@@ -48,18 +51,16 @@ class SampleTracer:
 def truncate_traces(run_dir: Path, step: int, paths: list[Path] | None = None) -> None:
     """Keep only lines with step <= `step` in the given trace files (default: all of the run),
     each rewritten to a temp file and renamed."""
-    for path in paths if paths is not None else sorted((Path(run_dir) / "trace").glob("rank*.jsonl")):
+    for path in paths if paths is not None else sorted(RunDir(run_dir).trace.glob("rank*.jsonl")):
         if not path.exists():
             continue
         keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 def read_traces(run_dir: Path) -> list[dict]:
     """Every record of every rank's trace file."""
     rows = []
-    for path in sorted((Path(run_dir) / "trace").glob("rank*.jsonl")):
+    for path in sorted(RunDir(run_dir).trace.glob("rank*.jsonl")):
         rows += [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
     return rows

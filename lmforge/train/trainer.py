@@ -34,6 +34,7 @@ from lmforge.parallel.mesh import DistInfo, build_mesh, init_distributed, shutdo
 from lmforge.parallel.pp import broadcast_loss, pipeline_step
 from lmforge.parallel.tp import full_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.storage.atomic import atomic_copy, write_text_atomic
+from lmforge.storage.layout import RunDir
 from lmforge.storage.strict_json import dumps_strict
 from lmforge.train.data_stage import open_loaders, prepare_training_data
 from lmforge.train.evaluate import local_validation_loss
@@ -165,8 +166,8 @@ class Trainer:
             return 0.0
 
     def _write_run_files(self) -> None:
-        write_text_atomic(self.run_dir / "config.json", dumps_strict(asdict(self.cfg), indent=2))
-        atomic_copy(self.data_dir / "tokenizer.json", self.run_dir / "tokenizer.json")
+        write_text_atomic(RunDir(self.run_dir).config, dumps_strict(asdict(self.cfg), indent=2))
+        atomic_copy(self.data_dir / "tokenizer.json", RunDir(self.run_dir).tokenizer)
 
     def checkpoint_state(self) -> dict:
         state = {
@@ -271,7 +272,7 @@ class Trainer:
     def _write_memory_report(self, memory: dict[str, int]) -> None:
         """memory/rank<r>.json: what this rank holds, so each parallel dimension's effect shows."""
         report = {"rank": self.info.rank, "mesh": self.mesh.degrees.as_dict(), **memory, **memory_stats(self.device)}
-        write_text_atomic(self.run_dir / "memory" / f"rank{self.info.rank}.json", dumps_strict(report, indent=1))
+        write_text_atomic(RunDir(self.run_dir).memory_report(self.info.rank), dumps_strict(report, indent=1))
 
     def _dp_group(self) -> dist.ProcessGroup | None:
         return self.dp_mesh.get_group() if self.info.world_size > 1 else None
@@ -436,7 +437,7 @@ class Trainer:
             self.ckpt.clear_memory()  # the final durable checkpoint supersedes the snapshots
         if self.is_main and cfg.metrics.plot and cfg.metrics.jsonl:
             try:
-                plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+                plot_loss_curve(RunDir(self.run_dir).metrics, RunDir(self.run_dir).loss_plot)
             except Exception as e:  # a plot must never fail a finished run
                 log.warning("loss plot not written: %s", e)
         return self.losses

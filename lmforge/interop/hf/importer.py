@@ -26,7 +26,7 @@ from lmforge.models.llama.model import Transformer
 from lmforge.models.registry import family_of
 from lmforge.storage.atomic import atomic_copy, atomic_dir, write_text_atomic
 from lmforge.storage.guard import DestinationError, check_destination
-from lmforge.storage.layout import step_dir_name
+from lmforge.storage.layout import RunDir, step_dir_name
 
 
 def import_hf(hf_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
@@ -75,9 +75,9 @@ def import_to_run(hf_dir: Path, out: Path, overwrite: bool = False) -> Path:
                     train=TrainConfig(output_dir=str(out), seq_len=min(TrainConfig.seq_len, cfg.max_seq_len)))
 
     def fill(tmp: Path) -> None:
-        write_text_atomic(tmp / "config.json", json.dumps(asdict(job), indent=2) + "\n")
+        write_text_atomic(RunDir(tmp).config, json.dumps(asdict(job), indent=2) + "\n")
         if (hf_dir / "tokenizer.json").is_file():
-            atomic_copy(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
+            atomic_copy(hf_dir / "tokenizer.json", RunDir(tmp).tokenizer)
         save_model_weights(tmp / job.checkpoint.folder / step_dir_name(0), model, step=0)
 
     atomic_dir(out, fill, replace=overwrite)

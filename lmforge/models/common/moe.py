@@ -43,11 +43,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from lmforge.config import MoEConfig
 from lmforge.models.common.mlp import SwiGLU
 from lmforge.models.common.router_stats import PendingLoad, RouterStats, counting_gate_weight
+from lmforge.tensors.dtensor import local_shard
 
 
 @dataclass
@@ -293,11 +293,6 @@ def padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return out[expert, pos]
 
 
-def _local(w: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor parameter (expert parallel), the tensor itself otherwise."""
-    return w.to_local() if isinstance(w, DTensor) else w
-
-
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as 3-D weights; inputs arrive grouped by expert (see `dispatch`)."""
 
@@ -316,7 +311,7 @@ class GroupedExperts(nn.Module):
         """Cast to the autocast dtype by hand: torch._grouped_mm has no autocast rule. Under expert
         parallel (lmforge.parallel.ep) the weights are Shard(0) DTensors and the tokens that arrive
         are those of this rank's experts: compute on the local experts."""
-        w1, w3, w2 = (_local(w) for w in (self.w1, self.w3, self.w2))
+        w1, w3, w2 = (local_shard(w) for w in (self.w1, self.w3, self.w2))
         dev = x.device.type
         if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
