@@ -179,3 +179,17 @@ def test_architecture_doc_states_these_rules() -> None:
     stated = {pkg: set(re.findall(r"`(\w+)`", text)) for pkg, text in rows.items() if pkg in LAYERS}
     assert stated == LAYERS, {p: (stated.get(p), LAYERS[p]) for p in LAYERS if stated.get(p) != LAYERS[p]}
 
+
+
+MAX_LINES = 500  # a module longer than this holds more than one concern: split it
+
+
+def long_modules(root: Path, limit: int = MAX_LINES) -> list[str]:
+    return sorted(f"{p.relative_to(root.parent)}: {n} lines" for p in root.rglob("*.py")
+                  if (n := len(p.read_text().splitlines())) > limit)
+
+
+def test_no_module_is_longer_than_the_limit(tmp_path: Path) -> None:
+    assert long_modules(REPO / "lmforge") == []
+    root = _plant(tmp_path, {"train/huge.py": "x = 1\n" * (MAX_LINES + 1)})
+    assert long_modules(root) == [f"lmforge/train/huge.py: {MAX_LINES + 1} lines"]
