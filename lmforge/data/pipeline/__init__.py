@@ -1,0 +1,19 @@
+"""The document pipeline: raw corpora (jsonl, .jsonl.gz, .jsonl.zst, parquet, directories of text
+files) -> normalised, filtered documents with a provenance record per step, run shard by shard so
+an interrupted run resumes where it stopped (`lmforge data run PIPELINE.toml`).
+
+Modules, one concern each:
+  document.py  the `Document` record, its provenance verdicts, the content hash
+  readers.py   streaming readers; every bad input becomes a counted `Reject`, never a crash
+  steps.py     the `Step` base class and the steps: `normalize` (unicode + whitespace),
+               `quality` (heuristic filters, each drop naming its rule and value)
+  writers.py   jsonl (optionally zstd) writers for kept documents and rejects, temp-then-rename
+  config.py    the pipeline TOML -> `PipelineConfig`, refused in one line before any work
+  executor.py  deterministic shards, N worker processes, per-shard completion markers, the merge
+
+Not here yet (other parts of issue 12): deduplication (exact and near: `lmforge/data/near_dedup.py`
+is written separately and is not a step of this chain), language identification, domain tagging
+and mixing, distributed execution (Ray or several machines), erasure-coded outputs and run
+reports beyond `stats.json`. The pipeline's output is not yet chained into `data prepare`.
+Submodules are imported explicitly (pyarrow only when a parquet input is read).
+"""

@@ -1,0 +1,128 @@
+"""The pipeline TOML -> `PipelineConfig`, checked whole before any work starts.
+
+Why strict: a misspelt option (`min_word = 5`) would silently run the default and filter the
+corpus differently from what the user wrote; every unknown key, step type or wrong type is one
+`ConfigError` line (exit code 2 from the CLI). Relative paths are relative to the TOML file.
+
+    output_dir = "out"          # required
+    workers = 1                 # worker processes
+    docs_per_shard = 10000      # input records per shard (0: one shard per input file)
+    compress = false            # kept documents as output.jsonl.zst instead of output.jsonl
+    max_chars = 1000000         # longer documents are rejected ("oversized_document")
+
+    [[inputs]]
+    path = "raw/web.jsonl.zst"  # a file, or a directory (every matching file in it, sorted)
+    format = "jsonl"            # jsonl (.jsonl, .jsonl.gz, .jsonl.zst) | parquet | text
+    text_field = "text"         # jsonl and parquet
+
+    [[steps]]
+    type = "normalize"          # options: see steps.NormalizeConfig
+    [[steps]]
+    type = "quality"            # options: see steps.QualityConfig
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lmforge.config.loader import ConfigError, build_dataclass, load_toml
+
+__all__ = ["InputConfig", "PipelineConfig", "StepSpec", "load_pipeline_config"]
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    path: str
+    format: Literal["jsonl", "parquet", "text"] = "jsonl"
+    text_field: str = "text"
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One `[[steps]]` entry: its type name and its options, already checked against the step's
+    config dataclass."""
+
+    type: str
+    options: Any
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    output_dir: str
+    inputs: list[InputConfig]
+    steps: list[StepSpec] = field(default_factory=list)
+    workers: int = 1
+    docs_per_shard: int = 10000
+    compress: bool = False
+    max_chars: int = 1_000_000
+
+
+_TOP = {"output_dir", "workers", "docs_per_shard", "compress", "max_chars", "inputs", "steps"}
+
+
+def _step_types() -> dict[str, tuple[type, type]]:
+    from lmforge.data.pipeline.steps import STEP_TYPES  # steps import document only; no cycle at load
+
+    return STEP_TYPES
+
+
+def parse_pipeline(data: dict[str, Any], base: Path, where: str) -> PipelineConfig:
+    """Build and check a `PipelineConfig` from a parsed TOML table (`base`: where relative paths
+    start)."""
+    for key, value in data.items():
+        if key not in _TOP:
+            raise ConfigError(key, value, "unknown key; allowed: " + ", ".join(sorted(_TOP)), where)
+    if "output_dir" not in data:
+        raise ConfigError("output_dir", None, "is required (the directory the pipeline writes)", where)
+    raw_inputs = data.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise ConfigError("inputs", raw_inputs, "needs at least one [[inputs]] table with a path", where)
+    inputs = []
+    for i, table in enumerate(raw_inputs):
+        if not isinstance(table, dict) or "path" not in table:
+            raise ConfigError(f"inputs[{i}]", table, "must be a table with a path", where)
+        inp = build_dataclass(InputConfig, table, f"inputs[{i}].", where)
+        path = Path(inp.path) if Path(inp.path).is_absolute() else base / inp.path
+        if not path.exists():
+            raise ConfigError(f"inputs[{i}].path", inp.path, f"does not exist ({path})", where)
+        inputs.append(dataclasses.replace(inp, path=str(path)))
+    steps = []
+    types = _step_types()
+    raw_steps = data.get("steps", [])
+    if not isinstance(raw_steps, list):
+        raise ConfigError("steps", raw_steps, "must be a list of [[steps]] tables", where)
+    for i, table in enumerate(raw_steps):
+        if not isinstance(table, dict) or "type" not in table:
+            raise ConfigError(f"steps[{i}]", table, "must be a table with a type", where)
+        options = dict(table)
+        kind = options.pop("type")
+        if kind not in types:
+            raise ConfigError(f"steps[{i}].type", kind, "unknown step type; known: " + ", ".join(sorted(types)), where)
+        step_cls, cfg_cls = types[kind]
+        cfg = build_dataclass(cfg_cls, options, f"steps[{i}].", where)
+        check = getattr(cfg, "validate", None)
+        if check is not None:
+            check(f"steps[{i}].", where)
+        steps.append(StepSpec(kind, cfg))
+    scalars = {k: data[k] for k in ("workers", "docs_per_shard", "compress", "max_chars") if k in data}
+    out = data["output_dir"]
+    if not isinstance(out, str) or not out:
+        raise ConfigError("output_dir", out, "must be a non-empty string", where)
+    head = build_dataclass(PipelineConfig, {"output_dir": out, "inputs": [], **scalars}, "", where)
+    if head.workers < 1:
+        raise ConfigError("workers", head.workers, "must be >= 1", where)
+    if head.docs_per_shard < 0:
+        raise ConfigError("docs_per_shard", head.docs_per_shard, "must be >= 0 (0: one shard per input file)", where)
+    if head.max_chars < 1:
+        raise ConfigError("max_chars", head.max_chars, "must be >= 1", where)
+    out_path = Path(out) if Path(out).is_absolute() else base / out
+    return dataclasses.replace(head, output_dir=str(out_path), inputs=inputs, steps=steps)
+
+
+def load_pipeline_config(path: str | Path) -> PipelineConfig:
+    """Read and check PIPELINE.toml; any problem is one ConfigError line."""
+    p = Path(path)
+    return parse_pipeline(load_toml(p), p.resolve().parent, str(p))
