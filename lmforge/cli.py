@@ -195,14 +195,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_run(args: argparse.Namespace) -> int:
-    """Run a document pipeline (readers -> steps -> shards -> merged output), resuming finished shards."""
-    from lmforge.data.pipeline.config import load_pipeline_config
-    from lmforge.data.pipeline.executor import run_pipeline
+    from lmforge.data.pipeline.executor import run_pipeline_file
 
-    cfg = load_pipeline_config(args.pipeline)
-    args.output = cfg.output_dir
-    result = run_pipeline(cfg, log=print)
-    print(f"output: {result.output} (rejects: {result.rejects})")
+    run_pipeline_file(args.pipeline, log=print)
     return 0
 
 
@@ -383,10 +378,6 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 def _split_recipe_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
     """`train r.toml --a.b 1` -> (['train'], 'r.toml', ['--a.b', '1'])."""
-    return _split(argv)
-
-
-def _split(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
     for prefix in (["train"], ["data", "prepare"]):
         n = len(prefix)
         if argv[:n] == prefix and not any(a in ("-h", "--help") for a in argv[n:]):
@@ -414,8 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "if invalid")
     q.add_argument("dirs", nargs="+", help="packed data directories (data.dir)")
     q.set_defaults(func=cmd_data_verify)
-    q = dsub.add_parser("run", help="run a document pipeline (read, normalise, filter) from PIPELINE.toml; "
-                        "a rerun skips finished shards")
+    q = dsub.add_parser("run", help="document pipeline (read, normalise, filter) from PIPELINE.toml, resumable")
     q.add_argument("pipeline", help="pipeline TOML: inputs, output_dir, workers, [[steps]]")
     q.set_defaults(func=cmd_data_run)
 

@@ -28,14 +28,14 @@ from typing import Any
 
 from lmforge.data.errors import DataError
 from lmforge.data.files import read_json, write_json_atomic
-from lmforge.data.pipeline.config import PipelineConfig, StepSpec
+from lmforge.data.pipeline.config import PipelineConfig, StepSpec, load_pipeline_config
 from lmforge.data.pipeline.document import Document, Reject
 from lmforge.data.pipeline.readers import count_records, input_files, read_records, source_name
 from lmforge.data.pipeline.steps import build_steps
 from lmforge.data.pipeline.writers import jsonl_writer
 from lmforge.storage.atomic import atomic_open
 
-__all__ = ["Part", "RunResult", "Shard", "plan_shards", "run_pipeline", "run_shard"]
+__all__ = ["Part", "RunResult", "Shard", "plan_shards", "run_pipeline", "run_pipeline_file", "run_shard"]
 
 MARKER = "_DONE.json"
 REJECTS = "rejects.jsonl"
@@ -211,3 +211,11 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] | None = None) 
         log(f"{len(shards)} shards ({skipped} already done): {totals['records']} records, {totals['kept']} kept, "
             f"{sum(totals['rejected'].values())} rejected on reading, {sum(totals['dropped'].values())} dropped by steps")
     return RunResult(output, rejects, len(shards), skipped, totals)
+
+
+def run_pipeline_file(path: str | Path, log: Callable[[str], None] | None = None) -> RunResult:
+    """`lmforge data run PIPELINE.toml`: the whole file is checked before any work."""
+    result = run_pipeline(load_pipeline_config(path), log=log)
+    if log is not None:
+        log(f"output: {result.output} (rejects: {result.rejects})")
+    return result
