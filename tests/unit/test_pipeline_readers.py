@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.pipeline.document import Document, Reject, content_hash
-from lmforge.data.pipeline.readers import count_records, read_records
+from lmforge.data.pipeline.readers import count_records, read_records, scan_jsonl
 
 TEXTS = ["the first document", "second one, with ünïcödé", "third\nhas two lines"]
 
@@ -123,3 +123,19 @@ def test_text_file_rejects(tmp_path):
 @pytest.mark.parametrize("a,b,same", [("Caf\u00e9  au\nlait ", "Cafe\u0301 au lait", True), ("a b", "a c", False)])
 def test_content_hash_normalises(a, b, same):
     assert (content_hash(a) == content_hash(b)) is same
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".zst"])
+def test_scan_offsets_start_shards_at_their_line(tmp_path, suffix):
+    import zstandard
+
+    body = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)).encode()
+    raw = {"": body, ".gz": gzip.compress(body), ".zst": zstandard.ZstdCompressor().compress(body)}[suffix]
+    p = tmp_path / f"c.jsonl{suffix}"
+    p.write_bytes(raw)
+    n, offsets = scan_jsonl(p, 3)
+    assert n == 10 and offsets == [body.index(f'{{"text": "doc {i}"}}'.encode()) for i in (0, 3, 6, 9)]
+    got = [d.text for k, s in enumerate(range(0, n, 3))
+           for d in read_records(p, "jsonl", "c", "text", 100, s, min(s + 3, n), offsets[k])]
+    assert got == [f"doc {i}" for i in range(10)]
+    assert [d.offset for d in read_records(p, "jsonl", "c", "text", 100, 6, 9, offsets[2])] == [7, 8, 9]

@@ -30,7 +30,7 @@ from lmforge.data.errors import DataError
 from lmforge.data.files import read_json, write_json_atomic
 from lmforge.data.pipeline.config import PipelineConfig, StepSpec, load_pipeline_config
 from lmforge.data.pipeline.document import Document, Reject
-from lmforge.data.pipeline.readers import count_records, input_files, read_records, source_name
+from lmforge.data.pipeline.readers import count_records, input_files, read_records, scan_jsonl, source_name
 from lmforge.data.pipeline.steps import build_steps
 from lmforge.data.pipeline.writers import jsonl_writer
 from lmforge.storage.atomic import atomic_open
@@ -51,6 +51,7 @@ class Part:
     text_field: str
     start: int
     stop: int | None
+    byte_offset: int | None = None  # jsonl: where line `start` begins in the decompressed stream
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,14 @@ def plan_shards(cfg: PipelineConfig) -> list[Shard]:
                                    for f in files[i:i + group]))
             continue
         for f in files:
-            n = count_records(f, inp.format)
+            if inp.format == "jsonl":
+                n, offsets = scan_jsonl(f, per)
+            else:
+                n, offsets = count_records(f, inp.format), []
             step = per or max(n, 1)
-            for s in range(0, n, step):
-                parts.append((Part(str(f), inp.format, source_name(f, root), inp.text_field, s, min(s + step, n)),))
+            for k, s in enumerate(range(0, n, step)):
+                at = offsets[k] if k < len(offsets) else None
+                parts.append((Part(str(f), inp.format, source_name(f, root), inp.text_field, s, min(s + step, n), at),))
     return [Shard(i, p) for i, p in enumerate(parts)]
 
 
@@ -126,7 +131,8 @@ def _load_or_plan(cfg: PipelineConfig, out: Path) -> list[Shard]:
 
 def _items(shard: Shard, max_chars: int) -> Iterator[Document | Reject]:
     for p in shard.parts:
-        yield from read_records(Path(p.path), p.format, p.source, p.text_field, max_chars, p.start, p.stop)
+        yield from read_records(Path(p.path), p.format, p.source, p.text_field, max_chars, p.start, p.stop,
+                                p.byte_offset)
 
 
 def run_shard(out: Path, shard: Shard, steps: list[StepSpec], compress: bool, max_chars: int) -> tuple[dict, bool]:

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from lmforge.data.pipeline.document import Document, Reject
 
-__all__ = ["REJECT_REASONS", "count_records", "input_files", "open_binary", "read_records", "source_name"]
+__all__ = ["REJECT_REASONS", "count_records", "scan_jsonl", "input_files", "open_binary", "read_records", "source_name"]
 
 REJECT_REASONS = ("malformed_json", "invalid_utf8", "missing_text_field", "non_string_text_field",
                   "empty_document", "oversized_document")
@@ -66,13 +66,36 @@ def count_records(path: Path, fmt: str) -> int:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
-    n = 0
-    last = b"\n"
+    return scan_jsonl(path, 0)[0]
+
+
+def scan_jsonl(path: Path, every: int) -> tuple[int, list[int]]:
+    """(number of lines, byte offsets in the decompressed stream of lines 0, every, 2 * every, ...):
+    one pass at planning time, so a shard starts reading at its first line instead of re-reading
+    the file from the top (which would make many shards of one file quadratic)."""
+    n, base, offsets, last = 0, 0, [0], b"\n"
     with open_binary(path) as f:
         while block := f.read(1 << 20):
-            n += block.count(b"\n")
+            c = block.count(b"\n")
+            idx, seen = -1, 0
+            while every and (need := len(offsets) * every - n) <= c:
+                while seen < need:
+                    idx = block.index(b"\n", idx + 1)
+                    seen += 1
+                offsets.append(base + idx + 1)
+            n += c
+            base += len(block)
             last = block[-1:]
-    return n + (last != b"\n")
+    return n + (last != b"\n"), offsets
+
+
+def _skip_bytes(f: IO[bytes], n: int) -> None:
+    """Move a stream `n` bytes forward: a seek where the stream can, else read and discard."""
+    if n and f.seekable():
+        f.seek(n)
+        return
+    while n > 0 and (block := f.read(min(n, 1 << 20))):
+        n -= len(block)
 
 
 def _check_text(text: Any, field: str, doc_id: str, source: str, offset: int, max_chars: int,
@@ -101,11 +124,15 @@ def _read_line(f: IO[bytes], limit: int) -> tuple[bytes, bool]:
 
 
 def read_jsonl(path: Path, source: str, text_field: str, max_chars: int, start: int = 0,
-               stop: int | None = None) -> Iterator[Item]:
-    """Records [start, stop) (0-based line indices) of a jsonl file; ids `<source>:<line>` (1-based)."""
+               stop: int | None = None, byte_offset: int | None = None) -> Iterator[Item]:
+    """Records [start, stop) (0-based line indices) of a jsonl file; ids `<source>:<line>` (1-based).
+    `byte_offset`: where line `start` begins (from `scan_jsonl`); without it lines are skipped."""
     limit = 4 * max_chars + 4096  # UTF-8: at most 4 bytes a char, plus the JSON around the text
     with open_binary(path) as f:
         index = 0
+        if byte_offset is not None:
+            _skip_bytes(f, byte_offset)
+            index = start
         while stop is None or index < stop:
             raw, too_long = _read_line(f, limit)
             if not raw and not too_long:
@@ -186,10 +213,10 @@ def read_text_file(path: Path, source: str, max_chars: int) -> Iterator[Item]:
 
 
 def read_records(path: Path, fmt: str, source: str, text_field: str, max_chars: int, start: int = 0,
-                 stop: int | None = None) -> Iterator[Item]:
+                 stop: int | None = None, byte_offset: int | None = None) -> Iterator[Item]:
     """Dispatch on the input format."""
     if fmt == "parquet":
         return read_parquet(path, source, text_field, max_chars, start, stop)
     if fmt == "text":
         return read_text_file(path, source, max_chars)
-    return read_jsonl(path, source, text_field, max_chars, start, stop)
+    return read_jsonl(path, source, text_field, max_chars, start, stop, byte_offset)
