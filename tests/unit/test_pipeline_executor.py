@@ -38,7 +38,7 @@ def _cfg(root: Path, out: str, workers: int = 1, compress: bool = False):
     data = {"output_dir": out, "workers": workers, "docs_per_shard": 4, "compress": compress,
             "inputs": [{"path": "in"}, {"path": "docs", "format": "text"}],
             "steps": [{"type": "normalize"},
-                      {"type": "quality", "min_words": 5, "min_stop_words": 1, "max_top_ngram_fraction": None}]}
+                      {"type": "quality", "min_words": 5, "min_stop_words": 1, "disable": ["max_top_ngram_fraction"]}]}
     return parse_pipeline(data, root, "test")
 
 

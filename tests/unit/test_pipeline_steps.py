@@ -56,10 +56,13 @@ def test_quality_rule_drops_name_rule_and_value(text, rule, value):
     assert f" {value:.4g} " in detail and verdict.detail.startswith(f"{rule}: ")
 
 
-def test_unset_threshold_never_drops():
+def test_unset_or_disabled_rule_never_drops():
     cfg = QualityConfig(min_words=None, min_stop_words=None, max_top_ngram_fraction=None)
     kept, drops, _ = _run(QualityStep, cfg, ["go to " * 20, "x"])
     assert len(kept) == 2 and drops == []
+    cfg = QualityConfig(disable=["min_words", "min_stop_words", "max_top_ngram_fraction"])
+    kept, drops, _ = _run(QualityStep, cfg, ["go to " * 20, "x"])
+    assert len(kept) == 2 and drops == [] and "top_ngram_fraction=1 " in kept[0].provenance[-1].detail
 
 
 def test_step_options_are_checked():
@@ -68,3 +71,5 @@ def test_step_options_are_checked():
         parse_pipeline({**base, "steps": [{"type": "quality", "max_digit_ratio": -1.0}]}, Path("."), "t")
     with pytest.raises(ConfigError, match=r"steps\[0\].min_words = '5': must be an integer"):
         parse_pipeline({**base, "steps": [{"type": "quality", "min_words": "5"}]}, Path("."), "t")
+    with pytest.raises(ConfigError, match=r"steps\[0\].disable = 'min_word': unknown rule; rules: min_words, max_words"):
+        parse_pipeline({**base, "steps": [{"type": "quality", "disable": ["min_word"]}]}, Path("."), "t")

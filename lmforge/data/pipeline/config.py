@@ -16,9 +16,10 @@ corpus differently from what the user wrote; every unknown key, step type or wro
     text_field = "text"         # jsonl and parquet
 
     [[steps]]
-    type = "normalize"          # options: see steps.NormalizeConfig
+    type = "normalize"          # options: steps.NormalizeConfig (form = "NFC" | "NFKC" | "none", ...)
     [[steps]]
-    type = "quality"            # options: see steps.QualityConfig
+    type = "quality"            # options: steps.QualityConfig (min_words = 50, ...)
+    disable = ["min_stop_words"]  # rules switched off (TOML has no null)
 """
 
 from __future__ import annotations

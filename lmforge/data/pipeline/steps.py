@@ -113,10 +113,15 @@ DEFAULT_STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with", "a
                       "on", "as", "was", "this", "not", "are", "you")
 
 
+QUALITY_RULES = ("min_words", "max_words", "max_symbol_word_ratio", "max_digit_ratio",
+                 "max_duplicate_line_fraction", "max_top_ngram_fraction", "min_stop_words")
+
+
 @dataclass(frozen=True)
 class QualityConfig:
-    """Thresholds per rule; a rule whose threshold is unset (omitted from the TOML) still measures
-    but never drops. Defaults follow the usual web-text heuristics (Gopher-style)."""
+    """Thresholds per rule (defaults: the usual web-text heuristics, Gopher-style). TOML has no
+    null, so a rule is switched off by naming it in `disable`; it is still measured and shown in
+    the keep verdict, but never drops."""
 
     min_words: int | None = 50
     max_words: int | None = 100_000
@@ -127,8 +132,12 @@ class QualityConfig:
     top_ngram_n: int = 2
     min_stop_words: int | None = 2
     stop_words: list[str] = field(default_factory=lambda: list(DEFAULT_STOP_WORDS))
+    disable: list[str] = field(default_factory=list)  # rule names, e.g. ["min_stop_words"]
 
     def validate(self, prefix: str, where: str | None) -> None:
+        for name in self.disable:
+            if name not in QUALITY_RULES:
+                raise ConfigError(prefix + "disable", name, "unknown rule; rules: " + ", ".join(QUALITY_RULES), where)
         for key in ("max_symbol_word_ratio", "max_digit_ratio", "max_duplicate_line_fraction",
                     "max_top_ngram_fraction"):
             v = getattr(self, key)
@@ -192,7 +201,7 @@ class QualityStep(Step):
     def process(self, doc: Document) -> bool:
         sig = quality_signals(doc.text, self.config.top_ngram_n, self._stop)
         for rule, signal, threshold, at_least in self._rules:
-            if threshold is None:
+            if threshold is None or rule in self.config.disable:
                 continue
             value = sig[signal]
             if (value < threshold) if at_least else (value > threshold):
