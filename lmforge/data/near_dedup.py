@@ -1,0 +1,338 @@
+"""Near-duplicate documents: MinHash + LSH to find candidates, exact Jaccard to decide.
+
+LSH on MinHash signatures only says two documents *probably* share many shingles; taking its
+candidates at face value removes documents that are not near-duplicates (false positives grow with
+more bands / fewer rows). Here every candidate pair is verified by the exact Jaccard similarity of
+the two shingle sets, and only verified pairs (Jaccard >= threshold) join documents into a cluster
+(union-find). A cluster keeps its smallest id; every other member maps to that kept id.
+
+Pipeline per document, as documents stream in:
+  text -> shingles (word n-grams or character n-grams, lower-cased) -> one stable 64-bit hash each
+  (blake2b for words, splitmix64 for code points; never Python's salted `hash()`), kept as a sorted
+  unique uint64 array for verification -> MinHash signature, computed for a batch of documents at
+  once in numpy -> one 64-bit key per band -> buckets; a document is verified against the earlier
+  members of every bucket it lands in, then its signature is dropped.
+
+Memory: 8 bytes per distinct shingle of every document (about 8 x words for word shingles) plus
+`bands` bucket entries per document; signatures are transient (one batch). Shingle sets are
+compared through their 64-bit hashes: two different shingles colliding has probability ~2^-64, the
+only approximation in the verification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmforge.config.checks import require
+from lmforge.data.errors import DataError
+
+MERSENNE_P = np.uint64((1 << 61) - 1)
+_MASK32 = np.uint64(0xFFFFFFFF)
+_MASK29 = np.uint64((1 << 29) - 1)
+_S3, _S29, _S32, _S61 = np.uint64(3), np.uint64(29), np.uint64(32), np.uint64(61)
+_MAX = np.uint64(np.iinfo(np.uint64).max)
+_WORD = re.compile(r"\w+")
+# Rows of (shingle x permutation) uint64 computed at once: 8192 x 128 x 8 B = 8 MiB per temporary.
+_CHUNK_ROWS = 8192
+_BATCH_DOCS = 256
+
+
+@dataclass(frozen=True)
+class NearDedupConfig:
+    """MinHash/LSH parameters. With bands b and rows r = num_perm / b, a pair of Jaccard s becomes a
+    candidate with probability 1 - (1 - s^r)^b: 128/16 (r = 8) finds s = 0.8 with p ~0.95 and
+    s = 0.85 with p ~0.99, while pairs at s = 0.1 almost never meet (verification cost stays low)."""
+
+    shingle: str = "word"  # "word": n-grams of \\w+ tokens; "char": n-grams of characters
+    ngram: int = 5  # shingle size in words or characters
+    num_perm: int = 128
+    bands: int = 16
+    threshold: float = 0.8  # exact Jaccard a verified pair must reach
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        key = "near_dedup"
+        require(self.shingle in ("word", "char"), f"{key}.shingle", self.shingle, "must be 'word' or 'char'")
+        for name in ("ngram", "num_perm", "bands"):
+            v = getattr(self, name)
+            require(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{key}.{name}", v,
+                    "must be an integer > 0")
+        require(self.bands <= self.num_perm and self.num_perm % self.bands == 0, f"{key}.bands",
+                self.bands, f"must divide num_perm = {self.num_perm}")
+        t = self.threshold
+        require(isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 < t <= 1.0,
+                f"{key}.threshold", t, "must be a number in (0, 1]")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+                f"{key}.seed", self.seed, "must be an integer >= 0")
+
+    @property
+    def rows(self) -> int:
+        return self.num_perm // self.bands
+
+
+@dataclass
+class NearDedupResult:
+    """Outcome: which documents to drop and why.
+
+    duplicate_of: dropped id -> the kept id of its cluster (the cluster's smallest id, so one lookup
+        always lands on a kept document, whatever order the documents came in).
+    similarity: dropped id -> exact Jaccard with that kept document. Clusters are built from
+        verified pairs transitively (A~B, B~C), so this can be below the threshold; `chained`
+        counts those drops.
+    candidates: distinct pairs that shared at least one LSH bucket; verified: those with exact
+        Jaccard >= threshold; rejected_candidates: the rest (LSH false positives, not merged).
+    """
+
+    duplicate_of: dict[str, str] = field(default_factory=dict)
+    similarity: dict[str, float] = field(default_factory=dict)
+    documents: int = 0
+    empty: int = 0  # documents without any shingle: never matched
+    candidates: int = 0
+    verified: int = 0
+    rejected_candidates: int = 0
+    chained: int = 0
+
+    @property
+    def kept(self) -> int:
+        return self.documents - len(self.duplicate_of)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """Bijective 64-bit mixer (wrapping uint64 arithmetic is intended)."""
+    z = x + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _combine(units: np.ndarray, n: int) -> np.ndarray:
+    """Hash every window of n consecutive unit hashes into one 64-bit value (order-sensitive)."""
+    if len(units) <= n:  # a text shorter than one shingle is one shingle
+        windows, n = 1, len(units)
+    else:
+        windows = len(units) - n + 1
+    h = np.zeros(windows, dtype=np.uint64)
+    for j in range(n):
+        h = h * np.uint64(0x100000001B3) + units[j:j + windows]
+    return _splitmix64(h ^ np.uint64(n))
+
+
+def _word_hash(word: str) -> int:
+    return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def shingle_hashes(text: str, cfg: NearDedupConfig) -> np.ndarray:
+    """Sorted unique uint64 hashes of the text's shingles: the set verification compares. Stable
+    across processes and machines (no salted `hash()`)."""
+    if cfg.shingle == "word":
+        words = _WORD.findall(text.lower())
+        if not words:
+            return np.zeros(0, dtype=np.uint64)
+        cache: dict[str, int] = {}
+        units = np.fromiter((cache[w] if w in cache else cache.setdefault(w, _word_hash(w)) for w in words),
+                            dtype=np.uint64, count=len(words))
+    else:
+        norm = " ".join(text.lower().split())
+        if not norm:
+            return np.zeros(0, dtype=np.uint64)
+        units = _splitmix64(np.frombuffer(norm.encode("utf-32-le"), dtype="<u4").astype(np.uint64))
+    with np.errstate(over="ignore"):
+        return np.unique(_combine(units, cfg.ngram))
+
+
+def permutations(cfg: NearDedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients a in [1, p), b in [0, p) of h(x) = (a*x + b) mod p, p = 2^61 - 1, derived from
+    the seed by blake2b so they are the same on every numpy version and machine."""
+    a = np.empty(cfg.num_perm, dtype=np.uint64)
+    b = np.empty(cfg.num_perm, dtype=np.uint64)
+    p = int(MERSENNE_P)
+    for i in range(cfg.num_perm):
+        d = hashlib.blake2b(f"lmforge-minhash:{cfg.seed}:{i}".encode(), digest_size=16).digest()
+        a[i] = 1 + int.from_bytes(d[:8], "little") % (p - 1)
+        b[i] = int.from_bytes(d[8:], "little") % p
+    return a, b
+
+
+def _fold(v: np.ndarray) -> np.ndarray:
+    """v mod p for any uint64 v: 2^61 = 1 mod p, then one conditional subtraction."""
+    v = (v & MERSENNE_P) + (v >> _S61)
+    np.subtract(v, MERSENNE_P, out=v, where=v >= MERSENNE_P)
+    return v
+
+
+def _mulmod(x_lo: np.ndarray, x_hi: np.ndarray, a_lo: np.ndarray, a_hi: np.ndarray) -> np.ndarray:
+    """(a * x) mod p for x, a < p split into 32-bit halves (hi < 2^29), with no uint64 overflow:
+    a*x = hh*2^64 + mid*2^32 + ll, and mod p 2^64 = 8, mid*2^32 = (mid >> 29) + (mid & (2^29-1))*2^32.
+    Each term is < 2^61 (ll is folded first), so their sum stays below 2^63."""
+    ll = x_lo * a_lo
+    mid = x_lo * a_hi + x_hi * a_lo  # < 2^62
+    r = (ll & MERSENNE_P) + (ll >> _S61)
+    r += (mid & _MASK29) << _S32
+    r += mid >> _S29
+    r += (x_hi * a_hi) << _S3  # hh < 2^58
+    return _fold(r)
+
+
+def minhash_signatures(hash_sets: list[np.ndarray], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """MinHash signatures (len(hash_sets), num_perm) of many documents in one numpy pass.
+
+    Every permutation h(x) = (a*x + b) mod (2^61 - 1) of every shingle hash x (taken mod p) is
+    computed exactly in uint64 (see `_mulmod`); rows are then reduced to a minimum per document.
+    A document with no shingles gets all-max (it is never inserted in LSH).
+    """
+    sig = np.full((len(hash_sets), len(a)), _MAX, dtype=np.uint64)
+    sizes = np.array([len(h) for h in hash_sets], dtype=np.int64)
+    if not sizes.sum():
+        return sig
+    x = _fold(np.concatenate(hash_sets))
+    owner = np.repeat(np.arange(len(hash_sets)), sizes)
+    a_lo, a_hi = (a & _MASK32)[None, :], (a >> _S32)[None, :]
+    for lo in range(0, len(x), _CHUNK_ROWS):
+        xs, own = x[lo:lo + _CHUNK_ROWS], owner[lo:lo + _CHUNK_ROWS]
+        v = _mulmod((xs & _MASK32)[:, None], (xs >> _S32)[:, None], a_lo, a_hi)
+        v = _fold(v + b[None, :])
+        starts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
+        part = np.minimum.reduceat(v, starts, axis=0)
+        rows = own[starts]
+        sig[rows] = np.minimum(sig[rows], part)  # rows are distinct within a chunk
+    return sig
+
+
+def band_keys(sig: np.ndarray, bands: int) -> np.ndarray:
+    """One 64-bit key per (document, band). A key collision only adds a candidate, which
+    verification then rejects, so 64 bits are plenty."""
+    n, p = sig.shape
+    r = p // bands
+    s = sig.reshape(n, bands, r)
+    with np.errstate(over="ignore"):
+        h = np.zeros((n, bands), dtype=np.uint64)
+        for j in range(r):
+            h = _splitmix64(h ^ s[:, :, j])
+        return h ^ np.arange(bands, dtype=np.uint64)[None, :]  # same rows in two bands: two keys
+
+
+def jaccard(x: np.ndarray, y: np.ndarray) -> float:
+    """Exact Jaccard of two sorted unique hash arrays."""
+    if not len(x) and not len(y):
+        return 0.0
+    inter = len(np.intersect1d(x, y, assume_unique=True))
+    return inter / (len(x) + len(y) - inter)
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def add(self) -> None:
+        self.parent.append(len(self.parent))
+
+    def find(self, i: int) -> int:
+        p = self.parent
+        while p[i] != i:
+            p[i] = p[p[i]]
+            i = p[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            self.parent[max(ri, rj)] = min(ri, rj)
+
+
+class NearDedup:
+    """Streaming detector: `add` documents (signatures are computed in batches of up to
+    `_BATCH_DOCS` documents), then `result()`. Documents are verified against earlier ones as they
+    are inserted, so the outcome depends only on the set of (id, text), not on their order."""
+
+    def __init__(self, cfg: NearDedupConfig) -> None:
+        self.cfg = cfg
+        self._a, self._b = permutations(cfg)
+        self._ids: list[str] = []
+        self._index: dict[str, int] = {}
+        self._sets: list[np.ndarray] = []
+        self._buckets: list[dict[int, list[int]]] = [{} for _ in range(cfg.bands)]
+        self._pending: list[int] = []
+        self._uf = _UnionFind()
+        self._verified: list[tuple[int, int, float]] = []
+        self._candidates = 0
+        self._empty = 0
+
+    def add(self, doc_id: str, text: str) -> None:
+        if doc_id in self._index:
+            raise DataError(f"near-dedup: document id {doc_id!r} appears twice; ids must be unique")
+        i = len(self._ids)
+        self._index[doc_id] = i
+        self._ids.append(doc_id)
+        self._sets.append(shingle_hashes(text, self.cfg))
+        self._uf.add()
+        self._pending.append(i)
+        if len(self._pending) >= _BATCH_DOCS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        sig = minhash_signatures([self._sets[i] for i in self._pending], self._a, self._b)
+        keys = band_keys(sig, self.cfg.bands).tolist()
+        for i, row in zip(self._pending, keys):
+            if not len(self._sets[i]):
+                self._empty += 1
+                continue
+            seen: set[int] = set()
+            for band, key in enumerate(row):
+                members = self._buckets[band].setdefault(key, [])
+                seen.update(members)
+                members.append(i)
+            for j in sorted(seen):
+                self._verify(j, i)
+        self._pending = []
+
+    def _verify(self, j: int, i: int) -> None:
+        self._candidates += 1
+        s = jaccard(self._sets[j], self._sets[i])
+        if s >= self.cfg.threshold:
+            self._verified.append((j, i, s))
+            self._uf.union(i, j)
+
+    def result(self) -> NearDedupResult:
+        """Clusters of verified pairs; each keeps its smallest id (string order)."""
+        self._flush()
+        clusters: dict[int, list[int]] = {}
+        for i in range(len(self._ids)):
+            clusters.setdefault(self._uf.find(i), []).append(i)
+        res = NearDedupResult(documents=len(self._ids), empty=self._empty, candidates=self._candidates,
+                              verified=len(self._verified),
+                              rejected_candidates=self._candidates - len(self._verified))
+        for members in clusters.values():
+            if len(members) < 2:
+                continue
+            keep = min(members, key=lambda m: self._ids[m])
+            for m in sorted(members, key=lambda m: self._ids[m]):
+                if m == keep:
+                    continue
+                s = jaccard(self._sets[m], self._sets[keep])
+                res.duplicate_of[self._ids[m]] = self._ids[keep]
+                res.similarity[self._ids[m]] = s
+                res.chained += s < self.cfg.threshold
+        res.duplicate_of = dict(sorted(res.duplicate_of.items()))
+        res.similarity = dict(sorted(res.similarity.items()))
+        return res
+
+
+def find_near_duplicates(docs: Iterable[tuple[str, str]], cfg: NearDedupConfig | None = None
+                         ) -> NearDedupResult:
+    """(id, text) pairs -> which ids are near-duplicates of which kept id (see NearDedupResult)."""
+    nd = NearDedup(cfg or NearDedupConfig())
+    for doc_id, text in docs:
+        nd.add(doc_id, text)
+    return nd.result()
+
+
+def iter_kept(docs: Iterable[tuple[str, str]], result: NearDedupResult) -> Iterator[tuple[str, str]]:
+    """The documents the result keeps, in input order (a second pass over the corpus)."""
+    return ((i, t) for i, t in docs if i not in result.duplicate_of)
