@@ -34,11 +34,11 @@ from lmforge.data.errors import DataError
 MERSENNE_P = np.uint64((1 << 61) - 1)
 _MASK32 = np.uint64(0xFFFFFFFF)
 _MASK29 = np.uint64((1 << 29) - 1)
-_S3, _S29, _S32, _S61 = np.uint64(3), np.uint64(29), np.uint64(32), np.uint64(61)
+_S29, _S32, _S61 = np.uint64(29), np.uint64(32), np.uint64(61)
 _MAX = np.uint64(np.iinfo(np.uint64).max)
 _WORD = re.compile(r"\w+")
-# Rows of (shingle x permutation) uint64 computed at once: 8192 x 128 x 8 B = 8 MiB per temporary.
-_CHUNK_ROWS = 8192
+# Shingle rows permuted at once: 2048 x 128 perms x 8 B = 2 MiB per buffer (three buffers).
+_CHUNK_ROWS = 2048
 _BATCH_DOCS = 256
 
 
@@ -158,44 +158,56 @@ def permutations(cfg: NearDedupConfig) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _fold(v: np.ndarray) -> np.ndarray:
-    """v mod p for any uint64 v: 2^61 = 1 mod p, then one conditional subtraction."""
-    v = (v & MERSENNE_P) + (v >> _S61)
-    np.subtract(v, MERSENNE_P, out=v, where=v >= MERSENNE_P)
-    return v
+def _permute_min_chunk(x: np.ndarray, a_lo: np.ndarray, a_hi: np.ndarray, b: np.ndarray,
+                       buf: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """(a*x + b) mod p for every shingle (row) and permutation (column), exactly, in uint64.
 
-
-def _mulmod(x_lo: np.ndarray, x_hi: np.ndarray, a_lo: np.ndarray, a_hi: np.ndarray) -> np.ndarray:
-    """(a * x) mod p for x, a < p split into 32-bit halves (hi < 2^29), with no uint64 overflow:
-    a*x = hh*2^64 + mid*2^32 + ll, and mod p 2^64 = 8, mid*2^32 = (mid >> 29) + (mid & (2^29-1))*2^32.
-    Each term is < 2^61 (ll is folded first), so their sum stays below 2^63."""
-    ll = x_lo * a_lo
-    mid = x_lo * a_hi + x_hi * a_lo  # < 2^62
-    r = (ll & MERSENNE_P) + (ll >> _S61)
-    r += (mid & _MASK29) << _S32
-    r += mid >> _S29
-    r += (x_hi * a_hi) << _S3  # hh < 2^58
-    return _fold(r)
+    x < 2^32 (the low half of a shingle hash), a < p split as a_hi*2^32 + a_lo (a_hi < 2^29):
+    a*x = t*2^32 + ll with ll = a_lo*x < 2^64, t = a_hi*x < 2^61, and mod p (2^61 = 1)
+    t*2^32 = (t >> 29) + (t & (2^29-1))*2^32. The five terms are each < 2^61, so the sum never
+    overflows; one fold and one conditional subtraction give the residue. In place in `buf`
+    (chunks of a few thousand rows stay in cache: about 5x faster than fresh temporaries)."""
+    n = len(x)
+    ll, t, r = (m[:n] for m in buf)
+    xc = x[:, None]
+    np.multiply(xc, a_lo, out=ll)
+    np.multiply(xc, a_hi, out=t)
+    np.bitwise_and(ll, MERSENNE_P, out=r)
+    np.right_shift(ll, _S61, out=ll)
+    r += ll
+    np.bitwise_and(t, _MASK29, out=ll)
+    np.left_shift(ll, _S32, out=ll)
+    r += ll
+    np.right_shift(t, _S29, out=t)
+    r += t
+    r += b
+    np.right_shift(r, _S61, out=t)
+    np.bitwise_and(r, MERSENNE_P, out=r)
+    r += t
+    np.subtract(r, MERSENNE_P, out=r, where=r >= MERSENNE_P)
+    return r
 
 
 def minhash_signatures(hash_sets: list[np.ndarray], a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """MinHash signatures (len(hash_sets), num_perm) of many documents in one numpy pass.
 
-    Every permutation h(x) = (a*x + b) mod (2^61 - 1) of every shingle hash x (taken mod p) is
-    computed exactly in uint64 (see `_mulmod`); rows are then reduced to a minimum per document.
-    A document with no shingles gets all-max (it is never inserted in LSH).
+    h_k(x) = (a_k*x + b_k) mod (2^61 - 1) for x the low 32 bits of each shingle hash (a 2-universal
+    family on [0, 2^32) since a is drawn from all of [1, p)), computed exactly (`_permute_min_chunk`);
+    rows are then reduced to a minimum per document. A document with no shingles gets all-max
+    (it is never inserted in LSH).
     """
     sig = np.full((len(hash_sets), len(a)), _MAX, dtype=np.uint64)
     sizes = np.array([len(h) for h in hash_sets], dtype=np.int64)
     if not sizes.sum():
         return sig
-    x = _fold(np.concatenate(hash_sets))
+    x = np.concatenate(hash_sets) & _MASK32
     owner = np.repeat(np.arange(len(hash_sets)), sizes)
     a_lo, a_hi = (a & _MASK32)[None, :], (a >> _S32)[None, :]
+    rows_per_chunk = min(_CHUNK_ROWS, len(x))
+    buf = tuple(np.empty((rows_per_chunk, len(a)), dtype=np.uint64) for _ in range(3))
     for lo in range(0, len(x), _CHUNK_ROWS):
         xs, own = x[lo:lo + _CHUNK_ROWS], owner[lo:lo + _CHUNK_ROWS]
-        v = _mulmod((xs & _MASK32)[:, None], (xs >> _S32)[:, None], a_lo, a_hi)
-        v = _fold(v + b[None, :])
+        v = _permute_min_chunk(xs, a_lo, a_hi, b[None, :], buf)
         starts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
         part = np.minimum.reduceat(v, starts, axis=0)
         rows = own[starts]

@@ -176,7 +176,7 @@ def test_minhash_estimates_jaccard_and_is_exact_mod_p() -> None:
     sig = minhash_signatures([x, y], a, b)
     assert abs((sig[0] == sig[1]).mean() - jaccard(x, y)) < 0.1
     p = (1 << 61) - 1
-    ref = [min((int(a[k]) * (int(v) % p) + int(b[k])) % p for v in x) for k in range(8)]
+    ref = [min((int(a[k]) * (int(v) & 0xFFFFFFFF) + int(b[k])) % p for v in x) for k in range(8)]
     assert sig[0, :8].tolist() == ref  # numpy uint64 arithmetic == Python big-int arithmetic
     assert jaccard(x, y) == pytest.approx(_true_jaccard(words, other))
 
