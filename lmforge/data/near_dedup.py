@@ -122,6 +122,12 @@ def _combine(units: np.ndarray, n: int) -> np.ndarray:
     return _splitmix64(h ^ np.uint64(n))
 
 
+# Word -> blake2b hash, shared by all documents (hashing is 2/3 of shingling time otherwise);
+# a pure cache (values never depend on it), cleared when full: at most ~40 MB.
+_WORD_CACHE: dict[str, int] = {}
+_WORD_CACHE_MAX = 1 << 18
+
+
 def _word_hash(word: str) -> int:
     return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
 
@@ -133,9 +139,14 @@ def shingle_hashes(text: str, cfg: NearDedupConfig) -> np.ndarray:
         words = _WORD.findall(text.lower())
         if not words:
             return np.zeros(0, dtype=np.uint64)
-        cache: dict[str, int] = {}
-        units = np.fromiter((cache[w] if w in cache else cache.setdefault(w, _word_hash(w)) for w in words),
-                            dtype=np.uint64, count=len(words))
+        try:
+            units = np.array([_WORD_CACHE[w] for w in words], dtype=np.uint64)
+        except KeyError:
+            if len(_WORD_CACHE) > _WORD_CACHE_MAX:
+                _WORD_CACHE.clear()
+            for w in set(words).difference(_WORD_CACHE):
+                _WORD_CACHE[w] = _word_hash(w)
+            units = np.array([_WORD_CACHE[w] for w in words], dtype=np.uint64)
     else:
         norm = " ".join(text.lower().split())
         if not norm:
@@ -158,33 +169,33 @@ def permutations(cfg: NearDedupConfig) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _permute_min_chunk(x: np.ndarray, a_lo: np.ndarray, a_hi: np.ndarray, b: np.ndarray,
-                       buf: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+def _permute_chunk(x: np.ndarray, a_lo: np.ndarray, a_hi: np.ndarray, b: np.ndarray,
+                   buf: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
     """(a*x + b) mod p for every shingle (row) and permutation (column), exactly, in uint64.
 
-    x < 2^32 (the low half of a shingle hash), a < p split as a_hi*2^32 + a_lo (a_hi < 2^29):
-    a*x = t*2^32 + ll with ll = a_lo*x < 2^64, t = a_hi*x < 2^61, and mod p (2^61 = 1)
-    t*2^32 = (t >> 29) + (t & (2^29-1))*2^32. The five terms are each < 2^61, so the sum never
-    overflows; one fold and one conditional subtraction give the residue. In place in `buf`
-    (chunks of a few thousand rows stay in cache: about 5x faster than fresh temporaries)."""
+    x < 2^32 (the low half of a shingle hash), a < p split as a_hi*2^29 + a_lo (a_lo < 2^29):
+    a*x = t*2^29 + ll with ll = a_lo*x < 2^61, t = a_hi*x < 2^64, and mod p (2^61 = 1)
+    t*2^29 = (t >> 32) + (t & (2^32-1))*2^29. ll + b + both terms < 2^63: no overflow; one fold
+    leaves [0, p + 3], and the rare residue >= p (true value 0..3) is subtracted only when
+    present. In place in `buf`: chunks of a few thousand rows stay in cache (5x faster than fresh
+    temporaries); 12 array passes in all."""
     n = len(x)
     ll, t, r = (m[:n] for m in buf)
     xc = x[:, None]
-    np.multiply(xc, a_lo, out=ll)
+    np.multiply(xc, a_lo, out=r)
     np.multiply(xc, a_hi, out=t)
-    np.bitwise_and(ll, MERSENNE_P, out=r)
-    np.right_shift(ll, _S61, out=ll)
-    r += ll
-    np.bitwise_and(t, _MASK29, out=ll)
-    np.left_shift(ll, _S32, out=ll)
-    r += ll
-    np.right_shift(t, _S29, out=t)
-    r += t
     r += b
+    np.right_shift(t, _S32, out=ll)
+    r += ll
+    np.bitwise_and(t, _MASK32, out=t)
+    np.left_shift(t, _S29, out=t)
+    r += t
     np.right_shift(r, _S61, out=t)
     np.bitwise_and(r, MERSENNE_P, out=r)
     r += t
-    np.subtract(r, MERSENNE_P, out=r, where=r >= MERSENNE_P)
+    np.greater_equal(r, MERSENNE_P, out=t)  # 0/1 per element
+    if t.any():
+        np.subtract(r, MERSENNE_P, out=r, where=t.astype(bool))
     return r
 
 
@@ -192,7 +203,7 @@ def minhash_signatures(hash_sets: list[np.ndarray], a: np.ndarray, b: np.ndarray
     """MinHash signatures (len(hash_sets), num_perm) of many documents in one numpy pass.
 
     h_k(x) = (a_k*x + b_k) mod (2^61 - 1) for x the low 32 bits of each shingle hash (a 2-universal
-    family on [0, 2^32) since a is drawn from all of [1, p)), computed exactly (`_permute_min_chunk`);
+    family on [0, 2^32) since a is drawn from all of [1, p)), computed exactly (`_permute_chunk`);
     rows are then reduced to a minimum per document. A document with no shingles gets all-max
     (it is never inserted in LSH).
     """
@@ -202,16 +213,17 @@ def minhash_signatures(hash_sets: list[np.ndarray], a: np.ndarray, b: np.ndarray
         return sig
     x = np.concatenate(hash_sets) & _MASK32
     owner = np.repeat(np.arange(len(hash_sets)), sizes)
-    a_lo, a_hi = (a & _MASK32)[None, :], (a >> _S32)[None, :]
+    a_lo, a_hi = (a & _MASK29)[None, :], (a >> _S29)[None, :]
     rows_per_chunk = min(_CHUNK_ROWS, len(x))
     buf = tuple(np.empty((rows_per_chunk, len(a)), dtype=np.uint64) for _ in range(3))
     for lo in range(0, len(x), _CHUNK_ROWS):
         xs, own = x[lo:lo + _CHUNK_ROWS], owner[lo:lo + _CHUNK_ROWS]
-        v = _permute_min_chunk(xs, a_lo, a_hi, b[None, :], buf)
-        starts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
-        part = np.minimum.reduceat(v, starts, axis=0)
-        rows = own[starts]
-        sig[rows] = np.minimum(sig[rows], part)  # rows are distinct within a chunk
+        v = _permute_chunk(xs, a_lo, a_hi, b[None, :], buf)
+        starts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]]).tolist()
+        # a loop of contiguous .min(axis=0) is ~5x faster than np.minimum.reduceat(axis=0)
+        for s, e in zip(starts, starts[1:] + [len(own)]):
+            row = sig[own[s]]
+            np.minimum(row, v[s:e].min(axis=0), out=row)
     return sig
 
 
