@@ -86,12 +86,15 @@ class NearDedupResult:
         counts those drops.
     candidates: distinct pairs that shared at least one LSH bucket; verified: those with exact
         Jaccard >= threshold; rejected_candidates: the rest (LSH false positives, not merged).
+        Only the first document of each distinct shingle set enters LSH, so these counts are
+        about distinct sets and do not depend on the input order.
     """
 
     duplicate_of: dict[str, str] = field(default_factory=dict)
     similarity: dict[str, float] = field(default_factory=dict)
     documents: int = 0
     empty: int = 0  # documents without any shingle: never matched
+    exact: int = 0  # same shingle set as an earlier document: merged without LSH (Jaccard 1)
     candidates: int = 0
     verified: int = 0
     rejected_candidates: int = 0
@@ -285,6 +288,8 @@ class NearDedup:
         self._verified: list[tuple[int, int, float]] = []
         self._candidates = 0
         self._empty = 0
+        self._exact: dict[bytes, int] = {}  # shingle-set digest -> first document with that set
+        self._exact_hits = 0
 
     def add(self, doc_id: str, text: str) -> None:
         if doc_id in self._index:
@@ -292,8 +297,17 @@ class NearDedup:
         i = len(self._ids)
         self._index[doc_id] = i
         self._ids.append(doc_id)
-        self._sets.append(shingle_hashes(text, self.cfg))
+        sh = shingle_hashes(text, self.cfg)
+        self._sets.append(sh)
         self._uf.add()
+        if len(sh):
+            # Exact copies skip LSH: a bucket of k copies would otherwise cost k^2/2 verifications.
+            digest = hashlib.blake2b(sh.tobytes(), digest_size=16).digest()
+            first = self._exact.setdefault(digest, i)
+            if first != i:
+                self._exact_hits += 1
+                self._uf.union(i, first)
+                return
         self._pending.append(i)
         if len(self._pending) >= _BATCH_DOCS:
             self._flush()
@@ -329,7 +343,8 @@ class NearDedup:
         clusters: dict[int, list[int]] = {}
         for i in range(len(self._ids)):
             clusters.setdefault(self._uf.find(i), []).append(i)
-        res = NearDedupResult(documents=len(self._ids), empty=self._empty, candidates=self._candidates,
+        res = NearDedupResult(documents=len(self._ids), empty=self._empty, exact=self._exact_hits,
+                              candidates=self._candidates,
                               verified=len(self._verified),
                               rejected_candidates=self._candidates - len(self._verified))
         for members in clusters.values():

@@ -190,6 +190,18 @@ def test_char_shingles_and_short_or_empty_documents() -> None:
     assert len(np.unique(shingle_hashes("ab ab ab", NearDedupConfig(ngram=1)))) == 1
 
 
+def test_exact_copies_skip_lsh_and_join_the_cluster() -> None:
+    words = _passages(1)[0][:150]
+    near = _edit_down_to(words, 0.9, random.Random(2), ["zzz"])
+    text = " ".join(words)
+    docs = [(f"c{i:03d}", text) for i in range(1, 200)] + [("n", " ".join(near)), ("c000", text.upper())]
+    for order in (docs, docs[::-1]):
+        res = find_near_duplicates(order, NearDedupConfig())
+        assert res.exact == 199 and res.candidates == res.verified == 1  # not 200 * 199 / 2
+        assert res.duplicate_of == {**{f"c{i:03d}": "c000" for i in range(1, 200)}, "n": "c000"}
+        assert res.similarity["c001"] == 1.0 and res.similarity["n"] == pytest.approx(_true_jaccard(words, near))
+
+
 def test_duplicate_ids_are_refused() -> None:
     with pytest.raises(DataError, match="appears twice"):
         find_near_duplicates([("a", "x y"), ("a", "x y")])
