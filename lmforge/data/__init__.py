@@ -2,6 +2,8 @@
 stateful, data-parallel training loader (loader.py). `pack.prepare_data` runs the three file stages,
 each skipped when its output is current. A new pipeline step (filtering, deduplication, ...) is a
 module here with one function from input files to output files, written temp-then-rename and
-skipped when its output is current, chained in `pack.prepare_data`. Submodules are imported
+skipped when its output is current, chained in `pack.prepare_data`. near_dedup.py finds
+near-duplicate documents (MinHash + LSH, every candidate verified by exact Jaccard); it is an
+in-memory API, not yet a file stage in `prepare_data`. Submodules are imported
 explicitly (no heavy imports here).
 """
