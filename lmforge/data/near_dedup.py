@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +43,7 @@ _WORD = re.compile(r"\w+")
 # Shingle rows permuted at once: 2048 x 128 perms x 8 B = 2 MiB per buffer (three buffers).
 _CHUNK_ROWS = 2048
 _BATCH_DOCS = 256
+_EMPTY = np.zeros(0, dtype=np.uint64)
 
 
 @dataclass(frozen=True)
@@ -138,28 +139,47 @@ def _word_hash(word: str) -> int:
     return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def shingle_hashes(text: str, cfg: NearDedupConfig) -> np.ndarray:
-    """Sorted unique uint64 hashes of the text's shingles: the set verification compares. Stable
-    across processes and machines (no salted `hash()`)."""
+def _units(text: str, cfg: NearDedupConfig) -> np.ndarray:
+    """One 64-bit hash per word (blake2b) or per character (splitmix64 of the code point)."""
     if cfg.shingle == "word":
         words = _WORD.findall(text.lower())
-        if not words:
-            return np.zeros(0, dtype=np.uint64)
         try:
-            units = np.array([_WORD_CACHE[w] for w in words], dtype=np.uint64)
+            return np.array([_WORD_CACHE[w] for w in words], dtype=np.uint64)
         except KeyError:
             if len(_WORD_CACHE) > _WORD_CACHE_MAX:
                 _WORD_CACHE.clear()
             for w in set(words).difference(_WORD_CACHE):
                 _WORD_CACHE[w] = _word_hash(w)
-            units = np.array([_WORD_CACHE[w] for w in words], dtype=np.uint64)
-    else:
-        norm = " ".join(text.lower().split())
-        if not norm:
-            return np.zeros(0, dtype=np.uint64)
-        units = _splitmix64(np.frombuffer(norm.encode("utf-32-le"), dtype="<u4").astype(np.uint64))
+            return np.array([_WORD_CACHE[w] for w in words], dtype=np.uint64)
+    norm = " ".join(text.lower().split())
+    return _splitmix64(np.frombuffer(norm.encode("utf-32-le"), dtype="<u4").astype(np.uint64))
+
+
+def shingle_hash_sets(texts: list[str], cfg: NearDedupConfig) -> list[np.ndarray]:
+    """For each text, the sorted unique uint64 hashes of its shingles: the set verification
+    compares. Stable across processes and machines (no salted `hash()`). The windows of all
+    texts are hashed in one numpy pass (fewer, larger array operations than per document)."""
+    n = cfg.ngram
+    units = [_units(t, cfg) for t in texts]
+    out = [np.zeros(0, dtype=np.uint64)] * len(texts)
+    long = [k for k, u in enumerate(units) if len(u) > n]
     with np.errstate(over="ignore"):
-        return np.unique(_combine(units, cfg.ngram))
+        for k, u in enumerate(units):
+            if 0 < len(u) <= n:
+                out[k] = _combine(u, n)
+        if not long:
+            return out
+        lens = np.array([len(units[k]) for k in long], dtype=np.int64)
+        h = _combine(np.concatenate([units[k] for k in long]), n)
+    starts = (np.cumsum(lens) - lens).tolist()
+    for k, s, m in zip(long, starts, lens.tolist()):
+        out[k] = np.unique(h[s:s + m - n + 1])  # the windows that lie inside text k
+    return out
+
+
+def shingle_hashes(text: str, cfg: NearDedupConfig) -> np.ndarray:
+    """The shingle-hash set of one text (see `shingle_hash_sets`)."""
+    return shingle_hash_sets([text], cfg)[0]
 
 
 def permutations(cfg: NearDedupConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -275,8 +295,8 @@ class _UnionFind:
 
 
 class NearDedup:
-    """Streaming detector: `add` documents (signatures are computed in batches of up to
-    `_BATCH_DOCS` documents), then `result()`. Documents are verified against earlier ones as they
+    """Streaming detector: `add` documents (shingle sets and signatures are computed in batches of
+    `_BATCH_DOCS` documents, so at most that many texts are held), then `result()`. Documents are verified against earlier ones as they
     are inserted, so the outcome depends only on the set of (id, text), not on their order."""
 
     def __init__(self, cfg: NearDedupConfig) -> None:
@@ -288,9 +308,9 @@ class NearDedup:
         # band key -> the one document in it, or a list once a second arrives (most buckets hold
         # one document; a one-element list would cost 88 bytes more per document and band)
         self._buckets: list[dict[int, int | list[int]]] = [{} for _ in range(cfg.bands)]
-        self._pending: list[int] = []
+        self._pending: list[tuple[int, str]] = []  # (index, text) until the next flush
         self._uf = _UnionFind()
-        self._verified: list[tuple[int, int, float]] = []
+        self._verified = 0
         self._candidates = 0
         self._empty = 0
         self._exact: dict[bytes, int] = {}  # shingle-set digest -> first document with that set
@@ -302,30 +322,31 @@ class NearDedup:
         i = len(self._ids)
         self._index[doc_id] = i
         self._ids.append(doc_id)
-        sh = shingle_hashes(text, self.cfg)
-        self._sets.append(sh)
+        self._sets.append(_EMPTY)  # filled at the next flush
         self._uf.add()
-        if len(sh):
-            # Exact copies skip LSH: a bucket of k copies would otherwise cost k^2/2 verifications.
-            digest = hashlib.blake2b(sh.tobytes(), digest_size=16).digest()
-            first = self._exact.setdefault(digest, i)
-            if first != i:
-                self._exact_hits += 1
-                self._uf.union(i, first)
-                return
-        self._pending.append(i)
+        self._pending.append((i, text))
         if len(self._pending) >= _BATCH_DOCS:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
-            return
-        sig = minhash_signatures([self._sets[i] for i in self._pending], self._a, self._b)
-        keys = band_keys(sig, self.cfg.bands).tolist()
-        for i, row in zip(self._pending, keys):
-            if not len(self._sets[i]):
+        sets = shingle_hash_sets([t for _, t in self._pending], self.cfg)
+        fresh: list[int] = []
+        for (i, _), sh in zip(self._pending, sets):
+            self._sets[i] = sh
+            if not len(sh):
                 self._empty += 1
                 continue
+            # Exact copies skip LSH: a bucket of k copies would otherwise cost k^2/2 verifications.
+            first = self._exact.setdefault(hashlib.blake2b(sh.tobytes(), digest_size=16).digest(), i)
+            if first != i:
+                self._exact_hits += 1
+                self._uf.union(i, first)
+            else:
+                fresh.append(i)
+        self._pending = []
+        sig = minhash_signatures([self._sets[i] for i in fresh], self._a, self._b)
+        keys = band_keys(sig, self.cfg.bands).tolist()
+        for i, row in zip(fresh, keys):
             seen: set[int] = set()
             for band, key in enumerate(row):
                 bucket = self._buckets[band]
@@ -339,13 +360,12 @@ class NearDedup:
                     members.append(i)
             for j in sorted(seen):
                 self._verify(j, i)
-        self._pending = []
 
     def _verify(self, j: int, i: int) -> None:
         self._candidates += 1
         s = jaccard(self._sets[j], self._sets[i])
         if s >= self.cfg.threshold:
-            self._verified.append((j, i, s))
+            self._verified += 1
             self._uf.union(i, j)
 
     def result(self) -> NearDedupResult:
@@ -355,19 +375,13 @@ class NearDedup:
         for i in range(len(self._ids)):
             clusters.setdefault(self._uf.find(i), []).append(i)
         res = NearDedupResult(documents=len(self._ids), empty=self._empty, exact=self._exact_hits,
-                              candidates=self._candidates,
-                              verified=len(self._verified),
-                              rejected_candidates=self._candidates - len(self._verified))
+                              candidates=self._candidates, verified=self._verified,
+                              rejected_candidates=self._candidates - self._verified)
         for members in clusters.values():
-            if len(members) < 2:
-                continue
-            keep = min(members, key=lambda m: self._ids[m])
-            for m in sorted(members, key=lambda m: self._ids[m]):
-                if m == keep:
-                    continue
-                s = jaccard(self._sets[m], self._sets[keep])
+            keep, *dropped = sorted(members, key=lambda m: self._ids[m])
+            for m in dropped:
+                s = res.similarity[self._ids[m]] = jaccard(self._sets[m], self._sets[keep])
                 res.duplicate_of[self._ids[m]] = self._ids[keep]
-                res.similarity[self._ids[m]] = s
                 res.chained += s < self.cfg.threshold
         res.duplicate_of = dict(sorted(res.duplicate_of.items()))
         res.similarity = dict(sorted(res.similarity.items()))
@@ -382,7 +396,3 @@ def find_near_duplicates(docs: Iterable[tuple[str, str]], cfg: NearDedupConfig |
         nd.add(doc_id, text)
     return nd.result()
 
-
-def iter_kept(docs: Iterable[tuple[str, str]], result: NearDedupResult) -> Iterator[tuple[str, str]]:
-    """The documents the result keeps, in input order (a second pass over the corpus)."""
-    return ((i, t) for i, t in docs if i not in result.duplicate_of)

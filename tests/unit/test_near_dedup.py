@@ -23,6 +23,7 @@ from lmforge.data.near_dedup import (
     jaccard,
     minhash_signatures,
     permutations,
+    shingle_hash_sets,
     shingle_hashes,
 )
 
@@ -188,6 +189,18 @@ def test_char_shingles_and_short_or_empty_documents() -> None:
     assert res.duplicate_of == {"b": "a"} and res.empty == 2
     assert len(shingle_hashes("hi", cfg)) == 1  # shorter than one shingle: one shingle
     assert len(np.unique(shingle_hashes("ab ab ab", NearDedupConfig(ngram=1)))) == 1
+
+
+@pytest.mark.parametrize("cfg", [NearDedupConfig(), NearDedupConfig(shingle="char", ngram=7)])
+def test_batched_shingle_sets_equal_per_document_sets(cfg) -> None:
+    texts = [" ".join(p) for p in _passages(20)] + ["", "a b", "One two three four five", "   ", "xyz"]
+    random.Random(0).shuffle(texts)
+    batch = shingle_hash_sets(texts, cfg)
+    for t, got in zip(texts, batch):
+        assert np.array_equal(got, shingle_hashes(t, cfg))
+    words = re.findall(r"\w+", texts[0])
+    if cfg.shingle == "word" and len(words) > NGRAM:
+        assert len(batch[0]) == len(_shingles(words))
 
 
 def test_exact_copies_skip_lsh_and_join_the_cluster() -> None:
