@@ -4,6 +4,7 @@ each skipped when its output is current. A new pipeline step (filtering, dedupli
 module here with one function from input files to output files, written temp-then-rename and
 skipped when its output is current, chained in `pack.prepare_data`. `pipeline/` is the document
 pipeline run by `lmforge data run` (raw corpora -> normalised, filtered jsonl; see its docstring
-for what it does not do yet). Submodules are imported
-explicitly (no heavy imports here).
+for what it does not do yet). near_dedup.py finds near-duplicate documents (MinHash + LSH, every
+candidate verified by exact Jaccard); it is an in-memory API, not yet a step of `pipeline/` nor a
+file stage in `prepare_data`. Submodules are imported explicitly (no heavy imports here).
 """
