@@ -98,7 +98,7 @@ def torchrun_command(launcher: dict[str, str], recipe: str | None, overrides: li
 def _launch_torchrun(launcher: dict[str, str], args: argparse.Namespace, overwrite: bool) -> int:
     """Re-run this command under torchrun (validated first). Restarted workers resume from the
     newest valid checkpoint (Trainer._resume); the shared rendezvous store is disabled, which makes
-    torchrun's restarts reliable (PYTORCH_ON_CPU.md). One node: this launcher takes the run
+    torchrun's restarts reliable on CPU/gloo (docs/architecture.md). One node: this launcher takes the run
     directory's lock and applies its rules, and passes the lock on to torchrun; several nodes:
     global rank 0 does (each node has a launcher). No process outlives the launcher (launcher.py)."""
     from lmforge.launcher import run_supervised
@@ -175,7 +175,7 @@ def _train(cfg) -> int:
     finally:
         trainer.close(clean=finished)
     if trainer.info.world_size > 1:
-        # gloo worker teardown aborts now and then after destroy_process_group (PYTORCH_ON_CPU.md):
+        # gloo worker teardown aborts now and then after destroy_process_group (measured on CPU):
         # everything is saved and flushed, so leave without running interpreter finalisers.
         sys.stdout.flush()
         sys.stderr.flush()
