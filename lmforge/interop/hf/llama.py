@@ -9,7 +9,7 @@ that to 1e-5).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -138,6 +138,25 @@ def hf_name(ours: str) -> str:
     return ours
 
 
+def our_parameters(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, family: str
+                   ) -> Iterator[tuple[str, str, str | None, torch.Tensor]]:
+    """Our state dict as every family's export walks it: (our name, HF target, rest, tensor) where a
+    top-level parameter has its HF name as target and rest None, and a layer parameter has
+    "model.layers.N" as target and its name inside the block as rest. Wrapper prefixes are
+    dropped; so is the tied output projection (HF stores none); any other name is refused."""
+    for name, t in sd.items():
+        name = unwrapped_name(name)
+        if cfg.tie_embeddings and name == "output.weight":
+            continue
+        if name in TOP_RENAMES:
+            yield name, TOP_RENAMES[name], None, t
+            continue
+        m = OUR_LAYER_NAME.match(name)
+        if m is None:
+            raise HFFormatError(f"parameter {name!r} has no Hugging Face {family} equivalent")
+        yield name, f"model.layers.{m.group(1)}", m.group(2), t
+
+
 class LlamaAdapter(HFAdapter):
     """Dense Llama: every parameter is a rename of one of ours."""
 
@@ -165,17 +184,13 @@ class LlamaAdapter(HFAdapter):
     def to_hf_state_dict(self, sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
         """With tied embeddings HF stores no lm_head.weight, so it is dropped."""
         out: dict[str, torch.Tensor] = {}
-        for name, t in sd.items():
-            name = unwrapped_name(name)
-            if cfg.tie_embeddings and name == "output.weight":
-                continue
-            if name in TOP_RENAMES:
-                out[TOP_RENAMES[name]] = t
-                continue
-            m = OUR_LAYER_NAME.match(name)
-            if m is None or m.group(2) not in LAYER_RENAMES:
+        for name, target, rest, t in our_parameters(sd, cfg, "Llama"):
+            if rest is None:
+                out[target] = t
+            elif rest in LAYER_RENAMES:
+                out[f"{target}.{LAYER_RENAMES[rest]}"] = t
+            else:
                 raise HFFormatError(f"parameter {name!r} has no Hugging Face Llama equivalent")
-            out[f"model.layers.{m.group(1)}.{LAYER_RENAMES[m.group(2)]}"] = t
         return out
 
     def from_hf_state_dict(self, sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

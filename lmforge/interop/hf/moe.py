@@ -30,16 +30,14 @@ from lmforge.interop.hf.base import (
     HFFormatError,
     checked_config,
     name_list,
-    unwrapped_name,
 )
 from lmforge.interop.hf.llama import (
     HF_IGNORED_NAME,
     HF_LAYER_NAME,
     LAYER_RENAMES,
-    OUR_LAYER_NAME,
-    TOP_RENAMES,
     TOP_RENAMES_BACK,
     decoder_hf_config,
+    our_parameters,
 )
 from lmforge.tensors.dtensor import gathered
 
@@ -142,18 +140,10 @@ class MoEAdapter(HFAdapter):
         with bias balancing: HF would route differently)."""
         names, prefix = self.expert_hf_names, self.moe_hf_prefix
         out: dict[str, torch.Tensor] = {}
-        for name, t in sd.items():
-            name = unwrapped_name(name)
-            if cfg.tie_embeddings and name == "output.weight":
-                continue
-            if name in TOP_RENAMES:
-                out[TOP_RENAMES[name]] = t
-                continue
-            m = OUR_LAYER_NAME.match(name)
-            if m is None:
-                raise HFFormatError(f"parameter {name!r} has no Hugging Face {self.architecture} equivalent")
-            layer, rest = f"model.layers.{m.group(1)}", m.group(2)
-            if rest in LAYER_RENAMES:  # attention, norms, dense SwiGLU (Qwen2-MoE dense layers)
+        for name, layer, rest, t in our_parameters(sd, cfg, self.architecture):
+            if rest is None:
+                out[layer] = t
+            elif rest in LAYER_RENAMES:  # attention, norms, dense SwiGLU (Qwen2-MoE dense layers)
                 out[f"{layer}.{LAYER_RENAMES[rest]}"] = t
             elif rest in ATTN_BIAS_RENAMES:
                 out[f"{layer}.{ATTN_BIAS_RENAMES[rest]}"] = t
