@@ -9,6 +9,8 @@ corpus differently from what the user wrote; every unknown key, step type or wro
     docs_per_shard = 10000      # input records per shard (0: one shard per input file)
     compress = false            # kept documents as output.jsonl.zst instead of output.jsonl
     max_chars = 1000000         # longer documents are rejected ("oversized_document")
+    executor = "local"          # or "ray": the same shards as Ray tasks (output byte-identical)
+    ray_address = ""            # "" starts a local Ray instance; "auto" or "ray://host:10001" joins one
 
     [[inputs]]
     path = "raw/web.jsonl.zst"  # a file, or a directory (every matching file in it, sorted)
@@ -20,6 +22,10 @@ corpus differently from what the user wrote; every unknown key, step type or wro
     [[steps]]
     type = "quality"            # options: steps.QualityConfig (min_words = 50, ...)
     disable = ["min_stop_words"]  # rules switched off (TOML has no null)
+    [[steps]]
+    type = "exact_dedup"        # options: dedup.ExactDedupConfig (index = "hashes.jsonl": across runs)
+    [[steps]]
+    type = "near_dedup"         # options: dedup.NearDedupStepConfig (threshold = 0.8, bands = 16, ...)
 """
 
 from __future__ import annotations
@@ -59,15 +65,20 @@ class PipelineConfig:
     docs_per_shard: int = 10000
     compress: bool = False
     max_chars: int = 1_000_000
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str = ""
 
 
-_TOP = {"output_dir", "workers", "docs_per_shard", "compress", "max_chars", "inputs", "steps"}
+_TOP = {"output_dir", "workers", "docs_per_shard", "compress", "max_chars", "inputs", "steps", "executor",
+        "ray_address"}
 
 
 def _step_types() -> dict[str, tuple[type, type]]:
-    from lmforge.data.pipeline.steps import STEP_TYPES  # steps import document only; no cycle at load
+    # imported here: the step modules import the config loader, not this module; no cycle at load
+    from lmforge.data.pipeline.dedup import GLOBAL_STEP_TYPES
+    from lmforge.data.pipeline.steps import STEP_TYPES
 
-    return STEP_TYPES
+    return {**STEP_TYPES, **GLOBAL_STEP_TYPES}
 
 
 def parse_pipeline(data: dict[str, Any], base: Path, where: str) -> PipelineConfig:
@@ -104,11 +115,15 @@ def parse_pipeline(data: dict[str, Any], base: Path, where: str) -> PipelineConf
             raise ConfigError(f"steps[{i}].type", kind, "unknown step type; known: " + ", ".join(sorted(types)), where)
         step_cls, cfg_cls = types[kind]
         cfg = build_dataclass(cfg_cls, options, f"steps[{i}].", where)
+        resolve = getattr(cfg, "resolve_paths", None)
+        if resolve is not None:
+            cfg = resolve(base)
         check = getattr(cfg, "validate", None)
         if check is not None:
             check(f"steps[{i}].", where)
         steps.append(StepSpec(kind, cfg))
-    scalars = {k: data[k] for k in ("workers", "docs_per_shard", "compress", "max_chars") if k in data}
+    scalars = {k: data[k] for k in ("workers", "docs_per_shard", "compress", "max_chars", "executor", "ray_address")
+               if k in data}
     out = data["output_dir"]
     if not isinstance(out, str) or not out:
         raise ConfigError("output_dir", out, "must be a non-empty string", where)

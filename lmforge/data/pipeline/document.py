@@ -24,9 +24,17 @@ class Verdict:
     verdict: str
     score: float | None
     detail: str
+    duplicate_of: str | None = None  # dedup drops: the id of the kept document this one repeats
 
     def as_json(self) -> dict[str, Any]:
-        return {"step": self.step, "verdict": self.verdict, "score": self.score, "detail": self.detail}
+        out = {"step": self.step, "verdict": self.verdict, "score": self.score, "detail": self.detail}
+        if self.duplicate_of is not None:
+            out["duplicate_of"] = self.duplicate_of
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Verdict:
+        return cls(obj["step"], obj["verdict"], obj["score"], obj["detail"], obj.get("duplicate_of"))
 
 
 @dataclass
@@ -45,6 +53,12 @@ class Document:
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "text": self.text, "source": self.source, "offset": self.offset,
                 "metadata": self.metadata, "provenance": [v.as_json() for v in self.provenance]}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Document:
+        """A document as `as_json` wrote it (a later pipeline stage reads an earlier one's output)."""
+        return cls(obj["id"], obj["text"], obj["source"], obj["offset"], obj["metadata"],
+                   [Verdict.from_json(v) for v in obj["provenance"]])
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ A new step: a config dataclass, a `Step` subclass with `process`, and one line i
 from __future__ import annotations
 
 import re
+import time
 import unicodedata
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -19,7 +20,7 @@ from typing import Any, ClassVar, Literal
 from lmforge.config.loader import ConfigError
 from lmforge.data.pipeline.document import Document, Verdict
 
-__all__ = ["STEP_TYPES", "DropSink", "NormalizeConfig", "NormalizeStep", "QualityConfig", "QualityStep", "Step",
+__all__ = ["STEP_TYPES", "DropSink", "StepStats", "NormalizeConfig", "NormalizeStep", "QualityConfig", "QualityStep", "Step",
            "build_steps"]
 
 DropSink = Callable[[Document, str, str], None]  # (document, reason token, detail)
@@ -34,10 +35,17 @@ class Step(ABC):
     def __init__(self, config: Any, drop: DropSink):
         self.config = config
         self._drop = drop
+        self.stats = StepStats()
 
     def run(self, docs: Iterator[Document]) -> Iterator[Document]:
+        stats = self.stats
         for doc in docs:
-            if self.process(doc):
+            t0 = time.perf_counter()
+            kept = self.process(doc)
+            stats.seconds += time.perf_counter() - t0
+            stats.seen += 1
+            if kept:
+                stats.kept += 1
                 yield doc
 
     @abstractmethod
@@ -48,10 +56,27 @@ class Step(ABC):
         doc.provenance.append(Verdict(self.name, "keep", score, detail))
         return True
 
-    def reject(self, doc: Document, reason: str, score: float | None, detail: str) -> bool:
-        doc.provenance.append(Verdict(self.name, "drop", score, f"{reason}: {detail}"))
+    def reject(self, doc: Document, reason: str, score: float | None, detail: str,
+               duplicate_of: str | None = None) -> bool:
+        doc.provenance.append(Verdict(self.name, "drop", score, f"{reason}: {detail}", duplicate_of))
+        self.stats.dropped[reason] += 1
         self._drop(doc, reason, detail)
         return False
+
+
+@dataclass
+class StepStats:
+    """What one step did in one shard: documents seen and kept, drops per reason, and the seconds
+    spent in the step itself (not in the steps before it), for the run's throughput table."""
+
+    seen: int = 0
+    kept: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"seen": self.seen, "kept": self.kept, "dropped": dict(sorted(self.dropped.items())),
+                "seconds": round(self.seconds, 6)}
 
 
 # ---------------------------------------------------------------- normalize
