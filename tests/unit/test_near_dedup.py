@@ -168,7 +168,7 @@ def test_hashes_are_stable_across_processes() -> None:
     assert len(outs) == 1
 
 
-def test_minhash_estimates_jaccard_and_is_exact_mod_p() -> None:
+def test_minhash_estimates_jaccard_and_is_exact_mod_2_32() -> None:
     cfg = NearDedupConfig(num_perm=256, bands=32)
     words = _passages(1)[0][:300]
     other = _edit_down_to(words, 0.6, random.Random(1), ["zzz", "yyy"])
@@ -176,9 +176,10 @@ def test_minhash_estimates_jaccard_and_is_exact_mod_p() -> None:
     a, b = permutations(cfg)
     sig = minhash_signatures([x, y], a, b)
     assert abs((sig[0] == sig[1]).mean() - jaccard(x, y)) < 0.1
-    p = (1 << 61) - 1
-    ref = [min((int(a[k]) * (int(v) & 0xFFFFFFFF) + int(b[k])) % p for v in x) for k in range(8)]
-    assert sig[0, :8].tolist() == ref  # numpy uint64 arithmetic == Python big-int arithmetic
+    m = 1 << 32
+    ref = [min((int(a[k]) * (int(v) % m) + int(b[k])) % m for v in x) for k in range(8)]
+    assert sig[0, :8].tolist() == ref  # numpy uint32 wrapping arithmetic == Python big-int arithmetic
+    assert all(int(v) % 2 == 1 for v in a)  # odd multipliers: each h_k is a bijection of 32-bit values
     assert jaccard(x, y) == pytest.approx(_true_jaccard(words, other))
 
 
@@ -235,3 +236,17 @@ def test_config_errors_are_one_line(kw, key) -> None:
         NearDedupConfig(**kw)
     assert "\n" not in str(e.value) and key in str(e.value)
     assert NearDedupConfig(num_perm=100, bands=20).rows == 5
+
+
+def test_word_shingles_split_words_like_re_findall() -> None:
+    """Words are found by a code-point table in numpy (shingles.py), not by a regex per text: they
+    must still be exactly `re.findall(r"\\w+", text.lower())`, non-ASCII and astral letters included."""
+    texts = ["Straße, naïve café_au-lait 42x; ÉCOLE école", "𝐀𝐁 🙂 x𝐀 Ǆemal ǆemal", "  ", "a--b__c\td\u2003e",
+             "İstanbul ıi", "\ud800 lone surrogate"]
+    one = NearDedupConfig(ngram=1)
+    for t in texts:
+        words = re.findall(r"\w+", t.lower())
+        assert len(shingle_hashes(t, one)) == len(set(words)), t
+        # same words, other separators: the same set
+        assert np.array_equal(shingle_hashes(t, one), shingle_hashes(" / ".join(words), one)), t
+    assert not np.array_equal(shingle_hashes("ab cd", one), shingle_hashes("ba dc", one))
