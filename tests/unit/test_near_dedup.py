@@ -4,7 +4,6 @@ are rejected by verification, results do not depend on order or process, config 
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import re
@@ -16,6 +15,7 @@ import pytest
 
 from lmforge.config import ConfigError
 from lmforge.data.corpus import iter_shakespeare
+from lmforge.data.dup_injection import edit_down_to, passages, true_jaccard, word_shingles
 from lmforge.data.errors import DataError
 from lmforge.data.near_dedup import (
     NearDedupConfig,
@@ -31,56 +31,34 @@ NGRAM = 5
 
 
 def _shingles(words: list[str]) -> set[tuple[str, ...]]:
-    """The reference shingle set, independent of the module: word 5-grams of lower-cased \\w+."""
-    w = [x.lower() for x in words]
-    return {tuple(w[i:i + NGRAM]) for i in range(max(1, len(w) - NGRAM + 1))}
+    """The reference shingle set, independent of near_dedup.py: word 5-grams of lower-cased \\w+."""
+    return word_shingles(words, NGRAM)
 
 
 def _true_jaccard(x: list[str], y: list[str]) -> float:
-    a, b = _shingles(x), _shingles(y)
-    return len(a & b) / len(a | b)
+    return true_jaccard(x, y, NGRAM)
 
 
 def _passages(n: int) -> list[list[str]]:
     """n passages of 100-300 words cut from the embedded Shakespeare corpus."""
-    out: list[list[str]] = []
-    sizes = itertools.cycle([100, 180, 250, 300, 140, 220])
-    for doc in iter_shakespeare():
-        words = re.findall(r"\w+", doc["text"])
-        pos = 0
-        while len(out) < n:
-            size = next(sizes)
-            if pos + size > len(words):
-                break
-            out.append(words[pos:pos + size])
-            pos += size
-        if len(out) >= n:
-            return out
-    return out
+    return passages((doc["text"] for doc in iter_shakespeare()), limit=n)
 
 
 def _edit_down_to(words: list[str], target: float, rng: random.Random, vocab: list[str]) -> list[str]:
     """Substitute or delete random words until the true Jaccard with the original is <= target."""
-    copy = list(words)
-    while _true_jaccard(words, copy) > target:
-        i = rng.randrange(len(copy))
-        if rng.random() < 0.7:
-            copy[i] = rng.choice(vocab)
-        else:
-            del copy[i]
-    return copy
+    return edit_down_to(words, target, rng, vocab, NGRAM)
 
 
 @pytest.fixture(scope="module")
 def injected() -> tuple[list[tuple[str, str]], dict[str, tuple[str, float]]]:
-    passages = _passages(300)
-    assert len(passages) == 300
+    base = _passages(300)
+    assert len(base) == 300
     rng = random.Random(12)
-    vocab = sorted({w for p in passages for w in p})
-    docs = [(f"p{i:04d}", " ".join(p)) for i, p in enumerate(passages)]
+    vocab = sorted({w for p in base for w in p})
+    docs = [(f"p{i:04d}", " ".join(p)) for i, p in enumerate(base)]
     truth: dict[str, tuple[str, float]] = {}  # copy id -> (original id, true Jaccard)
     levels = [0.95, 0.9, 0.85, 0.68]
-    for i, p in enumerate(passages[:240]):
+    for i, p in enumerate(base[:240]):
         target = levels[i % len(levels)]
         copy = _edit_down_to(p, target, rng, vocab)
         cid = f"p{i:04d}~{int(target * 100)}"  # sorts after its original: the original is kept
