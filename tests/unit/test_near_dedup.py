@@ -228,3 +228,17 @@ def test_word_shingles_split_words_like_re_findall() -> None:
         # same words, other separators: the same set
         assert np.array_equal(shingle_hashes(t, one), shingle_hashes(" / ".join(words), one)), t
     assert not np.array_equal(shingle_hashes("ab cd", one), shingle_hashes("ba dc", one))
+
+
+def test_signatures_do_not_depend_on_batching_or_chunk_edges() -> None:
+    """minhash_signatures works on chunks of 1,024 shingles: a document cut by a chunk edge (or
+    bigger than a chunk) must get the same signature as when it is alone."""
+    rng = np.random.default_rng(0)
+    sets = [np.unique(rng.integers(0, 2**63, size=k, dtype=np.uint64)) for k in (3000, 5, 0, 1500, 1, 700)]
+    a, b = permutations(NearDedupConfig())
+    together = minhash_signatures(sets, a, b)
+    for s, row in zip(sets, together):
+        assert np.array_equal(row, minhash_signatures([s], a, b)[0])
+    m = 1 << 32
+    ref = [min((int(a[k]) * (int(v) % m) + int(b[k])) % m for v in sets[0]) for k in range(4)]
+    assert together[0, :4].tolist() == ref and (together[2] == m - 1).all()  # empty set: all-max
