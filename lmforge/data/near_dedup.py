@@ -43,6 +43,9 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 # Shingles permuted at once: 128 perms x 1024 x 4 B = 512 KiB, one buffer that stays in L2.
 _CHUNK_COLS = 1024
 _BATCH_DOCS = 256
+# ...or fewer when their texts reach this many characters: shingling a batch holds ~40 bytes per
+# character at its peak (code points, positions, per-character terms), so ~160 MB at most here.
+_BATCH_CHARS = 1 << 22
 _EMPTY = np.zeros(0, dtype=np.uint64)
 
 
@@ -215,9 +218,10 @@ class _UnionFind:
 
 class NearDedup:
     """Streaming detector: `add` documents (shingle sets and signatures are computed in batches of
-    `_BATCH_DOCS` documents, so at most that many texts are held), then `result()`. Documents are
-    verified against earlier ones as they are inserted, so the outcome depends only on the set of
-    (id, text), not on their order."""
+    `_BATCH_DOCS` documents or `_BATCH_CHARS` characters, so at most that many texts are held; a
+    longer single text is one batch), then `result()`. Documents are verified against earlier
+    ones as they are inserted, so the outcome depends only on the set of (id, text), not on their
+    order."""
 
     def __init__(self, cfg: NearDedupConfig) -> None:
         self.cfg = cfg
@@ -229,6 +233,7 @@ class NearDedup:
         # one document; a one-element list would cost 88 bytes more per document and band)
         self._buckets: list[dict[int, int | list[int]]] = [{} for _ in range(cfg.bands)]
         self._pending: list[tuple[int, str]] = []  # (index, text) until the next flush
+        self._pending_chars = 0
         self._uf = _UnionFind()
         self._verified = 0
         self._candidates = 0
@@ -245,7 +250,8 @@ class NearDedup:
         self._sets.append(_EMPTY)  # filled at the next flush
         self._uf.add()
         self._pending.append((i, text))
-        if len(self._pending) >= _BATCH_DOCS:
+        self._pending_chars += len(text)
+        if len(self._pending) >= _BATCH_DOCS or self._pending_chars >= _BATCH_CHARS:
             self._flush()
 
     def _flush(self) -> None:
@@ -264,6 +270,7 @@ class NearDedup:
             else:
                 fresh.append(i)
         self._pending = []
+        self._pending_chars = 0
         sig = minhash_signatures([self._sets[i] for i in fresh], self._a, self._b)
         keys = band_keys(sig, self.cfg.bands).tolist()
         for i, row in zip(fresh, keys):
