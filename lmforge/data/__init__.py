@@ -5,6 +5,8 @@ module here with one function from input files to output files, written temp-the
 skipped when its output is current, chained in `pack.prepare_data`. `pipeline/` is the document
 pipeline run by `lmforge data run` (raw corpora -> normalised, filtered jsonl; see its docstring
 for what it does not do yet). near_dedup.py finds near-duplicate documents (MinHash + LSH, every
-candidate verified by exact Jaccard); it is an in-memory API, not yet a step of `pipeline/` nor a
-file stage in `prepare_data`. Submodules are imported explicitly (no heavy imports here).
+candidate verified by exact Jaccard; shingle hashing in shingles.py); it is an in-memory API, not
+yet a step of `pipeline/` nor a file stage in `prepare_data`. dup_injection.py plants
+near-duplicates of known Jaccard in a corpus, to score near-dedup (tests, bench/data_pipeline.py).
+Submodules are imported explicitly (no heavy imports here).
 """

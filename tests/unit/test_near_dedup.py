@@ -4,7 +4,6 @@ are rejected by verification, results do not depend on order or process, config 
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import re
@@ -16,6 +15,7 @@ import pytest
 
 from lmforge.config import ConfigError
 from lmforge.data.corpus import iter_shakespeare
+from lmforge.data.dup_injection import edit_down_to, passages, true_jaccard, word_shingles
 from lmforge.data.errors import DataError
 from lmforge.data.near_dedup import (
     NearDedupConfig,
@@ -31,56 +31,34 @@ NGRAM = 5
 
 
 def _shingles(words: list[str]) -> set[tuple[str, ...]]:
-    """The reference shingle set, independent of the module: word 5-grams of lower-cased \\w+."""
-    w = [x.lower() for x in words]
-    return {tuple(w[i:i + NGRAM]) for i in range(max(1, len(w) - NGRAM + 1))}
+    """The reference shingle set, independent of near_dedup.py: word 5-grams of lower-cased \\w+."""
+    return word_shingles(words, NGRAM)
 
 
 def _true_jaccard(x: list[str], y: list[str]) -> float:
-    a, b = _shingles(x), _shingles(y)
-    return len(a & b) / len(a | b)
+    return true_jaccard(x, y, NGRAM)
 
 
 def _passages(n: int) -> list[list[str]]:
     """n passages of 100-300 words cut from the embedded Shakespeare corpus."""
-    out: list[list[str]] = []
-    sizes = itertools.cycle([100, 180, 250, 300, 140, 220])
-    for doc in iter_shakespeare():
-        words = re.findall(r"\w+", doc["text"])
-        pos = 0
-        while len(out) < n:
-            size = next(sizes)
-            if pos + size > len(words):
-                break
-            out.append(words[pos:pos + size])
-            pos += size
-        if len(out) >= n:
-            return out
-    return out
+    return passages((doc["text"] for doc in iter_shakespeare()), limit=n)
 
 
 def _edit_down_to(words: list[str], target: float, rng: random.Random, vocab: list[str]) -> list[str]:
     """Substitute or delete random words until the true Jaccard with the original is <= target."""
-    copy = list(words)
-    while _true_jaccard(words, copy) > target:
-        i = rng.randrange(len(copy))
-        if rng.random() < 0.7:
-            copy[i] = rng.choice(vocab)
-        else:
-            del copy[i]
-    return copy
+    return edit_down_to(words, target, rng, vocab, NGRAM)
 
 
 @pytest.fixture(scope="module")
 def injected() -> tuple[list[tuple[str, str]], dict[str, tuple[str, float]]]:
-    passages = _passages(300)
-    assert len(passages) == 300
+    base = _passages(300)
+    assert len(base) == 300
     rng = random.Random(12)
-    vocab = sorted({w for p in passages for w in p})
-    docs = [(f"p{i:04d}", " ".join(p)) for i, p in enumerate(passages)]
+    vocab = sorted({w for p in base for w in p})
+    docs = [(f"p{i:04d}", " ".join(p)) for i, p in enumerate(base)]
     truth: dict[str, tuple[str, float]] = {}  # copy id -> (original id, true Jaccard)
     levels = [0.95, 0.9, 0.85, 0.68]
-    for i, p in enumerate(passages[:240]):
+    for i, p in enumerate(base[:240]):
         target = levels[i % len(levels)]
         copy = _edit_down_to(p, target, rng, vocab)
         cid = f"p{i:04d}~{int(target * 100)}"  # sorts after its original: the original is kept
@@ -168,7 +146,7 @@ def test_hashes_are_stable_across_processes() -> None:
     assert len(outs) == 1
 
 
-def test_minhash_estimates_jaccard_and_is_exact_mod_p() -> None:
+def test_minhash_estimates_jaccard_and_is_exact_mod_2_32() -> None:
     cfg = NearDedupConfig(num_perm=256, bands=32)
     words = _passages(1)[0][:300]
     other = _edit_down_to(words, 0.6, random.Random(1), ["zzz", "yyy"])
@@ -176,9 +154,10 @@ def test_minhash_estimates_jaccard_and_is_exact_mod_p() -> None:
     a, b = permutations(cfg)
     sig = minhash_signatures([x, y], a, b)
     assert abs((sig[0] == sig[1]).mean() - jaccard(x, y)) < 0.1
-    p = (1 << 61) - 1
-    ref = [min((int(a[k]) * (int(v) & 0xFFFFFFFF) + int(b[k])) % p for v in x) for k in range(8)]
-    assert sig[0, :8].tolist() == ref  # numpy uint64 arithmetic == Python big-int arithmetic
+    m = 1 << 32
+    ref = [min((int(a[k]) * (int(v) % m) + int(b[k])) % m for v in x) for k in range(8)]
+    assert sig[0, :8].tolist() == ref  # numpy uint32 wrapping arithmetic == Python big-int arithmetic
+    assert all(int(v) % 2 == 1 for v in a)  # odd multipliers: each h_k is a bijection of 32-bit values
     assert jaccard(x, y) == pytest.approx(_true_jaccard(words, other))
 
 
@@ -235,3 +214,31 @@ def test_config_errors_are_one_line(kw, key) -> None:
         NearDedupConfig(**kw)
     assert "\n" not in str(e.value) and key in str(e.value)
     assert NearDedupConfig(num_perm=100, bands=20).rows == 5
+
+
+def test_word_shingles_split_words_like_re_findall() -> None:
+    """Words are found by a code-point table in numpy (shingles.py), not by a regex per text: they
+    must still be exactly `re.findall(r"\\w+", text.lower())`, non-ASCII and astral letters included."""
+    texts = ["Straße, naïve café_au-lait 42x; ÉCOLE école", "𝐀𝐁 🙂 x𝐀 Ǆemal ǆemal", "  ", "a--b__c\td\u2003e",
+             "İstanbul ıi", "\ud800 lone surrogate"]
+    one = NearDedupConfig(ngram=1)
+    for t in texts:
+        words = re.findall(r"\w+", t.lower())
+        assert len(shingle_hashes(t, one)) == len(set(words)), t
+        # same words, other separators: the same set
+        assert np.array_equal(shingle_hashes(t, one), shingle_hashes(" / ".join(words), one)), t
+    assert not np.array_equal(shingle_hashes("ab cd", one), shingle_hashes("ba dc", one))
+
+
+def test_signatures_do_not_depend_on_batching_or_chunk_edges() -> None:
+    """minhash_signatures works on chunks of 1,024 shingles: a document cut by a chunk edge (or
+    bigger than a chunk) must get the same signature as when it is alone."""
+    rng = np.random.default_rng(0)
+    sets = [np.unique(rng.integers(0, 2**63, size=k, dtype=np.uint64)) for k in (3000, 5, 0, 1500, 1, 700)]
+    a, b = permutations(NearDedupConfig())
+    together = minhash_signatures(sets, a, b)
+    for s, row in zip(sets, together):
+        assert np.array_equal(row, minhash_signatures([s], a, b)[0])
+    m = 1 << 32
+    ref = [min((int(a[k]) * (int(v) % m) + int(b[k])) % m for v in sets[0]) for k in range(4)]
+    assert together[0, :4].tolist() == ref and (together[2] == m - 1).all()  # empty set: all-max
