@@ -243,6 +243,13 @@ class ErasureReader:
         for off in range(0, self.layout.length, size):
             yield self.read(off, size)
 
+    def sha256(self) -> str:
+        """Of the whole decoded file (compare with `layout.sha256`)."""
+        h = hashlib.sha256()
+        for chunk in self.chunks():
+            h.update(chunk)
+        return h.hexdigest()
+
     def view(self, dtype: np.dtype | str) -> TypedView:
         return TypedView(self, np.dtype(dtype))
 
@@ -274,10 +281,7 @@ def verify_file(path: Path | str, known: dict[str, dict] | None = None) -> dict[
     whole and checks the sha256 of the original (reported as piece -1). DataError over m bad."""
     reader = ErasureReader(path, known)
     bad = dict(reader.bad)
-    h = hashlib.sha256()
-    for chunk in reader.chunks():
-        h.update(chunk)
-    if h.hexdigest() != reader.layout.sha256:
+    if reader.sha256() != reader.layout.sha256:
         bad[-1] = f"decoded content differs from the file's sha256 in {sidecar_path(path).name}"
     return bad
 
