@@ -8,8 +8,9 @@ consistent but wrong pack: token ids inside the vocabulary, and the document ind
 
 An erasure-coded split (lmforge.data.erasure: its token file stored as k data + m parity pieces)
 is checked piece by piece against the sha256 in its sidecar, each bad piece one problem;
-`verify_pack(pieces=False)` leaves the pieces to the loader, which decodes around up to m bad
-ones. `repair_pack` rewrites bad pieces from the good ones (`lmforge data verify --repair`).
+`verify_pack(pieces="skip")` leaves the pieces to the loader, which decodes around up to m bad
+ones, and `pieces="decodable"` (the pack stage's reuse check) accepts up to m bad pieces: the
+tokens read are still exact, so a lost piece costs no repack. `repair_pack` rewrites bad pieces from the good ones (`lmforge data verify --repair`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -25,6 +27,7 @@ from lmforge.data.errors import DataError
 from lmforge.data.files import fingerprint, read_json, write_json_atomic
 
 SPLITS = ("train", "val")
+PieceCheck = Literal["each", "decodable", "skip"]
 _SCAN_TOKENS = 1 << 24  # tokens per chunk of the deep id scan (bounded memory)
 
 
@@ -51,7 +54,8 @@ def pack_files(splits: tuple[str, ...] = SPLITS, manifest: dict | None = None, p
     return [name for split in splits for name in split_files(split, manifest, pieces)]
 
 
-def _hash_problems(out_dir: Path, manifest: dict, splits: tuple[str, ...], deep: bool, pieces: bool) -> list[str]:
+def _hash_problems(out_dir: Path, manifest: dict, splits: tuple[str, ...], deep: bool, pieces: PieceCheck
+                   ) -> list[str]:
     files = manifest.get("files")
     if not isinstance(files, dict):
         return [f"{out_dir / 'manifest.json'}: has no file fingerprints (written by an older lmforge)"]
@@ -64,14 +68,15 @@ def _hash_problems(out_dir: Path, manifest: dict, splits: tuple[str, ...], deep:
             problems.append(f"{path}: missing although the manifest lists it")
         elif fingerprint(path, None if deep else known)["sha256"] != known["sha256"]:
             problems.append(f"{path}: content differs from the sha256 in the manifest (modified after packing)")
-    for split in splits if pieces and not problems else ():
+    for split in splits if pieces != "skip" and not problems else ():
         if erasure_of(manifest, split) is not None:
-            problems += _piece_problems(out_dir, manifest, split, None if deep else files)
+            problems += _piece_problems(out_dir, manifest, split, None if deep else files, pieces == "decodable")
     return problems
 
 
-def _piece_problems(out_dir: Path, manifest: dict, split: str, known: dict | None) -> list[str]:
-    """One line per bad piece of a pieced split (or one line when too many are bad to decode)."""
+def _piece_problems(out_dir: Path, manifest: dict, split: str, known: dict | None, decodable: bool) -> list[str]:
+    """One line per bad piece of a pieced split (none when `decodable` and at most m are bad), or
+    one line when too many are bad to decode."""
     path = out_dir / manifest["splits"][split]["file"]
     layout = erasure.read_layout(path)
     if layout.sha256 != manifest["splits"][split].get("sha256"):
@@ -80,6 +85,8 @@ def _piece_problems(out_dir: Path, manifest: dict, split: str, known: dict | Non
     if len(bad) > layout.m:
         return [f"{path}: {len(bad)} of {layout.n} erasure pieces bad ({erasure.describe_bad(path, bad)}), "
                 f"decoding needs {layout.k}: the split is lost, repack it (`lmforge data prepare`)"]
+    if decodable:
+        return []
     return [f"{path.with_name(erasure.piece_names(path.name, layout.n)[i])}: {why}; rebuildable from the other "
             f"pieces (`lmforge data verify --repair {out_dir}`)" for i, why in sorted(bad.items())]
 
@@ -130,10 +137,11 @@ def _ends_are(tokens: np.ndarray | erasure.TypedView, ends: np.ndarray, eos: int
 
 
 def verify_pack(out_dir: Path | str, manifest: dict | None = None, *, deep: bool = False,
-                splits: tuple[str, ...] = SPLITS, pieces: bool = True) -> list[str]:
+                splits: tuple[str, ...] = SPLITS, pieces: PieceCheck = "each") -> list[str]:
     """One line per problem of the pack in `out_dir` (empty: intact). `deep` re-hashes every file
     and scans its contents; otherwise only files whose size or mtime changed are re-hashed.
-    `pieces=False` skips the erasure pieces (the loader checks them itself, tolerating m bad)."""
+    Erasure pieces: "each" bad one is a problem; "decodable": only more than m bad in a split;
+    "skip": not checked (the loader checks them itself)."""
     out_dir = Path(out_dir)
     manifest = manifest if manifest is not None else read_json(out_dir / "manifest.json")
     if manifest is None:

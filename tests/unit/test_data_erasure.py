@@ -249,3 +249,18 @@ def test_config_and_prepare_data(packs, reference, tmp_path: Path) -> None:
     assert "erasure-coded 4+2 pieces" in logs[-1]
     assert (out / PIECES[-1]).is_file() and not (out / "train.bin").exists()
     assert verify_pack(out, deep=True) == []
+
+
+def test_pack_stage_keeps_a_decodable_pack_and_repacks_a_lost_one(packs, tmp_path: Path) -> None:
+    """Rerunning the pack stage (every training start) keeps a pack with <= m bad pieces: its tokens
+    still read exactly. With more than m bad it is packed again, to the same pieces."""
+    plain, coded = packs
+    corpus, tok = plain.parent / "corpus.jsonl", plain.parent / "tokenizer.json"
+    d = copy_of(coded, tmp_path / "c")
+    damage(d, (1, 5), "delete")
+    assert pack_corpus(corpus, tok, d, 0.1, seed=1, erasure=(K, M), stripe=STRIPE)["skipped"]
+    assert not (d / PIECES[1]).exists()
+    damage(d, (2,), "corrupt")
+    again = pack_corpus(corpus, tok, d, 0.1, seed=1, erasure=(K, M), stripe=STRIPE)
+    assert not again["skipped"] and "3 of 6 erasure pieces bad" in again["repaired"]
+    assert all((d / p).read_bytes() == (coded / p).read_bytes() for p in PIECES)
