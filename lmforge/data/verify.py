@@ -24,7 +24,7 @@ import numpy as np
 
 from lmforge.data import erasure
 from lmforge.data.errors import DataError
-from lmforge.data.files import fingerprint, read_json, write_json_atomic
+from lmforge.data.files import fingerprint, read_json, same_content, write_json_atomic
 
 SPLITS = ("train", "val")
 PieceCheck = Literal["each", "decodable", "skip"]
@@ -171,7 +171,12 @@ def repair_pack(out_dir: Path | str) -> list[str]:
     fixed = []
     for split in SPLITS:
         if erasure_of(manifest, split) is not None:
-            fixed += erasure.repair(out_dir / manifest["splits"][split]["file"])
+            path = out_dir / manifest["splits"][split]["file"]
+            side = erasure.sidecar_path(path)
+            if not same_content(side, manifest["files"].get(side.name)):  # the piece hashes come from it
+                raise DataError(f"{side}: missing or differs from its sha256 in the manifest, so bad pieces cannot "
+                                "be told from good ones; repack the data (`lmforge data prepare`)")
+            fixed += erasure.repair(path)
     if fixed:
         manifest["files"].update({name: fingerprint(out_dir / name) for name in fixed})
         write_json_atomic(out_dir / "manifest.json", manifest)

@@ -264,3 +264,16 @@ def test_pack_stage_keeps_a_decodable_pack_and_repacks_a_lost_one(packs, tmp_pat
     again = pack_corpus(corpus, tok, d, 0.1, seed=1, erasure=(K, M), stripe=STRIPE)
     assert not again["skipped"] and "3 of 6 erasure pieces bad" in again["repaired"]
     assert all((d / p).read_bytes() == (coded / p).read_bytes() for p in PIECES)
+
+
+def test_repair_refuses_a_modified_sidecar(packs, tmp_path: Path) -> None:
+    _, coded = packs
+    d = copy_of(coded, tmp_path / "c")
+    damage(d, (0,), "delete")
+    side = json.loads((d / "train.bin.ec.json").read_text())
+    side["pieces"][1] = "0" * 64
+    (d / "train.bin.ec.json").write_text(json.dumps(side))
+    lines: list[str] = []
+    assert verify_command([str(d)], repair=True, out=lines.append, err=lines.append) == 1
+    assert len(lines) == 1 and "train.bin.ec.json" in lines[0] and "differs from its sha256" in lines[0]
+    assert not (d / PIECES[0]).exists()  # nothing was written
