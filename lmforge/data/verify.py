@@ -10,7 +10,8 @@ An erasure-coded split (lmforge.data.erasure: its token file stored as k data + 
 is checked piece by piece against the sha256 in its sidecar, each bad piece one problem;
 `verify_pack(pieces="skip")` leaves the pieces to the loader, which decodes around up to m bad
 ones, and `pieces="decodable"` (the pack stage's reuse check) accepts up to m bad pieces: the
-tokens read are still exact, so a lost piece costs no repack. `repair_pack` rewrites bad pieces from the good ones (`lmforge data verify --repair`).
+tokens read are still exact, so a lost piece costs no repack. `repair_pack` rewrites bad pieces
+from the good ones (`lmforge data verify --repair`).
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ def assert_reads_like(d: Path, reference: dict[str, np.ndarray]) -> None:
         np.testing.assert_array_equal(ds.tokens[0:len(ds)], want)
         for w in range(ds.n_windows(SEQ)):
             np.testing.assert_array_equal(ds.window(w, SEQ), want[w * SEQ:w * SEQ + SEQ + 1])
-    loader = DistributedTokenLoader(TokenDataset(d, "train"), SEQ, 3, seed=5)  # prefetch thread on: decodes concurrently
+    # the prefetch thread is on: stripes are decoded on two threads
+    loader = DistributedTokenLoader(TokenDataset(d, "train"), SEQ, 3, seed=5)
     windows = [np.stack([reference["train"][w * SEQ:w * SEQ + SEQ + 1] for w in loader.window_indices(p, 3)])
                for p in range(0, 3 * 8, 3)]
     for want in windows:
