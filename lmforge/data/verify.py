@@ -39,20 +39,21 @@ def erasure_of(manifest: dict | None, split: str) -> dict | None:
     return ec if isinstance(ec, dict) else None
 
 
-def split_files(split: str, manifest: dict | None = None, pieces: bool = True) -> list[str]:
+def split_files(split: str, manifest: dict | None = None, with_pieces: bool = True) -> list[str]:
     """The files of one split the manifest fingerprints: the token file (erasure-coded: its
-    sidecar and, with `pieces`, its k + m pieces), the document index and the row numbers."""
+    sidecar and, `with_pieces`, its k + m pieces), the document index and the row numbers."""
     ec = erasure_of(manifest, split)
     tokens = [f"{split}.bin"]
     if ec is not None:
         tokens = [erasure.sidecar_path(Path(f"{split}.bin")).name]
-        tokens += erasure.piece_names(f"{split}.bin", int(ec["k"]) + int(ec["m"])) if pieces else []
+        tokens += erasure.piece_names(f"{split}.bin", int(ec["k"]) + int(ec["m"])) if with_pieces else []
     return [*tokens, f"{split}.idx.npy", f"{split}.docs.npy"]
 
 
-def pack_files(splits: tuple[str, ...] = SPLITS, manifest: dict | None = None, pieces: bool = True) -> list[str]:
+def pack_files(splits: tuple[str, ...] = SPLITS, manifest: dict | None = None,
+               with_pieces: bool = True) -> list[str]:
     """Every file of a pack the manifest fingerprints (`manifest` says which splits are pieced)."""
-    return [name for split in splits for name in split_files(split, manifest, pieces)]
+    return [name for split in splits for name in split_files(split, manifest, with_pieces)]
 
 
 def _hash_problems(out_dir: Path, manifest: dict, splits: tuple[str, ...], deep: bool, pieces: PieceCheck
@@ -61,7 +62,7 @@ def _hash_problems(out_dir: Path, manifest: dict, splits: tuple[str, ...], deep:
     if not isinstance(files, dict):
         return [f"{out_dir / 'manifest.json'}: has no file fingerprints (written by an older lmforge)"]
     problems = []
-    for name in pack_files(splits, manifest, pieces=False):
+    for name in pack_files(splits, manifest, with_pieces=False):
         path, known = out_dir / name, files.get(name)
         if not isinstance(known, dict) or not isinstance(known.get("sha256"), str):
             problems.append(f"{out_dir / 'manifest.json'}: no fingerprint for {name}")
