@@ -25,11 +25,22 @@ class DataConfig:
     val_fraction: float = 0.01
     seed: int = 1234
     max_documents: int | None = None  # cap for quick runs and tests
+    # Reed-Solomon pieces of each token file (lmforge.data.erasure): any erasure_m of the
+    # erasure_k + erasure_m pieces may be lost; storage (k + m) / k. 0 / 0 = off.
+    erasure_k: int = 0
+    erasure_m: int = 0
 
     def validate(self) -> None:
         require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "must be in (0, 0.5)")
         if self.max_documents is not None:
             require(self.max_documents > 1, "data.max_documents", self.max_documents, "must be > 1")
+        if self.erasure_k or self.erasure_m:
+            require(self.erasure_k >= 1, "data.erasure_k", self.erasure_k,
+                    "must be >= 1 data pieces when erasure coding is on (0 with erasure_m = 0: off)")
+            require(self.erasure_m >= 1, "data.erasure_m", self.erasure_m,
+                    "must be >= 1 parity pieces when erasure coding is on (0 with erasure_k = 0: off)")
+            require(self.erasure_k + self.erasure_m <= 256, "data.erasure_m", self.erasure_m,
+                    f"erasure_k + erasure_m must be <= 256 (zfec's limit); erasure_k = {self.erasure_k}")
 
 
 @dataclass

@@ -1,12 +1,12 @@
 """Data path: corpus (corpus.py) -> byte-level BPE (tokenizer.py) -> token shards (pack.py) -> the
 stateful, data-parallel training loader (loader.py). `pack.prepare_data` runs the three file stages,
-each skipped when its output is current. A new pipeline step (filtering, deduplication, ...) is a
-module here with one function from input files to output files, written temp-then-rename and
-skipped when its output is current, chained in `pack.prepare_data`. `pipeline/` is the document
-pipeline run by `lmforge data run` (raw corpora -> normalised, filtered jsonl; see its docstring
-for what it does not do yet). near_dedup.py finds near-duplicate documents (MinHash + LSH, every
-candidate verified by exact Jaccard; shingle hashing in shingles.py); it is an in-memory API, not
-yet a step of `pipeline/` nor a file stage in `prepare_data`. dup_injection.py plants
-near-duplicates of known Jaccard in a corpus, to score near-dedup (tests, bench/data_pipeline.py).
-Submodules are imported explicitly (no heavy imports here).
+each skipped when its output is current. `pipeline/` is the document pipeline run by
+`lmforge data run` (raw corpora -> normalised, filtered, deduplicated jsonl with provenance; see
+its docstring). near_dedup.py finds near-duplicate documents (MinHash + LSH, every candidate
+verified by exact Jaccard; shingle hashing in shingles.py); the pipeline's `near_dedup` step uses
+it. dup_injection.py plants near-duplicates of known Jaccard in a corpus, to score near-dedup
+(tests, bench/data_pipeline.py). erasure.py stores a pack's token files as k data + m parity
+Reed-Solomon pieces (data.erasure_k/m): the loader reads through up to m lost or corrupt pieces,
+`lmforge data verify --repair` rewrites them. Submodules are imported explicitly (no heavy
+imports here).
 """

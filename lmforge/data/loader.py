@@ -16,10 +16,16 @@ the loss spike); the ranges are part of the state.
 
 While the caller trains on one batch, the next is read on a background thread (`prefetch`); the
 state stays the consumed position, so checkpoints and resumes are exact as without it.
+
+A split stored as erasure pieces (lmforge.data.erasure) is read through its decoder: pieces are
+checked against their sha256 (re-hashed when size or mtime changed, as every pack file is), up to
+m missing or corrupt ones are rebuilt in memory with one warning line, so the tokens are exactly
+those of the plain pack. The loader never writes: `lmforge data verify --repair` rewrites pieces.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -27,11 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.data.erasure import ErasureReader, TypedView, describe_bad
 from lmforge.data.errors import DataError
 from lmforge.data.files import read_json
-from lmforge.data.verify import verify_pack
+from lmforge.data.verify import erasure_of, verify_pack
 
 STATE_VERSION = 2  # 2: adds "skip" (v1 states load with no skip ranges)
+log = logging.getLogger(__name__)
 
 
 class TokenDataset:
@@ -58,19 +66,37 @@ class TokenDataset:
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{manifest_path}: malformed manifest ({e.__class__.__name__}: {e}); "
                             "rerun `lmforge data prepare`") from None
-        if not path.is_file():
+        pieced = erasure_of(m, split) is not None
+        if not pieced and not path.is_file():
             raise DataError(f"{path} is missing although {manifest_path} lists it; rerun `lmforge data prepare`")
-        size, want = path.stat().st_size, self.n_tokens * self.dtype.itemsize
-        if size != want:
+        size, want = (0 if pieced else path.stat().st_size), self.n_tokens * self.dtype.itemsize
+        if not pieced and size != want:
             raise DataError(f"{path} has {size} bytes but {manifest_path} says {self.n_tokens} tokens of "
                             f"{self.dtype.name} ({want} bytes); rerun `lmforge data prepare`")
-        problems = verify_pack(self.dir, m, splits=(split,))  # size + mtime; sha256 when they changed
+        # size + mtime; sha256 when they changed. Erasure pieces are checked by their reader below.
+        problems = verify_pack(self.dir, m, splits=(split,), pieces="skip")
         if problems:
             raise DataError(f"{problems[0]}; rerun `lmforge data prepare` to repack, or `lmforge data verify "
                             f"{self.dir}` for a full check")
         self.path = path
-        self.tokens = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.n_tokens,)) \
-            if self.n_tokens else np.zeros(0, dtype=self.dtype)
+        self.tokens: np.ndarray | TypedView
+        if pieced:
+            self.tokens = self._open_pieces(m["files"], want)
+        else:
+            self.tokens = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.n_tokens,)) \
+                if self.n_tokens else np.zeros(0, dtype=self.dtype)
+
+    def _open_pieces(self, known: dict, want: int) -> TypedView:
+        """The split decoded from its erasure pieces; bad ones (at most m) rebuilt in memory, logged once."""
+        reader = ErasureReader(self.path, known)  # DataError when more than m pieces are bad
+        if len(reader) != want:
+            raise DataError(f"{self.path}: its pieces hold {len(reader)} bytes but the manifest says {self.n_tokens} "
+                            f"tokens of {self.dtype.name} ({want} bytes); rerun `lmforge data prepare`")
+        if reader.bad:
+            log.warning(f"data: {self.split} split: {describe_bad(self.path, reader.bad)}; the split is rebuilt "
+                        f"in memory from the other {reader.layout.n - len(reader.bad)} erasure pieces (nothing "
+                        f"written; `lmforge data verify --repair {self.dir}` rewrites them)")
+        return reader.view(self.dtype)
 
     def __len__(self) -> int:
         return self.n_tokens

@@ -10,6 +10,12 @@ Layout of `out_dir` (all written temp-then-rename; the manifest last, so its pre
                                 "files": a fingerprint (sha256, size, mtime) of every file above, checked
                                 when a pack is reused or opened (lmforge.data.verify)
 
+With erasure coding on (`erasure=(k, m)`, data.erasure_k / erasure_m), each `<split>.bin` is kept
+only as k data + m parity pieces and a sidecar (`<split>.bin.piece000`..., `<split>.bin.ec.json`,
+lmforge.data.erasure): any m pieces may be lost or corrupt and the loader still reads the same
+tokens. The manifest fingerprints the sidecar and pieces instead of the .bin and records
+{"k", "m"} under the split; the settings are a pack input, so changing them repacks.
+
 Documents are tokenized in pieces of bounded size cut at pre-token boundaries (identical ids), so
 one huge document needs no more memory than many small ones.
 
@@ -29,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.config.job import DataConfig, TokenizerConfig
+from lmforge.data import erasure as ec
 from lmforge.data.corpus import prepare_corpus
 from lmforge.data.errors import DataError
 from lmforge.data.files import atomic_open, fingerprint, read_json, sha256_file, write_json_atomic
@@ -100,18 +107,32 @@ def _count_lines(path: Path) -> int:
         return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b""))
 
 
-def _manifest_inputs(corpus: dict, tokenizer: dict, val_fraction: float, seed: int) -> dict:
-    return {"format": PACK_FORMAT, "corpus_sha256": corpus["sha256"], "tokenizer_sha256": tokenizer["sha256"],
-            "val_fraction": val_fraction, "seed": seed}
+def _manifest_inputs(corpus: dict, tokenizer: dict, val_fraction: float, seed: int,
+                     erasure: tuple[int, int], stripe: int) -> dict:
+    inputs = {"format": PACK_FORMAT, "corpus_sha256": corpus["sha256"], "tokenizer_sha256": tokenizer["sha256"],
+              "val_fraction": val_fraction, "seed": seed}
+    if erasure != (0, 0):  # only when on: plain packs written before erasure coding stay current
+        inputs["erasure"] = {"k": erasure[0], "m": erasure[1], "stripe": stripe}
+    return inputs
+
+
+def _remove_pieces(out_dir: Path, split: str) -> None:
+    """Erasure pieces and sidecar of `split` left by an earlier pack (also their temp files)."""
+    for p in out_dir.glob(f"{split}.bin.piece*"):
+        p.unlink(missing_ok=True)
+    ec.sidecar_path(out_dir / f"{split}.bin").unlink(missing_ok=True)
 
 
 def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fraction: float,
-                seed: int) -> dict:
-    """Tokenise every document, append eos, and write the train/val shards, indexes and manifest.
+                seed: int, erasure: tuple[int, int] = (0, 0), stripe: int = ec.DEFAULT_STRIPE) -> dict:
+    """Tokenise every document, append eos, and write the train/val shards, indexes and manifest;
+    with `erasure` = (k, m) != (0, 0) each token file is stored as k + m erasure pieces instead.
 
     Returns the manifest, plus "skipped": True when an existing pack already matched the inputs
-    (corpus and tokenizer content, val_fraction, seed) and nothing was rewritten.
+    (corpus and tokenizer content, val_fraction, seed, erasure settings) and nothing was rewritten.
     """
+    if erasure != (0, 0):
+        ec.check_params(*erasure)
     corpus_jsonl, tokenizer_json, out_dir = Path(corpus_jsonl), Path(tokenizer_json), Path(out_dir)
     for what, p in (("corpus", corpus_jsonl), ("tokenizer", tokenizer_json)):
         if not p.is_file():
@@ -119,8 +140,9 @@ def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fra
     old = read_json(out_dir / MANIFEST) or {}
     corpus_fp = fingerprint(corpus_jsonl, old.get("corpus"))
     tok_fp = fingerprint(tokenizer_json, old.get("tokenizer"))
-    inputs = _manifest_inputs(corpus_fp, tok_fp, val_fraction, seed)
-    problems = verify_pack(out_dir, old) if old.get("inputs") == inputs else []
+    inputs = _manifest_inputs(corpus_fp, tok_fp, val_fraction, seed, erasure, stripe)
+    # up to m bad erasure pieces still read exactly (the loader warns; `data verify --repair` fixes them)
+    problems = verify_pack(out_dir, old, pieces="decodable") if old.get("inputs") == inputs else []
     if old.get("inputs") == inputs and not problems:
         return {**old, "skipped": True}
 
@@ -129,6 +151,8 @@ def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fra
     is_val = split_documents(_count_lines(corpus_jsonl), val_fraction, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # from here until the end the old pack is invalid
+    for split in SPLITS:
+        _remove_pieces(out_dir, split)
 
     lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
     doc_rows: dict[str, list[int]] = {s: [] for s in SPLITS}
@@ -162,9 +186,13 @@ def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fra
                 np.save(f, arr)
         splits[split] = {"file": f"{split}.bin", "tokens": int(offsets[-1]), "documents": len(lengths[split]),
                          "sha256": sha256_file(out_dir / f"{split}.bin")}
+        if erasure != (0, 0):  # the pieces replace the plain token file
+            ec.encode_file(out_dir / f"{split}.bin", *erasure, stripe=stripe)
+            (out_dir / f"{split}.bin").unlink()
+            splits[split]["erasure"] = {"k": erasure[0], "m": erasure[1]}
     # Every file the loader or a rerun trusts, fingerprinted: opening checks size + mtime, and the
     # sha256 when either differs (lmforge.data.verify).
-    files_fp = {name: fingerprint(out_dir / name) for name in pack_files()}
+    files_fp = {name: fingerprint(out_dir / name) for name in pack_files(manifest={"splits": splits})}
     manifest = {
         "inputs": inputs, "corpus": corpus_fp, "tokenizer": tok_fp, "format": PACK_FORMAT,
         "files": files_fp, "dtype": dtype.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "splits": splits,
@@ -203,12 +231,13 @@ def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig, log: Callable[[str],
     log(f"data: tokenizer {tok_path} {state}: byte-level BPE, vocab {vocab}{short}")
 
     t0 = time.perf_counter()
-    m = pack_corpus(corpus_path, tok_path, out, cfg.val_fraction, cfg.seed)
+    m = pack_corpus(corpus_path, tok_path, out, cfg.val_fraction, cfg.seed, (cfg.erasure_k, cfg.erasure_m))
     state = "up to date" if m["skipped"] else f"packed in {time.perf_counter() - t0:.1f}s"
     if m.get("repaired"):
         log(f"data: warning: {m['repaired']}; packed again")
     tr, va = m["splits"]["train"], m["splits"]["val"]
+    coded = f", erasure-coded {cfg.erasure_k}+{cfg.erasure_m} pieces" if cfg.erasure_k else ""
     log(f"data: shards {out} {state}: train {tr['tokens']:,} tokens / {tr['documents']} docs, "
-        f"val {va['tokens']:,} tokens / {va['documents']} docs ({m['dtype']})")
+        f"val {va['tokens']:,} tokens / {va['documents']} docs ({m['dtype']}{coded})")
     return out
 
