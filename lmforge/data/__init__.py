@@ -6,5 +6,7 @@ skipped when its output is current, chained in `pack.prepare_data`. `pipeline/` 
 pipeline run by `lmforge data run` (raw corpora -> normalised, filtered jsonl; see its docstring
 for what it does not do yet). near_dedup.py finds near-duplicate documents (MinHash + LSH, every
 candidate verified by exact Jaccard); it is an in-memory API, not yet a step of `pipeline/` nor a
-file stage in `prepare_data`. Submodules are imported explicitly (no heavy imports here).
+file stage in `prepare_data`. report.py (`lmforge data report`) writes one self-contained HTML
+page about a pipeline run (profile.py: a streamed summary; report_plots.py: the plots) and its
+distribution shift against another run or corpus (drift.py). Submodules are imported explicitly (no heavy imports here).
 """
