@@ -67,19 +67,23 @@ def jensen_shannon(p: Mapping[str, float], q: Mapping[str, float]) -> float:
     return min(max(total / 2, 0.0), 1.0)
 
 
-def top_vocabulary_jsd(a: Counter[str], b: Counter[str], k: int = DRIFT_VOCAB) -> float:
+def top_vocabulary_jsd(a: Counter[str], b: Counter[str], k: int = DRIFT_VOCAB, total_a: int | None = None,
+                       total_b: int | None = None) -> float:
     """JSD over the `k` most frequent words of `a` and `b` together, every other word pooled into
     one bucket. Why: the plug-in JSD over the full vocabulary is biased upwards by rare words,
     which land in one sample only by chance (two halves of one corpus, 50 documents each: 0.09-0.14
-    on the full vocabulary, 0.014-0.026 on the top 500); frequent words carry the style and topic."""
+    on the full vocabulary, 0.014-0.026 on the top 500); frequent words carry the style and topic.
+    `total_a`/`total_b`: the words counted when rare words were pruned from a table (the pooled
+    bucket is the total less the top words)."""
     keep = {w for w, _ in (a + b).most_common(k)}
 
-    def pooled(c: Counter[str]) -> dict[str, int]:
-        out = {w: n for w, n in c.items() if w in keep}
-        out[_OTHER] = sum(n for w, n in c.items() if w not in keep)
+    def pooled(c: Counter[str], total: int | None) -> dict[str, int]:
+        out = {w: c[w] for w in keep if c.get(w)}
+        top = sum(out.values())
+        out[_OTHER] = (total if total is not None else sum(c.values())) - top
         return out
 
-    return jensen_shannon(pooled(a), pooled(b))
+    return jensen_shannon(pooled(a, total_a), pooled(b, total_b))
 
 
 def shared_bins(a: Iterable[float], b: Iterable[float], bins: int = HIST_BINS) -> list[float]:
@@ -137,7 +141,7 @@ class DriftResult:
 def compare_profiles(a: CorpusProfile, b: CorpusProfile, threshold: float = DRIFT_THRESHOLD,
                      vocab: int = DRIFT_VOCAB) -> DriftResult:
     """The drift verdict between two profiled corpora (see the module docstring for the measure)."""
-    jsd = top_vocabulary_jsd(a.unigrams, b.unigrams, vocab)
+    jsd = top_vocabulary_jsd(a.unigrams, b.unigrams, vocab, a.unigram_tokens, b.unigram_tokens)
     shared = sorted(set(a.scores) & set(b.scores))
     distances = {k: histogram_distance(a.scores[k].values, b.scores[k].values) for k in shared}
     notes = [f"{p.name}: {n}" for p in (a, b) for n in p.notes]

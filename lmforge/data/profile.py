@@ -4,9 +4,12 @@ report plots and the drift comparison needs, in bounded memory.
 Why a profile instead of the documents: a corpus is far larger than memory. Documents are
 streamed one at a time and only summaries are kept: counters (words, domains, step verdicts), and
 for the histograms a fixed-size uniform reservoir sample of each value series (`Reservoir`:
-every document is equally likely to be in it, the same sample on every run). The unigram counter
-stops growing after `max_unigram_tokens` words (a note in the profile says where it stopped), so
-its size is bounded too.
+every document is equally likely to be in it, the same sample on every run). Every word of every
+kept document is counted, and the unigram table stays bounded: past `max_vocabulary` distinct
+words its rarest entries are dropped (`CorpusProfile.prune`, noted in the profile). That leaves
+the drift verdict unchanged - it needs the counts of the most frequent words and the total, which
+is kept apart (`unigram_tokens`) - and only the full-vocabulary figure, shown for reference, loses
+the pruned words. Sources past `MAX_SOURCES` distinct names are counted as "(other)".
 
 Where the per-step table comes from: `stats.json` "steps" ({step: {seen, kept, dropped:
 {reason: n}, seconds}}) when the executor wrote it; otherwise it is rebuilt from the provenance
@@ -29,11 +32,12 @@ from lmforge.data.files import read_json
 from lmforge.data.pipeline.readers import JSONL_SUFFIXES, open_binary
 from lmforge.data.pipeline.steps import DEFAULT_STOP_WORDS, quality_signals
 
-__all__ = ["MAX_UNIGRAM_TOKENS", "RESERVOIR_SIZE", "CorpusProfile", "Reservoir", "StepRow", "profile_path",
+__all__ = ["MAX_SOURCES", "MAX_VOCABULARY", "RESERVOIR_SIZE", "CorpusProfile", "Reservoir", "StepRow", "profile_path",
            "read_corpus", "read_run", "unigrams"]
 
 RESERVOIR_SIZE = 50_000
-MAX_UNIGRAM_TOKENS = 50_000_000
+MAX_VOCABULARY = 2_000_000  # distinct words in the unigram table (about 200 MB) before pruning
+MAX_SOURCES = 10_000       # a directory of text files has one source per file
 OUTPUTS = ("output.jsonl", "output.jsonl.zst")
 _STOP = frozenset(DEFAULT_STOP_WORDS)
 _WORD = re.compile(r"\w+")
@@ -95,8 +99,8 @@ class CorpusProfile:
     documents: int = 0
     words: int = 0
     unigrams: Counter[str] = field(default_factory=Counter)
-    unigram_documents: int = 0
-    unigram_tokens: int = 0
+    unigram_tokens: int = 0  # every word counted, pruned ones too
+    pruned_below: int = 0    # the count under which words were dropped from `unigrams` (0: none)
     scores: dict[str, Reservoir] = field(default_factory=dict)
     removed_scores: dict[str, Reservoir] = field(default_factory=dict)
     domains: Counter[str] = field(default_factory=Counter)
@@ -105,7 +109,7 @@ class CorpusProfile:
     totals: dict[str, Any] = field(default_factory=dict)
     step_seconds: bool = False  # whether the step table came from stats.json (with seconds)
     notes: list[str] = field(default_factory=list)
-    max_unigram_tokens: int = MAX_UNIGRAM_TOKENS
+    max_vocabulary: int = MAX_VOCABULARY
     reservoir_size: int = RESERVOIR_SIZE
 
     def series(self, table: dict[str, Reservoir], key: str) -> Reservoir:
@@ -120,11 +124,27 @@ class CorpusProfile:
         self.words += len(words)
         self.series(self.scores, "length.words").add(float(len(words)))
         self.series(self.scores, "length.chars").add(float(len(text)))
-        if self.unigram_tokens < self.max_unigram_tokens:
-            tokens = unigrams(text)
-            self.unigrams.update(tokens)
-            self.unigram_tokens += len(tokens)
-            self.unigram_documents += 1
+        tokens = unigrams(text)
+        self.unigrams.update(tokens)
+        self.unigram_tokens += len(tokens)
+        if len(self.unigrams) > self.max_vocabulary:
+            self.prune()
+
+    def prune(self) -> None:
+        """Drop the rarest words until the table holds at most half of `max_vocabulary` (lossy
+        counting: a dropped word that comes back starts again from 0; frequent words never go)."""
+        floor = max(self.pruned_below, 2)
+        while len(self.unigrams) > self.max_vocabulary // 2:
+            self.unigrams = Counter({w: n for w, n in self.unigrams.items() if n >= floor})
+            self.pruned_below = floor
+            floor *= 2
+
+    def add_source(self, source: str, domain: Any) -> None:
+        if isinstance(domain, str):
+            self.domains[domain] += 1
+        if source not in self.sources and len(self.sources) >= MAX_SOURCES:
+            source = "(other)"
+        self.sources[source] += 1
 
 
 def _signals(detail: str) -> dict[str, float]:
@@ -155,9 +175,10 @@ def _lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
 
 
 def _note_caps(p: CorpusProfile) -> None:
-    if p.unigram_documents < p.documents:
-        p.notes.append(f"unigram counts cover the first {p.unigram_documents} of {p.documents} documents "
-                       f"(capped at about {p.max_unigram_tokens:,} words)")
+    if p.pruned_below:
+        p.notes.append(f"more than {p.max_vocabulary:,} distinct words: words seen fewer than {p.pruned_below} "
+                       "times at a time were pruned from the unigram table (the drift verdict does not change; "
+                       "the full-vocabulary JSD misses them)")
     sampled = sorted(k for k, r in {**p.scores, **p.removed_scores}.items() if r.sampled)
     if sampled:
         p.notes.append(f"histograms of {', '.join(sampled)} are drawn from a uniform sample of "
@@ -183,9 +204,11 @@ def _verdicts(p: CorpusProfile, provenance: Any, rebuild_steps: bool) -> None:
         reason, _, rest = detail.partition(": ")
         if row is not None:
             row.dropped[reason or "dropped"] += 1
-        if isinstance(score, int | float):  # quality's detail: "<rule>: <signal> <value> <op> <threshold>"
+        if isinstance(score, int | float):
+            # quality's detail: "<rule>: <signal> <value> <op> <threshold>"; other steps': by reason
             signal = rest.split(" ", 1)[0] if rest else ""
-            p.series(p.removed_scores, f"{step}.{signal or reason}").add(float(score))
+            key = f"{step}.{signal}" if f"{step}.{signal}" in p.scores else f"{step}.{reason or 'dropped'}"
+            p.series(p.removed_scores, key).add(float(score))
 
 
 def _steps_from_stats(stats: dict[str, Any]) -> dict[str, StepRow] | None:
@@ -205,7 +228,7 @@ def _steps_from_stats(stats: dict[str, Any]) -> dict[str, StepRow] | None:
 
 
 def read_run(run_dir: str | Path, reservoir_size: int = RESERVOIR_SIZE,
-             max_unigram_tokens: int = MAX_UNIGRAM_TOKENS) -> CorpusProfile:
+             max_vocabulary: int = MAX_VOCABULARY) -> CorpusProfile:
     """Profile a `lmforge data run` output directory: output.jsonl[.zst], rejects.jsonl, stats.json."""
     d = Path(run_dir)
     stats = read_json(d / "stats.json")
@@ -214,7 +237,7 @@ def read_run(run_dir: str | Path, reservoir_size: int = RESERVOIR_SIZE,
         raise DataError(f"{d} is not a finished pipeline run (needs stats.json and output.jsonl[.zst], written "
                         "by `lmforge data run`)")
     p = CorpusProfile(d.name or str(d), "run", totals=stats, reservoir_size=reservoir_size,
-                      max_unigram_tokens=max_unigram_tokens)
+                      max_vocabulary=max_vocabulary)
     from_stats = _steps_from_stats(stats)
     bad = 0
     for _, doc in _lines(outputs[0]):
@@ -223,9 +246,7 @@ def read_run(run_dir: str | Path, reservoir_size: int = RESERVOIR_SIZE,
             continue
         p.add_text(doc["text"])
         meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
-        if isinstance(meta.get("domain"), str):
-            p.domains[meta["domain"]] += 1
-        p.sources[str(doc.get("source", "?"))] += 1
+        p.add_source(str(doc.get("source", "?")), meta.get("domain"))
         _verdicts(p, doc.get("provenance"), from_stats is None)
     rejects = d / "rejects.jsonl"
     read_rejects: Counter[str] = Counter()
@@ -254,14 +275,14 @@ def read_run(run_dir: str | Path, reservoir_size: int = RESERVOIR_SIZE,
 
 
 def read_corpus(path: str | Path, reservoir_size: int = RESERVOIR_SIZE,
-                max_unigram_tokens: int = MAX_UNIGRAM_TOKENS, text_field: str = "text") -> CorpusProfile:
+                max_vocabulary: int = MAX_VOCABULARY, text_field: str = "text") -> CorpusProfile:
     """Profile a jsonl corpus of {"text": ...} (.jsonl, .gz, .zst). Documents without provenance get
     the quality step's signals measured here ("quality.<signal>"), so a raw corpus and a run
     compare on the same series."""
     f = Path(path)
     if not f.is_file():
         raise DataError(f"{f} not found (expected a pipeline run directory or a .jsonl corpus of {{\"text\": ...}})")
-    p = CorpusProfile(f.name, "corpus", reservoir_size=reservoir_size, max_unigram_tokens=max_unigram_tokens)
+    p = CorpusProfile(f.name, "corpus", reservoir_size=reservoir_size, max_vocabulary=max_vocabulary)
     bad = 0
     for _, doc in _lines(f):
         text = doc.get(text_field) if doc is not None else None
@@ -270,9 +291,7 @@ def read_corpus(path: str | Path, reservoir_size: int = RESERVOIR_SIZE,
             continue
         p.add_text(text)
         meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
-        if isinstance(meta.get("domain"), str):
-            p.domains[meta["domain"]] += 1
-        p.sources[str(doc.get("source", f.name))] += 1
+        p.add_source(str(doc.get("source", f.name)), meta.get("domain", doc.get("domain")))
         if doc.get("provenance"):
             _verdicts(p, doc["provenance"], False)
         else:

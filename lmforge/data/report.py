@@ -98,6 +98,9 @@ def _summary(p: CorpusProfile) -> str:
         dropped = sum(t.get("dropped", {}).values()) if isinstance(t.get("dropped"), dict) else 0
         cells = [("records read", t.get("records", "-")), ("kept", t.get("kept", p.documents)),
                  ("rejected on reading", rejected), ("dropped by steps", dropped)]
+        secs = t.get("seconds")
+        if isinstance(secs, int | float) and secs > 0 and isinstance(t.get("records"), int):
+            cells += [("seconds", f"{secs:,.1f}"), ("records/s", f"{t['records'] / secs:,.1f}")]
     else:
         cells = [("documents", p.documents)]
     cells += [("words in kept documents", p.words), ("distinct words", len(p.unigrams))]

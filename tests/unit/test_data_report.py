@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import itertools
 import json
 import math
 import random
@@ -209,12 +210,18 @@ def test_report_of_a_corpus_file_and_the_cli_handler(tmp_path, capsys):
     assert default_report_path(corpus) == tmp_path / "in.jsonl.report.html"
 
 
-def test_caps_are_reported(tmp_path):
-    out = _run(tmp_path)
-    p = read_run(out, reservoir_size=5, max_unigram_tokens=30)
-    assert p.unigram_documents < p.documents and len(p.scores["length.words"].values) == 5
-    assert any("unigram counts cover the first" in n for n in p.notes)
+def test_caps_are_reported_and_pruning_keeps_the_verdict(tmp_path):
+    p = read_run(_run(tmp_path), reservoir_size=5)
+    assert len(p.scores["length.words"].values) == 5 and p.scores["length.words"].seen == p.documents
     assert any("uniform sample of 5 values" in n for n in p.notes)
+    corpus = _write_jsonl(tmp_path / "s.jsonl", list(itertools.islice(iter_shakespeare(), 0, 600, 10)))
+    full, pruned = read_corpus(corpus), read_corpus(corpus, max_vocabulary=2000)
+    assert len(full.unigrams) > 5000 and len(pruned.unigrams) <= 2000 and pruned.pruned_below >= 2
+    assert pruned.unigram_tokens == full.unigram_tokens
+    assert any("were pruned from the unigram table" in n for n in pruned.notes)
+    for word, n in full.unigrams.most_common(100):  # frequent words keep (almost) their counts
+        assert 0.9 * n <= pruned.unigrams[word] <= n, word
+    assert compare_corpora(pruned, full).jsd < 0.002, compare_corpora(pruned, full).jsd
 
 
 def test_user_errors_are_one_line(tmp_path):
