@@ -21,11 +21,12 @@ from html import escape
 from pathlib import Path
 
 from lmforge.data.drift import DRIFT_THRESHOLD, DRIFT_VOCAB, DriftResult, compare_profiles
+from lmforge.data.errors import DataError
 from lmforge.data.profile import CorpusProfile, StepRow, profile_path
 from lmforge.data.report_plots import bar_chart, histograms
 from lmforge.storage.atomic import atomic_open
 
-__all__ = ["ReportResult", "cmd_data_report", "default_report_path", "write_report"]
+__all__ = ["ReportResult", "add_report_parser", "cmd_data_report", "default_report_path", "write_report"]
 
 CSS = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1300px; }
@@ -36,6 +37,7 @@ th { background: #f0f0f0; }
 .verdict { font-size: 20px; font-weight: bold; padding: 8px 12px; display: inline-block; border-radius: 4px; }
 .drift { background: #fdd; color: #900; } .nodrift { background: #dfd; color: #060; }
 .note { color: #555; font-size: 13px; }
+td.reasons { text-align: left; }
 img.plot { display: block; margin: 0.5em 0 1.5em 0; border: 1px solid #eee; }
 """
 
@@ -69,7 +71,7 @@ def _steps_table(steps: dict[str, StepRow]) -> str:
         reasons = ", ".join(f"{escape(k)}: {n:,}" for k, n in r.dropped.most_common(5)) or "-"
         share = f"{100 * removed / r.seen:.1f}%" if r.seen else "-"
         rows.append(f"<tr><td>{escape(name)}</td><td>{r.seen:,}</td><td>{r.kept:,}</td><td>{removed:,}</td>"
-                    f"<td>{share}</td><td>{reasons}</td><td>{_num(r.seconds, '{:,.3f}')}</td>"
+                    f"<td>{share}</td><td class=\"reasons\">{reasons}</td><td>{_num(r.seconds, '{:,.3f}')}</td>"
                     f"<td>{_num(r.docs_per_second)}</td></tr>")
     head = ("<tr><th>step</th><th>seen</th><th>kept</th><th>removed</th><th>removed %</th>"
             "<th>top reasons</th><th>seconds</th><th>docs/s</th></tr>")
@@ -162,6 +164,8 @@ def write_report(run_dir: str | Path, out_html: str | Path | None = None,
     """Profile `run_dir` (a run directory or a jsonl corpus), optionally compare it with
     `compare_to`, and write the HTML page (atomically) to `out_html` (default: see
     `default_report_path`)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise DataError(f"drift threshold {threshold} is outside [0, 1] (a Jensen-Shannon divergence in bits)")
     profile = profile_path(run_dir)
     other = profile_path(compare_to) if compare_to is not None else None
     if other is not None and other.name == profile.name:
@@ -185,9 +189,27 @@ def write_report(run_dir: str | Path, out_html: str | Path | None = None,
 
 def cmd_data_report(args: argparse.Namespace) -> int:
     """The CLI verb: write the report, print where, and the drift verdict when comparing."""
-    result = write_report(args.run, args.out, args.compare)
+    result = write_report(args.run, args.out, args.compare, getattr(args, "threshold", DRIFT_THRESHOLD))
     print(f"report: {result.path}")
     if result.drift is not None:
         d = result.drift
         print(f"unigram JSD {d.jsd:.4f} (threshold {d.threshold:g}): {d.verdict}")
     return 0
+
+
+def add_report_parser(data_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`lmforge data report ...` on the `data` verb's subparsers (cli.py's `dsub`): the arguments
+    live next to the handler, so cli.py needs one line."""
+    q = data_subparsers.add_parser("report", help="self-contained HTML report of a pipeline run (or a .jsonl "
+                                   "corpus): plots, per-step table, drift against --compare")
+    q.add_argument("run", metavar="RUN_DIR", help="a `data run` output_dir (stats.json, output.jsonl[.zst]) "
+                   "or a .jsonl corpus of {\"text\"}")
+    q.add_argument("--compare", metavar="OTHER", default=None,
+                   help="another run directory or .jsonl corpus: unigram JSD, score histograms, drift verdict")
+    q.add_argument("--out", metavar="FILE", default=None,
+                   help="the HTML file (default: RUN_DIR/report.html, or CORPUS.report.html)")
+    q.add_argument("--threshold", type=float, default=DRIFT_THRESHOLD,
+                   help=f"drift when the unigram JSD is above this (default {DRIFT_THRESHOLD:g}, measured: "
+                   "see lmforge/data/drift.py)")
+    q.set_defaults(func=cmd_data_report)
+    return q

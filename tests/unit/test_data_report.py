@@ -34,7 +34,7 @@ from lmforge.data.pipeline.config import parse_pipeline
 from lmforge.data.pipeline.executor import run_pipeline
 from lmforge.data.pipeline.steps import quality_signals
 from lmforge.data.profile import Reservoir, read_corpus, read_run
-from lmforge.data.report import cmd_data_report, default_report_path, write_report
+from lmforge.data.report import add_report_parser, cmd_data_report, default_report_path, write_report
 
 WORDS = ("the quick brown fox jumps over a lazy dog and then it is gone with the wind while "
          "seven old owls watch from an oak tree near river bank").split()
@@ -201,8 +201,11 @@ def test_report_is_one_self_contained_page_with_every_plot(tmp_path):
 def test_report_of_a_corpus_file_and_the_cli_handler(tmp_path, capsys):
     out = _run(tmp_path)
     corpus = tmp_path / "in.jsonl"
-    args = argparse.Namespace(run=str(corpus), compare=str(out), out=str(tmp_path / "r.html"))
-    assert cmd_data_report(args) == 0
+    parser = argparse.ArgumentParser(prog="lmforge data")
+    add_report_parser(parser.add_subparsers(dest="data_command", required=True))
+    args = parser.parse_args(["report", str(corpus), "--compare", str(out), "--out", str(tmp_path / "r.html")])
+    assert args.func is cmd_data_report and args.threshold == DRIFT_THRESHOLD
+    assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert f"report: {tmp_path / 'r.html'}" in printed and re.search(r"unigram JSD 0\.\d{4} \(threshold 0.05\): ", printed)
     html = (tmp_path / "r.html").read_text()
@@ -233,3 +236,5 @@ def test_user_errors_are_one_line(tmp_path):
         with pytest.raises(DataError, match=words) as e:
             write_report(target, tmp_path / "r.html")
         assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="outside"):
+        write_report(tmp_path / "blank.jsonl", tmp_path / "r.html", threshold=float("nan"))
