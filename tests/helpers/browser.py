@@ -194,14 +194,18 @@ def _devtools_port(user_dir: Path, proc: subprocess.Popen, timeout: float) -> in
 
 
 def _page_socket(port: int, timeout: float) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP(S)_PROXY
     deadline = time.monotonic() + timeout
     while True:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout) as r:
-            pages = [t for t in json.load(r) if t.get("type") == "page"]
+        try:
+            with opener.open(f"http://127.0.0.1:{port}/json/list", timeout=timeout) as r:
+                pages = [t for t in json.load(r) if t.get("type") == "page"]
+        except OSError:
+            pages = []
         if pages:
             return pages[0]["webSocketDebuggerUrl"]
         if time.monotonic() > deadline:
-            raise TimeoutError("chromium opened no page target")
+            raise TimeoutError(f"chromium listed no page target on port {port} within {timeout:.0f} s")
         time.sleep(0.1)
 
 
@@ -235,6 +239,10 @@ def view_page(page: Path, width: int = 1300, height: int = 900, selector: str = 
             return PageView(_console_errors(tools.events), base64.b64decode(shot["data"]), boxes)
         finally:
             tools.close()
+    except Exception as e:
+        log.flush()
+        tail = Path(log.name).read_bytes()[-3000:].decode(errors="replace")
+        raise AssertionError(f"headless chromium failed: {e!r}\n--- chromium's log (end) ---\n{tail}") from e
     finally:
         proc.terminate()
         try:
