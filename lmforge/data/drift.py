@@ -146,7 +146,9 @@ def compare_profiles(a: CorpusProfile, b: CorpusProfile, threshold: float = DRIF
     distances = {k: histogram_distance(a.scores[k].values, b.scores[k].values) for k in shared}
     notes = [f"{p.name}: {n}" for p in (a, b) for n in p.notes]
     for p in (a, b):
-        if p.unigram_tokens < MIN_WORDS:
+        if p.unigram_tokens == 0:
+            notes.append(f"{p.name} has no words: the divergence is 1 by definition, not a measurement")
+        elif p.unigram_tokens < MIN_WORDS:
             notes.append(f"{p.name} has {p.unigram_tokens:,} words (< {MIN_WORDS:,}): sampling noise alone can "
                          f"exceed the threshold")
     sizes = {p.name: {"documents": p.documents, "words": p.words, "unigram_tokens": p.unigram_tokens,
