@@ -7,6 +7,8 @@ verified by exact Jaccard; shingle hashing in shingles.py); the pipeline's `near
 it. dup_injection.py plants near-duplicates of known Jaccard in a corpus, to score near-dedup
 (tests, bench/data_pipeline.py). erasure.py stores a pack's token files as k data + m parity
 Reed-Solomon pieces (data.erasure_k/m): the loader reads through up to m lost or corrupt pieces,
-`lmforge data verify --repair` rewrites them. Submodules are imported explicitly (no heavy
-imports here).
+`lmforge data verify --repair` rewrites them. report.py (`lmforge data report`) writes one
+self-contained HTML page about a pipeline run (profile.py: a streamed summary; report_plots.py:
+the plots) and its distribution shift against another run or corpus (drift.py). Submodules are
+imported explicitly (no heavy imports here).
 """

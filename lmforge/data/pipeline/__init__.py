@@ -13,7 +13,8 @@ Modules, one concern each:
 
 Not here yet (other parts of issue 12): deduplication (exact and near: `lmforge/data/near_dedup.py`
 is written separately and is not a step of this chain), language identification, domain tagging
-and mixing, distributed execution (Ray or several machines), erasure-coded outputs and run
-reports beyond `stats.json`. The pipeline's output is not yet chained into `data prepare`.
+and mixing, distributed execution (Ray or several machines), erasure-coded outputs. Run reports:
+`lmforge/data/report.py` (reads a finished run's outputs and `stats.json`). The pipeline's output
+is not yet chained into `data prepare`.
 Submodules are imported explicitly (pyarrow only when a parquet input is read).
 """
