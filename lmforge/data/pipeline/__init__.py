@@ -3,18 +3,19 @@ files) -> normalised, filtered documents with a provenance record per step, run 
 an interrupted run resumes where it stopped (`lmforge data run PIPELINE.toml`).
 
 Modules, one concern each:
-  document.py  the `Document` record, its provenance verdicts, the content hash
+  document.py  the `Document` record, its provenance verdicts (a dedup drop names what it repeats)
   readers.py   streaming readers; every bad input becomes a counted `Reject`, never a crash
-  steps.py     the `Step` base class and the steps: `normalize` (unicode + whitespace),
-               `quality` (heuristic filters, each drop naming its rule and value)
+  steps.py     the `Step` base class (per-step stats) and the steps: `normalize` (unicode +
+               whitespace), `quality` (heuristic filters, each drop naming its rule and value)
+  dedup.py     global steps, which must see every shard: `exact_dedup` (content hash, across runs
+               through an index file), `near_dedup` (MinHash + LSH, exact-Jaccard verified)
   writers.py   jsonl (optionally zstd) writers for kept documents and rejects, temp-then-rename
   config.py    the pipeline TOML -> `PipelineConfig`, refused in one line before any work
-  executor.py  deterministic shards, N worker processes, per-shard completion markers, the merge
+  executor.py  deterministic shards, stages cut at global steps, per-shard completion markers, merge
+  workers.py   where shard tasks run: in process, local processes, or Ray tasks
 
-Not here yet (other parts of issue 12): deduplication (exact and near: `lmforge/data/near_dedup.py`
-is written separately and is not a step of this chain), language identification, domain tagging
-and mixing, distributed execution (Ray or several machines), erasure-coded outputs. Run reports:
-`lmforge/data/report.py` (reads a finished run's outputs and `stats.json`). The pipeline's output
-is not yet chained into `data prepare`.
-Submodules are imported explicitly (pyarrow only when a parquet input is read).
+Packed tokens trace back through the corpus to a pipeline record with `lmforge data trace`
+(`data/trace.py`); `lmforge data report` describes a run (`data/report.py`).
+Submodules are imported explicitly (pyarrow only when a parquet input is read, ray only for
+executor = "ray").
 """

@@ -1,0 +1,105 @@
+"""Where packed tokens came from: a token range of a split -> the packed documents it touches ->
+their corpus lines -> (when the corpus is a pipeline's output) the source file, its line or row,
+the content hash and every step's verdict.
+
+Why it can be exact: the pack stores, per split, the token offset where each document starts
+(`<split>.idx.npy`) and the corpus line each document was (`<split>.docs.npy`); the corpus keeps
+the pipeline document's id, source and line; the pipeline's output keeps its provenance. Nothing
+is guessed from the text. `lmforge data trace DATA_DIR OFFSET [--length N] [--split train]`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmforge.data.errors import DataError
+from lmforge.data.files import read_json
+from lmforge.data.pipeline.document import content_hash
+
+__all__ = ["TracedDocument", "trace_tokens", "format_trace"]
+
+
+@dataclass
+class TracedDocument:
+    """One packed document overlapping the asked token range."""
+
+    split: str
+    index: int  # the document's position in the split
+    tokens: tuple[int, int]  # its [start, end) token offsets in the split (end excludes the end-of-text id)
+    corpus_line: int  # 1-based line of corpus.jsonl
+    id: str
+    source: str
+    locator: str
+    content_hash: str
+    text_start: str
+    pipeline: dict[str, Any] = field(default_factory=dict)  # source, offset, provenance of the pipeline record
+
+
+def _line(path: Path, number: int) -> str:
+    """Line `number` (1-based) of a text file, read by streaming (corpora are large)."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if n == number:
+                return line
+    raise DataError(f"{path} has fewer than {number} lines; the pack is older than this corpus: rerun "
+                    "`lmforge data prepare`")
+
+
+def _pipeline_record(data_dir: Path, locator: str) -> dict[str, Any]:
+    """The pipeline output record behind a corpus document, when the corpus was built from one
+    (`data.corpus` = a pipeline's output.jsonl; the locator is "output.jsonl:<line>")."""
+    meta = read_json(data_dir / "corpus.meta.json") or {}
+    spec = meta.get("inputs", {}).get("spec")
+    name, _, line = locator.rpartition(":")
+    if not spec or spec == "default" or not line.isdigit() or Path(spec).name != name or not Path(spec).is_file():
+        return {}
+    obj = json.loads(_line(Path(spec), int(line)))
+    if not isinstance(obj, dict) or "provenance" not in obj:
+        return {}
+    return {"file": spec, "line": int(line), "source": obj.get("source"), "offset": obj.get("offset"),
+            "id": obj.get("id"), "metadata": obj.get("metadata", {}), "provenance": obj["provenance"]}
+
+
+def trace_tokens(data_dir: Path | str, offset: int, length: int = 1, split: str = "train") -> list[TracedDocument]:
+    """The documents that tokens [offset, offset + length) of `split` belong to, in order."""
+    from lmforge.data.loader import TokenDataset  # the same manifest checks as training
+
+    data_dir = Path(data_dir)
+    ds = TokenDataset(data_dir, split)
+    if not 0 <= offset < ds.n_tokens or length < 1:
+        raise DataError(f"token range [{offset}, {offset + length}) of {split}: offset must be in "
+                        f"[0, {ds.n_tokens}) and length >= 1")
+    starts = np.load(data_dir / f"{split}.idx.npy", mmap_mode="r")
+    lines = np.load(data_dir / f"{split}.docs.npy", mmap_mode="r")
+    end = min(offset + length, ds.n_tokens)
+    first = int(np.searchsorted(starts, offset, side="right")) - 1
+    last = int(np.searchsorted(starts, end - 1, side="right")) - 1
+    out = []
+    for i in range(first, last + 1):
+        corpus_line = int(lines[i]) + 1
+        rec = json.loads(_line(data_dir / "corpus.jsonl", corpus_line))
+        out.append(TracedDocument(split, i, (int(starts[i]), int(starts[i + 1]) - 1), corpus_line, rec["id"],
+                                  rec["source"], rec["locator"], content_hash(rec["text"]),
+                                  rec["text"][:80], _pipeline_record(data_dir, rec["locator"])))
+    return out
+
+
+def format_trace(docs: list[TracedDocument]) -> list[str]:
+    """Human-readable lines, one block per document."""
+    lines = []
+    for d in docs:
+        lines.append(f"{d.split} document {d.index}: tokens [{d.tokens[0]}, {d.tokens[1]}) <- corpus.jsonl line "
+                     f"{d.corpus_line}: id {d.id}, source {d.source}, at {d.locator}, sha256 {d.content_hash[:16]}")
+        p = d.pipeline
+        if p:
+            lines.append(f"  pipeline output {p['file']}:{p['line']} <- {p['source']} line/row {p['offset']}")
+            for v in p["provenance"]:
+                score = "" if v.get("score") is None else f" score={v['score']:.4g}"
+                lines.append(f"    {v['step']}: {v['verdict']}{score} ({v['detail']})")
+        lines.append(f"  text: {d.text_start!r}")
+    return lines
