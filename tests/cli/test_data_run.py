@@ -79,3 +79,34 @@ def test_bad_pipeline_is_one_line_exit_2(tmp_path, change, expect):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("lmforge data run: config error") and expect in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_malformed_inputs_and_a_50mb_document_are_counted_and_the_run_finishes(tmp_path):
+    """Broken JSON, invalid UTF-8, empty documents and one 50 MB document in one file: each is a
+    reject with its reason, the good documents are kept, and the run's peak memory stays far below
+    the document's size (the oversized line is skipped, never held)."""
+    good = '{"text": "the quick brown fox is in the garden with the dog"}'
+    big = b'{"text": "' + b"lorem ipsum " * (50 * 2**20 // 12) + b'"}'
+    lines = [good.encode(), b'{"text": "broken', b'{"text": "bad \xc3\x28 utf-8"}', b'{"text": "  "}', big,
+             b"", good.replace("fox", "cat").encode(), b'{"text": ["a list"]}']
+    (tmp_path / "raw.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    toml = tmp_path / "pipeline.toml"
+    toml.write_text(PIPELINE.replace("min_words = 3", "min_words = 3\ndisable = [\"max_top_ngram_fraction\"]")
+                    + '\n[[steps]]\ntype = "exact_dedup"\n')
+    code = ("import resource, sys; from lmforge.cli import main; rc = main(sys.argv[1:]); "
+            "print('peak_kb', max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, "
+            "resource.RUSAGE_CHILDREN))); sys.exit(rc)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code, "data", "run", str(toml)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["records"] == 8 and stats["kept"] == 2
+    assert stats["rejected"] == {"empty_document": 2, "invalid_utf8": 1, "malformed_json": 1,
+                                 "non_string_text_field": 1, "oversized_document": 1}
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["offset"], r["reason"]) for r in rejects] == [
+        (2, "malformed_json"), (3, "invalid_utf8"), (4, "empty_document"), (5, "oversized_document"),
+        (6, "empty_document"), (8, "non_string_text_field")]
+    peak_mb = int(proc.stdout.split("peak_kb")[1].split()[0]) / 1024  # the largest of the main and worker processes
+    assert peak_mb < 400, peak_mb
