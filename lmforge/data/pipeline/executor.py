@@ -42,7 +42,7 @@ from lmforge.data.pipeline.dedup import (
     load_decisions,
     save_decisions,
 )
-from lmforge.data.pipeline.document import Document, Reject
+from lmforge.data.pipeline.document import Document, Reject, content_hash
 from lmforge.data.pipeline.readers import count_records, input_files, read_records, scan_jsonl, source_name
 from lmforge.data.pipeline.steps import Step, StepStats, build_steps
 from lmforge.data.pipeline.workers import shard_mapper
@@ -220,7 +220,8 @@ def run_shard(task: ShardTask) -> tuple[dict, bool]:
 
         def drop(doc: Document, reason: str, detail: str) -> None:
             stage = doc.provenance[-1].step if doc.provenance else "step"
-            rej.write(Reject(doc.id, doc.source, doc.offset, stage, reason, detail, tuple(doc.provenance)).as_json())
+            rej.write({**Reject(doc.id, doc.source, doc.offset, stage, reason, detail, tuple(doc.provenance)).as_json(),
+                       "content_sha256": content_hash(doc.text)})
             dropped[f"{stage}.{reason}"] += 1
 
         def documents() -> Iterator[Document]:
@@ -249,7 +250,9 @@ def run_shard(task: ShardTask) -> tuple[dict, bool]:
         for step in chain:
             docs = step.run(docs)
         for doc in docs:
-            kept.write(doc.as_json())
+            # the final output carries each document's content hash (its provenance record);
+            # earlier stages' outputs are only read back by the next stage
+            kept.write({**doc.as_json(), "content_sha256": content_hash(doc.text)} if task.last else doc.as_json())
             counts["kept"] += 1
     result = {"shard": task.shard.index, **counts, "rejected": dict(sorted(rejected.items())),
               "dropped": dict(sorted(dropped.items())), "steps": [[s.name, s.stats.as_json()] for s in chain]}
