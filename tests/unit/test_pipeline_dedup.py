@@ -16,6 +16,7 @@ from lmforge.config import ConfigError
 from lmforge.data.corpus import iter_shakespeare
 from lmforge.data.pipeline import dedup as dedup_mod
 from lmforge.data.pipeline.config import parse_pipeline
+from lmforge.data.pipeline.document import content_hash
 from lmforge.data.pipeline.executor import run_pipeline
 
 
@@ -89,12 +90,16 @@ def test_duplicates_dropped_across_shards_naming_the_kept_document(corpus):
     root, truth = corpus
     res = run_pipeline(_cfg(root, "out1"))
     drops = {r["id"]: r for r in _read(res.rejects)}
+    raw = {f"in/{f.name}:{n}": json.loads(line)["text"] for f in sorted((root / "in").iterdir())
+           for n, line in enumerate(f.read_text().splitlines(), 1)}
     for kind in ("exact", "near"):
         for dup, original in truth[kind].items():
             assert dup in drops, (kind, dup)
             verdict = drops[dup]["provenance"][-1]
             assert verdict["step"] == f"{kind}_dedup" and verdict["duplicate_of"] == original
     assert all(drops[d]["provenance"][-1]["score"] >= 0.8 for d in truth["near"])
+    assert all(r["content_sha256"] == content_hash(raw[r["id"]]) for r in drops.values())
+    assert all(d["content_sha256"] == content_hash(d["text"]) for d in _read(res.output))
     kept = {d["id"] for d in _read(res.output)}
     assert truth["far"] <= kept and len(drops) == len(truth["exact"]) + len(truth["near"])
     assert all([v["step"] for v in d["provenance"]] == ["normalize", "exact_dedup", "near_dedup"]
