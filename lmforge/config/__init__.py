@@ -12,12 +12,12 @@ from lmforge.config.job import (
     load_job_config,
 )
 from lmforge.config.loader import ConfigError, parse_override_args
-from lmforge.config.model import ModelConfig, MoEConfig
+from lmforge.config.model import ModelConfig, MoEConfig, RopeScalingConfig
 from lmforge.config.parallel import ParallelConfig
 from lmforge.config.train import TrainConfig
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "MetricsConfig", "ModelConfig", "MoEConfig",
-    "OptimizerConfig", "ParallelConfig", "SchedulerConfig", "StabilityConfig", "TokenizerConfig", "TrainConfig",
+    "OptimizerConfig", "ParallelConfig", "RopeScalingConfig", "SchedulerConfig", "StabilityConfig", "TokenizerConfig", "TrainConfig",
     "load_job_config", "parse_override_args",
 ]

@@ -72,6 +72,71 @@ class MoEConfig:
                     "must be 'softmax' with router = 'expert_choice'")
 
 
+RopeScalingType = Literal["none", "linear", "ntk", "dynamic", "yarn", "llama3"]
+
+
+@dataclass
+class RopeScalingConfig:
+    """Long-context RoPE scaling (issue 13): how the rotary frequencies of `model.rope_theta` are
+    changed so a model reaches past the length it was trained at. The math is
+    lmforge/models/common/rope.py (numerically that of transformers' modeling_rope_utils.py);
+    each type is Hugging Face's `rope_scaling` of the same name, except "ntk":
+
+    - "none": plain RoPE (the other fields are ignored).
+    - "linear": position interpolation, every frequency / factor.
+    - "ntk": static NTK-aware, theta' = theta * factor^(d / (d - 2)) (d = head dim): plain RoPE
+      with a larger base, so it is exported to HF as rope_theta' with no rope_scaling.
+    - "dynamic": HF's dynamic NTK: the "ntk" base with factor * L / original - (factor - 1) for
+      a sequence of L > original positions (computed per forward from the length it sees).
+    - "yarn": YaRN (Peng et al., 2023): per-frequency blend of interpolation and extrapolation
+      between beta_fast and beta_slow rotations, cos/sin scaled by the attention factor
+      (None: 0.1 * ln(factor) + 1, or the mscale / mscale_all_dim ratio, as DeepSeek writes it).
+    - "llama3": Llama 3.1 frequency scaling: long wavelengths / factor, short ones kept, a
+      smooth blend between original / low_freq_factor and original / high_freq_factor.
+
+    `original_max_seq_len` (HF `original_max_position_embeddings`; for "dynamic", HF
+    `max_position_embeddings`): the context length the model was trained at; None = model.max_seq_len.
+    """
+
+    type: RopeScalingType = "none"
+    factor: float = 1.0
+    original_max_seq_len: int | None = None
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn
+    mscale: float = 0.0  # yarn (0: unused)
+    mscale_all_dim: float = 0.0  # yarn (0: unused)
+    truncate: bool = True  # yarn: round the correction range outwards to whole dimensions (HF default)
+
+    def validate(self, section: str = "model.rope_scaling") -> None:
+        if self.type == "none":
+            return
+        require(math.isfinite(self.factor) and self.factor >= 1.0, f"{section}.factor", self.factor,
+                f"must be >= 1 with type = {self.type!r} (the context extension factor)")
+        if self.original_max_seq_len is not None:
+            require(self.original_max_seq_len > 0, f"{section}.original_max_seq_len", self.original_max_seq_len,
+                    "must be > 0 (None = model.max_seq_len)")
+        if self.type == "llama3":
+            require(self.low_freq_factor > 0, f"{section}.low_freq_factor", self.low_freq_factor, "must be > 0")
+            require(self.high_freq_factor > self.low_freq_factor, f"{section}.high_freq_factor",
+                    self.high_freq_factor, f"must be > low_freq_factor ({self.low_freq_factor})")
+        if self.type == "yarn":
+            require(self.beta_slow > 0, f"{section}.beta_slow", self.beta_slow, "must be > 0")
+            require(self.beta_fast > self.beta_slow, f"{section}.beta_fast", self.beta_fast,
+                    f"must be > beta_slow ({self.beta_slow})")
+            if self.attention_factor is not None:
+                require(self.attention_factor > 0, f"{section}.attention_factor", self.attention_factor,
+                        "must be > 0 (None = from factor and mscale)")
+            for n in ("mscale", "mscale_all_dim"):
+                require(getattr(self, n) >= 0, f"{section}.{n}", getattr(self, n), "must be >= 0 (0 = unused)")
+
+    def original_length(self, max_seq_len: int) -> int:
+        """The trained context length the scaling extends (`original_max_seq_len` or max_seq_len)."""
+        return self.original_max_seq_len if self.original_max_seq_len is not None else max_seq_len
+
+
 @dataclass
 class ModelConfig:
     """Llama-style decoder. `ffn_hidden=None` derives the SwiGLU width like Llama (8/3·dim, rounded)."""
@@ -86,6 +151,7 @@ class ModelConfig:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # long context (issue 13)
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -153,6 +219,9 @@ class ModelConfig:
         if self.ffn_dim_multiplier is not None:
             require(self.ffn_dim_multiplier > 0, f"{section}.ffn_dim_multiplier", self.ffn_dim_multiplier,
                     "must be > 0")
+        self.rope_scaling.validate(f"{section}.rope_scaling")
+        require(self.head_dim > 2 or self.rope_scaling.type not in ("ntk", "dynamic"), f"{section}.rope_scaling.type",
+                self.rope_scaling.type, "needs a head dim > 2 (NTK scales the base by factor^(d / (d - 2)))")
         self.moe.validate(f"{section}.moe")
         if self.moe.n_experts:
             require(self.moe.first_k_dense < self.n_layers, f"{section}.moe.first_k_dense", self.moe.first_k_dense,

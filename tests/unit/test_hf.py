@@ -195,8 +195,8 @@ def test_from_hf_config_reads_v4_and_v5_rope_keys():
 
 
 @pytest.mark.parametrize("change,key", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "yarn"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 8.0}}, "longrope"),  # the scalings we read: test_hf_rope.py
+    ({"rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4, "factor": 2.0}}, "proportional"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),

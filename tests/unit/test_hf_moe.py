@@ -209,7 +209,7 @@ def test_export_refuses_a_trained_selection_bias(tmp_path: Path):
     (qwen2_moe_config, {"shared_expert_intermediate_size": 30}, "shared_expert_intermediate_size"),
     (qwen2_moe_config, {"num_experts_per_tok": 1, "norm_topk_prob": True}, "norm_topk_prob"),
     (qwen2_moe_config, {"mlp_only_layers": [0, 1, 2, 3]}, "mlp_only_layers"),
-    (qwen2_moe_config, {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
+    (qwen2_moe_config, {"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "longrope"),
     (qwen2_moe_config, {"model_type": "deepseek_v3"}, "model_type"),
 ])
 def test_import_refuses_unsupported_options_in_one_line(make, change: dict, key: str):

@@ -21,7 +21,7 @@ from lmforge.interop.hf.base import HFFormatError, name_list
 from lmforge.interop.hf.io import read_hf_config, read_hf_weights
 from lmforge.interop.hf.llama import hf_name
 from lmforge.interop.hf.registry import from_hf_config, from_hf_state_dict
-from lmforge.models.common.rope import rope_cos_sin
+from lmforge.models.common.rope import rope_tables
 from lmforge.models.llama.model import Transformer
 from lmforge.models.registry import family_of
 from lmforge.storage.atomic import atomic_copy, atomic_dir, write_text_atomic
@@ -55,7 +55,7 @@ def import_hf(hf_dir: Path, device: torch.device | str = "cpu", dtype: torch.dty
         raise HFFormatError(f"{hf_dir}: weights do not fit: missing {name_list(leftover)}, "
                             f"unexpected {name_list(result.unexpected_keys)}")
     model.tie_weights()
-    cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, torch.device(device))
+    cos, sin = rope_tables(cfg, torch.device(device))
     model.rope_cos, model.rope_sin = cos, sin
     return model, cfg
 

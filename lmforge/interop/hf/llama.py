@@ -16,6 +16,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.interop.hf.base import HFAdapter, HFFormatError, checked_config, name_list, unwrapped_name
+from lmforge.interop.hf.rope_scaling import rope_fields, rope_hf_config
 from lmforge.tensors.dtypes import HF_NAMES
 
 # ours -> HF, for the names inside one transformer block.
@@ -47,8 +48,8 @@ HF_IGNORED_NAME = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 def decoder_hf_config(cfg: ModelConfig, eos_token_id: int | None, bos_token_id: int | None,
                       dtype: torch.dtype) -> dict[str, Any]:
     """The config.json keys every exported family shares (sizes, heads, norm, RoPE, tokens, dtype).
-    RoPE is written both as `rope_theta` (transformers 4.x) and as `rope_parameters` (5.x), so
-    either version reads it."""
+    RoPE is written both as `rope_theta` / `rope_scaling` (transformers 4.x) and as
+    `rope_parameters` (5.x), so either version reads it (rope_scaling.py)."""
     if dtype not in HF_NAMES:
         raise HFFormatError(f"export dtype {dtype} is not supported; allowed: {', '.join(HF_NAMES.values())}")
     return {
@@ -59,9 +60,7 @@ def decoder_hf_config(cfg: ModelConfig, eos_token_id: int | None, bos_token_id: 
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "max_position_embeddings": cfg.max_seq_len,
+        **rope_hf_config(cfg),  # rope_theta, rope_parameters, [rope_scaling], max_position_embeddings
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_dropout": 0.0,
@@ -74,23 +73,9 @@ def decoder_hf_config(cfg: ModelConfig, eos_token_id: int | None, bos_token_id: 
     }
 
 
-def _rope_settings(d: Mapping[str, Any]) -> tuple[list[str], float]:
-    """(RoPE types named, theta) from the 4.x keys (rope_theta, rope_scaling) and 5.x rope_parameters."""
-    types, theta = [], d.get("rope_theta")
-    for key in ("rope_parameters", "rope_scaling"):
-        params = d.get(key)
-        if not params:
-            continue
-        if not isinstance(params, Mapping) or any(isinstance(v, Mapping) for v in params.values()):
-            raise HFFormatError(f"config.json: {key} = {params!r}: only one global RoPE table is supported")
-        types.append(str(params.get("rope_type", params.get("type", "default"))))
-        theta = params.get("rope_theta", theta)
-    return types, float(theta if theta is not None else 10000.0)
-
-
 def decoder_fields(d: Mapping[str, Any], ffn_key: str = "intermediate_size") -> dict[str, Any]:
     """ModelConfig fields every supported family shares (sizes, heads, norm, RoPE, tying), checked:
-    refuses in one line RoPE scaling, other activations, a head_dim that is not hidden / heads.
+    refuses in one line RoPE types we do not compute, other activations, a head_dim that is not hidden / heads.
     The dense SwiGLU width is read from `ffn_key`."""
     def bad(key: str, allowed: str) -> HFFormatError:
         return HFFormatError(f"config.json: {key} = {d.get(key)!r}: {allowed}")
@@ -105,11 +90,6 @@ def decoder_fields(d: Mapping[str, Any], ffn_key: str = "intermediate_size") -> 
         raise bad("head_dim", f"only hidden_size / num_attention_heads ({dim // n_heads}) is supported")
     if d.get("hidden_act", "silu") not in ("silu", "swish"):
         raise bad("hidden_act", "only 'silu' (SwiGLU) is supported")
-    rope_types, theta = _rope_settings(d)
-    for rope_type in rope_types:
-        if rope_type != "default":
-            raise HFFormatError(f"config.json: RoPE type {rope_type!r} is not supported; only 'default' "
-                                "(no rope_scaling) can be imported")
     if d.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         raise bad("partial_rotary_factor", "only 1.0 (full rotary) is supported")
     n_kv = d.get("num_key_value_heads") or n_heads
@@ -121,8 +101,7 @@ def decoder_fields(d: Mapping[str, Any], ffn_key: str = "intermediate_size") -> 
         vocab_size=d["vocab_size"],
         ffn_hidden=d[ffn_key],
         norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        max_seq_len=int(d.get("max_position_embeddings", 2048)),
+        **rope_fields(d),  # rope_theta, rope_scaling, max_seq_len (lmforge/interop/hf/rope_scaling.py)
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         init_std=float(d.get("initializer_range", 0.02)),
     )

@@ -20,7 +20,7 @@ from lmforge.models.common.linear import Linear, MatmulKernels
 from lmforge.models.common.mlp import SwiGLU
 from lmforge.models.common.moe import MoE
 from lmforge.models.common.norms import RMSNorm
-from lmforge.models.common.rope import rope_cos_sin
+from lmforge.models.common.rope import dynamic_rope_length, rope_tables
 from lmforge.models.llama.tp_plan import tp_plan
 
 
@@ -68,7 +68,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i, self.kernels) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False, kernels=self.kernels)
-        cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)  # with model.rope_scaling (models/common/rope.py)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.tie_weights()
@@ -87,7 +87,7 @@ class Transformer(nn.Module):
         """(Re)initialise every parameter and the RoPE tables in place; call after `to_empty`."""
         self.tie_weights()  # `to_empty` may have split a tied pair into two tensors
         device = buffer_device or next(self.parameters()).device
-        cos, sin = rope_cos_sin(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device)
+        cos, sin = rope_tables(self.cfg, device)
         self.rope_cos, self.rope_sin = cos, sin
         std = self.cfg.init_std
         if self.tok_embeddings is not None:
@@ -109,8 +109,10 @@ class Transformer(nn.Module):
         # The tables from `start` on; each attention takes the length it sees. (A block's input
         # may be a slice of the sequence, e.g. under sequence parallelism after a pipeline
         # stage boundary, while its attention sees the whole sequence.)
-        cos = self.rope_cos[start:]
-        sin = self.rope_sin[start:]
+        cos, sin = self.rope_cos, self.rope_sin
+        if (length := dynamic_rope_length(self.cfg, start + seq)) is not None:  # "dynamic" NTK past its length
+            cos, sin = rope_tables(self.cfg, cos.device, length)
+        cos, sin = cos[start:], sin[start:]
         for layer in self.layers.values():
             h = layer(h, cos, sin, cache)
         if cache is not None:
