@@ -201,7 +201,7 @@ def test_from_hf_config_reads_v4_and_v5_rope_keys():
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"head_dim": 32}, "head_dim"),
-    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "model_type"),
+    ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "model_type"),
     ({"num_attention_heads": 5}, "num_attention_heads"),
     ({"hidden_size": "64"}, "hidden_size"),
 ])

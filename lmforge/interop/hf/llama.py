@@ -17,6 +17,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.interop.hf.base import HFAdapter, HFFormatError, checked_config, name_list, unwrapped_name
 from lmforge.interop.hf.rope_scaling import rope_fields, rope_hf_config
+from lmforge.interop.hf.sliding_window import model_layer_windows
 from lmforge.tensors.dtypes import HF_NAMES
 
 # ours -> HF, for the names inside one transformer block.
@@ -37,7 +38,11 @@ TOP_RENAMES = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# ours -> HF, for the q/k/v biases (Qwen2, Qwen2-MoE).
+ATTN_BIAS_RENAMES = {"attention.wq.bias": "self_attn.q_proj.bias", "attention.wk.bias": "self_attn.k_proj.bias",
+                     "attention.wv.bias": "self_attn.v_proj.bias"}
 LAYER_RENAMES_BACK = {v: k for k, v in LAYER_RENAMES.items()}
+ATTN_BIAS_RENAMES_BACK = {v: k for k, v in ATTN_BIAS_RENAMES.items()}
 TOP_RENAMES_BACK = {v: k for k, v in TOP_RENAMES.items()}
 OUR_LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
 HF_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -137,13 +142,32 @@ def our_parameters(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, family: str
 
 
 class LlamaAdapter(HFAdapter):
-    """Dense Llama: every parameter is a rename of one of ours."""
+    """Dense Llama: every parameter is a rename of one of ours. The dense families that extend it
+    (mistral.py: a sliding window; qwen2.py: q/k/v biases and windows on the upper layers)
+    override the config methods; the one dense state-dict reader takes biases when cfg has them."""
 
     model_type = "llama"
     architecture = "LlamaForCausalLM"
     display_name = "Llama"
     mixture_of_experts = False
     reads_architecture_alone = True
+
+    def export_refusal(self, cfg: ModelConfig) -> str | None:
+        why = [f"{what} ({self.display_name}: {hf})" for what, hf in self.refusals(cfg)]
+        return "no " + "; ".join(why) if why else None
+
+    def refusals(self, cfg: ModelConfig) -> list[tuple[str, str]]:
+        """(what cfg has, what the family has instead) for each setting the family cannot express."""
+        out = []
+        if cfg.qkv_bias:
+            out.append(("model.qkv_bias = true", "no bias"))
+        if any(model_layer_windows(cfg)):
+            out.append(("sliding-window layers", "full attention only"))
+        return out
+
+    def layer_renames(self, cfg: ModelConfig) -> dict[str, str]:
+        """Our in-block names -> this family's."""
+        return LAYER_RENAMES
 
     def to_hf_config(self, cfg: ModelConfig, eos_token_id: int | None, bos_token_id: int | None,
                      dtype: torch.dtype) -> dict[str, Any]:
@@ -163,19 +187,22 @@ class LlamaAdapter(HFAdapter):
     def to_hf_state_dict(self, sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
         """With tied embeddings HF stores no lm_head.weight, so it is dropped."""
         out: dict[str, torch.Tensor] = {}
-        for name, target, rest, t in our_parameters(sd, cfg, "Llama"):
+        renames = self.layer_renames(cfg)
+        for name, target, rest, t in our_parameters(sd, cfg, self.display_name):
             if rest is None:
                 out[target] = t
-            elif rest in LAYER_RENAMES:
-                out[f"{target}.{LAYER_RENAMES[rest]}"] = t
+            elif rest in renames:
+                out[f"{target}.{renames[rest]}"] = t
             else:
-                raise HFFormatError(f"parameter {name!r} has no Hugging Face Llama equivalent")
+                raise HFFormatError(f"parameter {name!r} has no Hugging Face {self.display_name} equivalent")
         return out
 
     def from_hf_state_dict(self, sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-        """Drops lm_head.weight when tied (some exports keep it) and stored rotary inv_freq buffers."""
+        """Drops lm_head.weight when tied (some exports keep it) and stored rotary inv_freq buffers;
+        reads q/k/v biases when `cfg.qkv_bias` (Qwen2)."""
         out: dict[str, torch.Tensor] = {}
         unknown = []
+        back = {**LAYER_RENAMES_BACK, **(ATTN_BIAS_RENAMES_BACK if cfg.qkv_bias else {})}
         for name, t in sd.items():
             if HF_IGNORED_NAME.search(name) or (cfg.tie_embeddings and name == "lm_head.weight"):
                 continue
@@ -183,10 +210,10 @@ class LlamaAdapter(HFAdapter):
                 out[TOP_RENAMES_BACK[name]] = t
                 continue
             m = HF_LAYER_NAME.match(name)
-            if m is None or m.group(2) not in LAYER_RENAMES_BACK:
+            if m is None or m.group(2) not in back:
                 unknown.append(name)
                 continue
-            out[f"layers.{m.group(1)}.{LAYER_RENAMES_BACK[m.group(2)]}"] = t
+            out[f"layers.{m.group(1)}.{back[m.group(2)]}"] = t
         if unknown:
-            raise HFFormatError(f"unexpected weights for a Llama model: {name_list(unknown)}")
+            raise HFFormatError(f"unexpected weights for a dense model: {name_list(unknown)}")
         return out

@@ -32,6 +32,7 @@ from lmforge.interop.hf.base import (
     name_list,
 )
 from lmforge.interop.hf.llama import (
+    ATTN_BIAS_RENAMES,
     HF_IGNORED_NAME,
     HF_LAYER_NAME,
     LAYER_RENAMES,
@@ -43,9 +44,6 @@ from lmforge.tensors.dtensor import gathered
 
 # HF projection name (either family) -> our SwiGLU weight name.
 PROJ_OURS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "w1": "w1", "w3": "w3", "w2": "w2"}
-# ours -> HF, for the q/k/v biases (Qwen2-MoE).
-ATTN_BIAS_RENAMES = {"attention.wq.bias": "self_attn.q_proj.bias", "attention.wk.bias": "self_attn.k_proj.bias",
-                     "attention.wv.bias": "self_attn.v_proj.bias"}
 # In-layer HF names after the Mixtral prefix `block_sparse_moe.` is read as `mlp.`.
 _HF_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 _HF_SHARED = re.compile(r"^mlp\.shared_expert\.(gate_proj|up_proj|down_proj)\.weight$")

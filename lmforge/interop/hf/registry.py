@@ -11,13 +11,18 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.interop.hf.base import HFAdapter, HFFormatError
 from lmforge.interop.hf.llama import LlamaAdapter
+from lmforge.interop.hf.mistral import MistralAdapter
 from lmforge.interop.hf.mixtral import MixtralAdapter
+from lmforge.interop.hf.qwen2 import Qwen2Adapter
 from lmforge.interop.hf.qwen2_moe import Qwen2MoeAdapter
 
 # One line per family. The order is the export preference: a model two families express exactly
-# is written as the first (an MoE model Mixtral expresses is never written as Qwen2-MoE).
+# is written as the first (an MoE model Mixtral expresses is never written as Qwen2-MoE; a dense
+# one is Llama unless it has sliding windows (Mistral) or q/k/v biases (Qwen2)).
 ADAPTERS: dict[str, HFAdapter] = {adapter.model_type: adapter for adapter in (
     LlamaAdapter(),
+    MistralAdapter(),
+    Qwen2Adapter(),
     MixtralAdapter(),
     Qwen2MoeAdapter(),
 )}
@@ -64,15 +69,15 @@ def _adapters_of_kind(cfg: ModelConfig) -> list[HFAdapter]:
 
 def to_hf_config(cfg: ModelConfig, eos_token_id: int | None = None, bos_token_id: int | None = None,
                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """config.json dict of the family `adapter_for_model` picks (Llama; Mixtral or Qwen2-MoE for an
-    MoE model); RoPE is written for transformers 4.x and 5.x alike."""
+    """config.json dict of the family `adapter_for_model` picks (Llama, Mistral or Qwen2; Mixtral or
+    Qwen2-MoE for an MoE model); RoPE is written for transformers 4.x and 5.x alike."""
     return adapter_for_model(cfg).to_hf_config(cfg, eos_token_id, bos_token_id, dtype)
 
 
 def from_hf_config(d: Mapping[str, Any]) -> ModelConfig:
     """ModelConfig from a config.json dict of a registered family. Refuses, in one line, what our
-    model cannot represent (RoPE scaling, biases, other activations, a head_dim that is not
-    hidden/heads, other families)."""
+    model cannot represent (RoPE types we do not compute, biases Llama lacks, other activations,
+    a head_dim that is not hidden/heads, other families)."""
     return adapter_for_hf_config(d).from_hf_config(d)
 
 
