@@ -87,7 +87,9 @@ class RopeScalingConfig:
     - "ntk": static NTK-aware, theta' = theta * factor^(d / (d - 2)) (d = head dim): plain RoPE
       with a larger base, so it is exported to HF as rope_theta' with no rope_scaling.
     - "dynamic": HF's dynamic NTK: the "ntk" base with factor * L / original - (factor - 1) for
-      a sequence of L > original positions (computed per forward from the length it sees).
+      a sequence of L > original positions, computed per forward from the length the model's
+      forward sees (with a KV cache: cached keys keep their rotation, as in HF). An inference
+      scheme: a later pipeline stage under sequence parallelism sees a slice, not L.
     - "yarn": YaRN (Peng et al., 2023): per-frequency blend of interpolation and extrapolation
       between beta_fast and beta_slow rotations, cos/sin scaled by the attention factor
       (None: 0.1 * ln(factor) + 1, or the mscale / mscale_all_dim ratio, as DeepSeek writes it).

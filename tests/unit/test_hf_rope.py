@@ -19,7 +19,7 @@ from lmforge.interop.hf.exporter import export_hf
 from lmforge.interop.hf.importer import import_hf
 from lmforge.interop.hf.registry import from_hf_config, to_hf_config
 from lmforge.models.common.rope import rope_tables
-from lmforge.models.llama import SIZES
+from lmforge.models.llama import SIZES, build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -152,8 +152,6 @@ def test_static_ntk_exports_as_a_larger_base(tmp_path: Path):
     factor is the same."""
     base = replace(SIZES["debug"], max_seq_len=MAX_POSITIONS)  # head dim 16
     cfg = replace(base, rope_scaling=RopeScalingConfig(type="ntk", factor=4.0))
-    from lmforge.models.llama import build_model
-
     model = build_model(cfg, seed=0).eval()
     out = export_hf(model, cfg, tmp_path / "hf")
     written = json.loads((out / "config.json").read_text())

@@ -72,16 +72,14 @@ def rope_fields(d: Mapping[str, Any]) -> dict[str, Any]:
     """ModelConfig fields rope_theta, rope_scaling and max_seq_len from a config.json dict (4.x
     rope_theta + rope_scaling, or 5.x rope_parameters; rope_scaling wins, as in transformers 5.x).
     Refuses, in one line, per-layer tables and types we do not compute."""
-    theta, params = d.get("rope_theta"), None
-    for key in ("rope_parameters", "rope_scaling"):  # the later one wins
+    for key in ("rope_parameters", "rope_scaling"):
         p = d.get(key)
-        if not p:
-            continue
-        if not isinstance(p, Mapping) or any(isinstance(v, Mapping) for v in p.values()):
+        if p and (not isinstance(p, Mapping) or any(isinstance(v, Mapping) for v in p.values())):
             raise HFFormatError(f"config.json: {key} = {p!r}: only one global RoPE table is supported")
-        params = {**(params or {}), **p}
-        theta = p.get("rope_theta", theta)
-    params = params or {}
+    # transformers 5.x: rope_scaling, when given, replaces rope_parameters whole; rope_theta inside
+    # the dict wins over the top-level key (4.x reads only rope_theta and rope_scaling).
+    params = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    theta = params.get("rope_theta", d.get("rope_theta"))
     max_positions = int(d.get("max_position_embeddings", 2048))
     hf_type = str(params.get("rope_type", params.get("type", "default")))
     if hf_type not in HF_TYPES:
