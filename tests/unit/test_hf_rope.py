@@ -218,3 +218,20 @@ def test_unsupported_hf_rope_settings_are_refused_in_one_line(change: dict, key:
     with pytest.raises(HFFormatError, match=key) as e:
         from_hf_config(d)
     assert "\n" not in str(e.value)
+
+
+def test_rope_backward_with_an_attention_factor_is_the_transpose():
+    """YaRN scales cos and sin: the rotation's hand-written backward (its transpose) stays exact."""
+    from lmforge.models.common.rope import apply_rope
+
+    cfg = replace(SIZES["debug"], max_seq_len=24,
+                  rope_scaling=RopeScalingConfig(type="yarn", factor=4.0, original_max_seq_len=8))
+    cos, sin = rope_tables(cfg)
+    assert cos.pow(2).add(sin.pow(2)).sqrt().sub(1 + 0.1 * torch.log(torch.tensor(4.0))).abs().max() < 1e-6
+    x = torch.randn(2, 24, 3, cfg.head_dim, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(x)
+    (ours,) = torch.autograd.grad(apply_rope(x, cos, sin), x, g)
+    c, s = cos[:, None, :].double(), sin[:, None, :].double()
+    x1, x2 = x.chunk(2, dim=-1)
+    (ref,) = torch.autograd.grad(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1), x, g)
+    assert torch.allclose(ours, ref, atol=1e-12)
