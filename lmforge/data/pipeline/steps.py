@@ -1,83 +1,24 @@
-"""Pipeline steps: the `Step` base class and the two steps so far, `normalize` and `quality`.
+"""Pipeline steps: the per-shard step registry `STEP_TYPES`, and the steps `normalize` and `quality`.
 
-Why a base class with a drop sink: every step must leave a verdict on every document it sees
-(kept: a "keep" verdict with its score; dropped: a "drop" verdict, and the document goes to the
-sink, which the executor writes to the rejects file), so no document ever vanishes unexplained.
-A new step: a config dataclass, a `Step` subclass with `process`, and one line in `STEP_TYPES`.
+The `Step` base class (with its drop sink: every document seen leaves a verdict) is in `base.py`,
+re-exported here. A new step: a config dataclass, a `Step` subclass with `process` (in its own
+module when it is more than a few lines), and one line in `STEP_TYPES`.
 """
 
 from __future__ import annotations
 
 import re
-import time
 import unicodedata
-from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from lmforge.config.loader import ConfigError
-from lmforge.data.pipeline.document import Document, Verdict
+from lmforge.data.pipeline.base import DropSink, Step, StepStats
+from lmforge.data.pipeline.document import Document
 
 __all__ = ["STEP_TYPES", "DropSink", "StepStats", "NormalizeConfig", "NormalizeStep", "QualityConfig", "QualityStep", "Step",
            "build_steps"]
-
-DropSink = Callable[[Document, str, str], None]  # (document, reason token, detail)
-
-
-class Step(ABC):
-    """One stage of the chain. `run` streams documents through `process`, which returns True to
-    keep the document (after `keep`) or False after `reject` has sent it to the drop sink."""
-
-    name: ClassVar[str]
-
-    def __init__(self, config: Any, drop: DropSink):
-        self.config = config
-        self._drop = drop
-        self.stats = StepStats()
-
-    def run(self, docs: Iterator[Document]) -> Iterator[Document]:
-        stats = self.stats
-        for doc in docs:
-            t0 = time.perf_counter()
-            kept = self.process(doc)
-            stats.seconds += time.perf_counter() - t0
-            stats.seen += 1
-            if kept:
-                stats.kept += 1
-                yield doc
-
-    @abstractmethod
-    def process(self, doc: Document) -> bool:
-        """Judge (and possibly rewrite) `doc`; call `keep` or `reject` exactly once."""
-
-    def keep(self, doc: Document, score: float | None, detail: str) -> bool:
-        doc.provenance.append(Verdict(self.name, "keep", score, detail))
-        return True
-
-    def reject(self, doc: Document, reason: str, score: float | None, detail: str,
-               duplicate_of: str | None = None) -> bool:
-        doc.provenance.append(Verdict(self.name, "drop", score, f"{reason}: {detail}", duplicate_of))
-        self.stats.dropped[reason] += 1
-        self._drop(doc, reason, detail)
-        return False
-
-
-@dataclass
-class StepStats:
-    """What one step did in one shard: documents seen and kept, drops per reason, and the seconds
-    spent in the step itself (not in the steps before it), for the run's throughput table."""
-
-    seen: int = 0
-    kept: int = 0
-    dropped: Counter[str] = field(default_factory=Counter)
-    seconds: float = 0.0
-
-    def as_json(self) -> dict[str, Any]:
-        return {"seen": self.seen, "kept": self.kept, "dropped": dict(sorted(self.dropped.items())),
-                "seconds": round(self.seconds, 6)}
-
 
 # ---------------------------------------------------------------- normalize
 
