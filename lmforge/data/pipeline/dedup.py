@@ -28,6 +28,7 @@ from lmforge.config.loader import ConfigError
 from lmforge.data.near_dedup import NearDedup, NearDedupConfig
 from lmforge.data.pipeline.base import Decisions, DecisionStep, GlobalStep, load_decisions, save_decisions
 from lmforge.data.pipeline.document import Document, content_hash
+from lmforge.data.pipeline.lm_score import LmScoreConfig, LmScoreGlobalStep
 from lmforge.storage.atomic import atomic_open
 
 __all__ = ["GLOBAL_STEP_TYPES", "Decisions", "DecisionStep", "ExactDedupConfig", "GlobalStep",
@@ -179,4 +180,5 @@ class NearDedupStep(GlobalStep):
 GLOBAL_STEP_TYPES: dict[str, tuple[type[GlobalStep], type]] = {
     "exact_dedup": (ExactDedupStep, ExactDedupConfig),
     "near_dedup": (NearDedupStep, NearDedupStepConfig),
+    "lm_score": (LmScoreGlobalStep, LmScoreConfig),  # with keep_top_fraction (`is_global`); else STEP_TYPES
 }

@@ -8,10 +8,11 @@ first): partial output is never taken as finished. Why the final output does not
 worker count: the shards are fixed by the plan (input files and record ranges, not timing) and
 are merged in shard order, so 1, 2 or 4 workers write identical bytes.
 
-Global steps (`exact_dedup`, `near_dedup`: `dedup.py`) cut the chain into stages. Stage 0 reads
-the inputs into `<out>/shards/`; a global step then reads every shard's output in shard order in
-one process and writes its decisions to `<out>/global/<k>-<step>/decisions.json` (atomic: its
-presence means done); stage k applies them shard by shard in `<out>/stages/<k>/`, followed by the
+Global steps (`exact_dedup`, `near_dedup`: `dedup.py`; `lm_score` with `keep_top_fraction`) cut
+the chain into stages. Stage 0 reads the inputs into `<out>/shards/`; a global step then reads
+every shard's output in shard order in one process and writes its decisions to
+`<out>/global/<k>-<step>/decisions.json` (atomic: its presence means done); stage k applies them
+shard by shard in `<out>/stages/<k>/` (the global step class's `decision_step`), followed by the
 stage's other steps. The last stage's shards are the output; every stage's rejects are merged.
 
 The plan is stored in `<out>/plan.json` with a fingerprint of the steps and the input files
@@ -157,7 +158,7 @@ def split_stages(steps: list[StepSpec]) -> list[Stage]:
     stages: list[Stage] = []
     local: list[StepSpec] = []
     for s in steps:
-        if s.type in GLOBAL_STEP_TYPES:
+        if s.type in GLOBAL_STEP_TYPES and getattr(s.options, "is_global", True):  # lm_score: by its options
             stages.append(Stage(len(stages), tuple(local), s))
             local = []
         else:
@@ -244,7 +245,9 @@ def run_shard(task: ShardTask) -> tuple[dict, bool]:
             decisions = load_decisions(task.decisions)
             if decisions is None:
                 raise DataError(f"{task.decisions} is missing or unreadable; delete {task.decisions.parent} and rerun")
-            chain.append(DecisionStep(decisions, drop))
+            step_cls = GLOBAL_STEP_TYPES.get(decisions.step, (None,))[0]
+            chain.append(step_cls.decision_step(decisions, task.decisions.parent, drop) if step_cls
+                         else DecisionStep(decisions, drop))
         chain += build_steps(list(task.steps), drop)
         docs: Iterator[Document] = documents()
         for step in chain:
