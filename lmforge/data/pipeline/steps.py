@@ -16,6 +16,7 @@ from typing import Any, Literal
 from lmforge.config.loader import ConfigError
 from lmforge.data.pipeline.base import DropSink, Step, StepStats
 from lmforge.data.pipeline.document import Document
+from lmforge.data.pipeline.lexicon import LexiconConfig, LexiconStep
 from lmforge.data.pipeline.lm_score import LmScoreConfig, LmScoreStep
 
 __all__ = ["STEP_TYPES", "DropSink", "StepStats", "NormalizeConfig", "NormalizeStep", "QualityConfig", "QualityStep", "Step",
@@ -181,6 +182,7 @@ STEP_TYPES: dict[str, tuple[type[Step], type]] = {
     "normalize": (NormalizeStep, NormalizeConfig),
     "quality": (QualityStep, QualityConfig),
     "lm_score": (LmScoreStep, LmScoreConfig),  # with max_perplexity; keep_top_fraction: GLOBAL_STEP_TYPES
+    "lexicon": (LexiconStep, LexiconConfig),
 }
 
 

@@ -1,0 +1,131 @@
+"""`lexicon`: drops documents with too many matches of configured terms (a harmful-content list).
+
+    [[steps]]
+    type = "lexicon"
+    lexicons = ["lists/slurs.txt"]   # files: one term or phrase a line, `#` starts a comment;
+                                     # relative to the TOML
+    terms = ["some phrase"]          # and/or inline terms
+    max_hits = 2                     # drop when more than this many matches
+    max_hit_ratio = 0.01             # and/or when matches per word exceed this
+
+Matching: case-insensitive, whole words only (a term never matches inside a longer word: "ass"
+does not match "class"), a phrase's spaces match any run of whitespace, and overlapping terms
+count once (the longest at each place). All terms are compiled into one regular expression shaped
+as a trie of their characters, so a document is scanned once whatever the number of terms (a
+flat alternation of thousands of terms would try each of them at every position). Every verdict's
+score is the number of matches; its detail gives the matches per word and the first few matched
+terms with their counts. No word list ships with lmforge: bring your own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.config.loader import ConfigError
+from lmforge.data.pipeline.base import DropSink, Step
+from lmforge.data.pipeline.document import Document
+
+__all__ = ["LexiconConfig", "LexiconStep", "compile_terms", "read_lexicon"]
+
+SHOWN = 5  # matched terms named in a verdict
+
+
+@dataclass(frozen=True)
+class LexiconConfig:
+    lexicons: list[str] = field(default_factory=list)
+    terms: list[str] = field(default_factory=list)
+    max_hits: int | None = None
+    max_hit_ratio: float | None = None
+
+    def validate(self, prefix: str, where: str | None) -> None:
+        for path in self.lexicons:
+            if not Path(path).is_file():
+                raise ConfigError(prefix + "lexicons", path, "is not a file", where)
+        if self.max_hits is None and self.max_hit_ratio is None:
+            raise ConfigError(prefix + "max_hits", None, "set max_hits and/or max_hit_ratio", where)
+        if self.max_hits is not None and self.max_hits < 0:
+            raise ConfigError(prefix + "max_hits", self.max_hits, "must be >= 0", where)
+        if self.max_hit_ratio is not None and self.max_hit_ratio < 0:
+            raise ConfigError(prefix + "max_hit_ratio", self.max_hit_ratio, "must be >= 0", where)
+        if not self.all_terms():
+            raise ConfigError(prefix + "terms", self.terms, "no terms: give lexicons files with terms and/or terms",
+                              where)
+
+    def resolve_paths(self, base: Path) -> LexiconConfig:
+        return dataclasses.replace(self, lexicons=[p if Path(p).is_absolute() else str(base / p)
+                                                   for p in self.lexicons])
+
+    def all_terms(self) -> list[str]:
+        """Every term, normalised (lower case, single spaces), sorted, without repeats."""
+        raw = [t for p in self.lexicons for t in read_lexicon(Path(p))] + list(self.terms)
+        return sorted({" ".join(t.lower().split()) for t in raw} - {""})
+
+
+def read_lexicon(path: Path) -> list[str]:
+    """A lexicon file's terms: one a line; blank lines and `#` comments (whole line or trailing) skipped."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            term = line.split("#", 1)[0].strip()
+            if term:
+                out.append(term)
+    return out
+
+
+def _trie_pattern(terms: list[str]) -> str:
+    trie: dict = {}
+    for t in terms:
+        node = trie
+        for ch in t:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict) -> str:
+        end = "" in node
+        branches = [(r"\s+" if ch == " " else re.escape(ch)) + emit(child)
+                    for ch, child in sorted(node.items()) if ch != ""]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return "(?:" + body + ")?" if end else body  # end: the longer term first, else this one
+
+    return emit(trie)
+
+
+def compile_terms(terms: list[str]) -> re.Pattern[str]:
+    """One case-insensitive pattern matching any term as whole words (no word character just
+    before or after the match)."""
+    return re.compile(r"(?<!\w)(?:" + _trie_pattern(terms) + r")(?!\w)", re.IGNORECASE)
+
+
+_PATTERNS: dict[tuple, re.Pattern[str]] = {}  # this process's compiled lexicons (steps are built per shard)
+
+
+class LexiconStep(Step):
+    name = "lexicon"
+
+    def __init__(self, config: LexiconConfig, drop: DropSink):
+        super().__init__(config, drop)
+        key = (tuple((p, Path(p).stat().st_mtime_ns) for p in config.lexicons), tuple(config.terms))
+        if key not in _PATTERNS:
+            _PATTERNS.clear()
+            _PATTERNS[key] = compile_terms(config.all_terms())
+        self._pattern = _PATTERNS[key]
+
+    def process(self, doc: Document) -> bool:
+        c: LexiconConfig = self.config
+        found = Counter(" ".join(m.group(0).lower().split()) for m in self._pattern.finditer(doc.text))
+        hits = sum(found.values())
+        ratio = hits / max(len(doc.text.split()), 1)
+        shown = ", ".join(f"{t!r} x{n}" for t, n in list(found.items())[:SHOWN])
+        more = f" (+{len(found) - SHOWN} more terms)" if len(found) > SHOWN else ""
+        detail = f"{hits} hits, {ratio:.4g} per word" + (f": {shown}{more}" if hits else "")
+        if c.max_hits is not None and hits > c.max_hits:
+            return self.reject(doc, "max_hits", float(hits), f"{detail} > max_hits {c.max_hits}")
+        if c.max_hit_ratio is not None and ratio > c.max_hit_ratio:
+            return self.reject(doc, "max_hit_ratio", float(hits), f"{detail} > max_hit_ratio {c.max_hit_ratio}")
+        return self.keep(doc, float(hits), detail)
