@@ -16,6 +16,7 @@ from typing import Any, Literal
 from lmforge.config.loader import ConfigError
 from lmforge.data.pipeline.base import DropSink, Step, StepStats
 from lmforge.data.pipeline.document import Document
+from lmforge.data.pipeline.eda import EdaConfig, EdaStep
 from lmforge.data.pipeline.lexicon import LexiconConfig, LexiconStep
 from lmforge.data.pipeline.lm_score import LmScoreConfig, LmScoreStep
 
@@ -183,6 +184,7 @@ STEP_TYPES: dict[str, tuple[type[Step], type]] = {
     "quality": (QualityStep, QualityConfig),
     "lm_score": (LmScoreStep, LmScoreConfig),  # with max_perplexity; keep_top_fraction: GLOBAL_STEP_TYPES
     "lexicon": (LexiconStep, LexiconConfig),
+    "eda": (EdaStep, EdaConfig),
 }
 
 
