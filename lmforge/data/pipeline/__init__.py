@@ -5,10 +5,18 @@ an interrupted run resumes where it stopped (`lmforge data run PIPELINE.toml`).
 Modules, one concern each:
   document.py  the `Document` record, its provenance verdicts (a dedup drop names what it repeats)
   readers.py   streaming readers; every bad input becomes a counted `Reject`, never a crash
-  steps.py     the `Step` base class (per-step stats) and the steps: `normalize` (unicode +
+  base.py      the `Step` base class (per shard, per-step stats) and `GlobalStep` (sees every
+               shard once; its `Decisions` are then applied per shard by a `DecisionStep`)
+  steps.py     the per-shard registry `STEP_TYPES` and the steps `normalize` (unicode +
                whitespace), `quality` (heuristic filters, each drop naming its rule and value)
-  dedup.py     global steps, which must see every shard: `exact_dedup` (content hash, across runs
-               through an index file), `near_dedup` (MinHash + LSH, exact-Jaccard verified)
+  dedup.py     the global registry `GLOBAL_STEP_TYPES`; global steps, which must see every shard:
+               `exact_dedup` (content hash, across runs through an index file), `near_dedup`
+               (MinHash + LSH, exact-Jaccard verified)
+  lm_score.py  `lm_score`: perplexity under an n-gram model trained on a reference set (`ngram.py`,
+               interpolated Kneser-Ney); `max_perplexity` per shard, or `keep_top_fraction` global
+  lexicon.py   `lexicon`: whole-word, case-insensitive term/phrase matches from lexicon files
+  eda.py       `eda`: Easy Data Augmentation copies (synonym replacement/insertion, swap,
+               deletion) emitted after each document, seeded by (seed, id)
   writers.py   jsonl (optionally zstd) writers for kept documents and rejects, temp-then-rename
   config.py    the pipeline TOML -> `PipelineConfig`, refused in one line before any work
   executor.py  deterministic shards, stages cut at global steps, per-shard completion markers, merge

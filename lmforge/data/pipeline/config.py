@@ -26,6 +26,13 @@ corpus differently from what the user wrote; every unknown key, step type or wro
     type = "exact_dedup"        # options: dedup.ExactDedupConfig (index = "hashes.jsonl": across runs)
     [[steps]]
     type = "near_dedup"         # options: dedup.NearDedupStepConfig (threshold = 0.8, bands = 16, ...)
+    [[steps]]
+    type = "lm_score"           # options: lm_score.LmScoreConfig (reference = "ref.jsonl", max_perplexity
+                                # = 500.0 per shard, or keep_top_fraction = 0.8 as a global step)
+    [[steps]]
+    type = "lexicon"            # options: lexicon.LexiconConfig (lexicons = ["terms.txt"], max_hits = 0)
+    [[steps]]
+    type = "eda"                # options: eda.EdaConfig (synonyms = "syn.txt", copies = 4, seed = 0, ...)
 """
 
 from __future__ import annotations

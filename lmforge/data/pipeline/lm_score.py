@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from lmforge.config.loader import ConfigError
+from lmforge.data.errors import DataError
 from lmforge.data.pipeline.base import Decisions, DecisionStep, DropSink, GlobalStep, Step
 from lmforge.data.pipeline.document import Document
 from lmforge.data.pipeline.ngram import DEFAULT_REFERENCES, NgramModel, load_model
@@ -150,6 +151,8 @@ class _ApplyTopFraction(DecisionStep):
     def __init__(self, decisions: Decisions, workdir: Path, drop: DropSink):
         super().__init__(decisions, drop)
         path = workdir / SCORES
+        if not path.is_file():
+            raise DataError(f"{path} is missing; delete {workdir} and rerun")
         key = f"{path}:{path.stat().st_mtime_ns}"
         if key not in _SCORES_CACHE:
             with open(path, encoding="utf-8") as f:
