@@ -13,6 +13,7 @@ import pytest
 
 from lmforge.config import ConfigError
 from lmforge.data.corpus import iter_kjv, iter_shakespeare
+from lmforge.data.errors import DataError
 from lmforge.data.pipeline import ngram
 from lmforge.data.pipeline.config import parse_pipeline
 from lmforge.data.pipeline.executor import run_pipeline
@@ -158,3 +159,15 @@ def test_bad_lm_score_options_are_one_line(corpus):
         with pytest.raises(ConfigError, match=message) as e:
             parse_pipeline(data, root, "test")
         assert "\n" not in str(e.value)
+
+
+def test_a_changed_reference_is_not_mixed_into_a_resumed_run(corpus, tmp_path):
+    root, texts = corpus
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts["held"][:3]))
+    (tmp_path / "ref.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts["ref"][:40]))
+    data = {"output_dir": "out", "inputs": [{"path": "in.jsonl"}],
+            "steps": [{"type": "lm_score", "reference": "ref.jsonl", "order": 2, "max_perplexity": 1e9}]}
+    assert run_pipeline(parse_pipeline(data, tmp_path, "test")).totals["kept"] == 3
+    (tmp_path / "ref.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts["ref"][40:80]))
+    with pytest.raises(DataError, match="different pipeline or of changed inputs"):
+        run_pipeline(parse_pipeline(data, tmp_path, "test"))

@@ -124,9 +124,15 @@ def _fingerprint(cfg: PipelineConfig) -> str:
             st = f.stat()
             files.append([str(f), st.st_size, st.st_mtime_ns])
     doc = {"inputs": [dataclasses.asdict(i) for i in cfg.inputs], "files": files,
-           "steps": [[s.type, dataclasses.asdict(s.options)] for s in cfg.steps],
+           "steps": [[s.type, dataclasses.asdict(s.options), *_inputs_of(s.options)] for s in cfg.steps],
            "docs_per_shard": cfg.docs_per_shard, "compress": cfg.compress, "max_chars": cfg.max_chars}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _inputs_of(options: Any) -> list[str]:
+    """A step's own input files' identity (`lm_score`'s reference), when the step names one."""
+    fp = getattr(options, "fingerprint", None)
+    return [fp()] if fp is not None else []
 
 
 def _load_or_plan(cfg: PipelineConfig, out: Path, fp: str) -> list[Shard]:

@@ -34,7 +34,7 @@ from lmforge.config.loader import ConfigError
 from lmforge.data.errors import DataError
 from lmforge.data.pipeline.base import Decisions, DecisionStep, DropSink, GlobalStep, Step
 from lmforge.data.pipeline.document import Document
-from lmforge.data.pipeline.ngram import DEFAULT_REFERENCES, NgramModel, load_model
+from lmforge.data.pipeline.ngram import DEFAULT_REFERENCES, NgramModel, fingerprint, load_model
 from lmforge.storage.atomic import atomic_open
 
 __all__ = ["LmScoreConfig", "LmScoreGlobalStep", "LmScoreStep"]
@@ -87,6 +87,11 @@ class LmScoreConfig:
         if self.cache_dir and not Path(self.cache_dir).is_absolute():
             out = dataclasses.replace(out, cache_dir=str(base / self.cache_dir))
         return out
+
+    def fingerprint(self) -> str:
+        """The model's identity (reference files' paths, sizes, mtimes; options): part of the run's
+        plan fingerprint, so a changed reference is not mixed into a resumed run."""
+        return fingerprint(self.reference, self.order, self.unit, self.min_count)
 
     def model(self) -> NgramModel:
         return load_model(self.reference, self.order, self.unit, self.min_count, self.cache_dir)
