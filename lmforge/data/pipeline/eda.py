@@ -102,6 +102,9 @@ def read_synonyms(path: Path, key: str = "synonyms", where: str | None = None) -
 
 
 def _core(token: str) -> tuple[str, str, str]:
+    """(leading punctuation, the word, trailing punctuation)."""
+    if token.isalnum():
+        return "", token, ""
     m = _CORE.match(token)
     assert m is not None
     return m.group(1), m.group(2), m.group(3)
@@ -109,15 +112,16 @@ def _core(token: str) -> tuple[str, str, str]:
 
 def synonym_replacement(words: list[str], n: int, table: dict[str, list[str]], rng: random.Random) -> tuple[list[str], int]:
     """Up to n distinct words that have synonyms, every occurrence replaced by one random synonym."""
-    candidates = sorted({_core(w)[1].lower() for w in words} & table.keys())
+    parts = [_core(w) for w in words]
+    keys = [core.lower() for _, core, _ in parts]
+    candidates = sorted(set(keys) & table.keys())
     rng.shuffle(candidates)
     out, changes = list(words), 0
     for word in candidates[:n]:
         syn = rng.choice(table[word])
-        for i, tok in enumerate(out):
-            pre, core, post = _core(tok)
-            if core.lower() == word:
-                out[i] = pre + syn + post
+        for i, key in enumerate(keys):
+            if key == word:
+                out[i] = parts[i][0] + syn + parts[i][2]
                 changes += 1
     return out, changes
 
@@ -125,7 +129,7 @@ def synonym_replacement(words: list[str], n: int, table: dict[str, list[str]], r
 def random_insertion(words: list[str], n: int, table: dict[str, list[str]], rng: random.Random) -> tuple[list[str], int]:
     """n times: a synonym of a random word that has one, inserted at a random position."""
     out, changes = list(words), 0
-    with_syn = [_core(w)[1].lower() for w in words if _core(w)[1].lower() in table]
+    with_syn = [key for key in (_core(w)[1].lower() for w in words) if key in table]
     if not with_syn:
         return out, 0
     for _ in range(n):
