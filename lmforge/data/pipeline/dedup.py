@@ -2,11 +2,12 @@
 `near_dedup` (MinHash + LSH, every candidate pair verified by exact Jaccard: `data/near_dedup.py`).
 
 Why these are "global" steps, unlike `normalize` or `quality`: whether a document is a duplicate
-depends on every other document, in every shard. The executor therefore runs them in two halves:
-`decide` sees the whole corpus once, in shard order, in one process, and writes its decisions
-(which ids to drop, and the id each one duplicates) to a file; then every shard applies them in
-parallel through `DecisionStep`, which leaves the same provenance verdicts as any other step. The
-decisions depend only on the documents and their order, never on the worker count or executor.
+depends on every other document, in every shard. The executor therefore runs them in two halves
+(global_steps.py): `decide` sees the whole corpus once, in shard order, in one process, and writes
+its decisions (which ids to drop, and the id each one duplicates) to a file; then every shard
+applies them in parallel through `DecisionStep`, which leaves the same provenance verdicts as any
+other step. The decisions depend only on the documents and their order, never on the worker count
+or executor. `GLOBAL_STEP_TYPES` also registers `domain` (domains.py), a global step that labels.
 
 Across runs: `exact_dedup` may name an `index` file of content hashes kept by earlier runs; a
 document whose hash is there is dropped as a duplicate of that run's document. The run adds its
@@ -19,81 +20,26 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
 
 from lmforge.config.loader import ConfigError
-from lmforge.data.files import read_json, write_json_atomic
 from lmforge.data.near_dedup import NearDedup, NearDedupConfig
 from lmforge.data.pipeline.document import Document, content_hash
-from lmforge.data.pipeline.steps import DropSink, Step
+from lmforge.data.pipeline.domains import DomainConfig, DomainStep
+from lmforge.data.pipeline.global_steps import (  # re-exported: the executor and tests import them from here
+    Decisions,
+    DecisionStep,
+    GlobalStep,
+    load_decisions,
+    save_decisions,
+)
 from lmforge.storage.atomic import atomic_open
 
 __all__ = ["GLOBAL_STEP_TYPES", "Decisions", "DecisionStep", "ExactDedupConfig", "GlobalStep",
-           "NearDedupStepConfig", "load_decisions"]
-
-
-@dataclass
-class Decisions:
-    """What a global step decided: `drops` maps a dropped id to (the id it duplicates, score,
-    detail); every other document is kept with `keep_detail`. `stats`: counts for stats.json."""
-
-    step: str
-    drops: dict[str, tuple[str, float | None, str]] = field(default_factory=dict)
-    keep_detail: str = "unique"
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-def save_decisions(path: Path, d: Decisions) -> None:
-    write_json_atomic(path, {"step": d.step, "keep_detail": d.keep_detail, "stats": d.stats,
-                             "drops": {k: list(v) for k, v in sorted(d.drops.items())}})
-
-
-def load_decisions(path: Path) -> Decisions | None:
-    """The decisions written by `save_decisions`, or None when the file is missing or partial."""
-    obj = read_json(path)
-    if obj is None or "drops" not in obj:
-        return None
-    return Decisions(obj["step"], {k: (v[0], v[1], v[2]) for k, v in obj["drops"].items()},
-                     obj["keep_detail"], obj["stats"])
-
-
-class GlobalStep(ABC):
-    """A step that must see the whole corpus before it can judge one document."""
-
-    name: ClassVar[str]
-
-    def __init__(self, config: Any, run_id: str):
-        self.config = config
-        self.run_id = run_id
-
-    @abstractmethod
-    def decide(self, docs: Iterable[Document], workdir: Path) -> Decisions:
-        """Read every document (in shard order) once; return which to drop. `workdir`: this
-        step's own directory in the run, for anything `finish_run` needs later (a resumed run
-        calls `finish_run` without calling `decide` again)."""
-
-    def finish_run(self, workdir: Path) -> None:  # noqa: B027 (most global steps have nothing to finish)
-        """Called once the whole run has finished (after the final merge)."""
-
-
-class DecisionStep(Step):
-    """Applies a global step's decisions inside a shard, with the global step's name."""
-
-    def __init__(self, decisions: Decisions, drop: DropSink):
-        super().__init__(decisions, drop)
-        self.name = decisions.step  # type: ignore[misc]  (an instance name: one class for every global step)
-
-    def process(self, doc: Document) -> bool:
-        hit = self.config.drops.get(doc.id)
-        if hit is None:
-            return self.keep(doc, None, self.config.keep_detail)
-        dup_of, score, detail = hit
-        return self.reject(doc, "duplicate", score, detail, duplicate_of=dup_of)
+           "NearDedupStepConfig", "load_decisions", "save_decisions"]
 
 
 # ---------------------------------------------------------------- exact
@@ -241,4 +187,5 @@ class NearDedupStep(GlobalStep):
 GLOBAL_STEP_TYPES: dict[str, tuple[type[GlobalStep], type]] = {
     "exact_dedup": (ExactDedupStep, ExactDedupConfig),
     "near_dedup": (NearDedupStep, NearDedupStepConfig),
+    "domain": (DomainStep, DomainConfig),  # labels, drops nothing: domains.py
 }
