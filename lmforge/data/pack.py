@@ -15,8 +15,9 @@ holds each domain's training documents as one contiguous range, domains in name 
 file, fingerprint, erasure piece and check above applies unchanged: one file, not one per domain),
 and the manifest lists them under the train split as "domains": [{name, start, tokens,
 documents}], the sizes the mixing weights come from (lmforge.data.mixing). Validation stays one
-file in corpus order, all domains together (its per-domain counts recorded the same way): the
-held-out loss is then comparable whatever the training weights, and the loader reads it in order.
+file in corpus order, all domains together: the
+held-out loss is then comparable whatever the training weights, and the loader reads it in order
+(its "domain_counts": tokens and documents per domain).
 
 With erasure coding on (`erasure=(k, m)`, data.erasure_k / erasure_m), each `<split>.bin` is kept
 only as k data + m parity pieces and a sidecar (`<split>.bin.piece000`..., `<split>.bin.ec.json`,
@@ -28,8 +29,9 @@ Documents are tokenized in pieces of bounded size cut at pre-token boundaries (i
 one huge document needs no more memory than many small ones.
 
 The validation split is a seeded random set of whole documents, never a cut inside one, so no
-validation text leaks into training. `prepare_data` chains the three stages; each is skipped when
-its output is already valid for its inputs.
+validation text leaks into training. `prepare_data` chains the stages (corpus, the default
+document pipeline for the default corpus: data/default_pipeline.py, tokenizer, pack); each is
+skipped when its output is already valid for its inputs.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import numpy as np
 from lmforge.config.job import DataConfig, TokenizerConfig
 from lmforge.data import erasure as ec
 from lmforge.data.corpus import prepare_corpus
+from lmforge.data.default_pipeline import prepare_pipeline
 from lmforge.data.errors import DataError
 from lmforge.data.files import atomic_open, fingerprint, read_json, sha256_file, write_json_atomic
 from lmforge.data.tokenizer import TextTokenizer, bounded_pieces, tokenizer_is_current, train_tokenizer
@@ -211,7 +214,7 @@ def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fra
         if split == "train" and train_domains:
             splits[split]["domains"] = train_domains
         if split == "val" and train_domains:
-            splits[split]["domains"] = _domain_counts(doc_rows["val"], lengths["val"], domains)
+            splits[split]["domain_counts"] = _domain_counts(doc_rows["val"], lengths["val"], domains)
         if erasure != (0, 0):  # the pieces replace the plain token file
             ec.encode_file(out_dir / f"{split}.bin", *erasure, stripe=stripe)
             (out_dir / f"{split}.bin").unlink()
@@ -275,6 +278,16 @@ def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig, log: Callable[[str],
             f"{n} documents of {src}" for src, n in sorted(c["invalid_utf8"].items()))
     log(f"data: corpus {corpus_path} {state}: {c['documents']} documents ({srcs}), "
         f"{c['chars'] / 1e6:.1f}M chars{skipped}")
+
+    if cfg.corpus == "default" and cfg.pipeline == "default":  # a user corpus goes in as it is
+        t0 = time.perf_counter()
+        p = prepare_pipeline(corpus_path, out / "pipeline")
+        state = "up to date" if p["skipped_stage"] else f"run in {time.perf_counter() - t0:.1f}s"
+        dropped = ", ".join(f"{n} {k}" for k, n in sorted(p["dropped"].items())) or "none"
+        doms = ", ".join(f"{d} {s['documents']} docs / {s['chars'] / 1e6:.2f}M chars" for d, s in sorted(p["domains"].items()))
+        log(f"data: pipeline {p['output']} {state}: {p['kept']} of {p['documents']} documents kept (dropped: "
+            f"{dropped}); domains: {doms}")
+        corpus_path = Path(p["output"])
 
     t0 = time.perf_counter()
     if tokenizer_is_current(corpus_path, tok_path, tok_cfg.vocab_size, tok_cfg.min_frequency):

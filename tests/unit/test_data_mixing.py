@@ -56,7 +56,7 @@ def test_pack_writes_one_contiguous_range_per_domain(pack: Path) -> None:
     for d in doms:
         inside = (offsets[:-1] >= d["start"]) & (offsets[:-1] < d["start"] + d["tokens"])
         assert inside.sum() == d["documents"] and {labels[r] for r in rows[inside]} == {d["name"]}
-    val = m["splits"]["val"]["domains"]  # one validation file, its per-domain counts recorded
+    val = m["splits"]["val"]["domain_counts"]  # one validation file, its per-domain counts recorded
     assert sum(d["documents"] for d in val) == m["splits"]["val"]["documents"]
 
 

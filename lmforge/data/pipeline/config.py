@@ -26,6 +26,9 @@ corpus differently from what the user wrote; every unknown key, step type or wro
     type = "exact_dedup"        # options: dedup.ExactDedupConfig (index = "hashes.jsonl": across runs)
     [[steps]]
     type = "near_dedup"         # options: dedup.NearDedupStepConfig (threshold = 0.8, bands = 16, ...)
+    [[steps]]
+    type = "domain"             # options: domains.DomainConfig: labels metadata["domain"], drops nothing
+    keywords = ["bible: god israel unto", "code: def return import"]  # or method = "kmeans", n_clusters = 3
 """
 
 from __future__ import annotations
