@@ -64,3 +64,13 @@ def test_a_rerun_with_unchanged_inputs_does_nothing(tiny_data_dir: Path) -> None
                  TokenizerConfig(vocab_size=512, min_frequency=2), log=lines.append)
     assert len(lines) == 4 and all(" up to date" in ln for ln in lines), lines
     assert (tiny_data_dir / "pipeline" / "output.jsonl").stat().st_mtime_ns == before
+
+
+def test_pipeline_none_packs_the_raw_corpus_without_domains(tmp_path: Path) -> None:
+    from lmforge.config import DataConfig, TokenizerConfig
+    from lmforge.data.pack import prepare_data
+
+    out = prepare_data(DataConfig(corpus="default", dir=str(tmp_path), max_documents=30, val_fraction=0.1,
+                                  pipeline="none"), TokenizerConfig(vocab_size=300), log=lambda *_: None)
+    m = json.loads((out / "manifest.json").read_text())
+    assert "domains" not in m["splits"]["train"] and not (out / "pipeline").exists()
