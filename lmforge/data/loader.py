@@ -21,6 +21,13 @@ A split stored as erasure pieces (lmforge.data.erasure) is read through its deco
 checked against their sha256 (re-hashed when size or mtime changed, as every pack file is), up to
 m missing or corrupt ones are rebuilt in memory with one warning line, so the tokens are exactly
 those of the plain pack. The loader never writes: `lmforge data verify --repair` rewrites pieces.
+
+Domain mixing (a pack whose train split records domains: contiguous token ranges, pack.py): with a
+`DomainSchedule` (lmforge.data.mixing) position p belongs to a domain and is that domain's k-th
+window (a pure function of p, so the state is still the one position); the domain's windows
+(stride seq_len inside its own range, never crossing into another domain) are read in a
+permutation seeded by (seed, domain, domain epoch), domain by domain epochs. Window ids are then
+numbered domain after domain (`domain_of` gives a window's domain).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch
 from lmforge.data.erasure import ErasureReader, TypedView, describe_bad
 from lmforge.data.errors import DataError
 from lmforge.data.files import read_json
+from lmforge.data.mixing import DomainSchedule
 from lmforge.data.verify import erasure_of, verify_pack
 
 STATE_VERSION = 2  # 2: adds "skip" (v1 states load with no skip ranges)
@@ -79,6 +87,9 @@ class TokenDataset:
             raise DataError(f"{problems[0]}; rerun `lmforge data prepare` to repack, or `lmforge data verify "
                             f"{self.dir}` for a full check")
         self.path = path
+        # name -> (first token, tokens) of each domain's contiguous range, in pack order (empty: no domains)
+        self.domains: dict[str, tuple[int, int]] = {
+            str(d["name"]): (int(d["start"]), int(d["tokens"])) for d in info.get("domains", [])}
         self.tokens: np.ndarray | TypedView
         if pieced:
             self.tokens = self._open_pieces(m["files"], want)
@@ -106,7 +117,10 @@ class TokenDataset:
 
     def window(self, index: int, seq_len: int) -> np.ndarray:
         """Tokens [index*seq_len, index*seq_len + seq_len + 1) as int64."""
-        start = index * seq_len
+        return self.window_at(index * seq_len, seq_len)
+
+    def window_at(self, start: int, seq_len: int) -> np.ndarray:
+        """Tokens [start, start + seq_len + 1) as int64."""
         return np.asarray(self.tokens[start:start + seq_len + 1], dtype=np.int64)
 
 
@@ -118,7 +132,8 @@ class DistributedTokenLoader:
     """
 
     def __init__(self, dataset: TokenDataset, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_world: int = 1, seed: int = 0, shuffle: bool = True, prefetch: bool = True):
+                 dp_world: int = 1, seed: int = 0, shuffle: bool = True, prefetch: bool = True,
+                 mixing: DomainSchedule | None = None, mixing_key: str = ""):
         if seq_len < 1 or micro_batch_size < 1:
             raise DataError(f"seq_len = {seq_len}, micro_batch_size = {micro_batch_size}: both must be >= 1")
         if not 0 <= dp_rank < dp_world:
@@ -128,6 +143,9 @@ class DistributedTokenLoader:
         self.dp_rank, self.dp_world = dp_rank, dp_world
         self.seed, self.shuffle = seed, shuffle
         self.n_windows = dataset.n_windows(seq_len)
+        self.mixing, self.mixing_key = mixing, mixing_key
+        if mixing is not None:
+            self._init_mixing(mixing)
         if self.n_windows < 1:
             raise DataError(f"{dataset.path}: the {dataset.split} split has {dataset.n_tokens} tokens, too few "
                             f"for one window of seq_len + 1 = {seq_len + 1}; lower train.seq_len or add data")
@@ -139,6 +157,56 @@ class DistributedTokenLoader:
         # One reader thread per loader: the next batch is read while the step runs (next_batch).
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lmforge-loader") if prefetch else None
         self._pending: tuple[tuple, Future] | None = None  # ((position, skips) it was read for, result)
+
+    def _init_mixing(self, mixing: DomainSchedule) -> None:
+        """Per-domain windows (inside each domain's token range) numbered domain after domain."""
+        ranges = list(self.dataset.domains.values())
+        if len(ranges) != mixing.n:
+            raise DataError(f"{self.dataset.dir}: the {self.dataset.split} split has {len(ranges)} domains, the "
+                            f"mixing weights name {mixing.n}; repack or fix data.domain_weights")
+        self._dom_start = np.array([s for s, _ in ranges], dtype=np.int64)
+        self._dom_windows = np.array([max(0, (n - 1) // self.seq_len) for _, n in ranges], dtype=np.int64)
+        self._dom_first = np.concatenate([[0], np.cumsum(self._dom_windows)]).astype(np.int64)
+        self.n_windows = int(self._dom_first[-1])
+        live = np.maximum(mixing.start, mixing.end) > 0
+        empty = [name for name, w, on in zip(self.dataset.domains, self._dom_windows, live) if on and w < 1]
+        if empty:
+            raise DataError(f"{self.dataset.dir}: domain {empty[0]} has a weight but too few tokens for one window "
+                            f"of seq_len + 1 = {self.seq_len + 1}; give it weight 0 or lower train.seq_len")
+        self._dom_perm: dict[int, tuple[int, np.ndarray]] = {}
+
+    def domain_of(self, windows: np.ndarray) -> np.ndarray:
+        """The domain index (pack order) of each window id (mixing only)."""
+        return np.searchsorted(self._dom_first, np.asarray(windows, dtype=np.int64), side="right") - 1
+
+    def _mixed_indices(self, pos: np.ndarray) -> np.ndarray:
+        assert self.mixing is not None
+        dom, k = self.mixing.locate(pos)
+        out = np.empty(len(pos), dtype=np.int64)
+        for d in np.unique(dom):
+            sel = dom == d
+            n = int(self._dom_windows[d])
+            epochs, offsets = k[sel] // n, k[sel] % n
+            local = offsets.copy()
+            if self.shuffle:
+                for e in np.unique(epochs):
+                    here = epochs == e
+                    local[here] = self._domain_perm(int(d), int(e))[offsets[here]]
+            out[sel] = self._dom_first[d] + local
+        return out
+
+    def _domain_perm(self, d: int, epoch: int) -> np.ndarray:
+        hit = self._dom_perm.get(d)
+        if hit is None or hit[0] != epoch:
+            hit = self._dom_perm[d] = (epoch, np.random.default_rng([self.seed, 1 + d, epoch]).permutation(
+                int(self._dom_windows[d])))
+        return hit[1]
+
+    def _token_start(self, window: int) -> int:
+        if self.mixing is None:
+            return window * self.seq_len
+        d = int(self.domain_of(np.array([window]))[0])
+        return int(self._dom_start[d] + (window - self._dom_first[d]) * self.seq_len)
 
     # -- the global stream -----------------------------------------------------------------------
 
@@ -152,6 +220,8 @@ class DistributedTokenLoader:
     def window_indices(self, start: int, count: int) -> np.ndarray:
         """Window indices at global positions [start, start + count)."""
         pos = np.arange(start, start + count, dtype=np.int64)
+        if self.mixing is not None:
+            return self._mixed_indices(pos)
         if not self.shuffle:
             return pos % self.n_windows
         epochs, offsets = pos // self.n_windows, pos % self.n_windows
@@ -202,7 +272,7 @@ class DistributedTokenLoader:
         position = self._after_skips(position, skips)
         start = position + self.dp_rank * m
         idx = self.window_indices(start, m)
-        windows = np.stack([self.dataset.window(int(i), self.seq_len) for i in idx])
+        windows = np.stack([self.dataset.window_at(self._token_start(int(i)), self.seq_len) for i in idx])
         if windows.size and windows.max() >= self.dataset.vocab_size:  # else an IndexError in the embedding
             raise DataError(f"{self.dataset.path}: token id {windows.max()} in window {idx[np.argmax(windows.max(1))]} "
                             f"is outside the vocabulary ({self.dataset.vocab_size} ids); run `lmforge data verify "
@@ -252,9 +322,13 @@ class DistributedTokenLoader:
         """Plain values, identical on every rank (nothing rank- or split-shape-specific); the skip
         ranges as one string "start:end,..." (a string keeps DCP from flattening a list whose
         length differs between save and load)."""
-        return {"version": STATE_VERSION, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
-                "n_windows": self.n_windows, "shuffle": int(self.shuffle),
-                "skip": ",".join(f"{lo}:{hi}" for lo, hi in self.skips)}
+        sd: dict[str, int | str] = {
+            "version": STATE_VERSION, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
+            "n_windows": self.n_windows, "shuffle": int(self.shuffle),
+            "skip": ",".join(f"{lo}:{hi}" for lo, hi in self.skips)}
+        if self.mixing is not None:  # only with mixing: states of unmixed runs keep their keys
+            sd["mixing"] = self.mixing_key
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
         """Continue at the saved global position. dp_world and micro_batch_size may differ from the
@@ -271,6 +345,10 @@ class DistributedTokenLoader:
             if saved[key] != mine[key]:
                 raise DataError(f"cannot resume the data loader: checkpoint has {key} = {saved[key]} but this run "
                                 f"has {mine[key]}; keep {what} as in the saved run to resume exactly")
+        if self.mixing is not None and str(sd.get("mixing", "")) != self.mixing_key:
+            raise DataError(f"cannot resume the data loader: checkpoint has domain mixing {sd.get('mixing', '')!r} "
+                            f"but this run has {self.mixing_key!r}; keep the data.domain_weights / "
+                            "mixing_temperature / curriculum of the saved run to resume exactly")
         if saved["position"] < 0:
             raise DataError(f"data loader state has position {saved['position']}: must be >= 0")
         try:

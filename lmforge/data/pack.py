@@ -10,6 +10,15 @@ Layout of `out_dir` (all written temp-then-rename; the manifest last, so its pre
                                 "files": a fingerprint (sha256, size, mtime) of every file above, checked
                                 when a pack is reused or opened (lmforge.data.verify)
 
+Domains: when the corpus lines carry `metadata.domain` (the pipeline's `domain` step), train.bin
+holds each domain's training documents as one contiguous range, domains in name order (so every
+file, fingerprint, erasure piece and check above applies unchanged: one file, not one per domain),
+and the manifest lists them under the train split as "domains": [{name, start, tokens,
+documents}], the sizes the mixing weights come from (lmforge.data.mixing). Validation stays one
+file in corpus order, all domains together: the
+held-out loss is then comparable whatever the training weights, and the loader reads it in order
+(its "domain_counts": tokens and documents per domain).
+
 With erasure coding on (`erasure=(k, m)`, data.erasure_k / erasure_m), each `<split>.bin` is kept
 only as k data + m parity pieces and a sidecar (`<split>.bin.piece000`..., `<split>.bin.ec.json`,
 lmforge.data.erasure): any m pieces may be lost or corrupt and the loader still reads the same
@@ -20,15 +29,18 @@ Documents are tokenized in pieces of bounded size cut at pre-token boundaries (i
 one huge document needs no more memory than many small ones.
 
 The validation split is a seeded random set of whole documents, never a cut inside one, so no
-validation text leaks into training. `prepare_data` chains the three stages; each is skipped when
-its output is already valid for its inputs.
+validation text leaks into training. `prepare_data` chains the stages (corpus, the default
+document pipeline for the default corpus: data/default_pipeline.py, tokenizer, pack); each is
+skipped when its output is already valid for its inputs.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,6 +49,7 @@ import numpy as np
 from lmforge.config.job import DataConfig, TokenizerConfig
 from lmforge.data import erasure as ec
 from lmforge.data.corpus import prepare_corpus
+from lmforge.data.default_pipeline import prepare_pipeline
 from lmforge.data.errors import DataError
 from lmforge.data.files import atomic_open, fingerprint, read_json, sha256_file, write_json_atomic
 from lmforge.data.tokenizer import TextTokenizer, bounded_pieces, tokenizer_is_current, train_tokenizer
@@ -69,17 +82,21 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-def _piece_batches(corpus_jsonl: Path) -> Iterator[list[tuple[int, str, bool]]]:
+def _piece_batches(corpus_jsonl: Path, domains: list[str]) -> Iterator[list[tuple[int, str, bool]]]:
     """(corpus row, piece of its text, last piece of the document?) in batches of about
     `_CHUNK_CHARS` characters: long documents are cut at pre-token boundaries
-    (tokenizer.bounded_pieces), so the Rust tokenizer never holds more than a batch at once."""
+    (tokenizer.bounded_pieces), so the Rust tokenizer never holds more than a batch at once.
+    Appends each row's domain (`metadata.domain` of a pipeline output line, else "") to `domains`."""
     batch: list[tuple[int, str, bool]] = []
     chars = 0
     with open(corpus_jsonl, encoding="utf-8") as f:
         for row, line in enumerate(f):
             try:
-                text = json.loads(line)["text"]
-            except (ValueError, KeyError, TypeError):
+                obj = json.loads(line)
+                text = obj["text"]
+                domains.append(str((obj.get("metadata") or {}).get("domain") or ""))
+                del obj
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise DataError(f"{corpus_jsonl}:{row + 1}: not a corpus line written by lmforge; delete it and "
                                 "rerun `lmforge data prepare`") from None
             del line
@@ -154,17 +171,23 @@ def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fra
     for split in SPLITS:
         _remove_pieces(out_dir, split)
 
-    lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
-    doc_rows: dict[str, list[int]] = {s: [] for s in SPLITS}
+    # Training documents go to one part file per domain ("": unlabelled), concatenated into
+    # train.bin in domain-name order below, so each domain is one contiguous token range.
+    lengths: dict[str, list[int]] = {"val": []}
+    doc_rows: dict[str, list[int]] = {"val": []}
+    domains: list[str] = []
     eos = np.array([tok.eos_id], dtype=dtype)
     doc_tokens, n_docs = 0, len(is_val)  # tokens so far of the document being packed (pieces)
-    with atomic_open(out_dir / "train.bin", "wb") as f_train, atomic_open(out_dir / "val.bin", "wb") as f_val:
-        files = {"train": f_train, "val": f_val}
-        for batch in _piece_batches(corpus_jsonl):
+    with ExitStack() as stack:
+        files = {"val": stack.enter_context(atomic_open(out_dir / "val.bin", "wb"))}
+        for batch in _piece_batches(corpus_jsonl, domains):
             for (row, _, last), ids in zip(batch, tok.encode_batch([piece for _, piece, _ in batch])):
                 if row >= n_docs:
                     raise DataError(f"{corpus_jsonl} changed while packing; rerun `lmforge data prepare`")
-                split = "val" if is_val[row] else "train"
+                split = "val" if is_val[row] else f"train.{domains[row]}"
+                if split not in files:
+                    files[split] = stack.enter_context(atomic_open(out_dir / f"{split}.part", "wb"))
+                    lengths[split], doc_rows[split] = [], []
                 arr = np.asarray(ids, dtype=np.int64)
                 if arr.size and arr.max() >= tok.vocab_size:  # a cast would silently wrap: refuse
                     raise DataError(f"{tokenizer_json}: produced id {arr.max()} >= vocab_size {tok.vocab_size}")
@@ -177,6 +200,8 @@ def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fra
                     doc_tokens = 0
     if sum(len(v) for v in lengths.values()) != n_docs:
         raise DataError(f"{corpus_jsonl} changed while packing; rerun `lmforge data prepare`")
+    parts = sorted(k for k in lengths if k != "val")
+    train_domains = _join_train_parts(out_dir, parts, lengths, doc_rows)
 
     splits = {}
     for split in SPLITS:
@@ -186,6 +211,10 @@ def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fra
                 np.save(f, arr)
         splits[split] = {"file": f"{split}.bin", "tokens": int(offsets[-1]), "documents": len(lengths[split]),
                          "sha256": sha256_file(out_dir / f"{split}.bin")}
+        if split == "train" and train_domains:
+            splits[split]["domains"] = train_domains
+        if split == "val" and train_domains:
+            splits[split]["domain_counts"] = _domain_counts(doc_rows["val"], lengths["val"], domains)
         if erasure != (0, 0):  # the pieces replace the plain token file
             ec.encode_file(out_dir / f"{split}.bin", *erasure, stripe=stripe)
             (out_dir / f"{split}.bin").unlink()
@@ -201,6 +230,36 @@ def pack_corpus(corpus_jsonl: Path, tokenizer_json: Path, out_dir: Path, val_fra
     }
     write_json_atomic(out_dir / MANIFEST, manifest)
     return {**manifest, "skipped": False, "repaired": problems[0] if problems else None}
+
+
+def _join_train_parts(out_dir: Path, parts: list[str], lengths: dict[str, list[int]],
+                      doc_rows: dict[str, list[int]]) -> list[dict]:
+    """train.bin from the per-domain part files (in `parts` order); `lengths["train"]` and
+    `doc_rows["train"]` in the same order. Returns the domains' ranges [{name, start, tokens,
+    documents}] (empty when the corpus has no domain labels)."""
+    lengths["train"], doc_rows["train"], ranges, start = [], [], [], 0
+    with atomic_open(out_dir / "train.bin", "wb") as f:
+        for part in parts:
+            with open(out_dir / f"{part}.part", "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+            (out_dir / f"{part}.part").unlink()
+            tokens = sum(lengths[part])
+            ranges.append({"name": part.split(".", 1)[1] or "unlabelled", "start": start, "tokens": tokens,
+                           "documents": len(lengths[part])})
+            start += tokens
+            lengths["train"] += lengths.pop(part)
+            doc_rows["train"] += doc_rows.pop(part)
+    return ranges if parts != ["train."] and parts else []
+
+
+def _domain_counts(rows: list[int], lengths: list[int], domains: list[str]) -> list[dict]:
+    out: dict[str, dict] = {}
+    for row, n in zip(rows, lengths):
+        d = out.setdefault(domains[row] or "unlabelled", {"name": domains[row] or "unlabelled", "tokens": 0,
+                                                            "documents": 0})
+        d["tokens"] += n
+        d["documents"] += 1
+    return [out[k] for k in sorted(out)]
 
 
 def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig, log: Callable[[str], None] = print) -> Path:
@@ -219,6 +278,16 @@ def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig, log: Callable[[str],
             f"{n} documents of {src}" for src, n in sorted(c["invalid_utf8"].items()))
     log(f"data: corpus {corpus_path} {state}: {c['documents']} documents ({srcs}), "
         f"{c['chars'] / 1e6:.1f}M chars{skipped}")
+
+    if cfg.corpus == "default" and cfg.pipeline == "default":  # a user corpus goes in as it is
+        t0 = time.perf_counter()
+        p = prepare_pipeline(corpus_path, out / "pipeline")
+        state = "up to date" if p["skipped_stage"] else f"run in {time.perf_counter() - t0:.1f}s"
+        dropped = ", ".join(f"{n} {k}" for k, n in sorted(p["dropped"].items())) or "none"
+        doms = ", ".join(f"{d} {s['documents']} docs / {s['chars'] / 1e6:.2f}M chars" for d, s in sorted(p["domains"].items()))
+        log(f"data: pipeline {p['output']} {state}: {p['kept']} of {p['documents']} documents kept (dropped: "
+            f"{dropped}); domains: {doms}")
+        corpus_path = Path(p["output"])
 
     t0 = time.perf_counter()
     if tokenizer_is_current(corpus_path, tok_path, tok_cfg.vocab_size, tok_cfg.min_frequency):

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from lmforge.config import ConfigError, JobConfig
 from lmforge.data.limits import cap_eval_batches, check_batch_fits_data
 from lmforge.data.loader import DistributedTokenLoader, TokenDataset
+from lmforge.data.mixing import Mixing, build_mixing
 from lmforge.data.pack import prepare_data
 from lmforge.data.tokenizer import TextTokenizer
 
@@ -40,17 +41,22 @@ class Loaders:
     train: DistributedTokenLoader
     val: DistributedTokenLoader
     eval_batches: int
+    mixing: Mixing | None = None  # the training domains' weights (None: the pack has no domains)
 
 
 def open_loaders(cfg: JobConfig, data_dir: Path, dp_rank: int, dp_world: int,
                  say: Callable[[str], None]) -> Loaders:
-    """The shuffled train loader and the in-order validation loader for this dp rank; refuses a
-    global batch the data cannot fill and caps the evaluation at what the validation split holds."""
-    train = DistributedTokenLoader(TokenDataset(data_dir, "train"), cfg.train.seq_len, cfg.train.micro_batch_size,
-                                   dp_rank, dp_world, seed=cfg.data.seed, shuffle=True)
+    """The shuffled train loader (sampling domains by their weights when the pack has domains)
+    and the in-order validation loader for this dp rank; refuses a global batch the data cannot
+    fill and caps the evaluation at what the validation split holds."""
+    train_set = TokenDataset(data_dir, "train")
+    mixing = build_mixing(train_set.domains, cfg.data, cfg.train.global_batch_size)
+    train = DistributedTokenLoader(train_set, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dp_world,
+                                   seed=cfg.data.seed, shuffle=True, mixing=mixing and mixing.schedule,
+                                   mixing_key=mixing.key if mixing else "")
     val = DistributedTokenLoader(TokenDataset(data_dir, "val"), cfg.train.seq_len, cfg.train.micro_batch_size,
                                  dp_rank, dp_world, seed=cfg.data.seed, shuffle=False)
     check_batch_fits_data(train.n_windows, cfg.train.global_batch_size, cfg.train.seq_len, str(data_dir))
     eval_batches = cap_eval_batches(val.n_windows, cfg.train.global_batch_size, cfg.train.eval_batches,
                                     say if cfg.train.eval_interval else lambda _: None)
-    return Loaders(train=train, val=val, eval_batches=eval_batches)
+    return Loaders(train=train, val=val, eval_batches=eval_batches, mixing=mixing)

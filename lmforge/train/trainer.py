@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -128,6 +128,9 @@ class Trainer:
         dp_rank, dp_world = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
         loaders = open_loaders(cfg, self.data_dir, dp_rank, dp_world, self._say)
         self.train_loader, self.val_loader, self.eval_batches = loaders.train, loaders.val, loaders.eval_batches
+        if loaders.mixing is not None:  # the header line, and config.json records what was sampled
+            self._say(f"domains: {loaders.mixing.description}")
+            self.cfg = cfg = replace(cfg, data=replace(cfg.data, mixing_resolved=loaders.mixing.description))
 
         self.ckpt = TieredCheckpoints(cfg.checkpoint, self.run_dir)
         # torchrun restarted the workers after a failure: continue from the newest valid checkpoint

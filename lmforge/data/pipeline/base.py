@@ -4,7 +4,9 @@ them without an import cycle.
 
 `Step` (per shard: `process(doc)` keeps or rejects each document), `StepStats` (its counts per
 shard), `GlobalStep` (sees the whole corpus once: `decide(docs, workdir) -> Decisions`) and
-`DecisionStep` (applies a global step's decisions inside a shard). Why a drop sink: every step
+`DecisionStep` (applies a global step's decisions inside a shard: a decision drops a document
+(deduplication: dedup.py) or labels it, `metadata[label_key] = value` with the verdict's score
+and detail (domain tagging: domains.py)). Why a drop sink: every step
 must leave a verdict on every document it sees (kept: a "keep" verdict with its score; dropped: a
 "drop" verdict, and the document goes to the sink, which the executor writes to the rejects file),
 so no document ever vanishes unexplained.
@@ -85,17 +87,25 @@ class StepStats:
 @dataclass
 class Decisions:
     """What a global step decided: `drops` maps a dropped id to (the id it duplicates, score,
-    detail); every other document is kept with `keep_detail`. `stats`: counts for stats.json."""
+    detail); every other document is kept with `keep_detail`, or, when it is in `labels`
+    (id -> (value, score, detail)), kept with that score and detail and `metadata[label_key] =
+    value`. `stats`: counts for stats.json."""
 
     step: str
     drops: dict[str, tuple[str, float | None, str]] = field(default_factory=dict)
     keep_detail: str = "unique"
     stats: dict[str, Any] = field(default_factory=dict)
+    label_key: str = ""
+    labels: dict[str, tuple[str, float | None, str]] = field(default_factory=dict)
 
 
 def save_decisions(path: Path, d: Decisions) -> None:
-    write_json_atomic(path, {"step": d.step, "keep_detail": d.keep_detail, "stats": d.stats,
-                             "drops": {k: list(v) for k, v in sorted(d.drops.items())}})
+    obj: dict[str, Any] = {"step": d.step, "keep_detail": d.keep_detail, "stats": d.stats,
+                           "drops": {k: list(v) for k, v in sorted(d.drops.items())}}
+    if d.label_key:
+        obj["label_key"] = d.label_key
+        obj["labels"] = {k: list(v) for k, v in sorted(d.labels.items())}
+    write_json_atomic(path, obj)
 
 
 def load_decisions(path: Path) -> Decisions | None:
@@ -104,7 +114,8 @@ def load_decisions(path: Path) -> Decisions | None:
     if obj is None or "drops" not in obj:
         return None
     return Decisions(obj["step"], {k: (v[0], v[1], v[2]) for k, v in obj["drops"].items()},
-                     obj["keep_detail"], obj["stats"])
+                     obj["keep_detail"], obj["stats"], obj.get("label_key", ""),
+                     {k: (v[0], v[1], v[2]) for k, v in obj.get("labels", {}).items()})
 
 
 class GlobalStep(ABC):
@@ -139,8 +150,14 @@ class DecisionStep(Step):
         self.name = decisions.step  # type: ignore[misc]  (an instance name: one class for every global step)
 
     def process(self, doc: Document) -> bool:
-        hit = self.config.drops.get(doc.id)
-        if hit is None:
-            return self.keep(doc, None, self.config.keep_detail)
-        dup_of, score, detail = hit
-        return self.reject(doc, "duplicate", score, detail, duplicate_of=dup_of)
+        d: Decisions = self.config
+        hit = d.drops.get(doc.id)
+        if hit is not None:
+            dup_of, score, detail = hit
+            return self.reject(doc, "duplicate", score, detail, duplicate_of=dup_of)
+        label = d.labels.get(doc.id) if d.label_key else None
+        if label is None:
+            return self.keep(doc, None, d.keep_detail)
+        value, score, detail = label
+        doc.metadata[d.label_key] = value
+        return self.keep(doc, score, detail)

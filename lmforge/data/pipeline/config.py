@@ -33,6 +33,9 @@ corpus differently from what the user wrote; every unknown key, step type or wro
     type = "lexicon"            # options: lexicon.LexiconConfig (lexicons = ["terms.txt"], max_hits = 0)
     [[steps]]
     type = "eda"                # options: eda.EdaConfig (synonyms = "syn.txt", copies = 4, seed = 0, ...)
+    [[steps]]
+    type = "domain"             # options: domains.DomainConfig: labels metadata["domain"], drops nothing
+    keywords = ["bible: god israel unto", "code: def return import"]  # or method = "kmeans", n_clusters = 3
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 `near_dedup` (MinHash + LSH, every candidate pair verified by exact Jaccard: `data/near_dedup.py`).
 
 Why these are "global" steps, unlike `normalize` or `quality`: whether a document is a duplicate
-depends on every other document, in every shard. The executor therefore runs them in two halves:
-`decide` sees the whole corpus once, in shard order, in one process, and writes its decisions
-(which ids to drop, and the id each one duplicates) to a file; then every shard applies them in
-parallel through `DecisionStep`, which leaves the same provenance verdicts as any other step. The
-decisions depend only on the documents and their order, never on the worker count or executor.
+depends on every other document, in every shard. The executor therefore runs them in two halves
+(base.py): `decide` sees the whole corpus once, in shard order, in one process, and writes
+its decisions (which ids to drop, and the id each one duplicates) to a file; then every shard
+applies them in parallel through `DecisionStep`, which leaves the same provenance verdicts as any
+other step. The decisions depend only on the documents and their order, never on the worker count
+or executor. `GLOBAL_STEP_TYPES` also registers `domain` (domains.py), a global step that labels.
 
 Across runs: `exact_dedup` may name an `index` file of content hashes kept by earlier runs; a
 document whose hash is there is dropped as a duplicate of that run's document. The run adds its
@@ -28,6 +29,7 @@ from lmforge.config.loader import ConfigError
 from lmforge.data.near_dedup import NearDedup, NearDedupConfig
 from lmforge.data.pipeline.base import Decisions, DecisionStep, GlobalStep, load_decisions, save_decisions
 from lmforge.data.pipeline.document import Document, content_hash
+from lmforge.data.pipeline.domains import DomainConfig, DomainStep
 from lmforge.data.pipeline.lm_score import LmScoreConfig, LmScoreGlobalStep
 from lmforge.storage.atomic import atomic_open
 
@@ -181,4 +183,5 @@ GLOBAL_STEP_TYPES: dict[str, tuple[type[GlobalStep], type]] = {
     "exact_dedup": (ExactDedupStep, ExactDedupConfig),
     "near_dedup": (NearDedupStep, NearDedupStepConfig),
     "lm_score": (LmScoreGlobalStep, LmScoreConfig),  # with keep_top_fraction (`is_global`); else STEP_TYPES
+    "domain": (DomainStep, DomainConfig),  # labels, drops nothing: domains.py
 }
