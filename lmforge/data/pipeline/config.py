@@ -26,6 +26,11 @@ corpus differently from what the user wrote; every unknown key, step type or wro
     type = "exact_dedup"        # options: dedup.ExactDedupConfig (index = "hashes.jsonl": across runs)
     [[steps]]
     type = "near_dedup"         # options: dedup.NearDedupStepConfig (threshold = 0.8, bands = 16, ...)
+    [[steps]]
+    type = "synthetic"          # options: synthetic.SyntheticConfig (human, machine, max_score | keep_top_fraction)
+    human = "reference.jsonl"
+    machine = "samples.jsonl"   # lmforge data sample RUN --reference reference.jsonl --out samples.jsonl
+    max_score = 0.5
 """
 
 from __future__ import annotations
@@ -75,10 +80,9 @@ _TOP = {"output_dir", "workers", "docs_per_shard", "compress", "max_chars", "inp
 
 def _step_types() -> dict[str, tuple[type, type]]:
     # imported here: the step modules import the config loader, not this module; no cycle at load
-    from lmforge.data.pipeline.dedup import GLOBAL_STEP_TYPES
-    from lmforge.data.pipeline.steps import STEP_TYPES
+    from lmforge.data.pipeline.registry import ALL_STEP_TYPES
 
-    return {**STEP_TYPES, **GLOBAL_STEP_TYPES}
+    return ALL_STEP_TYPES
 
 
 def parse_pipeline(data: dict[str, Any], base: Path, where: str) -> PipelineConfig:

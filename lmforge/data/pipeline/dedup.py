@@ -39,18 +39,22 @@ __all__ = ["GLOBAL_STEP_TYPES", "Decisions", "DecisionStep", "ExactDedupConfig",
 
 @dataclass
 class Decisions:
-    """What a global step decided: `drops` maps a dropped id to (the id it duplicates, score,
-    detail); every other document is kept with `keep_detail`. `stats`: counts for stats.json."""
+    """What a global step decided: `drops` maps a dropped id to (the id it duplicates or None,
+    score, detail), dropped with reason `reason`; every other document is kept with `keep_detail`
+    and its score in `scores` (None when absent). `stats`: counts for stats.json."""
 
     step: str
-    drops: dict[str, tuple[str, float | None, str]] = field(default_factory=dict)
+    drops: dict[str, tuple[str | None, float | None, str]] = field(default_factory=dict)
     keep_detail: str = "unique"
     stats: dict[str, Any] = field(default_factory=dict)
+    reason: str = "duplicate"
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 def save_decisions(path: Path, d: Decisions) -> None:
-    write_json_atomic(path, {"step": d.step, "keep_detail": d.keep_detail, "stats": d.stats,
-                             "drops": {k: list(v) for k, v in sorted(d.drops.items())}})
+    write_json_atomic(path, {"step": d.step, "keep_detail": d.keep_detail, "stats": d.stats, "reason": d.reason,
+                             "drops": {k: list(v) for k, v in sorted(d.drops.items())},
+                             "scores": dict(sorted(d.scores.items()))})
 
 
 def load_decisions(path: Path) -> Decisions | None:
@@ -59,7 +63,7 @@ def load_decisions(path: Path) -> Decisions | None:
     if obj is None or "drops" not in obj:
         return None
     return Decisions(obj["step"], {k: (v[0], v[1], v[2]) for k, v in obj["drops"].items()},
-                     obj["keep_detail"], obj["stats"])
+                     obj["keep_detail"], obj["stats"], obj.get("reason", "duplicate"), obj.get("scores", {}))
 
 
 class GlobalStep(ABC):
@@ -91,9 +95,9 @@ class DecisionStep(Step):
     def process(self, doc: Document) -> bool:
         hit = self.config.drops.get(doc.id)
         if hit is None:
-            return self.keep(doc, None, self.config.keep_detail)
+            return self.keep(doc, self.config.scores.get(doc.id), self.config.keep_detail)
         dup_of, score, detail = hit
-        return self.reject(doc, "duplicate", score, detail, duplicate_of=dup_of)
+        return self.reject(doc, self.config.reason, score, detail, duplicate_of=dup_of)
 
 
 # ---------------------------------------------------------------- exact

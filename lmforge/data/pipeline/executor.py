@@ -8,7 +8,7 @@ first): partial output is never taken as finished. Why the final output does not
 worker count: the shards are fixed by the plan (input files and record ranges, not timing) and
 are merged in shard order, so 1, 2 or 4 workers write identical bytes.
 
-Global steps (`exact_dedup`, `near_dedup`: `dedup.py`) cut the chain into stages. Stage 0 reads
+Global steps (`exact_dedup`, `near_dedup`: `dedup.py`; `synthetic`: `synthetic.py`) cut the chain into stages. Stage 0 reads
 the inputs into `<out>/shards/`; a global step then reads every shard's output in shard order in
 one process and writes its decisions to `<out>/global/<k>-<step>/decisions.json` (atomic: its
 presence means done); stage k applies them shard by shard in `<out>/stages/<k>/`, followed by the
@@ -35,15 +35,10 @@ from typing import Any
 from lmforge.data.errors import DataError
 from lmforge.data.files import read_json, write_json_atomic
 from lmforge.data.pipeline.config import PipelineConfig, StepSpec, load_pipeline_config
-from lmforge.data.pipeline.dedup import (
-    GLOBAL_STEP_TYPES,
-    DecisionStep,
-    GlobalStep,
-    load_decisions,
-    save_decisions,
-)
+from lmforge.data.pipeline.dedup import DecisionStep, GlobalStep, load_decisions, save_decisions
 from lmforge.data.pipeline.document import Document, Reject
 from lmforge.data.pipeline.readers import count_records, input_files, read_records, scan_jsonl, source_name
+from lmforge.data.pipeline.registry import GLOBAL_STEP_TYPES
 from lmforge.data.pipeline.steps import Step, StepStats, build_steps
 from lmforge.data.pipeline.workers import shard_mapper
 from lmforge.data.pipeline.writers import jsonl_writer
