@@ -7,23 +7,21 @@ them must learn style, not subject. The prompt is not part of the passage (`text
 continuation only, cut before a half word at the end); `reference_line` and `prompt_chars` say
 where the human continuation of the same prompt starts, for held-out evaluation
 (`data/synthetic.py: holdout_auroc`). Prompts all have the same token count, so they are
-generated in batches with the KV cache (`generate.py`); one seed gives the same file.
+generated in batches with the KV cache (`generate.py`); one seed and batch size give the same file.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.data.synthetic import read_jsonl_texts
-from lmforge.data.tokenizer import TextTokenizer
-from lmforge.serve.generate import GenerationError, check_sampling_args, generate, load_for_generation
 from lmforge.storage.atomic import atomic_open
 
-__all__ = ["SampleResult", "sample_passages"]
+__all__ = ["SampleResult", "add_sample_parser", "cmd_data_sample", "sample_passages"]
 
 PROMPT_SCAN_CHARS = 4000  # the prompt is cut from this much of a document's start
 
@@ -44,6 +42,11 @@ def sample_passages(source: Path, reference: Path, out: Path, n: int, *, prompt_
     """Write `n` passages sampled from the model at `source` (run dir, checkpoint or HF dir) to
     `out`, each continuing the start of a different reference document (chosen with `seed` among
     those of >= `min_chars` characters and more than `prompt_tokens` tokens)."""
+    # imported here: `add_sample_parser` runs at every CLI start, torch only when sampling
+    from lmforge.data.synthetic import read_jsonl_texts
+    from lmforge.data.tokenizer import TextTokenizer
+    from lmforge.serve.generate import GenerationError, check_sampling_args, generate, load_for_generation
+
     check_sampling_args(temperature, top_k, top_p)
     if n < 1 or prompt_tokens < 1 or max_new_tokens < 1 or batch_size < 1:
         raise GenerationError(f"n, prompt_tokens, max_new_tokens and batch_size must be >= 1 "
@@ -93,3 +96,44 @@ def sample_passages(source: Path, reference: Path, out: Path, n: int, *, prompt_
             if log is not None:
                 log(f"sampled {written}/{len(prompts)} passages")
     return SampleResult(Path(out), written, len(docs), chars / max(written, 1))
+
+
+def cmd_data_sample(args: argparse.Namespace) -> int:
+    """The CLI verb: write the samples, say where; with --auroc, the held-out detection AUROC."""
+    res = sample_passages(Path(args.source), Path(args.reference), Path(args.out), args.n,
+                          prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          min_chars=args.min_chars, text_field=args.text_field, device=args.device)
+    print(f"{res.samples} passages (mean {res.mean_chars:.0f} characters) from {res.eligible_documents} eligible "
+          f"reference documents -> {res.out}")
+    if args.auroc:
+        from lmforge.data.synthetic import holdout_auroc
+
+        print(holdout_auroc(Path(args.reference), res.out, text_field=args.text_field).line())
+    return 0
+
+
+def add_sample_parser(data_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`lmforge data sample ...` on the `data` verb's subparsers (cli.py's `dsub`): the arguments
+    live next to the handler, so cli.py needs one line."""
+    q = data_subparsers.add_parser("sample", help="sample passages from a model, prompted by reference document "
+                                   "starts, into a jsonl (the machine side of the `synthetic` pipeline step)")
+    q.add_argument("source", metavar="RUN", help="a run directory, checkpoint step directory or HF directory")
+    q.add_argument("--reference", required=True, metavar="JSONL",
+                   help="human reference documents (e.g. <data.dir>/corpus.jsonl); prompts are their starts")
+    q.add_argument("--out", required=True, metavar="JSONL", help="the samples file to write")
+    q.add_argument("--n", type=int, default=200, help="passages, one per reference document (default 200)")
+    q.add_argument("--prompt-tokens", type=int, default=16, help="tokens of each document's start as prompt")
+    q.add_argument("--max-new-tokens", type=int, default=96)
+    q.add_argument("--temperature", type=float, default=1.0)
+    q.add_argument("--top-k", type=int, default=None)
+    q.add_argument("--top-p", type=float, default=None)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--min-chars", type=int, default=800, help="reference documents shorter than this are not used")
+    q.add_argument("--text-field", default="text", help="the reference file's text field")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--auroc", action="store_true",
+                   help="then train the detector on half the samples and print its AUROC on the other half "
+                   "against held-out human passages of the same prompts and lengths")
+    q.set_defaults(func=cmd_data_sample)
+    return q

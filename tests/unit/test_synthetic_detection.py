@@ -6,6 +6,7 @@ passages of the same lengths and prompts; and the same on the main job's run whe
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import time
@@ -169,12 +170,12 @@ def tiny_model(tmp: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_samples_of_a_trained_model_are_detected_on_held_out_passages(tmp_path: Path) -> None:
-    from lmforge.serve.sample import sample_passages
+def test_samples_of_a_trained_model_are_detected_on_held_out_passages(tmp_path: Path, capsys) -> None:
+    from lmforge.serve.sample import add_sample_parser, sample_passages
 
     run_dir, reference = tiny_model(tmp_path)
     res = sample_passages(run_dir, reference, tmp_path / "samples.jsonl", 150, prompt_tokens=16, max_new_tokens=48,
-                          min_chars=600, batch_size=50, seed=0)
+                          min_chars=600, seed=0)
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert res.samples == len(rows) >= 140
     refs = reference.read_text().splitlines()
@@ -183,11 +184,17 @@ def test_samples_of_a_trained_model_are_detected_on_held_out_passages(tmp_path: 
         human = json.loads(refs[r["reference_line"] - 1])["text"]
         assert human.startswith(r["prompt"]) and r["prompt_chars"] == len(r["prompt"])
         assert r["text"] and not r["text"].startswith(r["prompt"])
-    again = sample_passages(run_dir, reference, tmp_path / "again.jsonl", 150, prompt_tokens=16, max_new_tokens=48,
-                            min_chars=600, batch_size=50, seed=0)
-    assert again.samples == res.samples and (tmp_path / "again.jsonl").read_text() == (tmp_path / "samples.jsonl").read_text()
+    # `lmforge data sample` (the handler cli.py registers), one seed: the same file
+    parser = argparse.ArgumentParser()
+    add_sample_parser(parser.add_subparsers())
+    args = parser.parse_args(["sample", str(run_dir), "--reference", str(reference), "--out", str(tmp_path / "again.jsonl"),
+                              "--n", "150", "--prompt-tokens", "16", "--max-new-tokens", "48", "--min-chars", "600",
+                              "--auroc"])
+    assert args.func(args) == 0
+    assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "samples.jsonl").read_text()
     result = holdout_auroc(reference, tmp_path / "samples.jsonl", test_fraction=0.5, seed=0)
     print(result.line())
+    assert capsys.readouterr().out.splitlines()[-2] == result.line()  # what --auroc printed
     assert result.test_machine >= 70 and result.test_human == result.test_machine
     assert result.auroc >= TARGET_AUROC, result.line()
 
