@@ -1,5 +1,6 @@
 """The `lmforge data` verbs that work on files alone (no recipe): run a document pipeline, verify
-or repair packed data, trace packed tokens to their sources, write a report. `data prepare`, which
+or repair packed data, trace packed tokens to their sources, write a report, sample passages from a
+model for the pipeline's `synthetic` step. `data prepare`, which
 reads a recipe, stays in cli.py with the other recipe verbs.
 
 Why a module of its own: cli.py holds the recipe plumbing and the one error handler; each verb
@@ -38,6 +39,7 @@ def cmd_data_trace(args: argparse.Namespace) -> int:
 def add_data_commands(dsub: argparse._SubParsersAction) -> None:
     """Add the file-only `data` verbs to the `data` verb's subparsers."""
     from lmforge.data.report import add_report_parser
+    from lmforge.serve.sample import add_sample_parser
 
     q = dsub.add_parser("verify", help="full check of packed data: sha256 of every file, token ids, index, erasure "
                         "pieces; exit 1 if invalid")
@@ -56,3 +58,4 @@ def add_data_commands(dsub: argparse._SubParsersAction) -> None:
     q.add_argument("--split", choices=("train", "val"), default="train")
     q.set_defaults(func=cmd_data_trace)
     add_report_parser(dsub)
+    add_sample_parser(dsub)

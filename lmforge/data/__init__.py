@@ -9,6 +9,8 @@ it. dup_injection.py plants near-duplicates of known Jaccard in a corpus, to sco
 Reed-Solomon pieces (data.erasure_k/m): the loader reads through up to m lost or corrupt pieces,
 `lmforge data verify --repair` rewrites them. report.py (`lmforge data report`) writes one
 self-contained HTML page about a pipeline run (profile.py: a streamed summary; report_plots.py:
-the plots) and its distribution shift against another run or corpus (drift.py). Submodules are
+the plots) and its distribution shift against another run or corpus (drift.py). synthetic.py is
+the synthetic-text detector of the pipeline's `synthetic` step (human reference vs model samples,
+which `lmforge/serve/sample.py` writes: this layer never loads a model). Submodules are
 imported explicitly (no heavy imports here).
 """

@@ -18,6 +18,9 @@ Modules, one concern each:
   lexicon.py   `lexicon`: whole-word, case-insensitive term/phrase matches from lexicon files
   eda.py       `eda`: Easy Data Augmentation copies (synonym replacement/insertion, swap,
                deletion) emitted after each document, seeded by (seed, id)
+  synthetic.py global step `synthetic`: P(machine-generated) of each document from a detector
+               trained per run on reference human text vs samples of a model (`lmforge data
+               sample`; the detector: `lmforge/data/synthetic.py`); `max_score` or `keep_top_fraction`
   writers.py   jsonl (optionally zstd) writers for kept documents and rejects, temp-then-rename
   config.py    the pipeline TOML -> `PipelineConfig`, refused in one line before any work
   executor.py  deterministic shards, stages cut at global steps, per-shard completion markers, merge

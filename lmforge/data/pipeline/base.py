@@ -86,22 +86,26 @@ class StepStats:
 
 @dataclass
 class Decisions:
-    """What a global step decided: `drops` maps a dropped id to (the id it duplicates, score,
-    detail); every other document is kept with `keep_detail`, or, when it is in `labels`
-    (id -> (value, score, detail)), kept with that score and detail and `metadata[label_key] =
-    value`. `stats`: counts for stats.json."""
+    """What a global step decided: `drops` maps a dropped id to (the id it duplicates or None,
+    score, detail), dropped with reason `reason`; every other document is kept with `keep_detail`
+    and its score in `scores` (None when absent), or, when it is in `labels` (id -> (value, score,
+    detail)), kept with that score and detail and `metadata[label_key] = value`. `stats`: counts
+    for stats.json."""
 
     step: str
-    drops: dict[str, tuple[str, float | None, str]] = field(default_factory=dict)
+    drops: dict[str, tuple[str | None, float | None, str]] = field(default_factory=dict)
     keep_detail: str = "unique"
     stats: dict[str, Any] = field(default_factory=dict)
     label_key: str = ""
     labels: dict[str, tuple[str, float | None, str]] = field(default_factory=dict)
+    reason: str = "duplicate"
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 def save_decisions(path: Path, d: Decisions) -> None:
-    obj: dict[str, Any] = {"step": d.step, "keep_detail": d.keep_detail, "stats": d.stats,
-                           "drops": {k: list(v) for k, v in sorted(d.drops.items())}}
+    obj: dict[str, Any] = {"step": d.step, "keep_detail": d.keep_detail, "stats": d.stats, "reason": d.reason,
+                           "drops": {k: list(v) for k, v in sorted(d.drops.items())},
+                           "scores": dict(sorted(d.scores.items()))}
     if d.label_key:
         obj["label_key"] = d.label_key
         obj["labels"] = {k: list(v) for k, v in sorted(d.labels.items())}
@@ -115,7 +119,8 @@ def load_decisions(path: Path) -> Decisions | None:
         return None
     return Decisions(obj["step"], {k: (v[0], v[1], v[2]) for k, v in obj["drops"].items()},
                      obj["keep_detail"], obj["stats"], obj.get("label_key", ""),
-                     {k: (v[0], v[1], v[2]) for k, v in obj.get("labels", {}).items()})
+                     {k: (v[0], v[1], v[2]) for k, v in obj.get("labels", {}).items()},
+                     obj.get("reason", "duplicate"), obj.get("scores", {}))
 
 
 class GlobalStep(ABC):
@@ -154,10 +159,10 @@ class DecisionStep(Step):
         hit = d.drops.get(doc.id)
         if hit is not None:
             dup_of, score, detail = hit
-            return self.reject(doc, "duplicate", score, detail, duplicate_of=dup_of)
+            return self.reject(doc, d.reason, score, detail, duplicate_of=dup_of)
         label = d.labels.get(doc.id) if d.label_key else None
         if label is None:
-            return self.keep(doc, None, d.keep_detail)
+            return self.keep(doc, d.scores.get(doc.id), d.keep_detail)
         value, score, detail = label
         doc.metadata[d.label_key] = value
         return self.keep(doc, score, detail)

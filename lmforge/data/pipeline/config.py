@@ -36,6 +36,11 @@ corpus differently from what the user wrote; every unknown key, step type or wro
     [[steps]]
     type = "domain"             # options: domains.DomainConfig: labels metadata["domain"], drops nothing
     keywords = ["bible: god israel unto", "code: def return import"]  # or method = "kmeans", n_clusters = 3
+    [[steps]]
+    type = "synthetic"          # options: synthetic.SyntheticConfig (human, machine, max_score | keep_top_fraction)
+    human = "reference.jsonl"
+    machine = "samples.jsonl"   # lmforge data sample RUN --reference reference.jsonl --out samples.jsonl
+    max_score = 0.5
 """
 
 from __future__ import annotations

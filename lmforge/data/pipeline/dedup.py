@@ -31,6 +31,7 @@ from lmforge.data.pipeline.base import Decisions, DecisionStep, GlobalStep, load
 from lmforge.data.pipeline.document import Document, content_hash
 from lmforge.data.pipeline.domains import DomainConfig, DomainStep
 from lmforge.data.pipeline.lm_score import LmScoreConfig, LmScoreGlobalStep
+from lmforge.data.pipeline.synthetic import SyntheticConfig, SyntheticStep
 from lmforge.storage.atomic import atomic_open
 
 __all__ = ["GLOBAL_STEP_TYPES", "Decisions", "DecisionStep", "ExactDedupConfig", "GlobalStep",
@@ -184,4 +185,5 @@ GLOBAL_STEP_TYPES: dict[str, tuple[type[GlobalStep], type]] = {
     "near_dedup": (NearDedupStep, NearDedupStepConfig),
     "lm_score": (LmScoreGlobalStep, LmScoreConfig),  # with keep_top_fraction (`is_global`); else STEP_TYPES
     "domain": (DomainStep, DomainConfig),  # labels, drops nothing: domains.py
+    "synthetic": (SyntheticStep, SyntheticConfig),  # P(machine-generated): synthetic.py
 }

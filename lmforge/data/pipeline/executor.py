@@ -8,7 +8,8 @@ first): partial output is never taken as finished. Why the final output does not
 worker count: the shards are fixed by the plan (input files and record ranges, not timing) and
 are merged in shard order, so 1, 2 or 4 workers write identical bytes.
 
-Global steps (`exact_dedup`, `near_dedup`: `dedup.py`; `lm_score` with `keep_top_fraction`) cut
+Global steps (`exact_dedup`, `near_dedup`: `dedup.py`; `lm_score` with `keep_top_fraction`;
+`synthetic`) cut
 the chain into stages. Stage 0 reads the inputs into `<out>/shards/`; a global step then reads
 every shard's output in shard order in one process and writes its decisions to
 `<out>/global/<k>-<step>/decisions.json` (atomic: its presence means done); stage k applies them
