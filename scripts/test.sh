@@ -3,5 +3,5 @@
 # Arguments go to pytest, e.g. tests/unit or -m "not cli" (markers in pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+bash scripts/setup_env.sh --test
 exec .venv/bin/python -m pytest -q "$@"
