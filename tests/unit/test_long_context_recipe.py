@@ -4,9 +4,13 @@ trains on CPU from packed data, document masking on; a few steps here."""
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
 from lmforge.config import load_job_config, parse_override_args
+from lmforge.models.llama import SIZES
 from lmforge.train.trainer import Trainer
 from tests.helpers.cli import read_metrics
 
@@ -15,11 +19,13 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny-long.toml"
 
 def test_recipe_is_long_windowed_and_document_masked() -> None:
     cfg = load_job_config(str(RECIPE))
+    assert asdict(cfg.model) == asdict(SIZES["tiny-long"])  # `lmforge sizes` lists it with its FLOPs
     assert cfg.train.seq_len == cfg.model.max_seq_len == 4096
     assert cfg.model.attention.layers == ["window"] and cfg.model.attention.window == 256
     assert cfg.model.attention.doc_mask
 
 
+@pytest.mark.slow
 def test_recipe_trains_a_few_steps(tiny_data_dir: Path, tmp_path: Path) -> None:
     # The test's packed data has a 512-token vocabulary: the output layer shrinks to match (at
     # 8192 it is most of a step's FLOPs); attention, context and window are the recipe's.
