@@ -98,6 +98,10 @@ def main() -> int:
               + f" {times['full'][-1] / window:>11.2f}x", flush=True)
     exps = {name: fit_exponent(lengths, t) for name, t in times.items()}
     print("fitted exponent (time ~ length^e): " + ", ".join(f"{k} {v:.3f}" for k, v in exps.items()), flush=True)
+    if len(lengths) > 3:  # without the short lengths, where fixed per-call costs flatten the fit
+        tail = {name: fit_exponent(lengths[-3:], t[-3:]) for name, t in times.items()}
+        print(f"exponent over {lengths[-3]}..{lengths[-1]}: " + ", ".join(f"{k} {v:.3f}" for k, v in tail.items()),
+              flush=True)
     win_exp = exps[f"window {args.window}"]
     exp_ok = win_exp <= args.max_exponent
     print(f"attention: sliding-window exponent = {win_exp:.3f}; target <= {args.max_exponent:g}: "
