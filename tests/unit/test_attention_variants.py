@@ -4,6 +4,7 @@ count of the materialised mask; cached generation equals uncached."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from dataclasses import replace
 
@@ -232,3 +233,19 @@ def test_greedy_generation_with_cache_equals_without(layers: list[str]):
     model = variant_model(layers)
     p = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(4)).tolist()
     assert generate(model, p, 40, use_cache=True) == generate(model, p, 40, use_cache=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_flex_attention_equals_the_reference_on_cpu():
+    """The compiled path the GPU runs (torch.compile(flex_attention) with block masks), here on
+    CPU's inductor backend, forward only."""
+    n = 96
+    ds = document_starts(packed_docs(1, n, seed=5), 0)
+    q, k, v = (t.detach() for t in qkv(n, b=1))
+    for spec, docs in [(AttnSpec("window", 16), ds), (AttnSpec("topk", 16, 2, 16), None)]:
+        ref = dense_reference(q, k, v, dense_mask(spec, q, k, docs))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = flex_attention_(q, k, v, spec, docs, compile=True)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
