@@ -249,3 +249,11 @@ def test_compiled_flex_attention_equals_the_reference_on_cpu():
             warnings.simplefilter("ignore")
             out = flex_attention_(q, k, v, spec, docs, compile=True)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_flex_backend_refuses_cpu_training_in_one_line():
+    from lmforge.models.common.sparse_attention import attend
+
+    q, k, v = qkv(16)
+    with pytest.raises(ValueError, match="CUDA only"):
+        attend(q, k, v, AttnSpec("window", 4), backend="flex")

@@ -308,6 +308,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec,
     """The attention of one layer over a whole sequence: q (b, h, n, d), k, v (b, kvh, n, d)."""
     if backend == "dense":
         return dense_reference(q, k, v, dense_mask(spec, q, k, doc_start))
+    if backend == "flex" and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+        raise ValueError("model.attention.backend = 'flex' trains on CUDA only (torch has no CPU flex_attention "
+                         "backward); use 'auto' or 'blocked'")
     if backend == "flex" or (backend == "auto" and q.is_cuda and (spec.local is not None or doc_start is not None)):
         return flex_attention_(q, k, v, spec, doc_start, compile=q.is_cuda)
     return blocked_attention(q, k, v, spec, doc_start)
