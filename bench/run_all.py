@@ -69,6 +69,7 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
             "moe_balance": ["--steps", "300", "--batch", "8", "--seq", "128", "--runs", "none,bias,dense",
                             "--out", str(tmp / "moe_balance"), *prec],
             "data_pipeline": ["--repeat", "3"],
+            "attention": ["--repeats", "3", "--topk"],
             "train_throughput": [],
         }
     return {
@@ -83,6 +84,7 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
         "moe_balance": ["--steps", "100", "--batch", "4", "--seq", "128", "--runs", "none,bias", "--tail", "2",
                         "--out", str(tmp / "moe_balance"), *prec],
         "data_pipeline": ["--repeat", "1"],  # all 9,782 documents, one round: ~25 s (full: 3 rounds)
+        "attention": [],  # 1k..16k, full vs window 512, best of 2: ~2 min
         "train_throughput": [],  # its own defaults (target 1.1x over transformers)
     }
 

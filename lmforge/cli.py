@@ -203,14 +203,15 @@ def cmd_sizes(args: argparse.Namespace) -> int:
     sizes = {name: (fam, cfg) for fam in FAMILIES.values() for name, cfg in fam.sizes.items()}
     w = max(len(n) for n in sizes)
     print(f"{'size':>{w}} {'params':>17} {'active':>17} {'non-embedding':>17} {'layers':>6} {'dim':>6} "
-          f"{'heads':>5} {'kv':>3} {'experts':>9} {'train GFLOP/token @2048':>24}")
+          f"{'heads':>5} {'kv':>3} {'experts':>9} {'attention':>12} {'train GFLOP/token @2048':>24}")
     for name, (fam, cfg) in sizes.items():
         c = fam.count_params(cfg)
         seq = min(2048, cfg.max_seq_len)
         flops = training_flops_per_token(cfg, seq) / 1e9
         experts = f"{cfg.moe.top_k}/{cfg.moe.n_experts}" if cfg.moe.n_experts else "-"
+        attn = ",".join(k if k == "full" else f"{k}{cfg.attention.window}" for k in cfg.attention.layers)
         print(f"{name:>{w}} {c['total']:>17,} {c.get('active', c['total']):>17,} {c['non_embedding']:>17,} "
-              f"{cfg.n_layers:>6} {cfg.dim:>6} {cfg.n_heads:>5} {cfg.kv_heads:>3} {experts:>9} {flops:>24.3f}")
+              f"{cfg.n_layers:>6} {cfg.dim:>6} {cfg.n_heads:>5} {cfg.kv_heads:>3} {experts:>9} {attn:>12} {flops:>24.3f}")
     return 0
 
 

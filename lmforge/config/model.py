@@ -139,6 +139,44 @@ class RopeScalingConfig:
         return self.original_max_seq_len if self.original_max_seq_len is not None else max_seq_len
 
 
+ATTENTION_KINDS = ("full", "window", "topk")
+
+
+@dataclass
+class AttentionConfig:
+    """Attention variant per layer (issue 13; lmforge/models/common/sparse_attention.py).
+
+    `layers`: kinds cycled over the blocks (layer i gets layers[i % len(layers)]), e.g.
+    ["window", "full"] alternates local and global. "full": causal. "window": a query attends to
+    itself and the window - 1 previous tokens (the one convention everywhere: kernels, masks,
+    FLOPs, KV cache). "topk": the local window plus the query's own block plus the `topk`
+    highest-scoring distant key blocks of `block_size` tokens. `doc_mask`: packed training
+    sequences are cut into documents at the end-of-text id; a query sees only its own document
+    (combines with every kind; no effect on generation, whose prompt is one document).
+    `backend`: "auto" (flex_attention on CUDA, the blocked SDPA kernel elsewhere), "blocked",
+    "flex", or "dense" (the materialised-mask reference, O(n^2): tests only).
+    """
+
+    layers: list[str] = field(default_factory=lambda: ["full"])
+    window: int = 256
+    topk: int = 4
+    block_size: int = 64
+    doc_mask: bool = True
+    backend: Literal["auto", "blocked", "flex", "dense"] = "auto"
+
+    def kind(self, layer: int) -> str:
+        return self.layers[layer % len(self.layers)]
+
+    def validate(self, section: str = "model.attention") -> None:
+        require(len(self.layers) > 0 and all(k in ATTENTION_KINDS for k in self.layers), f"{section}.layers",
+                self.layers, f"must be a non-empty list of {ATTENTION_KINDS}")
+        require(self.window >= 1, f"{section}.window", self.window, "must be >= 1 (1: each token sees itself)")
+        require(self.topk >= 0, f"{section}.topk", self.topk, "must be >= 0 distant blocks")
+        require(self.block_size >= 1, f"{section}.block_size", self.block_size, "must be >= 1")
+        require(self.backend in ("auto", "blocked", "flex", "dense"), f"{section}.backend", self.backend,
+                "must be 'auto', 'blocked', 'flex' or 'dense'")
+
+
 @dataclass
 class ModelConfig:
     """Llama-style decoder. `ffn_hidden=None` derives the SwiGLU width like Llama (8/3·dim, rounded)."""
@@ -159,6 +197,7 @@ class ModelConfig:
     init_std: float = 0.02
     qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2 family)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)  # variant per layer (issue 13)
     family: str = "llama"  # the model family (lmforge/models/registry.py: FAMILIES)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -225,6 +264,7 @@ class ModelConfig:
         require(self.head_dim > 2 or self.rope_scaling.type not in ("ntk", "dynamic"), f"{section}.rope_scaling.type",
                 self.rope_scaling.type, "needs a head dim > 2 (NTK scales the base by factor^(d / (d - 2)))")
         self.moe.validate(f"{section}.moe")
+        self.attention.validate(f"{section}.attention")
         if self.moe.n_experts:
             require(self.moe.first_k_dense < self.n_layers, f"{section}.moe.first_k_dense", self.moe.first_k_dense,
                     f"must be < {section}.n_layers ({self.n_layers}) or no layer is MoE")

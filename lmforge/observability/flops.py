@@ -30,9 +30,16 @@ replaced by s, so it overstates attention by a factor 2s / (s + 1).
 
 Mixture-of-Experts layers count only the active weights per token (router, top_k experts, shared
 experts: see `_ffn_matmul_params`), so MFU of an MoE model is the MFU of its active parameters.
-Extension point (not built yet): a sliding window of width w changes the keys seen by query i to
-``min(i + 1, w)`` (see `_mean_keys_per_query`). Both are per layer, so mixed stacks
-(local/global attention, dense/MoE layers) fit the same loop in `flops_breakdown`.
+
+Attention variants (model.attention, lmforge/models/common/sparse_attention.py) change k(s) per
+layer to attended_pairs(...) / s, the exact number of (query, key) pairs the variant attends,
+counted once (never the masked pairs a kernel may compute and throw away): a sliding window w
+gives query i min(i + 1, w) keys; top-k adds `topk` whole distant blocks per query where they
+exist (chosen blocks are disjoint from the local window by construction, so the count does not
+depend on which ones won). Mixed stacks (local/global, dense/MoE) are summed layer by layer in
+`flops_breakdown`. Document masking is data dependent: `attended_pairs(..., doc_lengths=...)`
+counts it exactly for a given packing; MFU counts one document per sequence (an upper bound of
+the attended pairs; docs/architecture.md, "Attention variants").
 """
 
 from __future__ import annotations
@@ -43,12 +50,52 @@ from lmforge.config import ModelConfig
 BACKWARD_TO_FORWARD = 2.0
 
 
-def _mean_keys_per_query(cfg: ModelConfig, layer: int, seq_len: int) -> float:
-    """Average keys one query attends to in `layer`, over positions 0..seq_len-1 (causal).
+def _window_pairs(n: int, w: int | None) -> int:
+    """sum over i < n of min(i + 1, w): causal (w None) n(n + 1)/2; else the ramp then w per query."""
+    if w is None or n <= w:
+        return n * (n + 1) // 2
+    return w * (w + 1) // 2 + (n - w) * w
 
-    The plug-in point for sliding-window layers: keys(i) = min(i + 1, window).
+
+def attended_pairs(kind: str, seq_len: int, window: int | None = None, block: int = 64, topk: int = 0,
+                   doc_lengths: list[int] | None = None) -> int:
+    """Exact number of (query, key) pairs one head attends over one sequence of `seq_len` tokens.
+
+    kind "full" | "window" | "topk" with the conventions of sparse_attention.py: a window of w
+    sees itself and w - 1 previous tokens; top-k adds to the window the query's own block (causal
+    part) and min(topk, distant blocks) whole blocks of `block` keys, a block j being distant
+    for query block i when (j + 1) * block - 1 <= i * block - w. `doc_lengths` (summing to
+    seq_len): document masking, exact for full and window (top-k then depends on the data).
     """
-    return (seq_len + 1) / 2
+    if kind not in ("full", "window", "topk"):
+        raise ValueError(f"attention kind {kind!r}: expected full, window or topk")
+    w = None if kind == "full" else window
+    if doc_lengths is not None:
+        if sum(doc_lengths) != seq_len:
+            raise ValueError(f"doc_lengths sum to {sum(doc_lengths)}, not seq_len {seq_len}")
+        if kind == "topk":
+            raise ValueError("top-k with document masking attends a data-dependent number of pairs")
+        return sum(_window_pairs(n, w) for n in doc_lengths)
+    if kind != "topk" or w is None or w >= seq_len:
+        return _window_pairs(seq_len, w)
+    total = 0
+    for start in range(0, seq_len, block):  # one query block at a time: O(seq_len / block)
+        end = min(seq_len, start + block)
+        # Local part of query q: keys from max(0, min(start, q - w + 1)) to q. Before q reaches
+        # start + w - 1 the window reaches further back (min(q + 1, w) keys), from there on the
+        # own block does (q - start + 1 keys).
+        t = min(end, start + w - 1)
+        total += _window_pairs(t, w) - _window_pairs(start, w)
+        total += (end - start) * (end - start + 1) // 2 - (t - start) * (t - start + 1) // 2
+        distant = max(0, (start - w + 1) // block)  # blocks j with (j + 1) * block - 1 <= start - w
+        total += (end - start) * block * min(topk, distant)
+    return total
+
+
+def _mean_keys_per_query(cfg: ModelConfig, layer: int, seq_len: int) -> float:
+    """Average keys one query attends to in `layer`, over positions 0..seq_len-1 (exact)."""
+    a = cfg.attention
+    return attended_pairs(a.kind(layer), seq_len, a.window, a.block_size, a.topk) / seq_len
 
 
 def _attention_matmul_params(cfg: ModelConfig, layer: int) -> int:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lmforge.data.loader import DistributedTokenLoader
+from lmforge.models.common.sparse_attention import document_starts
 from lmforge.parallel.pp import PipelineParts, pipeline_eval
 from lmforge.parallel.tp import full_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.train.precision import autocast_context
@@ -14,9 +15,11 @@ from lmforge.train.precision import autocast_context
 
 @torch.no_grad()
 def local_validation_loss(model: nn.Module, pipe: PipelineParts | None, loader: DistributedTokenLoader, n: int,
-                          device: torch.device, loss_parallel: bool, precision: str) -> torch.Tensor:
+                          device: torch.device, loss_parallel: bool, precision: str,
+                          eos_id: int | None = None) -> torch.Tensor:
     """This rank's mean loss over `n` micro-batches (zero on pipeline ranks without the last
-    stage); the caller averages it over the data-parallel ranks. Leaves `model` in train mode."""
+    stage); the caller averages it over the data-parallel ranks. Leaves `model` in train mode.
+    `eos_id`: document masking at that end-of-text id, as in training."""
     model.eval()
     loader.reset()
     total = torch.zeros((), device=device)
@@ -29,7 +32,7 @@ def local_validation_loss(model: nn.Module, pipe: PipelineParts | None, loader: 
                     loss = pipeline_eval(pipe, x, y)
                     total += loss if loss is not None else 0.0
                     continue
-                logits = model(x)
+                logits = model(x) if eos_id is None else model(x, doc_start=document_starts(x, eos_id))
             total += full_value(tp_cross_entropy(logits, y, loss_parallel))
     model.train()
     return total / n

@@ -23,6 +23,8 @@ from torch.distributed.tensor import DTensor, Replicate
 from lmforge.checkpoint.state import ModelOptimizerState, RNGState
 from lmforge.checkpoint.tiers import TieredCheckpoints
 from lmforge.config import JobConfig
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.models.common.sparse_attention import document_starts
 from lmforge.observability.flops import training_flops_per_token
 from lmforge.observability.memory import ActivationMeter, model_state_bytes
 from lmforge.observability.metrics import MetricsLogger, StepTimer, memory_stats
@@ -109,6 +111,7 @@ class Trainer:
         built = build_training_model(cfg, self.mesh, self.info, self._say,
                                      scale_loss=self.scaler.scale if self.scaler.is_enabled() else None)
         self.model, self.pipe = built.module, built.pipe
+        self.eos_id = self._doc_mask_eos(cfg)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.router = RouterBalance.for_model(self.model, self._dp_group())  # None for dense models
         if self.pipe is not None and self.router is not None:  # every stage's router losses join in backward
@@ -159,6 +162,17 @@ class Trainer:
     def _say(self, msg: str) -> None:
         if self.echo:
             print(msg, flush=True)
+
+    def _doc_mask_eos(self, cfg: JobConfig) -> int | None:
+        """The end-of-text id that cuts packed sequences into documents (model.attention.doc_mask),
+        or None: off, or under pipeline parallelism (later stages never see the token ids)."""
+        if not cfg.model.attention.doc_mask:
+            return None
+        if self.pipe is not None:
+            self._say("note: document masking is off under pipeline parallelism (stages after the first "
+                      "do not see token ids)")
+            return None
+        return TextTokenizer.from_file(self.data_dir / "tokenizer.json").eos_id
 
     def _peak_flops(self) -> float:
         dtype = DTYPES[self.cfg.train.mixed_precision]
@@ -216,7 +230,7 @@ class Trainer:
         sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
         with sync, loss_parallel_ctx(self.loss_parallel):
             with autocast_context(cfg.train.mixed_precision, self.device):
-                logits = model(x)
+                logits = model(x) if self.eos_id is None else model(x, doc_start=document_starts(x, self.eos_id))
             loss = tp_cross_entropy(logits, y, self.loss_parallel)
             # MoE aux/z losses join the loss; the logged loss stays the LM loss
             aux = self.router.loss() if self.router is not None else None
@@ -293,7 +307,8 @@ class Trainer:
         """Mean validation loss over the first `eval_batches` global batches (the same every time,
         whatever the layout)."""
         local = local_validation_loss(self.model, self.pipe, self.val_loader, self.eval_batches * self.accum,
-                                      self.device, self.loss_parallel, self.cfg.train.mixed_precision)
+                                      self.device, self.loss_parallel, self.cfg.train.mixed_precision,
+                                      self.eos_id)
         return self._global_mean(local)
 
     # -- fault tolerance ---------------------------------------------------------------------------

@@ -3,10 +3,8 @@
 equal within 1e-5, and HF's window number means what ours means (a query attends to itself and
 the w - 1 previous tokens).
 
-Until the attention variants (model.attention, branch i13-attn) are merged our model has no
-window: a windowed model imports with max_seq_len capped at its window, where the logits are
-exact, and the tests past the window are xfail(strict=True): they pass, and so fail loudly,
-when the window lands; then remove the marks."""
+Past the window the logits still agree: our "window" attention (model.attention) keeps the same
+keys as HF's sliding window."""
 
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ import torch
 import transformers
 from transformers.masking_utils import sliding_window_causal_mask_function
 
-from lmforge.config import ModelConfig
 from lmforge.interop.hf.base import HFFormatError
 from lmforge.interop.hf.exporter import export_hf
 from lmforge.interop.hf.importer import import_hf
@@ -40,9 +37,6 @@ def _one_thread():
 TOL = 1e-5
 WINDOW = 48
 MAX_POSITIONS = 128
-WINDOW_LANDED = "attention" in ModelConfig.__dataclass_fields__  # model.attention merged (branch i13-attn)
-PAST_WINDOW = pytest.mark.xfail(strict=True, reason="our model has no sliding window until model.attention "
-                                                    "(branch i13-attn) is merged; then remove this mark")
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -120,11 +114,9 @@ def test_sliding_window_model_imports_and_exports_within_the_window(tmp_path: Pa
     exported = max_diff(model, back, x)
     print(f"{family}: export ({type(back).__name__}) max |logits diff| = {exported:.2e}")
     assert exported <= TOL
-    if not WINDOW_LANDED:
-        assert cfg.max_seq_len == WINDOW  # capped where the window starts to matter
+    assert cfg.attention.window == WINDOW and cfg.max_seq_len == MAX_POSITIONS
 
 
-@PAST_WINDOW
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_sliding_window_model_imports_and_exports_past_the_window(tmp_path: Path, family: str):
     hf = hf_model(family)

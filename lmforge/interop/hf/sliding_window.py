@@ -86,9 +86,7 @@ def model_layer_windows(cfg: ModelConfig) -> list[int]:
     """Per-layer windows of `cfg`: from `model.attention` (kinds "full" / "window" cycled over the
     layers, one `window`) when the model has it; else all full. HFFormatError for a kind HF
     cannot express (top-k)."""
-    att = getattr(cfg, "attention", None)
-    if att is None:
-        return [0] * cfg.n_layers
+    att = cfg.attention
     kinds = [att.kind(i) for i in range(cfg.n_layers)]
     other = sorted(set(kinds) - {"full", "window"})
     if other:
@@ -98,12 +96,10 @@ def model_layer_windows(cfg: ModelConfig) -> list[int]:
 
 
 def with_layer_windows(fields: dict[str, Any], windows: list[int]) -> dict[str, Any]:
-    """ModelConfig `fields` that carry per-layer `windows`: as `model.attention` when the model
-    has it; until then by capping max_seq_len at the smallest window (exact up to there)."""
+    """ModelConfig `fields` that carry per-layer `windows` as `model.attention` (kinds "window"
+    and "full", one window size)."""
     if not any(windows):
         return fields
-    if "attention" not in {f.name for f in dataclasses.fields(ModelConfig)}:
-        return {**fields, "max_seq_len": min(fields["max_seq_len"], min(w for w in windows if w))}
     sizes = {w for w in windows if w}
     if len(sizes) > 1:
         raise HFFormatError(f"config.json: sliding windows {sorted(sizes)}: lmforge has one window size per model")

@@ -21,6 +21,7 @@ from lmforge.models.common.mlp import SwiGLU
 from lmforge.models.common.moe import MoE
 from lmforge.models.common.norms import RMSNorm
 from lmforge.models.common.rope import dynamic_rope_length, rope_tables
+from lmforge.models.common.sparse_attention import spec_for
 from lmforge.models.llama.tp_plan import tp_plan
 
 
@@ -29,7 +30,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.qkv_bias, kernels)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.qkv_bias, kernels,
+                                   spec_for(cfg, layer_id), cfg.attention.backend)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         self.feed_forward: SwiGLU | MoE = (MoE(cfg.dim, cfg.expert_hidden_size, cfg.moe, layer_id) if self.is_moe
@@ -45,8 +47,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward.init_weights(self._std, self._out_std)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer_id)
+                cache: KVCache | None = None, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer_id, doc_start)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -100,9 +102,11 @@ class Transformer(nn.Module):
             final_std = self.cfg.dim ** -0.5
             nn.init.trunc_normal_(self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                doc_start: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab). With `cache`, positions continue
-        from `cache.pos` and the cache is advanced."""
+        from `cache.pos` and the cache is advanced. `doc_start` (batch, seq): document masking
+        (sparse_attention.document_starts of the packed tokens; RoPE positions do not restart)."""
         start = cache.pos if cache is not None else 0
         seq = tokens.shape[1]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
@@ -114,16 +118,19 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(self.cfg, cos.device, length)
         cos, sin = cos[start:], sin[start:]
         for layer in self.layers.values():
-            h = layer(h, cos, sin, cache)
+            h = layer(h, cos, sin, cache, doc_start)
         if cache is not None:
             cache.pos += seq
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
     def new_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """Sliding-window layers get a rolling buffer of their window (O(w) memory)."""
         p = next(self.parameters())
+        a = self.cfg.attention
+        windows = [a.window if a.kind(i) == "window" else None for i in range(self.cfg.n_layers)]
         return KVCache(self.cfg.n_layers, batch, max_len, self.cfg.kv_heads, self.cfg.head_dim,
-                       dtype or p.dtype, p.device)
+                       dtype or p.dtype, p.device, windows)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> Transformer:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 from lmforge.config import ModelConfig, MoEConfig
+from lmforge.config.model import AttentionConfig
 
 SIZES: dict[str, ModelConfig] = {
     "debug": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
                          max_seq_len=256),
     "tiny": ModelConfig(dim=256, n_layers=4, n_heads=4, vocab_size=8192, multiple_of=64, max_seq_len=1024),
+    # tiny at context 4096 with a sliding window of 256 in every layer (recipes/tiny-long.toml).
+    "tiny-long": ModelConfig(dim=256, n_layers=4, n_heads=4, vocab_size=8192, multiple_of=64, max_seq_len=4096,
+                             attention=AttentionConfig(layers=["window"], window=256)),
     # GPT-3 "small" width and depth with Llama blocks (12 x 768, tied 32k vocabulary).
     "125M": ModelConfig(dim=768, n_layers=12, n_heads=12, vocab_size=32000, ffn_hidden=2560,
                         tie_embeddings=True, max_seq_len=2048),

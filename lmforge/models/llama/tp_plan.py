@@ -39,9 +39,9 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
-# Arguments of Attention.forward as TransformerBlock passes them: (x, cos, sin, cache, layer).
-# Only x is converted; the RoPE tables, the cache and the layer index pass through untouched.
-ATTENTION_ARGS = 5
+# Arguments of Attention.forward as TransformerBlock passes them: (x, cos, sin, cache, layer,
+# doc_start). Only x is converted; the rest (document starts: the whole sequence) pass untouched.
+ATTENTION_ARGS = 6
 
 
 def tp_plan(model: nn.Module, sequence_parallel: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
