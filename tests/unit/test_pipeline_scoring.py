@@ -77,11 +77,11 @@ def test_model_is_trained_once_per_process_and_cached_on_disk(corpus, tmp_path, 
     calls = []
     real = ngram.train_model
     monkeypatch.setattr(ngram, "train_model", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ngram._MODELS.clear()
+    ngram._load_model.cache_clear()
     m1 = load_model(str(root / "ref.jsonl"), 2, "word", 2, str(tmp_path / "cache"))
     m2 = load_model(str(root / "ref.jsonl"), 2, "word", 2, str(tmp_path / "cache"))
     assert m1 is m2 and len(calls) == 1
-    ngram._MODELS.clear()  # a new process: the pickle, not a retraining
+    ngram._load_model.cache_clear()  # a new process: the pickle, not a retraining
     m3 = load_model(str(root / "ref.jsonl"), 2, "word", 2, str(tmp_path / "cache"))
     assert len(calls) == 1 and m3.tables == m1.tables
     assert len(list((tmp_path / "cache").glob("ngram-*.pkl"))) == 1

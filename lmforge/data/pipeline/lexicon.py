@@ -20,6 +20,7 @@ terms with their counts. No word list ships with lmforge: bring your own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -102,7 +103,10 @@ def compile_terms(terms: list[str]) -> re.Pattern[str]:
     return re.compile(r"(?<!\w)(?:" + _trie_pattern(terms) + r")(?!\w)", re.IGNORECASE)
 
 
-_PATTERNS: dict[tuple, re.Pattern[str]] = {}  # this process's compiled lexicons (steps are built per shard)
+@functools.lru_cache(maxsize=1)
+def _compiled(terms: tuple[str, ...]) -> re.Pattern[str]:
+    """The compiled lexicon, once per process while the terms are unchanged (steps are built per shard)."""
+    return compile_terms(list(terms))
 
 
 class LexiconStep(Step):
@@ -110,11 +114,7 @@ class LexiconStep(Step):
 
     def __init__(self, config: LexiconConfig, drop: DropSink):
         super().__init__(config, drop)
-        key = (tuple((p, Path(p).stat().st_mtime_ns) for p in config.lexicons), tuple(config.terms))
-        if key not in _PATTERNS:
-            _PATTERNS.clear()
-            _PATTERNS[key] = compile_terms(config.all_terms())
-        self._pattern = _PATTERNS[key]
+        self._pattern = _compiled(tuple(config.all_terms()))
 
     def process(self, doc: Document) -> bool:
         c: LexiconConfig = self.config

@@ -23,6 +23,7 @@ verdict, kept or dropped, carries the perplexity as its score.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Iterable
@@ -147,7 +148,11 @@ class LmScoreGlobalStep(GlobalStep):
         return _ApplyTopFraction(decisions, workdir, drop)
 
 
-_SCORES_CACHE: dict[str, dict[str, float]] = {}  # this process's loaded scores file, by path
+@functools.lru_cache(maxsize=1)
+def _load_scores(path: str, mtime_ns: int) -> dict[str, float]:
+    """The scores file, read once per process while it is unchanged (every shard needs it)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 class _ApplyTopFraction(DecisionStep):
@@ -158,12 +163,7 @@ class _ApplyTopFraction(DecisionStep):
         path = workdir / SCORES
         if not path.is_file():
             raise DataError(f"{path} is missing; delete {workdir} and rerun")
-        key = f"{path}:{path.stat().st_mtime_ns}"
-        if key not in _SCORES_CACHE:
-            with open(path, encoding="utf-8") as f:
-                _SCORES_CACHE.clear()
-                _SCORES_CACHE[key] = json.load(f)
-        self._scores = _SCORES_CACHE[key]
+        self._scores = _load_scores(str(path), path.stat().st_mtime_ns)
 
     def process(self, doc: Document) -> bool:
         hit = self.config.drops.get(doc.id)

@@ -21,6 +21,7 @@ once per run, and with a cache only the first process of the first run trains.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pickle
@@ -174,16 +175,16 @@ def fingerprint(reference: str, order: int, unit: str, min_count: int) -> str:
     return sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
 
 
-_MODELS: dict[str, NgramModel] = {}  # this process's trained models, by fingerprint
-
-
 def load_model(reference: str, order: int, unit: str, min_count: int, cache_dir: str = "") -> NgramModel:
     """The model for these options: from this process's memory, else the cache directory's pickle,
-    else trained now (and pickled there, temp-then-rename)."""
-    fp = fingerprint(reference, order, unit, min_count)
-    model = _MODELS.get(fp)
-    if model is not None:
-        return model
+    else trained now (and pickled there, temp-then-rename). Memoised on the reference files'
+    fingerprint, so a changed reference is trained again; one model per process (they are large)."""
+    return _load_model(fingerprint(reference, order, unit, min_count), reference, order, unit, min_count, cache_dir)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_model(fp: str, reference: str, order: int, unit: str, min_count: int, cache_dir: str) -> NgramModel:
+    model = None
     path = Path(cache_dir) / f"ngram-{fp}.pkl" if cache_dir else None
     if path is not None and path.is_file():
         try:
@@ -197,6 +198,4 @@ def load_model(reference: str, order: int, unit: str, min_count: int, cache_dir:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_open(path, "wb") as f:
                 pickle.dump(model, f, protocol=pickle.HIGHEST_PROTOCOL)
-    _MODELS.clear()  # one model per process at a time: they are large
-    _MODELS[fp] = model
     return model
