@@ -205,8 +205,11 @@ def test_launcher_refuses_before_torchrun(name: str, overrides: list[str], key: 
 
 
 def _train_windows(data_dir: Path, seq_len: int) -> int:
-    m = json.loads((data_dir / "manifest.json").read_text())
-    return (m["splits"]["train"]["tokens"] - 1) // seq_len
+    """Windows of the training split; with domains, windows stay inside each domain's range."""
+    train = json.loads((data_dir / "manifest.json").read_text())["splits"]["train"]
+    if train.get("domains"):
+        return sum(max(0, (d["tokens"] - 1) // seq_len) for d in train["domains"])
+    return (train["tokens"] - 1) // seq_len
 
 
 def test_global_batch_larger_than_the_data_is_refused(tiny_data_dir: Path, tmp_path: Path, capsys) -> None:
