@@ -21,6 +21,18 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         TokenizerConfig(vocab_size=512, min_frequency=2), log=lambda *_: None)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (up to 40x
+    slower). A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The folder says how a test runs: each test gets its folder's marker (`-m cli`,
     `-m "not multi_rank"`). Every test in tests/multi_rank spawns several gloo ranks, so it is

@@ -26,13 +26,7 @@ from lmforge.models.llama import SIZES, build_model
 from lmforge.observability.flops import attended_pairs, flops_breakdown, training_flops_per_token
 from lmforge.serve.generate import generate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def qkv(n: int, h: int = 4, kvh: int = 2, d: int = 16, b: int = 2, seed: int = 0):

@@ -26,14 +26,7 @@ from lmforge.models.llama.model import build_model
 from lmforge.storage.layout import MANIFEST
 from tests.helpers.checkpoint import CFG, assert_same_optimizer, trained
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one thread is fastest, and on a busy shared machine much faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def draws() -> tuple:

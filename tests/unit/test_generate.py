@@ -27,14 +27,7 @@ from lmforge.serve.generate import (
 )
 from lmforge.storage.layout import step_dir_name
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (40x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_model(seed: int = 0, **kw) -> torch.nn.Module:

@@ -21,14 +21,7 @@ from lmforge.interop.hf.registry import from_hf_config, to_hf_config
 from lmforge.models.common.rope import rope_tables
 from lmforge.models.llama import SIZES, build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TOL = 1e-5

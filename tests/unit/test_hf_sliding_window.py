@@ -24,14 +24,7 @@ from lmforge.interop.hf.registry import adapter_for_model, from_hf_config
 from lmforge.interop.hf.sliding_window import full_then_window, hf_layer_windows, uniform_window
 from lmforge.models.llama import SIZES, build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TOL = 1e-5

@@ -141,11 +141,6 @@ class GlobalStep(ABC):
     def finish_run(self, workdir: Path) -> None:  # noqa: B027 (most global steps have nothing to finish)
         """Called once the whole run has finished (after the final merge)."""
 
-    @classmethod
-    def decision_step(cls, decisions: Decisions, workdir: Path, drop: DropSink) -> Step:
-        """The per-shard step that applies `decisions` (`workdir`: where `decide` wrote them)."""
-        return DecisionStep(decisions, drop)
-
 
 class DecisionStep(Step):
     """Applies a global step's decisions inside a shard, with the global step's name."""

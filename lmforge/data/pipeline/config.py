@@ -96,6 +96,20 @@ def _step_types() -> dict[str, tuple[type, type]]:
     return {**STEP_TYPES, **GLOBAL_STEP_TYPES}
 
 
+def _relative_to(cfg: Any, base: Path) -> Any:
+    """`cfg` with its `PATH_FIELDS` (a str or a list of str) made relative to the TOML's folder;
+    empty values, absolute paths and "default:<name>" names stay as they are."""
+    def resolve(value: str) -> str:
+        keep = not value or value.startswith("default:") or Path(value).is_absolute()
+        return value if keep else str(base / value)
+
+    changes = {}
+    for name in getattr(cfg, "PATH_FIELDS", ()):
+        value = getattr(cfg, name)
+        changes[name] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def parse_pipeline(data: dict[str, Any], base: Path, where: str) -> PipelineConfig:
     """Build and check a `PipelineConfig` from a parsed TOML table (`base`: where relative paths
     start)."""
@@ -130,9 +144,7 @@ def parse_pipeline(data: dict[str, Any], base: Path, where: str) -> PipelineConf
             raise ConfigError(f"steps[{i}].type", kind, "unknown step type; known: " + ", ".join(sorted(types)), where)
         step_cls, cfg_cls = types[kind]
         cfg = build_dataclass(cfg_cls, options, f"steps[{i}].", where)
-        resolve = getattr(cfg, "resolve_paths", None)
-        if resolve is not None:
-            cfg = resolve(base)
+        cfg = _relative_to(cfg, base)
         check = getattr(cfg, "validate", None)
         if check is not None:
             check(f"steps[{i}].", where)

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from lmforge.config.loader import ConfigError
 from lmforge.data.near_dedup import NearDedup, NearDedupConfig
@@ -45,16 +46,12 @@ FIRST_SEEN = "first_seen.jsonl"  # this run's first occurrence of each hash, add
 
 @dataclass(frozen=True)
 class ExactDedupConfig:
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("index",)  # relative to the TOML (config.py)
     index: str = ""  # a cross-run hash index file ("" = this run only); relative to the TOML file
 
     def validate(self, prefix: str, where: str | None) -> None:
         if self.index and Path(self.index).is_dir():
             raise ConfigError(prefix + "index", self.index, "must be a file path, not a directory", where)
-
-    def resolve_paths(self, base: Path) -> ExactDedupConfig:
-        if self.index and not Path(self.index).is_absolute():
-            return dataclasses.replace(self, index=str(base / self.index))
-        return self
 
 
 @contextmanager

@@ -29,13 +29,13 @@ from (seed, document id, k), so the output is byte-identical for any worker coun
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from lmforge.config.loader import ConfigError
 from lmforge.data.pipeline.base import DropSink, Step
@@ -50,6 +50,7 @@ _CORE = re.compile(r"^(\W*)(.*?)(\W*)$", re.DOTALL)
 
 @dataclass(frozen=True)
 class EdaConfig:
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("synonyms",)  # relative to the TOML (config.py)
     synonyms: str = ""
     alpha_sr: float = 0.1
     alpha_ri: float = 0.1
@@ -73,10 +74,6 @@ class EdaConfig:
             raise ConfigError(prefix + "alpha_rs", self.alpha_rs, "no operation enabled: set alpha_rs or p_rd above 0 "
                               "(alpha_sr, alpha_ri also need a synonyms table)", where)
 
-    def resolve_paths(self, base: Path) -> EdaConfig:
-        if self.synonyms and not Path(self.synonyms).is_absolute():
-            return dataclasses.replace(self, synonyms=str(base / self.synonyms))
-        return self
 
     def operations(self) -> list[str]:
         """The enabled operations, in the order copies cycle through them."""

@@ -13,7 +13,7 @@ Global steps (`exact_dedup`, `near_dedup`: `dedup.py`; `lm_score` with `keep_top
 the chain into stages. Stage 0 reads the inputs into `<out>/shards/`; a global step then reads
 every shard's output in shard order in one process and writes its decisions to
 `<out>/global/<k>-<step>/decisions.json` (atomic: its presence means done); stage k applies them
-shard by shard in `<out>/stages/<k>/` (the global step class's `decision_step`), followed by the
+shard by shard in `<out>/stages/<k>/` (`base.DecisionStep`), followed by the
 stage's other steps. The last stage's shards are the output; every stage's rejects are merged.
 
 The plan is stored in `<out>/plan.json` with a fingerprint of the steps and the input files
@@ -252,9 +252,7 @@ def run_shard(task: ShardTask) -> tuple[dict, bool]:
             decisions = load_decisions(task.decisions)
             if decisions is None:
                 raise DataError(f"{task.decisions} is missing or unreadable; delete {task.decisions.parent} and rerun")
-            step_cls = GLOBAL_STEP_TYPES.get(decisions.step, (None,))[0]
-            chain.append(step_cls.decision_step(decisions, task.decisions.parent, drop) if step_cls
-                         else DecisionStep(decisions, drop))
+            chain.append(DecisionStep(decisions, drop))
         chain += build_steps(list(task.steps), drop)
         docs: Iterator[Document] = documents()
         for step in chain:

@@ -19,12 +19,12 @@ terms with their counts. No word list ships with lmforge: bring your own.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from lmforge.config.loader import ConfigError
 from lmforge.data.pipeline.base import DropSink, Step
@@ -37,6 +37,7 @@ SHOWN = 5  # matched terms named in a verdict
 
 @dataclass(frozen=True)
 class LexiconConfig:
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("lexicons",)  # relative to the TOML (config.py)
     lexicons: list[str] = field(default_factory=list)
     terms: list[str] = field(default_factory=list)
     max_hits: int | None = None
@@ -56,9 +57,6 @@ class LexiconConfig:
             raise ConfigError(prefix + "terms", self.terms, "no terms: give lexicons files with terms and/or terms",
                               where)
 
-    def resolve_paths(self, base: Path) -> LexiconConfig:
-        return dataclasses.replace(self, lexicons=[p if Path(p).is_absolute() else str(base / p)
-                                                   for p in self.lexicons])
 
     def all_terms(self) -> list[str]:
         """Every term, normalised (lower case, single spaces), sorted, without repeats."""

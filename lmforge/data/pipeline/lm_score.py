@@ -15,36 +15,31 @@ corpus (`ngram.py`), as a per-shard threshold or as a corpus-wide "keep the best
 Why two modes under one name: a threshold judges each document alone, so it runs inside the
 shards; a fraction needs every document's perplexity first, so with `keep_top_fraction` the
 executor runs the step as a global step (`is_global`): `decide` scores the whole corpus once in
-shard order, keeps round(fraction * N) documents (lowest perplexity first, ties by id) and writes
-every score to its work directory, from which each shard's verdicts take their score. Every
-verdict, kept or dropped, carries the perplexity as its score.
+shard order, keeps round(fraction * N) documents (lowest perplexity first, ties by id), and its decisions
+carry every document's score, so each shard's verdicts (`base.DecisionStep`) take their score
+from there. Every verdict, kept or dropped, carries the perplexity as its score.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from lmforge.config.loader import ConfigError
-from lmforge.data.errors import DataError
-from lmforge.data.pipeline.base import Decisions, DecisionStep, DropSink, GlobalStep, Step
+from lmforge.data.pipeline.base import Decisions, DropSink, GlobalStep, Step
 from lmforge.data.pipeline.document import Document
 from lmforge.data.pipeline.ngram import DEFAULT_REFERENCES, NgramModel, fingerprint, load_model
-from lmforge.storage.atomic import atomic_open
 
 __all__ = ["LmScoreConfig", "LmScoreGlobalStep", "LmScoreStep"]
-
-SCORES = "scores.json"  # the global mode's perplexity of every document, by id
 
 
 @dataclass(frozen=True)
 class LmScoreConfig:
+    # relative to the TOML (config.py); "default:<name>" references are names, not paths
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("reference", "cache_dir")
     reference: str = ""
     order: int = 3
     unit: Literal["word", "char"] = "word"
@@ -81,13 +76,6 @@ class LmScoreConfig:
         if self.keep_top_fraction is not None and not 0 < self.keep_top_fraction <= 1:
             raise ConfigError(prefix + "keep_top_fraction", self.keep_top_fraction, "must be in (0, 1]", where)
 
-    def resolve_paths(self, base: Path) -> LmScoreConfig:
-        out = self
-        if self.reference and not self.reference.startswith("default:") and not Path(self.reference).is_absolute():
-            out = dataclasses.replace(out, reference=str(base / self.reference))
-        if self.cache_dir and not Path(self.cache_dir).is_absolute():
-            out = dataclasses.replace(out, cache_dir=str(base / self.cache_dir))
-        return out
 
     def fingerprint(self) -> str:
         """The model's identity (reference files' paths, sizes, mtimes; options): part of the run's
@@ -134,39 +122,10 @@ class LmScoreGlobalStep(GlobalStep):
         keep = min(n, math.floor(self.config.keep_top_fraction * n + 0.5))
         ranked = sorted(scores, key=lambda i: (scores[i], i))
         cutoff = scores[ranked[keep - 1]] if keep else None
-        d = Decisions(self.name, keep_detail=f"among the best {keep} of {n} by perplexity")
+        d = Decisions(self.name, keep_detail=f"among the best {keep} of {n} by perplexity",
+                      reason="keep_top_fraction", scores={i: scores[i] for i in ranked[:keep]})
         for rank, i in enumerate(ranked[keep:], keep + 1):
             d.drops[i] = (None, scores[i], f"perplexity {scores[i]:.4g}, rank {rank} of {n}; kept {keep} "
                                            f"(cutoff {cutoff})")  # type: ignore[assignment]
         d.stats = {"documents": n, "kept": keep, "dropped": n - keep, "cutoff_perplexity": cutoff}
-        with atomic_open(workdir / SCORES, "w", encoding="utf-8") as f:
-            json.dump(scores, f, sort_keys=True)
         return d
-
-    @classmethod
-    def decision_step(cls, decisions: Decisions, workdir: Path, drop: DropSink) -> Step:
-        return _ApplyTopFraction(decisions, workdir, drop)
-
-
-@functools.lru_cache(maxsize=1)
-def _load_scores(path: str, mtime_ns: int) -> dict[str, float]:
-    """The scores file, read once per process while it is unchanged (every shard needs it)."""
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-class _ApplyTopFraction(DecisionStep):
-    """Applies the global decisions; kept documents' verdicts carry their perplexity too."""
-
-    def __init__(self, decisions: Decisions, workdir: Path, drop: DropSink):
-        super().__init__(decisions, drop)
-        path = workdir / SCORES
-        if not path.is_file():
-            raise DataError(f"{path} is missing; delete {workdir} and rerun")
-        self._scores = _load_scores(str(path), path.stat().st_mtime_ns)
-
-    def process(self, doc: Document) -> bool:
-        hit = self.config.drops.get(doc.id)
-        if hit is None:
-            return self.keep(doc, self._scores.get(doc.id), self.config.keep_detail)
-        return self.reject(doc, "keep_top_fraction", hit[1], hit[2])

@@ -33,6 +33,7 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -50,6 +51,7 @@ SCORE_BATCH = 512  # documents scored per call (bounded memory on any corpus)
 
 @dataclass(frozen=True)
 class SyntheticConfig:
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("human", "machine")  # relative to the TOML (config.py)
     human: str = ""                 # reference human text, jsonl (relative to the TOML file)
     machine: str = ""               # model samples, jsonl with "text" (lmforge data sample)
     text_field: str = "text"        # the text field of the human file
@@ -86,9 +88,6 @@ class SyntheticConfig:
             if not (v > 0 and math.isfinite(v)):
                 raise ConfigError(prefix + key, v, "must be a finite number > 0", where)
 
-    def resolve_paths(self, base: Path) -> SyntheticConfig:
-        return dataclasses.replace(self, **{k: str(base / getattr(self, k)) for k in ("human", "machine")
-                                            if getattr(self, k) and not Path(getattr(self, k)).is_absolute()})
 
     def detector_options(self) -> DetectorOptions:
         return DetectorOptions(self.char_ngram_max, self.word_ngram_max, self.max_features, self.c,
