@@ -1,5 +1,6 @@
 """Configs: one dataclass per component, recipes (TOML) plus `--section.key value` overrides."""
 
+from lmforge.config.comm import CommConfig
 from lmforge.config.job import (
     CheckpointConfig,
     DataConfig,
@@ -17,7 +18,7 @@ from lmforge.config.parallel import ParallelConfig
 from lmforge.config.train import TrainConfig
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "JobConfig", "MetricsConfig", "ModelConfig", "MoEConfig",
+    "CheckpointConfig", "CommConfig", "ConfigError", "DataConfig", "JobConfig", "MetricsConfig", "ModelConfig", "MoEConfig",
     "OptimizerConfig", "ParallelConfig", "RopeScalingConfig", "SchedulerConfig", "StabilityConfig", "TokenizerConfig", "TrainConfig",
     "load_job_config", "parse_override_args",
 ]
