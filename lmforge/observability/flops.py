@@ -38,9 +38,8 @@ gives query i min(i + 1, w) keys; top-k adds `topk` whole distant blocks per que
 exist (chosen blocks are disjoint from the local window by construction, so the count does not
 depend on which ones won). Mixed stacks (local/global, dense/MoE) are summed layer by layer in
 `flops_breakdown`. Document masking is data dependent: `attended_pairs(..., doc_lengths=...)`
-counts it exactly for a given packing; MFU counts one document per sequence (an upper bound of
-the attended pairs; docs/architecture.md, "Attention variants").
-"""
+counts it exactly for a given packing; the trainer's MFU counts the documents of every trained
+batch (observability/step_flops.py)."""
 
 from __future__ import annotations
 

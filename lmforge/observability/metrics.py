@@ -101,9 +101,12 @@ class StepTimer:
     def elapsed(self) -> float:
         return self._now() - self._t0 - self.excluded
 
-    def measure(self, reset: bool = True) -> Throughput:
+    def measure(self, reset: bool = True, flops: float | None = None) -> Throughput:
+        """`flops`: the window's counted training FLOPs (all ranks), when known exactly (document
+        masking: observability/step_flops.py); else tokens x flops_per_token."""
         seconds = max(self.elapsed(), 1e-9)
-        result = throughput(self.tokens, seconds, self.flops_per_token, self.peak_flops, self.world_size)
+        per_token = flops / self.tokens if flops is not None and self.tokens else self.flops_per_token
+        result = throughput(self.tokens, seconds, per_token, self.peak_flops, self.world_size)
         if reset:
             self.start()
         return result

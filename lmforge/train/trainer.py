@@ -31,6 +31,7 @@ from lmforge.observability.metrics import MetricsLogger, StepTimer, memory_stats
 from lmforge.observability.peak import resolve_peak_flops
 from lmforge.observability.plot import plot_loss_curve
 from lmforge.observability.progress import ProgressBar
+from lmforge.observability.step_flops import StepFlops
 from lmforge.parallel.clip import clip_grad_norm_
 from lmforge.parallel.mesh import DistInfo, build_mesh, init_distributed, shutdown_distributed
 from lmforge.parallel.pp import broadcast_loss, pipeline_step
@@ -142,6 +143,8 @@ class Trainer:
         if self.restarts == 0 and cfg.checkpoint.resume.strip().lower() == "none":
             self.ckpt.clear_memory()  # snapshots of an earlier run in this directory are stale
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
+        # MFU from each batch's documents (exact) when document masking cuts the sequences
+        self.step_flops = StepFlops(cfg.model, cfg.train.seq_len) if self.eos_id is not None else None
         self.peak_flops = self._peak_flops() if self.is_main else 0.0
         # Global mean loss at each logged step (all-reduced only then: no per-step host sync).
         self.losses: list[float] = []
@@ -230,7 +233,10 @@ class Trainer:
         sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
         with sync, loss_parallel_ctx(self.loss_parallel):
             with autocast_context(cfg.train.mixed_precision, self.device):
-                logits = model(x) if self.eos_id is None else model(x, doc_start=document_starts(x, self.eos_id))
+                doc_start = document_starts(x, self.eos_id) if self.eos_id is not None else None
+                if self.step_flops is not None:
+                    self.step_flops.add(doc_start)
+                logits = model(x) if doc_start is None else model(x, doc_start=doc_start)
             loss = tp_cross_entropy(logits, y, self.loss_parallel)
             # MoE aux/z losses join the loss; the logged loss stays the LM loss
             aux = self.router.loss() if self.router is not None else None
@@ -404,6 +410,8 @@ class Trainer:
                     self._log_stability_event(self.state.step + 1, result)
                 if check is not None and check.verdict == "rollback" and self._rollback(check):
                     timer.start()  # the steps rolled back are gone: their window too
+                    if self.step_flops is not None:
+                        self.step_flops.flops = 0.0
                     continue
                 self.state.step += 1
                 self.state.tokens_seen += tokens_per_step
@@ -412,7 +420,8 @@ class Trainer:
                 if self.tracer is not None:
                     self.tracer.end_step(step)
                 if step % log_every == 0 or step in (steps, stop):
-                    window = timer.measure(reset=False)
+                    flops = self.step_flops.take(self._dp_group(), self.device) if self.step_flops else None
+                    window = timer.measure(reset=False, flops=flops)
                     tps, mfu = window.tokens_per_s, window.mfu
                     if mfu > 1.0 and not peak_warned:  # the denominator is wrong, not the run
                         peak_warned = True

@@ -81,7 +81,10 @@ def test_logged_tokens_per_s_is_that_of_the_steps(case: str, tiny_data_dir: Path
         # The window holds the steps plus a little loop bookkeeping: never faster than the steps,
         # and far from a window that lost steps' time (5x high) or gained a 0.25 s pause (low).
         assert 0.6 * truth < r["tokens_per_s"] <= 1.02 * truth, (case, r["step"], r["tokens_per_s"], truth)
-        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * trainer.flops_per_token / 1e11, rel=1e-9)
+        # MFU of the same window; the FLOPs are those of the documents trained (document masking:
+        # a few fewer pairs than one document per sequence, tests/unit/test_step_flops.py)
+        one_document = r["tokens_per_s"] * trainer.flops_per_token / 1e11
+        assert 0.99 * one_document <= r["mfu"] <= one_document
 
 
 def test_an_impossible_mfu_says_the_peak_is_wrong(tiny_data_dir: Path, tmp_path: Path,
