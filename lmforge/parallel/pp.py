@@ -400,7 +400,7 @@ def build_pipeline(model: nn.Module, pp_mesh: DeviceMesh, cfg: ParallelConfig, m
 
 
 def _run(pipe: PipelineParts, inputs: torch.Tensor | None, targets: torch.Tensor | None,
-         train: bool) -> torch.Tensor | None:
+         train: bool, doc_start: torch.Tensor | None = None) -> torch.Tensor | None:
     # Checked wherever given (pass the batch on every pp rank), so all ranks refuse together
     # instead of some waiting forever for a peer that raised.
     for name, t, needed in (("inputs", inputs, pipe.has_first_stage), ("targets", targets, pipe.has_last_stage)):
@@ -411,6 +411,8 @@ def _run(pipe: PipelineParts, inputs: torch.Tensor | None, targets: torch.Tensor
     pipe.raw_losses.clear()
     args = (inputs,) if pipe.has_first_stage else ()
     kwargs = {"target": targets, "losses": []} if pipe.has_last_stage else {}
+    if doc_start is not None:  # a model keyword: split into microbatches and given to every stage
+        kwargs["doc_start"] = doc_start
     if train:
         pipe.schedule.step(*args, return_outputs=False, **kwargs)
     elif pipe.plan.schedule in _EVAL_BY_STEP:
@@ -440,23 +442,24 @@ def _run(pipe: PipelineParts, inputs: torch.Tensor | None, targets: torch.Tensor
     return loss
 
 
-def pipeline_step(pipe: PipelineParts, inputs: torch.Tensor | None, targets: torch.Tensor | None
-                  ) -> torch.Tensor | None:
+def pipeline_step(pipe: PipelineParts, inputs: torch.Tensor | None, targets: torch.Tensor | None,
+                  doc_start: torch.Tensor | None = None) -> torch.Tensor | None:
     """Forward + backward of one batch through the pipeline; gradients accumulate in the parts
     (scaled by 1 / (n_microbatches * accum_steps)). `inputs` are needed on the rank with the
     first stage, `targets` on the rank with the last; other ranks may pass None, but passing
     both everywhere lets every rank check the batch and fail together. Returns the
-    mean microbatch loss (detached) on the last stage's rank, None elsewhere; see `broadcast_loss`."""
-    return _run(pipe, inputs, targets, train=True)
+    mean microbatch loss (detached) on the last stage's rank, None elsewhere; see `broadcast_loss`.
+    `doc_start` (document masking) is needed on every pp rank: each stage's attention uses it."""
+    return _run(pipe, inputs, targets, train=True, doc_start=doc_start)
 
 
-def pipeline_eval(pipe: PipelineParts, inputs: torch.Tensor | None, targets: torch.Tensor | None
-                  ) -> torch.Tensor | None:
+def pipeline_eval(pipe: PipelineParts, inputs: torch.Tensor | None, targets: torch.Tensor | None,
+                  doc_start: torch.Tensor | None = None) -> torch.Tensor | None:
     """Forward only (schedule.eval under no_grad): the mean microbatch loss on the last stage's
     rank, None elsewhere; parameters and gradients are left as they were. For "zbv" and
     "dualpipev", whose eval() fails in torch 2.13, it runs a full training step (about 3x the
     cost of a forward) and restores the gradients."""
-    return _run(pipe, inputs, targets, train=False)
+    return _run(pipe, inputs, targets, train=False, doc_start=doc_start)
 
 
 def broadcast_loss(pipe: PipelineParts, loss: torch.Tensor | None) -> torch.Tensor:

@@ -26,13 +26,14 @@ def local_validation_loss(model: nn.Module, pipe: PipelineParts | None, loader: 
     for _ in range(n):
         x, y = loader.next_batch()
         x, y = x.to(device), y.to(device)
+        doc_start = document_starts(x, eos_id) if eos_id is not None else None
         with loss_parallel_ctx(loss_parallel):
             with autocast_context(precision, device):
                 if pipe is not None:
-                    loss = pipeline_eval(pipe, x, y)
+                    loss = pipeline_eval(pipe, x, y, doc_start)
                     total += loss if loss is not None else 0.0
                     continue
-                logits = model(x) if eos_id is None else model(x, doc_start=document_starts(x, eos_id))
+                logits = model(x) if doc_start is None else model(x, doc_start=doc_start)
             total += full_value(tp_cross_entropy(logits, y, loss_parallel))
     model.train()
     return total / n

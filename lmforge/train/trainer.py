@@ -168,12 +168,9 @@ class Trainer:
 
     def _doc_mask_eos(self, cfg: JobConfig) -> int | None:
         """The end-of-text id that cuts packed sequences into documents (model.attention.doc_mask),
-        or None: off, or under pipeline parallelism (later stages never see the token ids)."""
+        or None when off. Under pipeline parallelism every pp rank loads the batch and hands the
+        document starts to each of its stages (parallel/pp.py: pipeline_step)."""
         if not cfg.model.attention.doc_mask:
-            return None
-        if self.pipe is not None:
-            self._say("note: document masking is off under pipeline parallelism (stages after the first "
-                      "do not see token ids)")
             return None
         return TextTokenizer.from_file(self.data_dir / "tokenizer.json").eos_id
 
@@ -226,16 +223,16 @@ class Trainer:
         """One micro-batch; returns its mean loss (detached; zero on pipeline ranks without the last stage)."""
         cfg, model = self.cfg, self.model
         self._sync_grads(last)
+        doc_start = document_starts(x, self.eos_id) if self.eos_id is not None else None
+        if self.step_flops is not None:
+            self.step_flops.add(doc_start)
         if self.pipe is not None:
             with loss_parallel_ctx(self.loss_parallel), autocast_context(cfg.train.mixed_precision, self.device):
-                loss = pipeline_step(self.pipe, x, y)
+                loss = pipeline_step(self.pipe, x, y, doc_start)
             return loss.detach() if loss is not None else torch.zeros((), device=self.device)
         sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
         with sync, loss_parallel_ctx(self.loss_parallel):
             with autocast_context(cfg.train.mixed_precision, self.device):
-                doc_start = document_starts(x, self.eos_id) if self.eos_id is not None else None
-                if self.step_flops is not None:
-                    self.step_flops.add(doc_start)
                 logits = model(x) if doc_start is None else model(x, doc_start=doc_start)
             loss = tp_cross_entropy(logits, y, self.loss_parallel)
             # MoE aux/z losses join the loss; the logged loss stays the LM loss

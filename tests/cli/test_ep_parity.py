@@ -29,9 +29,7 @@ STEPS = 6
 MOE = ["--model.moe.n_experts", "4", "--model.moe.top_k", "2", "--model.moe.expert_hidden", "32",
        "--model.moe.aux_loss_coef", "0.01", "--model.moe.z_loss_coef", "0.001",
        "--model.moe.bias_update_rate", "0.01"]
-# Document masking is off under pipeline parallelism (later stages never see the token ids), so
-# the single-process references here run without it too.
-COMMON = ["--model.attention.doc_mask", "false", "--train.steps", str(STEPS), "--train.global_batch_size", "8", "--train.micro_batch_size", "2",
+COMMON = ["--train.steps", str(STEPS), "--train.global_batch_size", "8", "--train.micro_batch_size", "2",
           "--train.eval_interval", "0", "--checkpoint.interval", "3", *MOE,
           # AdamW eps: why not 1e-8, tests/helpers/parity.py (WEIGHT_PARITY). 1e-5 here: with bias
           # balancing from step 1, tp=2 after 6 steps differed from one process by 1.6e-4 on one

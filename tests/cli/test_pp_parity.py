@@ -13,9 +13,7 @@ from tests.helpers.parity import WEIGHT_PARITY, assert_same_final_weights
 
 STEPS = 5
 # Four layers, so V and interleaved schedules get one layer per stage.
-# Document masking is off under pipeline parallelism (later stages never see the token ids), so
-# the single-process references here run without it too.
-COMMON = ["--model.attention.doc_mask", "false", "--model.n_layers", "4", "--train.steps", str(STEPS), "--train.global_batch_size", "8",
+COMMON = ["--model.n_layers", "4", "--train.steps", str(STEPS), "--train.global_batch_size", "8",
           "--train.eval_interval", "5", *WEIGHT_PARITY]
 
 

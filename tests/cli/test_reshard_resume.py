@@ -9,9 +9,7 @@ import pytest
 
 from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
 
-# Document masking is off under pipeline parallelism (later stages never see the token ids), so
-# every layout here runs without it, or pp2 <-> single would differ by design.
-COMMON = ["--model.attention.doc_mask", "false", "--train.steps", "8", "--train.global_batch_size", "8", "--train.eval_interval", "0",
+COMMON = ["--train.steps", "8", "--train.global_batch_size", "8", "--train.eval_interval", "0",
           "--checkpoint.interval", "4"]
 
 
