@@ -55,6 +55,7 @@ from lmforge.train.precision import (
 )
 from lmforge.train.router_balance import RouterBalance
 from lmforge.train.stability import StabilityPolicy, StepCheck
+from lmforge.train.stability_events import log_stability_event, rollback
 from lmforge.train.state import TrainState
 from lmforge.train.stragglers import StragglerMonitor
 from lmforge.train.trace import SampleTracer, truncate_traces
@@ -99,9 +100,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)
 
-        self.data_dir = prepare_training_data(cfg, self.is_main, self._say)
+        self.data_dir = prepare_training_data(cfg, self.is_main, self.say)
         check_same_precision_on_all_ranks(self.precision)
-        self._say(f"precision: {self.precision.mode} ({self.precision.reason})")
+        self.say(f"precision: {self.precision.mode} ({self.precision.reason})")
         if self.is_main and not self.precision.native and self.device.type == "cpu":
             slower = measure_slowdown(self.precision.mode)
             log.warning("train.mixed_precision = %r on a CPU without native %s: its matmuls measured %.0fx slower "
@@ -109,7 +110,7 @@ class Trainer:
                         self.precision.mode, slower)
         self.scaler = build_grad_scaler(cfg.train.mixed_precision, self.device)
         self.accum = cfg.accum_steps(self.info.world_size)
-        built = build_training_model(cfg, self.mesh, self.info, self._say,
+        built = build_training_model(cfg, self.mesh, self.info, self.say,
                                      scale_loss=self.scaler.scale if self.scaler.is_enabled() else None)
         self.model, self.pipe = built.module, built.pipe
         self.eos_id = self._doc_mask_eos(cfg)
@@ -130,10 +131,10 @@ class Trainer:
         self._measure_memory = True  # after the first step (memory/rank<r>.json, one metrics row)
 
         dp_rank, dp_world = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
-        loaders = open_loaders(cfg, self.data_dir, dp_rank, dp_world, self._say)
+        loaders = open_loaders(cfg, self.data_dir, dp_rank, dp_world, self.say)
         self.train_loader, self.val_loader, self.eval_batches = loaders.train, loaders.val, loaders.eval_batches
         if loaders.mixing is not None:  # the header line, and config.json records what was sampled
-            self._say(f"domains: {loaders.mixing.description}")
+            self.say(f"domains: {loaders.mixing.description}")
             self.cfg = cfg = replace(cfg, data=replace(cfg.data, mixing_resolved=loaders.mixing.description))
 
         self.ckpt = TieredCheckpoints(cfg.checkpoint, self.run_dir)
@@ -162,7 +163,7 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------------
 
-    def _say(self, msg: str) -> None:
+    def say(self, msg: str) -> None:
         if self.echo:
             print(msg, flush=True)
 
@@ -202,13 +203,13 @@ class Trainer:
     def _resume(self) -> None:
         if self.restarts > 0:  # the configured checkpoint only when this run has none yet
             path = self.ckpt.resolve_resume("auto") or self.ckpt.resolve_resume(self.cfg.checkpoint.resume)
-            self._say(f"restart {self.restarts} (torchrun): resuming from {path or 'scratch'}")
+            self.say(f"restart {self.restarts} (torchrun): resuming from {path or 'scratch'}")
         else:
             path = self.ckpt.resolve_resume(self.cfg.checkpoint.resume)
         if path is None:
             return
         step = self.ckpt.load(path, self.checkpoint_state())
-        self._say(f"resumed from {path} at step {step}")
+        self.say(f"resumed from {path} at step {step}")
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -316,57 +317,6 @@ class Trainer:
 
     # -- fault tolerance ---------------------------------------------------------------------------
 
-    def _log_stability_event(self, step: int, result: StepResult) -> None:
-        """One metrics record (prefix "stability") and one log line per skipped step."""
-        assert self.stability is not None and result.check is not None
-        check, grad_norm = result.check, float(result.grad_norm)
-        loss = result.global_loss if result.global_loss is not None else float("nan")
-        event = {"skip": 1, f"event_{check.verdict}": 1, "loss": loss, "grad_norm": grad_norm,
-                 "zscore": check.zscore, **self.stability.counters()}
-        self.metrics.log(step, event, prefix="stability")
-        msg = f"step {step}: {check.verdict} (loss {loss:.4g}, grad norm {grad_norm:.4g}, z {check.zscore:.1f})"
-        msg += ": rolling back" if check.verdict == "rollback" else ": optimizer step skipped"
-        if check.verdict == "overflow":  # routine for fp16 loss scaling: counted, not shouted
-            log.info(msg)
-        elif self.is_main:
-            log.warning(msg)
-            self._say(f"stability: {msg}")
-
-    def _rollback_target(self, before_step: int) -> Path | None:
-        """Newest valid checkpoint saved before `before_step` (rank 0 decides, all ranks get it)."""
-        box: list[str | None] = [None]
-        if self.is_main:
-            target, skipped = self.ckpt.newest_valid_before(before_step)
-            for p, reason in skipped:
-                log.warning("rollback: skipping invalid checkpoint %s: %s", p, reason)
-            box[0] = str(target) if target is not None else None
-        if self.info.world_size > 1:
-            dist.broadcast_object_list(box, group_src=0)
-        return Path(box[0]) if box[0] is not None else None
-
-    def _rollback(self, check: StepCheck) -> bool:
-        """Reload the newest valid checkpoint from before the spikes; the loader skips everything
-        consumed since (the batches that led to the spikes, and the spikes). False when there is no
-        such checkpoint (the spiking steps were skipped anyway; training goes on)."""
-        target = self._rollback_target(check.first_spike_step)
-        if target is None:
-            self._say(f"stability: no valid checkpoint before step {check.first_spike_step}; not rolling back")
-            return False
-        end = self.train_loader.position
-        skips = list(self.train_loader.skips)
-        state = {k: v for k, v in self.checkpoint_state().items() if k != "stability"}  # keep the counters
-        step = self.ckpt.load(target, state)
-        start = self.train_loader.position
-        self.train_loader.skips = sorted(set(skips) | set(self.train_loader.skips))
-        self.train_loader.skip_range(start, end)
-        if self.tracer is not None:
-            self.tracer.discard_step()
-            truncate_traces(self.run_dir, step, [self.tracer.path])
-        self.metrics.log(check.first_spike_step, {"rollback_to_step": step, "skipped_from_position": start,
-                                                  "skipped_samples": end - start}, prefix="stability")
-        self._say(f"stability: rolled back to {target} (step {step}); skipping loader positions [{start}, {end})")
-        return True
-
     def _straggler_metrics(self, step: int) -> dict[str, float | int]:
         assert self.stragglers is not None
         report = self.stragglers.report()
@@ -377,7 +327,7 @@ class Trainer:
             msg = (f"step {step}: straggler rank {report.straggler_rank}: busy {report.max_over_median:.2f}x the "
                    f"median of the other ranks per step (ms by rank: {times})")
             log.warning(msg)
-            self._say(msg)
+            self.say(msg)
         return report.metrics()
 
     def fit(self) -> list[float]:
@@ -404,8 +354,8 @@ class Trainer:
                     memory = result.memory
                 check = result.check
                 if check is not None and check.skip:
-                    self._log_stability_event(self.state.step + 1, result)
-                if check is not None and check.verdict == "rollback" and self._rollback(check):
+                    log_stability_event(self, self.state.step + 1, result)
+                if check is not None and check.verdict == "rollback" and rollback(self, check):
                     timer.start()  # the steps rolled back are gone: their window too
                     if self.step_flops is not None:
                         self.step_flops.flops = 0.0
@@ -422,7 +372,7 @@ class Trainer:
                     tps, mfu = window.tokens_per_s, window.mfu
                     if mfu > 1.0 and not peak_warned:  # the denominator is wrong, not the run
                         peak_warned = True
-                        self._say(f"warning: MFU reads {mfu:.0%}: the peak it divides by "
+                        self.say(f"warning: MFU reads {mfu:.0%}: the peak it divides by "
                                   f"({self.peak_flops / 1e9:,.1f} GFLOP/s per device) is below what this run "
                                   "achieves, e.g. measured while the machine was busy; re-measure it on a quiet "
                                   "machine with `lmforge bench peak --force` (or set metrics.peak_flops)")
