@@ -38,6 +38,7 @@ from lmforge.parallel.tp import full_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.storage.atomic import atomic_copy, write_text_atomic
 from lmforge.storage.layout import RunDir
 from lmforge.storage.strict_json import dumps_strict
+from lmforge.train.accounting import StepAccounting
 from lmforge.train.data_stage import open_loaders, prepare_training_data
 from lmforge.train.evaluate import local_validation_loss
 from lmforge.train.faults import FaultInjector
@@ -52,6 +53,7 @@ from lmforge.train.precision import (
     measure_slowdown,
     resolve_job_precision,
 )
+from lmforge.train.rollback import rollback_target
 from lmforge.train.router_balance import RouterBalance
 from lmforge.train.stability import StabilityPolicy, StepCheck
 from lmforge.train.state import TrainState
@@ -135,6 +137,9 @@ class Trainer:
             self._say(f"domains: {loaders.mixing.description}")
             self.cfg = cfg = replace(cfg, data=replace(cfg.data, mixing_resolved=loaders.mixing.description))
 
+        self.faults.maybe_slow_network(self.model)  # test-only (LMFORGE_FAULTS comm_delay_s)
+        self.acct = StepAccounting(cfg, self.model, self.train_loader, self.device, self.info.world_size,
+                                   self._dp_group(), self._say)
         self.ckpt = TieredCheckpoints(cfg.checkpoint, self.run_dir)
         # torchrun restarted the workers after a failure: continue from the newest valid checkpoint
         # of this run, memory-tier snapshots included (resume 'auto'), whatever was configured.
@@ -236,6 +241,7 @@ class Trainer:
             aux = self.router.loss() if self.router is not None else None
             if self.faults.active:  # test-only injection (LMFORGE_FAULTS)
                 loss = self.faults.poison_loss(self.state.step + 1, self.train_loader.last_positions.tolist(), loss)
+            loss = loss * self.acct.loss_weight()  # by tokens, under load balancing (load_balance.py)
             if aux is not None and isinstance(loss, DTensor):  # loss parallel: MoE replicated over tp
                 aux = DTensor.from_local(aux, loss.device_mesh, [Replicate()] * loss.device_mesh.ndim)
             self.scaler.scale((loss + aux if aux is not None else loss) / self.accum).backward()
@@ -243,23 +249,33 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step over `accum` micro-batches."""
-        model, cfg = self.model, self.cfg
+        model = self.model
         total = torch.zeros((), device=self.device)
-        self.faults.maybe_delay(self.info.rank)
         if self.router is not None:
             self.router.start_step()
         activation_bytes = 0
+        bd = self.acct.bd
         for i in range(self.accum):
-            x, y = self.train_loader.next_batch()
+            with bd.phase("data"):
+                x, y = self.train_loader.next_batch()
+                self.faults.maybe_slow_loader()
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.tracer is not None:
                 self.tracer.add(self.train_loader.last_positions, self.train_loader.last_windows)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             meter = ActivationMeter([model]) if self._measure_memory and i == 0 else None
-            with meter.measure() if meter else contextlib.nullcontext():
+            with meter.measure() if meter else contextlib.nullcontext(), bd.forward_backward(i == self.accum - 1):
+                self.faults.maybe_delay(self.info.rank, len(x), first=i == 0)
                 total += self._forward_backward(x, y, last=i == self.accum - 1) / self.accum
+            self.acct.micro_batch_done(len(x))
             if meter is not None:
                 activation_bytes = meter.bytes
         self.faults.maybe_kill(self.state.step + 1, self.info.rank)
+        with bd.phase("compute"):
+            return self._update(total, activation_bytes)
+
+    def _update(self, total: torch.Tensor, activation_bytes: int) -> StepResult:
+        """Clipping, the stability check and the optimizer step after the micro-batches."""
+        model, cfg = self.model, self.cfg
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
         grad_norm = clip_grad_norm_(model.parameters(), max_norm,
@@ -329,23 +345,11 @@ class Trainer:
             log.warning(msg)
             self._say(f"stability: {msg}")
 
-    def _rollback_target(self, before_step: int) -> Path | None:
-        """Newest valid checkpoint saved before `before_step` (rank 0 decides, all ranks get it)."""
-        box: list[str | None] = [None]
-        if self.is_main:
-            target, skipped = self.ckpt.newest_valid_before(before_step)
-            for p, reason in skipped:
-                log.warning("rollback: skipping invalid checkpoint %s: %s", p, reason)
-            box[0] = str(target) if target is not None else None
-        if self.info.world_size > 1:
-            dist.broadcast_object_list(box, group_src=0)
-        return Path(box[0]) if box[0] is not None else None
-
     def _rollback(self, check: StepCheck) -> bool:
         """Reload the newest valid checkpoint from before the spikes; the loader skips everything
         consumed since (the batches that led to the spikes, and the spikes). False when there is no
         such checkpoint (the spiking steps were skipped anyway; training goes on)."""
-        target = self._rollback_target(check.first_spike_step)
+        target = rollback_target(self.ckpt, check.first_spike_step, self.is_main, self.info.world_size)
         if target is None:
             self._say(f"stability: no valid checkpoint before step {check.first_spike_step}; not rolling back")
             return False
@@ -363,19 +367,6 @@ class Trainer:
                                                   "skipped_samples": end - start}, prefix="stability")
         self._say(f"stability: rolled back to {target} (step {step}); skipping loader positions [{start}, {end})")
         return True
-
-    def _straggler_metrics(self, step: int) -> dict[str, float | int]:
-        assert self.stragglers is not None
-        report = self.stragglers.report()
-        if report is None:
-            return {}
-        if report.straggler_rank >= 0 and self.is_main:
-            times = ", ".join(f"{t * 1e3:.1f}" for t in report.times)
-            msg = (f"step {step}: straggler rank {report.straggler_rank}: busy {report.max_over_median:.2f}x the "
-                   f"median of the other ranks per step (ms by rank: {times})")
-            log.warning(msg)
-            self._say(msg)
-        return report.metrics()
 
     def fit(self) -> list[float]:
         cfg = self.cfg
@@ -406,6 +397,7 @@ class Trainer:
                     timer.start()  # the steps rolled back are gone: their window too
                     continue
                 self.state.step += 1
+                self.acct.step_done(self.state.step)
                 self.state.tokens_seen += tokens_per_step
                 timer.add(tokens_per_step)
                 step = self.state.step
@@ -433,22 +425,24 @@ class Trainer:
                     if self.stability is not None:
                         metrics.update(self.stability.counters())
                     if self.stragglers is not None:
-                        metrics.update(self._straggler_metrics(step))
+                        metrics.update(self.stragglers.report_metrics(step, self._say, self.is_main))
                     if self.router is not None:
                         metrics.update(self.router.metrics())
+                    metrics.update(self.acct.window_metrics())
                     self.metrics.log(step, metrics, prefix="train")
                     bar.update(step, metrics)
                     timer.start()
                 if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == steps):
-                    with timer.paused():
+                    with timer.paused(), self.acct.bd.phase("eval"):
                         val = self.evaluate()
                         self.metrics.log(step, {"loss": val, "perplexity": math.exp(min(val, 50.0))}, prefix="val")
                         bar.update(step, {"val_loss": val})
                 tier = self.ckpt.due(step, final=step in (steps, stop)) if cfg.checkpoint.enabled else None
                 if tier is not None:
-                    with timer.paused():
+                    with timer.paused(), self.acct.bd.phase("ckpt"):
                         self.ckpt.save(step, self.checkpoint_state(), tier=tier)
                         self._log_checkpoint_stats()
+        self._breakdown_summary()
         self.ckpt.wait()
         self._log_checkpoint_stats()
         if self.state.step >= steps:
@@ -459,6 +453,13 @@ class Trainer:
             except Exception as e:  # a plot must never fail a finished run
                 log.warning("loss plot not written: %s", e)
         return self.losses
+
+    def _breakdown_summary(self) -> None:
+        """The run's time breakdown: a "summary" metrics row and one line ("communication-bound: ...")."""
+        summary = self.acct.summary()
+        if summary is not None:
+            self.metrics.log(self.state.step, summary[0], prefix="summary")
+            self._say(f"time breakdown: {summary[1]}")
 
     def _log_checkpoint_stats(self) -> None:
         """One `ckpt` metrics row per finished save: stall_s (step loop blocked), total_s (until
