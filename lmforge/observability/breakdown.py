@@ -142,8 +142,10 @@ class StepBreakdown:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def add(self, part: str, seconds: float) -> None:
-        self._window[part] += seconds
+    def start(self) -> None:
+        """Begin the first window now (the training loop starts; setup is not a step's time)."""
+        self._window = dict.fromkeys(PARTS[:-1], 0.0)
+        self._steps, self._t0 = 0, self.now()
 
     @contextlib.contextmanager
     def phase(self, part: str) -> Iterator[None]:

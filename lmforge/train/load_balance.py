@@ -4,7 +4,7 @@ Every `comm.load_balance_interval` optimizer steps the ranks all-gather their co
 sample since the last re-split (forward, backward up to the last gradient: waiting on data or on
 the other ranks is left out, so a fast rank does not look slow for waiting on a slow one) and
 split each global micro-batch of `micro_batch_size x dp` samples in proportion to their speeds
-(`balanced_split`; every rank keeps >= 1 sample, so every rank runs the same forwards and
+(`balanced_split`: the smallest slowest-rank time; every rank keeps >= 1 sample, so every rank runs the same forwards and
 backwards and DDP's / FSDP2's collectives line up). The loader serves the split
 (`DistributedTokenLoader.set_split`): the samples of each global batch are the same as with the
 equal split, only who computes which changes, and the split is in the loader's resumable state.
@@ -22,8 +22,6 @@ back and forth.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -33,19 +31,16 @@ MIN_GAIN = 0.05  # predicted step-time cut below which the split stays
 
 
 def balanced_split(seconds_per_sample: list[float], total: int) -> list[int]:
-    """Samples per rank in proportion to speed (1 / seconds per sample), each >= 1, summing to
-    `total` (largest remainders; ties to the lower rank)."""
+    """Samples per rank, each >= 1, summing to `total`, that make the slowest rank's time
+    (samples x seconds per sample) as small as it can be: one sample each, then every further
+    sample to the rank that would finish it first (ties to the lower rank). This greedy order is
+    optimal for that maximum; the result is about proportional to speed."""
     n = len(seconds_per_sample)
     if total < n:
         raise ValueError(f"cannot give {n} ranks >= 1 sample each out of {total}")
-    speed = [1.0 / max(t, 1e-12) for t in seconds_per_sample]
-    ideal = [total * v / sum(speed) for v in speed]
-    counts = [max(1, math.floor(x)) for x in ideal]
-    while sum(counts) > total:  # raising a rank to 1 can overshoot: take from the most over its ideal
-        r = max((i for i in range(n) if counts[i] > 1), key=lambda i: (counts[i] - ideal[i], -i))
-        counts[r] -= 1
-    while sum(counts) < total:  # the floors' remainders, largest first
-        r = max(range(n), key=lambda i: (ideal[i] - counts[i], -i))
+    counts = [1] * n
+    for _ in range(total - n):
+        r = min(range(n), key=lambda i: ((counts[i] + 1) * seconds_per_sample[i], i))
         counts[r] += 1
     return counts
 

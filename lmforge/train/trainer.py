@@ -381,6 +381,7 @@ class Trainer:
         peak_warned = False
         memory: dict[str, int] = {}  # tensor accounting, once (every rank's is in memory/)
         timer = StepTimer(self.flops_per_token, self.peak_flops, self.info.world_size, device=self.device)
+        self.acct.bd.start()
         with bar:
             while self.state.step < stop:
                 if self.stragglers is not None:
