@@ -1,10 +1,10 @@
 """Plain data parallelism with DistributedDataParallel over the mesh's "dp" dimension.
 
-Buffers are not broadcast from rank 0 before every forward (`broadcast_buffers=False`): ours are
-constants computed the same on every rank (RoPE tables) or moved identically on every rank from
-all-reduced statistics (MoE expert biases), so the broadcast bought nothing but a collective at
-the start of each forward, where a fast rank's wait for a slow one hid inside "compute"
-(observability/breakdown.py)."""
+Buffers are broadcast from rank 0 once, at wrap time, not before every forward
+(`forward_sync_buffers=False`): ours are constants computed the same on every rank (RoPE tables)
+or moved identically on every rank from all-reduced statistics (MoE expert biases), so the
+per-forward broadcast bought nothing but a collective at the start of each forward, where a fast
+rank's wait for a slow one hid inside "compute" (observability/breakdown.py)."""
 
 from __future__ import annotations
 
@@ -20,4 +20,4 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
     first = next(model.parameters())  # all on this rank's device
     device_ids = [first.device.index] if first.is_cuda else None
     return DDP(model, process_group=dp_mesh.get_group(), device_ids=device_ids, gradient_as_bucket_view=True,
-                broadcast_buffers=False)
+                forward_sync_buffers=False)
