@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +135,7 @@ class StepBreakdown:
         self._run_steps = 0
         self._steps = 0
         self._bytes = [0, 0]  # gradient bytes to reduce, bytes sent (after compression), this window
+        self._in_hooks: list[tuple[float, float]] = []  # (start, end) of comm hook calls in this backward
         self._t0 = self.now()
 
     def now(self) -> float:
@@ -167,6 +168,7 @@ class StepBreakdown:
             return
         if self.clock is not None:
             self.clock.reset()
+        self._in_hooks = []
         t = self.now()
         try:
             yield
@@ -174,11 +176,29 @@ class StepBreakdown:
             end = self.now()
             ready = self.clock.last if self.clock is not None else None
             if sync and ready is not None and t <= ready <= end:
-                self.last_compute = ready - t
-                self._window["comm_exposed"] += end - ready
+                # a comm hook that blocks (reduces inside the call) stalls backward before `ready`
+                blocked = sum(max(0.0, min(e, ready) - s) for s, e in self._in_hooks)
+                self.last_compute = ready - t - blocked
+                self._window["comm_exposed"] += end - ready + blocked
             else:
                 self.last_compute = end - t
             self._window["compute"] += self.last_compute
+
+    def wrap_comm_hook(self, hook: Callable) -> Callable:
+        """A DDP comm hook that runs `hook` and records how long the call blocked backward: a hook
+        that reduces inside the call (a compressor's all-gather) stalls the autograd thread, which
+        the end-of-backward wait alone would count as compute. Register the result in its place:
+        `ddp.register_comm_hook(state, breakdown.wrap_comm_hook(hook))`."""
+        def timed(state, bucket):  # noqa: ANN001, ANN202 - DDP checks the annotations (string ones fail)
+            t = time.perf_counter()
+            try:
+                return hook(state, bucket)
+            finally:
+                if self.enabled:
+                    self._in_hooks.append((t, time.perf_counter()))
+
+        timed.__qualname__ = f"timed({getattr(hook, '__qualname__', 'hook')})"
+        return timed
 
     def record_comm(self, raw_bytes: int, sent_bytes: int) -> None:
         """Bytes of one collective: what it reduces and what it sends (a compressing comm hook

@@ -30,7 +30,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -110,7 +110,7 @@ class FaultInjector:
         if self.loader_delay_s > 0:
             time.sleep(self.loader_delay_s)
 
-    def maybe_slow_network(self, model: torch.nn.Module) -> None:
+    def maybe_slow_network(self, model: torch.nn.Module, wrap: Callable[[Callable], Callable]) -> None:
         """With comm_delay_s: register a DDP comm hook (torch's plain all-reduce) whose result
         arrives comm_delay_s late. Only on a DDP module; a test-only injection, so it refuses to
         replace a hook someone else registered."""
@@ -120,7 +120,7 @@ class FaultInjector:
             raise ValueError(f"{ENV}: 'comm_delay_s' needs DDP (parallel.dp_replicate > 1, dp_shard 1)")
         if getattr(model, "_comm_hooks", None):
             raise ValueError(f"{ENV}: 'comm_delay_s' cannot join the DDP comm hook already registered")
-        model.register_comm_hook((model.process_group, self.comm_delay_s), _slow_allreduce_hook)
+        model.register_comm_hook((model.process_group, self.comm_delay_s), wrap(_slow_allreduce_hook))
 
 
 def _slow_allreduce_hook(state, bucket):  # noqa: ANN001, ANN201 - DDP checks the annotations (string ones fail)

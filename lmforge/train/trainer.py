@@ -137,9 +137,9 @@ class Trainer:
             self._say(f"domains: {loaders.mixing.description}")
             self.cfg = cfg = replace(cfg, data=replace(cfg.data, mixing_resolved=loaders.mixing.description))
 
-        self.faults.maybe_slow_network(self.model)  # test-only (LMFORGE_FAULTS comm_delay_s)
         self.acct = StepAccounting(cfg, self.model, self.train_loader, self.device, self.info.world_size,
                                    self._dp_group(), self._say)
+        self.faults.maybe_slow_network(self.model, self.acct.bd.wrap_comm_hook)  # test-only (LMFORGE_FAULTS)
         self.ckpt = TieredCheckpoints(cfg.checkpoint, self.run_dir)
         # torchrun restarted the workers after a failure: continue from the newest valid checkpoint
         # of this run, memory-tier snapshots included (resume 'auto'), whatever was configured.

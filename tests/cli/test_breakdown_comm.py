@@ -34,6 +34,7 @@ def test_slow_network_is_communication_bound(tiny_data_dir: Path, tmp_path: Path
         assert r["comm_bytes_per_step"] == grads and r["comm_compression_ratio"] == 1.0, r
     assert all(r["bound"] == 1 for r in rows[1:]), rows  # communication (the first window holds warm-up)
     summary = read_metrics(tmp_path, "summary")[-1]
+    print({k: round(v, 4) for k, v in summary.items() if k.startswith(("time_", "bound", "step_time"))})
     parts = sum(summary[k] for k in summary if k.startswith("time_"))
     assert summary["bound"] == 1 and summary["bound_share"] > 0.4, summary
     assert abs(parts - summary["step_time_s"] * STEPS) < 1e-6 * parts
