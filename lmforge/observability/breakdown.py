@@ -130,6 +130,7 @@ class StepBreakdown:
         self.enabled = enabled  # off: every context is a no-op (no clock reads, no CUDA syncs)
         self.clock = clock if device.type != "cuda" else None
         self.last_compute = 0.0  # compute seconds of the last forward_backward
+        self.last_cpu = 0.0  # and this process's CPU seconds in it (collective waits sleep on gloo)
         self._window = dict.fromkeys(PARTS[:-1], 0.0)
         self._run = dict.fromkeys(PARTS, 0.0)
         self._run_steps = 0
@@ -169,11 +170,12 @@ class StepBreakdown:
         if self.clock is not None:
             self.clock.reset()
         self._in_hooks = []
-        t = self.now()
+        t, cpu = self.now(), time.process_time()
         try:
             yield
         finally:
             end = self.now()
+            self.last_cpu = time.process_time() - cpu
             ready = self.clock.last if self.clock is not None else None
             if sync and ready is not None and t <= ready <= end:
                 # a comm hook that blocks (reduces inside the call) stalls backward before `ready`

@@ -41,16 +41,19 @@ class StepAccounting:
         clock = GradReadyClock(model.parameters()) if on and dp_group is not None and device.type != "cuda" else None
         self.bd = StepBreakdown(device, clock, enabled=on)
         self.balancer = LoadBalancer(loader, cfg.comm.load_balance_interval, dp_group, device) if balance else None
+        # FSDP2 gathers parameters inside forward and backward, where a fast rank waits for a slow
+        # one: its busy time is the process CPU time (gloo waits sleep), DDP's the compute time
+        self.fsdp = cfg.parallel.resolved(world_size).dp_shard > 1
         ddp = hasattr(model, "no_sync") and world_size > 1
         self.grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) \
             if ddp and cfg.comm.compression == "none" else 0
-        limits = describe_limits(device, fsdp=cfg.parallel.resolved(world_size).dp_shard > 1) if on else None
+        limits = describe_limits(device, fsdp=self.fsdp) if on else None
         if limits:
             say(f"note: {limits}")
 
     def micro_batch_done(self, samples: int) -> None:
         if self.balancer is not None:
-            self.balancer.add(self.bd.last_compute, samples)
+            self.balancer.add(self.bd.last_cpu if self.fsdp else self.bd.last_compute, samples)
 
     def loss_weight(self) -> float:
         """1.0 unless load balancing gave this rank an uneven share (load_balance.py)."""

@@ -1,8 +1,10 @@
 """Load balancing across uneven data-parallel ranks (comm.load_balance).
 
-Every `comm.load_balance_interval` optimizer steps the ranks all-gather their compute seconds per
-sample since the last re-split (forward, backward up to the last gradient: waiting on data or on
-the other ranks is left out, so a fast rank does not look slow for waiting on a slow one) and
+Every `comm.load_balance_interval` optimizer steps the ranks all-gather their busy seconds per
+sample since the last re-split (DDP: forward and backward up to the last gradient; FSDP2, whose
+parameter all-gathers inside forward and backward make a fast rank wait for a slow one there: the
+process CPU time of forward and backward, as gloo's waits sleep; waiting on data or on the other
+ranks is left out either way, so a fast rank does not look slow for waiting on a slow one) and
 split each global micro-batch of `micro_batch_size x dp` samples in proportion to their speeds
 (`balanced_split`: the smallest slowest-rank time; every rank keeps >= 1 sample, so every rank runs the same forwards and
 backwards and DDP's / FSDP2's collectives line up). The loader serves the split
@@ -89,7 +91,7 @@ class LoadBalancer:
             return None
         self.loader.set_split(new)
         ms = ", ".join(f"{t * 1e3:.1f}" for t in per_sample)
-        return (f"step {step}: load balance: samples per rank per micro-batch {current} -> {new} (compute ms per "
+        return (f"step {step}: load balance: samples per rank per micro-batch {current} -> {new} (busy ms per "
                 f"sample by rank: {ms})")
 
     def metrics(self) -> dict[str, float]:
