@@ -70,6 +70,7 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
                             "--out", str(tmp / "moe_balance"), *prec],
             "data_pipeline": ["--repeat", "3"],
             "attention": ["--repeats", "3", "--topk"],
+            "load_balance": ["--steps", "24", "--tail", "10"],
             "train_throughput": [],
         }
     return {
@@ -85,6 +86,7 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
                         "--out", str(tmp / "moe_balance"), *prec],
         "data_pipeline": ["--repeat", "1"],  # all 9,782 documents, one round: ~25 s (full: 3 rounds)
         "attention": [],  # 1k..16k, full vs window 512, best of 2: ~2 min
+        "load_balance": [],  # 2 runs of 16 steps on 2 ranks: ~1 min
         "train_throughput": [],  # its own defaults (target 1.1x over transformers)
     }
 

@@ -176,6 +176,9 @@ class MetricsConfig:
     # At each log step every rank's busy time per step is all-gathered; a rank slower than the
     # median by this factor is reported as a straggler. 0 disables (no collective).
     straggler_factor: float = 1.5
+    # Per log window: seconds in compute, exposed communication, data, checkpoints, evaluation and
+    # idle (time_*_s), the bound and an end-of-run summary line (observability/breakdown.py).
+    breakdown: bool = True
 
     def validate(self) -> None:
         require_positive("metrics", self, "log_interval")
@@ -245,6 +248,13 @@ class JobConfig:
         require(self.scheduler.warmup_steps <= t.steps, "scheduler.warmup_steps", self.scheduler.warmup_steps,
                 f"must be <= train.steps ({t.steps})")
         self._check_pipeline_combinations(world_size)
+        r = self.parallel.resolved(world_size)
+        layout = {"parallel.tp": r.tp, "parallel.pp": r.pp, "parallel.ep": r.ep}
+        for key, degree in layout.items():  # uneven batches only where every rank holds whole samples
+            require(not self.comm.load_balance or degree == 1, "comm.load_balance", True,
+                    f"works with data parallelism only (DDP, FSDP2): turn it off or set {key} = 1 (is {degree})")
+        require(not self.comm.load_balance or m.moe.n_experts == 0, "comm.load_balance", True,
+                "does not weight MoE router losses by tokens: turn it off for MoE models (model.moe.n_experts > 0)")
 
     def _check_pipeline_combinations(self, world_size: int) -> None:
         """What the pipeline builder (lmforge.parallel.pp) and torch's schedules would refuse on

@@ -14,6 +14,12 @@ A sample's stable id is its global stream position (the window index is `window_
 end)` marks global positions never to be served (a stability rollback skips the batches that made
 the loss spike); the ranges are part of the state.
 
+Uneven splits (load balancing, lmforge.train.load_balance): `set_split(counts)` gives rank r
+`counts[r]` of each call's `micro_batch_size * dp_world` positions (consecutive, rank after rank),
+so a slower rank gets fewer samples while the global stream and the samples of each global batch
+stay those of the equal split. The split is part of the state when `balanced` (a resume continues
+with the same split; a resume on another number of ranks starts equal again).
+
 While the caller trains on one batch, the next is read on a background thread (`prefetch`); the
 state stays the consumed position, so checkpoints and resumes are exact as without it.
 
@@ -133,7 +139,7 @@ class DistributedTokenLoader:
 
     def __init__(self, dataset: TokenDataset, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
                  dp_world: int = 1, seed: int = 0, shuffle: bool = True, prefetch: bool = True,
-                 mixing: DomainSchedule | None = None, mixing_key: str = ""):
+                 mixing: DomainSchedule | None = None, mixing_key: str = "", balanced: bool = False):
         if seq_len < 1 or micro_batch_size < 1:
             raise DataError(f"seq_len = {seq_len}, micro_batch_size = {micro_batch_size}: both must be >= 1")
         if not 0 <= dp_rank < dp_world:
@@ -152,6 +158,8 @@ class DistributedTokenLoader:
         self.position = 0  # global stream position of the next global batch
         self._perm_cache: dict[int, np.ndarray] = {}
         self.skips: list[tuple[int, int]] = []  # [start, end) global positions never served
+        self.balanced = balanced  # the split is saved in the state
+        self.split: tuple[int, ...] | None = None  # samples per dp rank of each call (None: equal)
         self.last_positions = np.zeros(0, dtype=np.int64)  # this rank's positions in the last batch
         self.last_windows = np.zeros(0, dtype=np.int64)  # and their window indices
         # One reader thread per loader: the next batch is read while the step runs (next_batch).
@@ -239,6 +247,23 @@ class DistributedTokenLoader:
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.dp_world
 
+    @property
+    def local_batch_size(self) -> int:
+        """This rank's samples per call: its share of the split, or micro_batch_size."""
+        return self.split[self.dp_rank] if self.split is not None else self.micro_batch_size
+
+    def set_split(self, counts: list[int] | tuple[int, ...] | None) -> None:
+        """Samples per dp rank of each call (>= 1 each, summing to micro_batch_size x dp_world);
+        None: equal. Takes effect at the next batch (a batch read ahead for the old split is dropped)."""
+        if counts is not None:
+            counts = tuple(int(c) for c in counts)
+            if len(counts) != self.dp_world or min(counts) < 1 or sum(counts) != self.global_batch_size:
+                raise DataError(f"split {list(counts)}: needs {self.dp_world} counts >= 1 summing to "
+                                f"{self.global_batch_size} (micro_batch_size x dp_world)")
+            if len(set(counts)) == 1:
+                counts = None
+        self.split = counts
+
     # -- batches -----------------------------------------------------------------------------------
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +273,7 @@ class DistributedTokenLoader:
         trains on this one. The state (`position`, `state_dict`) always counts consumed batches
         only; a prefetched batch is used only if it was read for exactly the current position and
         skip ranges (a reset, a resume or a new skip range discards it)."""
-        key = (self.position, tuple(self.skips))
+        key = (self.position, tuple(self.skips), self.split)
         batch = None
         if self._pending is not None:
             pending_key, future = self._pending
@@ -257,27 +282,30 @@ class DistributedTokenLoader:
         if batch is None:
             batch = self._read(*key)
         start, idx, tokens, self.position = batch
-        self.last_positions = np.arange(start, start + self.micro_batch_size, dtype=np.int64)
+        self.last_positions = np.arange(start, start + len(idx), dtype=np.int64)
         self.last_windows = idx
         if self._executor is not None:
-            nxt = (self.position, tuple(self.skips))
+            nxt = (self.position, tuple(self.skips), self.split)
             self._pending = (nxt, self._executor.submit(self._read, *nxt))
         return tokens[:, :-1], tokens[:, 1:]
 
-    def _read(self, position: int, skips: tuple[tuple[int, int], ...]
+    def _read(self, position: int, skips: tuple[tuple[int, int], ...], split: tuple[int, ...] | None = None
               ) -> tuple[int, np.ndarray, torch.Tensor, int]:
-        """The batch served at global `position` given `skips`, without touching the loader's state:
-        (this rank's first position, window indices, tokens (m, seq_len + 1), next global position)."""
-        m = self.micro_batch_size
+        """The batch served at global `position` given `skips` and `split`, without touching the
+        loader's state: (this rank's first position, window indices, tokens (m, seq_len + 1), next
+        global position)."""
         position = self._after_skips(position, skips)
-        start = position + self.dp_rank * m
+        if split is None:
+            m, start = self.micro_batch_size, position + self.dp_rank * self.micro_batch_size
+        else:
+            m, start = split[self.dp_rank], position + sum(split[:self.dp_rank])
         idx = self.window_indices(start, m)
         windows = np.stack([self.dataset.window_at(self._token_start(int(i)), self.seq_len) for i in idx])
         if windows.size and windows.max() >= self.dataset.vocab_size:  # else an IndexError in the embedding
             raise DataError(f"{self.dataset.path}: token id {windows.max()} in window {idx[np.argmax(windows.max(1))]} "
                             f"is outside the vocabulary ({self.dataset.vocab_size} ids); run `lmforge data verify "
                             f"{self.dataset.dir}` and repack")
-        return start, idx, torch.from_numpy(windows), position + m * self.dp_world
+        return start, idx, torch.from_numpy(windows), position + self.global_batch_size
 
     @staticmethod
     def _after_skips(position: int, skips: tuple[tuple[int, int], ...]) -> int:
@@ -328,6 +356,8 @@ class DistributedTokenLoader:
             "skip": ",".join(f"{lo}:{hi}" for lo, hi in self.skips)}
         if self.mixing is not None:  # only with mixing: states of unmixed runs keep their keys
             sd["mixing"] = self.mixing_key
+        if self.balanced:  # only with load balancing, for the same reason
+            sd["split"] = ",".join(str(c) for c in self.split) if self.split is not None else ""
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -359,3 +389,16 @@ class DistributedTokenLoader:
             raise DataError(f"data loader state has malformed skip ranges {sd.get('skip')!r}") from None
         self.position = saved["position"]
         self.skips = [(lo, hi) for lo, hi in skips]
+        self._load_split(str(sd.get("split", "")))
+
+    def _load_split(self, text: str) -> None:
+        """The saved split when it fits this run (same ranks and batch), else the equal split."""
+        try:
+            counts = tuple(int(c) for c in text.split(",")) if text else None
+        except ValueError:
+            raise DataError(f"data loader state has a malformed split {text!r}") from None
+        fits = counts is not None and len(counts) == self.dp_world and sum(counts) == self.global_batch_size
+        if counts is not None and not fits:
+            log.info("data loader: saved split %s does not fit %d ranks x %d samples; starting equal", text,
+                     self.dp_world, self.micro_batch_size)
+        self.set_split(counts if fits else None)

@@ -1,4 +1,10 @@
-"""Plain data parallelism with DistributedDataParallel over the mesh's "dp" dimension."""
+"""Plain data parallelism with DistributedDataParallel over the mesh's "dp" dimension.
+
+Buffers are broadcast from rank 0 once, at wrap time, not before every forward
+(`forward_sync_buffers=False`): ours are constants computed the same on every rank (RoPE tables)
+or moved identically on every rank from all-reduced statistics (MoE expert biases), so the
+per-forward broadcast bought nothing but a collective at the start of each forward, where a fast
+rank's wait for a slow one hid inside "compute" (observability/breakdown.py)."""
 
 from __future__ import annotations
 
@@ -13,4 +19,5 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
         return model
     first = next(model.parameters())  # all on this rank's device
     device_ids = [first.device.index] if first.is_cuda else None
-    return DDP(model, process_group=dp_mesh.get_group(), device_ids=device_ids, gradient_as_bucket_view=True)
+    return DDP(model, process_group=dp_mesh.get_group(), device_ids=device_ids, gradient_as_bucket_view=True,
+                forward_sync_buffers=False)

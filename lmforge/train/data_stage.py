@@ -53,7 +53,7 @@ def open_loaders(cfg: JobConfig, data_dir: Path, dp_rank: int, dp_world: int,
     mixing = build_mixing(train_set.domains, cfg.data, cfg.train.global_batch_size)
     train = DistributedTokenLoader(train_set, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dp_world,
                                    seed=cfg.data.seed, shuffle=True, mixing=mixing and mixing.schedule,
-                                   mixing_key=mixing.key if mixing else "")
+                                   mixing_key=mixing.key if mixing else "", balanced=cfg.comm.load_balance)
     val = DistributedTokenLoader(TokenDataset(data_dir, "val"), cfg.train.seq_len, cfg.train.micro_batch_size,
                                  dp_rank, dp_world, seed=cfg.data.seed, shuffle=False)
     check_batch_fits_data(train.n_windows, cfg.train.global_batch_size, cfg.train.seq_len, str(data_dir))

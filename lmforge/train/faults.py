@@ -12,6 +12,12 @@ the real CLI and launcher, without special code paths in the training step:
                                   records that it happened, so the restarted run passes on
      "marker_dir": "/tmp/x",
      "delay_rank": 1, "delay_s": 0.05,   this rank burns CPU for delay_s each step (a straggler)
+     "delay_per_sample_s": 0.02,  ... and this much per sample of each of its micro-batches (a slow
+                                  device: its time grows with its share of the batch)
+     "loader_delay_s": 0.05,      every rank's batches arrive this much late (a slow loader: sleeps)
+     "comm_delay_s": 0.1,         every DDP gradient bucket's all-reduce completes this much later
+                                  (a slow network: a sleep in the comm hook's completion callback,
+                                  off the training thread, so it overlaps compute as a real link)
      "error": [3, 1]}             rank r raises InjectedFault at step s, where a kill would happen
                                   (a bug on one rank: the run must end with the error, not hang)
 
@@ -24,10 +30,11 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 ENV = "LMFORGE_FAULTS"
 
@@ -47,11 +54,15 @@ class FaultInjector:
         self.marker_dir = Path(spec["marker_dir"]) if "marker_dir" in spec else None
         self.delay_rank = int(spec.get("delay_rank", -1))
         self.delay_s = float(spec.get("delay_s", 0.0))
+        self.delay_per_sample_s = float(spec.get("delay_per_sample_s", 0.0))
+        self.loader_delay_s = float(spec.get("loader_delay_s", 0.0))
+        self.comm_delay_s = float(spec.get("comm_delay_s", 0.0))
         error = spec.get("error")
         self.error = (int(error[0]), int(error[1])) if error else None
         # Checked on every micro-batch: decided once.
         self.active = bool(self.nan_steps or self.spike_steps or self.spike_positions or self.kill
-                           or self.delay_s > 0 or self.error is not None)
+                           or self.delay_s > 0 or self.error is not None or self.delay_per_sample_s > 0
+                           or self.loader_delay_s > 0 or self.comm_delay_s > 0)
         if self.kill and self.marker_dir is None:
             raise ValueError(f"{ENV}: 'kill' needs a 'marker_dir' (else a restarted run would be killed again)")
 
@@ -85,10 +96,41 @@ class FaultInjector:
             os.fsync(f.fileno())
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def maybe_delay(self, rank: int) -> None:
-        """Busy-wait (a slow device uses its time computing, not sleeping)."""
-        if rank != self.delay_rank or self.delay_s <= 0:
+    def maybe_delay(self, rank: int, samples: int, first: bool) -> None:
+        """Busy-wait (a slow device uses its time computing, not sleeping) before a micro-batch's
+        forward: delay_per_sample_s x its samples, plus delay_s on the step's first micro-batch."""
+        seconds = self.delay_per_sample_s * samples + (self.delay_s if first else 0.0)
+        if rank != self.delay_rank or seconds <= 0:
             return
-        end = time.perf_counter() + self.delay_s
+        end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             pass
+
+    def maybe_slow_loader(self) -> None:
+        if self.loader_delay_s > 0:
+            time.sleep(self.loader_delay_s)
+
+    def maybe_slow_network(self, model: torch.nn.Module, wrap: Callable[[Callable], Callable]) -> None:
+        """With comm_delay_s: register a DDP comm hook (torch's plain all-reduce) whose result
+        arrives comm_delay_s late. Only on a DDP module; a test-only injection, so it refuses to
+        replace a hook someone else registered."""
+        if self.comm_delay_s <= 0:
+            return
+        if not hasattr(model, "register_comm_hook"):
+            raise ValueError(f"{ENV}: 'comm_delay_s' needs DDP (parallel.dp_replicate > 1, dp_shard 1)")
+        if getattr(model, "_comm_hooks", None):
+            raise ValueError(f"{ENV}: 'comm_delay_s' cannot join the DDP comm hook already registered")
+        model.register_comm_hook((model.process_group, self.comm_delay_s), wrap(_slow_allreduce_hook))
+
+
+def _slow_allreduce_hook(state, bucket):  # noqa: ANN001, ANN201 - DDP checks the annotations (string ones fail)
+    """torch's all-reduce hook, completing `delay_s` later (on gloo's thread, as a slow link would).
+    state: (process group, delay_s); bucket: dist.GradBucket; returns a Future of the bucket."""
+    group, delay_s = state
+    fut = default_hooks.allreduce_hook(group, bucket)
+
+    def late(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+        time.sleep(delay_s)
+        return f.value()
+
+    return fut.then(late)

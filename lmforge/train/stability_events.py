@@ -8,8 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch.distributed as dist
-
+from lmforge.train.rollback import rollback_target
 from lmforge.train.stability import StepCheck
 from lmforge.train.trace import truncate_traces
 
@@ -51,24 +50,11 @@ def log_stability_event(trainer: TrainerView, step: int, result: Any) -> None:
         trainer.say(f"stability: {msg}")
 
 
-def _rollback_target(trainer: TrainerView, before_step: int) -> Path | None:
-    """Newest valid checkpoint saved before `before_step` (rank 0 decides, all ranks get it)."""
-    box: list[str | None] = [None]
-    if trainer.is_main:
-        target, skipped = trainer.ckpt.newest_valid_before(before_step)
-        for p, reason in skipped:
-            log.warning("rollback: skipping invalid checkpoint %s: %s", p, reason)
-        box[0] = str(target) if target is not None else None
-    if trainer.info.world_size > 1:
-        dist.broadcast_object_list(box, group_src=0)
-    return Path(box[0]) if box[0] is not None else None
-
-
 def rollback(trainer: TrainerView, check: StepCheck) -> bool:
     """Reload the newest valid checkpoint from before the spikes; the loader skips everything
     consumed since (the batches that led to the spikes, and the spikes). False when there is no
     such checkpoint (the spiking steps were skipped anyway; training goes on)."""
-    target = _rollback_target(trainer, check.first_spike_step)
+    target = rollback_target(trainer.ckpt, check.first_spike_step, trainer.is_main, trainer.info.world_size)
     if target is None:
         trainer.say(f"stability: no valid checkpoint before step {check.first_spike_step}; not rolling back")
         return False

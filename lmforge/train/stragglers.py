@@ -14,12 +14,16 @@ covers host stalls, not slow GPUs.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("lmforge.train")
 
 # A slowest rank less than this much busier than the median is scheduling noise, whatever the ratio
 # (a 15 ms debug step varies by several ms on a shared CPU).
@@ -76,3 +80,16 @@ class StragglerMonitor:
         out = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(out, mine)
         return find_straggler([float(t) for t in out], self.factor)
+
+    def report_metrics(self, step: int, say: Callable[[str], None], is_main: bool) -> dict[str, float | int]:
+        """`report()` as metrics; the straggler named in the log and by `say` (rank 0)."""
+        report = self.report()
+        if report is None:
+            return {}
+        if report.straggler_rank >= 0 and is_main:
+            times = ", ".join(f"{t * 1e3:.1f}" for t in report.times)
+            msg = (f"step {step}: straggler rank {report.straggler_rank}: busy {report.max_over_median:.2f}x the "
+                   f"median of the other ranks per step (ms by rank: {times})")
+            log.warning(msg)
+            say(msg)
+        return report.metrics()

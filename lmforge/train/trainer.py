@@ -39,6 +39,7 @@ from lmforge.parallel.tp import full_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.storage.atomic import atomic_copy, write_text_atomic
 from lmforge.storage.layout import RunDir
 from lmforge.storage.strict_json import dumps_strict
+from lmforge.train.accounting import StepAccounting
 from lmforge.train.data_stage import open_loaders, prepare_training_data
 from lmforge.train.evaluate import local_validation_loss
 from lmforge.train.faults import FaultInjector
@@ -137,6 +138,9 @@ class Trainer:
             self.say(f"domains: {loaders.mixing.description}")
             self.cfg = cfg = replace(cfg, data=replace(cfg.data, mixing_resolved=loaders.mixing.description))
 
+        self.acct = StepAccounting(cfg, self.model, self.train_loader, self.device, self.info.world_size,
+                                   self._dp_group(), self.say)
+        self.faults.maybe_slow_network(self.model, self.acct.bd.wrap_comm_hook)  # test-only (LMFORGE_FAULTS)
         self.ckpt = TieredCheckpoints(cfg.checkpoint, self.run_dir)
         # torchrun restarted the workers after a failure: continue from the newest valid checkpoint
         # of this run, memory-tier snapshots included (resume 'auto'), whatever was configured.
@@ -240,6 +244,7 @@ class Trainer:
             aux = self.router.loss() if self.router is not None else None
             if self.faults.active:  # test-only injection (LMFORGE_FAULTS)
                 loss = self.faults.poison_loss(self.state.step + 1, self.train_loader.last_positions.tolist(), loss)
+            loss = loss * self.acct.loss_weight()  # by tokens, under load balancing (load_balance.py)
             if aux is not None and isinstance(loss, DTensor):  # loss parallel: MoE replicated over tp
                 aux = DTensor.from_local(aux, loss.device_mesh, [Replicate()] * loss.device_mesh.ndim)
             self.scaler.scale((loss + aux if aux is not None else loss) / self.accum).backward()
@@ -247,23 +252,33 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step over `accum` micro-batches."""
-        model, cfg = self.model, self.cfg
+        model = self.model
         total = torch.zeros((), device=self.device)
-        self.faults.maybe_delay(self.info.rank)
         if self.router is not None:
             self.router.start_step()
         activation_bytes = 0
+        bd = self.acct.bd
         for i in range(self.accum):
-            x, y = self.train_loader.next_batch()
+            with bd.phase("data"):
+                x, y = self.train_loader.next_batch()
+                self.faults.maybe_slow_loader()
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.tracer is not None:
                 self.tracer.add(self.train_loader.last_positions, self.train_loader.last_windows)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             meter = ActivationMeter([model]) if self._measure_memory and i == 0 else None
-            with meter.measure() if meter else contextlib.nullcontext():
+            with meter.measure() if meter else contextlib.nullcontext(), bd.forward_backward(i == self.accum - 1):
+                self.faults.maybe_delay(self.info.rank, len(x), first=i == 0)
                 total += self._forward_backward(x, y, last=i == self.accum - 1) / self.accum
+            self.acct.micro_batch_done(len(x))
             if meter is not None:
                 activation_bytes = meter.bytes
         self.faults.maybe_kill(self.state.step + 1, self.info.rank)
+        with bd.phase("compute"):
+            return self._update(total, activation_bytes)
+
+    def _update(self, total: torch.Tensor, activation_bytes: int) -> StepResult:
+        """Clipping, the stability check and the optimizer step after the micro-batches."""
+        model, cfg = self.model, self.cfg
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
         grad_norm = clip_grad_norm_(model.parameters(), max_norm,
@@ -317,18 +332,6 @@ class Trainer:
 
     # -- fault tolerance ---------------------------------------------------------------------------
 
-    def _straggler_metrics(self, step: int) -> dict[str, float | int]:
-        assert self.stragglers is not None
-        report = self.stragglers.report()
-        if report is None:
-            return {}
-        if report.straggler_rank >= 0 and self.is_main:
-            times = ", ".join(f"{t * 1e3:.1f}" for t in report.times)
-            msg = (f"step {step}: straggler rank {report.straggler_rank}: busy {report.max_over_median:.2f}x the "
-                   f"median of the other ranks per step (ms by rank: {times})")
-            log.warning(msg)
-            self.say(msg)
-        return report.metrics()
 
     def fit(self) -> list[float]:
         cfg = self.cfg
@@ -343,6 +346,7 @@ class Trainer:
         peak_warned = False
         memory: dict[str, int] = {}  # tensor accounting, once (every rank's is in memory/)
         timer = StepTimer(self.flops_per_token, self.peak_flops, self.info.world_size, device=self.device)
+        self.acct.bd.start()
         with bar:
             while self.state.step < stop:
                 if self.stragglers is not None:
@@ -361,6 +365,7 @@ class Trainer:
                         self.step_flops.flops = 0.0
                     continue
                 self.state.step += 1
+                self.acct.step_done(self.state.step)
                 self.state.tokens_seen += tokens_per_step
                 timer.add(tokens_per_step)
                 step = self.state.step
@@ -389,22 +394,24 @@ class Trainer:
                     if self.stability is not None:
                         metrics.update(self.stability.counters())
                     if self.stragglers is not None:
-                        metrics.update(self._straggler_metrics(step))
+                        metrics.update(self.stragglers.report_metrics(step, self.say, self.is_main))
                     if self.router is not None:
                         metrics.update(self.router.metrics())
+                    metrics.update(self.acct.window_metrics())
                     self.metrics.log(step, metrics, prefix="train")
                     bar.update(step, metrics)
                     timer.start()
                 if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == steps):
-                    with timer.paused():
+                    with timer.paused(), self.acct.bd.phase("eval"):
                         val = self.evaluate()
                         self.metrics.log(step, {"loss": val, "perplexity": math.exp(min(val, 50.0))}, prefix="val")
                         bar.update(step, {"val_loss": val})
                 tier = self.ckpt.due(step, final=step in (steps, stop)) if cfg.checkpoint.enabled else None
                 if tier is not None:
-                    with timer.paused():
+                    with timer.paused(), self.acct.bd.phase("ckpt"):
                         self.ckpt.save(step, self.checkpoint_state(), tier=tier)
                         self._log_checkpoint_stats()
+        self._breakdown_summary()
         self.ckpt.wait()
         self._log_checkpoint_stats()
         if self.state.step >= steps:
@@ -415,6 +422,13 @@ class Trainer:
             except Exception as e:  # a plot must never fail a finished run
                 log.warning("loss plot not written: %s", e)
         return self.losses
+
+    def _breakdown_summary(self) -> None:
+        """The run's time breakdown: a "summary" metrics row and one line ("communication-bound: ...")."""
+        summary = self.acct.summary()
+        if summary is not None:
+            self.metrics.log(self.state.step, summary[0], prefix="summary")
+            self.say(f"time breakdown: {summary[1]}")
 
     def _log_checkpoint_stats(self) -> None:
         """One `ckpt` metrics row per finished save: stall_s (step loop blocked), total_s (until
