@@ -71,6 +71,8 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
             "data_pipeline": ["--repeat", "3"],
             "attention": ["--repeats", "3", "--topk"],
             "train_throughput": [],
+            "plan_published": ["--out", str(tmp / "plan"), "--runs", "32"],
+            "energy_preflight": ["--steps", "60"],
         }
     return {
         "straggler_time": [],
@@ -86,6 +88,8 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
         "data_pipeline": ["--repeat", "1"],  # all 9,782 documents, one round: ~25 s (full: 3 rounds)
         "attention": [],  # 1k..16k, full vs window 512, best of 2: ~2 min
         "train_throughput": [],  # its own defaults (target 1.1x over transformers)
+        "plan_published": ["--out", str(tmp / "plan")],  # arithmetic + seeded simulation: ~30 s
+        "energy_preflight": [],  # tiny-dense, 30 steps (+ data prepare once, cached in the temp dir)
     }
 
 

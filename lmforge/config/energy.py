@@ -22,7 +22,8 @@ ENERGY_SOURCES = ("auto", "nvml", "rapl", "tdp")
 class EnergyConfig:
     enabled: bool = False
     source: Literal[ENERGY_SOURCES] = "auto"
-    watts_per_device: float | None = None  # for the "tdp" estimate; None: the device's TDP
+    # for the "tdp" estimate: W per GPU (None: its board TDP), or on CPUs W per busy thread (None: 5)
+    watts_per_device: float | None = None
     carbon_g_per_kwh: float = 480.0
 
     def validate(self) -> None:

@@ -112,16 +112,18 @@ class NvmlSource:
 
 
 class TdpEstimate:
-    """Not a measurement: `watts` x wall time since creation."""
+    """Not a measurement: `watts` x the seconds of `clock` since creation. GPUs: board power x wall
+    time. CPUs: power per busy thread x this process's CPU time (`time.process_time`, all its
+    threads), so other jobs on a shared machine are not charged to the run."""
 
     measured = False
 
-    def __init__(self, watts: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, watts: float, clock: Callable[[], float] = time.monotonic, what: str = "wall time"):
         require(watts > 0, "energy.watts_per_device", watts, "must be > 0")
         self.watts = watts
         self._clock = clock
         self._t0 = clock()
-        self.name = f"estimate: {watts:g} W x wall time (no energy counter readable)"
+        self.name = f"estimate: {watts:g} W x {what} (no energy counter readable)"
 
     def read_j(self) -> float:
         return self.watts * (self._clock() - self._t0)
@@ -141,7 +143,8 @@ def tdp_watts(device_name: str | None, cpu_threads: int | None = None) -> float:
 def open_source(cfg: EnergyConfig, gpu_indices: Sequence[int] = (), device_name: str | None = None,
                 cpu_threads: int | None = None, root: Path = POWERCAP) -> EnergySource:
     """The best source `cfg.source` allows here: NVML for GPUs when pynvml imports, RAPL for CPUs when
-    readable, else the TDP estimate (`cfg.watts_per_device` or `tdp_watts`, x the devices)."""
+    readable, else the TDP estimate: GPUs `cfg.watts_per_device` (or the board TDP) x devices x wall
+    time, CPUs `cfg.watts_per_device` (or `CPU_WATTS_PER_THREAD`) per busy thread x CPU time."""
     cfg.validate()
     if cfg.source in ("auto", "nvml") and gpu_indices:
         try:
@@ -152,8 +155,10 @@ def open_source(cfg: EnergyConfig, gpu_indices: Sequence[int] = (), device_name:
         zones = rapl_zones(root)
         if zones or cfg.source == "rapl":
             return RaplSource(zones)
-    per_device = cfg.watts_per_device or tdp_watts(device_name, cpu_threads)
-    return TdpEstimate(per_device * max(1, len(gpu_indices)))
+    if gpu_indices:
+        return TdpEstimate((cfg.watts_per_device or tdp_watts(device_name)) * len(gpu_indices))
+    return TdpEstimate(cfg.watts_per_device or CPU_WATTS_PER_THREAD, clock=time.process_time,
+                       what="process CPU time (per busy thread)")
 
 
 class EnergyMeter:

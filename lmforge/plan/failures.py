@@ -202,6 +202,8 @@ def best_interval(fm: FailureModel, work_s: float, disk: CheckpointTier, memory:
     same seed; the best mean goodput wins."""
     write = disk.write_s if memory is None else (memory.write_s * (disk_every - 1) + disk.write_s) / disk_every
     centre = daly_interval(max(write, 1e-3), fm.job_mtbf_s)
+    if math.isinf(centre):  # nothing fails: one save at the end is best
+        return simulate(fm, work_s, work_s, disk, memory, disk_every, runs, seed)
     grid = np.geomspace(centre / 4.0, centre * 4.0, points)
     results = [simulate(fm, work_s, float(x), disk, memory, disk_every, runs, seed) for x in grid]
     return max(results, key=lambda r: r.goodput)

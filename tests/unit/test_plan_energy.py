@@ -42,9 +42,15 @@ def test_rapl_reads_packages_and_unwraps(tmp_path: Path) -> None:
 
 
 def test_open_source_falls_back_to_a_stated_estimate(tmp_path: Path) -> None:
-    src = open_source(EnergyConfig(), cpu_threads=2, root=tmp_path)  # no RAPL zone there
+    src = open_source(EnergyConfig(), root=tmp_path)  # no RAPL zone there: W per busy thread x CPU time
     assert isinstance(src, TdpEstimate) and not src.measured and "estimate" in src.name
-    assert src.watts == 2 * CPU_WATTS_PER_THREAD
+    assert src.watts == CPU_WATTS_PER_THREAD and "CPU time" in src.name
+    before = src.read_j()
+    sum(i * i for i in range(300_000))  # burn some CPU: the estimate grows with this process's CPU time
+    assert src.read_j() > before
+    gpu = open_source(EnergyConfig(source="tdp"), gpu_indices=[0, 1], device_name="NVIDIA H100 80GB HBM3")
+    assert gpu.watts == 1400 and "wall time" in gpu.name
+    assert tdp_watts(None, cpu_threads=2) == 2 * CPU_WATTS_PER_THREAD
     _zone(tmp_path, "intel-rapl:0", 1)
     assert isinstance(open_source(EnergyConfig(), root=tmp_path), RaplSource)
     assert open_source(EnergyConfig(source="tdp", watts_per_device=50), root=tmp_path).watts == 50
