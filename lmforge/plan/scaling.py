@@ -145,8 +145,9 @@ def markdown_table(rows: Sequence[ScalingRow]) -> str:
 
 
 def write_scaling_plot(series: dict[str, Sequence[ScalingRow]], out_png: Path | str, title: str = "scaling") -> Path:
-    """Per-device throughput (raw and after failures) against devices, one line pair per series;
-    written atomically (Agg canvas, no pyplot state)."""
+    """Scaling efficiency (per-device throughput over the smallest size's; dashed: times goodput)
+    against devices, one line pair per series, so jobs of any size share one axis; written
+    atomically (Agg canvas, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -155,12 +156,12 @@ def write_scaling_plot(series: dict[str, Sequence[ScalingRow]], out_png: Path | 
     ax = fig.add_subplot()
     for name, rows in series.items():
         xs = [r.devices for r in rows]
-        line, = ax.plot(xs, [r.tokens_per_s_per_device for r in rows], marker="o", label=f"{name}")
-        ax.plot(xs, [r.effective_tokens_per_s / r.devices for r in rows], linestyle="--", color=line.get_color(),
+        line, = ax.plot(xs, [r.efficiency for r in rows], marker="o", label=f"{name}")
+        ax.plot(xs, [r.efficiency * r.goodput for r in rows], linestyle="--", color=line.get_color(),
                 label=f"{name} x goodput")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("devices")
-    ax.set_ylabel("tokens/s per device")
+    ax.set_ylabel("tokens/s per device / at the smallest size")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
