@@ -1,7 +1,7 @@
 """Pre-flight energy estimate vs the energy of the run: tiny-dense for 30 steps on this machine.
 
 The run is measured with lmforge.plan.energy.EnergyMeter (RAPL when readable, else the stated
-TDP estimate: `CPU_WATTS_PER_THREAD` x threads x wall time), one record per optimizer step
+TDP estimate: `CPU_WATTS_PER_THREAD` per busy thread x process CPU time), one record per optimizer step
 (the meter wraps Trainer.train_step here; the trainer itself is wired by the lead). The pre-flight
 estimate is made before the run from the recipe alone: its training FLOPs per step over the
 model-FLOP rate recorded for 2-core Zen 3 fp32 runs (tests/unit/test_main_job_budget.py: ~67
@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmforge.config import load_job_config, parse_override_args  # noqa: E402
@@ -41,7 +44,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "lmforge-energy-data")
     ap.add_argument("--carbon", type=float, default=EnergyConfig().carbon_g_per_kwh, help="g CO2e per kWh")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default); the recorded rate is for 2 threads and is scaled "
+                         "linearly to this many (an assumption)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         overrides = ["--data.dir", str(args.data_dir), "--train.output_dir", str(Path(tmp) / "run"),
                      "--train.mixed_precision", "fp32", "--train.stop_at", str(args.steps),
@@ -50,10 +59,11 @@ def main() -> int:
         cfg = load_job_config(str(RECIPE), parse_override_args(overrides))
         t = cfg.train
         step_flops = t.global_batch_size * t.seq_len * training_flops_per_token(cfg.model, t.seq_len)
-        predicted_step_s = step_flops / ZEN3_FP32_MODEL_FLOPS_PER_S
-        watts = tdp_watts(None)
+        rate = ZEN3_FP32_MODEL_FLOPS_PER_S * min(threads, 2) / 2
+        predicted_step_s = step_flops / rate
+        watts = tdp_watts(None, cpu_threads=min(threads, len(os.sched_getaffinity(0))))
         est = preflight_estimate(predicted_step_s, args.steps, watts, carbon_g_per_kwh=args.carbon)
-        print(f"pre-flight: {step_flops / 1e9:.1f} GFLOP/step / {ZEN3_FP32_MODEL_FLOPS_PER_S / 1e9:.0f} GFLOP/s = "
+        print(f"pre-flight ({threads} thread(s)): {step_flops / 1e9:.1f} GFLOP/step / {rate / 1e9:.1f} GFLOP/s = "
               f"{predicted_step_s:.3f} s/step x {args.steps} steps x {watts:g} W = {est.joules:.0f} J "
               f"({est.kwh * 1000:.3f} Wh, {est.co2e_kg * 1000:.3f} g CO2e at {args.carbon:g} g/kWh)")
         trainer = Trainer(cfg, echo=False)
