@@ -100,3 +100,27 @@ def test_tdp_estimate_meter_and_preflight_agree_on_the_same_time() -> None:
     fresh = EnergyMeter(TdpEstimate(1.0))
     with pytest.raises(ConfigError, match="start"):
         fresh.step()
+
+
+def test_nvml_counters_summed_over_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynvml is not installed here: a stand-in module with NVML's three calls (mJ counters)."""
+    import sys
+    import types
+
+    counters = {0: 5_000, 1: 7_000}
+    fake = types.ModuleType("pynvml")
+    fake.nvmlInit = lambda: None
+    fake.nvmlDeviceGetHandleByIndex = lambda i: i
+    fake.nvmlDeviceGetTotalEnergyConsumption = lambda h: counters[h]
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    src = open_source(EnergyConfig(), gpu_indices=[0, 1])
+    assert src.measured and src.name == "NVML (2 GPU(s))"
+    meter = EnergyMeter(src)
+    meter.start()
+    counters[0] += 1500
+    counters[1] += 2500
+    assert meter.step() == pytest.approx(4.0)  # (1500 + 2500) mJ
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails: the stated estimate, or an error if asked
+    assert isinstance(open_source(EnergyConfig(), gpu_indices=[0], device_name="NVIDIA H200"), TdpEstimate)
+    with pytest.raises(ConfigError, match="pynvml"):
+        open_source(EnergyConfig(source="nvml"), gpu_indices=[0])
