@@ -72,6 +72,8 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
             "attention": ["--repeats", "3", "--topk"],
             "load_balance": ["--steps", "24", "--tail", "10"],
             "train_throughput": [],
+            "plan_published": ["--out", str(tmp / "plan"), "--runs", "32"],
+            "energy_preflight": ["--steps", "60", "--threads", "1"],
         }
     return {
         "straggler_time": [],
@@ -88,6 +90,10 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
         "attention": [],  # 1k..16k, full vs window 512, best of 2: ~2 min
         "load_balance": [],  # 2 runs of 16 steps on 2 ranks: ~1 min
         "train_throughput": [],  # its own defaults (target 1.1x over transformers)
+        "plan_published": ["--out", str(tmp / "plan")],  # arithmetic + seeded simulation: ~30 s
+        # tiny-dense, 30 steps (+ data prepare once, cached in the temp dir); one thread: two OpenMP
+        # threads on a shared 2-core machine spin waiting for each other (3.7x the CPU time measured)
+        "energy_preflight": ["--threads", "1"],
     }
 
 
