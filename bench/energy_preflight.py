@@ -1,6 +1,6 @@
 """Pre-flight energy estimate vs the energy of the run: tiny-dense for 30 steps on this machine.
 
-The run is measured with lmforge.plan.energy.EnergyMeter (RAPL when readable, else the stated
+The run is measured with lmforge.observability.energy.EnergyMeter (RAPL when readable, else the stated
 TDP estimate: `CPU_WATTS_PER_THREAD` per busy thread x process CPU time), one record per optimizer step
 (the meter wraps Trainer.train_step here; the trainer itself is wired by the lead). The pre-flight
 estimate is made before the run from the recipe alone: its training FLOPs per step over the
@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmforge.config import load_job_config, parse_override_args  # noqa: E402
 from lmforge.config.energy import EnergyConfig  # noqa: E402
+from lmforge.observability.energy import EnergyMeter, open_source, preflight_estimate, tdp_watts  # noqa: E402
 from lmforge.observability.flops import training_flops_per_token  # noqa: E402
-from lmforge.plan.energy import EnergyMeter, open_source, preflight_estimate, tdp_watts  # noqa: E402
 from lmforge.train.trainer import Trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,4 +1,4 @@
-"""Energy and carbon of a run (lmforge.plan.energy): where the joules come from and the grid's
+"""Energy and carbon of a run (lmforge.observability.energy): where the joules come from and the grid's
 carbon intensity.
 
 `source`: "auto" reads NVML energy counters on GPUs (pynvml importable), RAPL counters under

@@ -11,6 +11,7 @@ from typing import Literal
 
 from lmforge.config.checks import require, require_positive
 from lmforge.config.comm import CommConfig
+from lmforge.config.energy import EnergyConfig
 from lmforge.config.loader import ConfigError, apply_override, build_dataclass, load_toml, nonfinite_fields
 from lmforge.config.model import ModelConfig
 from lmforge.config.parallel import ROUND_SCHEDULES, SPLIT_BACKWARD_SCHEDULES, ParallelConfig
@@ -226,13 +227,14 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
 
     def validate(self, world_size: int = 1) -> None:
         """Check every section, then what spans sections. Raises ConfigError (one line)."""
         for key, value in nonfinite_fields(self):  # also configs built in code, not only parsed ones
             raise ConfigError(key, value, "must be a finite number (not NaN or infinity)")
         for section in ("model", "data", "tokenizer", "optimizer", "scheduler", "train", "checkpoint", "metrics",
-                        "stability", "comm"):
+                        "stability", "comm", "energy"):
             getattr(self, section).validate()
         self.parallel.validate(world_size, self.model, self.train)
         t, m = self.train, self.model

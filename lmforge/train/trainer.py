@@ -41,6 +41,7 @@ from lmforge.storage.layout import RunDir
 from lmforge.storage.strict_json import dumps_strict
 from lmforge.train.accounting import StepAccounting
 from lmforge.train.data_stage import open_loaders, prepare_training_data
+from lmforge.train.energy_log import RunEnergy
 from lmforge.train.evaluate import local_validation_loss
 from lmforge.train.faults import FaultInjector
 from lmforge.train.lr_schedule import build_scheduler
@@ -130,6 +131,7 @@ class Trainer:
         self.stragglers = StragglerMonitor(cfg.metrics.straggler_factor, self.device) \
             if cfg.metrics.straggler_factor and self.info.world_size > 1 else None
         self._measure_memory = True  # after the first step (memory/rank<r>.json, one metrics row)
+        self.energy = RunEnergy(cfg, self.info.local_rank, self.device) if cfg.energy.enabled else None
 
         dp_rank, dp_world = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
         loaders = open_loaders(cfg, self.data_dir, dp_rank, dp_world, self.say)
@@ -347,11 +349,15 @@ class Trainer:
         memory: dict[str, int] = {}  # tensor accounting, once (every rank's is in memory/)
         timer = StepTimer(self.flops_per_token, self.peak_flops, self.info.world_size, device=self.device)
         self.acct.bd.start()
+        if self.energy is not None:
+            self.energy.start()
         with bar:
             while self.state.step < stop:
                 if self.stragglers is not None:
                     self.stragglers.start_step()
                 result = self.train_step()
+                if self.energy is not None:
+                    self.energy.step()
                 if self.stragglers is not None:
                     self.stragglers.end_step()
                 if result.memory is not None:  # logged at the next log step
@@ -395,6 +401,8 @@ class Trainer:
                         metrics.update(self.stability.counters())
                     if self.stragglers is not None:
                         metrics.update(self.stragglers.report_metrics(step, self.say, self.is_main))
+                    if self.energy is not None:
+                        metrics.update(self.energy.window_metrics())
                     if self.router is not None:
                         metrics.update(self.router.metrics())
                     metrics.update(self.acct.window_metrics())
@@ -412,6 +420,10 @@ class Trainer:
                         self.ckpt.save(step, self.checkpoint_state(), tier=tier)
                         self._log_checkpoint_stats()
         self._breakdown_summary()
+        if self.energy is not None:
+            energy, line = self.energy.summary()
+            self.metrics.log(self.state.step, energy, prefix="energy")
+            self.say(line)
         self.ckpt.wait()
         self._log_checkpoint_stats()
         if self.state.step >= steps:

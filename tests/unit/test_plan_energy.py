@@ -9,7 +9,7 @@ import pytest
 
 from lmforge.config.energy import EnergyConfig
 from lmforge.config.loader import ConfigError
-from lmforge.plan.energy import (
+from lmforge.observability.energy import (
     CPU_WATTS_PER_THREAD,
     EnergyMeter,
     RaplSource,
