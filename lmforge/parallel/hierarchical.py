@@ -14,7 +14,8 @@ bit-equal, others within a few fp32 ulps (tests/multi_rank/test_hierarchical.py)
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations as objects
 # (a string "dist.GradBucket" is refused).
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,8 @@ class HierarchicalState:
     inter: dist.ProcessGroup  # this rank's peers (same local rank) on the other nodes
     node_size: int
     world: int
+    # the one thread that runs the hook's collectives, in bucket order (see hierarchical_allreduce)
+    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "lmforge-hierarchical"))
 
     @classmethod
     def from_mesh(cls, dp_mesh: DeviceMesh, node_size: int) -> "HierarchicalState":
@@ -50,29 +53,41 @@ class HierarchicalState:
 
 
 def hierarchical_allreduce(tensor: torch.Tensor, state: HierarchicalState) -> torch.futures.Future[torch.Tensor]:
-    """Sum `tensor` (1-D, contiguous) over all data-parallel ranks in place: reduce-scatter inside
-    the node, all-reduce of the shard across nodes, all-gather inside the node. Any length: the
-    last shard is padded with zeros. Returns a future of `tensor`."""
+    """Sum `tensor` (1-D, contiguous) over all data-parallel ranks in place, on the state's worker
+    thread; returns a future of `tensor` (the backward goes on meanwhile, as with DDP's own
+    all-reduce). One thread issues every collective of the hook, bucket after bucket, so all ranks
+    issue them in the same order: chaining the steps on the collectives' futures instead would
+    let bucket k's all-gather and bucket k+1's reduce-scatter reach the node group in a different
+    order on different ranks (measured: a hang at 4 ranks), and gloo's reduce-scatter has no
+    future to chain on anyway ("Work::getFuture not implemented", torch 2.13)."""
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+
+    def run() -> None:
+        try:
+            reduce_two_level(tensor, state)
+            fut.set_result(tensor)
+        except BaseException as e:  # handed to DDP, which raises it on the training thread
+            fut.set_exception(e)
+
+    state.worker.submit(run)
+    return fut
+
+
+def reduce_two_level(tensor: torch.Tensor, state: HierarchicalState) -> None:
+    """The blocking two-level sum: reduce-scatter inside the node, all-reduce of this rank's shard
+    across nodes, all-gather inside the node. Any length: the last shard is padded with zeros."""
     k, n = state.node_size, tensor.numel()
-    nodes = state.world // k
-    if k == 1 or nodes == 1:  # one level only: a plain all-reduce over the group that has it
-        group = state.inter if k == 1 else state.intra
-        return dist.all_reduce(tensor, group=group, async_op=True).get_future().then(lambda _: tensor)
+    if k == 1 or state.world == k:  # one level only: a plain all-reduce over the group that has it
+        dist.all_reduce(tensor, group=state.inter if k == 1 else state.intra)
+        return
     shard = -(-n // k)
     padded = tensor if shard * k == n else torch.cat([tensor, tensor.new_zeros(shard * k - n)])
     part = tensor.new_empty(shard)
-    # gloo's reduce-scatter gives no future ("Work::getFuture not implemented", torch 2.13): the
-    # intra-node step (the fast link) is waited for here; the steps across nodes are chained.
-    dist.reduce_scatter_single(part, padded, group=state.intra, async_op=True).wait()
-    across = dist.all_reduce(part, group=state.inter, async_op=True).get_future()
-
-    def gather(_: torch.futures.Future) -> torch.Tensor:
-        dist.all_gather_single(padded, part, group=state.intra, async_op=True).get_future().wait()
-        if padded is not tensor:
-            tensor.copy_(padded[:n])
-        return tensor
-
-    return across.then(gather)
+    dist.reduce_scatter_single(part, padded, group=state.intra)
+    dist.all_reduce(part, group=state.inter)
+    dist.all_gather_single(padded, part, group=state.intra)
+    if padded is not tensor:
+        tensor.copy_(padded[:n])
 
 
 def hierarchical_hook(state: HierarchicalState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

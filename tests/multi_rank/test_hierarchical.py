@@ -29,10 +29,12 @@ def _tiny_model() -> torch.nn.Module:
                                    torch.nn.Linear(5, 3, bias=False))
 
 
-def _grads(model: torch.nn.Module, rank: int) -> list[torch.Tensor]:
+def _grads(model: torch.nn.Module, rank: int, backwards: int = 3) -> list[torch.Tensor]:
+    """Gradients summed over `backwards` backward passes (each a round of every bucket's hook)."""
     g = torch.Generator().manual_seed(rank)
-    x, y = torch.randn(6, 7, generator=g), torch.randn(6, 3, generator=g)
-    torch.nn.functional.mse_loss(model(x), y).backward()
+    for _ in range(backwards):
+        x, y = torch.randn(6, 7, generator=g), torch.randn(6, 3, generator=g)
+        torch.nn.functional.mse_loss(model(x), y).backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -41,6 +43,8 @@ def _compare(rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from lmforge.config.comm import CommConfig
+    from lmforge.parallel.ddp import apply_ddp
     from lmforge.parallel.hierarchical import (
         HierarchicalState,
         hierarchical_allreduce,
@@ -63,6 +67,10 @@ def _compare(rank: int, world: int) -> dict:
     hooked = DDP(_tiny_model(), process_group=mesh.get_group(), bucket_cap_mb=1e-4)
     register_hierarchical_hook(hooked, mesh, node_size=2)
     out["ddp"] = (_grads(plain, rank), _grads(hooked, rank))
+    # the trainer's path: apply_ddp registers the hook when comm.hierarchical is on, and only then
+    out["hooks"] = [[h.__name__ for h, _ in apply_ddp(_tiny_model(), mesh, CommConfig(hierarchical=on,
+                                                                                     node_size=2))._comm_hooks]
+                    for on in (True, False)]
     return out
 
 
@@ -86,6 +94,7 @@ def test_hierarchical_equals_flat_on_2_nodes_x_2(tmp_path: Path) -> None:
                 bound = _reorder_bound([_data(q, n, False) for q in range(4)])
                 assert ((hier - flat).abs() <= bound).all(), (n, (hier - flat).abs().max())
                 assert ((hier.double() - exact).abs() <= bound).all()
+        assert r["hooks"] == [["hierarchical_hook"], []]
         plain, hooked = r["ddp"]
         for g_flat, g_hier in zip(plain, hooked):
             assert torch.allclose(g_hier, g_flat, rtol=1e-6, atol=1e-7), (g_hier - g_flat).abs().max()
