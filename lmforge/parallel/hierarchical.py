@@ -14,6 +14,7 @@ bit-equal, others within a few fp32 ulps (tests/multi_rank/test_hierarchical.py)
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations as objects
 # (a string "dist.GradBucket" is refused).
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,66 +29,89 @@ from lmforge.config.comm import resolve_node_size
 NODE_DIMS = ("node", "local")  # across nodes, inside a node
 
 
+def _stage(name: str) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, f"lmforge-hierarchical-{name}")
+
+
 @dataclass
 class HierarchicalState:
-    """The two groups a rank reduces over, kept by the hook (DDP passes it back on every bucket)."""
+    """The groups a rank reduces over and the threads that issue the collectives, kept by the hook
+    (DDP passes it back on every bucket). The node's ranks have two groups, one for the
+    reduce-scatters and one for the all-gathers, so each group is used by one thread only."""
 
-    intra: dist.ProcessGroup  # the ranks of this rank's node
+    intra: dist.ProcessGroup  # the ranks of this rank's node (reduce-scatter)
+    intra_gather: dist.ProcessGroup  # the same ranks (all-gather)
     inter: dist.ProcessGroup  # this rank's peers (same local rank) on the other nodes
     node_size: int
     world: int
-    # the one thread that runs the hook's collectives, in bucket order (see hierarchical_allreduce)
-    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "lmforge-hierarchical"))
+    stages: tuple[ThreadPoolExecutor, ...] = field(default_factory=lambda: tuple(map(_stage, ("rs", "ar", "ag"))))
 
     @classmethod
     def from_mesh(cls, dp_mesh: DeviceMesh, node_size: int) -> "HierarchicalState":
         """Split the 1-D data-parallel mesh into (nodes, node_size); `node_size` as configured
-        (0: LOCAL_WORLD_SIZE). Refused in one line when it does not divide the mesh."""
+        (0: LOCAL_WORLD_SIZE; unknown: one node). Refused in one line when it does not divide
+        the mesh. Every rank of the world calls this (new groups are made collectively)."""
         world = dp_mesh.size()
         size = resolve_node_size(node_size) or world
         require(world % size == 0, "comm.node_size", size,
                 f"must divide the data-parallel degree ({world}) for comm.hierarchical")
         mesh2d = dp_mesh._unflatten(0, (world // size, size), NODE_DIMS)
-        return cls(intra=mesh2d["local"].get_group(), inter=mesh2d["node"].get_group(), node_size=size,
-                   world=world)
+        gather, _ = dist.new_subgroups_by_enumeration(mesh2d.mesh.tolist())
+        return cls(intra=mesh2d["local"].get_group(), intra_gather=gather, inter=mesh2d["node"].get_group(),
+                   node_size=size, world=world)
 
 
 def hierarchical_allreduce(tensor: torch.Tensor, state: HierarchicalState) -> torch.futures.Future[torch.Tensor]:
-    """Sum `tensor` (1-D, contiguous) over all data-parallel ranks in place, on the state's worker
-    thread; returns a future of `tensor` (the backward goes on meanwhile, as with DDP's own
-    all-reduce). One thread issues every collective of the hook, bucket after bucket, so all ranks
-    issue them in the same order: chaining the steps on the collectives' futures instead would
-    let bucket k's all-gather and bucket k+1's reduce-scatter reach the node group in a different
-    order on different ranks (measured: a hang at 4 ranks), and gloo's reduce-scatter has no
-    future to chain on anyway ("Work::getFuture not implemented", torch 2.13)."""
+    """Sum `tensor` (1-D, contiguous) over all data-parallel ranks in place: reduce-scatter inside
+    the node, all-reduce of this rank's shard across nodes, all-gather inside the node (any
+    length: the last shard is padded with zeros). Returns a future of `tensor`; the backward goes
+    on meanwhile, as with DDP's own all-reduce.
+
+    Each step runs on its own thread, which takes the buckets in the order they come: every
+    group then sees its collectives in the same order on every rank, and bucket k crosses the
+    nodes while bucket k+1 is reduce-scattered. (Chaining the steps on the collectives' futures
+    lets bucket k's all-gather and bucket k+1's reduce-scatter reach the node group in different
+    orders on different ranks: measured, a hang at 4 ranks; and gloo's reduce-scatter has no
+    future, "Work::getFuture not implemented", torch 2.13.)"""
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-
-    def run() -> None:
-        try:
-            reduce_two_level(tensor, state)
-            fut.set_result(tensor)
-        except BaseException as e:  # handed to DDP, which raises it on the training thread
-            fut.set_exception(e)
-
-    state.worker.submit(run)
-    return fut
-
-
-def reduce_two_level(tensor: torch.Tensor, state: HierarchicalState) -> None:
-    """The blocking two-level sum: reduce-scatter inside the node, all-reduce of this rank's shard
-    across nodes, all-gather inside the node. Any length: the last shard is padded with zeros."""
     k, n = state.node_size, tensor.numel()
+    rs, ar, ag = state.stages
     if k == 1 or state.world == k:  # one level only: a plain all-reduce over the group that has it
-        dist.all_reduce(tensor, group=state.inter if k == 1 else state.intra)
-        return
+        group = state.inter if k == 1 else state.intra
+        _then(ar, fut, lambda: dist.all_reduce(tensor, group=group), lambda: fut.set_result(tensor))
+        return fut
     shard = -(-n // k)
     padded = tensor if shard * k == n else torch.cat([tensor, tensor.new_zeros(shard * k - n)])
     part = tensor.new_empty(shard)
-    dist.reduce_scatter_single(part, padded, group=state.intra)
-    dist.all_reduce(part, group=state.inter)
-    dist.all_gather_single(padded, part, group=state.intra)
-    if padded is not tensor:
-        tensor.copy_(padded[:n])
+
+    def gathered() -> None:
+        dist.all_gather_single(padded, part, group=state.intra_gather)
+        if padded is not tensor:
+            tensor.copy_(padded[:n])
+
+    def reduced() -> None:
+        _then(ag, fut, gathered, lambda: fut.set_result(tensor))
+
+    def scattered() -> None:
+        _then(ar, fut, lambda: dist.all_reduce(part, group=state.inter), reduced)
+
+    _then(rs, fut, lambda: dist.reduce_scatter_single(part, padded, group=state.intra), scattered)
+    return fut
+
+
+def _then(stage: ThreadPoolExecutor, fut: torch.futures.Future, step: Callable[[], object],
+          after: Callable[[], None]) -> None:
+    """Run `step` on `stage`'s thread, then `after` there; an error goes to `fut` (DDP raises it
+    on the training thread)."""
+
+    def run() -> None:
+        try:
+            step()
+            after()
+        except BaseException as e:
+            fut.set_exception(e)
+
+    stage.submit(run)
 
 
 def hierarchical_hook(state: HierarchicalState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
