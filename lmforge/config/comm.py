@@ -15,6 +15,7 @@ the update equals the balanced one)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,3 +44,9 @@ class CommConfig:
         require(self.node_size >= 0, "comm.node_size", self.node_size, "must be >= 0 (0: LOCAL_WORLD_SIZE)")
         require(self.compression != "int4" or self.quant_block % 2 == 0, "comm.quant_block", self.quant_block,
                 "must be even with int4 (two values per byte)")
+
+
+def resolve_node_size(node_size: int) -> int:
+    """Ranks per node for `comm.hierarchical`: `node_size`, or for 0 the LOCAL_WORLD_SIZE torchrun
+    sets (0 when unknown: a launcher before torchrun, or a plain process)."""
+    return node_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0"))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.config.checks import require, require_positive
-from lmforge.config.comm import CommConfig
+from lmforge.config.comm import CommConfig, resolve_node_size
 from lmforge.config.energy import EnergyConfig
 from lmforge.config.loader import ConfigError, apply_override, build_dataclass, load_toml, nonfinite_fields
 from lmforge.config.model import ModelConfig
@@ -257,6 +257,7 @@ class JobConfig:
                     f"works with data parallelism only (DDP, FSDP2): turn it off or set {key} = 1 (is {degree})")
         require(not self.comm.load_balance or m.moe.n_experts == 0, "comm.load_balance", True,
                 "does not weight MoE router losses by tokens: turn it off for MoE models (model.moe.n_experts > 0)")
+        self._check_hierarchical(world_size)
 
     def _check_pipeline_combinations(self, world_size: int) -> None:
         """What the pipeline builder (lmforge.parallel.pp) and torch's schedules would refuse on
@@ -279,6 +280,23 @@ class JobConfig:
             require(micro % rounds == 0, "parallel.pp_microbatches", micro,
                     f"must be a multiple of its rounds of pp ({rounds}) for {schedule!r}; e.g. a multiple of "
                     f"parallel.pp ({r.pp})")
+
+    def _check_hierarchical(self, world_size: int) -> None:
+        """comm.hierarchical is a DDP comm hook (lmforge.parallel.hierarchical): DDP over
+        dp_replicate (which parallel.validate already keeps apart from tp and pp), uncompressed,
+        node_size dividing the data-parallel degree."""
+        if not self.comm.hierarchical:
+            return
+        r = self.parallel.resolved(world_size)
+        require(self.comm.compression == "none", "comm.compression", self.comm.compression,
+                "must be 'none' with comm.hierarchical = true (the two do not compose yet)")
+        require(r.dp_shard == 1, "parallel.dp_shard", r.dp_shard,
+                "must be 1 with comm.hierarchical (DDP); under FSDP2 use HSDP instead, already two-level: "
+                "parallel.dp_replicate = nodes x parallel.dp_shard = ranks per node")
+        node = resolve_node_size(self.comm.node_size)
+        require(node == 0 or r.dp_replicate % node == 0, "comm.node_size", node,
+                f"must divide the data-parallel degree parallel.dp_replicate ({r.dp_replicate}) for "
+                "comm.hierarchical (0: LOCAL_WORLD_SIZE)")
 
     def accum_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on one data-parallel rank (gradient accumulation)."""

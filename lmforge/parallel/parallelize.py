@@ -95,7 +95,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: JobConfig, *, device:
     if on_meta:
         materialise(model, device, cfg.train.seed)
     if degrees.dp_shard == 1 and degrees.dp_replicate > 1:
-        return ParallelModel(apply_ddp(model, mesh["dp_replicate"]))
+        return ParallelModel(apply_ddp(model, mesh["dp_replicate"], cfg.comm))
     return ParallelModel(model)
 
 
