@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.config.checks import require, require_positive
-from lmforge.config.comm import CommConfig
+from lmforge.config.comm import FSDP_COMPRESSORS, CommConfig
 from lmforge.config.loader import ConfigError, apply_override, build_dataclass, load_toml, nonfinite_fields
 from lmforge.config.model import ModelConfig
 from lmforge.config.parallel import ROUND_SCHEDULES, SPLIT_BACKWARD_SCHEDULES, ParallelConfig
@@ -245,6 +245,19 @@ class JobConfig:
         require(self.scheduler.warmup_steps <= t.steps, "scheduler.warmup_steps", self.scheduler.warmup_steps,
                 f"must be <= train.steps ({t.steps})")
         self._check_pipeline_combinations(world_size)
+        self._check_comm_combinations(world_size)
+
+    def _check_comm_combinations(self, world_size: int) -> None:
+        """Gradient compression needs data-parallel ranks; FSDP2 can only cast (its reduce dtype)."""
+        kind, r = self.comm.compression, self.parallel.resolved(world_size)
+        if kind == "none":
+            return
+        require(r.dp_degree > 1, "comm.compression", kind,
+                f"compresses data-parallel gradients, and this layout has one data-parallel rank (dp_replicate "
+                f"x dp_shard = {r.dp_replicate} x {r.dp_shard}): nothing would be compressed; use 'none'")
+        require(r.dp_shard == 1 or kind in FSDP_COMPRESSORS, "comm.compression", kind,
+                f"not supported with FSDP2 (parallel.dp_shard = {r.dp_shard} > 1): use bf16/fp16 or DDP "
+                "(parallel.dp_replicate)")
 
     def _check_pipeline_combinations(self, world_size: int) -> None:
         """What the pipeline builder (lmforge.parallel.pp) and torch's schedules would refuse on
