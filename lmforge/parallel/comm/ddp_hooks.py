@@ -102,7 +102,7 @@ def register_compression(model: DDP, cfg: CommConfig, group: dist.ProcessGroup):
     if cfg.compression == "powersgd":
         from lmforge.parallel.comm.powersgd import PowerSGDHook
 
-        hook = PowerSGDHook(group, names, cfg.powersgd_rank, cfg.error_feedback)
+        hook = PowerSGDHook(group, names, cfg.powersgd_rank, cfg.error_feedback, cfg.powersgd_start_step)
         model.register_comm_hook(hook, PowerSGDHook.hook)
         return hook
     state = CompressionHook(build_compressor(cfg), group, names, cfg.error_feedback)

@@ -19,8 +19,6 @@ from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDSt
 
 from lmforge.parallel.comm.accounting import CommAccounting, allreduce_bytes
 
-# Vanilla all-reduce for the first steps (torch's minimum with error feedback or warm start is 2).
-START_ITER = 2
 Layout = list[tuple[str, torch.Size]]  # a bucket's parameters: (name, shape), in bucket order
 KINDS = ("error", "p", "q")
 
@@ -29,9 +27,10 @@ class PowerSGDHook:
     """Owns a `PowerSGDState`; `hook` is the DDP comm hook (registered with this object as state)."""
 
     def __init__(self, group: dist.ProcessGroup, names: dict[int, str], rank: int, error_feedback: bool = True,
-                 seed: int = 0) -> None:
+                 start_step: int = 2, seed: int = 0) -> None:
+        """`start_step`: plain all-reduce before it (torch's start_powerSGD_iter; its minimum is 2)."""
         self.state = PowerSGDState(process_group=group, matrix_approximation_rank=rank,
-                                   start_powerSGD_iter=START_ITER, use_error_feedback=error_feedback,
+                                   start_powerSGD_iter=start_step, use_error_feedback=error_feedback,
                                    warm_start=True, random_seed=seed)
         self.world = dist.get_world_size(group)
         self.names = names  # id(parameter) -> name
@@ -51,10 +50,15 @@ class PowerSGDHook:
         st = self.state
         vanilla = st.iter < st.start_powerSGD_iter
         after = st.total_numel_after_compression
-        fut = powerSGD_hook(st, bucket)
+        # Waited for here: torch chains the P and Q all-reduces in callbacks, which under gloo run on
+        # its completion thread and could be issued in a different order than the next bucket's
+        # all-reduce on another rank (a collective mismatch, seen with several buckets).
+        reduced = powerSGD_hook(st, bucket).wait()
         numel = bucket.buffer().numel()
         sent = numel if vanilla else st.total_numel_after_compression - after  # fp32 values all-reduced
         self.accounting.add_fp32_allreduce(allreduce_bytes(4 * sent, self.world), numel, self.world)
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        fut.set_result(reduced)
         return fut
 
     # -- per-parameter state -------------------------------------------------------------------
