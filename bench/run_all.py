@@ -71,6 +71,7 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
             "data_pipeline": ["--repeat", "3"],
             "attention": ["--repeats", "3", "--topk"],
             "train_throughput": [],
+            "comm_convergence": ["--steps", "300"],
         }
     return {
         "straggler_time": [],
@@ -86,6 +87,8 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
         "data_pipeline": ["--repeat", "1"],  # all 9,782 documents, one round: ~25 s (full: 3 rounds)
         "attention": [],  # 1k..16k, full vs window 512, best of 2: ~2 min
         "train_throughput": [],  # its own defaults (target 1.1x over transformers)
+        # 5 runs of 300 steps on 2 ranks (~4-7 min): the acceptance is at 300 steps
+        "comm_convergence": ["--steps", "300"],
     }
 
 
