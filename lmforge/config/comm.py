@@ -6,7 +6,10 @@ the gradient for the reduction; "int8" / "int4" quantise it with one absmax scal
 `quant_block` values; "topk" sends the `topk_fraction` largest-magnitude values and their indices;
 "powersgd" sends rank-`powersgd_rank` factors of each matrix. With `error_feedback` what a
 compressor dropped this step is added to the next step's gradient (the residuals are saved in
-checkpoints). Under FSDP2 only the casts run (as FSDP's reduce dtype); the rest are refused.
+checkpoints; a resume on another number of ranks starts them from zero). Under FSDP2 only the
+casts run, as FSDP's reduce dtype and without error feedback (FSDP casts inside its own
+reduce-scatter); the rest are refused there, and so is any compression with one data-parallel
+rank (nothing to compress). DDP: lmforge/parallel/comm/.
 
 `hierarchical`: the all-reduce runs inside each node, then across nodes, then back inside
 (`node_size` ranks per node; 0: torchrun's LOCAL_WORLD_SIZE). `load_balance`: a persistently

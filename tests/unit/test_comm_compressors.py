@@ -231,3 +231,14 @@ def test_fsdp_reduce_dtype_follows_the_cast() -> None:
 
     policy = FSDPPolicy.from_config(_job(2).parallel, torch.device("cpu"), reduce_dtype=FSDP_REDUCE_DTYPES["bf16"])
     assert policy.mp_policy.reduce_dtype == torch.bfloat16
+
+
+def test_residuals_from_another_world_size_start_from_zero(one_rank_group) -> None:
+    names = [f"p{i}" for i in range(len(NUMELS))]
+    a = _hook("int8", one_rank_group)
+    a.reduce(_grad(0), names, NUMELS)
+    saved = a.state_dict()
+    assert saved["world"] == 1 and saved["residuals"]
+    b = _hook("int8", one_rank_group)
+    b.load_state_dict({**saved, "world": 2})
+    assert b.residuals == {}

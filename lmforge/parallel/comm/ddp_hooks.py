@@ -71,10 +71,13 @@ class CompressionHook:
         return self.accounting.window()
 
     def state_dict(self) -> dict:
-        return {"residuals": {k: v.detach().clone() for k, v in self.residuals.items()}}
+        return {"residuals": {k: v.detach().clone() for k, v in self.residuals.items()}, "world": self.world}
 
     def load_state_dict(self, state: dict) -> None:
-        self.residuals = {k: v.clone() for k, v in state["residuals"].items()}
+        """Residuals are this rank's; saved by another number of ranks, every rank would get rank
+        0's (the checkpoint's per-rank rule) and send it again: they start from zero instead."""
+        same = state.get("world") == self.world
+        self.residuals = {k: v.clone() for k, v in state["residuals"].items()} if same else {}
 
 
 def compressed_allreduce_hook(state: CompressionHook, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -119,10 +119,11 @@ class PowerSGDHook:
     def state_dict(self) -> dict:
         st = self.state
         pieces = {k: {n: t.detach().clone() for n, t in v.items()} for k, v in self._per_parameter().items()}
-        return {"iter": st.iter, "rng": st.rng.get_state(), **pieces,
+        return {"iter": st.iter, "rng": st.rng.get_state(), **pieces, "world": self.world,
                 "totals": (st.total_numel_before_compression, st.total_numel_after_compression)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Q factors (the same on every rank) always; the errors only from as many ranks as now."""
         st = self.state
         st.iter = state["iter"]
         st.rng.set_state(state["rng"])
@@ -131,6 +132,8 @@ class PowerSGDHook:
             d.clear()
         self.layouts.clear()
         self.pending = {k: {n: t.clone() for n, t in state[k].items()} for k in KINDS}
+        if state.get("world") != self.world:  # rank 0's errors would be sent again by every rank
+            self.pending["error"] = {}
 
     def metrics(self) -> dict[str, float]:
         return self.accounting.window()
