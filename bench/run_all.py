@@ -74,6 +74,7 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
             "train_throughput": [],
             "plan_published": ["--out", str(tmp / "plan"), "--runs", "32"],
             "energy_preflight": ["--steps", "60", "--threads", "1"],
+            "comm_convergence": ["--steps", "300"],
         }
     return {
         "straggler_time": [],
@@ -94,6 +95,8 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
         # tiny-dense, 30 steps (+ data prepare once, cached in the temp dir); one thread: two OpenMP
         # threads on a shared 2-core machine spin waiting for each other (3.7x the CPU time measured)
         "energy_preflight": ["--threads", "1"],
+        # 5 runs of 300 steps on 2 ranks (~4-7 min): the acceptance is at 300 steps
+        "comm_convergence": ["--steps", "300"],
     }
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.config.checks import require, require_positive
-from lmforge.config.comm import CommConfig, resolve_node_size
+from lmforge.config.comm import FSDP_COMPRESSORS, CommConfig, resolve_node_size
 from lmforge.config.energy import EnergyConfig
 from lmforge.config.loader import ConfigError, apply_override, build_dataclass, load_toml, nonfinite_fields
 from lmforge.config.model import ModelConfig
@@ -258,6 +258,19 @@ class JobConfig:
         require(not self.comm.load_balance or m.moe.n_experts == 0, "comm.load_balance", True,
                 "does not weight MoE router losses by tokens: turn it off for MoE models (model.moe.n_experts > 0)")
         self._check_hierarchical(world_size)
+        self._check_comm_combinations(world_size)
+
+    def _check_comm_combinations(self, world_size: int) -> None:
+        """Gradient compression needs data-parallel ranks; FSDP2 can only cast (its reduce dtype)."""
+        kind, r = self.comm.compression, self.parallel.resolved(world_size)
+        if kind == "none":
+            return
+        require(r.dp_degree > 1, "comm.compression", kind,
+                f"compresses data-parallel gradients, and this layout has one data-parallel rank (dp_replicate "
+                f"x dp_shard = {r.dp_replicate} x {r.dp_shard}): nothing would be compressed; use 'none'")
+        require(r.dp_shard == 1 or kind in FSDP_COMPRESSORS, "comm.compression", kind,
+                f"not supported with FSDP2 (parallel.dp_shard = {r.dp_shard} > 1): use bf16/fp16 or DDP "
+                "(parallel.dp_replicate)")
 
     def _check_pipeline_combinations(self, world_size: int) -> None:
         """What the pipeline builder (lmforge.parallel.pp) and torch's schedules would refuse on

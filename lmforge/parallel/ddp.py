@@ -1,4 +1,7 @@
-"""Plain data parallelism with DistributedDataParallel over the mesh's "dp" dimension.
+"""Plain data parallelism with DistributedDataParallel over the mesh's "dp" dimension, with one
+DDP comm hook when asked: the gradient compression of `comm.compression` (lmforge.parallel.comm)
+or the hierarchical all-reduce of `comm.hierarchical` (lmforge.parallel.hierarchical; the config
+refuses both at once: DDP takes one hook).
 
 Buffers are broadcast from rank 0 once, at wrap time, not before every forward
 (`forward_sync_buffers=False`): ours are constants computed the same on every rank (RoPE tables)
@@ -13,18 +16,24 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lmforge.config.comm import CommConfig
+from lmforge.parallel.comm import CommHookState
+from lmforge.parallel.comm.ddp_hooks import register_compression
 from lmforge.parallel.hierarchical import register_hierarchical_hook
 
 
-def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, comm: CommConfig | None = None) -> nn.Module:
-    """Wrap with DDP when there is more than one replica; at one replica DDP would only cost time.
-    `comm.hierarchical`: gradients reduced inside each node first (lmforge.parallel.hierarchical)."""
+def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh,
+              comm: CommConfig | None = None) -> tuple[nn.Module, CommHookState | None]:
+    """Wrap with DDP when there is more than one replica (at one replica DDP would only cost
+    time); install `comm.compression`'s hook unless "none", or the hierarchical all-reduce.
+    Returns the module and the compression hook's state (None without compression)."""
     if dp_mesh.size() == 1:
-        return model
+        return model, None
     first = next(model.parameters())  # all on this rank's device
     device_ids = [first.device.index] if first.is_cuda else None
     ddp = DDP(model, process_group=dp_mesh.get_group(), device_ids=device_ids, gradient_as_bucket_view=True,
               forward_sync_buffers=False)
     if comm is not None and comm.hierarchical:
         register_hierarchical_hook(ddp, dp_mesh, comm.node_size)
-    return ddp
+    if comm is None or comm.compression == "none":
+        return ddp, None
+    return ddp, register_compression(ddp, comm, dp_mesh.get_group())

@@ -29,7 +29,10 @@ class FSDPPolicy:
     reshard_after_forward: str  # "default" | "always" | "never"
 
     @classmethod
-    def from_config(cls, cfg: ParallelConfig, device: torch.device) -> FSDPPolicy:
+    def from_config(cls, cfg: ParallelConfig, device: torch.device,
+                    reduce_dtype: torch.dtype = torch.float32) -> FSDPPolicy:
+        """`reduce_dtype`: the gradients' reduce-scatter dtype (comm.compression bf16 / fp16; no error
+        feedback there: FSDP casts inside its own collective)."""
         param_dtype = torch.bfloat16 if cfg.fsdp_param_dtype == "bf16" else torch.float32
         # GPU-only in effect: on CUDA, FSDP2 keeps params, grads and optimizer state in pinned host
         # memory, copies each unit in for its compute, and its CPU-side collectives (e.g. the grad
@@ -37,7 +40,7 @@ class FSDPPolicy:
         # starts "cpu:gloo,cuda:nccl" then). On CPU training the tensors already live in host
         # memory and pin_memory would fail without CUDA: the policy is a no-op there.
         offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.cpu_offload else None
-        return cls(mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+        return cls(mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
                    offload_policy=offload, reshard_after_forward=cfg.fsdp_reshard_after_forward)
 
     def kwargs(self, mesh: DeviceMesh) -> dict:

@@ -25,6 +25,7 @@ from torch import nn
 
 from lmforge.config import JobConfig
 from lmforge.parallel.ac import apply_activation_checkpointing
+from lmforge.parallel.comm import CommHookState
 from lmforge.parallel.compile import apply_compile
 from lmforge.parallel.ddp import apply_ddp
 from lmforge.parallel.ep import apply_ep, apply_expert_fsdp
@@ -40,6 +41,10 @@ from lmforge.parallel.pp import (
 )
 from lmforge.parallel.tp import apply_tp, tp_cross_entropy
 
+# comm.compression under FSDP2 (the config refuses the others there): the reduce-scatter's dtype
+# (bf16 / fp16 without error feedback: FSDP casts inside its own collective).
+FSDP_REDUCE_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 # Models up to this size are initialised whole before sharding under train.init = "auto".
 FULL_INIT_MAX_BYTES = 2 * 2**30
 
@@ -52,6 +57,7 @@ class ParallelModel:
 
     module: nn.Module
     pipe: PipelineParts | None = None
+    comm: CommHookState | None = None  # the DDP gradient compression hook's state (comm.compression)
 
 
 def init_before_sharding(model: nn.Module, degrees: ParallelDegrees, device: torch.device, mode: str) -> bool:
@@ -88,14 +94,16 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: JobConfig, *, device:
     if on_meta and init_before_sharding(model, degrees, device, cfg.train.init):
         materialise(model, device, cfg.train.seed)
         on_meta = False
-    policy = FSDPPolicy.from_config(cfg.parallel, device)
+    policy = FSDPPolicy.from_config(cfg.parallel, device,
+                                    reduce_dtype=FSDP_REDUCE_DTYPES.get(cfg.comm.compression, torch.float32))
     if degrees.pp > 1:
         return _parallelize_pipeline(model, mesh, cfg, policy, device, on_meta, scale_loss)
     _apply_in_order(model, mesh, cfg, policy, pipeline=False)
     if on_meta:
         materialise(model, device, cfg.train.seed)
     if degrees.dp_shard == 1 and degrees.dp_replicate > 1:
-        return ParallelModel(apply_ddp(model, mesh["dp_replicate"], cfg.comm))
+        ddp, comm = apply_ddp(model, mesh["dp_replicate"], cfg.comm)
+        return ParallelModel(ddp, comm=comm)
     return ParallelModel(model)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
-from lmforge.checkpoint.state import ModelOptimizerState, RNGState
+from lmforge.checkpoint.state import ModelOptimizerState, PerRank, RNGState
 from lmforge.checkpoint.tiers import TieredCheckpoints
 from lmforge.config import JobConfig
 from lmforge.data.tokenizer import TextTokenizer
@@ -114,7 +114,7 @@ class Trainer:
         self.accum = cfg.accum_steps(self.info.world_size)
         built = build_training_model(cfg, self.mesh, self.info, self.say,
                                      scale_loss=self.scaler.scale if self.scaler.is_enabled() else None)
-        self.model, self.pipe = built.module, built.pipe
+        self.model, self.pipe, self.comm = built.module, built.pipe, built.comm  # comm: compression hook or None
         self.eos_id = self._doc_mask_eos(cfg)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.router = RouterBalance.for_model(self.model, self._dp_group())  # None for dense models
@@ -204,6 +204,8 @@ class Trainer:
         }
         if self.stability is not None:
             state["stability"] = self.stability
+        if self.comm is not None:  # error-feedback residuals (and PowerSGD's factors): per rank
+            state["comm"] = PerRank(self.comm)
         return state
 
     def _resume(self) -> None:
@@ -406,6 +408,8 @@ class Trainer:
                     if self.router is not None:
                         metrics.update(self.router.metrics())
                     metrics.update(self.acct.window_metrics())
+                    if self.comm is not None:  # comm_bytes (this rank, this window), comm_compression_ratio
+                        metrics.update(self.comm.metrics())
                     self.metrics.log(step, metrics, prefix="train")
                     bar.update(step, metrics)
                     timer.start()

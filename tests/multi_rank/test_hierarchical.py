@@ -69,7 +69,7 @@ def _compare(rank: int, world: int) -> dict:
     out["ddp"] = (_grads(plain, rank), _grads(hooked, rank))
     # the trainer's path: apply_ddp registers the hook when comm.hierarchical is on, and only then
     out["hooks"] = [[h.__name__ for h, _ in apply_ddp(_tiny_model(), mesh, CommConfig(hierarchical=on,
-                                                                                     node_size=2))._comm_hooks]
+                                                                                     node_size=2))[0]._comm_hooks]
                     for on in (True, False)]
     return out
 

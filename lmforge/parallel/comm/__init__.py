@@ -1,0 +1,19 @@
+"""Data-parallel gradient communication: compressors with error feedback (`compressors.py`), the
+DDP comm hooks that run them (`ddp_hooks.py`; PowerSGD through torch's hook: `powersgd.py`) and
+the byte accounting the trainer logs (`accounting.py`). Configured by `comm` (config/comm.py)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class CommHookState(Protocol):
+    """What the trainer holds of an installed hook: per-rank checkpoint state and metrics."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def metrics(self) -> dict[str, float]:
+        """{"comm_bytes", "comm_compression_ratio"} since the last call."""
+        ...

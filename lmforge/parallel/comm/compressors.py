@@ -1,0 +1,168 @@
+"""Gradient compressors: encode a flat fp32 gradient into the tensors that go on the wire, decode
+them back, and say how many bytes that is.
+
+A bucket of DDP is several parameters laid end to end; every compressor here works per
+parameter (`numels`: the lengths of the segments), so what a value becomes never depends on where
+DDP put its parameter in a bucket: DDP lays buckets out once in parameter order and again in
+gradient order after the first step, and a resumed run sees the first layout again where the
+straight run saw the second (bit-equal resume needs the same numbers in both).
+
+- `CastCompressor` (bf16 / fp16): the values in half width; summed in that dtype by all_reduce.
+- `BlockQuantCompressor` (int8 / int4): one fp32 absmax scale per `block` values of a parameter
+  (blocks never span two parameters), rounded to the nearest level; int4 packs two per byte.
+  Summing int8 on the wire wraps around (gloo), so these payloads are all-gathered and decoded.
+- `TopKCompressor`: the ceil(fraction * n) largest magnitudes of each parameter, fp32 values and
+  int32 positions in the bucket; all-gathered (sparse sums do not stay sparse).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+
+from lmforge.config.comm import CommConfig
+
+Payload = list[torch.Tensor]
+
+
+class Compressor(ABC):
+    """encode/decode of one bucket; `summable`: the payload can be all-reduced as is (a cast),
+    else it is all-gathered and every rank decodes and sums every rank's payload."""
+
+    summable: bool = False
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, numels: tuple[int, ...]) -> Payload:
+        """The wire tensors for the flat fp32 `x` (sum(numels) values)."""
+
+    @abstractmethod
+    def decode(self, payload: Payload, numels: tuple[int, ...]) -> torch.Tensor:
+        """Flat fp32 values from `encode`'s output (or from the sum of several, when summable)."""
+
+    @abstractmethod
+    def wire_bytes(self, numels: tuple[int, ...]) -> int:
+        """Bytes of one rank's payload for a bucket of these segments."""
+
+    def roundtrip(self, x: torch.Tensor, numels: tuple[int, ...]) -> tuple[Payload, torch.Tensor]:
+        """encode, and what this rank's payload decodes to (error feedback keeps the difference)."""
+        payload = self.encode(x, numels)
+        return payload, self.decode(payload, numels)
+
+
+class CastCompressor(Compressor):
+    summable = True
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def encode(self, x: torch.Tensor, numels: tuple[int, ...]) -> Payload:
+        return [x.to(self.dtype)]
+
+    def decode(self, payload: Payload, numels: tuple[int, ...]) -> torch.Tensor:
+        return payload[0].to(torch.float32)
+
+    def wire_bytes(self, numels: tuple[int, ...]) -> int:
+        return sum(numels) * torch.finfo(self.dtype).bits // 8
+
+
+class _Segments:
+    """Where each parameter's values go in a layout padded so each parameter starts a new block."""
+
+    def __init__(self, numels: tuple[int, ...], block: int) -> None:
+        padded = [math.ceil(n / block) * block for n in numels]
+        self.padded_len = sum(padded)
+        starts = torch.tensor([0, *padded[:-1]]).cumsum(0)
+        self.index = torch.cat([torch.arange(n) + s for n, s in zip(numels, starts.tolist())]) \
+            if numels else torch.zeros(0, dtype=torch.long)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(self.padded_len)
+        out[self.index] = x
+        return out
+
+
+class BlockQuantCompressor(Compressor):
+    """Symmetric absmax quantisation: |x - decode(encode(x))| <= absmax(block) / (2 * qmax)."""
+
+    def __init__(self, bits: int, block: int) -> None:
+        if bits not in (4, 8) or block <= 0 or (bits == 4 and block % 2):
+            raise ValueError(f"bits {bits} / block {block}: need 8, or 4 with an even block")
+        self.bits, self.block = bits, block
+        self.qmax = 2 ** (bits - 1) - 1  # 127 or 7: symmetric, so -qmax..qmax
+        self._layouts: dict[tuple[int, ...], _Segments] = {}  # derived from the numels only
+
+    def _segments(self, numels: tuple[int, ...]) -> _Segments:
+        seg = self._layouts.get(numels)
+        if seg is None:
+            seg = self._layouts[numels] = _Segments(numels, self.block)
+        return seg
+
+    def encode(self, x: torch.Tensor, numels: tuple[int, ...]) -> Payload:
+        blocks = self._segments(numels).pad(x.float()).view(-1, self.block)
+        absmax = blocks.abs().amax(dim=1)
+        scale = torch.where(absmax > 0, absmax / self.qmax, torch.ones_like(absmax))
+        q = torch.round(blocks / scale[:, None]).clamp_(-self.qmax, self.qmax).to(torch.int8)
+        if self.bits == 4:  # two values per byte, offset to 1..15
+            u = (q + 8).to(torch.uint8).view(-1, 2)
+            q = (u[:, 0] | (u[:, 1] << 4)).view(torch.int8)
+        return [q.reshape(-1), scale]
+
+    def decode(self, payload: Payload, numels: tuple[int, ...]) -> torch.Tensor:
+        q, scale = payload
+        if self.bits == 4:
+            u = q.view(torch.uint8)
+            q = torch.stack([u & 0xF, u >> 4], dim=1).to(torch.int8) - 8
+        values = (q.view(-1, self.block).to(torch.float32) * scale[:, None]).reshape(-1)
+        return values[self._segments(numels).index]
+
+    def wire_bytes(self, numels: tuple[int, ...]) -> int:
+        n_blocks = sum(math.ceil(n / self.block) for n in numels)
+        return n_blocks * (self.block * self.bits // 8 + 4)
+
+
+class TopKCompressor(Compressor):
+    """Per parameter the k = ceil(fraction * n) largest |values| exactly; the rest 0, each of them
+    no larger in magnitude than the smallest kept one of its parameter."""
+
+    def __init__(self, fraction: float) -> None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"top-k fraction {fraction} must be in (0, 1]")
+        self.fraction = fraction
+
+    def ks(self, numels: tuple[int, ...]) -> list[int]:
+        return [max(1, math.ceil(self.fraction * n)) if n else 0 for n in numels]
+
+    def encode(self, x: torch.Tensor, numels: tuple[int, ...]) -> Payload:
+        if sum(numels) >= 2**31:
+            raise ValueError(f"a bucket of {sum(numels)} values does not fit int32 positions")
+        values, indices, start = [], [], 0
+        for n, k in zip(numels, self.ks(numels)):
+            seg = x[start:start + n]
+            idx = torch.topk(seg.abs(), k, sorted=False).indices
+            values.append(seg[idx])
+            indices.append(idx + start)
+            start += n
+        return [torch.cat(values).float(), torch.cat(indices).to(torch.int32)]
+
+    def decode(self, payload: Payload, numels: tuple[int, ...]) -> torch.Tensor:
+        values, indices = payload
+        out = values.new_zeros(sum(numels))
+        out[indices.long()] = values
+        return out
+
+    def wire_bytes(self, numels: tuple[int, ...]) -> int:
+        return sum(self.ks(numels)) * (4 + 4)
+
+
+def build_compressor(cfg: CommConfig) -> Compressor:
+    """The compressor `cfg.compression` names (not "none", nor "powersgd": torch's own hook)."""
+    kind = cfg.compression
+    if kind in ("bf16", "fp16"):
+        return CastCompressor(torch.bfloat16 if kind == "bf16" else torch.float16)
+    if kind in ("int8", "int4"):
+        return BlockQuantCompressor(8 if kind == "int8" else 4, cfg.quant_block)
+    if kind == "topk":
+        return TopKCompressor(cfg.topk_fraction)
+    raise ValueError(f"no element-wise compressor for comm.compression = {kind!r}")
