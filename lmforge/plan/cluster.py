@@ -26,6 +26,8 @@ dataclasses hold SI units (FLOP/s, bytes, bytes/s, seconds) so the models never 
     max = 0.6                      #   max * W / (W + half_gflop * 1e9)
     half_gflop = 2.0
     op_overhead_us = 10            # fixed time per operator launch (kernel launch / Python dispatch)
+    comm_overlap = 1.0             # fraction of FSDP / DP / EP communication that can hide behind
+                                   # compute (GPUs: separate engines; CPU: 0, the cores do both)
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Efficiency:
     max: float
     half_flops: float
     op_overhead_s: float
+    comm_overlap: float = 1.0
 
     def of(self, flops: float) -> float:
         return self.max * flops / (flops + self.half_flops) if flops > 0 else self.max
@@ -136,7 +139,7 @@ _KNOWN = {"": {"name", "devices_per_node", "nodes", "accelerator", "intra_node",
           "accelerator": {"name", "peak_bf16_tflops", "peak_fp8_tflops", "peak_fp32_tflops", "memory_gib", "hbm_gbps",
                           "power_w"},
           "intra_node": {"bandwidth_gbps", "latency_us"}, "inter_node": {"bandwidth_gbps", "latency_us"},
-          "efficiency": {"max", "half_gflop", "op_overhead_us"}}
+          "efficiency": {"max", "half_gflop", "op_overhead_us", "comm_overlap"}}
 
 
 def cluster_from_dict(data: dict[str, Any], where: str = "cluster") -> Cluster:
@@ -167,9 +170,11 @@ def cluster_from_dict(data: dict[str, Any], where: str = "cluster") -> Cluster:
 
     eff = Efficiency(max=_get(eff_t, "max", e, float, default=0.5),
                      half_flops=_get(eff_t, "half_gflop", e, float, default=1.0, allow_zero=True) * 1e9,
-                     op_overhead_s=_get(eff_t, "op_overhead_us", e, float, default=5.0, allow_zero=True) * 1e-6)
-    if eff.max > 1:
-        raise ClusterError(f"{e}.max = {eff.max}: must be in (0, 1] (a fraction of the peak)")
+                     op_overhead_s=_get(eff_t, "op_overhead_us", e, float, default=5.0, allow_zero=True) * 1e-6,
+                     comm_overlap=_get(eff_t, "comm_overlap", e, float, default=1.0, allow_zero=True))
+    for key, value in (("max", eff.max), ("comm_overlap", eff.comm_overlap)):
+        if value > 1:
+            raise ClusterError(f"{e}.{key} = {value}: must be in [0, 1] (a fraction)")
     shared = data.get("shared_host_memory", False)
     if not isinstance(shared, bool):
         raise ClusterError(f"{where}.shared_host_memory = {shared!r}: must be true or false")
