@@ -175,8 +175,9 @@ def predict_memory(job: JobConfig, world_size: int, precision: str = "fp32", on_
         acts += one
         if r.pp > 1:
             in_flight += one * (in_flight_microbatches(r, s, n_micro) - 1)
-    if fsdp:  # gathered weights saved by each matmul for its backward
-        acts += sum(_unsharded_numel(t, r) for t in tensors if t.matmul) * param_dtype
+    saved_weights = 0
+    if fsdp:  # gathered weights saved by each matmul for its backward (counted by the meter)
+        saved_weights = sum(_unsharded_numel(t, r) for t in tensors if t.matmul) * param_dtype
     temporary = 0
     if fsdp:
         per_layer: dict[int | None, int] = {}
@@ -194,4 +195,5 @@ def predict_memory(job: JobConfig, world_size: int, precision: str = "fp32", on_
         offloaded = params + grads + optimizer
         params = grads = optimizer = 0
     return MemoryBreakdown(params=params, grads=grads, optimizer=optimizer, activations=acts,
-                           in_flight=in_flight, temporary=temporary, offloaded=offloaded)
+                           in_flight=in_flight, temporary=temporary, offloaded=offloaded,
+                           fsdp_saved_weights=saved_weights)

@@ -26,11 +26,20 @@ class MemoryBreakdown:
     in_flight: int = 0
     temporary: int = 0
     offloaded: int = 0
+    # FSDP: the gathered weights each matmul saves for backward. The trainer's meter counts them as
+    # activations; FSDP frees them after forward and gathers again in backward, so they are not
+    # in `total` (the two blocks gathered at a time are in `temporary`).
+    fsdp_saved_weights: int = 0
+
+    @property
+    def measured_activations(self) -> int:
+        """What the trainer's ActivationMeter reports for one micro-batch."""
+        return self.activations + self.fsdp_saved_weights
 
     @property
     def measured_total(self) -> int:
         """The sum the trainer's memory report can check (params + grads + optimizer + activations)."""
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.measured_activations
 
     @property
     def total(self) -> int:
