@@ -96,7 +96,10 @@ def _block_activation_bytes(job: JobConfig, r: ParallelConfig, layer: int, seq: 
         return norm + attn + 4 * m.ffn_hidden_size / tp * act
     moe, k, he = m.moe, m.moe.top_k, m.expert_hidden_size
     routed = moe.capacity_factor * k if moe.router == "expert_choice" else k
-    ffn = (routed * (4 * he + 3 * d) * act + 2 * moe.n_experts * F32 + routed * (3 * INT64 + 2 * F32)
+    # expert parallel: two more token copies per routed assignment (the all-to-all's received
+    # tokens and the outputs sent back; fitted to tiny-moe ep2 measured, not read off the code)
+    copies = 3 + (2 if r.ep > 1 else 0)
+    ffn = (routed * (4 * he + copies * d) * act + 2 * moe.n_experts * F32 + routed * (3 * INT64 + 2 * F32)
            + 2 * F32 + 4 * moe.n_shared_experts * he * act)
     return norm + attn + ffn
 
@@ -175,16 +178,23 @@ def predict_memory(job: JobConfig, world_size: int, precision: str = "fp32", on_
         acts += one
         if r.pp > 1:
             in_flight += one * (in_flight_microbatches(r, s, n_micro) - 1)
-    saved_weights = 0
-    if fsdp:  # gathered weights saved by each matmul for its backward (counted by the meter)
-        saved_weights = sum(_unsharded_numel(t, r) for t in tensors if t.matmul) * param_dtype
-    temporary = 0
+    saved_weights = temporary = 0
     if fsdp:
-        per_layer: dict[int | None, int] = {}
+        # FSDP2 keeps the root's parameters (embedding, final norm, output) gathered from forward to
+        # backward and about two blocks at a time (the running one and the prefetched one); a
+        # block's gathered weights are freed after its forward and gathered again for backward.
+        blocks: dict[int, int] = {}
+        saved: dict[int, int] = {}
         for t in tensors:
-            per_layer[t.layer] = per_layer.get(t.layer, 0) + _unsharded_numel(t, r)
-        biggest = sorted(per_layer.values(), reverse=True)[:2]
-        temporary += 2 * sum(biggest) * param_dtype  # gathered params + unsharded grads of two blocks
+            if t.layer is not None:
+                blocks[t.layer] = blocks.get(t.layer, 0) + _unsharded_numel(t, r)
+                saved[t.layer] = saved.get(t.layer, 0) + (_unsharded_numel(t, r) if t.matmul else 0)
+        root = sum(_unsharded_numel(t, r) for t in tensors if t.layer is None)
+        root_saved = sum(_unsharded_numel(t, r) for t in tensors if t.layer is None and t.matmul)
+        # What the meter counts: the weights matmuls saved at distinct storages (root + two blocks).
+        saved_weights = (root_saved + sum(sorted(saved.values(), reverse=True)[:2])) * param_dtype
+        # gathered parameters (root + two blocks) and the unsharded gradients of two blocks
+        temporary += (root + 2 * sum(sorted(blocks.values(), reverse=True)[:2])) * param_dtype
     elif r.dp_replicate > 1:
         temporary += min(params, 25 * 2**20)  # one DDP bucket in flight
     if job.model.moe.n_experts and r.ep > 1:
