@@ -19,6 +19,7 @@ dataclasses hold SI units (FLOP/s, bytes, bytes/s, seconds) so the models never 
     [intra_node]                   # per device, one direction (NVLink, or the host's shared memory)
     bandwidth_gbps = 450
     latency_us = 3
+    call_overhead_us = 0           # fixed cost per collective call beyond the link (launch, rank skew)
     [inter_node]                   # per device (its NIC share), one direction
     bandwidth_gbps = 50
     latency_us = 10
@@ -65,6 +66,7 @@ class Accelerator:
 class Link:
     bytes_per_s: float  # per device, one direction
     latency_s: float
+    call_overhead_s: float = 0.0  # once per collective call (dispatch, waiting for the slowest rank)
 
     def time(self, nbytes: float) -> float:
         """One point-to-point message of `nbytes`."""
@@ -138,7 +140,8 @@ _KNOWN = {"": {"name", "devices_per_node", "nodes", "accelerator", "intra_node",
                "shared_host_memory", "description"},
           "accelerator": {"name", "peak_bf16_tflops", "peak_fp8_tflops", "peak_fp32_tflops", "memory_gib", "hbm_gbps",
                           "power_w"},
-          "intra_node": {"bandwidth_gbps", "latency_us"}, "inter_node": {"bandwidth_gbps", "latency_us"},
+          "intra_node": {"bandwidth_gbps", "latency_us", "call_overhead_us"},
+          "inter_node": {"bandwidth_gbps", "latency_us", "call_overhead_us"},
           "efficiency": {"max", "half_gflop", "op_overhead_us", "comm_overlap"}}
 
 
@@ -166,7 +169,8 @@ def cluster_from_dict(data: dict[str, Any], where: str = "cluster") -> Cluster:
 
     def link(t: dict[str, Any], name: str) -> Link:
         return Link(_get(t, "bandwidth_gbps", f"{where}: {name}", float) * 1e9,
-                    _get(t, "latency_us", f"{where}: {name}", float, allow_zero=True) * 1e-6)
+                    _get(t, "latency_us", f"{where}: {name}", float, allow_zero=True) * 1e-6,
+                    _get(t, "call_overhead_us", f"{where}: {name}", float, default=0.0, allow_zero=True) * 1e-6)
 
     eff = Efficiency(max=_get(eff_t, "max", e, float, default=0.5),
                      half_flops=_get(eff_t, "half_gflop", e, float, default=1.0, allow_zero=True) * 1e9,

@@ -46,14 +46,14 @@ def ring_allreduce(nbytes: float, n: int, link: Link) -> float:
         return 0.0
     ring = 2 * (n - 1) * (link.latency_s + nbytes / (n * link.bytes_per_s))
     tree = 2 * math.ceil(math.log2(n)) * (link.latency_s + nbytes / link.bytes_per_s)
-    return min(ring, tree)
+    return link.call_overhead_s + min(ring, tree)
 
 
 def reduce_scatter(nbytes: float, n: int, link: Link) -> float:
     """Also the time of an all-gather of the same total size."""
     if n <= 1 or nbytes <= 0:
         return 0.0
-    return (n - 1) * (link.latency_s + nbytes / (n * link.bytes_per_s))
+    return link.call_overhead_s + (n - 1) * (link.latency_s + nbytes / (n * link.bytes_per_s))
 
 
 def all_to_all(nbytes: float, n: int, link: Link) -> float:
@@ -166,7 +166,8 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
         pp_comm = 0.0
         if r.pp > 1:
             sp = r.tp if (r.tp > 1 and r.sequence_parallel) else 1
-            pp_comm = 2 * forwards * len(stages) * pp_link.time(micro * t.seq_len * m.dim / sp * act)
+            pp_comm = 2 * forwards * len(stages) * (pp_link.time(micro * t.seq_len * m.dim / sp * act)
+                                                    + pp_link.call_overhead_s)
         # EP: dispatch and combine all-to-alls per MoE layer, forward and backward.
         ep_comm = 0.0
         moe_layers = sum(m.is_moe_layer(i) for s in stages for i in stage_layers(m, n_stages, r.pp_layers_per_stage)[s])
