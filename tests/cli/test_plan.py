@@ -162,4 +162,6 @@ def test_recommended_layout_runs_and_beats_the_worst_ranked(tiny_data_dir: Path,
     run_cli(["train", "recipes/tiny-dense.toml", "--train.seq_len", "128", "--train.global_batch_size", "8",
              "--train.output_dir", str(tmp_path / "worst-run"), *common, *worst_args], nproc=2, timeout=900)
     rate = {k: read_metrics(tmp_path / f"{k}-run")[-1]["tokens_per_s"] for k in ("best", "worst")}
+    print(f"recommended {rate['best']:.0f} tokens/s, worst ranked ({worst.parallel}, micro-batch "
+          f"{worst.train.micro_batch_size}, recompute {worst.train.activation_checkpointing}) {rate['worst']:.0f}")
     assert rate["best"] > rate["worst"], rate
