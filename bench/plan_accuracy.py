@@ -4,9 +4,10 @@ measured step times of the same layouts on this machine.
 Each layout trains through `lmforge train` (one thread per rank: the cpu preset's device is one
 core) for `--steps` steps; its step time is the median of the per-step times after 3 warm-up steps
 (global batch tokens / the logged tokens/s). Layouts run in interleaved rounds so machine noise hits
-all alike. The named baseline measured in the same run is the one-process tiny-dense layout: on a
-shared, loaded machine the whole machine is slower than the preset says, so by default the
-predictions are scaled by (measured / predicted) of that baseline before they are compared
+all alike. The named baseline measured in the same run: this machine's one-thread fp32 matmul
+rate (n = 2048, the preset's peak measurement), taken right before and right after each layout.
+On a shared, loaded machine every rank runs slower than the preset says by about the ratio of the
+preset's peak to that rate, so by default each layout's prediction is scaled by it
 (`--no-rescale`: the preset as it is, for a quiet machine). The check: every layout's
 min(pred / measured, measured / pred) >= 0.8, i.e. within 25 %; exit 1 otherwise.
 
@@ -46,7 +47,6 @@ LAYOUTS: dict[str, tuple[str, int, list[str]]] = {
     "50m-single": ("tiny-dense", 1, FIFTY_M),
     "50m-tp2": ("tiny-dense", 2, [*FIFTY_M, "--parallel.tp", "2", "--parallel.dp_shard", "1"]),
 }
-BASELINE = "dense-single"
 
 
 def run_layout(name: str, steps: int, data_dir: Path, out: Path) -> tuple[list[float], Path]:
@@ -71,6 +71,24 @@ def run_layout(name: str, steps: int, data_dir: Path, out: Path) -> tuple[list[f
     return [tokens / r["tokens_per_s"] for r in rows if r.get("prefix") == "train"][3:], out
 
 
+def matmul_rate(n: int = 2048, reps: int = 5) -> float:
+    """Median fp32 FLOP/s of n x n matmuls on one thread now (the load the next layout will see)."""
+    import time
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return 2 * n**3 / statistics.median(times)
+
+
 def predicted_seconds(run_dir: Path, nproc: int) -> float:
     from lmforge.config import JobConfig
     from lmforge.config.loader import build_dataclass
@@ -90,11 +108,13 @@ def main() -> int:
     ap.add_argument("--min-ratio", type=float, default=TARGET)
     args = ap.parse_args()
     names = [n for n in args.layouts.split(",") if n]
-    if BASELINE not in names:
-        names.insert(0, BASELINE)
     measured: dict[str, list[float]] = {n: [] for n in names}
     predicted: dict[str, float] = {}
+    slowdown: dict[str, list[float]] = {n: [] for n in names}
     failed: dict[str, str] = {}
+    from lmforge.plan.cluster import load_cluster
+
+    preset_peak = load_cluster("cpu").accelerator.peak_flops("fp32")
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
         for r in range(args.rounds):
@@ -102,29 +122,32 @@ def main() -> int:
                 if name in failed:
                     continue
                 try:
+                    before = matmul_rate()
                     times, out = run_layout(name, args.steps, data_dir, Path(tmp) / f"{name}-{r}")
+                    slowdown[name].append(preset_peak / ((before + matmul_rate()) / 2))
                     measured[name] += times
                     predicted[name] = predicted_seconds(out, LAYOUTS[name][1])
                 except RuntimeError as e:
                     failed[name] = str(e).splitlines()[-1]
-    if failed or not measured.get(BASELINE):
+    if failed:
         print(f"FAIL: layouts failed: {failed}", file=sys.stderr)
-        return verdict("plan_accuracy", BASELINE, "layouts failed", float("nan"), args.min_ratio)
+        return verdict("plan_accuracy", "matmul rate around each layout", "layouts failed", float("nan"), args.min_ratio)
     meas = {n: statistics.median(v) for n, v in measured.items()}
-    scale = 1.0 if args.no_rescale else meas[BASELINE] / predicted[BASELINE]
-    print(f"machine speed vs the cpu preset (baseline {BASELINE}): predicted x {scale:.3f}"
+    scales = {n: 1.0 if args.no_rescale else statistics.mean(v) for n, v in slowdown.items()}
+    print("preset peak / matmul rate measured around each layout: "
+          + ", ".join(f"{n} {statistics.mean(v):.2f}" for n, v in slowdown.items())
           + (" (not applied: --no-rescale)" if args.no_rescale else ""))
     print(f"{'layout':<14} {'ranks':>5} {'measured s':>11} {'preset s':>9} {'scaled s':>9} {'scaled/meas':>12}")
     worst, worst_name = float("inf"), ""
     for n in names:
-        p = predicted[n] * scale
+        p = predicted[n] * scales[n]
         ratio = p / meas[n]
         sym = min(ratio, 1 / ratio)
         if sym < worst:
             worst, worst_name = sym, n
         print(f"{n:<14} {LAYOUTS[n][1]:>5} {meas[n]:>11.4f} {predicted[n]:>9.4f} {p:>9.4f} {ratio:>12.3f}")
-    return verdict("plan_accuracy", f"{BASELINE} measured in the same run" + ("" if not args.no_rescale else
-                   " (not used: --no-rescale)"), f"worst min(pred/meas, meas/pred) ({worst_name})", worst,
+    baseline = "one-thread matmul rate around each layout, same run" + (" (not used)" if args.no_rescale else "")
+    return verdict("plan_accuracy", baseline, f"worst min(pred/meas, meas/pred) ({worst_name})", worst,
                    args.min_ratio)
 
 
