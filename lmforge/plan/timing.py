@@ -1,8 +1,9 @@
 """Time model: seconds of one optimizer step on the slowest rank, by cause.
 
 - compute: training FLOPs (lmforge/observability/flops.py, the one counter: 3 x forward, causal
-  pairs exactly) of this rank's share (its pipeline stage's layers / tp) at peak x an efficiency
-  that grows with the size of a typical matmul (`Efficiency.of`: small matmuls do not saturate
+  pairs exactly) of this rank's share (its pipeline stage's layers / tp), component by component
+  (attention projections, scores and values, feed-forward, output) at peak x an efficiency that
+  grows with the size of that component's matmul (`Efficiency.of`: small matmuls do not saturate
   the device), plus memory-bound work: each saved activation byte is written in forward and read
   twice in backward (3 x activation bytes at the memory bandwidth);
 - recompute: activation checkpointing runs the checkpointed blocks' forward again (1/3 of their
@@ -84,16 +85,31 @@ def compression_ratio(job: JobConfig, matrices: list[tuple[int, int]]) -> float:
     return 1.0
 
 
-def _stage_flops_per_token(job: JobConfig, r: ParallelConfig, stage: int) -> float:
-    """Training FLOPs per token of one pipeline stage (its layers, and the output projection on
-    the last stage), from the one FLOP counter."""
+def _stage_flops_per_token(job: JobConfig, r: ParallelConfig, stage: int) -> dict[str, float]:
+    """Training FLOPs per token of one pipeline stage by component (its layers' attention
+    projections, attention scores and values, feed-forward; the output projection on the last
+    stage), from the one FLOP counter."""
     m, seq = job.model, job.train.seq_len
     n_stages = r.pp * r.stages_per_rank if r.pp > 1 else 1
     whole = flops_breakdown(m, seq)
-    layers = stage_layers(m, n_stages, r.pp_layers_per_stage)[stage]
-    per_layer = (whole["forward"] - whole["output"]) / m.n_layers  # equal blocks; MoE/windows averaged
-    fwd = per_layer * len(layers) + (whole["output"] if stage == n_stages - 1 else 0.0)
-    return 3.0 * fwd
+    share = len(stage_layers(m, n_stages, r.pp_layers_per_stage)[stage]) / m.n_layers  # equal blocks
+    out = {k: 3.0 * whole[k] * share for k in ("attention_projections", "attention_scores_and_values", "ffn")}
+    out["output"] = 3.0 * whole["output"] if stage == n_stages - 1 else 0.0
+    return out
+
+
+def _matmul_sizes(job: JobConfig, r: ParallelConfig, tokens: int) -> dict[str, float]:
+    """FLOPs of one typical matmul of each component in one forward of `tokens` tokens on one
+    rank: what the efficiency curve is keyed to (small matmuls run further from the peak)."""
+    m = job.model
+    ffn_width = m.ffn_hidden_size
+    ffn_tokens = tokens
+    if m.moe.n_experts:  # routed experts see tokens * top_k / n_experts tokens each
+        ffn_width, ffn_tokens = m.expert_hidden_size, max(1, tokens * m.moe.top_k // m.moe.n_experts)
+    return {"attention_projections": 2.0 * tokens * m.dim * m.dim / r.tp,
+            "attention_scores_and_values": 2.0 * job.train.seq_len * job.train.seq_len * m.head_dim,
+            "ffn": 2.0 * ffn_tokens * m.dim * ffn_width / (1 if m.moe.n_experts else r.tp),
+            "output": 2.0 * tokens * m.dim * m.vocab_size / r.tp}
 
 
 def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precision: str = "bf16",
@@ -121,14 +137,18 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
     for pp_rank in range(max(r.pp, 1)):
         stages = [s for s in range(n_stages) if s % max(r.pp, 1) == pp_rank]
         tokens = micro * t.seq_len * forwards
-        flops = sum(_stage_flops_per_token(job, r, s) for s in stages) * tokens / r.tp
-        matmul = 2.0 * micro * t.seq_len * m.dim * m.dim / r.tp  # a typical projection of one forward
+        sizes = _matmul_sizes(job, r, micro * t.seq_len)
+        flops = matmul_time = 0.0
+        for s in stages:
+            for k, f in _stage_flops_per_token(job, r, s).items():
+                flops += f * tokens / r.tp
+                matmul_time += f * tokens / r.tp / (peak * eff.of(sizes[k]))
         act_bytes = sum(activation_bytes(job, r, s, micro, act, on_cpu) for s in stages) * forwards
-        compute = flops / (peak * eff.of(matmul)) + 3 * act_bytes / acc.hbm_bytes_per_s
+        compute = matmul_time + 3 * act_bytes / acc.hbm_bytes_per_s
         ac = t.activation_checkpointing
         layers_here = sum(len(stage_layers(m, n_stages, r.pp_layers_per_stage)[s]) for s in stages)
         share = {"full": 1.0, "selective": 1.0 / t.ac_every, "op": 0.0}.get(ac, 0.0)
-        recompute = share * (flops / 3) / (peak * eff.of(matmul)) if ac != "none" else 0.0
+        recompute = share * matmul_time / 3 if ac != "none" else 0.0
         if ac == "op":
             recompute = act_bytes / acc.hbm_bytes_per_s
         tensors = [x for s in stages for x in stage_tensors(job, r, s)]
