@@ -75,6 +75,10 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
             "plan_published": ["--out", str(tmp / "plan"), "--runs", "32"],
             "energy_preflight": ["--steps", "60", "--threads", "1"],
             "comm_convergence": ["--steps", "300"],
+            "comm": ["--steps", "10", "--rounds", "2"],
+            "comm_collective": ["--reps", "3"],
+            "gloo_bandwidth": [],
+            "plan_accuracy": [],
         }
     return {
         "straggler_time": [],
@@ -97,6 +101,11 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
         "energy_preflight": ["--threads", "1"],
         # 5 runs of 300 steps on 2 ranks (~4-7 min): the acceptance is at 300 steps
         "comm_convergence": ["--steps", "300"],
+        # namespaced ranks on a 1 Gbit/s link (root; over loopback elsewhere, saying so)
+        "comm": ["--steps", "8", "--rounds", "1"],
+        "comm_collective": [],
+        "gloo_bandwidth": [],
+        "plan_accuracy": [],  # predicted vs measured step time of the CPU layouts (quiet machine)
     }
 
 

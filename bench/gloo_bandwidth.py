@@ -1,0 +1,82 @@
+"""Measured gloo all-reduce on this machine, for the CPU cluster preset of the planner
+(lmforge/plan/presets/cpu.toml: intra_node bandwidth and latency).
+
+Two ranks (forkserver, gloo, one thread each) all-reduce fp32 tensors of growing size; the
+time t(n) of a ring all-reduce of n bytes over p ranks is 2 (p - 1) (lat + n / (p bw)), so a
+least-squares line through (n, t) gives the latency and the link bandwidth. Prints both and the
+fit's worst relative residual; exits non-zero when the fit is worse than 50 % (too noisy to use: rerun on a quiet machine).
+
+    PYTHONPATH=. python bench/gloo_bandwidth.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+SIZES = [2**k for k in range(10, 25, 2)]  # bytes: 1 KiB .. 16 MiB
+REPEATS = 9
+
+
+def _worker(rank: int, world: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    times = {}
+    for n in SIZES:
+        t = torch.ones(n // 4)
+        dist.all_reduce(t)
+        best = float("inf")
+        for _ in range(REPEATS):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(t)
+            best = min(best, time.perf_counter() - start)
+        times[n] = best
+    if rank == 0:
+        out.update(times)
+    dist.destroy_process_group()
+
+
+def fit(times: dict[int, float], world: int) -> tuple[float, float, float]:
+    """(latency s, bandwidth bytes/s, worst relative residual) of t = 2 (p-1) (lat + n / (p bw))."""
+    p = world
+    xs = [n / p for n in times]
+    ys = [t / (2 * (p - 1)) for t in times.values()]
+    # Weighted least squares with weights 1 / y^2: relative errors count, so the small messages
+    # (latency) weigh as much as the large ones (bandwidth).
+    w = [1.0 / y**2 for y in ys]
+    sw, sx, sy = sum(w), sum(wi * x for wi, x in zip(w, xs)), sum(wi * y for wi, y in zip(w, ys))
+    sxx, sxy = sum(wi * x * x for wi, x in zip(w, xs)), sum(wi * x * y for wi, x, y in zip(w, xs, ys))
+    slope = (sw * sxy - sx * sy) / (sw * sxx - sx * sx)
+    lat = max((sy - slope * sx) / sw, 1e-7)
+    worst = max(abs(lat + slope * x - y) / y for x, y in zip(xs, ys))
+    return lat, 1.0 / slope, worst
+
+
+def main() -> int:
+    world = 2
+    ctx = mp.get_context("forkserver")
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        procs = [ctx.Process(target=_worker, args=(r, world, 29611, out)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        times = dict(out)
+    for n, t in sorted(times.items()):
+        print(f"{n:>10} bytes  {t * 1e6:10.1f} us  {n / t / 1e9:6.2f} GB/s algorithmic")
+    lat, bw, worst = fit(times, world)
+    print(f"gloo ring all-reduce, {world} ranks: latency {lat * 1e6:.1f} us, link bandwidth {bw / 1e9:.2f} GB/s, "
+          f"worst residual {worst:.0%}")
+    return 0 if worst < 0.5 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

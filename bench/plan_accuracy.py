@@ -1,0 +1,155 @@
+"""Step-time predictions of the planner (lmforge/plan: `predict` with the cpu preset) against
+measured step times of the same layouts on this machine.
+
+Each layout trains through `lmforge train` (one thread per rank: the cpu preset's device is one
+core) for `--steps` steps; its step time is the median of the per-step times after 3 warm-up steps
+(global batch tokens / the logged tokens/s). Layouts run in interleaved rounds so machine noise hits
+all alike. The named baseline measured in the same run: this machine's one-thread fp32 matmul
+rate (n = 2048, the preset's peak measurement), taken right before and right after each layout.
+On a shared, loaded machine every rank runs slower than the preset says by about the ratio of the
+preset's peak to that rate, so by default each layout's prediction is scaled by it
+(`--no-rescale`: the preset as it is, for a quiet machine). The check: every layout's
+min(pred / measured, measured / pred) >= 0.8, i.e. within 25 %; exit 1 otherwise.
+
+    PYTHONPATH=. .venv/bin/python bench/plan_accuracy.py [--rounds 1] [--steps 8] [--no-rescale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _check import verdict  # noqa: E402
+
+TARGET = 0.8  # min(pred/measured, measured/pred): within 25 %
+FIFTY_M = ["--model.dim", "512", "--model.n_layers", "12", "--model.n_heads", "8", "--model.n_kv_heads", "8",
+           "--model.multiple_of", "256", "--train.seq_len", "64", "--train.micro_batch_size", "2",
+           "--train.global_batch_size", "4"]
+# name: (recipe, ranks, overrides); global batch 8 x 128 tokens unless overridden.
+LAYOUTS: dict[str, tuple[str, int, list[str]]] = {
+    "dense-single": ("tiny-dense", 1, []),
+    "dense-fsdp2": ("tiny-dense", 2, ["--parallel.dp_shard", "2", "--train.micro_batch_size", "4"]),
+    "dense-tp2": ("tiny-dense", 2, ["--parallel.tp", "2", "--parallel.dp_shard", "1"]),
+    "dense-ddp2": ("tiny-dense", 2, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1",
+                                     "--train.micro_batch_size", "4"]),
+    "dense-ac-full": ("tiny-dense", 1, ["--train.activation_checkpointing", "full"]),
+    "moe-single": ("tiny-moe", 1, []),
+    "moe-ep2": ("tiny-moe", 2, ["--parallel.dp_shard", "2", "--parallel.ep", "2", "--train.micro_batch_size", "4"]),
+    "50m-single": ("tiny-dense", 1, FIFTY_M),
+    "50m-tp2": ("tiny-dense", 2, [*FIFTY_M, "--parallel.tp", "2", "--parallel.dp_shard", "1"]),
+}
+
+
+def run_layout(name: str, steps: int, data_dir: Path, out: Path) -> tuple[list[float], Path]:
+    """Per-step seconds after 3 warm-up steps, and the run directory."""
+    recipe, nproc, extra = LAYOUTS[name]
+    args = ["train", f"recipes/{recipe}.toml", "--tokenizer.vocab_size", "512", "--data.dir", str(data_dir),
+            "--data.max_documents", "120", "--data.val_fraction", "0.05", "--train.output_dir", str(out),
+            "--train.steps", str(steps), "--train.seq_len", "128", "--train.global_batch_size", "8",
+            "--train.micro_batch_size", "8", "--train.mixed_precision", "fp32", "--train.eval_interval", "0",
+            "--checkpoint.enabled", "false", "--scheduler.warmup_steps", "1", "--metrics.log_interval", "1",
+            "--metrics.progress", "none", "--metrics.tensorboard", "false", "--metrics.plot", "false",
+            "--metrics.peak_flops", "1e11", "--metrics.straggler_factor", "0", "--overwrite", *extra]
+    if nproc > 1:
+        args += ["--nproc", str(nproc)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    cfg = json.loads((out / "config.json").read_text())
+    tokens = cfg["train"]["global_batch_size"] * cfg["train"]["seq_len"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [tokens / r["tokens_per_s"] for r in rows if r.get("prefix") == "train"][3:], out
+
+
+def matmul_rate(n: int = 2048, reps: int = 5) -> float:
+    """Median fp32 FLOP/s of n x n matmuls on one thread now (the load the next layout will see)."""
+    import time
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return 2 * n**3 / statistics.median(times)
+
+
+def predicted_seconds(run_dir: Path, nproc: int) -> float:
+    from lmforge.config import JobConfig
+    from lmforge.config.loader import build_dataclass
+    from lmforge.plan.cluster import load_cluster
+    from lmforge.plan.predict import predict
+
+    job = build_dataclass(JobConfig, json.loads((run_dir / "config.json").read_text()))
+    return predict(job, load_cluster("cpu"), nproc).step_time.total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--no-rescale", action="store_true", help="compare with the cpu preset as it is")
+    ap.add_argument("--min-ratio", type=float, default=TARGET)
+    args = ap.parse_args()
+    names = [n for n in args.layouts.split(",") if n]
+    measured: dict[str, list[float]] = {n: [] for n in names}
+    predicted: dict[str, float] = {}
+    slowdown: dict[str, list[float]] = {n: [] for n in names}
+    failed: dict[str, str] = {}
+    from lmforge.plan.cluster import load_cluster
+
+    preset_peak = load_cluster("cpu").accelerator.peak_flops("fp32")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        for r in range(args.rounds):
+            for name in names:
+                if name in failed:
+                    continue
+                try:
+                    before = matmul_rate()
+                    times, out = run_layout(name, args.steps, data_dir, Path(tmp) / f"{name}-{r}")
+                    slowdown[name].append(preset_peak / ((before + matmul_rate()) / 2))
+                    measured[name] += times
+                    predicted[name] = predicted_seconds(out, LAYOUTS[name][1])
+                except RuntimeError as e:
+                    failed[name] = str(e).splitlines()[-1]
+    if failed:
+        print(f"FAIL: layouts failed: {failed}", file=sys.stderr)
+        return verdict("plan_accuracy", "matmul rate around each layout", "layouts failed", float("nan"), args.min_ratio)
+    meas = {n: statistics.median(v) for n, v in measured.items()}
+    scales = {n: 1.0 if args.no_rescale else statistics.mean(v) for n, v in slowdown.items()}
+    print("preset peak / matmul rate measured around each layout: "
+          + ", ".join(f"{n} {statistics.mean(v):.2f}" for n, v in slowdown.items())
+          + (" (not applied: --no-rescale)" if args.no_rescale else ""))
+    print(f"{'layout':<14} {'ranks':>5} {'measured s':>11} {'preset s':>9} {'scaled s':>9} {'scaled/meas':>12}")
+    worst, worst_name = float("inf"), ""
+    for n in names:
+        p = predicted[n] * scales[n]
+        ratio = p / meas[n]
+        sym = min(ratio, 1 / ratio)
+        if sym < worst:
+            worst, worst_name = sym, n
+        print(f"{n:<14} {LAYOUTS[n][1]:>5} {meas[n]:>11.4f} {predicted[n]:>9.4f} {p:>9.4f} {ratio:>12.3f}")
+    baseline = "one-thread matmul rate around each layout, same run" + (" (not used)" if args.no_rescale else "")
+    return verdict("plan_accuracy", baseline, f"worst min(pred/meas, meas/pred) ({worst_name})", worst,
+                   args.min_ratio)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
