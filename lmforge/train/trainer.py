@@ -370,7 +370,7 @@ class Trainer:
                 if check is not None and check.verdict == "rollback" and rollback(self, check):
                     timer.start()  # the steps rolled back are gone: their window too
                     if self.step_flops is not None:
-                        self.step_flops.flops = 0.0
+                        self.step_flops.reset()
                     continue
                 self.state.step += 1
                 self.acct.step_done(self.state.step)
