@@ -135,9 +135,12 @@ class StepBreakdown:
         self._run = dict.fromkeys(PARTS, 0.0)
         self._run_steps = 0
         self._steps = 0
-        self._bytes = [0, 0]  # gradient bytes to reduce, bytes sent (after compression), this window
         self._in_hooks: list[tuple[float, float]] = []  # (start, end) of comm hook calls in this backward
         self._t0 = self.now()
+
+    def use_clock(self, clock: GradReadyClock | None) -> None:
+        """Set once the model exists (the breakdown is made before it, to wrap its comm hook)."""
+        self.clock = clock if self.device.type != "cuda" else None
 
     def now(self) -> float:
         if self.device.type == "cuda":
@@ -187,9 +190,10 @@ class StepBreakdown:
             self._window["compute"] += self.last_compute
 
     def wrap_comm_hook(self, hook: Callable) -> Callable:
-        """A DDP comm hook that runs `hook` and records how long the call blocked backward: a hook
-        that reduces inside the call (a compressor's all-gather) stalls the autograd thread, which
-        the end-of-backward wait alone would count as compute. Register the result in its place:
+        """A DDP comm hook that runs `hook` and records how long the call blocked backward: work a
+        hook does inside the call (a compressor encoding the bucket, a hook that reduces before it
+        returns) stalls the autograd thread, which the end-of-backward wait alone would count as
+        compute. Register the result in its place:
         `ddp.register_comm_hook(state, breakdown.wrap_comm_hook(hook))`."""
         def timed(state, bucket):  # noqa: ANN001, ANN202 - DDP checks the annotations (string ones fail)
             t = time.perf_counter()
@@ -201,21 +205,6 @@ class StepBreakdown:
 
         timed.__qualname__ = f"timed({getattr(hook, '__qualname__', 'hook')})"
         return timed
-
-    def record_comm(self, raw_bytes: int, sent_bytes: int) -> None:
-        """Bytes of one collective: what it reduces and what it sends (a compressing comm hook
-        reports both per bucket; without compression the trainer reports the gradients)."""
-        self._bytes[0] += raw_bytes
-        self._bytes[1] += sent_bytes
-
-    def comm_metrics(self) -> dict[str, float]:
-        """Sent bytes per step and the compression ratio of the window (none without collectives);
-        resets the byte counts."""
-        raw, sent = self._bytes
-        self._bytes = [0, 0]
-        if sent == 0:
-            return {}
-        return {"comm_bytes_per_step": sent / max(self._steps, 1), "comm_compression_ratio": raw / sent}
 
     def step_done(self) -> None:
         self._steps += 1

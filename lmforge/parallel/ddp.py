@@ -11,6 +11,8 @@ rank's wait for a slow one hid inside "compute" (observability/breakdown.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -21,11 +23,12 @@ from lmforge.parallel.comm.ddp_hooks import register_compression
 from lmforge.parallel.hierarchical import register_hierarchical_hook
 
 
-def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh,
-              comm: CommConfig | None = None) -> tuple[nn.Module, CommHookState | None]:
+def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, comm: CommConfig | None = None,
+              wrap_comm_hook: Callable[[Callable], Callable] | None = None) -> tuple[nn.Module, CommHookState | None]:
     """Wrap with DDP when there is more than one replica (at one replica DDP would only cost
     time); install `comm.compression`'s hook unless "none", or the hierarchical all-reduce.
-    Returns the module and the compression hook's state (None without compression)."""
+    `wrap_comm_hook` wraps the hook before it is registered (a timer: DDP takes one hook, set
+    once). Returns the module and the compression hook's state (None without compression)."""
     if dp_mesh.size() == 1:
         return model, None
     first = next(model.parameters())  # all on this rank's device
@@ -33,7 +36,7 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh,
     ddp = DDP(model, process_group=dp_mesh.get_group(), device_ids=device_ids, gradient_as_bucket_view=True,
               forward_sync_buffers=False)
     if comm is not None and comm.hierarchical:
-        register_hierarchical_hook(ddp, dp_mesh, comm.node_size)
+        register_hierarchical_hook(ddp, dp_mesh, comm.node_size, wrap_comm_hook)
     if comm is None or comm.compression == "none":
         return ddp, None
-    return ddp, register_compression(ddp, comm, dp_mesh.get_group())
+    return ddp, register_compression(ddp, comm, dp_mesh.get_group(), wrap_comm_hook)

@@ -141,8 +141,10 @@ def hierarchical_hook(state: HierarchicalState, bucket: dist.GradBucket) -> torc
     return hierarchical_allreduce(buffer, state)
 
 
-def register_hierarchical_hook(model: DDP, dp_mesh: DeviceMesh, node_size: int) -> "HierarchicalState":
-    """Make `model`'s gradient reduction hierarchical; returns the state (its groups) for tests."""
+def register_hierarchical_hook(model: DDP, dp_mesh: DeviceMesh, node_size: int,
+                               wrap: Callable[[Callable], Callable] | None = None) -> "HierarchicalState":
+    """Make `model`'s gradient reduction hierarchical (the hook wrapped by `wrap` when given: a
+    timer); returns the state (its groups) for tests."""
     state = HierarchicalState.from_mesh(dp_mesh, node_size)
-    model.register_comm_hook(state, hierarchical_hook)
+    model.register_comm_hook(state, wrap(hierarchical_hook) if wrap is not None else hierarchical_hook)
     return state

@@ -84,11 +84,13 @@ def materialise(model: nn.Module, device: torch.device, seed: int) -> None:
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: JobConfig, *, device: torch.device,
-                scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ParallelModel:
+                scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                wrap_comm_hook: Callable[[Callable], Callable] | None = None) -> ParallelModel:
     """Apply every parallel dimension of `mesh.degrees` to `model` (built on the meta device, or
     initialised) in the order of the module docstring, initialising a meta model before or after
     sharding (`init_before_sharding`). `scale_loss` (e.g. a GradScaler's `scale`) multiplies the
-    loss the pipeline schedule back-propagates; unused without pipelining."""
+    loss the pipeline schedule back-propagates; unused without pipelining. `wrap_comm_hook` wraps
+    a DDP comm hook before it is registered (the time breakdown's timer around it)."""
     degrees = mesh.degrees
     on_meta = any(p.device.type == "meta" for p in model.parameters())
     if on_meta and init_before_sharding(model, degrees, device, cfg.train.init):
@@ -102,7 +104,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: JobConfig, *, device:
     if on_meta:
         materialise(model, device, cfg.train.seed)
     if degrees.dp_shard == 1 and degrees.dp_replicate > 1:
-        ddp, comm = apply_ddp(model, mesh["dp_replicate"], cfg.comm)
+        ddp, comm = apply_ddp(model, mesh["dp_replicate"], cfg.comm, wrap_comm_hook)
         return ParallelModel(ddp, comm=comm)
     return ParallelModel(model)
 

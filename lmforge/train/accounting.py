@@ -1,10 +1,16 @@
-"""The trainer's per-step accounting: where the time goes (lmforge.observability.breakdown) and
-the load balancing that acts on it (lmforge.train.load_balance), set up from the config in one
-place so the training step only marks its phases.
+"""The trainer's per-step accounting: where the time goes (lmforge.observability.breakdown), the
+bytes the data-parallel gradient reduction sends, and the load balancing that acts on the time
+(lmforge.train.load_balance), set up from the config in one place so the training step only marks
+its phases.
 
-Bytes per collective: under DDP without compression every optimizer step all-reduces the
-gradients once (their bytes are recorded here); a compressing comm hook records what it reduces and
-what it sends through `StepBreakdown.record_comm` instead (`comm_compression_ratio`).
+Bytes have one counter, `lmforge.parallel.comm.accounting.CommAccounting` (per-rank ring traffic
+against what an fp32 all-reduce of the same gradients would send): a compressing comm hook fills
+its own as it sends; under plain DDP every optimizer step all-reduces the gradients once, counted
+here. Both come out as `comm_bytes`, `comm_bytes_per_step` and `comm_compression_ratio`.
+
+The breakdown is made before the model (`make_breakdown`): DDP takes its comm hook once, at wrap
+time, and the hook must be wrapped by the breakdown's timer then (a hook's own time, encoding
+and decoding gradients, is communication the backward pays for, not compute).
 """
 
 from __future__ import annotations
@@ -24,30 +30,43 @@ from lmforge.observability.breakdown import (
     summary_line,
     window_metrics,
 )
+from lmforge.parallel.comm import CommHookState
+from lmforge.parallel.comm.accounting import CommAccounting, allreduce_bytes
 from lmforge.train.load_balance import LoadBalancer
 
 
-class StepAccounting:
-    """`bd` times the phases (a no-op with metrics.breakdown and comm.load_balance both off)."""
+def make_breakdown(cfg: JobConfig, device: torch.device, data_parallel: bool) -> StepBreakdown:
+    """The time breakdown, made before the model so its comm hook can be wrapped by the timer (a
+    no-op with metrics.breakdown and comm.load_balance (across data-parallel ranks) both off)."""
+    on = cfg.metrics.breakdown or (cfg.comm.load_balance and data_parallel)
+    return StepBreakdown(device, None, enabled=on)
 
-    def __init__(self, cfg: JobConfig, model: nn.Module, loader: DistributedTokenLoader, device: torch.device,
-                 world_size: int, dp_group: torch.distributed.ProcessGroup | None,
-                 say: Callable[[str], None]) -> None:
+
+class StepAccounting:
+    """`bd` times the phases; `comm` counts the bytes of the gradient reduction (None without
+    data-parallel collectives)."""
+
+    def __init__(self, cfg: JobConfig, bd: StepBreakdown, model: nn.Module, loader: DistributedTokenLoader,
+                 device: torch.device, world_size: int, dp_group: torch.distributed.ProcessGroup | None,
+                 hook: CommHookState | None, say: Callable[[str], None]) -> None:
         self.report = cfg.metrics.breakdown
         self.device, self.world_size, self.say = device, world_size, say
+        self.bd = bd
         balance = cfg.comm.load_balance and dp_group is not None
-        on = self.report or balance
         # the end of compute in backward; without data-parallel ranks there is no communication
-        clock = GradReadyClock(model.parameters()) if on and dp_group is not None and device.type != "cuda" else None
-        self.bd = StepBreakdown(device, clock, enabled=on)
+        if bd.enabled and dp_group is not None and device.type != "cuda":
+            bd.use_clock(GradReadyClock(model.parameters()))
         self.balancer = LoadBalancer(loader, cfg.comm.load_balance_interval, dp_group, device) if balance else None
         # FSDP2 gathers parameters inside forward and backward, where a fast rank waits for a slow
         # one: its busy time is the process CPU time (gloo waits sleep), DDP's the compute time
         self.fsdp = cfg.parallel.resolved(world_size).dp_shard > 1
         ddp = hasattr(model, "no_sync") and world_size > 1
+        self.comm: CommAccounting | None = hook.accounting if hook is not None else CommAccounting() if ddp else None
         self.grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) \
-            if ddp and cfg.comm.compression == "none" else 0
-        limits = describe_limits(device, fsdp=self.fsdp) if on else None
+            if ddp and hook is None else 0
+        self.dp_world = torch.distributed.get_world_size(dp_group) if ddp and dp_group is not None else world_size
+        self._steps = 0  # optimizer steps in the bytes window
+        limits = describe_limits(device, fsdp=self.fsdp) if bd.enabled else None
         if limits:
             say(f"note: {limits}")
 
@@ -62,17 +81,31 @@ class StepAccounting:
     def step_done(self, step: int) -> None:
         """After each optimizer step (a collective every comm.load_balance_interval steps)."""
         self.bd.step_done()
-        if self.grad_bytes:
-            self.bd.record_comm(self.grad_bytes, self.grad_bytes)
+        self._steps += 1
+        if self.grad_bytes and self.comm is not None:  # plain DDP: one fp32 all-reduce of the gradients
+            sent = allreduce_bytes(self.grad_bytes, self.dp_world)
+            self.comm.add(sent, sent)
         msg = self.balancer.maybe_resplit(step) if self.balancer is not None else None
         if msg:
             self.say(msg)
 
-    def window_metrics(self) -> dict[str, float | int]:
-        """The log window's time_*_s, bound, bytes (a collective over all ranks; every rank calls it)."""
-        if not self.report:
+    def comm_metrics(self) -> dict[str, float]:
+        """This rank's bytes sent in the window, per step, and the compression ratio (none without
+        data-parallel collectives); starts a new bytes window."""
+        steps, self._steps = self._steps, 0
+        if self.comm is None:
             return {}
-        comm = self.bd.comm_metrics()
+        out = self.comm.window()
+        if out["comm_bytes"] == 0:
+            return {}
+        return {**out, "comm_bytes_per_step": out["comm_bytes"] / max(steps, 1)}
+
+    def window_metrics(self) -> dict[str, float | int]:
+        """The log window's bytes, and with the breakdown on its time_*_s and bound (a collective
+        over all ranks then; every rank calls it)."""
+        comm = self.comm_metrics()
+        if not self.report:
+            return comm
         out = window_metrics(gather(self.bd.window(), self.device, self.world_size))
         if self.balancer is not None:
             out.update(self.balancer.metrics())

@@ -17,9 +17,11 @@ from lmforge.parallel.parallelize import ParallelModel, parallelize
 
 
 def build_training_model(cfg: JobConfig, mesh: ParallelMesh, info: DistInfo, say: Callable[[str], None],
-                         scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ParallelModel:
+                         scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                         wrap_comm_hook: Callable[[Callable], Callable] | None = None) -> ParallelModel:
     """meta -> pipeline split -> TP -> EP -> AC -> compile -> FSDP2 or DDP, initialised; see
-    `parallelize` (`scale_loss`: the GradScaler's, for the pipeline schedule)."""
+    `parallelize` (`scale_loss`: the GradScaler's, for the pipeline schedule; `wrap_comm_hook`: the
+    time breakdown's timer around a DDP comm hook)."""
     with torch.device("meta"):
         # Several ranks would each time the fp32 kernels and could choose differently (their
         # results then differ in the last bits): one process only (models/common/linear.py).
@@ -28,4 +30,5 @@ def build_training_model(cfg: JobConfig, mesh: ParallelMesh, info: DistInfo, say
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, dim {cfg.model.dim}; "
         f"world size {info.world_size} ({info.backend}): {mesh.degrees.describe()}")
-    return parallelize(model, mesh, cfg, device=info.device, scale_loss=scale_loss)
+    return parallelize(model, mesh, cfg, device=info.device, scale_loss=scale_loss,
+                       wrap_comm_hook=wrap_comm_hook)

@@ -39,7 +39,7 @@ from lmforge.parallel.tp import full_value, loss_parallel_ctx, tp_cross_entropy
 from lmforge.storage.atomic import atomic_copy, write_text_atomic
 from lmforge.storage.layout import RunDir
 from lmforge.storage.strict_json import dumps_strict
-from lmforge.train.accounting import StepAccounting
+from lmforge.train.accounting import StepAccounting, make_breakdown
 from lmforge.train.data_stage import open_loaders, prepare_training_data
 from lmforge.train.energy_log import RunEnergy
 from lmforge.train.evaluate import local_validation_loss
@@ -112,8 +112,10 @@ class Trainer:
                         self.precision.mode, slower)
         self.scaler = build_grad_scaler(cfg.train.mixed_precision, self.device)
         self.accum = cfg.accum_steps(self.info.world_size)
+        breakdown = make_breakdown(cfg, self.device, self._dp_group() is not None)
         built = build_training_model(cfg, self.mesh, self.info, self.say,
-                                     scale_loss=self.scaler.scale if self.scaler.is_enabled() else None)
+                                     scale_loss=self.scaler.scale if self.scaler.is_enabled() else None,
+                                     wrap_comm_hook=breakdown.wrap_comm_hook)
         self.model, self.pipe, self.comm = built.module, built.pipe, built.comm  # comm: compression hook or None
         self.eos_id = self._doc_mask_eos(cfg)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -140,8 +142,8 @@ class Trainer:
             self.say(f"domains: {loaders.mixing.description}")
             self.cfg = cfg = replace(cfg, data=replace(cfg.data, mixing_resolved=loaders.mixing.description))
 
-        self.acct = StepAccounting(cfg, self.model, self.train_loader, self.device, self.info.world_size,
-                                   self._dp_group(), self.say)
+        self.acct = StepAccounting(cfg, breakdown, self.model, self.train_loader, self.device, self.info.world_size,
+                                   self._dp_group(), self.comm, self.say)
         self.faults.maybe_slow_network(self.model, self.acct.bd.wrap_comm_hook)  # test-only (LMFORGE_FAULTS)
         self.ckpt = TieredCheckpoints(cfg.checkpoint, self.run_dir)
         # torchrun restarted the workers after a failure: continue from the newest valid checkpoint
@@ -407,9 +409,7 @@ class Trainer:
                         metrics.update(self.energy.window_metrics())
                     if self.router is not None:
                         metrics.update(self.router.metrics())
-                    metrics.update(self.acct.window_metrics())
-                    if self.comm is not None:  # comm_bytes (this rank, this window), comm_compression_ratio
-                        metrics.update(self.comm.metrics())
+                    metrics.update(self.acct.window_metrics())  # time parts, comm_bytes, comm_compression_ratio
                     self.metrics.log(step, metrics, prefix="train")
                     bar.update(step, metrics)
                     timer.start()

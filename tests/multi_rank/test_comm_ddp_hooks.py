@@ -67,7 +67,7 @@ def _hooks(rank: int, world: int, kinds: tuple[str, ...] = KINDS) -> dict:
         grads, sent, saved = [], [], None
         for step in range(STEPS):
             grads.append(_grads(ddp, rank, step))
-            sent.append(hook.metrics())
+            sent.append(hook.accounting.window())
             if step == SAVE_AT:
                 saved = hook.state_dict()
         resumed = _ddp(build_model(cfg, seed=0))
@@ -187,3 +187,47 @@ def test_bytes_counted(ranks: list[dict]) -> None:
             assert window["comm_bytes"] * window["comm_compression_ratio"] == pytest.approx(fp32)
     psgd = [w["comm_compression_ratio"] for w in r0["powersgd"]["sent"]]
     assert psgd[:2] == [1.0, 1.0] and all(r > 2.0 for r in psgd[2:]), psgd  # vanilla, then compressed
+
+
+LATE_S = 0.8  # rank 1 joins the collective this late
+
+
+def _hook_call_and_wait_times(rank: int, world: int) -> dict:
+    """Seconds rank 0 spends in `reduce` (the autograd thread's cost) and until its future is
+    done, while rank 1 joins the collective LATE_S late: a hook that blocked would spend it all
+    in the call."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from lmforge.config.comm import CommConfig
+    from lmforge.parallel.comm.compressors import build_compressor
+    from lmforge.parallel.comm.ddp_hooks import CompressionHook
+
+    numels = (4096, 1000)
+    out = {}
+    for kind in ("bf16", "int8", "topk"):
+        hook = CompressionHook(build_compressor(CommConfig(compression=kind)), dist.group.WORLD, names={})
+        grad = torch.randn(sum(numels), generator=torch.Generator().manual_seed(rank))
+        dist.barrier()
+        if rank == 1:
+            time.sleep(LATE_S)
+        t0 = time.perf_counter()
+        fut = hook.reduce(grad, ["a", "b"], numels)
+        called = time.perf_counter() - t0
+        result = fut.wait()
+        out[kind] = {"call": called, "done": time.perf_counter() - t0, "result": result}
+    return out
+
+
+def test_hook_returns_before_the_collective_completes(tmp_path) -> None:
+    """The compression hook starts its collective and returns: backward goes on while the bytes
+    travel (DDP waits for the futures at the end of backward)."""
+    import torch
+
+    r0, r1 = run_ranks(_hook_call_and_wait_times, 2, tmp_path)
+    for kind, t in r0.items():
+        assert t["call"] < LATE_S / 4, (kind, t)
+        assert t["done"] >= LATE_S * 0.9, (kind, t)
+        assert torch.equal(t["result"], r1[kind]["result"]), kind  # the same bits on both replicas

@@ -106,6 +106,28 @@ def _hook(kind: str, group, error_feedback: bool = True, **kw) -> CompressionHoo
                            names={}, error_feedback=error_feedback)
 
 
+@pytest.mark.parametrize("shape", ["normal", "heavy-tailed", "ramp", "mostly-zero", "ties"])
+def test_topk_sampled_threshold_picks_exactly_the_largest(shape: str) -> None:
+    """Large parameters take the sampled-threshold path: the kept magnitudes are exactly the k
+    largest, whatever the distribution (a ramp puts them all in one corner, mostly-zero and ties
+    defeat a threshold; the full top-k is the fallback)."""
+    n = 300_000
+    g = torch.Generator().manual_seed(7)
+    x = {"normal": lambda: torch.randn(n, generator=g),
+         "heavy-tailed": lambda: torch.randn(n, generator=g) ** 5,
+         "ramp": lambda: torch.linspace(-1.0, 1.0, n) ** 3,
+         "mostly-zero": lambda: torch.where(torch.rand(n, generator=g) < 0.004, torch.randn(n, generator=g), 0.0),
+         "ties": lambda: torch.randint(-3, 4, (n,), generator=g).float()}[shape]()
+    for fraction in (0.001, 0.01, 0.1):
+        c = TopKCompressor(fraction)
+        k = c.ks((n,))[0]
+        values, indices = c.encode(x, (n,))
+        assert indices.unique().numel() == k == values.numel()
+        assert torch.equal(values, x[indices.long()])
+        expected = torch.topk(x.abs(), k).values
+        assert torch.equal(values.abs().sort(descending=True).values, expected), (shape, fraction)
+
+
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "topk"])
 def test_error_feedback_sum_of_updates_tracks_the_exact_sum(kind: str, one_rank_group) -> None:
     """sum(applied) + residual == sum(gradients) at every step, so the applied sum is off by the
@@ -120,7 +142,7 @@ def test_error_feedback_sum_of_updates_tracks_the_exact_sum(kind: str, one_rank_
         for t in range(60):
             g = _grad(t) + bias
             exact += g
-            applied += hook.reduce(g.clone(), names, NUMELS)
+            applied += hook.reduce(g.clone(), names, NUMELS).wait()
             if ef:
                 residual = torch.cat([hook.residuals[n] for n in names])
                 torch.testing.assert_close(applied + residual, exact, rtol=0, atol=1e-3)
@@ -139,11 +161,11 @@ def test_result_does_not_depend_on_the_bucket_layout(kind: str, one_rank_group) 
     order = [2, 0, 3, 1]
     a, b = _hook(kind, one_rank_group), _hook(kind, one_rank_group)
     for step in range(3):
-        out_a = dict(zip(names, a.reduce(torch.cat([pieces[n] for n in names]) * (step + 1), names, NUMELS)
+        out_a = dict(zip(names, a.reduce(torch.cat([pieces[n] for n in names]) * (step + 1), names, NUMELS).wait()
                          .split(NUMELS)))
         names_b = [names[i] for i in order]
         numels_b = tuple(NUMELS[i] for i in order)
-        out_b = dict(zip(names_b, b.reduce(torch.cat([pieces[n] for n in names_b]) * (step + 1), names_b, numels_b)
+        out_b = dict(zip(names_b, b.reduce(torch.cat([pieces[n] for n in names_b]) * (step + 1), names_b, numels_b).wait()
                          .split(numels_b)))
         for n in names:
             assert torch.equal(out_a[n], out_b[n]), (step, n)
@@ -152,11 +174,11 @@ def test_result_does_not_depend_on_the_bucket_layout(kind: str, one_rank_group) 
 def test_residuals_round_trip_through_state_dict(one_rank_group) -> None:
     names = [f"p{i}" for i in range(len(NUMELS))]
     a = _hook("int8", one_rank_group)
-    a.reduce(_grad(0), names, NUMELS)
+    a.reduce(_grad(0), names, NUMELS).wait()
     b = _hook("int8", one_rank_group)
     b.load_state_dict(a.state_dict())
     for t in range(1, 4):
-        assert torch.equal(a.reduce(_grad(t), names, NUMELS), b.reduce(_grad(t), names, NUMELS))
+        assert torch.equal(a.reduce(_grad(t), names, NUMELS).wait(), b.reduce(_grad(t), names, NUMELS).wait())
 
 
 def test_powersgd_state_survives_a_new_bucket_layout(one_rank_group) -> None:
@@ -236,7 +258,7 @@ def test_fsdp_reduce_dtype_follows_the_cast() -> None:
 def test_residuals_from_another_world_size_start_from_zero(one_rank_group) -> None:
     names = [f"p{i}" for i in range(len(NUMELS))]
     a = _hook("int8", one_rank_group)
-    a.reduce(_grad(0), names, NUMELS)
+    a.reduce(_grad(0), names, NUMELS).wait()
     saved = a.state_dict()
     assert saved["world"] == 1 and saved["residuals"]
     b = _hook("int8", one_rank_group)

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from lmforge.parallel.comm.accounting import CommAccounting
+
 
 class CommHookState(Protocol):
-    """What the trainer holds of an installed hook: per-rank checkpoint state and metrics."""
+    """What the trainer holds of an installed hook: per-rank checkpoint state and the bytes it sent."""
+
+    accounting: CommAccounting
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def metrics(self) -> dict[str, float]:
-        """{"comm_bytes", "comm_compression_ratio"} since the last call."""
-        ...

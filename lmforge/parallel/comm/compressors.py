@@ -25,6 +25,7 @@ import torch
 from lmforge.config.comm import CommConfig
 
 Payload = list[torch.Tensor]
+SAMPLE_MIN = 2048  # top-k: values sampled per parameter, at least, to place the threshold
 
 
 class Compressor(ABC):
@@ -68,19 +69,29 @@ class CastCompressor(Compressor):
 
 
 class _Segments:
-    """Where each parameter's values go in a layout padded so each parameter starts a new block."""
+    """Where each parameter's values go in a layout padded so each parameter starts a new block.
+    When every parameter fills whole blocks (the usual case: widths are multiples of the block)
+    the layout is the bucket itself and padding costs nothing; otherwise each parameter is copied
+    to its place (a slice copy per parameter, no per-value index)."""
 
     def __init__(self, numels: tuple[int, ...], block: int) -> None:
-        padded = [math.ceil(n / block) * block for n in numels]
-        self.padded_len = sum(padded)
-        starts = torch.tensor([0, *padded[:-1]]).cumsum(0)
-        self.index = torch.cat([torch.arange(n) + s for n, s in zip(numels, starts.tolist())]) \
-            if numels else torch.zeros(0, dtype=torch.long)
+        self.numels = numels
+        self.padded = tuple(math.ceil(n / block) * block for n in numels)
+        self.padded_len = sum(self.padded)
+        self.aligned = self.padded == numels
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aligned:
+            return x
         out = x.new_zeros(self.padded_len)
-        out[self.index] = x
+        for src, dst in zip(x.split(self.numels), out.split(self.padded)):
+            dst[:src.numel()] = src
         return out
+
+    def unpad(self, values: torch.Tensor) -> torch.Tensor:
+        if self.aligned:
+            return values
+        return torch.cat([v[:n] for v, n in zip(values.split(self.padded), self.numels)])
 
 
 class BlockQuantCompressor(Compressor):
@@ -103,7 +114,8 @@ class BlockQuantCompressor(Compressor):
         blocks = self._segments(numels).pad(x.float()).view(-1, self.block)
         absmax = blocks.abs().amax(dim=1)
         scale = torch.where(absmax > 0, absmax / self.qmax, torch.ones_like(absmax))
-        q = torch.round(blocks / scale[:, None]).clamp_(-self.qmax, self.qmax).to(torch.int8)
+        # one temporary: divide, then round and clamp in place (the same values as round(x / s))
+        q = torch.div(blocks, scale[:, None]).round_().clamp_(-self.qmax, self.qmax).to(torch.int8)
         if self.bits == 4:  # two values per byte, offset to 1..15
             u = (q + 8).to(torch.uint8).view(-1, 2)
             q = (u[:, 0] | (u[:, 1] << 4)).view(torch.int8)
@@ -115,7 +127,7 @@ class BlockQuantCompressor(Compressor):
             u = q.view(torch.uint8)
             q = torch.stack([u & 0xF, u >> 4], dim=1).to(torch.int8) - 8
         values = (q.view(-1, self.block).to(torch.float32) * scale[:, None]).reshape(-1)
-        return values[self._segments(numels).index]
+        return self._segments(numels).unpad(values)
 
     def wire_bytes(self, numels: tuple[int, ...]) -> int:
         n_blocks = sum(math.ceil(n / self.block) for n in numels)
@@ -130,9 +142,34 @@ class TopKCompressor(Compressor):
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"top-k fraction {fraction} must be in (0, 1]")
         self.fraction = fraction
+        self._samples: dict[int, torch.Tensor] = {}  # parameter length -> sampled positions
 
     def ks(self, numels: tuple[int, ...]) -> list[int]:
         return [max(1, math.ceil(self.fraction * n)) if n else 0 for n in numels]
+
+    def _sample(self, n: int) -> torch.Tensor:
+        idx = self._samples.get(n)
+        if idx is None:  # fixed positions per length: every rank and every step picks the same way
+            gen = torch.Generator().manual_seed(n)
+            idx = self._samples[n] = torch.randint(0, n, (max(SAMPLE_MIN, n // 50),), generator=gen)
+        return idx
+
+    def _largest(self, mag: torch.Tensor, k: int) -> torch.Tensor:
+        """Positions of the k largest of `mag`. A full top-k over millions of values is the cost of
+        this compressor on CPU; a threshold from a sample (the value ~2k of n exceed) keeps a few
+        times k candidates, and the top-k of those is exact whenever at least k pass it (else the
+        full top-k runs): the k-th largest then is at or above the threshold."""
+        n = mag.numel()
+        if n < 4 * SAMPLE_MIN or 4 * k > n:
+            return torch.topk(mag, k, sorted=False).indices
+        sample = mag[self._sample(n)]
+        m = sample.numel()
+        above = min(m, math.ceil(2 * k * m / n))
+        threshold = torch.kthvalue(sample, m - above + 1).values
+        candidates = (mag >= threshold).nonzero().squeeze(1)
+        if candidates.numel() < k:
+            return torch.topk(mag, k, sorted=False).indices
+        return candidates[torch.topk(mag[candidates], k, sorted=False).indices]
 
     def encode(self, x: torch.Tensor, numels: tuple[int, ...]) -> Payload:
         if sum(numels) >= 2**31:
@@ -140,7 +177,7 @@ class TopKCompressor(Compressor):
         values, indices, start = [], [], 0
         for n, k in zip(numels, self.ks(numels)):
             seg = x[start:start + n]
-            idx = torch.topk(seg.abs(), k, sorted=False).indices
+            idx = self._largest(seg.abs(), k)
             values.append(seg[idx])
             indices.append(idx + start)
             start += n

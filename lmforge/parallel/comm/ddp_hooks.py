@@ -5,13 +5,17 @@ Per bucket, with W data-parallel ranks: y = grad / W + residual; the payload enc
 residual is y - decode(payload) (error feedback: what was not sent this step is sent later, so
 the applied updates track the exact ones). Casts are all-reduced in their dtype; the rest are
 all-gathered and every rank decodes and sums all payloads in rank order (gloo would wrap int8
-sums around), so every replica gets the same bits.
+sums around), so every replica gets the same bits. The hook encodes on DDP's autograd thread,
+starts the collective and returns its future: backward goes on while the bytes travel, and the
+other ranks' payloads are decoded in the future's callback when they arrive.
 
 Residuals are kept per parameter (by name), not per bucket: DDP re-lays out its buckets after the
 first step, and a resumed run starts from the first layout again.
 
 No `from __future__ import annotations` here: DDP checks the hook's annotations as objects.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -37,38 +41,50 @@ class CompressionHook:
         self.residuals: dict[str, torch.Tensor] = {}
         self.accounting = CommAccounting()
 
-    def reduce(self, flat: torch.Tensor, names: list[str], numels: tuple[int, ...]) -> torch.Tensor:
-        """The mean over ranks of `flat` (this rank's gradients of parameters `names`), compressed."""
-        y = flat.float() / self.world
+    def reduce(self, flat: torch.Tensor, names: list[str], numels: tuple[int, ...],
+               out: torch.Tensor | None = None) -> torch.futures.Future:
+        """A future of the mean over ranks of `flat` (this rank's gradients of parameters `names`),
+        compressed, written into `out` (a new tensor when None; it may be `flat` itself). The
+        collective runs on the process group's thread while the caller (DDP's autograd thread)
+        goes on with backward; the other ranks' payloads are decoded when they arrive, in the
+        future's callback. Every pass over the gradients costs as much as a quantiser's on CPU, so
+        the residual is added and taken out in place."""
+        y = torch.div(flat, self.world, out=torch.empty_like(flat, dtype=torch.float32))
         if self.error_feedback:
-            y = y + torch.cat([self.residuals[n].view(-1) if n in self.residuals else y.new_zeros(k)
-                               for n, k in zip(names, numels)])
-        payload, local = self.compressor.roundtrip(y, numels)
-        if self.error_feedback:
-            residual = y - local
-            for name, piece in zip(names, residual.split(numels)):
-                self.residuals[name] = piece
+            for name, piece in zip(names, y.split(numels)):
+                if name in self.residuals:
+                    piece.add_(self.residuals[name].view(-1))
+        payload = self.compressor.encode(y, numels)
+        summable = self.compressor.summable
+        # this rank's own decode: before an all-reduce sums into the payload, while an all-gather runs
+        local = self.compressor.decode(payload, numels) if summable and self.error_feedback else None
         wire = self.compressor.wire_bytes(numels)
-        if self.compressor.summable:
-            for t in payload:
-                dist.all_reduce(t, group=self.group)
-            out = self.compressor.decode(payload, numels)
-            sent = allreduce_bytes(wire, self.world)
+        if summable:
+            works = [dist.all_reduce(t, group=self.group, async_op=True) for t in payload]
+            self.accounting.add_fp32_allreduce(allreduce_bytes(wire, self.world), sum(numels), self.world)
         else:
-            gathered = []
-            for t in payload:
-                parts = [torch.empty_like(t) for _ in range(self.world)]
-                dist.all_gather(parts, t.contiguous(), group=self.group)
-                gathered.append(parts)
-            out = torch.zeros_like(y)
-            for r in range(self.world):  # rank order: the same sum on every rank
-                out += self.compressor.decode([parts[r] for parts in gathered], numels)
-            sent = allgather_bytes(wire, self.world)
-        self.accounting.add_fp32_allreduce(sent, sum(numels), self.world)
-        return out.to(flat.dtype)
+            gathered = [[torch.empty_like(t) for _ in range(self.world)] for t in payload]
+            works = [dist.all_gather(parts, t.contiguous(), group=self.group, async_op=True)
+                     for parts, t in zip(gathered, payload)]
+            self.accounting.add_fp32_allreduce(allgather_bytes(wire, self.world), sum(numels), self.world)
+            local = self.compressor.decode(payload, numels)
+        if self.error_feedback:  # y becomes the residual: what was not sent this step
+            for name, piece in zip(names, y.sub_(local).split(numels)):
+                self.residuals[name] = piece
+        me = dist.get_rank(self.group)
 
-    def metrics(self) -> dict[str, float]:
-        return self.accounting.window()
+        def finish(_: torch.futures.Future) -> torch.Tensor:
+            result = out if out is not None else torch.empty_like(flat)
+            if summable:
+                return result.copy_(self.compressor.decode(payload, numels))
+            for r in range(self.world):  # rank order: the same sum on every rank
+                decoded = local if r == me else self.compressor.decode([parts[r] for parts in gathered], numels)
+                if r == 0:
+                    result.copy_(decoded)
+                else:
+                    result.add_(decoded)
+            return result
+        return torch.futures.collect_all([w.get_future() for w in works]).then(finish)
 
     def state_dict(self) -> dict:
         return {"residuals": {k: v.detach().clone() for k, v in self.residuals.items()}, "world": self.world}
@@ -87,10 +103,7 @@ def compressed_allreduce_hook(state: CompressionHook, bucket: dist.GradBucket) -
     numels = tuple(p.numel() for p in params)
     if sum(numels) != buffer.numel():
         raise RuntimeError(f"DDP bucket of {buffer.numel()} values holds parameters of {sum(numels)}")
-    buffer.copy_(state.reduce(buffer, [state.names[id(p)] for p in params], numels))
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(buffer)
-    return fut
+    return state.reduce(buffer, [state.names[id(p)] for p in params], numels, out=buffer)
 
 
 def parameter_names(module: nn.Module) -> dict[int, str]:
@@ -98,16 +111,19 @@ def parameter_names(module: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in module.named_parameters()}
 
 
-def register_compression(model: DDP, cfg: CommConfig, group: dist.ProcessGroup):  # -> CompressionHook | PowerSGDHook
-    """Install `cfg.compression` on `model` (DDP, not "none"); return the hook's state (checkpoint
-    it, read its `metrics()`)."""
+def register_compression(model: DDP, cfg: CommConfig, group: dist.ProcessGroup,
+                         wrap: Callable[[Callable], Callable] | None = None):  # -> CompressionHook | PowerSGDHook
+    """Install `cfg.compression` on `model` (DDP, not "none"), its hook wrapped by `wrap` when
+    given (a timer); return the hook's state (checkpoint it, read its `accounting`)."""
+    def wrapped(hook: Callable) -> Callable:
+        return wrap(hook) if wrap is not None else hook
     names = parameter_names(model.module)
     if cfg.compression == "powersgd":
         from lmforge.parallel.comm.powersgd import PowerSGDHook
 
         hook = PowerSGDHook(group, names, cfg.powersgd_rank, cfg.error_feedback, cfg.powersgd_start_step)
-        model.register_comm_hook(hook, PowerSGDHook.hook)
+        model.register_comm_hook(hook, wrapped(PowerSGDHook.hook))
         return hook
     state = CompressionHook(build_compressor(cfg), group, names, cfg.error_feedback)
-    model.register_comm_hook(state, compressed_allreduce_hook)
+    model.register_comm_hook(state, wrapped(compressed_allreduce_hook))
     return state

@@ -134,6 +134,3 @@ class PowerSGDHook:
         self.pending = {k: {n: t.clone() for n, t in state[k].items()} for k in KINDS}
         if state.get("world") != self.world:  # rank 0's errors would be sent again by every rank
             self.pending["error"] = {}
-
-    def metrics(self) -> dict[str, float]:
-        return self.accounting.window()
