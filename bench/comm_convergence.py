@@ -1,6 +1,11 @@
-"""Gradient compression (lmforge.parallel.comm) against the uncompressed all-reduce: the tiny dense
-model on 2 DDP ranks (`--parallel.dp_replicate 2 --parallel.dp_shard 1`), the same seed and data,
-300 steps each for none (the named baseline), bf16, int8, powersgd and topk (1%), error feedback on.
+"""Gradient compression (lmforge.parallel.comm) against the uncompressed all-reduce: a model on 2 DDP
+ranks (`--parallel.dp_replicate 2 --parallel.dp_shard 1`), the same seed and data, 300 steps each
+for none (the named baseline), bf16, int8, powersgd and topk (1%), error feedback on.
+
+Models (`--model`): `tiny-dense` (the default, what issue 14 names: recipes/tiny-dense.toml, 4.9M
+parameters, the embedded corpus prepared into `--data-dir` if missing, micro-batch 4 per rank,
+fp32; ~3 min a run on 2 cores) or `micro` (dim 64, 2 layers, vocab 512: 0.16M parameters on a
+120-document corpus; seconds a run, the figures of the first version of this bench).
 
 Checks (issue 14): the final validation loss within 1% of the baseline's for bf16, int8 and
 PowerSGD, within 3% for top-k (metric: baseline loss / loss, higher is better: 1/1.01 = 0.990,
@@ -8,7 +13,8 @@ PowerSGD, within 3% for top-k (metric: baseline loss / loss, higher is better: 1
 over the whole run: fp32 ring all-reduce bytes / bytes sent), >= 3.5x fewer for int8 and >= 30x
 for top-k. Exit 1 when any check fails.
 
-    .venv/bin/python bench/comm_convergence.py [--steps 300] [--only int8,topk]
+    .venv/bin/python bench/comm_convergence.py [--model tiny-dense|micro] [--steps 300] [--only int8,topk]
+        [--data-dir data/default]
 """
 
 from __future__ import annotations
@@ -37,16 +43,22 @@ MODEL = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "
          "--tokenizer.vocab_size", "512"]
 
 
-def run(kind: str, steps: int, data_dir: Path, out: Path, extra: list[str]) -> dict[str, float]:
+def model_args(model: str, data_dir: Path) -> list[str]:
+    """`lmforge train` arguments of the model and its data."""
+    if model == "tiny-dense":
+        return ["recipes/tiny-dense.toml", "--data.dir", str(data_dir), "--train.micro_batch_size", "4"]
+    return [*MODEL, "--data.dir", str(data_dir), "--data.max_documents", "120", "--data.val_fraction", "0.05",
+            "--train.seq_len", "32", "--train.global_batch_size", "8", "--train.micro_batch_size", "4",
+            "--optimizer.lr", "0.01", "--scheduler.warmup_steps", "20", "--metrics.peak_flops", "1e11"]
+
+
+def run(kind: str, steps: int, model: list[str], out: Path, extra: list[str]) -> dict[str, float]:
     """One training run; its final validation loss and the accounting's totals over the run."""
-    args = ["train", *MODEL, "--data.dir", str(data_dir), "--data.max_documents", "120", "--data.val_fraction", "0.05",
-            "--train.output_dir", str(out), "--train.steps", str(steps), "--train.seq_len", "32",
-            "--train.global_batch_size", "8", "--train.micro_batch_size", "4", "--train.eval_interval", str(steps),
-            "--train.mixed_precision", "fp32", "--checkpoint.enabled", "false", "--optimizer.lr", "0.01",
-            "--scheduler.warmup_steps", "20", "--metrics.log_interval", "10", "--metrics.progress", "none",
-            "--metrics.tensorboard", "false", "--metrics.plot", "false", "--metrics.peak_flops", "1e11",
-            "--parallel.dp_replicate", "2", "--parallel.dp_shard", "1", "--comm.compression", kind, *RUNS[kind],
-            *(extra if kind != "none" else []), "--nproc", "2"]
+    args = ["train", *model, "--train.output_dir", str(out), "--train.steps", str(steps),
+            "--train.eval_interval", str(steps), "--train.mixed_precision", "fp32", "--checkpoint.enabled", "false",
+            "--metrics.log_interval", "10", "--metrics.progress", "none", "--metrics.tensorboard", "false",
+            "--metrics.plot", "false", "--parallel.dp_replicate", "2", "--parallel.dp_shard", "1",
+            "--comm.compression", kind, *RUNS[kind], *(extra if kind != "none" else []), "--nproc", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=REPO, env=env, capture_output=True, text=True)
@@ -63,6 +75,9 @@ def run(kind: str, steps: int, data_dir: Path, out: Path, extra: list[str]) -> d
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["tiny-dense", "micro"], default="tiny-dense")
+    ap.add_argument("--data-dir", default=str(REPO / "data" / "default"),
+                    help="tiny-dense: the prepared embedded corpus (prepared there if missing)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--only", default="", help="comma-separated compressors besides the baseline")
     ap.add_argument("--args", default="", help="extra `lmforge train` arguments for the compressed runs")
@@ -70,9 +85,9 @@ def main() -> int:
     kinds = ["none", *(a.only.split(",") if a.only else [k for k in RUNS if k != "none"])]
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="lmforge-comm-") as tmp:
-        data_dir = Path(tmp) / "data"
+        model = model_args(a.model, Path(a.data_dir) if a.model == "tiny-dense" else Path(tmp) / "data")
         for kind in kinds:
-            results[kind] = r = run(kind, a.steps, data_dir, Path(tmp) / kind, a.args.split())
+            results[kind] = r = run(kind, a.steps, model, Path(tmp) / kind, a.args.split())
             print(f"{kind:9s} val loss {r['val_loss']:.4f}  train loss {r['train_loss']:.4f}  "
                   f"bytes sent/rank {r['bytes_sent'] / 2**20:8.2f} MiB  fp32/sent {r['byte_ratio']:6.2f}x  "
                   f"({r['wall_s']:.0f} s)", flush=True)
