@@ -43,7 +43,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
                    help="tokens per window (default: the run's train.seq_len; HF dir: min(256, max_seq_len))")
     p.add_argument("--items", type=int, default=200, help="cloze items (0: no cloze task)")
     p.add_argument("--no-speed", action="store_true", help="skip the generation speed measurement")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (cuda when there is one)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_eval)

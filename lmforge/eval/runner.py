@@ -88,7 +88,8 @@ def evaluate(source: Path, opts: EvalOptions, say: Callable[[str], None] = print
         notes.append(line.removeprefix("note: "))
         say(line if line.startswith("note: ") else f"note: {line}")
 
-    device = torch.device(opts.device)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" \
+        else torch.device(opts.device)
     src = resolve_source(Path(source))
     model, cfg, tokenizer_json = load_source(src, device)
     step = step_of(src.step_dir) if src.step_dir is not None else None

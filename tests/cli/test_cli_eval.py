@@ -15,7 +15,7 @@ from lmforge.config import ModelConfig
 from lmforge.config.job import DataConfig, TokenizerConfig
 from lmforge.data.pack import prepare_data
 from lmforge.eval.errors import EvalError
-from lmforge.eval.heldout import check_tokenizer
+from lmforge.eval.heldout import check_tokenizer, open_heldout
 from tests.helpers.cli import run_cli, tiny_run_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,3 +143,9 @@ def test_out_is_not_overwritten_unless_asked(run_dir: Path, tmp_path: Path, caps
 def test_a_data_dir_with_more_ids_than_the_model_is_refused(tiny_data_dir: Path) -> None:
     with pytest.raises(EvalError, match="its tokenizer has 512 ids, more than the model's vocab_size 300"):
         check_tokenizer(tiny_data_dir, ModelConfig(vocab_size=300), None)
+
+
+def test_a_corpus_without_domain_labels_gets_overall_figures_and_a_note(other_data_dir: Path) -> None:
+    held = open_heldout(other_data_dir)
+    assert not held.labelled and len(held.texts) == held.dataset.n_documents > 0
+    assert len(held.notes) == 1 and "carry no domain label" in held.notes[0]
