@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lmforge.cli_data import add_data_commands
 from lmforge.cli_errors import check_device, check_text_arg, explain
+from lmforge.cli_eval import add_eval_command
 from lmforge.cli_plan import add_plan_command
 from lmforge.config import ConfigError, load_job_config, parse_override_args
 from lmforge.storage.guard import check_destination, resolved
@@ -440,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output file (torch) or "
                    "non-empty directory (hf)")
     q.set_defaults(func=cmd_ckpt_convert)
+    add_eval_command(sub)
     add_plan_command(sub)
     return parser
 

@@ -23,6 +23,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lmforge.checkpoint.errors import CheckpointError
     from lmforge.config import ConfigError
     from lmforge.data.errors import DataError
+    from lmforge.eval.errors import EvalError
     from lmforge.interop.hf.base import HFFormatError
     from lmforge.observability.errors import ObservabilityError
     from lmforge.serve.generate import GenerationError
@@ -30,7 +31,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lmforge.storage.lock import RunDirBusy
     from lmforge.train.stability import TrainingDivergedError
 
-    return (ConfigError, CheckpointError, DataError, HFFormatError, GenerationError, ObservabilityError,
+    return (ConfigError, CheckpointError, DataError, EvalError, HFFormatError, GenerationError, ObservabilityError,
             TrainingDivergedError, DestinationError, RunDirBusy, UserError)
 
 

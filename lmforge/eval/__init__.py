@@ -1,5 +1,6 @@
-"""Evaluation of trained models: benchmark tasks scored on a checkpoint or a served model (perplexity
-on held-out shards, multiple-choice and generation tasks), each task a module here that reads its
-data from packages shipped with the install and writes its scores as strict JSON into the run
-directory. Evaluation loads models through `lmforge.serve` or `lmforge.checkpoint`; it never trains.
+"""Evaluation of trained models (`lmforge eval`): perplexity on the held-out split, overall, on
+the trainer's validation sequences and per domain (perplexity.py, over heldout.py), a cloze task
+built from held-out text (cloze.py), generation speed and memory (speed.py); runner.py puts them
+together, report.py prints and writes them. Models are loaded as `lmforge generate` loads them
+(lmforge.serve.generate); evaluation never trains and never writes into a run or a data dir.
 """

@@ -9,6 +9,7 @@ tests hold them to that.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -174,39 +175,63 @@ def newest_checkpoint(ckpt_root: Path) -> Path:
     return Path(found)
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """What a path given to `generate`, `export` or `eval` is: a Hugging Face directory, or an
+    lmforge checkpoint (`step_dir`) with the run it belongs to (`run_dir`, whose config.json is
+    `run_config`)."""
+
+    path: Path
+    kind: str  # "hf", "run" (its newest valid checkpoint) or "checkpoint" (one step directory)
+    step_dir: Path | None = None
+    run_dir: Path | None = None
+    run_config: dict = field(default_factory=dict)
+
+
+def resolve_source(path: Path) -> ModelSource:
+    """Which kind of model directory `path` is, and for a run its newest valid checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if is_hf_dir(path):
+        return ModelSource(path, "hf")
+    if _is_run_dir(path):
+        d = _read_run_config(path)
+        ck = d.get("checkpoint") if isinstance(d.get("checkpoint"), dict) else {}
+        step_dir = newest_checkpoint(RunDir(path, ck.get("folder", "checkpoints")).checkpoints)
+        return ModelSource(path, "run", step_dir, path, d)
+    if (path / MANIFEST).is_file() or (path / ".metadata").is_file():
+        run_dir = next((p for p in (path.parent.parent, path.parent) if _is_run_dir(p)), None)
+        if run_dir is None:
+            raise GenerationError(f"{path}: checkpoint has no run config.json two levels up "
+                                  "(expected <run>/checkpoints/step-N)")
+        return ModelSource(path, "checkpoint", path, run_dir, _read_run_config(run_dir))
+    raise GenerationError(f"{path}: not a Hugging Face directory (config.json + model.safetensors), "
+                          "an lmforge run directory or a checkpoint step directory")
+
+
+def load_source(src: ModelSource, device: torch.device | str = "cpu"
+                ) -> tuple[Transformer, ModelConfig, Path | None]:
+    """(model in eval mode, its config, tokenizer.json or None) of a resolved source."""
+    if src.kind == "hf":
+        model, cfg = import_hf(src.path, device)
+        tok = src.path / "tokenizer.json"
+        return model.eval(), cfg, tok if tok.is_file() else None
+    assert src.run_dir is not None and src.step_dir is not None
+    try:
+        cfg = build_dataclass(ModelConfig, src.run_config["model"], "model.", where=str(RunDir(src.run_dir).config))
+        cfg.validate()
+    except ConfigError as e:
+        raise GenerationError(str(e)) from None
+    model = family_of(cfg).build(cfg, device, 0)  # materialises buffers; the weights are overwritten
+    load_model_weights(src.step_dir, model)  # verifies the manifest first; CheckpointError if invalid
+    tok = RunDir(src.run_dir).tokenizer
+    return model.eval(), cfg, tok if tok.is_file() else None
+
+
 def load_for_generation(path: Path, device: torch.device | str = "cpu"
                         ) -> tuple[Transformer, ModelConfig, Path | None]:
     """(model in eval mode, its config, tokenizer.json or None) from a Hugging Face directory
     (config.json + model.safetensors), an lmforge run directory (newest checkpoint) or one
     checkpoint step directory (<run>/checkpoints/step-N)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    if is_hf_dir(path):
-        model, cfg = import_hf(path, device)
-        tok = path / "tokenizer.json"
-        return model.eval(), cfg, tok if tok.is_file() else None
-    if _is_run_dir(path):
-        run_dir = path
-        d = _read_run_config(run_dir)
-        ck = d.get("checkpoint") if isinstance(d.get("checkpoint"), dict) else {}
-        step_dir = newest_checkpoint(RunDir(run_dir, ck.get("folder", "checkpoints")).checkpoints)
-    elif (path / MANIFEST).is_file() or (path / ".metadata").is_file():
-        step_dir = path
-        run_dir = next((p for p in (path.parent.parent, path.parent) if _is_run_dir(p)), None)
-        if run_dir is None:
-            raise GenerationError(f"{path}: checkpoint has no run config.json two levels up "
-                                  "(expected <run>/checkpoints/step-N)")
-        d = _read_run_config(run_dir)
-    else:
-        raise GenerationError(f"{path}: not a Hugging Face directory (config.json + model.safetensors), "
-                              "an lmforge run directory or a checkpoint step directory")
-    try:
-        cfg = build_dataclass(ModelConfig, d["model"], "model.", where=str(RunDir(run_dir).config))
-        cfg.validate()
-    except ConfigError as e:
-        raise GenerationError(str(e)) from None
-    model = family_of(cfg).build(cfg, device, 0)  # materialises buffers; the weights are overwritten
-    load_model_weights(step_dir, model)  # verifies the manifest first; CheckpointError if invalid
-    tok = RunDir(run_dir).tokenizer
-    return model.eval(), cfg, tok if tok.is_file() else None
+    return load_source(resolve_source(Path(path)), device)
