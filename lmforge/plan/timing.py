@@ -112,6 +112,14 @@ def _matmul_sizes(job: JobConfig, r: ParallelConfig, tokens: int) -> dict[str, f
             "output": 2.0 * tokens * m.dim * m.vocab_size / r.tp}
 
 
+def bubble_fraction(r: ParallelConfig, n_micro: int) -> float:
+    """Pipeline idle time over busy time: (pp - 1) / (micro-batches x stages per rank), a third
+    of it for the zero-bubble schedules; 0 without pp."""
+    if r.pp <= 1:
+        return 0.0
+    return (r.pp - 1) / (n_micro * r.stages_per_rank) * (1 / 3 if r.pp_schedule in ZERO_BUBBLE else 1.0)
+
+
 def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precision: str = "bf16",
                       on_cpu: bool = False) -> StepTime:
     """Seconds of one optimizer step (the slowest pipeline rank) of `job` on `world_size` ranks."""
@@ -197,10 +205,7 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
         hideable = dp_comm + ep_comm
         exposed = tp_comm + pp_comm + max(hideable - eff.comm_overlap * compute, hideable * (1 - eff.comm_overlap))
         busy = compute + recompute
-        bubble = 0.0
-        if r.pp > 1:
-            frac = (r.pp - 1) / (n_micro * r.stages_per_rank)
-            bubble = busy * frac * (1 / 3 if r.pp_schedule in ZERO_BUBBLE else 1.0)
+        bubble = busy * bubble_fraction(r, n_micro)
         st = StepTime(compute=compute, recompute=recompute, optimizer=optimizer, overhead=overhead, tp_comm=tp_comm,
                       dp_comm=dp_comm, pp_comm=pp_comm, ep_comm=ep_comm, exposed_comm=exposed, bubble=bubble)
         if worst is None or st.total > worst.total:
