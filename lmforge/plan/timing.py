@@ -85,13 +85,14 @@ def compression_ratio(job: JobConfig, matrices: list[tuple[int, int]]) -> float:
     return 1.0
 
 
-def _stage_flops_per_token(job: JobConfig, r: ParallelConfig, stage: int) -> dict[str, float]:
+def _stage_flops_per_token(job: JobConfig, r: ParallelConfig, stage: int,
+                           whole: dict[str, float] | None = None) -> dict[str, float]:
     """Training FLOPs per token of one pipeline stage by component (its layers' attention
     projections, attention scores and values, feed-forward; the output projection on the last
-    stage), from the one FLOP counter."""
+    stage), from the one FLOP counter (`whole`: its breakdown, when the caller has it already)."""
     m, seq = job.model, job.train.seq_len
     n_stages = r.pp * r.stages_per_rank if r.pp > 1 else 1
-    whole = flops_breakdown(m, seq)
+    whole = whole or flops_breakdown(m, seq)
     share = len(stage_layers(m, n_stages, r.pp_layers_per_stage)[stage]) / m.n_layers  # equal blocks
     out = {k: 3.0 * whole[k] * share for k in ("attention_projections", "attention_scores_and_values", "ffn")}
     out["output"] = 3.0 * whole["output"] if stage == n_stages - 1 else 0.0
@@ -141,6 +142,7 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
     pp_link = cluster.link(r.pp, r.tp * r.dp_shard * r.dp_replicate)
     ep_link = cluster.link(r.ep, r.tp)
 
+    whole = flops_breakdown(m, t.seq_len)  # once, not per stage: it walks every layer
     worst: StepTime | None = None
     for pp_rank in range(max(r.pp, 1)):
         stages = [s for s in range(n_stages) if s % max(r.pp, 1) == pp_rank]
@@ -148,7 +150,7 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
         sizes = _matmul_sizes(job, r, micro * t.seq_len)
         flops = matmul_time = 0.0
         for s in stages:
-            for k, f in _stage_flops_per_token(job, r, s).items():
+            for k, f in _stage_flops_per_token(job, r, s, whole).items():
                 flops += f * tokens / r.tp
                 matmul_time += f * tokens / r.tp / (peak * eff.of(sizes[k]))
         act_bytes = sum(activation_bytes(job, r, s, micro, act, on_cpu) for s in stages) * forwards
