@@ -1,6 +1,6 @@
-"""The planner core at many world sizes: the best layout a pruned search finds at each size, and the
-step times it predicts, so the scaling and cost tables use the time model that ranks layouts in
-`lmforge plan` (timing.py through predict.py), not a stand-in.
+"""The planner core at many world sizes: the fastest layout a pruned search finds at each size and
+the step time the core predicts for it, so the scaling and cost tables use the time model that
+ranks layouts in `lmforge plan` (timing.py through predict.py), not a stand-in.
 
 Why pruned: `search.search` predicts every layout `JobConfig.validate` accepts, thousands at a few
 hundred devices (seconds per size for an 8B model); a table of 12 sizes has to answer in seconds.
@@ -14,14 +14,14 @@ prefers or what only trades memory:
   micro-batches in flight, interleaved_1f1b zbv's stages with three times its bubble;
 - data parallel: FSDP over all data-parallel ranks, HSDP sharded over one node's ranks, DDP (tp =
   pp = 1 only); ep (MoE): 1, the largest degree inside a node and the largest overall;
-- micro-batch from the largest (the whole local batch) down, with the least recompute that fits;
-  smaller ones are not tried once one fits without recompute (in the model a smaller micro-batch
-  only adds operator launches, FSDP gathers and smaller matmuls), and at most `MAX_MICRO` sizes.
+- micro-batch and recompute: for each recompute level (none, selective, full) only the largest
+  micro-batch that fits with it (memory grows with the micro-batch: a binary search), starting
+  from the largest valid one of the `MAX_MICRO` largest; in the model a smaller micro-batch only
+  adds operator launches, FSDP gathers and smaller matmuls, and more recompute only adds time.
 
-A layout is skipped without predicting it when its lower bound (the ideal compute, all FLOPs at
-the efficiency curve's maximum spread evenly over the devices, plus the least bubble its pipeline
-can have) is no better than the best found so far: that loses nothing. tests/unit/test_plan_sweep.py
-holds the pruned best to the full search's at the sizes where that one is affordable.
+Within that space the search is exact and best-first (`best_at`): lower bounds of step time order
+the work, and it stops when no bound left beats the best layout that fits.
+tests/unit/test_plan_sweep.py holds its answer to the full search's where that one is affordable.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from lmforge.plan.timing import bubble_fraction, predict_step_time
 
 __all__ = ["SizeResult", "best_at", "sweep", "weak_batch", "MAX_MICRO"]
 
-MAX_MICRO = 4  # micro-batch sizes tried per layout, largest first
+MAX_MICRO = 4  # the largest micro-batch sizes tried for a structure's fastest form
 STATE_BYTES_PER_PARAM = 16  # fp32 weights and gradients, AdamW's two moments: what memory.py counts at least
 
 
@@ -53,7 +53,7 @@ class SizeResult:
     world_size: int
     global_batch: int  # sequences per step at this size
     best: Candidate | None
-    predicted: int  # layouts predicted (what the pruning left)
+    predicted: int  # layouts timed or predicted (what the pruning left)
     why: str = ""
 
     @property
