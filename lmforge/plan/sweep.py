@@ -237,8 +237,9 @@ def best_at(base: JobConfig, cluster: Cluster, world_size: int) -> SizeResult:
     if best is None:
         mem = cluster.accelerator.memory_bytes / 2**30
         why = (f"no layout fits {mem:.0f} GiB per device" if valid or too_big else
-               f"no valid layout: {gbs} sequences per step leave a data-parallel rank without a whole sequence "
-               f"(tp <= {cluster.devices_per_node}, pp <= {m.n_layers} layers)")
+               f"no valid layout: {gbs} sequences per step are too few for {world_size:,} devices (each data-parallel "
+               f"replica needs a whole sequence, a pipeline of pp stages at least pp; tp <= {cluster.devices_per_node}, "
+               f"pp <= {m.n_layers} layers)")
     return SizeResult(world_size, gbs, best, valid + predicted, why)
 
 
