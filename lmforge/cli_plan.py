@@ -75,7 +75,8 @@ def parse_positive(text: str, flag: str, example: str) -> float:
     return value
 
 
-def _sections(args: argparse.Namespace, cluster, base) -> tuple[bool, bool, list[int], float, float | None]:  # noqa: ANN001
+def _sections(args: argparse.Namespace, cluster, base  # noqa: ANN001 (Cluster, JobConfig: imported late)
+              ) -> tuple[bool, bool, list[int], float, float | None]:
     """Which of --scaling / --cost to print, their sizes, the deadline and tokens, every flag
     checked before any search runs (a bad value costs no waiting)."""
     from lmforge.cli_errors import UserError
@@ -88,7 +89,9 @@ def _sections(args: argparse.Namespace, cluster, base) -> tuple[bool, bool, list
     sizes = parse_sizes(args.sizes) if args.sizes is not None else list(DEFAULT_SIZES)
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         raise UserError(f"--plot {args.plot}: the scaling plot is a PNG; give a path ending in .png")
-    deadline = parse_positive(args.deadline_hours, "--deadline-hours", "720") if args.deadline_hours is not None else math.inf
+    deadline = math.inf
+    if args.deadline_hours is not None:
+        deadline = parse_positive(args.deadline_hours, "--deadline-hours", "720")
     tokens = parse_positive(args.tokens, "--tokens", "1.5e12") if args.tokens is not None else None
     if cost and cluster.price is None:
         raise UserError(f"--cost: cluster {args.cluster} has no [price] table; add one with on_demand_per_device_h "
@@ -97,8 +100,9 @@ def _sections(args: argparse.Namespace, cluster, base) -> tuple[bool, bool, list
     gbs = base.train.global_batch_size
     if scaling and any(gbs * n % sizes[0] for n in sizes):
         bad = next(n for n in sizes if gbs * n % sizes[0])
-        raise UserError(f"--sizes {args.sizes}: weak scaling keeps {gbs} sequences per {sizes[0]} devices, which is "
-                        f"no whole number of sequences at {bad} devices; use sizes that are multiples of the smallest")
+        raise UserError(f"--sizes {','.join(map(str, sizes))}: weak scaling keeps {gbs} sequences per {sizes[0]} "
+                        f"devices, which is no whole number of sequences at {bad} devices; use sizes that are "
+                        "multiples of the smallest")
     return scaling, cost, sizes, deadline, tokens
 
 

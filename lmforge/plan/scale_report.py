@@ -16,7 +16,8 @@ from lmforge.plan.report import layout_name
 from lmforge.plan.scaling import ScalingRow
 from lmforge.plan.sweep import SizeResult
 
-__all__ = ["format_scaling", "format_failures", "format_intervals", "format_cost", "format_energy", "mix_name", "money", "count"]
+__all__ = ["format_scaling", "format_failures", "format_intervals", "format_cost", "format_energy", "mix_name",
+           "money", "count"]
 
 TIME_MODEL = ("step times: the planner's time model (lmforge/plan/timing.py) for the fastest layout a pruned "
               "search finds at each size (lmforge/plan/sweep.py)")
@@ -103,7 +104,8 @@ def format_cost(results: Sequence[SizeResult], options: Sequence[CostEstimate], 
         plain = next(o for o in mine if o.base == "on_demand" and o.spot_fraction == 0)
         ok = [o for o in mine if o.meets_deadline]
         pick = min(ok or mine, key=lambda o: o.cost)
-        lines.append(f"{n:>8,} {layouts[n]:<40} {plain.tokens_per_s:>14,.0f} {plain.wall_h:>12,.4g} {money(plain.cost):>15}  "
+        lines.append(f"{n:>8,} {layouts[n]:<40} {plain.tokens_per_s:>14,.0f} {plain.wall_h:>12,.4g} "
+                     f"{money(plain.cost):>15}  "
                      f"{mix_name(pick):<22} {pick.interruptions_per_h:>8.3f} {pick.goodput:>8.4f} "
                      f"{pick.wall_h:>10,.4g} {money(pick.cost):>14} {pick.cost_per_million_tokens:>11.4g} "
                      f"{'yes' if pick.meets_deadline else 'no':>7}")

@@ -163,9 +163,10 @@ def best_at(base: JobConfig, cluster: Cluster, world_size: int) -> SizeResult:
     micro-batch, no recompute); popped again, that form is predicted if it fits, else (where its
     least memory fits) each recompute level goes in, and when popped back in at the time of the
     largest micro-batch with that recompute (a smaller micro-batch is only slower in the model);
-    popped again, the level's largest fitting micro-batch is predicted. Once the best that fits is faster than the head of the queue,
-    nothing left can beat it. Structures whose parameters, gradients and AdamW state alone (16
-    bytes per parameter over tp x pp x dp_shard, a floor) exceed the device memory never enter."""
+    popped again, the level's largest fitting micro-batch is predicted. Once the best that fits is
+    faster than the head of the queue, nothing left can beat it. Structures whose parameters,
+    gradients and AdamW state alone (16 bytes per parameter over tp x pp x dp_shard, a floor)
+    exceed the device memory never enter."""
     require(world_size >= 1, "world size", world_size, "must be >= 1")
     m, gbs, seq = base.model, base.train.global_batch_size, base.train.seq_len
     precision, on_cpu = precision_for(base, cluster), cluster.shared_host_memory
@@ -193,7 +194,8 @@ def best_at(base: JobConfig, cluster: Cluster, world_size: int) -> SizeResult:
                     for group in ([("1f1b",)] if pp == 1 else [("1f1b",), ("zbv", "interleaved_1f1b")]):
                         spr = _stages_per_rank(base, group[0]) if pp > 1 else 1
                         r = replace(base.parallel, pp=pp, pp_schedule=group[0], pp_stages_per_rank=spr)
-                        push(ideal * (1 + bubble_fraction(r, pp * spr)), tp * pp, ("new", (tp, pp, rep, shard, ep), group))
+                        bound = ideal * (1 + bubble_fraction(r, pp * spr))
+                        push(bound, tp * pp, ("new", (tp, pp, rep, shard, ep), group))
 
     def time_of(job: JobConfig) -> float:
         return predict_step_time(job, cluster, world_size, precision, on_cpu).total
@@ -237,9 +239,9 @@ def best_at(base: JobConfig, cluster: Cluster, world_size: int) -> SizeResult:
     if best is None:
         mem = cluster.accelerator.memory_bytes / 2**30
         why = (f"no layout fits {mem:.0f} GiB per device" if valid or too_big else
-               f"no valid layout: {gbs} sequences per step are too few for {world_size:,} devices (each data-parallel "
-               f"replica needs a whole sequence, a pipeline of pp stages at least pp; tp <= {cluster.devices_per_node}, "
-               f"pp <= {m.n_layers} layers)")
+               f"no valid layout: {gbs} sequences per step are too few for {world_size:,} devices (each "
+               f"data-parallel replica needs a whole sequence, a pipeline of pp stages at least pp; "
+               f"tp <= {cluster.devices_per_node}, pp <= {m.n_layers} layers)")
     return SizeResult(world_size, gbs, best, valid + predicted, why)
 
 
