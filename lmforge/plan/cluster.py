@@ -29,14 +29,28 @@ dataclasses hold SI units (FLOP/s, bytes, bytes/s, seconds) so the models never 
     op_overhead_us = 10            # fixed time per operator launch (kernel launch / Python dispatch)
     comm_overlap = 1.0             # fraction of FSDP / DP / EP communication that can hide behind
                                    # compute (GPUs: separate engines; CPU: 0, the cores do both)
+    [failures]                     # optional (`lmforge plan --scaling / --cost`); defaults shown
+    device_mtbf_h = 50700          # mean hours between job-stopping failures of one device (the Llama 3
+                                   # paper's 419 interruptions of 16,384 GPUs in 54 days, all charged to GPUs)
+    node_mtbf_h = 0                # of one host apart from its devices; 0: not counted separately
+    restart_s = 600                # detection + rescheduling + start, before the checkpoint is read
+    storage_gbps = 100             # checkpoint write and read bandwidth of the whole job (GB/s)
+    [price]                        # optional; needed by `lmforge plan --cost`; per device-hour
+    on_demand_per_device_h = 4.0
+    reserved_per_device_h = 2.5    # optional
+    spot_per_device_h = 1.6        # optional
+    spot_preemptions_per_node_h = 0.005  # how often one spot machine is reclaimed
 """
 
 from __future__ import annotations
 
+import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lmforge.plan.cost import Pricing
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -88,6 +102,17 @@ class Efficiency:
 
 
 @dataclass(frozen=True)
+class FleetFailures:
+    """The `[failures]` table: what interrupts a job on this cluster and what a restart costs
+    (failures.FailureModel per world size; checkpoint write / read = state bytes / storage)."""
+
+    device_mtbf_h: float = 50_700.0  # Llama 3 paper, 3.3.4: 16,384 GPUs x 54 days / 419 interruptions
+    node_mtbf_h: float = math.inf
+    restart_s: float = 600.0
+    storage_bytes_per_s: float = 100e9
+
+
+@dataclass(frozen=True)
 class Cluster:
     name: str
     accelerator: Accelerator
@@ -99,6 +124,8 @@ class Cluster:
     # CPU clusters: the devices of a node are processes sharing one host memory; `memory_bytes`
     # is then what one rank may use (the file says so with shared_host_memory = true).
     shared_host_memory: bool = False
+    failures: FleetFailures = field(default_factory=FleetFailures)
+    price: Pricing | None = None  # the `[price]` table; None: the file has none
 
     @property
     def world_size(self) -> int:
@@ -137,7 +164,10 @@ def _table(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
 
 
 _KNOWN = {"": {"name", "devices_per_node", "nodes", "accelerator", "intra_node", "inter_node", "efficiency",
-               "shared_host_memory", "description"},
+               "shared_host_memory", "description", "failures", "price"},
+          "failures": {"device_mtbf_h", "node_mtbf_h", "restart_s", "storage_gbps"},
+          "price": {"on_demand_per_device_h", "reserved_per_device_h", "spot_per_device_h",
+                    "spot_preemptions_per_node_h"},
           "accelerator": {"name", "peak_bf16_tflops", "peak_fp8_tflops", "peak_fp32_tflops", "memory_gib", "hbm_gbps",
                           "power_w"},
           "intra_node": {"bandwidth_gbps", "latency_us", "call_overhead_us"},
@@ -179,6 +209,23 @@ def cluster_from_dict(data: dict[str, Any], where: str = "cluster") -> Cluster:
     for key, value in (("max", eff.max), ("comm_overlap", eff.comm_overlap)):
         if value > 1:
             raise ClusterError(f"{e}.{key} = {value}: must be in [0, 1] (a fraction)")
+    fail_t, f = data.get("failures", {}), f"{where}: failures"
+    node_mtbf = _get(fail_t, "node_mtbf_h", f, float, default=0.0, allow_zero=True)
+    failures = FleetFailures(device_mtbf_h=_get(fail_t, "device_mtbf_h", f, float, default=50_700.0),
+                             node_mtbf_h=node_mtbf or math.inf,
+                             restart_s=_get(fail_t, "restart_s", f, float, default=600.0, allow_zero=True),
+                             storage_bytes_per_s=_get(fail_t, "storage_gbps", f, float, default=100.0) * 1e9)
+    price = None
+    if "price" in data:
+        price_t, pw = data["price"], f"{where}: price"
+
+        def optional(key: str, allow_zero: bool = False) -> float | None:
+            return _get(price_t, key, pw, float, allow_zero=allow_zero) if key in price_t else None
+
+        price = Pricing(on_demand_per_device_h=_get(price_t, "on_demand_per_device_h", pw, float),
+                        spot_per_device_h=optional("spot_per_device_h"),
+                        spot_preemptions_per_node_h=optional("spot_preemptions_per_node_h", True) or 0.0,
+                        reserved_per_device_h=optional("reserved_per_device_h"))
     shared = data.get("shared_host_memory", False)
     if not isinstance(shared, bool):
         raise ClusterError(f"{where}.shared_host_memory = {shared!r}: must be true or false")
@@ -187,7 +234,7 @@ def cluster_from_dict(data: dict[str, Any], where: str = "cluster") -> Cluster:
                    devices_per_node=_get(data, "devices_per_node", where, int),
                    nodes=_get(data, "nodes", where, int, default=1),
                    intra=link(intra_t, "intra_node"), inter=link(inter_t, "inter_node"),
-                   efficiency=eff, shared_host_memory=shared)
+                   efficiency=eff, shared_host_memory=shared, failures=failures, price=price)
 
 
 def preset_names() -> list[str]:

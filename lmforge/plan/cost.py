@@ -72,6 +72,7 @@ class CostEstimate:
     cost: float
     cost_per_million_tokens: float
     meets_deadline: bool
+    spot_devices: int = 0  # what `spot_fraction` comes to in whole spot nodes
 
 
 def estimate(total_tokens: float, devices: int, tokens_per_s: float, pricing: Pricing, fm: FailureModel,
@@ -96,7 +97,7 @@ def estimate(total_tokens: float, devices: int, tokens_per_s: float, pricing: Pr
     per_h = (devices - spot_devices) * base_price + spot_devices * (pricing.spot_per_device_h or 0.0)
     cost = wall_h * per_h
     return CostEstimate(devices, base, spot_fraction, tokens_per_s, fleet.interruptions_per_hour, g, wall_h,
-                        wall_h * devices, cost, cost / total_tokens * 1e6, wall_h <= deadline_h)
+                        wall_h * devices, cost, cost / total_tokens * 1e6, wall_h <= deadline_h, spot_devices)
 
 
 def cheapest(total_tokens: float, deadline_h: float, throughput: Callable[[int], float], sizes: Sequence[int],

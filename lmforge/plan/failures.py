@@ -145,7 +145,23 @@ def _one_run(rng: np.random.Generator, work_s: float, interval_s: float, fm: Fai
     k = disk_every if memory is not None else 1
     t, done, last_mem, last_disk, failures = 0.0, 0, 0, 0, 0
     to_failure = rng.exponential(mtbf)
+    cycle = k * interval_s + (k - 1) * (memory.write_s if memory is not None else 0.0) + disk.write_s
     while done < n:
+        # Whole cycles of k saves (the k-th to disk) that end before the next failure, at once: the
+        # loop then costs O(failures), not O(saves), which makes long horizons affordable (a
+        # few-device fleet checkpoints ~1,000 times per failure). No draw is skipped.
+        whole = 0
+        if done % k == 0:
+            fit = (n - 1 - done) // k if math.isinf(to_failure) else int(to_failure // cycle)
+            whole = min((n - 1 - done) // k, fit)
+            if whole > 0 and whole * cycle > to_failure:  # rounding at the boundary: leave it to the step below
+                whole -= 1
+        if whole > 0:
+            to_failure -= whole * cycle
+            t += whole * cycle
+            done += whole * k
+            last_disk, last_mem = done, (done - 1 if k > 1 else last_mem)
+            continue
         is_disk = (done + 1) % k == 0 or done + 1 == n
         dur = interval_s + (disk.write_s if is_disk else memory.write_s)  # type: ignore[union-attr]
         if to_failure >= dur:

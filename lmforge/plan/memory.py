@@ -63,21 +63,10 @@ def stage_tensors(job: JobConfig, r: ParallelConfig, stage: int) -> list[ParamTe
     """The parameter tensors pipeline stage `stage` holds (all of them without pp)."""
     m = job.model
     n_stages = r.pp * r.stages_per_rank if r.pp > 1 else 1
-    layers = set(stage_layers(m, n_stages, r.pp_layers_per_stage)[stage])
-    tensors = param_tensors(m)
     if n_stages == 1:
-        return tensors
-    keep = []
-    for t in tensors:
-        if t.layer is not None:
-            if t.layer in layers:
-                keep.append(t)
-        elif t.name.startswith("tok_embeddings"):
-            if stage == 0:
-                keep.append(t)
-        elif stage == n_stages - 1:
-            keep.append(t)
-    return keep
+        return param_tensors(m)
+    return param_tensors(m, stage_layers(m, n_stages, r.pp_layers_per_stage)[stage], first=stage == 0,
+                         last=stage == n_stages - 1)
 
 
 def _block_activation_bytes(job: JobConfig, r: ParallelConfig, layer: int, seq: int, act: int,

@@ -5,6 +5,7 @@ shards per rank; tests/unit/test_plan_memory.py holds the total to the family's 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lmforge.config import ConfigError, ModelConfig
@@ -32,13 +33,17 @@ class ParamTensor:
         return n
 
 
-def param_tensors(m: ModelConfig) -> list[ParamTensor]:
-    """Every parameter tensor of the model, in order (tied output counted once, as the embedding)."""
+def param_tensors(m: ModelConfig, layers: Iterable[int] | None = None, first: bool = True,
+                  last: bool = True) -> list[ParamTensor]:
+    """Every parameter tensor of the model, in order (tied output counted once, as the embedding).
+    A pipeline stage asks for its `layers` only, with the embedding (`first`) and the final norm
+    and output (`last`) where it holds them: building all layers for each of pp stages made a
+    prediction O(pp x layers) (the at-scale sweep predicts hundreds of layouts)."""
     if m.family != "llama":
         raise ConfigError("model.family", m.family, "the planner knows the 'llama' family only")
     d, h, kv, hd = m.dim, m.n_heads, m.kv_heads, m.head_dim
-    out = [ParamTensor("tok_embeddings.weight", (m.vocab_size, d), None, "col", matmul=False)]
-    for i in range(m.n_layers):
+    out = [ParamTensor("tok_embeddings.weight", (m.vocab_size, d), None, "col", matmul=False)] if first else []
+    for i in (range(m.n_layers) if layers is None else sorted(layers)):
         p = f"layers.{i}."
         out.append(ParamTensor(p + "attention_norm.weight", (d,), i, "rep", matmul=False))
         out += [ParamTensor(p + "attention.wq.weight", (h * hd, d), i, "col"),
@@ -67,9 +72,10 @@ def param_tensors(m: ModelConfig) -> list[ParamTensor]:
                     ParamTensor(p + "feed_forward.shared_experts.w2.weight", (d, fs), i, "rep")]
         if m.moe.shared_expert_gate:
             out.append(ParamTensor(p + "feed_forward.shared_expert_gate.weight", (1, d), i, "rep"))
-    out.append(ParamTensor("norm.weight", (d,), None, "rep", matmul=False))
-    if not m.tie_embeddings:
-        out.append(ParamTensor("output.weight", (m.vocab_size, d), None, "col"))
+    if last:
+        out.append(ParamTensor("norm.weight", (d,), None, "rep", matmul=False))
+        if not m.tie_embeddings:
+            out.append(ParamTensor("output.weight", (m.vocab_size, d), None, "col"))
     return out
 
 

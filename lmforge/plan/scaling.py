@@ -4,10 +4,14 @@ Why a step-time *function*: the planner core (`plan/` time model) predicts one s
 this module only asks it for many world sizes and turns the answers into a table and a plot, so
 any model can be plugged in: `StepTimeFn(world_size) -> seconds per optimizer step`. Weak scaling
 keeps the tokens per device per step fixed (the global batch grows); strong scaling keeps the
-global batch fixed (each device gets less). `AnalyticStepModel` is a small stand-in with the
-terms that decide scaling (compute at a stated efficiency, pipeline bubble, data-parallel traffic
-not hidden under compute); the tests and bench/plan_published.py use it until the core's model
-is wired in.
+global batch fixed (each device gets less).
+
+Which model each table uses: `lmforge plan --scaling` passes the core's time model (timing.py via
+predict.py) for the fastest layout `sweep.best_at` finds at each size, the model that ranks layouts.
+`AnalyticStepModel` is a small stand-in with the terms that decide scaling (compute at a stated,
+fitted efficiency, pipeline bubble, data-parallel traffic not hidden under compute): only
+bench/plan_published.py's tables and this module's tests use it, because reproducing published
+figures needs an efficiency fitted to those runs, which the core's datasheet presets do not have.
 """
 
 from __future__ import annotations

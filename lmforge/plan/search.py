@@ -26,6 +26,32 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def make_layout(base: JobConfig, world_size: int, tp: int, pp: int, rep: int, shard: int, ep: int, micro: int,
+                schedule: str, ac: str) -> JobConfig | None:
+    """`base` with these degrees, micro-batch, schedule and recompute (pipeline micro-batches: one per
+    stage where the micro-batch splits so, else one per rank; embeddings untied under pp), or None
+    where `JobConfig.validate(world_size)` refuses it."""
+    par = replace(base.parallel, tp=tp, pp=pp, dp_replicate=rep, dp_shard=shard, ep=ep,
+                  pp_schedule=schedule, pp_microbatches=0, pp_stages_per_rank=0,
+                  pp_layers_per_stage=None, cpu_offload=False,
+                  fsdp_reshard_after_forward="default",
+                  fsdp_param_dtype=base.parallel.fsdp_param_dtype if shard > 1 else "fp32")
+    job = replace(base, parallel=par, train=replace(base.train, micro_batch_size=micro,
+                                                    activation_checkpointing=ac))
+    if pp > 1:
+        stages = pp * par.stages_per_rank
+        if micro % stages and micro % pp:
+            return None
+        par.pp_microbatches = stages if micro % stages == 0 else pp
+        if job.model.tie_embeddings:
+            job = replace(job, model=replace(job.model, tie_embeddings=False))
+    try:
+        job.validate(world_size)
+    except ConfigError:
+        return None
+    return job
+
+
 def layouts(base: JobConfig, world_size: int) -> list[JobConfig]:
     """Every layout of `base` on `world_size` ranks that validates (global batch, sequence length
     and model kept; degrees, micro-batch, schedule and recompute varied)."""
@@ -41,25 +67,9 @@ def layouts(base: JobConfig, world_size: int) -> list[JobConfig]:
                     for micro in _divisors(max(base.train.global_batch_size // dp, 1)):
                         for schedule in (SCHEDULES if pp > 1 else ("1f1b",)):
                             for ac in RECOMPUTE:
-                                par = replace(base.parallel, tp=tp, pp=pp, dp_replicate=rep, dp_shard=shard, ep=ep,
-                                              pp_schedule=schedule, pp_microbatches=0, pp_stages_per_rank=0,
-                                              pp_layers_per_stage=None, cpu_offload=False,
-                                              fsdp_reshard_after_forward="default",
-                                              fsdp_param_dtype=base.parallel.fsdp_param_dtype if shard > 1 else "fp32")
-                                job = replace(base, parallel=par, train=replace(base.train, micro_batch_size=micro,
-                                                                                activation_checkpointing=ac))
-                                if pp > 1:
-                                    stages = pp * par.stages_per_rank
-                                    if micro % stages and micro % pp:
-                                        continue
-                                    par.pp_microbatches = stages if micro % stages == 0 else pp
-                                    if job.model.tie_embeddings:
-                                        job = replace(job, model=replace(job.model, tie_embeddings=False))
-                                try:
-                                    job.validate(world_size)
-                                except ConfigError:
-                                    continue
-                                out.append(job)
+                                job = make_layout(base, world_size, tp, pp, rep, shard, ep, micro, schedule, ac)
+                                if job is not None:
+                                    out.append(job)
     return out
 
 

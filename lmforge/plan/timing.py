@@ -85,13 +85,14 @@ def compression_ratio(job: JobConfig, matrices: list[tuple[int, int]]) -> float:
     return 1.0
 
 
-def _stage_flops_per_token(job: JobConfig, r: ParallelConfig, stage: int) -> dict[str, float]:
+def _stage_flops_per_token(job: JobConfig, r: ParallelConfig, stage: int,
+                           whole: dict[str, float] | None = None) -> dict[str, float]:
     """Training FLOPs per token of one pipeline stage by component (its layers' attention
     projections, attention scores and values, feed-forward; the output projection on the last
-    stage), from the one FLOP counter."""
+    stage), from the one FLOP counter (`whole`: its breakdown, when the caller has it already)."""
     m, seq = job.model, job.train.seq_len
     n_stages = r.pp * r.stages_per_rank if r.pp > 1 else 1
-    whole = flops_breakdown(m, seq)
+    whole = whole or flops_breakdown(m, seq)
     share = len(stage_layers(m, n_stages, r.pp_layers_per_stage)[stage]) / m.n_layers  # equal blocks
     out = {k: 3.0 * whole[k] * share for k in ("attention_projections", "attention_scores_and_values", "ffn")}
     out["output"] = 3.0 * whole["output"] if stage == n_stages - 1 else 0.0
@@ -110,6 +111,14 @@ def _matmul_sizes(job: JobConfig, r: ParallelConfig, tokens: int) -> dict[str, f
             "attention_scores_and_values": 2.0 * job.train.seq_len * job.train.seq_len * m.head_dim,
             "ffn": 2.0 * ffn_tokens * m.dim * ffn_width / (1 if m.moe.n_experts else r.tp),
             "output": 2.0 * tokens * m.dim * m.vocab_size / r.tp}
+
+
+def bubble_fraction(r: ParallelConfig, n_micro: int) -> float:
+    """Pipeline idle time over busy time: (pp - 1) / (micro-batches x stages per rank), a third
+    of it for the zero-bubble schedules; 0 without pp."""
+    if r.pp <= 1:
+        return 0.0
+    return (r.pp - 1) / (n_micro * r.stages_per_rank) * (1 / 3 if r.pp_schedule in ZERO_BUBBLE else 1.0)
 
 
 def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precision: str = "bf16",
@@ -133,6 +142,7 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
     pp_link = cluster.link(r.pp, r.tp * r.dp_shard * r.dp_replicate)
     ep_link = cluster.link(r.ep, r.tp)
 
+    whole = flops_breakdown(m, t.seq_len)  # once, not per stage: it walks every layer
     worst: StepTime | None = None
     for pp_rank in range(max(r.pp, 1)):
         stages = [s for s in range(n_stages) if s % max(r.pp, 1) == pp_rank]
@@ -140,7 +150,7 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
         sizes = _matmul_sizes(job, r, micro * t.seq_len)
         flops = matmul_time = 0.0
         for s in stages:
-            for k, f in _stage_flops_per_token(job, r, s).items():
+            for k, f in _stage_flops_per_token(job, r, s, whole).items():
                 flops += f * tokens / r.tp
                 matmul_time += f * tokens / r.tp / (peak * eff.of(sizes[k]))
         act_bytes = sum(activation_bytes(job, r, s, micro, act, on_cpu) for s in stages) * forwards
@@ -197,10 +207,7 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
         hideable = dp_comm + ep_comm
         exposed = tp_comm + pp_comm + max(hideable - eff.comm_overlap * compute, hideable * (1 - eff.comm_overlap))
         busy = compute + recompute
-        bubble = 0.0
-        if r.pp > 1:
-            frac = (r.pp - 1) / (n_micro * r.stages_per_rank)
-            bubble = busy * frac * (1 / 3 if r.pp_schedule in ZERO_BUBBLE else 1.0)
+        bubble = busy * bubble_fraction(r, n_micro)
         st = StepTime(compute=compute, recompute=recompute, optimizer=optimizer, overhead=overhead, tp_comm=tp_comm,
                       dp_comm=dp_comm, pp_comm=pp_comm, ep_comm=ep_comm, exposed_comm=exposed, bubble=bubble)
         if worst is None or st.total > worst.total:

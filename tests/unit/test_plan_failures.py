@@ -88,3 +88,55 @@ def test_reliability_report_and_errors() -> None:
     assert r.sim_best.goodput >= r.sim_at_daly.goodput - 0.01
     with pytest.raises(ConfigError, match="software_fraction"):
         simulate(FailureModel(devices=8, device_mtbf_h=10, software_fraction=1.5), 100, 10, DISK)
+
+
+def _stepwise_run(rng, work_s, interval_s, fm, disk, memory, disk_every):  # noqa: ANN001, ANN202
+    """The simulation one save at a time (the form before whole cycles were skipped at once)."""
+    mtbf = fm.job_mtbf_s
+    n = max(1, math.ceil(work_s / interval_s))
+    k = disk_every if memory is not None else 1
+    t, done, last_mem, last_disk, failures = 0.0, 0, 0, 0, 0
+    to_failure = rng.exponential(mtbf)
+    while done < n:
+        is_disk = (done + 1) % k == 0 or done + 1 == n
+        dur = interval_s + (disk.write_s if is_disk else memory.write_s)
+        if to_failure >= dur:
+            to_failure -= dur
+            t += dur
+            done += 1
+            last_disk, last_mem = (done, last_mem) if is_disk else (last_disk, done)
+            continue
+        t += to_failure
+        failures += 1
+        if memory is not None and rng.random() < fm.software_fraction and last_mem > last_disk:
+            done, restore = last_mem, memory.restore_s
+        else:
+            done, restore = last_disk, disk.restore_s
+            last_mem = min(last_mem, last_disk)
+        while True:
+            to_failure = rng.exponential(mtbf)
+            if to_failure >= fm.restart_s + restore:
+                t += fm.restart_s + restore
+                to_failure -= fm.restart_s + restore
+                break
+            t += to_failure
+            failures += 1
+    return t, failures
+
+
+@pytest.mark.parametrize("memory, every, soft", [(None, 1, 0.0), (CheckpointTier("memory", 2.0, 10.0, False), 4, 0.5),
+                                                 (CheckpointTier("memory", 2.0, 10.0, False), 1, 0.5),
+                                                 (CheckpointTier("memory", 1.0, 5.0, False), 7, 1.0)])
+def test_skipping_whole_cycles_gives_the_stepwise_answer(monkeypatch: pytest.MonkeyPatch, memory, every, soft) -> None:  # noqa: ANN001
+    """The simulation skips the saves between failures in one step; same draws, same wall times."""
+    import lmforge.plan.failures as failures
+
+    fm = FailureModel(devices=512, device_mtbf_h=512 * 1.5, software_fraction=soft, restart_s=200)
+    fast = [simulate(fm, 40 * 3600, x, DISK, memory, every, runs=6, seed=5) for x in (97.0, 600.0, 5000.0)]
+    monkeypatch.setattr(failures, "_one_run", _stepwise_run)
+    slow = [simulate(fm, 40 * 3600, x, DISK, memory, every, runs=6, seed=5) for x in (97.0, 600.0, 5000.0)]
+    for a, b in zip(fast, slow):
+        assert a.interruptions == b.interruptions and a.goodput == pytest.approx(b.goodput, rel=1e-9)
+        assert a.wall_h == pytest.approx(b.wall_h, rel=1e-9)
+    never = FailureModel(devices=8, device_mtbf_h=math.inf)
+    assert simulate(never, 3600, 100, DISK, runs=1).wall_h == pytest.approx((3600 + 36 * 60) / 3600)
