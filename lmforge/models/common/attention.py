@@ -43,6 +43,11 @@ class Attention(nn.Module):
         # -1 instead of n_heads: under tensor parallelism each rank holds only its local heads.
         q, k, v = fused_linear(x, (self.wq, self.wk, self.wv), self.kernels)
         q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
+        # From the fused projection q, k, v are views of one output; v is saved for backward as it
+        # is, and as a view it would keep q's and k's bytes alive too (RoPE copies q and k): its
+        # own copy (a no-op when v is already a tensor of its own) keeps activation memory that of
+        # three separate projections (the planner's memory model, plan/memory.py).
+        v = v.contiguous()
         cos, sin = cos[:s], sin[:s]  # tables from this chunk's first position; may be longer
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = cache.pos if cache is not None else 0
