@@ -6,7 +6,8 @@ its phases.
 Bytes have one counter, `lmforge.parallel.comm.accounting.CommAccounting` (per-rank ring traffic
 against what an fp32 all-reduce of the same gradients would send): a compressing comm hook fills
 its own as it sends; under plain DDP every optimizer step all-reduces the gradients once, counted
-here. Both come out as `comm_bytes`, `comm_bytes_per_step` and `comm_compression_ratio`.
+here (under comm.hierarchical too, as the flat ring's figure: the scheme's own per-link traffic is
+not counted). Both come out as `comm_bytes`, `comm_bytes_per_step` and `comm_compression_ratio`.
 
 The breakdown is made before the model (`make_breakdown`): DDP takes its comm hook once, at wrap
 time, and the hook must be wrapped by the breakdown's timer then (a hook's own time, encoding
