@@ -31,6 +31,11 @@ class TrainConfig:
     eval_batches: int = 8  # global batches of validation data per evaluation
     output_dir: str = "runs/default"
     deterministic: bool = False
+    # fp32 CPU matmuls of a one-process run: "auto" fuses q/k/v and gate/up and, on AVX512/AMX CPUs,
+    # times torch's GEMM against oneDNN's per shape (models/common/linear.py); "plain": F.linear
+    # per layer, what every multi-process layout runs, so a one-process run can be compared with
+    # one bit for bit (on AVX2-only CPUs "auto" already is "plain")
+    matmul_kernels: Literal["auto", "plain"] = "auto"
     # "full": initialise the whole model, then shard (all layouts start from the same weights);
     # "sharded": initialise shards after sharding (any size); "auto": full up to 2 GiB of weights.
     init: Literal["auto", "full", "sharded"] = "auto"

@@ -25,7 +25,9 @@ def build_training_model(cfg: JobConfig, mesh: ParallelMesh, info: DistInfo, say
     with torch.device("meta"):
         # Several ranks would each time the fp32 kernels and could choose differently (their
         # results then differ in the last bits): one process only (models/common/linear.py).
-        kernels = MatmulKernels.with_disk_cache() if info.world_size == 1 else MatmulKernels(enabled=False)
+        # train.matmul_kernels = "plain": the multi-process kernels in one process too (comparisons).
+        fast = info.world_size == 1 and cfg.train.matmul_kernels == "auto"
+        kernels = MatmulKernels.with_disk_cache() if fast else MatmulKernels(enabled=False)
         model = family_of(cfg.model).model_class(cfg.model, kernels)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, dim {cfg.model.dim}; "

@@ -35,7 +35,10 @@ COMMON = ["--train.steps", str(STEPS), "--train.global_batch_size", "8", "--trai
           # balancing from step 1, tp=2 after 6 steps differed from one process by 1.6e-4 on one
           # embedding value at eps 1e-6 (losses within 1e-7, biases bit-equal: a near-cancelling
           # gradient element that Adam divides by its own size); 3.8e-6 at 1e-5 (2026-12-02).
-          "--optimizer.eps", "1e-5"]
+          "--optimizer.eps", "1e-5",
+          # the one-process reference on the parallel runs' matmul kernels: on AVX512/AMX CPUs the
+          # fused path sums in another order, and bias balancing turns 1e-7 into 7e-5 by step 4
+          "--train.matmul_kernels", "plain"]
 
 
 def losses(run: Path, key: str = "loss") -> dict[int, float]:

@@ -261,3 +261,31 @@ def test_fused_path_saves_no_more_activation_bytes_than_separate_projections(n_k
             cross_entropy(model(x[:, :-1]), x[:, 1:]).backward()
         saved[name] = meter.bytes
     assert saved["fused"] == saved["plain"] > 0, saved
+
+
+@pytest.mark.parametrize("setting", ["auto", "plain"])
+def test_train_matmul_kernels_setting_reaches_the_model(setting: str, tiny_data_dir, tmp_path: Path) -> None:
+    """train.matmul_kernels = "plain" builds a one-process model on F.linear (what the parallel
+    layouts run, for comparisons); "auto" on the timed kernels where this CPU gains from them."""
+    from lmforge.config import load_job_config, parse_override_args
+    from lmforge.train.trainer import Trainer
+    from tests.helpers.cli import tiny_run_args
+
+    args = tiny_run_args(tiny_data_dir, tmp_path, "--train.steps", "2", "--checkpoint.enabled", "false",
+                         "--train.matmul_kernels", setting)
+    trainer = Trainer(load_job_config(None, parse_override_args(args)), echo=False)
+    try:
+        kernels = {id(m.kernels): m.kernels for m in trainer.model.modules() if isinstance(m, Linear)}
+        assert len(kernels) == 1
+        (k,) = kernels.values()
+        want = setting == "auto" and linear_mod.kernel_choice_pays_off() and linear_mod._onednn_available()
+        assert k.enabled is want
+    finally:
+        trainer.close()
+
+
+def test_train_matmul_kernels_refuses_other_values(tmp_path: Path) -> None:
+    from lmforge.config import ConfigError, load_job_config, parse_override_args
+
+    with pytest.raises(ConfigError, match="train.matmul_kernels"):
+        load_job_config(None, parse_override_args(["--train.matmul_kernels", "fast"]))
