@@ -4,7 +4,10 @@ Same initial weights (the ranks split a model built from the same seed), 5 AdamW
 batches with gradient clipping over the pp group: per-step losses (broadcast from the last stage)
 within 1e-5 relative, final parameters within 1e-4, forward-only eval loss equal. Also:
 accumulation over two pipeline steps, and a DCP checkpoint of the parts (original FQNs) that one
-process loads into the whole model. All schedules run inside one spawned job.
+process loads into the whole model. All schedules run inside one spawned job. Every model runs on
+plain F.linear (`MatmulKernels(enabled=False)`, what multi-process training uses): on AVX512/AMX
+CPUs the default path picks its kernels per matmul shape, so full batches and microbatches would
+sum in different orders (a grad norm 1.4e-5 off on an Ice Lake Xeon).
 """
 
 from __future__ import annotations
@@ -64,9 +67,10 @@ def clip_(params: list[torch.Tensor], max_norm: float, group: dist.ProcessGroup 
 def reference(chunks: int = 1, reverse: bool = False) -> dict:
     """One process, each batch in `chunks` equal pieces with gradient accumulation (chunks = 1:
     the plain full batch), backward in reverse piece order if `reverse` (as LoopedBFS does)."""
+    from lmforge.models.common.linear import MatmulKernels
     from lmforge.models.llama.model import build_model
 
-    model = build_model(CFG, seed=0)
+    model = build_model(CFG, seed=0, kernels=MatmulKernels(enabled=False))
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
     data = batches(STEPS + 1)
     losses, norms = [], []
@@ -88,6 +92,7 @@ def reference(chunks: int = 1, reverse: bool = False) -> dict:
 
 def _train(schedule: str, mesh, accum: int = 1) -> tuple[dict, object, object]:
     from lmforge.config import ParallelConfig
+    from lmforge.models.common.linear import MatmulKernels
     from lmforge.models.llama.model import build_model
     from lmforge.parallel.pp import (
         PipelineError,
@@ -100,7 +105,7 @@ def _train(schedule: str, mesh, accum: int = 1) -> tuple[dict, object, object]:
         split_model,
     )
 
-    model = build_model(CFG, seed=0)
+    model = build_model(CFG, seed=0, kernels=MatmulKernels(enabled=False))
     plan = plan_pipeline(ParallelConfig(pp=WORLD, pp_schedule=schedule), CFG)
     parts = split_model(model, plan, mesh.get_local_rank())
     del model
@@ -142,11 +147,12 @@ def _train(schedule: str, mesh, accum: int = 1) -> tuple[dict, object, object]:
 def _compiled_zero_bubble_refused(mesh) -> str:
     """torch cannot split the backward of compiled modules (measured: stage_backward_input fails)."""
     from lmforge.config import ParallelConfig
+    from lmforge.models.common.linear import MatmulKernels
     from lmforge.models.llama.model import build_model
     from lmforge.parallel.pp import PipelineError, build_schedule, plan_pipeline, split_model
 
     plan = plan_pipeline(ParallelConfig(pp=WORLD, pp_schedule="zbv"), CFG)
-    parts = split_model(build_model(CFG, seed=0), plan, mesh.get_local_rank())
+    parts = split_model(build_model(CFG, seed=0, kernels=MatmulKernels(enabled=False)), plan, mesh.get_local_rank())
     for part in parts:
         for block in part.layers.values():
             block.compile()  # lazy: nothing is compiled before a call
@@ -252,9 +258,10 @@ def test_checkpoint_of_parts_loads_into_the_whole_model(ranks: list[dict]) -> No
     import torch.distributed.checkpoint as dcp
 
     from lmforge.checkpoint import ModelOptimizerState
+    from lmforge.models.common.linear import MatmulKernels
     from lmforge.models.llama.model import build_model
 
-    model = build_model(CFG, seed=7)
+    model = build_model(CFG, seed=7, kernels=MatmulKernels(enabled=False))
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
     state = {"app": ModelOptimizerState(model, opt)}
     dcp.load(state, checkpoint_id=str(ranks[0]["_dir"] / "ckpt"))

@@ -171,8 +171,8 @@ def test_measured_peaks_fit_the_dtype_and_the_threads() -> None:
     assert 5e9 < fp32 < per_core_max
     if cpu_native_feature("bf16", detect_hardware("cpu").cpu_flags):
         assert bf16 > 0.5 * fp32  # AMX / AVX512_BF16
-    else:
-        assert bf16 < fp32 / 5  # ~30x below on a Zen 3 at this size
+    else:  # converted in software: ~30x below on a Zen 3 (AVX2), 3-5x on an Ice Lake Xeon (AVX512F)
+        assert bf16 < fp32 / 2
 
 
 def test_bench_peak_label_names_the_size_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

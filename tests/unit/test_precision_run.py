@@ -84,5 +84,7 @@ def test_explicit_bf16_without_native_bf16_warns_once(tiny_data_dir: Path, tmp_p
         return
     assert len(warnings) == 1, warnings
     factor = float(warnings[0].split("measured ")[1].split("x slower")[0])
-    assert factor > 5  # emulated bf16 is far slower than fp32 (~30x at 128x128 on a Zen 3)
+    # emulated bf16 is slower than fp32: ~30x at 128x128 on a Zen 3 (AVX2), 3x on an Ice Lake Xeon
+    # (AVX512F converts faster); native bf16 is at least about as fast (factor < 2)
+    assert factor > 2
     assert "emulated" in stored["mixed_precision_reason"]

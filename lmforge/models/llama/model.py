@@ -133,10 +133,13 @@ class Transformer(nn.Module):
                        dtype or p.dtype, p.device, windows)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> Transformer:
-    """Build on meta, materialise on `device`, initialise (seeded for reproducibility)."""
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0,
+                kernels: MatmulKernels | None = None) -> Transformer:
+    """Build on meta, materialise on `device`, initialise (seeded for reproducibility). `kernels`:
+    the fp32 CPU matmul path (default: timed and fused where the CPU gains, models/common/linear.py;
+    `MatmulKernels(enabled=False)` for plain F.linear, as multi-process layouts run)."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, kernels)
     model.to_empty(device=device)
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
