@@ -142,7 +142,8 @@ def test_slowdown_is_measured_and_quick() -> None:
     if native:
         assert slower < 2.0  # AMX / AVX512_BF16: bf16 is at least near fp32
     else:
-        assert slower > 5.0  # converted element by element: far slower (~100x on a Zen 3)
+        # converted in software: ~100x slower on a Zen 3 (AVX2), 3-5x on an Ice Lake Xeon (AVX512F)
+        assert slower > 2.0
 
 
 @pytest.mark.parametrize("capability,name,mode", [((7, 0), "Tesla V100-SXM2-16GB", "fp16"),
