@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from lmforge.cli_compress import add_compress_command
 from lmforge.cli_data import add_data_commands
 from lmforge.cli_errors import check_device, check_text_arg, explain
 from lmforge.cli_eval import add_eval_command
@@ -383,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(q)
     q.set_defaults(func=cmd_data_prepare)
     add_data_commands(dsub)
+    add_compress_command(sub)
 
     p = sub.add_parser("sizes", help="named model sizes with parameter counts and FLOPs")
     p.set_defaults(func=cmd_sizes)

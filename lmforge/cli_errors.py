@@ -21,6 +21,7 @@ class UserError(Exception):
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception classes whose message is a complete one-line explanation for the user."""
     from lmforge.checkpoint.errors import CheckpointError
+    from lmforge.compress.errors import CompressError
     from lmforge.config import ConfigError
     from lmforge.data.errors import DataError
     from lmforge.eval.errors import EvalError
@@ -31,7 +32,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lmforge.storage.lock import RunDirBusy
     from lmforge.train.stability import TrainingDivergedError
 
-    return (ConfigError, CheckpointError, DataError, EvalError, HFFormatError, GenerationError, ObservabilityError,
+    return (ConfigError, CheckpointError, CompressError, DataError, EvalError, HFFormatError, GenerationError, ObservabilityError,
             TrainingDivergedError, DestinationError, RunDirBusy, UserError)
 
 
