@@ -26,6 +26,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lmforge.data.errors import DataError
     from lmforge.eval.errors import EvalError
     from lmforge.interop.hf.base import HFFormatError
+    from lmforge.interop.onnx.errors import OnnxError
     from lmforge.observability.errors import ObservabilityError
     from lmforge.serve.generate import GenerationError
     from lmforge.storage.guard import DestinationError
@@ -33,7 +34,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lmforge.train.stability import TrainingDivergedError
 
     return (ConfigError, CheckpointError, CompressError, DataError, EvalError, HFFormatError, GenerationError, ObservabilityError,
-            TrainingDivergedError, DestinationError, RunDirBusy, UserError)
+            OnnxError, TrainingDivergedError, DestinationError, RunDirBusy, UserError)
 
 
 _OOM = re.compile(r"can't allocate memory|out of memory|Cannot allocate memory|std::bad_alloc", re.IGNORECASE)
