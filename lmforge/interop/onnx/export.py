@@ -131,6 +131,23 @@ def _export_graph(decoder: KVDecoder, path: Path, opset: int, external: bool) ->
                                     output_names=outs, dynamic_shapes=dynamic, opset_version=opset,
                                     external_data=external, verbose=False)
         program.save(str(path), external_data=external)
+    _strip_debug_metadata(path)
+
+
+def _strip_debug_metadata(path: Path) -> None:
+    """Drop the exporter's per-node debugging records (FX node text, stack traces with this
+    machine's file paths, module scopes): a third of a small model's file, and nothing a runtime
+    reads. External weight files are left as they are (only the graph file is rewritten)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for graph in (model.graph, *(f for f in model.functions)):
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    tmp = path.with_name(path.name + ".strip")
+    onnx.save_model(model, str(tmp))
+    tmp.replace(path)
 
 
 def _quantize_int8(fp32_path: Path, out_path: Path) -> dict:
