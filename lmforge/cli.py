@@ -21,6 +21,7 @@ from lmforge.cli_compress import add_compress_command
 from lmforge.cli_data import add_data_commands
 from lmforge.cli_errors import check_device, check_text_arg, explain
 from lmforge.cli_eval import add_eval_command
+from lmforge.cli_export import add_export_command, cmd_export
 from lmforge.cli_plan import add_plan_command
 from lmforge.config import ConfigError, load_job_config, parse_override_args
 from lmforge.storage.guard import check_destination, resolved
@@ -236,56 +237,6 @@ def cmd_bench_peak(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from lmforge.serve.generate import load_for_generation
-
-    args.output = args.out
-    fmt = getattr(args, "format", "hf")
-    if fmt == "onnx":
-        return _export_onnx(args)
-    for flag, value in (("--int8", getattr(args, "int8", False) or None), ("--opset", getattr(args, "opset", None))):
-        if value is not None:
-            raise ConfigError(flag, value, "applies to --format onnx only", "command line")
-    from lmforge.interop.hf.exporter import export_hf
-    from lmforge.train.precision import DTYPES
-
-    check_destination(Path(args.out), args.overwrite, sources={"source": Path(args.source)})
-    model, cfg, tokenizer_json = load_for_generation(Path(args.source))
-    export_hf(model, cfg, Path(args.out), tokenizer_json=tokenizer_json, dtype=DTYPES[args.dtype or "fp32"],
-              overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
-    print(f"exported {args.source} -> {args.out} (config.json, model.safetensors"
-          f"{', tokenizer' if tokenizer_json else ''})")
-    return 0
-
-
-def _export_onnx(args: argparse.Namespace) -> int:
-    """`export --format onnx`: every check (options, destination, model kind) before the export."""
-    from lmforge.interop.onnx.errors import OnnxError
-    from lmforge.interop.onnx.export import DEFAULT_OPSET, check_opset, export_onnx, export_refusal
-    from lmforge.serve.generate import load_source, resolve_source
-
-    if args.dtype not in (None, "fp32"):
-        raise ConfigError("--dtype", args.dtype, "must be fp32 with --format onnx (use --int8 for int8 weights)",
-                          "command line")
-    if args.max_shard_size is not None:
-        raise ConfigError("--max-shard-size", args.max_shard_size, "applies to --format hf only", "command line")
-    opset = args.opset if args.opset is not None else DEFAULT_OPSET
-    check_opset(opset)
-    check_destination(Path(args.out), args.overwrite, sources={"source": Path(args.source)})
-    src = resolve_source(Path(args.source))
-    model, cfg, tokenizer_json = load_source(src)
-    if (why := export_refusal(cfg)) is not None:
-        raise OnnxError(why)
-    source = {"path": str(Path(args.source).resolve()), "kind": src.kind,
-              "checkpoint": str(src.step_dir.resolve()) if src.step_dir is not None else None}
-    meta = export_onnx(model, cfg, Path(args.out), source=source, tokenizer_json=tokenizer_json, int8=args.int8,
-                       opset=opset, overwrite=args.overwrite)
-    print(f"exported {args.source} -> {args.out} ({meta['model_file']}: {meta['weights']} weights, "
-          f"{meta['model_bytes'] / 2**20:.1f} MiB, opset {opset}, KV cache of {cfg.n_layers} layers; "
-          f"onnx_export.json{', tokenizer' if tokenizer_json else ''})")
-    return 0
-
-
 def cmd_import(args: argparse.Namespace) -> int:
     from lmforge.interop.hf.importer import import_to_run
 
@@ -370,20 +321,6 @@ def cmd_ckpt_convert(args: argparse.Namespace) -> int:
     return cmd_export(args)
 
 
-def _byte_size(text: str) -> int:
-    """'5GB', '500MB', '64KB' (powers of 1000, like save_pretrained's max_shard_size) or bytes."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    t = text.strip().upper()
-    unit = next((u for u in units if t.endswith(u)), "B")
-    try:
-        n = float(t[: len(t) - len(unit)] if t.endswith(unit) else t)
-    except ValueError:
-        n = -1.0
-    if not 0 < n < float("inf"):  # NaN and inf too
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive size such as 5GB, 500MB or 64KB")
-    return int(n * units[unit])
-
-
 RECIPE_USAGE = "[RECIPE.toml] [--section.key value ...]"
 
 
@@ -432,18 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="re-measure even if cached")
     q.set_defaults(func=cmd_bench_peak)
 
-    p = sub.add_parser("export", help="write a Hugging Face directory (or an ONNX decoder) from a run or checkpoint")
-    p.add_argument("source", help="run dir, checkpoint step dir (or, with --format onnx, a Hugging Face dir)")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--format", choices=["hf", "onnx"], default="hf",
-                   help="hf: config.json + safetensors; onnx: model.onnx with KV-cache inputs/outputs")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weights dtype on disk (hf; default fp32)")
-    p.add_argument("--int8", action="store_true", help="onnx: int8 weights (onnxruntime dynamic quantization)")
-    p.add_argument("--opset", type=int, default=None, help="onnx: the ONNX opset (18-21, default 18)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--max-shard-size", type=_byte_size, default=None, metavar="SIZE",
-                   help="split the weights into safetensors shards of at most SIZE (e.g. 5GB, 500MB) + an index")
-    p.set_defaults(func=cmd_export)
+    add_export_command(sub)
 
     p = sub.add_parser("import", help="turn a Hugging Face Llama, Mixtral or Qwen2-MoE directory into an lmforge run")
     p.add_argument("hf_dir")
