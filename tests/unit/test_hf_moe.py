@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from lmforge.cli import _byte_size
+from lmforge.cli_export import _byte_size
 from lmforge.config import ModelConfig, MoEConfig
 from lmforge.interop.hf.base import HFFormatError
 from lmforge.interop.hf.exporter import export_hf
