@@ -38,6 +38,14 @@ from _check import verdict  # noqa: E402
 PROMPTS = ["ROMEO:\nWhat light", "In the beginning God created", "中国人民"]
 
 
+def cpu_name() -> str:
+    try:
+        return next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def lmforge_decode_seconds(model, prompt, new_tokens: int) -> float:
     """Seconds of `new_tokens` greedy one-token steps with lmforge's KV cache after the prefill
     (the calls serve/generate.py makes, as eval/speed.py times them)."""
@@ -81,7 +89,7 @@ def main() -> int:
     data_dir = Path(args.data_dir or run_cfg["data"]["dir"])
     tok = TextTokenizer.from_file(tok_path or data_dir / "tokenizer.json")
     print(f"run {args.run} ({src.step_dir.name}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}; CPU {platform.processor() or platform.machine()}, "
+          f"{cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}; CPU {cpu_name()}, "
           f"{args.threads} thread(s)", flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="onnx-bench-"))
@@ -139,6 +147,12 @@ def main() -> int:
         print(f"  (the trainer's validation windows: lmforge eval {ev['validation']['perplexity']:.4f}, "
               f"onnx fp32 {ppl['fp32']['validation']['perplexity']:.4f}, "
               f"int8 {ppl['int8']['validation']['perplexity']:.4f})", flush=True)
+
+    logged = [json.loads(ln) for ln in (Path(args.run) / "metrics.jsonl").read_text().splitlines()
+              if '"prefix": "val"' in ln] if (Path(args.run) / "metrics.jsonl").is_file() else []
+    if logged and args.max_batches == int(train["eval_batches"]):
+        print(f"  (the trainer's logged validation at step {logged[-1]['step']}: exp({logged[-1]['loss']:.6f}) = "
+              f"{math.exp(logged[-1]['loss']):.4f})", flush=True)
 
     # 3. decode latency at batch 1
     prompt_len = max(1, min(128, cfg.max_seq_len // 2))

@@ -37,7 +37,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _export_onnx(args: argparse.Namespace) -> int:
     """`export --format onnx`: every check (options, destination, model kind) before the export."""
     from lmforge.interop.onnx.errors import OnnxError
-    from lmforge.interop.onnx.export import DEFAULT_OPSET, check_opset, export_onnx, export_refusal
+    from lmforge.interop.onnx.export import (
+        DEFAULT_OPSET,
+        check_opset,
+        export_onnx,
+        export_refusal,
+        require_export_deps,
+    )
     from lmforge.serve.generate import load_source, resolve_source
 
     if args.dtype not in (None, "fp32"):
@@ -47,6 +53,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
         raise ConfigError("--max-shard-size", args.max_shard_size, "applies to --format hf only", "command line")
     opset = args.opset if args.opset is not None else DEFAULT_OPSET
     check_opset(opset)
+    require_export_deps()
     check_destination(Path(args.out), args.overwrite, sources={"source": Path(args.source)})
     src = resolve_source(Path(args.source))
     model, cfg, tokenizer_json = load_source(src)

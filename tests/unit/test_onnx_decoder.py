@@ -21,6 +21,7 @@ from lmforge.interop.onnx.export import (
     export_onnx,
     export_refusal,
     io_names,
+    require_export_deps,
 )
 from lmforge.interop.onnx.runtime import OnnxLM
 from lmforge.models.common.sparse_attention import document_starts
@@ -119,3 +120,10 @@ def test_io_names_follow_optimum_and_runtime_refuses_a_foreign_dir(tmp_path: Pat
     assert outs == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
     with pytest.raises(OnnxError, match="onnx_export.json: cannot read"):
         OnnxLM(tmp_path)
+
+
+def test_missing_export_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    require_export_deps()  # installed here
+    monkeypatch.setitem(__import__("sys").modules, "onnxscript", None)  # import now raises ImportError
+    with pytest.raises(OnnxError, match=r"onnxscript is missing\); install them with: pip install -e '.\[export\]'"):
+        require_export_deps()

@@ -74,6 +74,18 @@ def export_refusal(cfg: ModelConfig) -> str | None:
     return None
 
 
+def require_export_deps() -> None:
+    """The `export` extra's packages, or one line saying how to install them."""
+    import importlib
+
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise OnnxError(f"--format onnx needs the packages onnx, onnxscript and onnxruntime ({name} is missing); "
+                            "install them with: pip install -e '.[export]'") from None
+
+
 def check_opset(opset: int) -> None:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise OnnxError(f"--opset {opset}: must be in [{MIN_OPSET}, {MAX_OPSET}] (the dynamo exporter writes opset "
@@ -197,6 +209,7 @@ def export_onnx(model: Transformer, cfg: ModelConfig, out_dir: Path, *, source: 
     check_opset(opset)
     if (why := export_refusal(cfg)) is not None:
         raise OnnxError(why)
+    require_export_deps()
     import onnx
     import onnxruntime
 
