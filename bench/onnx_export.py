@@ -13,7 +13,8 @@ baseline, serve/generate.py and `lmforge eval`):
    steps after the prefill, median of 3 rounds after a warm-up): lmforge's model with its KV cache,
    fp32 ONNX, int8 ONNX, all at `--threads` intra-op threads. Reported, not a target.
 
-Exit 1 when a check misses. Default run: /work/main/runs/tiny-dense (4.9M parameters); ~2 minutes.
+Exit 1 when a check misses. Default run: runs/tiny-dense, the main job's (scripts/run_default.sh;
+4.9M parameters), so scripts/bench.sh leaves it out as it does synthetic_detection; ~2 minutes.
 
     .venv/bin/python bench/onnx_export.py [--run RUN] [--data-dir D] [--max-batches 8] [--threads 1]
                                           [--new-tokens 32] [--max-increase 0.02] [--json OUT.json]
@@ -62,8 +63,9 @@ def lmforge_decode_seconds(model, prompt, new_tokens: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", default="/work/main/runs/tiny-dense", help="run dir (its newest checkpoint)")
-    ap.add_argument("--data-dir", default=None, help="packed data dir (default: the run's data.dir)")
+    ap.add_argument("--run", default=str(REPO / "runs" / "tiny-dense"), help="run dir (its newest checkpoint)")
+    ap.add_argument("--data-dir", default=None, help="packed data dir (default: the run's data.dir, relative to "
+                                                     "the repository when relative)")
     ap.add_argument("--max-batches", type=int, default=8, help="global batches of held-out windows")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and onnxruntime")
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt for the equality check")
@@ -86,7 +88,7 @@ def main() -> int:
     src = resolve_source(Path(args.run))
     model, cfg, tok_path = load_source(src)
     run_cfg = src.run_config
-    data_dir = Path(args.data_dir or run_cfg["data"]["dir"])
+    data_dir = Path(args.data_dir) if args.data_dir else REPO / run_cfg["data"]["dir"]
     tok = TextTokenizer.from_file(tok_path or data_dir / "tokenizer.json")
     print(f"run {args.run} ({src.step_dir.name}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}; CPU {cpu_name()}, "
