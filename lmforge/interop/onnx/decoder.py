@@ -47,7 +47,7 @@ class KVDecoder(nn.Module):
         super().__init__()
         self.model = model
         cfg = model.cfg
-        self.n_layers, self.eps = cfg.n_layers, cfg.norm_eps
+        self.n_layers = cfg.n_layers
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.specs: list[AttnSpec] = [spec_for(cfg, i) for i in range(cfg.n_layers)]
 

@@ -239,7 +239,7 @@ def export_onnx(model: Transformer, cfg: ModelConfig, out_dir: Path, *, source: 
             shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
         meta.update({
             "format": FORMAT, "model_file": MODEL_FILE, "opset": opset, **weights,
-            "model_bytes": final.stat().st_size,
+            "model_bytes": sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith(MODEL_FILE)),
             "model": to_dict(cfg), **_io_table(cfg),
             "semantics": ("positions continue from the past length; doc_start: each new token's document start "
                           "(zeros: one document, as lmforge generate treats a prompt); present = past + this "

@@ -83,6 +83,8 @@ class OnnxLM:
         """Greedy new tokens for each prompt row (same-length rows), by the rules of
         serve/generate.py's `generate`: a row stops at `eos_id` (kept), every row at max_new_tokens
         or at max_seq_len."""
+        if max_new_tokens < 0:
+            raise OnnxError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
         rows = prompt_ids if prompt_ids and isinstance(prompt_ids[0], list | tuple) else [prompt_ids]
         if len({len(r) for r in rows}) != 1:
             raise OnnxError("prompts in one batch must have the same length (no padding support)")
@@ -91,6 +93,8 @@ class OnnxLM:
         batch, prompt_len = tokens.shape
         budget = min(max_new_tokens, self.max_seq_len - prompt_len)
         out: list[list[int]] = [[] for _ in range(batch)]
+        if budget <= 0:
+            return out
         done = [False] * batch
         logits, past = self.run(tokens, self.empty_past(batch))
         for step in range(budget):
