@@ -129,6 +129,8 @@ def test_what_cannot_be_exported_is_refused_in_one_line(window_run: Path, fp32_e
         ["export", str(tmp_path / "mixtral"), str(out), "--format", "onnx"], capsys)
     assert not out.exists()
 
+    assert "is inside the source" in _one_line_exit_2(  # never over the source, even with --overwrite
+        ["export", str(window_run), str(window_run / "onnx"), "--format", "onnx", "--overwrite"], capsys)
     assert "already exists and is not empty" in _one_line_exit_2(
         ["export", str(window_run), str(fp32_export), "--format", "onnx"], capsys)
     assert "--opset" in _one_line_exit_2(["export", str(window_run), str(out), "--format", "onnx", "--opset", "13"],
