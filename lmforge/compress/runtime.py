@@ -5,6 +5,8 @@ weights packed in memory and call int8/int4 kernels."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -35,7 +37,10 @@ class FbgemmDynamicInt8Linear(nn.Module):
     def __init__(self, qdata: torch.Tensor, scale: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = qdata.shape
-        qw = torch._make_per_channel_quantized_tensor(qdata, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated; the kernel is current
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch._make_per_channel_quantized_tensor(qdata, scale.double(),
+                                                          torch.zeros_like(scale, dtype=torch.long), 0)
         self._packed = torch.ops.quantized.linear_prepack(qw, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
