@@ -94,8 +94,11 @@ def _common_divisor(model: nn.Module) -> int:
 
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(qdata int8 (rows, cols), scale fp32 (rows,)): torchao's symmetric per-row int8 of `w`."""
-    from torchao.quantization import Int8Tensor, PerRow
-
+    try:
+        from torchao.quantization import Int8Tensor, PerRow
+    except ImportError as e:
+        raise CompressError(f"quantization needs torchao ({e.__class__.__name__}: {e}); install it with "
+                            "pip install 'lmforge[quant]'") from None
     q = Int8Tensor.from_hp(w.detach().float().cpu(), PerRow())
     return q.qdata.contiguous(), q.scale.reshape(-1).float().contiguous()
 
