@@ -64,7 +64,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not int4 and (args.group_size is not None or args.calibration is not None):
         raise CompressError(f"--group-size / --calibration: int4-weight only; {args.scheme} quantizes per row "
                             "without calibration")
-    opts = QuantizeOptions(args.scheme, args.group_size or 64, args.calibration or "gptq", args.calib_samples,
+    opts = QuantizeOptions(args.scheme, 64 if args.group_size is None else args.group_size,
+                           args.calibration or "gptq", args.calib_samples,
                            args.calib_seq_len)
     check_destination(out, args.overwrite, sources={"source": source})
     src = resolve_source(source)
