@@ -17,6 +17,7 @@ import torch
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.checkpoint.manager import CheckpointManager
 from lmforge.checkpoint.weights import load_model_weights
+from lmforge.compress.artifact import is_quantized_dir, load_quantized, read_quantized
 from lmforge.config import ModelConfig
 from lmforge.config.loader import ConfigError, build_dataclass
 from lmforge.interop.hf.importer import import_hf
@@ -177,12 +178,13 @@ def newest_checkpoint(ckpt_root: Path) -> Path:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """What a path given to `generate`, `export` or `eval` is: a Hugging Face directory, or an
+    """What a path given to `generate`, `export` or `eval` is: a Hugging Face directory, an
     lmforge checkpoint (`step_dir`) with the run it belongs to (`run_dir`, whose config.json is
-    `run_config`)."""
+    `run_config`), or a quantized directory (`lmforge compress quantize`: `run_dir` is itself, its
+    run_config.json the source run's config)."""
 
     path: Path
-    kind: str  # "hf", "run" (its newest valid checkpoint) or "checkpoint" (one step directory)
+    kind: str  # "hf", "run" (its newest valid checkpoint), "checkpoint" (one step directory) or "quantized"
     step_dir: Path | None = None
     run_dir: Path | None = None
     run_config: dict = field(default_factory=dict)
@@ -193,6 +195,8 @@ def resolve_source(path: Path) -> ModelSource:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    if is_quantized_dir(path):
+        return ModelSource(path, "quantized", None, path, read_quantized(path).run_config)
     if is_hf_dir(path):
         return ModelSource(path, "hf")
     if _is_run_dir(path):
@@ -207,12 +211,15 @@ def resolve_source(path: Path) -> ModelSource:
                                   "(expected <run>/checkpoints/step-N)")
         return ModelSource(path, "checkpoint", path, run_dir, _read_run_config(run_dir))
     raise GenerationError(f"{path}: not a Hugging Face directory (config.json + model.safetensors), "
-                          "an lmforge run directory or a checkpoint step directory")
+                          "an lmforge run directory, a checkpoint step directory or a quantized directory "
+                          "(quantization.json)")
 
 
 def load_source(src: ModelSource, device: torch.device | str = "cpu"
                 ) -> tuple[Transformer, ModelConfig, Path | None]:
     """(model in eval mode, its config, tokenizer.json or None) of a resolved source."""
+    if src.kind == "quantized":
+        return load_quantized(src.path, device)
     if src.kind == "hf":
         model, cfg = import_hf(src.path, device)
         tok = src.path / "tokenizer.json"
@@ -232,6 +239,6 @@ def load_source(src: ModelSource, device: torch.device | str = "cpu"
 def load_for_generation(path: Path, device: torch.device | str = "cpu"
                         ) -> tuple[Transformer, ModelConfig, Path | None]:
     """(model in eval mode, its config, tokenizer.json or None) from a Hugging Face directory
-    (config.json + model.safetensors), an lmforge run directory (newest checkpoint) or one
-    checkpoint step directory (<run>/checkpoints/step-N)."""
+    (config.json + model.safetensors), an lmforge run directory (newest checkpoint), one
+    checkpoint step directory (<run>/checkpoints/step-N) or a quantized directory."""
     return load_source(resolve_source(Path(path)), device)

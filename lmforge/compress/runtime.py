@@ -1,0 +1,125 @@
+"""Run a quantized directory: rebuild the model from its stored tensors, with the matmuls of the
+recorded runtime (lmforge/compress/schemes.py). Every runtime computes with the stored numbers:
+"dequant" holds fp32 copies equal to q * scale (same products, fp32 kernels), the others keep the
+weights packed in memory and call int8/int4 kernels."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from lmforge.compress.errors import CompressError
+from lmforge.compress.int4 import dequantize_codes, unpack
+from lmforge.config import ModelConfig
+from lmforge.models.registry import family_of
+
+
+def dequantized(name: str, fmt: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The fp32 weight a stored entry stands for."""
+    kind = fmt["format"]
+    if kind == "fp32":
+        return tensors[name].float()
+    if kind == "int8_row":
+        return tensors[f"{name}.qdata"].float() * tensors[f"{name}.scale"].float()[:, None]
+    if kind == "int4_group":
+        codes = unpack(tensors[f"{name}.qcodes"])
+        return dequantize_codes(codes, tensors[f"{name}.scale"].float(), tensors[f"{name}.zero"].float(),
+                                int(fmt["group_size"]))
+    raise CompressError(f"weight {name}: unknown stored format {kind!r} (this lmforge reads fp32, int8_row, int4_group)")
+
+
+class FbgemmDynamicInt8Linear(nn.Module):
+    """y = x W^T with W int8 per row (prepacked for torch's x86/fbgemm engine) and x quantized per
+    tensor at run time (uint8, reduce_range as the engine requires on CPUs without VNNI)."""
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = qdata.shape
+        with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated; the kernel is current
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch._make_per_channel_quantized_tensor(qdata, scale.double(),
+                                                          torch.zeros_like(scale, dtype=torch.long), 0)
+        self._packed = torch.ops.quantized.linear_prepack(qw, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed, True)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class AtenInt4Linear(nn.Module):
+    """y = x W^T with W int4 group-wise, packed for torch's _weight_int4pack_mm_for_cpu (which reads
+    w = (q - 8) * scale + bias per group: bias = (8 - zero) * scale gives the stored grid)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group_size = group_size
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        bias = (8 - zero.float()) * scale.float()
+        self.register_buffer("scales_and_zeros", torch.stack([scale.float(), bias], dim=-1).transpose(0, 1).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).float(), self.packed,
+                                                       self.group_size, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _torchao_int8(tensors: dict[str, torch.Tensor], name: str, dynamic: bool) -> nn.Parameter:
+    from torchao.quantization import Int8Tensor
+    from torchao.quantization.granularity import PerRow
+    from torchao.quantization.quant_primitives import MappingType
+    from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
+
+    q, s = tensors[f"{name}.qdata"], tensors[f"{name}.scale"].float()
+    act = QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=MappingType.SYMMETRIC) if dynamic else None
+    t = Int8Tensor(q, s[:, None], [1, q.shape[1]], torch.float32, zero_point=torch.zeros(q.shape[0], 1, dtype=torch.int8),
+                   act_quant_kwargs=act)
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def build_runtime_model(cfg: ModelConfig, formats: dict[str, dict], tensors: dict[str, torch.Tensor],
+                        scheme: str, runtime: str, device: torch.device | str = "cpu") -> nn.Module:
+    """The model in eval mode, its weights the stored ones, its matmuls those of `runtime`."""
+    model = family_of(cfg).build(cfg, "cpu", None)
+    sd = {name: dequantized(name, fmt, tensors) for name, fmt in formats.items()}
+    if cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not (cfg.tie_embeddings and m == "output.weight")]
+    if missing or unexpected:
+        raise CompressError(f"stored weights do not match the model config: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}")
+    if runtime != "dequant":
+        _swap_kernels(model, formats, tensors, scheme, runtime)
+    return model.to(device).eval()
+
+
+def _swap_kernels(model: nn.Module, formats: dict[str, dict], tensors: dict[str, torch.Tensor], scheme: str,
+                  runtime: str) -> None:
+    for m in model.modules():  # the fused fp32 fast path reads .weight directly: modules are called one by one
+        if hasattr(m, "kernels"):
+            m.kernels = None
+    for name, fmt in formats.items():
+        module = name.removesuffix(".weight")
+        if fmt["format"] == "fp32" or not name.endswith(".weight"):
+            continue
+        if runtime == "torchao":
+            model.get_submodule(module).weight = _torchao_int8(
+                tensors, name, dynamic=scheme == "int8-dynamic" and module != "tok_embeddings")
+        elif fmt["format"] == "int8_row" and module == "tok_embeddings":
+            model.get_submodule(module).weight = _torchao_int8(tensors, name, dynamic=False)
+        elif runtime == "fbgemm":
+            _set_module(model, module, FbgemmDynamicInt8Linear(tensors[f"{name}.qdata"], tensors[f"{name}.scale"]))
+        elif runtime == "aten" and fmt["format"] == "int4_group":
+            _set_module(model, module, AtenInt4Linear(unpack(tensors[f"{name}.qcodes"]), tensors[f"{name}.scale"],
+                                                      tensors[f"{name}.zero"], int(fmt["group_size"])))
+        else:
+            raise CompressError(f"weight {name}: runtime {runtime} cannot run format {fmt['format']}")
+
