@@ -4,9 +4,10 @@ fine-tune's batches, both read from the packed train split through the trainer's
 
 Why the train split: it is what the model learnt from (Wanda calibrates on C4, close to its
 models' training data), and the val split stays untouched for `lmforge eval`. A run's own packed
-data is sampled with the run's domain mixture (its data section: domain weights or mixing
-temperature, the start weights when it had a curriculum); another data dir (`--calib-data`, an HF
-source's only option) uniformly over its windows. Either way from a seeded shuffle, so the same
+data (its data.dir, or --calib-data when data.dir is not found from here: the data moved) is
+sampled with the run's domain mixture (its data section: domain weights or mixing temperature, the
+start weights when it had a curriculum); any other data dir (an HF source's only option)
+uniformly over its windows. Either way from a seeded shuffle, so the same
 options give the same windows.
 """
 
@@ -74,7 +75,9 @@ def open_train_data(data_dir: Path, origin: str, cfg: ModelConfig, model_tokeniz
                                 f"({model_tokenizer}): the same ids would mean other text; pass --calib-data of the "
                                 "data this model was trained on")
     data_cfg = None
-    if run_data is not None and resolved(run_data.get("dir", "")) == resolved(data_dir):
+    run_dir = str(run_data.get("dir") or "") if run_data is not None else ""
+    # the run's data, or (its data.dir not found from here) the run's data moved to --calib-data
+    if run_dir and (resolved(run_dir) == resolved(data_dir) or not Path(run_dir).is_dir()):
         try:
             data_cfg = build_dataclass(DataConfig, run_data, "data.")
         except ConfigError:

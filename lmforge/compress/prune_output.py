@@ -2,9 +2,10 @@
 `lmforge generate DIR` and `lmforge export DIR` load it with no extra flag, plus the pruning report:
 
     <out>/config.json                  the source run's config (train.output_dir = <out>, data.dir
-                                       absolute when it exists, so eval finds the held-out data from
-                                       any working directory); an HF source: a JobConfig as
-                                       interop/hf/importer.py import_to_run writes
+                                       absolute when it exists, else --calib-data's, so eval finds
+                                       the held-out data from any working directory); an HF source:
+                                       a JobConfig as interop/hf/importer.py import_to_run writes,
+                                       data.dir = --calib-data's or "" (eval then asks for --data-dir)
     <out>/tokenizer.json               the source's, when it has one
     <out>/checkpoints/step-00000000/   weights-only checkpoint (dense fp32 tensors holding the zeros)
     <out>/pruning.json                 method, scheme, per-layer sparsity, calibration provenance,
@@ -45,6 +46,8 @@ def output_config(run_config: dict | None, cfg: ModelConfig, out: Path, data_dir
     data = d.get("data") if isinstance(d.get("data"), dict) else None
     if data is not None and data.get("dir") and Path(data["dir"]).is_dir():
         data["dir"] = str(Path(data["dir"]).resolve())
+    elif data is not None and data_dir is not None:  # the run's data moved: the data it was pruned with
+        data["dir"] = str(Path(data_dir).resolve())
     return d
 
 
