@@ -104,27 +104,30 @@ def main(argv: list[str] | None = None) -> int:
     schemes = [("50% unstructured", ["--sparsity", "0.5"]), ("2:4", ["--pattern", "2:4"])]
     schemes += [(f"{float(s):.0%} unstructured", ["--sparsity", s]) for s in args.sweep.split(",") if s.strip()]
     outliers = None
+    # the gated rows first, then recovery, then the sweep: a slow machine still gets the verdict's figures early
+    plan = [(i, m, 0) for i in (0, 1) for m in ("magnitude", "wanda")]
+    plan += [(i, m, args.recover_steps) for i in (0, 1) for m in ("magnitude", "wanda") if args.recover_steps]
+    plan += [(i, m, 0) for i in range(2, len(schemes)) for m in ("magnitude", "wanda")]
     with tempfile.TemporaryDirectory(prefix="bench-prune-") as tmp:
-        for i, (name, flags) in enumerate(schemes):
-            for method in ("magnitude", "wanda"):
-                for recover in ((0, args.recover_steps) if i < 2 and args.recover_steps else (0,)):
-                    out = Path(tmp) / f"{method}-{i}-{recover}"
-                    t0 = time.perf_counter()
-                    report = prune(args.run, out, method, flags, data_dir, args, recover)
-                    ppl = perplexity(out, data_dir)
-                    if method == "wanda" and outliers is None:
-                        outliers = outlier_summary(report)
-                    row = {"scheme": name, "method": method, "recover_steps": recover, **ppl,
-                           "increase": ppl["perplexity"] - dense["perplexity"],
-                           "sparsity_pruned": report["sparsity"]["pruned_weights"]["sparsity"],
-                           "sparsity_all": report["sparsity"]["all_parameters"]["sparsity"],
-                           "recovery": report["recovery"], "seconds": time.perf_counter() - t0}
-                    rows.append(row)
-                    print(f"{name:>18} {method:>9} recover {recover:>3}: ppl {ppl['perplexity']:8.3f} "
-                          f"(+{row['increase']:7.3f}, {row['increase'] / dense['perplexity']:+.2%}) "
-                          f"sparsity {row['sparsity_pruned']:.2%} of pruned, {row['sparsity_all']:.2%} of all "
-                          f"[{row['seconds']:.0f} s]", flush=True)
-                    shutil_rm(out)
+        for i, method, recover in plan:
+            name, flags = schemes[i]
+            out = Path(tmp) / f"{method}-{i}-{recover}"
+            t0 = time.perf_counter()
+            report = prune(args.run, out, method, flags, data_dir, args, recover)
+            ppl = perplexity(out, data_dir)
+            if method == "wanda" and outliers is None:
+                outliers = outlier_summary(report)
+            row = {"scheme": name, "method": method, "recover_steps": recover, **ppl,
+                   "increase": ppl["perplexity"] - dense["perplexity"],
+                   "sparsity_pruned": report["sparsity"]["pruned_weights"]["sparsity"],
+                   "sparsity_all": report["sparsity"]["all_parameters"]["sparsity"],
+                   "recovery": report["recovery"], "seconds": time.perf_counter() - t0}
+            rows.append(row)
+            print(f"{name:>18} {method:>9} recover {recover:>3}: ppl {ppl['perplexity']:8.3f} "
+                  f"(+{row['increase']:7.3f}, {row['increase'] / dense['perplexity']:+.2%}) "
+                  f"sparsity {row['sparsity_pruned']:.2%} of pruned, {row['sparsity_all']:.2%} of all "
+                  f"[{row['seconds']:.0f} s]", flush=True)
+            shutil_rm(out)
     domains = list(dense["domains"])
     print("\nheld-out perplexity (whole val split), per domain; increase over dense")
     print(f"{'scheme':>18} {'method':>9} {'rec':>4} {'ppl':>9} {'+ppl':>8} {'+%':>7} "

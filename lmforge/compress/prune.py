@@ -88,8 +88,9 @@ def prune_source(src: PruneSource, opts: PruneOptions, out: Path, *, calib_data:
     train = _train_section(src)
     calib_len = opts.calib_seq_len or train.seq_len
     if opts.needs_activations and not 1 <= calib_len <= cfg.max_seq_len:
-        raise CompressError(f"calibration windows of {calib_len} tokens ({'--calib-seq-len' if opts.calib_seq_len else 'the run'}"
-                            f"'s train.seq_len): must be in [1, {cfg.max_seq_len}], the model's max_seq_len")
+        what = "--calib-seq-len" if opts.calib_seq_len else "the run's train.seq_len"
+        raise CompressError(f"calibration windows of {calib_len} tokens ({what}): must be in [1, {cfg.max_seq_len}], "
+                            "the model's max_seq_len")
     data_dir, origin = data_dir_of(src, calib_data)
     check_data_named(src.kind, data_dir is not None, opts)
     data: TrainData | None = None
