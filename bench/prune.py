@@ -73,6 +73,38 @@ def prune(run: Path, out: Path, method: str, scheme: list[str], data_dir: Path, 
     return json.loads((out / "pruning.json").read_text())
 
 
+def planted_copy(run: Path, data_dir: Path, out: Path, scale: float, channels: int) -> Path:
+    """A copy of the run's newest weights with `channels` input features of every block's two norms
+    scaled by `scale` and the matching weight columns of q/k/v (attention norm) and gate/up (MLP norm)
+    divided by it: the same function (checked by perplexity), now with outlier features read by
+    small weights, as large LLMs have them. A control for the method, not the gate."""
+    import shutil
+
+    import torch
+
+    from lmforge.checkpoint.weights import save_model_weights
+    from lmforge.serve.generate import load_for_generation
+
+    model, _, tokenizer = load_for_generation(run)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in model.layers.values():
+            for norm, readers in ((block.attention_norm, (block.attention.wq, block.attention.wk, block.attention.wv)),
+                                  (block.ffn_norm, (block.feed_forward.w1, block.feed_forward.w3))):
+                idx = torch.randperm(norm.weight.numel(), generator=gen)[:channels]
+                norm.weight[idx] *= scale
+                for lin in readers:
+                    lin.weight[:, idx] /= scale
+    out.mkdir(parents=True)
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["dir"] = str(data_dir)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        shutil.copy(tokenizer, out / "tokenizer.json")
+    save_model_weights(out / "checkpoints" / "step-00000000", model, step=0)
+    return out
+
+
 def outlier_summary(report: dict) -> dict[str, float]:
     """Median over blocks of each linear's max/median input-feature norm (wanda's report)."""
     by_kind: dict[str, list[float]] = {}
@@ -90,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recover-lr", type=float, default=1e-4)
     ap.add_argument("--sweep", default="", help="extra unstructured sparsities to compare, e.g. 0.6,0.7 (not gated)")
     ap.add_argument("--out", type=Path, default=None, help="also write all figures here (JSON)")
+    ap.add_argument("--planted-scale", type=float, default=0.0,
+                    help="control (not gated): also compare at 50%% on a copy with outlier features planted "
+                         "function-preservingly (norm channels x scale, reading columns / scale); 0: off")
+    ap.add_argument("--planted-channels", type=int, default=4, help="planted outlier channels per norm")
+    ap.add_argument("--planted-only", action="store_true", help="run only the planted control (no verdict)")
     args = ap.parse_args(argv)
     if not (args.run / "config.json").is_file():
         print(f"no run at {args.run}: train the main job first (bash scripts/run_default.sh) or pass --run",
@@ -108,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(i, m, 0) for i in (0, 1) for m in ("magnitude", "wanda")]
     plan += [(i, m, args.recover_steps) for i in (0, 1) for m in ("magnitude", "wanda") if args.recover_steps]
     plan += [(i, m, 0) for i in range(2, len(schemes)) for m in ("magnitude", "wanda")]
+    if args.planted_only:
+        plan = []
     with tempfile.TemporaryDirectory(prefix="bench-prune-") as tmp:
         for i, method, recover in plan:
             name, flags = schemes[i]
@@ -128,6 +167,26 @@ def main(argv: list[str] | None = None) -> int:
                   f"sparsity {row['sparsity_pruned']:.2%} of pruned, {row['sparsity_all']:.2%} of all "
                   f"[{row['seconds']:.0f} s]", flush=True)
             shutil_rm(out)
+    control = None
+    if args.planted_scale:
+        with tempfile.TemporaryDirectory(prefix="bench-prune-planted-") as tmp:
+            planted = planted_copy(args.run, data_dir, Path(tmp) / "planted", args.planted_scale, args.planted_channels)
+            base = perplexity(planted, data_dir)
+            control = {"scale": args.planted_scale, "channels_per_norm": args.planted_channels,
+                       "dense": base["perplexity"]}
+            for method in ("magnitude", "wanda"):
+                report = prune(planted, Path(tmp) / method, method, ["--sparsity", "0.5"], data_dir, args, 0)
+                control[method] = perplexity(Path(tmp) / method, data_dir)["perplexity"]
+                control[f"{method}_outliers"] = outlier_summary(report) if method == "wanda" else None
+            inc = {m: control[m] - control["dense"] for m in ("magnitude", "wanda")}
+            control["ratio"] = inc["magnitude"] / inc["wanda"] if inc["wanda"] > 0 else float("inf")
+            print(f"control, outliers planted (x{args.planted_scale:g}, {args.planted_channels} channels per norm; "
+                  f"dense ppl {control['dense']:.3f} vs {dense['perplexity']:.3f} unplanted): 50% magnitude "
+                  f"{control['magnitude']:.3f} (+{inc['magnitude']:.3f}), wanda {control['wanda']:.3f} "
+                  f"(+{inc['wanda']:.3f}); ratio {control['ratio']:.2f}; input-feature max/median "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in control["wanda_outliers"].items()), flush=True)
+    if args.planted_only:
+        return 0
     domains = list(dense["domains"])
     print("\nheld-out perplexity (whole val split), per domain; increase over dense")
     print(f"{'scheme':>18} {'method':>9} {'rec':>4} {'ppl':>9} {'+ppl':>8} {'+%':>7} "
@@ -157,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = mag / wanda if wanda > 0 else (float("inf") if mag > 0 else 0.0)
     if args.out:
         args.out.write_text(json.dumps({"run": str(args.run), "data_dir": str(data_dir), "dense": dense,
-                                        "rows": rows, "outliers": outliers, "ratio": ratio}, indent=2))
+                                        "rows": rows, "outliers": outliers, "ratio": ratio, "control": control},
+                                       indent=2))
     return verdict("prune", "magnitude pruning, 50% unstructured, same model",
                    "perplexity increase magnitude / wanda", min(ratio, 1e6), TARGET)
 

@@ -37,7 +37,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         check_no_overlap(out, {"source run": ms.run_dir}, flag="--out")
     data = ms.run_config.get("data") if isinstance(ms.run_config.get("data"), dict) else {}
     check_data_named(ms.kind, calib is not None or bool(data.get("dir")), opts)
-    device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    device = ("cuda" if _cuda() else "cpu") if args.device == "auto" else args.device
     model, cfg, tokenizer = load_source(ms, device)
     src = PruneSource(model=model, cfg=cfg, path=Path(args.source), kind=ms.kind, tokenizer=tokenizer,
                       step_dir=ms.step_dir, step=step_of(ms.step_dir) if ms.step_dir is not None else None,

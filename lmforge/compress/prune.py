@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -45,7 +45,6 @@ class PruneSource:
     step_dir: Path | None = None
     step: int | None = None
     run_config: dict | None = None  # the run's config.json (None for an HF source)
-    extra: dict = field(default_factory=dict)
 
 
 def data_dir_of(src: PruneSource, calib_data: Path | None) -> tuple[Path | None, str]:

@@ -201,3 +201,34 @@ def test_recovery_holds_the_masks_and_lowers_the_loss(tiny_data_dir: Path) -> No
     assert result["val_loss_after"] < result["val_loss_before"]
     assert result["val_loss_after"] == pytest.approx(validation_loss(model, data, setup, data.eos_id), rel=1e-6)
     assert result["steps"] == 8 and math.isfinite(result["train_loss_last"])
+
+
+def planted_outlier_model(scale: float = 50.0, channel: int = 5) -> torch.nn.Module:
+    """The tiny model with RMSNorm channel `channel` scaled by `scale` and column `channel` of the
+    q/k/v weights divided by it: the same function, now with an outlier input feature on tiny weights."""
+    model = tiny_model()
+    with torch.no_grad():
+        for block in model.layers.values():
+            block.attention_norm.weight[channel] *= scale
+            for lin in (block.attention.wq, block.attention.wk, block.attention.wv):
+                lin.weight[:, channel] /= scale
+    return model
+
+
+def test_wanda_is_blind_to_a_function_preserving_outlier_feature_that_misleads_magnitude() -> None:
+    """What large LLMs show (a few loud input features read by small weights), planted without
+    changing the function: Wanda's scores |W_ij| * ||X_j|| do not change, so neither do its masks;
+    magnitude drops the loud feature's whole column."""
+    tokens = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(2))
+    plain, planted = tiny_model(), planted_outlier_model()
+    with torch.no_grad():
+        assert torch.allclose(plain(tokens), planted(tokens), atol=1e-4)
+    opts = PruneOptions("wanda", sparsity=0.5, targets=("wq", "wk", "wv"))
+    a, _ = prune_wanda(plain, plain.cfg, opts, tokens, None)
+    b, outliers = prune_wanda(planted, planted.cfg, opts, tokens, None)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert outliers["layers.0.attention.wq"] > 30
+    magnitude = PruneOptions("magnitude", sparsity=0.5, targets=("wq",))
+    kept_plain = prune_magnitude(tiny_model(), magnitude)["layers.0.attention.wq.weight"][:, 5]
+    kept_planted = prune_magnitude(planted_outlier_model(), magnitude)["layers.0.attention.wq.weight"][:, 5]
+    assert kept_plain.float().mean() > 0.2 and not kept_planted.any()  # planted: the whole column dropped
