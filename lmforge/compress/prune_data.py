@@ -75,9 +75,9 @@ def open_train_data(data_dir: Path, origin: str, cfg: ModelConfig, model_tokeniz
                                 f"({model_tokenizer}): the same ids would mean other text; pass --calib-data of the "
                                 "data this model was trained on")
     data_cfg = None
-    run_dir = str(run_data.get("dir") or "") if run_data is not None else ""
+    run_data_dir = str(run_data.get("dir") or "") if run_data is not None else ""
     # the run's data, or (its data.dir not found from here) the run's data moved to --calib-data
-    if run_dir and (resolved(run_dir) == resolved(data_dir) or not Path(run_dir).is_dir()):
+    if run_data_dir and (resolved(run_data_dir) == resolved(data_dir) or not Path(run_data_dir).is_dir()):
         try:
             data_cfg = build_dataclass(DataConfig, run_data, "data.")
         except ConfigError:
