@@ -105,6 +105,32 @@ def planted_copy(run: Path, data_dir: Path, out: Path, scale: float, channels: i
     return out
 
 
+def dense_finetuned(run: Path, data_dir: Path, out: Path, steps: int, lr: float) -> Path:
+    """The dense model after the same fine-tune the recovery runs (prune_recover.recover with no
+    masks): the baseline that separates recovery from further training of the model."""
+    import shutil
+
+    from lmforge.checkpoint.weights import save_model_weights
+    from lmforge.compress.prune_data import open_train_data
+    from lmforge.compress.prune_recover import RecoverySetup, recover
+    from lmforge.serve.generate import load_for_generation
+
+    model, cfg, tokenizer = load_for_generation(run)
+    config = json.loads((run / "config.json").read_text())
+    train = config["train"]
+    data = open_train_data(data_dir, "--data-dir", cfg, tokenizer, config["data"])
+    setup = RecoverySetup(steps, lr, train["seq_len"], train["micro_batch_size"],
+                          train["eval_batches"] * max(1, train["global_batch_size"] // train["micro_batch_size"]), seed=1)
+    recover(model, {}, data, setup, data.eos_id if cfg.attention.doc_mask else None)
+    out.mkdir(parents=True)
+    config["data"]["dir"] = str(data_dir)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        shutil.copy(tokenizer, out / "tokenizer.json")
+    save_model_weights(out / "checkpoints" / "step-00000000", model, step=0)
+    return out
+
+
 def outlier_summary(report: dict) -> dict[str, float]:
     """Median over blocks of each linear's max/median input-feature norm (wanda's report)."""
     by_kind: dict[str, list[float]] = {}
@@ -141,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     schemes = [("50% unstructured", ["--sparsity", "0.5"]), ("2:4", ["--pattern", "2:4"])]
     schemes += [(f"{float(s):.0%} unstructured", ["--sparsity", s]) for s in args.sweep.split(",") if s.strip()]
     outliers = None
+    tuned = None
+    if args.recover_steps and not args.planted_only:
+        with tempfile.TemporaryDirectory(prefix="bench-prune-dense-") as tmp:
+            t0 = time.perf_counter()
+            tuned = perplexity(dense_finetuned(args.run, data_dir, Path(tmp) / "d", args.recover_steps,
+                                               args.recover_lr), data_dir)
+            print(f"dense + the same {args.recover_steps}-step fine-tune (no masks): ppl {tuned['perplexity']:.3f} "
+                  f"[{time.perf_counter() - t0:.0f} s]", flush=True)
     # the gated rows first, then recovery, then the sweep: a slow machine still gets the verdict's figures early
     plan = [(i, m, 0) for i in (0, 1) for m in ("magnitude", "wanda")]
     plan += [(i, m, args.recover_steps) for i in (0, 1) for m in ("magnitude", "wanda") if args.recover_steps]
@@ -193,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
           + " ".join(f"{d[:11]:>11}" for d in domains))
     print(f"{'dense':>18} {'':>9} {'':>4} {dense['perplexity']:9.3f} {'':>8} {'':>7} "
           + " ".join(f"{dense['domains'][d]:11.2f}" for d in domains))
+    if tuned:
+        print(f"{'dense, fine-tuned':>18} {'':>9} {args.recover_steps:>4} {tuned['perplexity']:9.3f} "
+              f"{tuned['perplexity'] - dense['perplexity']:+8.3f} "
+              f"{(tuned['perplexity'] - dense['perplexity']) / dense['perplexity']:+7.2%} "
+              + " ".join(f"{tuned['domains'][d]:11.2f}" for d in domains))
     for r in rows:
         print(f"{r['scheme']:>18} {r['method']:>9} {r['recover_steps']:>4} {r['perplexity']:9.3f} "
               f"{r['increase']:+8.3f} {r['increase'] / dense['perplexity']:+7.2%} "
@@ -216,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = mag / wanda if wanda > 0 else (float("inf") if mag > 0 else 0.0)
     if args.out:
         args.out.write_text(json.dumps({"run": str(args.run), "data_dir": str(data_dir), "dense": dense,
-                                        "rows": rows, "outliers": outliers, "ratio": ratio, "control": control},
+                                        "rows": rows, "outliers": outliers, "ratio": ratio, "control": control,
+                                        "dense_finetuned": tuned},
                                        indent=2))
     return verdict("prune", "magnitude pruning, 50% unstructured, same model",
                    "perplexity increase magnitude / wanda", min(ratio, 1e6), TARGET)
