@@ -9,12 +9,18 @@ Wanda increase >= 2). Also printed: how far each linear's loudest input feature 
 (max / median of ||X_j||_2 over the calibration tokens), the property Wanda's edge rests on, and
 with `--sweep` the same comparison at higher sparsities (information, not gated).
 
+Baselines in the same run: the dense model, and for the recovery rows the dense model after the
+same fine-tune (no masks). `--planted-scale S` adds a control (not gated): the same comparison on
+a copy whose norms' channels are scaled by S and the reading weight columns divided by S (the same
+function with planted outlier features; Wanda's scores are invariant to it, magnitude's are not).
+
 Every model goes through `lmforge compress prune` (in process) into a temp dir; the source is
 only read. The paper's figures for scale (Sun et al. 2023, Llama-2-7B, WikiText perplexity at
 50% unstructured): dense 5.12, magnitude 14.89, SparseGPT 6.51, Wanda 6.42.
 
     PYTHONPATH=. python bench/prune.py [--run runs/tiny-dense] [--data-dir DIR] [--recover-steps 50]
-        [--recover-lr 1e-4] [--calib-samples 128] [--sweep 0.6,0.7] [--out results.json]
+        [--recover-lr 1e-4] [--calib-samples 128] [--sweep 0.6,0.7] [--planted-scale 20 [--planted-only]]
+        [--out results.json]
 """
 
 from __future__ import annotations
