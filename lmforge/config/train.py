@@ -112,5 +112,5 @@ class TrainConfig:
     def check_unfreeze_layers(self, n_layers: int) -> None:
         """Every "top:N" names blocks the model has (N <= model.n_layers)."""
         for i, st in enumerate(self.unfreeze):
-            require(st.blocks(n_layers) <= n_layers + 1, f"train.unfreeze[{i}].layers", st.layers,
+            require(st.reach() <= n_layers or st.layers == "all", f"train.unfreeze[{i}].layers", st.layers,
                     f"the model has {n_layers} blocks (model.n_layers): use top:0 to top:{n_layers}, or 'all'")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +205,30 @@ class Unfreezing:
         for p, first in self._gated:
             if steps_done < first:
                 p.grad = None
+
+    def start(self, optimizer: torch.optim.Optimizer, say: Callable[[str], None], n_layers: int) -> None:
+        """The header line, and AdamW's state for every parameter it optimizes created now at its
+        initial values (zero moments, step 0: what AdamW creates lazily at a parameter's first
+        update). Why: a parameter whose stage has not started has no gradient, so AdamW would give
+        it no state, and a checkpoint saved then would lack its entries while DCP's resume (which
+        fills an empty optimizer with a zero-gradient step for every parameter) expects them. The
+        state is made by one AdamW step at lr 0 on zero gradients (weights bitwise unchanged), then
+        reset to zero."""
+        say(f"unfreeze: {self.describe(n_layers)}")
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        with torch.no_grad():
+            for state in optimizer.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor):
+                        value.zero_()
 
     def describe(self, n_layers: int) -> str:
         """One header line: each stage's step, layers, lr scale and how many tensors it adds."""

@@ -123,9 +123,9 @@ class Trainer:
         self.model, self.pipe, self.comm = built.module, built.pipe, built.comm  # comm: compression hook or None
         self.eos_id = self._doc_mask_eos(cfg)
         self.unfreeze = Unfreezing.for_model(self.model, cfg)  # gradual unfreezing (train/continual.py) or None
-        if self.unfreeze is not None:
-            self.say(f"unfreeze: {self.unfreeze.describe(cfg.model.n_layers)}")
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.unfreeze and self.unfreeze.units)
+        if self.unfreeze is not None:  # the header line; AdamW state for every stage made now (continual.py)
+            self.unfreeze.start(self.optimizer, self.say, cfg.model.n_layers)
         self.router = RouterBalance.for_model(self.model, self._dp_group())  # None for dense models
         if self.pipe is not None and self.router is not None:  # every stage's router losses join in backward
             pipe, scaler = self.pipe, self.scaler
