@@ -1,0 +1,125 @@
+"""Continual pre-training keeps what a model knew: from a model trained on two domains (Shakespeare
+and the KJV Bible; the Chinese domain at weight 0), train on the third (Chinese) two ways for the
+same steps and peak LR, in one run:
+
+- continual: `--train.init_from BASE`, 10% replay of the old domains in every batch
+  (`data.replay_fraction`) and gradual unfreezing top first (`train.unfreeze`);
+- plain fine-tuning (the named baseline): `--train.init_from BASE`, Chinese only, every layer.
+
+Each model is measured by `lmforge eval`'s per-domain held-out perplexity (lmforge/eval/runner.py:
+evaluate, the same val split for all three). Targets (exit 1 when one is missed):
+
+1. retention: each old domain's perplexity after continual training within 5% of the base model's
+   (ratio base / after >= 1/1.05 for the worse of the two);
+2. the baseline forgets more: plain fine-tuning's old-domain perplexity / the continual run's >= 1
+   (worse domain);
+3. the new domain is still learnt (not a target of the issue; kept so that freezing everything
+   cannot pass): the continual run's Chinese loss drop >= 0.5 x the plain run's.
+
+The model is recipes/tiny-dense.toml (4 layers, width 192, vocab 8192) on the main job's packed data
+(copied: the bench writes nothing next to it).
+
+    .venv/bin/python bench/continual.py [--data-dir data/default] [--base-steps 240] [--steps 120] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from _check import verdict  # noqa: E402
+
+OLD, NEW = ("bible", "shakespeare"), "chinese"
+RETENTION = 1 / 1.05  # base perplexity / after continual training, each old domain
+COMMON = ["--train.eval_interval", "0", "--metrics.progress", "none", "--metrics.tensorboard", "false",
+          "--metrics.plot", "false", "--metrics.log_interval", "20", "--checkpoint.keep_last", "1"]
+
+
+def train(name: str, work: Path, data: Path, steps: int, extra: list[str]) -> float:
+    out = work / name
+    args = [sys.executable, "-m", "lmforge", "train", str(REPO / "recipes" / "tiny-dense.toml"), *COMMON,
+            "--data.dir", str(data), "--train.output_dir", str(out), "--train.steps", str(steps),
+            "--checkpoint.interval", str(steps), *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed ({' '.join(args)}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    for line in proc.stdout.splitlines():
+        if line.startswith(("domains:", "unfreeze:", "init_from", "done:")):
+            print(f"  [{name}] {line}", flush=True)
+    return time.perf_counter() - t0
+
+
+def perplexities(run: Path, data: Path) -> dict[str, float]:
+    from lmforge.eval.runner import EvalOptions, evaluate
+
+    result = evaluate(run, EvalOptions(data_dir=data, items=0, speed=False), say=lambda _: None)
+    ppl = result["deterministic"]["perplexity"]
+    return {d: v["perplexity"] for d, v in ppl["domains"].items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", type=Path, default=REPO / "data" / "default",
+                    help="a packed data dir of the default corpus (three domains); copied")
+    ap.add_argument("--base-steps", type=int, default=240)
+    ap.add_argument("--steps", type=int, default=120, help="steps of each continual run")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak lr of both continual runs")
+    ap.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temp dir)")
+    args = ap.parse_args()
+    if not (args.data_dir / "manifest.json").is_file():
+        raise SystemExit(f"{args.data_dir}: no packed data (run `lmforge data prepare recipes/tiny-dense.toml`)")
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-continual-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data"
+    if not (data / "manifest.json").is_file():
+        shutil.copytree(args.data_dir, data, dirs_exist_ok=True)
+    s = args.steps
+    third = max(1, s // 3)
+    schedule = (f'[{{step = 0, layers = "top:1", lr_scale = 1.0}}, {{step = {third}, layers = "top:2", lr_scale = 0.5}}, '
+                f'{{step = {2 * third}, layers = "all", lr_scale = 0.3}}]')
+    new_run = ["--train.init_from", str(work / "base"), "--optimizer.lr", str(args.lr),
+               "--scheduler.warmup_steps", str(max(1, s // 12)), "--data.domain_weights", f"{NEW}:1"]
+    print(f"work dir {work}; base {args.base_steps} steps on {' + '.join(OLD)}, then {s} steps on {NEW} "
+          f"(peak lr {args.lr:g})", flush=True)
+    times = {"base": train("base", work, data, args.base_steps, ["--data.domain_weights", ",".join(f"{d}:1" for d in OLD)])}
+    times["continual"] = train("continual", work, data, s, [*new_run, "--data.replay_fraction", "0.1",
+                                                             "--train.unfreeze", schedule])
+    times["plain"] = train("plain", work, data, s, new_run)
+    ppl = {name: perplexities(work / name, data) for name in ("base", "continual", "plain")}
+
+    print(f"\nheld-out perplexity per domain (lmforge eval; train seconds {', '.join(f'{k} {v:.0f}' for k, v in times.items())})")
+    print(f"{'domain':<12} {'base':>10} {'continual':>10} {'plain':>10} {'continual/base':>15} {'plain/base':>11}")
+    for d in (*OLD, NEW):
+        b, c, p = ppl["base"][d], ppl["continual"][d], ppl["plain"][d]
+        print(f"{d:<12} {b:>10.2f} {c:>10.2f} {p:>10.2f} {c / b:>15.3f} {p / b:>11.3f}")
+    retention = min(ppl["base"][d] / ppl["continual"][d] for d in OLD)
+    forgets_more = min(ppl["plain"][d] / ppl["continual"][d] for d in OLD)
+    drop_c = math.log(ppl["base"][NEW]) - math.log(ppl["continual"][NEW])
+    drop_p = math.log(ppl["base"][NEW]) - math.log(ppl["plain"][NEW])
+    learnt = drop_c / drop_p if drop_p > 0 else float("nan")
+    print(f"{NEW} loss drop: continual {drop_c:.3f} nats, plain {drop_p:.3f} nats", flush=True)
+    print("BENCH_FIGURES " + json.dumps({"perplexity": ppl, "train_s": times}), flush=True)
+    rc = verdict("continual_retention", "the base model before continual training",
+                 "old-domain perplexity base / after continual (worse domain)", retention, round(RETENTION, 4))
+    rc |= verdict("continual_vs_plain", "plain fine-tuning (no replay, all layers)",
+                  "old-domain perplexity plain / continual (worse domain)", forgets_more, 1.0)
+    rc |= verdict("continual_new_domain", "plain fine-tuning (no replay, all layers)",
+                  f"{NEW} loss drop continual / plain", learnt, 0.5)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
