@@ -17,9 +17,13 @@ evaluate, the same val split for all three). Targets (exit 1 when one is missed)
    cannot pass): the continual run's Chinese loss drop >= 0.5 x the plain run's.
 
 The model is recipes/tiny-dense.toml (4 layers, width 192, vocab 8192) on the main job's packed data
-(copied: the bench writes nothing next to it).
+(copied: the bench writes nothing next to it). `--base RUN` starts from an existing run instead of
+training the two-domain base (e.g. the main job's runs/tiny-dense, read only: it saw all three
+domains, Chinese at temperature-2 weight, so "new" is then "continued"). Every model is evaluated on
+windows of `--eval-seq-len` tokens (the same for all), whatever seq_len the runs trained at.
 
-    .venv/bin/python bench/continual.py [--data-dir data/default] [--base-steps 240] [--steps 120] [--work DIR]
+    .venv/bin/python bench/continual.py [--data-dir data/default] [--base RUN | --base-steps 240]
+        [--steps 120] [--seq-len 256] [--work DIR]
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ COMMON = ["--train.eval_interval", "0", "--metrics.progress", "none", "--metrics
 
 def train(name: str, work: Path, data: Path, steps: int, extra: list[str]) -> float:
     out = work / name
+    shutil.rmtree(out, ignore_errors=True)
     args = [sys.executable, "-m", "lmforge", "train", str(REPO / "recipes" / "tiny-dense.toml"), *COMMON,
             "--data.dir", str(data), "--train.output_dir", str(out), "--train.steps", str(steps),
             "--checkpoint.interval", str(steps), *extra]
@@ -62,10 +67,10 @@ def train(name: str, work: Path, data: Path, steps: int, extra: list[str]) -> fl
     return time.perf_counter() - t0
 
 
-def perplexities(run: Path, data: Path) -> dict[str, float]:
+def perplexities(run: Path, data: Path, seq_len: int) -> dict[str, float]:
     from lmforge.eval.runner import EvalOptions, evaluate
 
-    result = evaluate(run, EvalOptions(data_dir=data, items=0, speed=False), say=lambda _: None)
+    result = evaluate(run, EvalOptions(data_dir=data, items=0, speed=False, seq_len=seq_len), say=lambda _: None)
     ppl = result["deterministic"]["perplexity"]
     return {d: v["perplexity"] for d, v in ppl["domains"].items()}
 
@@ -74,7 +79,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, default=REPO / "data" / "default",
                     help="a packed data dir of the default corpus (three domains); copied")
-    ap.add_argument("--base-steps", type=int, default=240)
+    ap.add_argument("--base", type=Path, default=None, help="start from this run (read only) instead of training one")
+    ap.add_argument("--base-steps", type=int, default=240, help="steps of the two-domain base run")
+    ap.add_argument("--seq-len", type=int, default=256, help="train.seq_len of the continual runs")
+    ap.add_argument("--eval-seq-len", type=int, default=256, help="window of every perplexity")
     ap.add_argument("--steps", type=int, default=120, help="steps of each continual run")
     ap.add_argument("--lr", type=float, default=1e-3, help="peak lr of both continual runs")
     ap.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temp dir)")
@@ -90,15 +98,19 @@ def main() -> int:
     third = max(1, s // 3)
     schedule = (f'[{{step = 0, layers = "top:1", lr_scale = 1.0}}, {{step = {third}, layers = "top:2", lr_scale = 0.5}}, '
                 f'{{step = {2 * third}, layers = "all", lr_scale = 0.3}}]')
-    new_run = ["--train.init_from", str(work / "base"), "--optimizer.lr", str(args.lr),
+    base = args.base or work / "base"
+    new_run = ["--train.init_from", str(base), "--optimizer.lr", str(args.lr), "--train.seq_len", str(args.seq_len),
                "--scheduler.warmup_steps", str(max(1, s // 12)), "--data.domain_weights", f"{NEW}:1"]
-    print(f"work dir {work}; base {args.base_steps} steps on {' + '.join(OLD)}, then {s} steps on {NEW} "
+    what = f"{args.base} (as it is)" if args.base else f"{args.base_steps} steps on {' + '.join(OLD)}"
+    print(f"work dir {work}; base {what}, then {s} steps of 8 x {args.seq_len} tokens on {NEW} "
           f"(peak lr {args.lr:g})", flush=True)
-    times = {"base": train("base", work, data, args.base_steps, ["--data.domain_weights", ",".join(f"{d}:1" for d in OLD)])}
+    times = {} if args.base else {
+        "base": train("base", work, data, args.base_steps, ["--data.domain_weights", ",".join(f"{d}:1" for d in OLD)])}
     times["continual"] = train("continual", work, data, s, [*new_run, "--data.replay_fraction", "0.1",
                                                              "--train.unfreeze", schedule])
     times["plain"] = train("plain", work, data, s, new_run)
-    ppl = {name: perplexities(work / name, data) for name in ("base", "continual", "plain")}
+    ppl = {"base": perplexities(base, data, args.eval_seq_len),
+           **{name: perplexities(work / name, data, args.eval_seq_len) for name in ("continual", "plain")}}
 
     print(f"\nheld-out perplexity per domain (lmforge eval; train seconds {', '.join(f'{k} {v:.0f}' for k, v in times.items())})")
     print(f"{'domain':<12} {'base':>10} {'continual':>10} {'plain':>10} {'continual/base':>15} {'plain/base':>11}")

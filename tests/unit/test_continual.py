@@ -220,3 +220,17 @@ def test_replay_domains_must_be_old_ones(tiny_data_dir: Path) -> None:
                                          replay_domains=["chinese:1", "bible:1"]), 8)
     with pytest.raises(ConfigError, match="none is left to replay"):
         build_mixing(domains, DataConfig(replay_fraction=0.1), 8)
+
+
+def test_unfreeze_stages_round_trip_through_a_written_recipe(tmp_path: Path) -> None:
+    """`lmforge plan --out` writes whole JobConfigs as TOML: the stages come back as they were."""
+    import tomllib
+
+    from lmforge.config.job import JobConfig
+    from lmforge.config.loader import build_dataclass
+    from lmforge.plan.report import recipe_toml
+
+    cfg = load_job_config(None, parse_override_args(["--train.steps", "9", "--scheduler.warmup_steps", "1",
+                                                     "--train.unfreeze", UNFREEZE]))
+    again = build_dataclass(JobConfig, tomllib.loads(recipe_toml(cfg, ["test"])))
+    assert again.train.unfreeze == cfg.train.unfreeze and again.train.unfreeze[1].lr_scale == 0.5
