@@ -234,3 +234,16 @@ def test_unfreeze_stages_round_trip_through_a_written_recipe(tmp_path: Path) -> 
                                                      "--train.unfreeze", UNFREEZE]))
     again = build_dataclass(JobConfig, tomllib.loads(recipe_toml(cfg, ["test"])))
     assert again.train.unfreeze == cfg.train.unfreeze and again.train.unfreeze[1].lr_scale == 0.5
+
+
+def test_init_from_with_another_tokenizer_is_refused(base_run: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    from lmforge.config import TokenizerConfig
+    from lmforge.data.pack import prepare_data
+    from lmforge.train.continual import check_same_tokenizer
+
+    other = prepare_data(DataConfig(corpus="default", dir=str(tmp_path), max_documents=30, val_fraction=0.1,
+                                    pipeline="none"), TokenizerConfig(vocab_size=300), log=lambda *_: None)
+    step = base_run / "checkpoints" / "step-00000004"
+    check_same_tokenizer(step, tiny_data_dir)  # the base run's own data: the same tokenizer
+    with pytest.raises(ConfigError, match="tokenizer .* differs from .*tokenizer.json: the token ids would not match"):
+        check_same_tokenizer(step, other)
