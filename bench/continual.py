@@ -23,8 +23,12 @@ training the two-domain base (e.g. the main job's runs/tiny-dense, read only: it
 domains, Chinese at temperature-2 weight, so "new" is then "continued"). Every model is evaluated on
 windows of `--eval-seq-len` tokens (the same for all), whatever seq_len the runs trained at.
 
+Both continual runs take the same peak lr (`--lr`); the unfreezing stages top:1, top:2, all start
+at thirds of the run with lr scales `--stage-scales` (lower layers slower, as ULMFiT's
+discriminative rates). The two are trained side by side, one thread each.
+
     .venv/bin/python bench/continual.py [--data-dir data/default] [--base RUN | --base-steps 240]
-        [--steps 120] [--seq-len 256] [--work DIR]
+        [--steps 120] [--seq-len 256] [--eval-seq-len 256] [--lr 3e-4] [--stage-scales 0.5,0.3,0.2] [--work DIR]
 """
 
 from __future__ import annotations
@@ -93,7 +97,9 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256, help="train.seq_len of the continual runs")
     ap.add_argument("--eval-seq-len", type=int, default=256, help="window of every perplexity")
     ap.add_argument("--steps", type=int, default=120, help="steps of each continual run")
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak lr of both continual runs")
+    ap.add_argument("--lr", type=float, default=3e-4, help="peak lr of both continual runs")
+    ap.add_argument("--stage-scales", default="0.5,0.3,0.2",
+                    help="lr_scale of the three unfreezing stages (top:1, top:2, all), e.g. 1,0.5,0.3")
     ap.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     args = ap.parse_args()
     if not (args.data_dir / "manifest.json").is_file():
@@ -105,8 +111,9 @@ def main() -> int:
         shutil.copytree(args.data_dir, data, dirs_exist_ok=True)
     s = args.steps
     third = max(1, s // 3)
-    schedule = (f'[{{step = 0, layers = "top:1", lr_scale = 1.0}}, {{step = {third}, layers = "top:2", lr_scale = 0.5}}, '
-                f'{{step = {2 * third}, layers = "all", lr_scale = 0.3}}]')
+    a, b, c = (float(x) for x in args.stage_scales.split(","))
+    schedule = (f'[{{step = 0, layers = "top:1", lr_scale = {a}}}, {{step = {third}, layers = "top:2", lr_scale = {b}}}, '
+                f'{{step = {2 * third}, layers = "all", lr_scale = {c}}}]')
     base = args.base or work / "base"
     new_run = ["--train.init_from", str(base), "--optimizer.lr", str(args.lr), "--train.seq_len", str(args.seq_len),
                "--scheduler.warmup_steps", str(max(1, s // 12)), "--data.domain_weights", f"{NEW}:1"]
