@@ -44,6 +44,12 @@ class DataConfig:
     domain_weights_end: list[str] = field(default_factory=list)
     curriculum_steps: int = 0
     mixing_resolved: str = ""  # written by the trainer: the weights it sampled (config.json)
+    # Replay (continual pre-training, lmforge.data.mixing: ReplaySchedule): this fraction of every
+    # global batch comes from the old domains, the rest from the main mixture above (the new
+    # domains). replay_domains: "domain:weight" entries, none of them in the main mixture; empty:
+    # every domain the main mixture leaves at 0, by mixing_temperature. 0: off.
+    replay_fraction: float = 0.0
+    replay_domains: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "must be in (0, 0.5)")
@@ -51,8 +57,12 @@ class DataConfig:
         require(self.curriculum_steps >= 0, "data.curriculum_steps", self.curriculum_steps, "must be >= 0")
         require(not self.domain_weights_end or self.curriculum_steps > 0, "data.domain_weights_end",
                 self.domain_weights_end, "needs data.curriculum_steps > 0")
-        for key in ("domain_weights", "domain_weights_end"):
+        for key in ("domain_weights", "domain_weights_end", "replay_domains"):
             _check_weight_entries(getattr(self, key), f"data.{key}")
+        require(0.0 <= self.replay_fraction < 1.0, "data.replay_fraction", self.replay_fraction,
+                "must be in [0, 1) (e.g. 0.1: a tenth of each batch from the old domains; 0: off)")
+        require(not self.replay_domains or self.replay_fraction > 0, "data.replay_domains", self.replay_domains,
+                "needs data.replay_fraction > 0")
         if self.max_documents is not None:
             require(self.max_documents > 1, "data.max_documents", self.max_documents, "must be > 1")
         if self.erasure_k or self.erasure_m:
@@ -249,6 +259,7 @@ class JobConfig:
                 f"{dp} = {per_step})")
         require(self.scheduler.warmup_steps <= t.steps, "scheduler.warmup_steps", self.scheduler.warmup_steps,
                 f"must be <= train.steps ({t.steps})")
+        t.check_unfreeze_layers(m.n_layers)
         self._check_pipeline_combinations(world_size)
         r = self.parallel.resolved(world_size)
         layout = {"parallel.tp": r.tp, "parallel.pp": r.pp, "parallel.ep": r.ep}

@@ -96,6 +96,8 @@ def coerce(key: str, value: Any, tp: Any, *, from_cli: bool = False, where: str 
         raise ConfigError(key, value, "must be one of " + ", ".join(repr(c) for c in choices), where)
     if origin in (list, tuple):
         (elem,) = typing.get_args(inner)[:1]
+        if _is_dataclass_type(elem):  # a list of tables; on the command line a TOML inline array
+            return _table_list(key, value, elem, from_cli, where)
         if from_cli and isinstance(value, str):
             value = [v for v in value.split(",") if v != ""]
         if not isinstance(value, list | tuple):
@@ -137,6 +139,20 @@ def coerce(key: str, value: Any, tp: Any, *, from_cli: bool = False, where: str 
             return value
         raise bad
     raise ConfigError(key, value, f"unsupported field type {inner}", where)
+
+
+def _table_list(key: str, value: Any, elem: type, from_cli: bool, where: str | None) -> list[Any]:
+    """[{...}, ...] -> [elem(...), ...]; from the command line the value is TOML text, e.g.
+    '[{step = 0, layers = "top:1"}]'."""
+    if from_cli and isinstance(value, str):
+        try:
+            value = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(key, value, f"must be a TOML array of tables, e.g. [{{a = 1}}, {{a = 2}}] ({e})",
+                              where) from None
+    if not isinstance(value, list | tuple):
+        raise ConfigError(key, value, "must be an array of tables", where)
+    return [v if isinstance(v, elem) else build_dataclass(elem, v, f"{key}[{i}].", where) for i, v in enumerate(value)]
 
 
 def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "", where: str | None = None) -> Any:

@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.config.checks import require, require_positive
+
+LAYER_SPEC = re.compile(r"top:(\d+)|all")
+
+
+@dataclass
+class UnfreezeStage:
+    """One stage of gradual unfreezing (`train.unfreeze`): from optimizer step `step + 1` on, the
+    layers `layers` train ("top:N": the output head and final norm plus the top N blocks; "all":
+    every parameter, embeddings too). `lr_scale` multiplies the learning rate of the layers this
+    stage adds (those the previous stage did not train), for the rest of the run: lower layers,
+    unfrozen later, usually at a smaller rate (lmforge/train/continual.py)."""
+
+    step: int = 0
+    layers: str = "all"
+    lr_scale: float = 1.0
+
+    def reach(self) -> float:
+        """The stage's extent, for ordering stages: N of "top:N", infinity for "all"."""
+        return math.inf if self.layers == "all" else int(self.layers.split(":")[1])
+
+    def blocks(self, n_layers: int) -> int:
+        """How many blocks (from the top) this stage trains; n_layers + 1 for "all" (embeddings too)."""
+        return n_layers + 1 if self.layers == "all" else int(self.layers.split(":")[1])
 
 
 @dataclass
@@ -45,6 +70,13 @@ class TrainConfig:
     # Debug: write <output_dir>/trace/rank<r>.jsonl, per step the loader positions and window ids
     # this rank consumed (to check that resumes and resharding see each sample exactly once).
     trace_samples: bool = False
+    # Continual pre-training (lmforge/train/continual.py): start from the model weights of this run
+    # directory (its newest valid checkpoint) or checkpoint step directory; a fresh optimizer, LR
+    # schedule and step 0 ("": off). A resume of this run's own checkpoints takes precedence.
+    init_from: str = ""
+    # Gradual unfreezing, top first: [{step = 0, layers = "top:1", lr_scale = 1.0}, {step = 50,
+    # layers = "all", lr_scale = 0.3}]; empty: every layer trains from the start (UnfreezeStage).
+    unfreeze: list[UnfreezeStage] = field(default_factory=list)
 
     def validate(self) -> None:
         require_positive("train", self, "steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_batches",
@@ -55,3 +87,30 @@ class TrainConfig:
         if self.stop_at is not None:
             require(0 < self.stop_at <= self.steps, "train.stop_at", self.stop_at,
                     f"must be in [1, train.steps = {self.steps}]")
+        self._check_unfreeze()
+
+    def _check_unfreeze(self) -> None:
+        """Stages in increasing steps from 0 (before train.steps), layer specs "top:N" or "all",
+        each training more layers than the one before, lr_scale in (0, 10]."""
+        previous: UnfreezeStage | None = None
+        for i, st in enumerate(self.unfreeze):
+            key = f"train.unfreeze[{i}]"
+            require(LAYER_SPEC.fullmatch(st.layers) is not None, f"{key}.layers", st.layers,
+                    "must be 'top:N' (the output head and the top N blocks) or 'all' (every layer, embeddings too)")
+            require(0 < st.lr_scale <= 10, f"{key}.lr_scale", st.lr_scale, "must be in (0, 10]")
+            if previous is None:
+                require(st.step == 0, f"{key}.step", st.step, "the first stage must start at step 0")
+            else:
+                require(st.step > previous.step, f"{key}.step", st.step,
+                        f"must be greater than the previous stage's step ({previous.step})")
+                require(st.reach() > previous.reach(), f"{key}.layers", st.layers,
+                        f"must train more layers than the previous stage ({previous.layers!r})")
+            require(st.step < self.steps, f"{key}.step", st.step,
+                    f"must be < train.steps ({self.steps}): a stage starting later never trains")
+            previous = st
+
+    def check_unfreeze_layers(self, n_layers: int) -> None:
+        """Every "top:N" names blocks the model has (N <= model.n_layers)."""
+        for i, st in enumerate(self.unfreeze):
+            require(st.reach() <= n_layers or st.layers == "all", f"train.unfreeze[{i}].layers", st.layers,
+                    f"the model has {n_layers} blocks (model.n_layers): use top:0 to top:{n_layers}, or 'all'")

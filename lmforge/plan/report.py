@@ -54,6 +54,8 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if dataclasses.is_dataclass(v):  # an element of a list of tables (train.unfreeze): an inline table
+        return "{" + ", ".join(f"{f.name} = {_toml_value(getattr(v, f.name))}" for f in dataclasses.fields(v)) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 

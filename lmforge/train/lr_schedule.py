@@ -3,6 +3,11 @@
 cosine: linear warmup to 1, cosine decay to `min_lr_ratio` at the last step.
 wsd:    linear warmup, stable at 1, linear decay to `min_lr_ratio` over the last `decay_fraction`.
 constant: linear warmup, then 1.
+
+Every run starts its schedule at its own step 0, so a continual pre-training run (train.init_from)
+re-warms to the peak lr and re-decays whatever lr the run it starts from ended at. Param groups
+tagged `unfreeze_step` (gradual unfreezing, lmforge/train/continual.py) read 0 before that step,
+then re-warm linearly over warmup_steps (their AdamW moments start at zero), then follow the schedule.
 """
 
 from __future__ import annotations
@@ -40,5 +45,24 @@ def lr_multiplier(cfg: SchedulerConfig, total_steps: int) -> Callable[[int], flo
     return f
 
 
+def unfreeze_gate(start: int, warmup_steps: int) -> Callable[[int], float]:
+    """A param group's multiplier on top of the schedule: 0 before its `unfreeze_step`, a linear
+    re-warm over `warmup_steps` after it (none for groups training from step 0), then 1."""
+
+    def g(step: int) -> float:  # LambdaLR's step k: the lr of optimizer step k + 1
+        if step < start:
+            return 0.0
+        if start == 0 or warmup_steps <= 0:
+            return 1.0
+        return min(1.0, (step - start + 1) / warmup_steps)
+
+    return g
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int) -> LambdaLR:
-    return LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
+    f = lr_multiplier(cfg, total_steps)
+    starts = [int(group.get("unfreeze_step", 0)) for group in optimizer.param_groups]
+    if not any(starts):
+        return LambdaLR(optimizer, f)
+    gates = [unfreeze_gate(s, cfg.warmup_steps) for s in starts]
+    return LambdaLR(optimizer, [lambda step, g=g: f(step) * g(step) for g in gates])

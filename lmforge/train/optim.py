@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lmforge.config import OptimizerConfig
+
+if TYPE_CHECKING:
+    from lmforge.train.continual import ParamUnit
 
 
 def _implementation_flags(impl: str, params: list[torch.Tensor], groups: list[list[torch.Tensor]]) -> dict[str, bool]:
@@ -28,10 +33,21 @@ def _implementation_flags(impl: str, params: list[torch.Tensor], groups: list[li
     return {"foreach": True}
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, units: list[ParamUnit] | None = None
+                    ) -> torch.optim.Optimizer:
+    """`units` (gradual unfreezing, lmforge/train/continual.py): parameters by the step they start
+    training at and their lr scale; each unit gets its own decay / no-decay groups tagged
+    `unfreeze_step` (parameters in no unit are not optimized). None: one unit, every parameter."""
+    if units is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for p in u.params if (p.ndim >= 2) == matrix], "lr": cfg.lr * u.lr_scale,
+                   "weight_decay": cfg.weight_decay if matrix else 0.0, "unfreeze_step": u.step}
+                  for u in units for matrix in (True, False)]
+        groups = [g for g in groups if g["params"]]
+        params = [p for g in groups for p in g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             **_implementation_flags(cfg.implementation, params, [decay, no_decay]))
+                             **_implementation_flags(cfg.implementation, params, [g["params"] for g in groups]))

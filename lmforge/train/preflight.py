@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from lmforge.config.job import JobConfig, ModelConfig
 from lmforge.config.loader import ConfigError
+from lmforge.train.continual import check_init_from
 
 # fp32 weights + fp32 gradients + AdamW's two fp32 moments, per parameter (mixed precision keeps
 # fp32 master weights; activations come on top, so this is a lower bound of what training needs).
@@ -98,3 +99,4 @@ def preflight(cfg: JobConfig, world_size: int, local_ranks: int = 1) -> None:
     """Every machine-dependent check of the config (the device string itself is checked by the CLI,
     lmforge.cli_errors.check_device)."""
     check_memory_fits(cfg, world_size, local_ranks)
+    check_init_from(cfg)  # train.init_from: found, verified, its shapes those of the recipe's model

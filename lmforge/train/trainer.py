@@ -40,6 +40,7 @@ from lmforge.storage.atomic import atomic_copy, write_text_atomic
 from lmforge.storage.layout import RunDir
 from lmforge.storage.strict_json import dumps_strict
 from lmforge.train.accounting import StepAccounting, make_breakdown
+from lmforge.train.continual import Unfreezing, check_init_from, check_same_tokenizer, load_init_weights
 from lmforge.train.data_stage import open_loaders, prepare_training_data
 from lmforge.train.energy_log import RunEnergy
 from lmforge.train.evaluate import local_validation_loss
@@ -83,6 +84,7 @@ class Trainer:
         # Before the process group: "auto" becomes a concrete precision (and config.json says why).
         cfg, self.precision = resolve_job_precision(cfg)
         self.cfg = cfg
+        self.init_from = check_init_from(cfg)  # continual pre-training: shapes checked before any process group
         self.info: DistInfo = init_distributed(cfg.parallel, cfg.train.device)
         try:
             self._setup(cfg, echo)
@@ -103,6 +105,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         self.data_dir = prepare_training_data(cfg, self.is_main, self.say)
+        if self.init_from is not None:
+            check_same_tokenizer(self.init_from, self.data_dir)
         check_same_precision_on_all_ranks(self.precision)
         self.say(f"precision: {self.precision.mode} ({self.precision.reason})")
         if self.is_main and not self.precision.native and self.device.type == "cpu":
@@ -118,7 +122,10 @@ class Trainer:
                                      wrap_comm_hook=breakdown.wrap_comm_hook)
         self.model, self.pipe, self.comm = built.module, built.pipe, built.comm  # comm: compression hook or None
         self.eos_id = self._doc_mask_eos(cfg)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.unfreeze = Unfreezing.for_model(self.model, cfg)  # gradual unfreezing (train/continual.py) or None
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.unfreeze and self.unfreeze.units)
+        if self.unfreeze is not None:  # the header line; AdamW state for every stage made now (continual.py)
+            self.unfreeze.start(self.optimizer, self.say, cfg.model.n_layers)
         self.router = RouterBalance.for_model(self.model, self._dp_group())  # None for dense models
         if self.pipe is not None and self.router is not None:  # every stage's router losses join in backward
             pipe, scaler = self.pipe, self.scaler
@@ -217,6 +224,10 @@ class Trainer:
         else:
             path = self.ckpt.resolve_resume(self.cfg.checkpoint.resume)
         if path is None:
+            if self.init_from is not None:  # a new run from another's weights: fresh optimizer, step 0
+                step = load_init_weights(self.ckpt, self.init_from, self.model, self.optimizer)
+                self.say(f"init_from {self.init_from} (step {step}): model weights only; optimizer, LR schedule "
+                         "and data start fresh")
             return
         step = self.ckpt.load(path, self.checkpoint_state())
         self.say(f"resumed from {path} at step {step}")
@@ -285,6 +296,8 @@ class Trainer:
     def _update(self, total: torch.Tensor, activation_bytes: int) -> StepResult:
         """Clipping, the stability check and the optimizer step after the micro-batches."""
         model, cfg = self.model, self.cfg
+        if self.unfreeze is not None:  # frozen layers: no gradient, so AdamW leaves them and their state alone
+            self.unfreeze.drop_frozen_grads(self.state.step)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
         grad_norm = clip_grad_norm_(model.parameters(), max_norm,
