@@ -85,14 +85,16 @@ def check_teacher(teacher: Teacher, job: JobConfig, student_tokenizer: Path | No
 
 class Distiller:
     """Replaces the trainer's cross-entropy by the distillation loss on each micro-batch and keeps
-    its parts (distill_kl, distill_ce; cache hits) for the metrics of each log window."""
+    its parts (distill_kl, distill_ce; the cache's hit fraction and, for a top-k cache, the teacher's
+    mean probability mass outside the kept tokens, distill_teacher_tail) for each log window."""
 
     def __init__(self, cfg: DistillConfig, teacher: Teacher, device: torch.device, precision: str,
                  eos_id: int, cache: TeacherLogitCache | None):
         self.cfg, self.device, self.precision, self.cache = cfg, device, precision, cache
         self.teacher = teacher.model.to(device).eval().requires_grad_(False)
         self.eos_id = eos_id if teacher.cfg.attention.doc_mask else None  # the teacher as it was trained
-        self._sums = torch.zeros(4, dtype=torch.float64, device=device)  # kl, ce, micro-batches, cache hits
+        # kl, ce, micro-batches, cache hits, the teacher's mass outside a top-k cache's tokens (summed per window)
+        self._sums = torch.zeros(5, dtype=torch.float64, device=device)
         self._windows = 0  # windows looked up in the cache this log window
 
     @torch.no_grad()
@@ -117,7 +119,10 @@ class Distiller:
                 self.cache.write(keys[i], entries[i])
         self._sums[3] += len(keys) - len(missing)
         self._windows += len(keys)
-        return self.cache.targets(entries, self.device)
+        targets = self.cache.targets(entries, self.device)
+        if targets.topk_logprobs is not None:  # how much of the teacher the top-k leaves out
+            self._sums[4] += (1.0 - targets.topk_logprobs.exp().sum(-1)).clamp_min(0).mean().double() * len(keys)
+        return targets
 
     def loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The micro-batch's distillation loss (differentiable; the trainer's cross-entropy's place)."""
@@ -136,10 +141,12 @@ class Distiller:
             dist.all_reduce(sums, group=group)
         self._sums.zero_()
         self._windows = 0
-        kl, ce, n, hits, windows = sums.tolist()
+        kl, ce, n, hits, tail, windows = sums.tolist()
         out = {"distill_kl": kl / max(n, 1.0), "distill_ce": ce / max(n, 1.0)}
         if self.cache is not None:
             out["distill_cache_hit"] = hits / max(windows, 1.0)
+        if self.cache is not None and self.cache.top_k:
+            out["distill_teacher_tail"] = tail / max(windows, 1.0)
         return out
 
 
