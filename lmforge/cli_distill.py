@@ -19,6 +19,16 @@ __all__ = ["add_distill_command", "load_teacher"]
 USAGE = ("%(prog)s STUDENT_RECIPE.toml --teacher RUN|CKPT|HF_DIR [--distill.alpha A] [--distill.temperature T] "
          "[--distill.teacher_logits online|cache] [--section.key value ...] [--nproc N] [--overwrite]")
 
+EPILOG = """[distill] keys (recipe or --distill.KEY VALUE):
+  alpha 0.5            weight of T^2 * KL(teacher || student); 1 - alpha weighs the cross-entropy
+  temperature 2.0      softens both distributions in the KL
+  teacher_logits       online (the teacher runs on every micro-batch) | cache (per-window entries on disk)
+  cache_dir            cache mode: where ("" = <train.output_dir>/teacher_logits); shareable between students
+  cache_top_k 64       cache mode: teacher tokens kept per position, the rest one tail bucket (0: all, exact)
+  cache_dtype fp16     cache mode: fp16 | fp32 (fp32 with cache_top_k 0 reproduces online mode exactly)
+  chunk_tokens 1024    tokens per chunk of the loss (bounds its memory)
+Layouts: data parallel only (DDP, FSDP2, HSDP); every rank holds a whole copy of the teacher."""
+
 
 def load_teacher(cfg: JobConfig):
     """None unless `distill.teacher` is set; else the teacher (a train.distill.Teacher, on the CPU)
@@ -82,6 +92,6 @@ def add_distill_command(sub: argparse._SubParsersAction, train: Callable[[argpar
         return train(args)
 
     p = sub.add_parser("distill", help="train a student recipe from a teacher's logits (knowledge distillation)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.usage = USAGE
     p.set_defaults(func=cmd_distill)

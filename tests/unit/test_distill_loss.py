@@ -80,6 +80,23 @@ def test_mixed_loss_and_chunks() -> None:
     assert grads[0].abs().max() > 1e-3
 
 
+def test_backward_keeps_one_logits_sized_tensor() -> None:
+    """What the loss keeps for backward: the logits' gradient only (not the log-softmaxes at T and 1,
+    the teacher's probabilities and their products, as autograd of the plain formula would)."""
+    student, teacher, y = _data(6)
+    z = student.clone().requires_grad_(True)
+    loss, _, _ = distill_loss(z, y, TeacherTargets(logits=teacher), alpha=0.5, temperature=2.0, chunk_tokens=4)
+    saved = loss.grad_fn.saved_tensors
+    assert len(saved) == 1 and saved[0].shape == (N, V)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+        kept: list[int] = []
+        w = student.clone().requires_grad_(True)
+        plain = 0.5 * 4 * kl_per_row(w, TeacherTargets(logits=teacher), 2.0).mean() + \
+            0.5 * torch.nn.functional.cross_entropy(w, y)
+    assert sum(kept) >= 3 * N * V  # the plain formula keeps at least three (N, V) tensors
+    plain.backward()
+
+
 def test_identical_distributions_have_zero_kl() -> None:
     student, _, y = _data(3)
     _, kl, _ = distill_loss(student, y, TeacherTargets(logits=student.clone()), alpha=1.0, temperature=1.5)

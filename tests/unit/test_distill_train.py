@@ -68,6 +68,17 @@ def test_logged_loss_is_alpha_kl_plus_ce(online: list[dict]) -> None:
     assert "distill_cache_hit" not in online[0]
 
 
+def test_resumed_distillation_continues_exactly(online: list[dict], teacher: Teacher, tiny_data_dir: Path,
+                                                tmp_path: Path) -> None:
+    """Stopped after step 2 (checkpoint), resumed: the same losses as the uninterrupted run."""
+    ckpt = ["--checkpoint.enabled", "true", "--checkpoint.interval", "2"]
+    train(student(tiny_data_dir, tmp_path, *ckpt, "--train.stop_at", "2"), teacher)
+    rows = train(student(tiny_data_dir, tmp_path, *ckpt, "--checkpoint.resume", "auto"), teacher)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in online], rel=1e-6)
+    assert rows[2]["distill_kl"] == pytest.approx(online[2]["distill_kl"], rel=1e-6)
+
+
 def test_full_logit_cache_equals_online_cold_and_warm(online: list[dict], teacher: Teacher,
                                                       tiny_data_dir: Path, tmp_path: Path) -> None:
     cache = ["--distill.teacher_logits", "cache", "--distill.cache_dir", str(tmp_path / "cache"),
