@@ -38,10 +38,22 @@ FORMAT = "lmforge-teacher-logits/1"
 MANIFEST = "manifest.json"
 
 
+# Config fields that do not change the function a loaded model computes: sizes its weights' shapes
+# already say (a Hugging Face export states the FFN width where a recipe gave multiple_of),
+# initialisation and training-only coefficients, and the attention kernel (the same mask).
+_NOT_FUNCTION = {"": ("ffn_hidden", "multiple_of", "ffn_dim_multiplier", "init_std"), "attention": ("backend",),
+                 "moe": ("aux_loss_coef", "z_loss_coef", "bias_update_rate")}
+
+
 def teacher_fingerprint(model: nn.Module, cfg: ModelConfig) -> str:
-    """sha256 of the teacher's config and weights (parameter order by name): the same teacher
-    loaded from a run, a checkpoint or its Hugging Face export has the same fingerprint."""
-    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
+    """sha256 of what decides the teacher's outputs: its config (less `_NOT_FUNCTION`) and weights
+    (by parameter name): the same teacher loaded from a run, a checkpoint or its Hugging Face export
+    has the same fingerprint."""
+    described = asdict(cfg)
+    for section, keys in _NOT_FUNCTION.items():
+        for key in keys:
+            (described[section] if section else described).pop(key, None)
+    h = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

@@ -68,6 +68,24 @@ def test_logged_loss_is_alpha_kl_plus_ce(online: list[dict]) -> None:
     assert "distill_cache_hit" not in online[0]
 
 
+def test_hugging_face_teacher_is_the_same_teacher(online: list[dict], teacher: Teacher, tiny_data_dir: Path,
+                                                 tmp_path: Path) -> None:
+    """The teacher exported to a Hugging Face directory and loaded as `lmforge distill` loads it:
+    the same fingerprint (config + weights) and the same distillation losses."""
+    from lmforge.cli_distill import load_teacher
+    from lmforge.interop.hf.exporter import export_hf
+    from lmforge.train.teacher_cache import teacher_fingerprint
+
+    export_hf(teacher.model, teacher.cfg, tmp_path / "hf", tokenizer_json=teacher.tokenizer)
+    cfg = student(tiny_data_dir, tmp_path / "s")
+    cfg = replace(cfg, distill=replace(cfg.distill, teacher=str(tmp_path / "hf")))
+    hf = load_teacher(cfg)
+    assert hf.source == str(tmp_path / "hf")
+    assert teacher_fingerprint(hf.model, hf.cfg) == teacher_fingerprint(teacher.model, teacher.cfg)
+    rows = train(cfg, hf)
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in online], rel=1e-6)
+
+
 def test_resumed_distillation_continues_exactly(online: list[dict], teacher: Teacher, tiny_data_dir: Path,
                                                 tmp_path: Path) -> None:
     """Stopped after step 2 (checkpoint), resumed: the same losses as the uninterrupted run."""
