@@ -9,8 +9,8 @@ validation loss is below the scratch student's (ratio scratch / distilled > 1), 
 The teacher is read only; the packed data is copied into the work directory first (the trainer's
 data stage may write into its data dir), so the main job's files are never touched.
 
-    .venv/bin/python bench/distill.py [--teacher /work/main/runs/tiny-dense] [--data-dir DIR]
-                                      [--steps 240] [--alpha 0.5] [--temperature 2] [--work DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/distill.py [--teacher /work/main/runs/tiny-dense] [--data-dir DIR]
+                                                      [--steps 160] [--alpha 0.5] [--temperature 2] [--work DIR]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", type=Path, default=Path("/work/main/runs/tiny-dense"))
     p.add_argument("--data-dir", type=Path, default=None, help="packed data (default: the teacher's data.dir)")
-    p.add_argument("--steps", type=int, default=240, help="optimizer steps of each student")
+    p.add_argument("--steps", type=int, default=160, help="optimizer steps of each student")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--work", type=Path, default=None, help="work directory (default: a temporary one, removed)")

@@ -110,6 +110,10 @@ def test_full_logit_cache_equals_online_cold_and_warm(online: list[dict], teache
         for a, b in zip(online, rows):
             for key in ("loss", "distill_kl", "distill_ce"):
                 assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (hit, key)
+    # another layout (one micro-batch of 4, no accumulation) finds every entry: keys are the windows
+    other = train(student(tiny_data_dir, tmp_path / "other", *cache, "--train.micro_batch_size", "4"), teacher)
+    assert [r["distill_cache_hit"] for r in other] == [1.0] * STEPS
+    assert [r["loss"] for r in other] == pytest.approx([r["loss"] for r in online], rel=1e-5)
     # a corrupt entry fails its checksum: recomputed (one warning), the losses unchanged
     blob = bytearray(entries[0].read_bytes())
     blob[-3] ^= 0xFF
