@@ -26,7 +26,7 @@ EPILOG = """[distill] keys (recipe or --distill.KEY VALUE):
   cache_dir            cache mode: where ("" = <train.output_dir>/teacher_logits); shareable between students
   cache_top_k 64       cache mode: teacher tokens kept per position, the rest one tail bucket (0: all, exact)
   cache_dtype fp16     cache mode: fp16 | fp32 (fp32 with cache_top_k 0 reproduces online mode exactly)
-  chunk_tokens 1024    tokens per chunk of the loss (bounds its memory)
+  chunk_tokens 0       tokens per chunk of the loss (bounds its memory; 0: ~2 MiB of fp32 rows)
 Layouts: data parallel only (DDP, FSDP2, HSDP); every rank holds a whole copy of the teacher."""
 
 

@@ -28,7 +28,7 @@ class DistillConfig:
     cache_dir: str = ""  # cache mode: where the entries live ("" = <train.output_dir>/teacher_logits)
     cache_top_k: int = 64  # cache mode: teacher tokens kept per position (0 = the whole vocabulary)
     cache_dtype: Literal["fp16", "fp32"] = "fp16"  # cache mode: dtype of the stored values
-    chunk_tokens: int = 1024  # tokens per chunk of the KL / CE computation (bounds its extra memory)
+    chunk_tokens: int = 0  # tokens per chunk of the KL / CE computation (0: ~2 MiB of fp32 rows, a core's L2)
     teacher_resolved: str = ""  # written by the trainer: the checkpoint or directory it loaded (config.json)
 
     @property
@@ -41,7 +41,8 @@ class DistillConfig:
                 "must be in (0, 100] (typical 1 to 4)")
         require(self.cache_top_k >= 0, "distill.cache_top_k", self.cache_top_k,
                 "must be >= 0 (0: cache the whole vocabulary)")
-        require(self.chunk_tokens >= 1, "distill.chunk_tokens", self.chunk_tokens, "must be >= 1")
+        require(self.chunk_tokens >= 0, "distill.chunk_tokens", self.chunk_tokens,
+                "must be >= 0 (0: chunks of ~2 MiB of fp32 rows)")
         require(self.teacher_logits == "cache" or self.cache_dir == "", "distill.cache_dir", self.cache_dir,
                 "is read only with distill.teacher_logits = 'cache'")
 
