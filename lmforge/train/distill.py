@@ -46,11 +46,16 @@ class Teacher:
     source: str
 
 
-def _tokenizer_parts(path: Path) -> tuple[dict, int]:
-    d = json.loads(Path(path).read_text(encoding="utf-8"))
-    parts = {k: d.get(k) for k in _TOKENIZER_PARTS}
-    vocab = parts["model"].get("vocab", {}) if isinstance(parts["model"], dict) else {}
-    return parts, len(vocab) + len(parts["added_tokens"] or [])
+def _tokenizer_parts(path: Path, key: str, value: str) -> tuple[dict, int]:
+    """The parts of a tokenizer.json that decide ids, and its number of tokens; ConfigError if unreadable."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        parts = {k: d.get(k) for k in _TOKENIZER_PARTS}
+        vocab = parts["model"].get("vocab", {}) if isinstance(parts["model"], dict) else {}
+        return parts, len(vocab) + len(parts["added_tokens"] or [])
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError) as e:
+        raise ConfigError(key, value, f"{path} is not a readable tokenizer.json ({e.__class__.__name__}: "
+                          f"{' '.join(str(e).split())})") from None
 
 
 def check_teacher(teacher: Teacher, job: JobConfig, student_tokenizer: Path | None) -> None:
@@ -74,8 +79,8 @@ def check_teacher(teacher: Teacher, job: JobConfig, student_tokenizer: Path | No
                           "distillation needs both to use the same tokenizer")
     if student_tokenizer is None or not Path(student_tokenizer).is_file():
         return
-    mine, n_mine = _tokenizer_parts(student_tokenizer)
-    theirs, n_theirs = _tokenizer_parts(teacher.tokenizer)
+    mine, n_mine = _tokenizer_parts(student_tokenizer, "data.dir", job.data.dir)
+    theirs, n_theirs = _tokenizer_parts(teacher.tokenizer, "distill.teacher", job.distill.teacher)
     if mine != theirs:
         raise ConfigError("distill.teacher", job.distill.teacher,
                           f"its tokenizer ({teacher.tokenizer}, {n_theirs} tokens) differs from the student's "

@@ -162,6 +162,9 @@ def test_teacher_that_does_not_fit_is_refused(teacher: Teacher, tiny_data_dir: P
     (tmp_path / "tokenizer.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match="differs from the student's"):
         check_teacher(replace(teacher, tokenizer=tmp_path / "tokenizer.json"), cfg, tiny_data_dir / "tokenizer.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a readable tokenizer.json"):
+        check_teacher(replace(teacher, tokenizer=tmp_path / "broken.json"), cfg, tiny_data_dir / "tokenizer.json")
     check_teacher(teacher, cfg, tiny_data_dir / "tokenizer.json")  # the fitting teacher passes
 
 
