@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lmforge.cli_compress import add_compress_command
 from lmforge.cli_data import add_data_commands
+from lmforge.cli_distill import add_distill_command, load_teacher
 from lmforge.cli_errors import check_device, check_text_arg, explain
 from lmforge.cli_eval import add_eval_command
 from lmforge.cli_export import add_export_command, cmd_export
@@ -37,7 +38,7 @@ def _job_config(args: argparse.Namespace):
     from lmforge.parallel.mesh import world_size_from_env
 
     cfg = _load_config(args, world_size_from_env())
-    args.output = cfg.train.output_dir if args.command == "train" else cfg.data.dir
+    args.output = cfg.train.output_dir if args.command in ("train", "distill") else cfg.data.dir
     return cfg
 
 
@@ -116,6 +117,7 @@ def _launch_torchrun(launcher: dict[str, str], args: argparse.Namespace, overwri
     args.output = cfg.train.output_dir
     check_device(cfg.train.device, "--train.device")
     preflight(cfg, nproc * min_nodes, local_ranks=nproc)  # device and memory, before torchrun starts
+    load_teacher(cfg)  # distill.teacher: loadable and fitting the student, before torchrun starts
     env = {**os.environ}
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if "--rdzv-endpoint" in launcher:
@@ -162,14 +164,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _job_config(args)  # validated before any process group starts
     check_device(cfg.train.device, "--train.device")
     preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    teacher = load_teacher(cfg)  # None unless distill.teacher is set (lmforge distill)
     with _run_dir_guard(cfg, overwrite, worker):
-        return _train(cfg)
+        return _train(cfg, teacher)
 
 
-def _train(cfg) -> int:
+def _train(cfg, teacher=None) -> int:
     from lmforge.train.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, teacher=teacher)
     finished = False
     try:
         losses = trainer.fit()
@@ -332,7 +335,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 def _split_recipe_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
     """`train r.toml --a.b 1` -> (['train'], 'r.toml', ['--a.b', '1'])."""
-    for prefix in (["train"], ["data", "prepare"]):
+    for prefix in (["train"], ["distill"], ["data", "prepare"]):
         n = len(prefix)
         if argv[:n] == prefix and not any(a in ("-h", "--help") for a in argv[n:]):
             rest = argv[n:]
@@ -410,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_ckpt_convert)
     add_eval_command(sub)
     add_plan_command(sub)
+    add_distill_command(sub, cmd_train)
     return parser
 
 

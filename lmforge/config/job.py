@@ -11,6 +11,7 @@ from typing import Literal
 
 from lmforge.config.checks import require, require_positive
 from lmforge.config.comm import FSDP_COMPRESSORS, CommConfig, resolve_node_size
+from lmforge.config.distill import DistillConfig
 from lmforge.config.energy import EnergyConfig
 from lmforge.config.loader import ConfigError, apply_override, build_dataclass, load_toml, nonfinite_fields
 from lmforge.config.model import ModelConfig
@@ -238,13 +239,14 @@ class JobConfig:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self, world_size: int = 1) -> None:
         """Check every section, then what spans sections. Raises ConfigError (one line)."""
         for key, value in nonfinite_fields(self):  # also configs built in code, not only parsed ones
             raise ConfigError(key, value, "must be a finite number (not NaN or infinity)")
         for section in ("model", "data", "tokenizer", "optimizer", "scheduler", "train", "checkpoint", "metrics",
-                        "stability", "comm", "energy"):
+                        "stability", "comm", "energy", "distill"):
             getattr(self, section).validate()
         self.parallel.validate(world_size, self.model, self.train)
         t, m = self.train, self.model
@@ -270,6 +272,7 @@ class JobConfig:
                 "does not weight MoE router losses by tokens: turn it off for MoE models (model.moe.n_experts > 0)")
         self._check_hierarchical(world_size)
         self._check_comm_combinations(world_size)
+        self.distill.validate_layout(r.tp, r.pp, r.ep, m.vocab_size)
 
     def _check_comm_combinations(self, world_size: int) -> None:
         """Gradient compression needs data-parallel ranks; FSDP2 can only cast (its reduce dtype)."""

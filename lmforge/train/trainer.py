@@ -42,6 +42,7 @@ from lmforge.storage.strict_json import dumps_strict
 from lmforge.train.accounting import StepAccounting, make_breakdown
 from lmforge.train.continual import Unfreezing, check_init_from, check_same_tokenizer, load_init_weights
 from lmforge.train.data_stage import open_loaders, prepare_training_data
+from lmforge.train.distill import Teacher, build_distiller
 from lmforge.train.energy_log import RunEnergy
 from lmforge.train.evaluate import local_validation_loss
 from lmforge.train.faults import FaultInjector
@@ -80,7 +81,8 @@ class StepResult:
 class Trainer:
     """Owns the process group for its lifetime when it created it; call `close()` at the end."""
 
-    def __init__(self, cfg: JobConfig, *, echo: bool = True):
+    def __init__(self, cfg: JobConfig, *, echo: bool = True, teacher: Teacher | None = None):
+        self._teacher = teacher  # distill.teacher loaded by the CLI (train/distill.py); None otherwise
         # Before the process group: "auto" becomes a concrete precision (and config.json says why).
         cfg, self.precision = resolve_job_precision(cfg)
         self.cfg = cfg
@@ -149,6 +151,9 @@ class Trainer:
             self.say(f"domains: {loaders.mixing.description}")
             self.cfg = cfg = replace(cfg, data=replace(cfg.data, mixing_resolved=loaders.mixing.description))
 
+        # Distillation (distill.teacher set): the loss of train/distill.py in place of cross-entropy.
+        self.distill, self.cfg = build_distiller(self.cfg, self._teacher, self.data_dir, self.device)
+        cfg, self._teacher = self.cfg, None
         self.acct = StepAccounting(cfg, breakdown, self.model, self.train_loader, self.device, self.info.world_size,
                                    self._dp_group(), self.comm, self.say)
         self.faults.maybe_slow_network(self.model, self.acct.bd.wrap_comm_hook)  # test-only (LMFORGE_FAULTS)
@@ -256,7 +261,8 @@ class Trainer:
         with sync, loss_parallel_ctx(self.loss_parallel):
             with autocast_context(cfg.train.mixed_precision, self.device):
                 logits = model(x) if doc_start is None else model(x, doc_start=doc_start)
-            loss = tp_cross_entropy(logits, y, self.loss_parallel)
+            loss = (self.distill.loss(logits, x, y) if self.distill is not None
+                    else tp_cross_entropy(logits, y, self.loss_parallel))
             # MoE aux/z losses join the loss; the logged loss stays the LM loss
             aux = self.router.loss() if self.router is not None else None
             if self.faults.active:  # test-only injection (LMFORGE_FAULTS)
@@ -422,6 +428,8 @@ class Trainer:
                         metrics.update(self.energy.window_metrics())
                     if self.router is not None:
                         metrics.update(self.router.metrics())
+                    if self.distill is not None:  # distill_kl, distill_ce (and the cache's hit fraction)
+                        metrics.update(self.distill.window_metrics(self._dp_group()))
                     metrics.update(self.acct.window_metrics())  # time parts, comm_bytes, comm_compression_ratio
                     self.metrics.log(step, metrics, prefix="train")
                     bar.update(step, metrics)
