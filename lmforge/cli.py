@@ -22,6 +22,7 @@ from lmforge.cli_data import add_data_commands
 from lmforge.cli_errors import check_device, check_text_arg, explain
 from lmforge.cli_eval import add_eval_command
 from lmforge.cli_plan import add_plan_command
+from lmforge.cli_serve import add_serve_command
 from lmforge.config import ConfigError, load_job_config, parse_override_args
 from lmforge.storage.guard import check_destination, resolved
 from lmforge.storage.lock import LOCK_ENV, RunLock
@@ -445,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_ckpt_convert)
     add_eval_command(sub)
     add_plan_command(sub)
+    add_serve_command(sub)
     return parser
 
 
