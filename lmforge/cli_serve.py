@@ -67,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     source = resolve_source(Path(args.source))
     name = args.model_name or Path(args.source).resolve().name
     opts = _options(args, keys, name)
-    opts_check = dataclasses.replace(opts, max_tokens_limit=min(opts.max_tokens_limit, 2))
+    opts_check = dataclasses.replace(opts, max_tokens_limit=max(opts.default_max_tokens, min(opts.max_tokens_limit, 1 << 29)))
     opts_check.check(max_seq_len=1 << 30)  # every limit that does not need the model, before loading it
     if args.threads is not None:
         if args.threads < 1:

@@ -39,9 +39,11 @@ class AdmissionQueue:
     def __len__(self) -> int:
         return len(self._items)
 
-    def offer(self, seqs: list, retry_after_s: float) -> None:
-        """All of `seqs` or none (a request's choices wait together)."""
-        if len(self._items) + len(seqs) > self.capacity:
+    def offer(self, seqs: list, retry_after_s: float, free_slots: int = 0) -> None:
+        """All of `seqs` or none (a request's choices wait together). `free_slots`: slots the
+        engine will fill from the queue at its next step; sequences bound for them do not count
+        against the capacity."""
+        if len(self._items) + len(seqs) > self.capacity + free_slots:
             raise QueueFull(retry_after_s)
         self._items.extend(seqs)
 

@@ -116,7 +116,9 @@ def build_app(service: Service) -> FastAPI:
         req, events = service.admit(prepared, arrival)
         if not prepared.stream:
             try:
-                return JSONResponse(await service.complete(prepared, req, events, request))
+                answer = await service.complete(prepared, req, events, request)
+                # the server's own arrival-to-answer time: what its deadline is measured against
+                return JSONResponse(answer, headers={"X-Request-Seconds": f"{service.clock() - arrival:.4f}"})
             except ClientGone:
                 return Response(status_code=499)
         try:

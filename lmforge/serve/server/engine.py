@@ -122,7 +122,7 @@ class Engine:
         with self._cv:
             if self._closing:
                 raise ShuttingDown
-            self.queue.offer(req.seqs, self.retry_after_s())
+            self.queue.offer(req.seqs, self.retry_after_s(), len(self._free))
             self.metrics.queue_depth.set(len(self.queue))
             self._cv.notify()
 
