@@ -46,6 +46,7 @@ def _wait_up(proc: subprocess.Popen, url: str, log: Path) -> None:
     raise AssertionError(f"server not up within 60 s:\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.slow
 def test_sigterm_drains_a_streaming_reply_and_keys_stay_out_of_the_logs(hf_dir, tmp_path):
     keyfile = tmp_path / "keys"
     keyfile.write_text(f"# clients\n{KEY}\n")
@@ -70,8 +71,9 @@ def test_sigterm_drains_a_streaming_reply_and_keys_stay_out_of_the_logs(hf_dir, 
                 if not signalled:
                     proc.send_signal(signal.SIGTERM)  # mid-stream
                     signalled = True
-                    time.sleep(0.2)
-                    assert httpx.get(url + "/health", timeout=2).status_code in (503,) or proc.poll() is None
+                    time.sleep(0.3)
+                    with pytest.raises(httpx.ConnectError):  # draining: no new connections
+                        httpx.get(url + "/health", timeout=2)
         assert chunks[-1] == "[DONE]"
         events = [json.loads(c) for c in chunks[:-1]]
         assert "error" not in events[-1] and events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
@@ -85,19 +87,14 @@ def test_sigterm_drains_a_streaming_reply_and_keys_stay_out_of_the_logs(hf_dir, 
     assert KEY not in text and "not-the-key-123" not in text
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--slots", "0"], "--slots 0: must be >= 1"),
-    (["--max-batch-tokens", "4"], "--max-batch-tokens 4: must exceed --slots 16"),
-    (["--max-tokens-limit", "500"], "--max-tokens-limit 500: must be in [1, 127]"),
-    (["--api-key", "short"], "an API key must be at least 8 characters"),
-    (["--breaker-error-rate", "1.5"], "--breaker-error-rate 1.5: must be in (0.0, 1.0]"),
-])
-def test_bad_options_are_one_line_and_exit_2(hf_dir, args, message):
-    proc = subprocess.run([sys.executable, "-m", "lmforge", "serve", str(hf_dir), *args], cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+def test_a_bad_option_is_one_line_and_exit_2(hf_dir):
+    """(Every option's range: tests/unit/test_serve_options.py, in process.)"""
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "serve", str(hf_dir), "--max-tokens-limit", "500"],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert lines == ["lmforge serve: --max-tokens-limit 500: must be in [1, 127]"], proc.stderr
 
 
 def test_missing_source_is_exit_2(tmp_path):

@@ -91,6 +91,10 @@ def build_app(service: Service) -> FastAPI:
     async def index() -> HTMLResponse:
         return HTMLResponse(chat_page(), headers=PAGE_HEADERS)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         body = {"status": "draining" if service.draining else "ok", "breaker": service.breaker.state,

@@ -4,7 +4,10 @@ the engine stops."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
 
 import uvicorn
 from fastapi import FastAPI
@@ -18,6 +21,19 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 (signal handler signature)
         self._on_drain()
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """As uvicorn's, less its re-raising of the signal at the end: a drained server exits 0."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def serve_app(app: FastAPI, host: str, port: int, drain_s: float, on_drain: Callable[[], None],
