@@ -118,7 +118,9 @@ def p99(xs: list[float]) -> float:
 def main() -> int:
     run = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "runs" / "tiny-dense"
     if not run.exists():
-        run = Path("/work/main/runs/tiny-dense")
+        print(f"{run}: no such run; train it first (bash scripts/run_default.sh) or pass a run directory",
+              file=sys.stderr)
+        return 2
     print(f"model: {run}")
     base = baseline_tokens_per_s(run, 16)
     print(f"baseline (sequential generate(), KV cache, 1 thread): {base:,.0f} tokens/s")

@@ -13,7 +13,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.helpers.browser import FLAGS, TIMEOUT_S, _console_errors, _devtools_port, _DevTools, _page_socket, chromium
+from tests.helpers.browser import (
+    FLAGS,
+    TIMEOUT_S,
+    _console_errors,
+    _DevTools,
+    _devtools_port,
+    _page_socket,
+    chromium,
+)
 
 REPLY_JS = """JSON.stringify((() => {
   const all = document.querySelectorAll('.msg.assistant, .msg.error');
