@@ -113,6 +113,19 @@ def test_breaker_opens_half_opens_and_closes():
     assert b.state == CLOSED and b.allow()
 
 
+def test_breaker_probes_that_never_reach_the_model_do_not_wedge_it():
+    now = [0.0]
+    b = CircuitBreaker(BreakerOptions(error_rate=1.0, window=1, min_requests=1, cooldown_s=1, probes=1, slow_s=5),
+                       clock=lambda: now[0])
+    b.record(True)
+    now[0] = 1.0
+    assert b.allow() and not b.allow()
+    b.release()  # e.g. the queue was full: another probe may go
+    assert b.allow()
+    now[0] = 7.0  # that probe never answered within slow_s: a failure
+    assert b.state == OPEN
+
+
 def test_breaker_counts_slow_answers_as_failures():
     b = CircuitBreaker(BreakerOptions(error_rate=1.0, window=2, min_requests=2, slow_s=1.0))
     b.record(False, latency_s=2.0)

@@ -27,7 +27,7 @@ class CircuitBreaker:
         self._outcomes: deque[bool] = deque(maxlen=opts.window)  # True = failure
         self._state = CLOSED
         self._opened_at = 0.0
-        self._probes_out = 0   # admitted in half-open, not yet finished
+        self._probes_out: list[float] = []  # admission times of half-open probes not yet finished
         self._probes_ok = 0
 
     @property
@@ -48,8 +48,8 @@ class CircuitBreaker:
             self._tick()
             if self._state == CLOSED:
                 return True
-            if self._state == HALF_OPEN and self._probes_out + self._probes_ok < self.opts.probes:
-                self._probes_out += 1
+            if self._state == HALF_OPEN and len(self._probes_out) + self._probes_ok < self.opts.probes:
+                self._probes_out.append(self._clock())
                 return True
             return False
 
@@ -59,7 +59,8 @@ class CircuitBreaker:
         with self._lock:
             self._tick()
             if self._state == HALF_OPEN:
-                self._probes_out = max(0, self._probes_out - 1)
+                if self._probes_out:
+                    self._probes_out.pop(0)
                 if failed:
                     self._open()
                 else:
@@ -75,14 +76,24 @@ class CircuitBreaker:
             if n >= self.opts.min_requests and sum(self._outcomes) / n >= self.opts.error_rate:
                 self._open()
 
+    def release(self) -> None:
+        """An allowed request that never reached the model (queue full, draining, client gone):
+        a half-open breaker may let another probe through instead."""
+        with self._lock:
+            if self._state == HALF_OPEN and self._probes_out:
+                self._probes_out.pop()
+
     def _open(self) -> None:
         self._opened_at = self._clock()
         self._set(OPEN)
 
     def _tick(self) -> None:
-        if self._state == OPEN and self._clock() >= self._opened_at + self.opts.cooldown_s:
-            self._probes_out = self._probes_ok = 0
+        now = self._clock()
+        if self._state == OPEN and now >= self._opened_at + self.opts.cooldown_s:
+            self._probes_out, self._probes_ok = [], 0
             self._set(HALF_OPEN)
+        elif self._state == HALF_OPEN and self._probes_out and now - self._probes_out[0] > self.opts.slow_s:
+            self._open()  # a probe that never answered is a failure, not a breaker stuck half-open
 
     def _set(self, state: str) -> None:
         if state != self._state:

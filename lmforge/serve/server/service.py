@@ -133,10 +133,12 @@ class Service:
         try:
             self.engine.submit(req)
         except QueueFull as e:
+            self.breaker.release()
             self.metrics.reject("queue_full")
             raise APIError(429, "the server is overloaded (request queue full); retry later", "rate_limit_error",
                            None, "queue_full", retry_after_header(e.retry_after_s)) from None
         except ShuttingDown:
+            self.breaker.release()
             self.metrics.reject("shutting_down")
             raise APIError(503, "the server is shutting down", "server_error", None, "shutting_down") from None
         return req, events
@@ -159,6 +161,7 @@ class Service:
             get.cancel()
             if gone in done:
                 self.engine.cancel(req)
+                self.breaker.release()
                 self.metrics.requests.labels(outcome="client_gone").inc()
                 raise ClientGone
             raise self._deadline_error(req)
@@ -245,8 +248,9 @@ class Service:
             self._remember(shapes.cid, p, texts)
         finally:
             gone.cancel()
-            if not finished:
+            if not finished and not req.failed:
                 self.engine.cancel(req)
+                self.breaker.release()
 
     def _new_id(self, chat: bool) -> str:
         return ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
