@@ -117,11 +117,8 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos, self.rope_sin
         if (length := dynamic_rope_length(self.cfg, start + seq)) is not None:  # "dynamic" NTK past its length
             cos, sin = rope_tables(self.cfg, cos.device, length)
-        if isinstance(cache, SlotKVCache):  # one angle per row and position, flattened
-            end = int(cache.positions.max()) + 1
-            if (length := dynamic_rope_length(self.cfg, end)) is not None:
-                cos, sin = rope_tables(self.cfg, cos.device, length)
-            flat = cache.positions.reshape(-1)
+        if isinstance(cache, SlotKVCache):  # one angle per row and position, flattened (fixed tables:
+            flat = cache.positions.reshape(-1)  # lmforge serve refuses "dynamic" RoPE, serve/server/model_check.py)
             cos, sin = cos[flat], sin[flat]
         else:
             cos, sin = cos[start:], sin[start:]
