@@ -56,7 +56,8 @@ class Live:
 
 @contextlib.contextmanager
 def live_server(model: Transformer, tokenizer_json: Path, **options) -> Iterator[Live]:
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the engine thread: tiny tensors, a shared 2-core machine
     opts = ServerOptions(model_name=MODEL_NAME, **{"max_tokens_limit": model.cfg.max_seq_len - 1, **options})
     opts.check(model.cfg.max_seq_len)
     service = Service(model, TextTokenizer.from_file(tokenizer_json), opts)
@@ -76,3 +77,4 @@ def live_server(model: Transformer, tokenizer_json: Path, **options) -> Iterator
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        torch.set_num_threads(threads)

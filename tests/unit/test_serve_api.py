@@ -14,7 +14,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.serve.generate import generate
@@ -198,13 +197,13 @@ def _slow(model, seconds: float):
 
 def test_deadline_drops_the_request_never_answers_late(model, tok_path, monkeypatch):
     with live_server(model, tok_path) as srv:
-        monkeypatch.setattr(srv.service.engine, "model", _slow(model, 0.02))
+        monkeypatch.setattr(srv.service.engine, "model", _slow(model, 0.03))  # 100 tokens: > 3 s
         t0 = time.monotonic()
         r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "KING", "max_tokens": 100,
                                                           "deadline_s": 0.3}, timeout=30)
         took = time.monotonic() - t0
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-        assert 0.3 <= took < 0.6
+        assert 0.3 <= took < 1.5
         assert srv.wait_idle()["running"] == 0  # its slot was freed
         with httpx.stream("POST", srv.url + "/v1/completions", timeout=30, json={
                 "model": MODEL_NAME, "prompt": "KING", "max_tokens": 100, "deadline_s": 0.4, "stream": True}) as s:
@@ -244,7 +243,7 @@ def test_breaker_opens_on_model_errors_half_opens_and_recovers(model, tok_path, 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_frees_the_slot_at_once(model, tok_path, monkeypatch, stream):
     with live_server(model, tok_path) as srv:
-        monkeypatch.setattr(srv.service.engine, "model", _slow(model, 0.01))
+        monkeypatch.setattr(srv.service.engine, "model", _slow(model, 0.02))
         body = {"model": MODEL_NAME, "prompt": "KING", "max_tokens": 120, "stream": stream}
 
         def leave():
@@ -263,7 +262,7 @@ def test_client_disconnect_frees_the_slot_at_once(model, tok_path, monkeypatch, 
         t.join()
         gone_at = time.monotonic()
         load = srv.wait_idle(timeout=5)
-        assert load["running"] == 0 and time.monotonic() - gone_at < 0.5  # 120 tokens would take > 1.2 s
+        assert load["running"] == 0 and time.monotonic() - gone_at < 1.0  # 120 tokens would take > 2.4 s
 
 
 def test_metrics_report_the_serving_figures(live, client):
@@ -305,6 +304,3 @@ def test_no_stack_trace_on_an_internal_error(live, monkeypatch):
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
     assert "secret" not in r.text and "Traceback" not in r.text
 
-
-def test_torch_threads_left_alone():
-    assert torch.get_num_threads() >= 1
