@@ -24,6 +24,7 @@ from lmforge.cli_errors import check_device, check_text_arg, explain
 from lmforge.cli_eval import add_eval_command
 from lmforge.cli_export import add_export_command, cmd_export
 from lmforge.cli_plan import add_plan_command
+from lmforge.cli_serve import add_serve_command
 from lmforge.config import ConfigError, load_job_config, parse_override_args
 from lmforge.storage.guard import check_destination, resolved
 from lmforge.storage.lock import LOCK_ENV, RunLock
@@ -414,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(sub)
     add_plan_command(sub)
     add_distill_command(sub, cmd_train)
+    add_serve_command(sub)
     return parser
 
 

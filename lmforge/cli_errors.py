@@ -29,12 +29,13 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lmforge.interop.onnx.errors import OnnxError
     from lmforge.observability.errors import ObservabilityError
     from lmforge.serve.generate import GenerationError
+    from lmforge.serve.server.errors import ServeError
     from lmforge.storage.guard import DestinationError
     from lmforge.storage.lock import RunDirBusy
     from lmforge.train.stability import TrainingDivergedError
 
     return (ConfigError, CheckpointError, CompressError, DataError, EvalError, HFFormatError, GenerationError, ObservabilityError,
-            OnnxError, TrainingDivergedError, DestinationError, RunDirBusy, UserError)
+            OnnxError, TrainingDivergedError, DestinationError, RunDirBusy, ServeError, UserError)
 
 
 _OOM = re.compile(r"can't allocate memory|out of memory|Cannot allocate memory|std::bad_alloc", re.IGNORECASE)

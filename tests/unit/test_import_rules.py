@@ -32,7 +32,7 @@ LAYERS: dict[str, set[str]] = {
 }
 SHARED = {"tensors"}  # tensor primitives (dtype names, DTensor helpers): any package may import them
 TOP = {"cli", "cli_data", "cli_eval", "cli_export", "cli_plan", "cli_compress", "cli_quantize", "cli_prune", "cli_distill",
-       "cli_errors", "launcher", "__main__", "__init__"}  # the entry points: may import anything
+       "cli_serve", "cli_errors", "launcher", "__main__", "__init__"}  # the entry points: may import anything
 
 
 def module_name(root: Path, path: Path) -> str:

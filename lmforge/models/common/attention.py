@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.models.common.kv_cache import KVCache
+from lmforge.models.common.kv_cache import KVCache, SlotKVCache
 from lmforge.models.common.linear import Linear, MatmulKernels, fused_linear
 from lmforge.models.common.rope import apply_rope
 from lmforge.models.common.sparse_attention import AttnSpec, attend, pair_mask, select_blocks
@@ -36,9 +36,11 @@ class Attention(nn.Module):
         nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0, doc_start: torch.Tensor | None = None
+                cache: KVCache | SlotKVCache | None = None, layer: int = 0, doc_start: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """doc_start (batch, seq): each token's document start (document masking) or None."""
+        if isinstance(cache, SlotKVCache):
+            return self._slots(x, cos, sin, cache, layer)
         b, s, _ = x.shape
         # -1 instead of n_heads: under tensor parallelism each rank holds only its local heads.
         q, k, v = fused_linear(x, (self.wq, self.wk, self.wv), self.kernels)
@@ -66,6 +68,25 @@ class Attention(nn.Module):
                 out = attend(q, k, v, self.spec, doc_start, self.backend)
         else:
             out = self._cached(q, k, v, cache, layer, start)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+    def _slots(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: SlotKVCache,
+               layer: int) -> torch.Tensor:
+        """Continuous batching: each row is its own sequence at its own position. cos, sin are
+        (rows * seq, head_dim // 2), one angle per row and position (Transformer.forward)."""
+        if self.spec.kind == "topk":
+            raise ValueError("continuous batching supports full and sliding-window attention, not top-k")
+        b, s, _ = x.shape
+        q, k, v = fused_linear(x, (self.wq, self.wk, self.wv), self.kernels)
+        q, k, v = (t.reshape(b, s, -1, self.head_dim) for t in (q, k, v))
+        # apply_rope takes one angle table per position: rows and positions flattened into one axis
+        q = apply_rope(q.reshape(1, b * s, -1, self.head_dim), cos, sin).view(b, s, -1, self.head_dim)
+        k = apply_rope(k.reshape(1, b * s, -1, self.head_dim), cos, sin).view(b, s, -1, self.head_dim)
+        keys, values, mask = cache.update(layer, k, v)
+        if self.spec.local is not None:  # sliding window: also keys less than `local` positions back
+            mask = mask & (cache.positions[:, None, :, None] - cache.kpos[None, None, None, :] < self.spec.local)
+        q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != keys.shape[1])
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
     def _keep_block_query(self, cache: KVCache, layer: int, q: torch.Tensor, kvh: int, start: int) -> None:

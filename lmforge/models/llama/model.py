@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from lmforge.config import ModelConfig
 from lmforge.models.common.attention import Attention
-from lmforge.models.common.kv_cache import KVCache
+from lmforge.models.common.kv_cache import KVCache, SlotKVCache
 from lmforge.models.common.linear import Linear, MatmulKernels
 from lmforge.models.common.mlp import SwiGLU
 from lmforge.models.common.moe import MoE
@@ -102,12 +102,13 @@ class Transformer(nn.Module):
             final_std = self.cfg.dim ** -0.5
             nn.init.trunc_normal_(self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, tokens: torch.Tensor, cache: KVCache | SlotKVCache | None = None,
                 doc_start: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab). With `cache`, positions continue
-        from `cache.pos` and the cache is advanced. `doc_start` (batch, seq): document masking
+        from `cache.pos` and the cache is advanced; with a SlotKVCache each row continues its own
+        slot (the slots `bind` chose). `doc_start` (batch, seq): document masking
         (sparse_attention.document_starts of the packed tokens; RoPE positions do not restart)."""
-        start = cache.pos if cache is not None else 0
+        start = cache.pos if isinstance(cache, KVCache) else 0
         seq = tokens.shape[1]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         # The tables from `start` on; each attention takes the length it sees. (A block's input
@@ -116,13 +117,23 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos, self.rope_sin
         if (length := dynamic_rope_length(self.cfg, start + seq)) is not None:  # "dynamic" NTK past its length
             cos, sin = rope_tables(self.cfg, cos.device, length)
-        cos, sin = cos[start:], sin[start:]
+        if isinstance(cache, SlotKVCache):  # one angle per row and position, flattened (fixed tables:
+            flat = cache.positions.reshape(-1)  # lmforge serve refuses "dynamic" RoPE, serve/server/model_check.py)
+            cos, sin = cos[flat], sin[flat]
+        else:
+            cos, sin = cos[start:], sin[start:]
         for layer in self.layers.values():
             h = layer(h, cos, sin, cache, doc_start)
         if cache is not None:
-            cache.pos += seq
+            cache.advance(seq)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
+
+    def new_slot_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> SlotKVCache:
+        """The continuous-batching cache: `slots` sequences of up to `max_len` positions each."""
+        p = next(self.parameters())
+        return SlotKVCache(self.cfg.n_layers, slots, max_len, self.cfg.kv_heads, self.cfg.head_dim,
+                           dtype or p.dtype, p.device)
 
     def new_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """Sliding-window layers get a rolling buffer of their window (O(w) memory)."""
