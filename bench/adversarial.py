@@ -65,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     tok = TextTokenizer.from_file(tok_path)
     per_kind = args.n // len(ATTACK_KINDS)
     windows = corpus_windows(corpus, tok, args.prompt_tokens, rng, args.calibration + 2 * per_kind * len(ATTACK_KINDS))
-    calib = [tok.decode(w) for w in windows[:args.calibration]]
+    def text(ids: list[int]) -> str:  # a window cut inside a multi-byte character decodes to U+FFFD there
+        return tok.decode(ids).strip("\ufffd")
+
+    calib = [text(w) for w in windows[:args.calibration]]
     rest = windows[args.calibration:]
-    benign = [tok.decode(w) for w in rest[:per_kind * len(ATTACK_KINDS)]]
+    benign = [text(w) for w in rest[:per_kind * len(ATTACK_KINDS)]]
     bases = rest[per_kind * len(ATTACK_KINDS):]
 
     def suffix(r: random.Random) -> str:
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, kind in enumerate(ATTACK_KINDS):
         for w in bases[k * per_kind:(k + 1) * per_kind]:
             base = w[:-args.suffix_tokens] if kind in ("suffix", "mixed") else w
-            attacks.append((kind, make_attack(kind, tok.decode(base), rng, suffix)))
+            attacks.append((kind, make_attack(kind, text(base), rng, suffix)))
 
     t0 = time.perf_counter()
     with_model = AdversarialDetector(lm_token_nll(model, tok.encode, cfg.max_seq_len))
@@ -90,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = (b, a)
     seconds = time.perf_counter() - t0
 
-    mean_len = lambda xs: sum(len(tok.encode(x)) for x in xs) / len(xs)  # noqa: E731
-    print(f"model {args.run}; {len(benign)} benign corpus prompts (mean {mean_len(benign):.1f} tokens) vs "
-          f"{len(attacks)} attacks (mean {mean_len([t for _, t in attacks]):.1f} tokens); perplexity reference: "
+    mean_len = lambda xs: sum(len(x) for x in xs) / len(xs)  # noqa: E731
+    print(f"model {args.run}; {len(benign)} benign corpus prompts (mean {mean_len(benign):.0f} characters) vs "
+          f"{len(attacks)} attacks (mean {mean_len([t for _, t in attacks]):.0f} characters); perplexity reference: "
           f"{ref.prompts} other benign prompts, window {ref.window} ({seconds:.1f} s)")
     print("  detector     kind        AUROC   flagged at 0.5")
     headline = 0.0

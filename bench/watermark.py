@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{t_human:.1f} s)")
     print(f"perplexity of continuations (model's own): watermarked {ppl_marked:.2f}, plain {ppl_plain:.2f}, "
           f"ratio {ppl_marked / ppl_plain:.3f}")
-    print("detection at z > {:g} after random edits:".format(args.z))
+    print(f"detection at z > {args.z:g} after random edits:")
     print("  attack      rate  detected  mean z  median z")
     for r in curve:
         print(f"  {r.attack:<10} {r.rate:5.2f}  {r.detection_rate:8.3f}  {r.mean_z:6.2f}  {r.median_z:8.2f}")

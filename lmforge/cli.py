@@ -22,6 +22,7 @@ from lmforge.cli_data import add_data_commands
 from lmforge.cli_errors import check_device, check_text_arg, explain
 from lmforge.cli_eval import add_eval_command
 from lmforge.cli_plan import add_plan_command
+from lmforge.cli_safety import add_generate_safety_args, add_safety_commands, generation_guards
 from lmforge.config import ConfigError, load_job_config, parse_override_args
 from lmforge.storage.guard import check_destination, resolved
 from lmforge.storage.lock import LOCK_ENV, RunLock
@@ -266,6 +267,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     check_text_arg(args.prompt, "--prompt")
     check_device(args.device, "--device")
+    guards = generation_guards(args)  # watermark key and safety filter, checked before the model loads
     model, cfg, tokenizer_json = load_for_generation(Path(args.source), device=args.device)
     if tokenizer_json is None:
         raise FileNotFoundError(f"no tokenizer.json found with {args.source}; generation needs one")
@@ -274,10 +276,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     note = context_note(args.max_new_tokens, len(ids), cfg.max_seq_len)
     if note:
         print(note, file=sys.stderr)
+    refusal = guards.refusal(args.prompt)
+    if refusal is not None:
+        print(refusal)
+        return 0
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
-                   eos_id=tok.eos_id)
-    print(args.prompt + tok.decode(out[0]))
+                   eos_id=tok.eos_id, logits_processor=guards.processor(tok.vocab_size))
+    print(args.prompt + guards.output(tok, out[0]))
     return 0
 
 
@@ -422,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_generate_safety_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ckpt", help="list, verify, inspect and convert checkpoints")
@@ -445,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_ckpt_convert)
     add_eval_command(sub)
     add_plan_command(sub)
+    add_safety_commands(sub)
     return parser
 
 

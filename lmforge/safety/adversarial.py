@@ -10,9 +10,10 @@ strongest component's (so each flag has one stated reason), flagged at `threshol
   (Latin with Cyrillic or Greek look-alikes), leetspeak (digits or @ $ | inside a word with
   letters on both sides), case flipping 3+ times inside a word, combining marks on Latin
   letters. 1 - 0.6^count (one odd word such as "mp3player" is not enough alone).
-- `suffix`: a gibberish tail, as GCG's optimised suffixes: the last `tail_words` words against
-  the rest: their share of symbol characters and of words mixing scripts or with inner case
-  changes / brackets; a logistic of the excess over the head.
+- `suffix`: a gibberish tail, as GCG's optimised suffixes: the last `tail_chars` characters
+  against the rest: their share of symbol characters (Unicode S* categories, markup such as
+  `{}<>\\^|*#=+_`) and of words mixing scripts or changing case inside; a logistic of the
+  excess over the head (ordinary punctuation of any script counts as text).
 - `perplexity` (with a model, `token_nll`): the per-token NLL of the prompt; windows of `window`
   tokens; the larger of (a) the highest window mean and (b) the largest rise of the mean NLL at a
   change point (mean after k - mean before k, both sides >= window tokens), each standardised by
@@ -42,7 +43,8 @@ TokenNll = Callable[[str], Sequence[float]]  # a text -> -log p of each of its t
 
 _log = logging.getLogger("lmforge.safety")
 _FILLERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u180e")
-_LEET_INNER = frozenset("0134578@$|!")
+_LEET_INNER = frozenset("0134578@$|")
+_ODD_CHARS = frozenset("{}<>\\^`~|*#=+_@$%&")
 
 
 @dataclass(frozen=True)
@@ -102,16 +104,15 @@ def _perturbed(word: str) -> bool:
     scripts = {_script(c) for c in letters}
     if len(scripts) > 1 and scripts & {"LATIN"}:
         return True
-    core = word.strip(".,;:!?\"'()[]{}")
-    for i in range(1, len(core) - 1):
-        if core[i] in _LEET_INNER and core[i - 1].isalpha() and any(c.isalpha() for c in core[i + 1:]):
+    for i in range(1, len(word) - 1):
+        if word[i] in _LEET_INNER and word[i - 1].isalpha() and word[i + 1].isalpha():
             return True
     flips = sum(1 for a, b in zip(letters, letters[1:], strict=False) if a.islower() != b.islower() and a.isalpha())
     if flips >= 3:
         return True
     decomposed = unicodedata.normalize("NFD", word)
-    return any(unicodedata.category(c) == "Mn" for c in decomposed) and "LATIN" in scripts and \
-        sum(unicodedata.category(c) == "Mn" for c in decomposed) > max(1, len(letters) // 3)
+    marks = sum(unicodedata.category(c) == "Mn" for c in decomposed)
+    return marks > max(1, len(letters) // 3) and bool(scripts & {"LATIN", "CJK", "GREEK", "CYRILLIC"})
 
 
 def perturbation_component(text: str) -> ComponentScore:
@@ -124,23 +125,31 @@ def _odd_word(word: str) -> bool:
     letters = [c for c in word if c.isalpha()]
     scripts = {_script(c) for c in letters}
     inner_case = any(a.islower() and b.isupper() for a, b in zip(word, word[1:], strict=False))
-    return len(scripts) > 1 or inner_case or any(c in "[]{}()<>\\^`~|*#=+_" for c in word)
+    return len(scripts) > 1 or inner_case or any(c in _ODD_CHARS for c in word)
 
 
-def _symbol_share(words: Sequence[str]) -> float:
-    chars = "".join(words)
-    return sum(not (c.isalnum() or c in ".,;:!?'\"-") for c in chars) / max(len(chars), 1)
+def _is_symbol(c: str) -> bool:
+    """Symbols and markup characters; letters, digits, spaces and ordinary punctuation (any script) are not."""
+    return c in _ODD_CHARS or unicodedata.category(c).startswith("S") or c == "\ufffd"
 
 
-def suffix_component(text: str, tail_words: int = 10) -> ComponentScore:
+def _symbol_share(text: str) -> float:
+    chars = [c for c in text if not c.isspace()]
+    return sum(map(_is_symbol, chars)) / max(len(chars), 1)
+
+
+def _odd_share(text: str) -> float:
     words = text.split()
-    if len(words) < 2 * tail_words:
-        head, tail = words[:len(words) // 2], words[len(words) // 2:]
-    else:
-        head, tail = words[:-tail_words], words[-tail_words:]
-    if not tail:
+    return sum(map(_odd_word, words)) / len(words) if words else 0.0
+
+
+def suffix_component(text: str, tail_chars: int = 60) -> ComponentScore:
+    text = text.strip()
+    cut = len(text) - tail_chars if len(text) >= 2 * tail_chars else len(text) // 2
+    head, tail = text[:cut], text[cut:]
+    if not tail.strip():
         return ComponentScore("suffix", 0.0, "too short")
-    odd = sum(map(_odd_word, tail)) / len(tail) - sum(map(_odd_word, head)) / max(len(head), 1)
+    odd = _odd_share(tail) - _odd_share(head)
     sym = _symbol_share(tail) - _symbol_share(head)
     excess = max(odd, 0.0) + 4 * max(sym, 0.0)
     score = 1 / (1 + math.exp(-(excess - 0.3) / 0.06))

@@ -23,8 +23,8 @@ from typing import ClassVar
 from lmforge.config.loader import ConfigError
 from lmforge.data.pipeline.base import DropSink, Step
 from lmforge.data.pipeline.document import Document
-from lmforge.safety.gates import ContentFilter
 from lmforge.safety.filter_config import load_filter_config
+from lmforge.safety.gates import ContentFilter
 
 __all__ = ["HarmfulConfig", "HarmfulStep"]
 
