@@ -10,12 +10,12 @@ strongest component's (so each flag has one stated reason), flagged at `threshol
   (Latin with Cyrillic or Greek look-alikes), leetspeak (digits or @ $ | inside a word with
   letters on both sides), case flipping 3+ times inside a word, combining marks on Latin
   letters. 1 - 0.6^count (one odd word such as "mp3player" is not enough alone).
-- `suffix`: a gibberish tail, as GCG's optimised suffixes: the last `tail_chars` characters
-  against the rest: their share of symbol characters (Unicode S* categories, markup such as
+- `suffix`: a gibberish tail, as GCG's optimised suffixes: the last 30, 60 and 100 characters
+  (a suffix's length is unknown), each against the text before it: their share of symbol characters (Unicode S* categories, markup such as
   `{}<>\\^|*#=+_`) and of words mixing scripts or changing case inside; a logistic of the
   excess over the head (ordinary punctuation of any script counts as text).
 - `perplexity` (with a model, `token_nll`): the per-token NLL of the prompt; windows of `window`
-  tokens; the larger of (a) the highest window mean and (b) the largest rise of the mean NLL at a
+  tokens; the larger of (a) the highest window mean above the prompt's median and (b) the largest rise of the mean NLL at a
   change point (mean after k - mean before k, both sides >= window tokens), each standardised by
   the same statistic on benign reference prompts (`calibrate`), as z; score = logistic(z - 3)
   (0.5 at three reference standard deviations). Perplexity alone is a weak filter against fluent
@@ -43,7 +43,7 @@ TokenNll = Callable[[str], Sequence[float]]  # a text -> -log p of each of its t
 
 _log = logging.getLogger("lmforge.safety")
 _FILLERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u180e")
-_LEET_INNER = frozenset("0134578@$|")
+_LEET_INNER = frozenset("0123456789@$|")
 _ODD_CHARS = frozenset("{}<>\\^`~|*#=+_@$%&")
 
 
@@ -129,8 +129,8 @@ def _odd_word(word: str) -> bool:
 
 
 def _is_symbol(c: str) -> bool:
-    """Symbols and markup characters; letters, digits, spaces and ordinary punctuation (any script) are not."""
-    return c in _ODD_CHARS or unicodedata.category(c).startswith("S") or c == "\ufffd"
+    """Symbols, markup and ASCII brackets; letters, digits, spaces and other punctuation (any script) are not."""
+    return c in _ODD_CHARS or c in "[]()" or unicodedata.category(c).startswith("S") or c == "\ufffd"
 
 
 def _symbol_share(text: str) -> float:
@@ -143,21 +143,25 @@ def _odd_share(text: str) -> float:
     return sum(map(_odd_word, words)) / len(words) if words else 0.0
 
 
-def suffix_component(text: str, tail_chars: int = 60) -> ComponentScore:
+def suffix_component(text: str, tails: Sequence[int] = (30, 60, 100)) -> ComponentScore:
     text = text.strip()
-    cut = len(text) - tail_chars if len(text) >= 2 * tail_chars else len(text) // 2
-    head, tail = text[:cut], text[cut:]
-    if not tail.strip():
-        return ComponentScore("suffix", 0.0, "too short")
-    odd = _odd_share(tail) - _odd_share(head)
-    sym = _symbol_share(tail) - _symbol_share(head)
-    excess = max(odd, 0.0) + 4 * max(sym, 0.0)
-    score = 1 / (1 + math.exp(-(excess - 0.3) / 0.06))
-    return ComponentScore("suffix", score, f"tail odd words +{odd:.2f}, symbols +{sym:.3f} over the head")
+    best, detail = 0.0, "too short"
+    for n in tails:  # a suffix's length is unknown: the tail of each length against the text before it
+        if len(text) < n + 30:
+            continue
+        head, tail = text[:-n], text[-n:]
+        odd = _odd_share(tail) - _odd_share(head)
+        sym = _symbol_share(tail) - _symbol_share(head)
+        excess = max(odd, 0.0) + 4 * max(sym, 0.0)
+        if excess >= best:
+            best, detail = excess, f"last {n} characters: odd words +{odd:.2f}, symbols +{sym:.3f} over the rest"
+    return ComponentScore("suffix", 1 / (1 + math.exp(-(best - 0.3) / 0.06)), detail)
 
 
 def perplexity_stats(nll: Sequence[float], window: int) -> tuple[float, float]:
-    """(highest mean NLL of a window of `window` tokens, largest rise of the mean NLL at a change point)."""
+    """(highest mean NLL of a window of `window` tokens above the prompt's median token NLL,
+    largest rise of the mean NLL at a change point). Both are differences within the prompt, so a
+    language or domain the model finds harder throughout does not look like an attack."""
     n = len(nll)
     if n == 0:
         return 0.0, 0.0
@@ -165,7 +169,7 @@ def perplexity_stats(nll: Sequence[float], window: int) -> tuple[float, float]:
     prefix = [0.0]
     for x in nll:
         prefix.append(prefix[-1] + x)
-    top = max((prefix[i + w] - prefix[i]) / w for i in range(n - w + 1))
+    top = max((prefix[i + w] - prefix[i]) / w for i in range(n - w + 1)) - statistics.median(nll)
     rise = 0.0
     for k in range(w, n - w + 1):
         before = prefix[k] / k

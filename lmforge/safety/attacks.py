@@ -22,8 +22,10 @@ _INVISIBLE = ("\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u202
 _MARKS = ("\u0301", "\u0336", "\u0337", "\u0323", "\u0308")
 
 
-def _disguise(word: str, rng: random.Random) -> str:
-    how = rng.choice(("homoglyph", "leet", "case", "marks"))
+def _disguise(word: str, rng: random.Random, how: str | None = None) -> str:
+    """`word` disguised one way; a way that changes nothing (no look-alike or leet letter, a
+    caseless script) falls back to combining marks, so every attack differs from its source."""
+    how = how or rng.choice(("homoglyph", "leet", "case", "marks"))
     chars = list(word)
     idx = [i for i, c in enumerate(chars) if c.isalpha()]
     if not idx:
@@ -41,7 +43,8 @@ def _disguise(word: str, rng: random.Random) -> str:
     else:
         for i in rng.sample(idx, max(1, len(idx) // 2)):
             chars[i] += "".join(rng.choice(_MARKS) for _ in range(rng.randint(1, 3)))
-    return "".join(chars)
+    out = "".join(chars)
+    return _disguise(word, rng, "marks") if out == word else out
 
 
 def perturb_characters(text: str, rng: random.Random, rate: float = 0.2) -> str:
