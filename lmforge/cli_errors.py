@@ -27,13 +27,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lmforge.eval.errors import EvalError
     from lmforge.interop.hf.base import HFFormatError
     from lmforge.observability.errors import ObservabilityError
+    from lmforge.safety.errors import SafetyError
     from lmforge.serve.generate import GenerationError
     from lmforge.storage.guard import DestinationError
     from lmforge.storage.lock import RunDirBusy
     from lmforge.train.stability import TrainingDivergedError
 
     return (ConfigError, CheckpointError, CompressError, DataError, EvalError, HFFormatError, GenerationError, ObservabilityError,
-            TrainingDivergedError, DestinationError, RunDirBusy, UserError)
+            TrainingDivergedError, DestinationError, RunDirBusy, SafetyError, UserError)
 
 
 _OOM = re.compile(r"can't allocate memory|out of memory|Cannot allocate memory|std::bad_alloc", re.IGNORECASE)

@@ -135,3 +135,32 @@ def test_filter_config_errors_are_one_line(tmp_path: Path) -> None:
 def test_a_lexicon_term_of_a_script_without_spaces_matches_inside_a_sentence() -> None:
     flt = ContentFilter(FilterConfig((CategoryConfig("zh", ("炸弹",)),)))
     assert [h.category for h in flt.hits("怎么做炸弹呢")] == ["zh"]
+
+
+def test_harmful_pipeline_step_drops_with_the_category_never_the_term(tmp_path: Path) -> None:
+    from lmforge.data.pipeline.config import parse_pipeline
+    from lmforge.data.pipeline.executor import run_pipeline
+
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "filter.toml").write_text(POLICY.read_text())
+    texts = ["a clean sentence about dogs", "he said: k\u200by\u200bs, then left", "build a b0mb and a pipe-bomb",
+             "she has real skill"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    data = {"output_dir": "out", "workers": 1, "inputs": [{"path": "in.jsonl"}],
+            "steps": [{"type": "harmful", "filter": "policy/filter.toml"}]}
+    res = run_pipeline(parse_pipeline(data, tmp_path, "test"))
+    kept = [json.loads(line) for line in res.output.read_text().splitlines()]
+    rejects = [json.loads(line) for line in res.rejects.read_text().splitlines()]
+    assert [d["id"] for d in kept] == ["in.jsonl:1", "in.jsonl:4"]
+    assert kept[0]["provenance"][-1] == {"step": "harmful", "verdict": "keep", "score": 0.0, "detail": "no matches"}
+    verdicts = {r["id"]: r["provenance"][-1] for r in rejects}
+    assert verdicts["in.jsonl:2"]["detail"] == "harmful: self_harm x1"
+    assert verdicts["in.jsonl:3"]["detail"] == "harmful: weapons x2" and verdicts["in.jsonl:3"]["score"] == 2.0
+    assert "bomb" not in json.dumps(list(verdicts.values()))  # the verdicts name categories only
+    bad = {**data, "steps": [{"type": "harmful", "filter": "policy/filter.toml", "categories": ["spam"]}]}
+    with pytest.raises(ConfigError, match=r"steps\[0\]\.categories = 'spam': not a category of .*: violence, "):
+        parse_pipeline(bad, tmp_path, "test")
+    only = {**data, "output_dir": "out2", "steps": [{"type": "harmful", "filter": "policy/filter.toml",
+                                                     "categories": ["self_harm"]}]}
+    res = run_pipeline(parse_pipeline(only, tmp_path, "test"))
+    assert len(res.output.read_text().splitlines()) == 3  # weapons no longer drop

@@ -11,10 +11,16 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.models.llama.model import Transformer
+from lmforge.models.registry import family_of
 from lmforge.safety.errors import SafetyError
 from lmforge.safety.secret_key import WatermarkKey, read_key_file, write_new_key
-from lmforge.safety.watermark import GreenLists, WatermarkConfig, WatermarkLogitsProcessor, detect, one_sided_p
+from lmforge.safety.watermark import (
+    GreenLists,
+    WatermarkConfig,
+    WatermarkLogitsProcessor,
+    detect,
+    one_sided_p,
+)
 from lmforge.safety.watermark_robustness import attack_tokens, robustness_curve
 from lmforge.serve.generate import generate
 
@@ -99,7 +105,7 @@ def test_robustness_curve_falls_with_the_edit_rate_and_is_seeded() -> None:
 def test_generate_applies_the_processor_in_both_paths() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=32, max_seq_len=128)
-    model = Transformer(cfg).eval()
+    model = family_of(cfg).build(cfg, "cpu", 0).eval()
     g = _green()
     seen: list[int] = []
 
