@@ -9,6 +9,7 @@ window 20 tokens shorter, so lengths match), and mixed (light perturbation + one
 character + suffix). The perplexity component is calibrated on `--calibration` further benign
 windows (disjoint from the evaluated ones). Reports the AUROC overall and per kind, with and
 without the model, and the rates at the default threshold 0.5.
+Needs the main job's run and corpus (`bash scripts/run_default.sh`); run by hand, not by run_all.py.
 
     PYTHONPATH=. python bench/adversarial.py [--run runs/tiny-dense] [--data-dir data/default] [--n 400]
 """

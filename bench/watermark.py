@@ -10,6 +10,7 @@ window of `--new-tokens` tokens of the corpus documents (corpus.jsonl, train and
 written without the key). Perplexity cost: the generating model's own perplexity of each
 continuation given its prompt (the model is the only oracle offline), watermarked over plain.
 The detection curve: the watermarked sequences after random token substitution and deletion.
+Needs the main job's run and corpus (`bash scripts/run_default.sh`); run by hand, not by run_all.py.
 
     PYTHONPATH=. python bench/watermark.py [--run runs/tiny-dense] [--data-dir data/default] [--n 200]
         [--out docs/watermark_bench.json]
