@@ -268,6 +268,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_text_arg(args.prompt, "--prompt")
     check_device(args.device, "--device")
     guards = generation_guards(args)  # watermark key and safety filter, checked before the model loads
+    refusal = guards.refusal(args.prompt)  # the prompt gate: a refused prompt never reaches a model
+    if refusal is not None:
+        print(refusal)
+        return 0
     model, cfg, tokenizer_json = load_for_generation(Path(args.source), device=args.device)
     if tokenizer_json is None:
         raise FileNotFoundError(f"no tokenizer.json found with {args.source}; generation needs one")
@@ -276,10 +280,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     note = context_note(args.max_new_tokens, len(ids), cfg.max_seq_len)
     if note:
         print(note, file=sys.stderr)
-    refusal = guards.refusal(args.prompt)
-    if refusal is not None:
-        print(refusal)
-        return 0
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
                    eos_id=tok.eos_id, logits_processor=guards.processor(tok.vocab_size))

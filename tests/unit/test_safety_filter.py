@@ -164,3 +164,21 @@ def test_harmful_pipeline_step_drops_with_the_category_never_the_term(tmp_path: 
                                                      "categories": ["self_harm"]}]}
     res = run_pipeline(parse_pipeline(only, tmp_path, "test"))
     assert len(res.output.read_text().splitlines()) == 3  # weapons no longer drop
+
+
+def test_generate_output_gate_feeds_decoded_tokens_as_a_stream(policy: ContentFilter) -> None:
+    from lmforge.cli_safety import GenerationGuards
+
+    pieces = ["Well", ", ", "ki", "ll y", "0urs", "elf", " and", " go", " caf\ufffd"]
+
+    class Tok:  # a byte-level BPE decodes an incomplete multi-byte character as U+FFFD until it completes
+        def decode(self, ids: list[int]) -> str:
+            return "".join(pieces[i] for i in ids)
+
+    assert GenerationGuards(content_filter=policy).output(Tok(), [0, 8, 7]) == "Well caf\ufffd go"
+    guards = GenerationGuards(content_filter=policy)
+    assert guards.output(Tok(), [0, 1, 2, 3, 4, 5, 6, 7]) == "Well, [filtered] and go"
+    stopping = GenerationGuards(content_filter=ContentFilter(
+        FilterConfig(policy.config.categories, action="stop")))
+    assert stopping.output(Tok(), [0, 1, 2, 3, 4, 5, 6, 7]) == "Well, "
+    assert GenerationGuards().output(Tok(), [0, 6]) == "Well and"
