@@ -74,9 +74,9 @@ def test_detection_z_and_p_on_marked_and_unmarked_text() -> None:
     # expected green share at delta 2, gamma 0.25, uniform model: 0.25 e^2 / (1 + 0.25 (e^2 - 1)) = 0.711
     assert all(d.z > 9 and d.p_value < 1e-18 for d in marked)
     assert abs(sum(d.green for d in marked) / sum(d.scored for d in marked) - 0.711) < 0.04
-    plain = [detect([rng.randrange(VOCAB) for _ in range(200)], g).z for _ in range(2000)]
+    plain = [detect([rng.randrange(VOCAB) for _ in range(200)], g).z for _ in range(1000)]
     assert sum(z > 4 for z in plain) == 0
-    assert abs(np.mean(plain)) < 0.1 and abs(np.std(plain) - 1) < 0.1  # z is standard normal without the key
+    assert abs(np.mean(plain)) < 0.12 and abs(np.std(plain) - 1) < 0.1  # z is standard normal without the key
     assert one_sided_p(0.0) == 0.5 and abs(one_sided_p(4.0) - 3.167e-5) < 1e-7
 
 
