@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.safety.errors import SafetyError
 from lmforge.safety.filter_config import FilterConfig, load_filter_config
 from lmforge.safety.matcher import Hit, TermMatcher
 from lmforge.safety.normalize import fold
@@ -43,7 +44,7 @@ _log = logging.getLogger("lmforge.safety")
 
 @dataclass(frozen=True)
 class BlockEvent:
-    gate: str       # "prompt", "output" or "data"
+    gate: str       # "prompt" or "output" (the data gate records its drops in provenance)
     category: str
 
 
@@ -97,7 +98,7 @@ class StreamGate:
 
     def __init__(self, flt: ContentFilter, action: str, on_block: BlockHandler = log_block):
         if action not in ("mask", "stop"):
-            raise ValueError(f"action {action!r}: must be mask or stop")
+            raise SafetyError(f"safety filter action {action!r}: must be mask or stop")
         self._flt = flt
         self._action = action
         self._on_block = on_block

@@ -2,7 +2,7 @@
 
 Each term becomes a pattern over the folded view: letter by letter, with up to 3 separator
 characters (spaces, punctuation, underscores) allowed between letters of a word (`k.i.l.l`,
-`k i l l`), a letter repeated across separators (`ki-l-l`), and up to 6 separators (or none:
+`k i l l`), a letter repeated up to twice across separators (`ki-l-l`), and up to 6 separators (or none:
 `killyourself`) between the words of a phrase; whole words only (no letter or digit just before
 or after; scripts written without spaces, such as Chinese, match anywhere). All terms are one
 compiled pattern (the `regex` package, leftmost-longest (POSIX) matching; its partial matches tell
@@ -59,7 +59,7 @@ def term_pattern(term: str) -> str:
         return ""
     parts = []
     for word in words:
-        letters = [regex.escape(c) + f"(?:{_REPEAT_GAP}{regex.escape(c)})*" for c in word]
+        letters = [regex.escape(c) + f"(?:{_REPEAT_GAP}{regex.escape(c)}){{0,2}}" for c in word]
         parts.append(_IN_WORD_GAP.join(letters))
     body = _WORD_GAP.join(parts)
     before = _NO_WORD_BEFORE if _spaced_script(words[0][0]) else ""

@@ -182,3 +182,13 @@ def test_generate_output_gate_feeds_decoded_tokens_as_a_stream(policy: ContentFi
         FilterConfig(policy.config.categories, action="stop")))
     assert stopping.output(Tok(), [0, 1, 2, 3, 4, 5, 6, 7]) == "Well, "
     assert GenerationGuards().output(Tok(), [0, 6]) == "Well and"
+
+
+def test_output_gate_holds_back_a_bounded_amount(policy: ContentFilter) -> None:
+    """Text that keeps looking like the start of a term ("i i i ...", the start of "i will kill
+    you") is held only as far as one term could span: the rest is released as it arrives."""
+    gate = policy.stream_gate("mask", _quiet)
+    text = "i i i " * 400
+    released = "".join(gate.feed(text[k:k + 10]) for k in range(0, len(text), 10))
+    assert len(text) - len(released) < 40
+    assert released + gate.close() == text
