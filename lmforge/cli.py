@@ -25,6 +25,7 @@ from lmforge.cli_eval import add_eval_command
 from lmforge.cli_export import add_export_command, cmd_export
 from lmforge.cli_plan import add_plan_command
 from lmforge.cli_serve import add_serve_command
+from lmforge.cli_safety import add_generate_safety_args, add_safety_commands, generation_guards
 from lmforge.config import ConfigError, load_job_config, parse_override_args
 from lmforge.storage.guard import check_destination, resolved
 from lmforge.storage.lock import LOCK_ENV, RunLock
@@ -256,6 +257,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     check_text_arg(args.prompt, "--prompt")
     check_device(args.device, "--device")
+    guards = generation_guards(args)  # watermark key and safety filter, checked before the model loads
+    refusal = guards.refusal(args.prompt)  # the prompt gate: a refused prompt never reaches a model
+    if refusal is not None:
+        print(refusal)
+        return 0
     model, cfg, tokenizer_json = load_for_generation(Path(args.source), device=args.device)
     if tokenizer_json is None:
         raise FileNotFoundError(f"no tokenizer.json found with {args.source}; generation needs one")
@@ -266,8 +272,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
-                   eos_id=tok.eos_id)
-    print(args.prompt + tok.decode(out[0]))
+                   eos_id=tok.eos_id, logits_processor=guards.processor(tok.vocab_size))
+    print(args.prompt + guards.output(tok, out[0]))
     return 0
 
 
@@ -391,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_generate_safety_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ckpt", help="list, verify, inspect and convert checkpoints")
@@ -416,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_command(sub)
     add_distill_command(sub, cmd_train)
     add_serve_command(sub)
+    add_safety_commands(sub)
     return parser
 
 

@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 MODE=${1:-main}
 EXTRAS="data"
 if [ "$MODE" = "--test" ]; then
-  EXTRAS="test,data,ray,bench,export,quant,serve"
+  EXTRAS="test,data,ray,bench,export,quant,serve,safety"
   # Headless Chromium for the data report's browser test (tests/cli/test_data_report_browser.py).
   # Checked before the stamp below, so a browser removed since the last run is installed again.
   if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then

@@ -9,6 +9,7 @@ tests hold them to that.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,9 +100,13 @@ def _prompt_tensor(prompt_ids: list[int] | list[list[int]] | torch.Tensor, devic
 @torch.inference_mode()
 def generate(model: Transformer, prompt_ids: list[int] | list[list[int]] | torch.Tensor, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, use_cache: bool = True, eos_id: int | None = None) -> list[list[int]]:
+             seed: int | None = None, use_cache: bool = True, eos_id: int | None = None,
+             logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+             ) -> list[list[int]]:
     """New tokens for each prompt row (the prompt not included). A row stops at `eos_id` (which is
-    kept as its last token), every row at `max_new_tokens` or at the model's max_seq_len."""
+    kept as its last token), every row at `max_new_tokens` or at the model's max_seq_len.
+    `logits_processor(tokens so far (batch, seq), logits (batch, vocab)) -> logits` runs on the raw
+    logits before each sampling step, in both paths (e.g. safety/watermark.py's watermark)."""
     check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
@@ -126,6 +131,8 @@ def generate(model: Transformer, prompt_ids: list[int] | list[list[int]] | torch
         logits = model(tokens, cache=cache)[:, -1]
         done = [False] * batch
         for step in range(budget):
+            if logits_processor is not None:
+                logits = logits_processor(tokens, logits)
             nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
             for row, tok in enumerate(nxt.tolist()):
                 if not done[row]:
@@ -133,10 +140,10 @@ def generate(model: Transformer, prompt_ids: list[int] | list[list[int]] | torch
                     done[row] = tok == eos_id
             if all(done) or step == budget - 1:
                 break
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)  # the tokens so far, in both paths
             if cache is not None:
                 logits = model(nxt[:, None], cache=cache)[:, -1]
             else:
-                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
                 logits = model(tokens)[:, -1]
     finally:
         model.train(was_training)

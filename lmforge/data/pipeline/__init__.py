@@ -16,6 +16,7 @@ Modules, one concern each:
                interpolated Kneser-Ney); `max_perplexity` per shard, or `keep_top_fraction` global
   domains.py   `domain`: TF-IDF labels metadata["domain"] (keyword-seeded centroids or k-means)
   lexicon.py   `lexicon`: whole-word, case-insensitive term/phrase matches from lexicon files
+  harmful.py   `harmful`: the safety filter's data gate (lmforge/safety: obfuscation-folded categories)
   eda.py       `eda`: Easy Data Augmentation copies (synonym replacement/insertion, swap,
                deletion) emitted after each document, seeded by (seed, id)
   synthetic.py global step `synthetic`: P(machine-generated) of each document from a detector

@@ -32,6 +32,8 @@ corpus differently from what the user wrote; every unknown key, step type or wro
     [[steps]]
     type = "lexicon"            # options: lexicon.LexiconConfig (lexicons = ["terms.txt"], max_hits = 0)
     [[steps]]
+    type = "harmful"            # options: harmful.HarmfulConfig (filter = "filter.toml", categories, max_hits = 0)
+    [[steps]]
     type = "eda"                # options: eda.EdaConfig (synonyms = "syn.txt", copies = 4, seed = 0, ...)
     [[steps]]
     type = "domain"             # options: domains.DomainConfig: labels metadata["domain"], drops nothing

@@ -17,6 +17,7 @@ from lmforge.config.loader import ConfigError
 from lmforge.data.pipeline.base import DropSink, Step, StepStats
 from lmforge.data.pipeline.document import Document
 from lmforge.data.pipeline.eda import EdaConfig, EdaStep
+from lmforge.data.pipeline.harmful import HarmfulConfig, HarmfulStep
 from lmforge.data.pipeline.lexicon import LexiconConfig, LexiconStep
 from lmforge.data.pipeline.lm_score import LmScoreConfig, LmScoreStep
 
@@ -185,6 +186,7 @@ STEP_TYPES: dict[str, tuple[type[Step], type]] = {
     "lm_score": (LmScoreStep, LmScoreConfig),  # with max_perplexity; keep_top_fraction: GLOBAL_STEP_TYPES
     "lexicon": (LexiconStep, LexiconConfig),
     "eda": (EdaStep, EdaConfig),
+    "harmful": (HarmfulStep, HarmfulConfig),  # the safety filter's data gate (lmforge/safety)
 }
 
 
