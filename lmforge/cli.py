@@ -24,8 +24,8 @@ from lmforge.cli_errors import check_device, check_text_arg, explain
 from lmforge.cli_eval import add_eval_command
 from lmforge.cli_export import add_export_command, cmd_export
 from lmforge.cli_plan import add_plan_command
-from lmforge.cli_serve import add_serve_command
 from lmforge.cli_safety import add_generate_safety_args, add_safety_commands, generation_guards
+from lmforge.cli_serve import add_serve_command
 from lmforge.config import ConfigError, load_job_config, parse_override_args
 from lmforge.storage.guard import check_destination, resolved
 from lmforge.storage.lock import LOCK_ENV, RunLock
