@@ -65,7 +65,7 @@ def test_data_run_counts_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("change,expect", [
-    (('type = "quality"', 'type = "qualty"'), "steps[1].type = 'qualty': unknown step type; known: domain, eda, exact_dedup, lexicon, lm_score, near_dedup, normalize, quality, synthetic"),
+    (('type = "quality"', 'type = "qualty"'), "steps[1].type = 'qualty': unknown step type; known: domain, eda, exact_dedup, harmful, lexicon, lm_score, near_dedup, normalize, quality, synthetic"),
     (("min_words = 3", "min_word = 3"), "steps[1].min_word = 3: unknown key"),
     (('form = "NFKC"', 'form = "NFX"'), "steps[0].form = 'NFX': must be one of"),
     (("workers = 2", "workers = 0"), "workers = 0: must be >= 1"),
