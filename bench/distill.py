@@ -9,7 +9,7 @@ validation loss is below the scratch student's (ratio scratch / distilled > 1), 
 The teacher is read only; the packed data is copied into the work directory first (the trainer's
 data stage may write into its data dir), so the main job's files are never touched.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/distill.py [--teacher /work/main/runs/tiny-dense] [--data-dir DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/distill.py [--teacher runs/tiny-dense] [--data-dir DIR]
                                                       [--steps 160] [--alpha 0.5] [--temperature 2] [--work DIR]
 """
 
@@ -59,7 +59,7 @@ def measure(source: Path, data_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", type=Path, default=Path("/work/main/runs/tiny-dense"))
+    p.add_argument("--teacher", type=Path, default=REPO / "runs" / "tiny-dense")
     p.add_argument("--data-dir", type=Path, default=None, help="packed data (default: the teacher's data.dir)")
     p.add_argument("--steps", type=int, default=160, help="optimizer steps of each student")
     p.add_argument("--alpha", type=float, default=0.5)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     teacher_cfg = json.loads((a.teacher / "config.json").read_text())
     data_src = a.data_dir or (Path(teacher_cfg["data"]["dir"]) if Path(teacher_cfg["data"]["dir"]).is_absolute()
-                              else Path("/work/main") / teacher_cfg["data"]["dir"])
+                              else REPO / teacher_cfg["data"]["dir"])
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         work = a.work or Path(tmp)
         data = work / "data"
