@@ -12,6 +12,7 @@ background traffic: on a machine without network it would otherwise log errors o
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -23,6 +24,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,40 +211,33 @@ def _page_socket(port: int, timeout: float) -> str:
         time.sleep(0.1)
 
 
-def view_page(page: Path, width: int = 1300, height: int = 900, selector: str = "img",
-              timeout: float = TIMEOUT_S) -> PageView:
-    """Load `page` (a local file) in a fresh headless Chromium: console errors, a full-page
-    screenshot and the boxes of the elements matching `selector`."""
+@contextlib.contextmanager
+def open_page(url: str, width: int, height: int, timeout: float = TIMEOUT_S) -> Iterator[_DevTools]:
+    """A fresh headless Chromium showing `url` (loaded) at width x height: its DevTools session, with
+    only the events the page itself caused. Chromium, its profile and log are removed afterwards; a
+    failure shows the end of Chromium's log."""
     user_dir = Path(tempfile.mkdtemp(prefix="lmforge-chromium-"))
     log = open(user_dir.parent / f"{user_dir.name}.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={user_dir}", "about:blank"],
                             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     try:
-        port = _devtools_port(user_dir, proc, timeout)
-        tools = _DevTools(_page_socket(port, timeout), timeout)
+        try:
+            tools = _DevTools(_page_socket(_devtools_port(user_dir, proc, timeout), timeout), timeout)
+        except Exception as e:
+            log.flush()
+            tail = Path(log.name).read_bytes()[-3000:].decode(errors="replace")
+            raise AssertionError(f"headless chromium failed: {e!r}\n--- chromium's log (end) ---\n{tail}") from e
         try:
             for domain in ("Runtime", "Log", "Page"):
                 tools.call(f"{domain}.enable")
             tools.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
                        mobile=False)
             tools.events.clear()  # only what the page itself causes
-            tools.call("Page.navigate", url=Path(page).resolve().as_uri())
+            tools.call("Page.navigate", url=url)
             tools.wait_for("Page.loadEventFired", timeout)
-            tools.settle(0.5)
-            boxes = json.loads(tools.call("Runtime.evaluate", expression=BOXES_JS % json.dumps(selector),
-                                          returnByValue=True)["result"]["value"])
-            size = tools.call("Runtime.evaluate", returnByValue=True, expression=(
-                "JSON.stringify([document.documentElement.scrollWidth, document.documentElement.scrollHeight])"))
-            full_w, full_h = json.loads(size["result"]["value"])
-            shot = tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                              clip={"x": 0, "y": 0, "width": max(full_w, width), "height": full_h, "scale": 1})
-            return PageView(_console_errors(tools.events), base64.b64decode(shot["data"]), boxes)
+            yield tools
         finally:
             tools.close()
-    except Exception as e:
-        log.flush()
-        tail = Path(log.name).read_bytes()[-3000:].decode(errors="replace")
-        raise AssertionError(f"headless chromium failed: {e!r}\n--- chromium's log (end) ---\n{tail}") from e
     finally:
         proc.terminate()
         try:
@@ -253,6 +248,22 @@ def view_page(page: Path, width: int = 1300, height: int = 900, selector: str = 
         log.close()
         shutil.rmtree(user_dir, ignore_errors=True)
         Path(log.name).unlink(missing_ok=True)
+
+
+def view_page(page: Path, width: int = 1300, height: int = 900, selector: str = "img",
+              timeout: float = TIMEOUT_S) -> PageView:
+    """Load `page` (a local file) in a fresh headless Chromium: console errors, a full-page
+    screenshot and the boxes of the elements matching `selector`."""
+    with open_page(Path(page).resolve().as_uri(), width, height, timeout) as tools:
+        tools.settle(0.5)
+        boxes = json.loads(tools.call("Runtime.evaluate", expression=BOXES_JS % json.dumps(selector),
+                                      returnByValue=True)["result"]["value"])
+        size = tools.call("Runtime.evaluate", returnByValue=True, expression=(
+            "JSON.stringify([document.documentElement.scrollWidth, document.documentElement.scrollHeight])"))
+        full_w, full_h = json.loads(size["result"]["value"])
+        shot = tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
+                          clip={"x": 0, "y": 0, "width": max(full_w, width), "height": full_h, "scale": 1})
+        return PageView(_console_errors(tools.events), base64.b64decode(shot["data"]), boxes)
 
 
 def drawn_fraction(screenshot: bytes, box: dict, inset: int = 2) -> float:

@@ -6,22 +6,10 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from tests.helpers.browser import (
-    FLAGS,
-    TIMEOUT_S,
-    _console_errors,
-    _DevTools,
-    _devtools_port,
-    _page_socket,
-    chromium,
-)
+from tests.helpers.browser import TIMEOUT_S, _console_errors, open_page
 
 REPLY_JS = """JSON.stringify((() => {
   const all = document.querySelectorAll('.msg.assistant, .msg.error');
@@ -43,51 +31,29 @@ class ChatRun:
 
 
 def chat_once(url: str, prompt: str, api_key: str = "", timeout: float = TIMEOUT_S) -> ChatRun:
-    user_dir = Path(tempfile.mkdtemp(prefix="lmforge-chat-"))
-    proc = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={user_dir}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        tools = _DevTools(_page_socket(_devtools_port(user_dir, proc, timeout), timeout), timeout)
-        try:
-            for domain in ("Runtime", "Log", "Page"):
-                tools.call(f"{domain}.enable")
-            tools.call("Emulation.setDeviceMetricsOverride", width=1000, height=700, deviceScaleFactor=1, mobile=False)
-            tools.events.clear()
-            tools.call("Page.navigate", url=url)
-            tools.wait_for("Page.loadEventFired", timeout)
+    with open_page(url, 1000, 700, timeout) as tools:
+        def js(expr: str):
+            return tools.call("Runtime.evaluate", expression=expr, returnByValue=True,
+                              awaitPromise=True)["result"].get("value")
 
-            def js(expr: str):
-                return tools.call("Runtime.evaluate", expression=expr, returnByValue=True,
-                                  awaitPromise=True)["result"].get("value")
-
-            if api_key:
-                js(f"const k = document.getElementById('key'); k.value = {json.dumps(api_key)};"
-                   "k.dispatchEvent(new Event('change')); true")
-            js("document.getElementById('prompt').focus(); true")
-            tools.call("Input.insertText", text=prompt)
-            for kind in ("keyDown", "keyUp"):
-                tools.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
-            lengths: list[int] = []
-            end = time.monotonic() + timeout
-            reply = None
-            while time.monotonic() < end:
-                reply = json.loads(js(REPLY_JS))
-                if reply is not None:
-                    lengths.append(len(reply["text"]))
-                    if reply["state"] == "done" or "error" in reply["cls"]:
-                        break
-                time.sleep(0.02)
-            assert reply is not None, "no reply bubble appeared"
-            shot = tools.call("Page.captureScreenshot", format="png")
-            return ChatRun(reply["text"], lengths, base64.b64decode(shot["data"]), reply["box"],
-                           _console_errors(tools.events))
-        finally:
-            tools.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(user_dir, ignore_errors=True)
+        if api_key:
+            js(f"const k = document.getElementById('key'); k.value = {json.dumps(api_key)};"
+               "k.dispatchEvent(new Event('change')); true")
+        js("document.getElementById('prompt').focus(); true")
+        tools.call("Input.insertText", text=prompt)
+        for kind in ("keyDown", "keyUp"):
+            tools.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
+        lengths: list[int] = []
+        end = time.monotonic() + timeout
+        reply = None
+        while time.monotonic() < end:
+            reply = json.loads(js(REPLY_JS))
+            if reply is not None:
+                lengths.append(len(reply["text"]))
+                if reply["state"] == "done" or "error" in reply["cls"]:
+                    break
+            time.sleep(0.02)
+        assert reply is not None, "no reply bubble appeared"
+        shot = tools.call("Page.captureScreenshot", format="png")
+        return ChatRun(reply["text"], lengths, base64.b64decode(shot["data"]), reply["box"],
+                       _console_errors(tools.events))
