@@ -79,16 +79,30 @@ def prune(run: Path, out: Path, method: str, scheme: list[str], data_dir: Path, 
     return json.loads((out / "pruning.json").read_text())
 
 
+def write_run(model, tokenizer: Path | None, config: dict, data_dir: Path, out: Path) -> Path:
+    """`model` as a run directory `lmforge eval` reads: its config (data.dir = `data_dir`), the
+    tokenizer and a weights-only checkpoint at step 0."""
+    import shutil
+
+    from lmforge.checkpoint.weights import save_model_weights
+
+    out.mkdir(parents=True)
+    config["data"]["dir"] = str(data_dir)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        shutil.copy(tokenizer, out / "tokenizer.json")
+    save_model_weights(out / "checkpoints" / "step-00000000", model, step=0)
+    return out
+
+
 def planted_copy(run: Path, data_dir: Path, out: Path, scale: float, channels: int) -> Path:
     """A copy of the run's newest weights with `channels` input features of every block's two norms
     scaled by `scale` and the matching weight columns of q/k/v (attention norm) and gate/up (MLP norm)
     divided by it: the same function (checked by perplexity), now with outlier features read by
     small weights, as large LLMs have them. A control for the method, not the gate."""
-    import shutil
 
     import torch
 
-    from lmforge.checkpoint.weights import save_model_weights
     from lmforge.serve.generate import load_for_generation
 
     model, _, tokenizer = load_for_generation(run)
@@ -101,22 +115,13 @@ def planted_copy(run: Path, data_dir: Path, out: Path, scale: float, channels: i
                 norm.weight[idx] *= scale
                 for lin in readers:
                     lin.weight[:, idx] /= scale
-    out.mkdir(parents=True)
-    config = json.loads((run / "config.json").read_text())
-    config["data"]["dir"] = str(data_dir)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer is not None:
-        shutil.copy(tokenizer, out / "tokenizer.json")
-    save_model_weights(out / "checkpoints" / "step-00000000", model, step=0)
-    return out
+    return write_run(model, tokenizer, json.loads((run / "config.json").read_text()), data_dir, out)
 
 
 def dense_finetuned(run: Path, data_dir: Path, out: Path, steps: int, lr: float) -> Path:
     """The dense model after the same fine-tune the recovery runs (prune_recover.recover with no
     masks): the baseline that separates recovery from further training of the model."""
-    import shutil
 
-    from lmforge.checkpoint.weights import save_model_weights
     from lmforge.compress.prune_data import open_train_data
     from lmforge.compress.prune_recover import RecoverySetup, recover
     from lmforge.serve.generate import load_for_generation
@@ -128,13 +133,7 @@ def dense_finetuned(run: Path, data_dir: Path, out: Path, steps: int, lr: float)
     setup = RecoverySetup(steps, lr, train["seq_len"], train["micro_batch_size"],
                           train["eval_batches"] * max(1, train["global_batch_size"] // train["micro_batch_size"]), seed=1)
     recover(model, {}, data, setup, data.eos_id if cfg.attention.doc_mask else None)
-    out.mkdir(parents=True)
-    config["data"]["dir"] = str(data_dir)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer is not None:
-        shutil.copy(tokenizer, out / "tokenizer.json")
-    save_model_weights(out / "checkpoints" / "step-00000000", model, step=0)
-    return out
+    return write_run(model, tokenizer, config, data_dir, out)
 
 
 def outlier_summary(report: dict) -> dict[str, float]:
