@@ -140,7 +140,8 @@ def generate(model: Transformer, prompt_ids: list[int] | list[list[int]] | torch
                     done[row] = tok == eos_id
             if all(done) or step == budget - 1:
                 break
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)  # the tokens so far, in both paths
+            if cache is None or logits_processor is not None:  # the tokens so far: the input, or the processor's
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             if cache is not None:
                 logits = model(nxt[:, None], cache=cache)[:, -1]
             else:
