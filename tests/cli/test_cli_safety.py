@@ -23,7 +23,9 @@ POLICY = str(REPO / "recipes" / "safety" / "filter.toml")
 def run_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("safety-cli-run")
     run_cli(["train", *tiny_run_args(tiny_data_dir, run, "--train.steps", "4", "--train.global_batch_size", "4",
-                                     "--train.micro_batch_size", "4", "--train.eval_interval", "4")])
+                                     "--train.micro_batch_size", "4", "--train.eval_interval", "4",
+                                     # room for 200 generated tokens: detection on ~45 tokens failed for some keys
+                                     "--model.max_seq_len", "256")])
     return run
 
 
@@ -46,7 +48,7 @@ def test_watermark_round_trip_and_the_key_stays_secret(run_dir: Path, tmp_path: 
     seen.append(out + err)
 
     prompt = "KING HENRY."
-    gen = ["generate", str(run_dir), "--prompt", prompt, "--max-new-tokens", "60", "--temperature", "1"]
+    gen = ["generate", str(run_dir), "--prompt", prompt, "--max-new-tokens", "200", "--temperature", "1"]
     code, marked, err = lmforge([*gen, "--watermark-key-file", str(key)], capsys)
     assert code == 0
     seen.append(marked + err)

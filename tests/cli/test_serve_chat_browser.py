@@ -21,8 +21,8 @@ def test_typed_prompt_gets_a_streamed_reply(tiny_data_dir, tmp_path, monkeypatch
     with live_server(model, tiny_data_dir / "tokenizer.json", api_keys=(KEY,)) as srv:
         forward = model.forward
 
-        def slow(*a, **k):  # tokens a few ms apart, so the page's streaming is visible
-            time.sleep(0.01)
+        def slow(*a, **k):  # tokens 50 ms apart, so the page's looks see it grow even on a loaded machine
+            time.sleep(0.05)
             return forward(*a, **k)
         monkeypatch.setattr(srv.service.engine, "model", slow)
         run = chat_once(srv.url + "/", "Who art thou?", api_key=KEY)
