@@ -119,11 +119,14 @@ def read_quantized(path: Path) -> QuantizedDir:
     return QuantizedDir(path, meta, run_config, cfg)
 
 
-def load_quantized(path: Path, device: torch.device | str = "cpu", runtime: str | None = None
-                   ) -> tuple[torch.nn.Module, ModelConfig, Path | None]:
-    """(model in eval mode, its config, tokenizer.json or None); `runtime` overrides the recorded one."""
+def load_quantized(path: Path, device: torch.device | str = "cpu", runtime: str | None = None,
+                   dequantize: bool = False) -> tuple[torch.nn.Module, ModelConfig, Path | None]:
+    """(model in eval mode, its config, tokenizer.json or None); `runtime` overrides the recorded one.
+    `dequantize`: plain fp32 weights equal to the stored numbers (q * scale), whatever the scheme, for
+    exporters that write ordinary weights (int8-dynamic's activation quantization is a runtime choice,
+    not part of the weights)."""
     q = read_quantized(path)
-    chosen = resolve_runtime(q.scheme, runtime or q.meta["runtime"])
+    chosen = "dequant" if dequantize else resolve_runtime(q.scheme, runtime or q.meta["runtime"])
     try:
         tensors = load_file(str(q.path / TENSORS))
     except (SafetensorError, OSError) as e:

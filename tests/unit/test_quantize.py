@@ -215,3 +215,20 @@ def test_quantized_weights_skip_nothing_and_keep_norms_fp32() -> None:
     n_linear = sum(1 for f in w.formats.values() if f["format"] == "int4_group")
     assert n_linear == 2 * 7 and all(f["format"] == "fp32" for k, f in w.formats.items() if "norm" in k)
     assert math.isclose(json.loads(json.dumps(w.report))[0]["rel_error"], w.report[0]["rel_error"])
+
+
+def test_export_of_a_quantized_directory_writes_its_stored_numbers(quantized: dict[str, Path], tmp_path: Path,
+                                                                    capsys) -> None:
+    """`lmforge export` of any quantized directory (int8-dynamic's fbgemm runtime has no plain
+    weights to write) gives a Hugging Face directory whose logits are the dequantized model's."""
+    from lmforge.cli import main
+    from lmforge.interop.hf.importer import import_hf
+
+    tokens = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
+    for scheme in ("int8-dynamic", "int4-weight"):
+        out = tmp_path / scheme
+        assert main(["export", str(quantized[scheme]), str(out)]) == 0
+        assert f"weights: the {scheme} model's stored numbers as fp32" in capsys.readouterr().out
+        exported, _ = import_hf(out)
+        want = logits_of(load_quantized(quantized[scheme], dequantize=True)[0], tokens)
+        assert rel(logits_of(exported.eval(), tokens), want) < 1e-6, scheme
