@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from lmforge.compress.artifact import load_quantized, read_quantized
-from lmforge.compress.calibration import sample_calibration
 from lmforge.compress.errors import CompressError
 from lmforge.compress.gptq import HessianAccumulator, gptq_quantize
 from lmforge.compress.int4 import dequantize_codes, pack, rtn_codes, unpack
@@ -201,8 +200,8 @@ def test_refusals_are_one_line(trained: Path, quantized: dict[str, Path], tmp_pa
         trained, "x", "--scheme", "int8-weight", "--runtime", "aten")
     assert "does not divide the 64 input features" in refused(trained, "y", "--scheme", "int4-weight",
                                                               "--group-size", "48")
-    with pytest.raises(CompressError, match="fewer than --calib-samples"):
-        sample_calibration(Path(read_quantized(quantized["int4-weight"]).run_config["data"]["dir"]), 10**6, 32, 512)
+    assert f"data dir {tmp_path / 'nope'} (--calib-data) does not exist" in refused(
+        trained, "v", "--scheme", "int4-weight", "--calib-data", str(tmp_path / "nope"))
 
 
 def test_quantized_weights_skip_nothing_and_keep_norms_fp32() -> None:
