@@ -1,6 +1,6 @@
 """`lmforge eval`: perplexity per domain on held-out data, a cloze task and generation speed of a
-run, a checkpoint or a Hugging Face directory. The work is in lmforge/eval/; this module parses,
-calls and prints."""
+run, a checkpoint or a Hugging Face directory (suite "default"), and bias probes (suite "bias").
+The work is in lmforge/eval/; this module parses, calls and prints."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ __all__ = ["add_eval_command"]
 def cmd_eval(args: argparse.Namespace) -> int:
     from lmforge.cli_errors import check_device
     from lmforge.eval.report import print_results, write_results
-    from lmforge.eval.runner import EvalOptions, evaluate
+    from lmforge.eval.runner import EvalOptions, evaluate, parse_suites
     from lmforge.storage.guard import check_destination
 
     check_device(args.device, "--device")
     opts = EvalOptions(data_dir=Path(args.data_dir) if args.data_dir else None, max_batches=args.max_batches,
-                       seq_len=args.seq_len, items=args.items, speed=not args.no_speed, device=args.device)
+                       seq_len=args.seq_len, items=args.items, speed=not args.no_speed, device=args.device,
+                       suites=parse_suites(args.suite))
     opts.check()
     if args.out:
         args.output = args.out
@@ -33,9 +34,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_eval_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity per domain, a cloze task and generation speed of a run, "
-                                    "checkpoint or HF directory")
+    p = sub.add_parser("eval", help="perplexity per domain, a cloze task and generation speed (suite default), "
+                                    "bias probes (suite bias) of a run, checkpoint or HF directory")
     p.add_argument("source", help="run dir (newest checkpoint), checkpoint step dir or Hugging Face dir")
+    p.add_argument("--suite", default="default",
+                   help="default (perplexity, cloze, speed), bias (stereotype-preference rate per dimension: gender, "
+                        "race / nationality, religion, age; needs the eval extra), or a comma list: default,bias")
     p.add_argument("--data-dir", default=None, help="packed data dir (default: the run's data.dir)")
     p.add_argument("--max-batches", type=int, default=None,
                    help="global batches of the held-out split to read (default: all of it)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates ./.venv with lmforge and what it needs (idempotent: a stamp skips the work when nothing changed).
 # `setup_env.sh` installs what the main job needs; `setup_env.sh --test` adds what the test suite
-# needs (pytest, transformers, Ray, the near-dedup baselines, headless Chromium).
+# needs (pytest, transformers, Ray, the near-dedup baselines, Faker for the bias probes, headless Chromium).
 # torch is pinned to the CPU build on this kind of machine; on a GPU machine install your CUDA torch
 # first (any version the pyproject range allows) and this script keeps it.
 set -euo pipefail
@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 MODE=${1:-main}
 EXTRAS="data"
 if [ "$MODE" = "--test" ]; then
-  EXTRAS="test,data,ray,bench,export,quant,serve,safety"
+  EXTRAS="test,data,ray,bench,export,quant,serve,safety,eval"
   # Headless Chromium for the data report's browser test (tests/cli/test_data_report_browser.py).
   # Checked before the stamp below, so a browser removed since the last run is installed again.
   if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then

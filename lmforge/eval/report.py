@@ -66,8 +66,17 @@ def _speed_table(s: dict) -> Table:
     return t
 
 
+def _bias_table(b: dict) -> Table:
+    t = _table("bias: stereotype-preference rate (0.5 = none; 95% CI by bootstrap over templates)",
+               ["dimension", "templates", "pairs", "rate", "95% CI", "gap (nats)"])
+    for name, d in b["dimensions"].items():
+        t.add_row(name.replace("_", "/"), str(d["templates"]), str(d["pairs"]), _f(d["rate"], 3),
+                  f"{_f(d['ci_low'], 3)} - {_f(d['ci_high'], 3)}", f"{d['mean_gap_nats']:+.4f}")
+    return t
+
+
 def print_results(results: dict, console: Console | None = None) -> None:
-    """The tables of `results`: perplexity, cloze, speed (those that were measured)."""
+    """The tables of `results`: perplexity, cloze, bias, speed (those that were measured)."""
     console = console or Console(highlight=False)
     src, model = results["source"], results["deterministic"]["model"]
     step = f", step {src['step']}" if src["step"] is not None else ""
@@ -78,5 +87,9 @@ def print_results(results: dict, console: Console | None = None) -> None:
         console.print(_perplexity_table(det["perplexity"]))
     if det.get("cloze"):
         console.print(_cloze_table(det["cloze"]))
+    if det.get("bias"):
+        console.print(_bias_table(det["bias"]))
+        console.print(f"pairs: {det['bias']['pairs']}, sha256 {det['bias']['pairs_sha256'][:16]}; names: "
+                      f"{det['bias']['sources']['names']}")
     if results.get("timing"):
         console.print(_speed_table(results["timing"]["speed"]))

@@ -1,6 +1,7 @@
 """`evaluate`: one checkpoint (a run's newest, one step directory, or a Hugging Face directory,
-loaded as `lmforge generate` loads it) on its held-out data: perplexity (eval/perplexity.py), the
-cloze task (eval/cloze.py) and generation speed (eval/speed.py), as one results dict whose
+loaded as `lmforge generate` loads it) through the suites asked for: "default", on its held-out
+data: perplexity (eval/perplexity.py), the cloze task (eval/cloze.py) and generation speed
+(eval/speed.py); "bias": the bias probes (eval/bias.py, no data needed). One results dict whose
 `deterministic` section is the same on every evaluation of the same checkpoint and data on the
 same machine, and whose `timing` section is measured (it varies)."""
 
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import TrainConfig
+from lmforge.config import ModelConfig, TrainConfig
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.eval.bias import Probes, load_probes, run_bias
 from lmforge.eval.cloze import SEED, build_items, model_scorer, score_items
 from lmforge.eval.errors import EvalError
 from lmforge.eval.heldout import HeldOut, check_tokenizer, open_heldout
@@ -24,6 +27,7 @@ from lmforge.serve.generate import ModelSource, load_source, resolve_source
 from lmforge.storage.layout import step_of
 
 FORMAT = 1
+SUITES = ("default", "bias")
 N_CHOICES, N_CONTEXT = 4, 3
 ABOUT = ("deterministic: the same for every evaluation of this checkpoint on this data on this machine "
          "(fp32, same thread count); timing: measured, varies from run to run")
@@ -31,7 +35,8 @@ ABOUT = ("deterministic: the same for every evaluation of this checkpoint on thi
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """What `lmforge eval` was asked: --data-dir, --max-batches, --seq-len, --items, --no-speed, --device."""
+    """What `lmforge eval` was asked: --suite, --data-dir, --max-batches, --seq-len, --items, --no-speed,
+    --device."""
 
     data_dir: Path | None = None
     max_batches: int | None = None
@@ -39,8 +44,14 @@ class EvalOptions:
     items: int = 200
     speed: bool = True
     device: str = "cpu"
+    suites: tuple[str, ...] = ("default",)
 
     def check(self) -> None:
+        bad = [s for s in self.suites if s not in SUITES]
+        if bad or not self.suites or len(set(self.suites)) != len(self.suites):
+            why = f"unknown suite {bad[0]!r}" if bad else "a suite named twice"
+            raise EvalError(f"--suite {','.join(self.suites)}: {why}; allowed: {', '.join(SUITES)}, or a comma list "
+                            "such as default,bias")
         if self.max_batches is not None and self.max_batches < 1:
             raise EvalError(f"--max-batches {self.max_batches}: must be >= 1 (global batches of the held-out "
                             "split; leave it out to read the whole split)")
@@ -49,6 +60,13 @@ class EvalOptions:
                             "train.seq_len)")
         if self.items < 0:
             raise EvalError(f"--items {self.items}: must be >= 0 (cloze items; 0 skips the task)")
+
+
+def parse_suites(text: str) -> tuple[str, ...]:
+    """--suite's value ("default", "bias", "default,bias") as a tuple, checked."""
+    suites = tuple(s.strip() for s in text.split(","))
+    EvalOptions(suites=suites).check()
+    return suites
 
 
 def _windows(src: ModelSource, max_seq_len: int, opts: EvalOptions) -> Windows:
@@ -90,6 +108,7 @@ def evaluate(source: Path, opts: EvalOptions, say: Callable[[str], None] = print
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" \
         else torch.device(opts.device)
+    probes = load_probes() if "bias" in opts.suites else None  # before the model: a missing package fails fast
     src = resolve_source(Path(source))
     model, cfg, tokenizer_json = load_source(src, device)
     step = step_of(src.step_dir) if src.step_dir is not None else None
@@ -97,10 +116,21 @@ def evaluate(source: Path, opts: EvalOptions, say: Callable[[str], None] = print
         "format": FORMAT, "about": ABOUT,
         "source": {"path": str(source), "kind": src.kind, "checkpoint": str(src.step_dir) if src.step_dir else None,
                    "step": step},
-        "data_dir": None, "deterministic": {}, "timing": None, "notes": notes}
+        "suites": list(opts.suites), "data_dir": None, "deterministic": {}, "timing": None, "notes": notes}
     det = out["deterministic"]
     det["model"] = {"family": cfg.family, "parameters": sum(p.numel() for p in model.parameters()),
                     "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len}
+    if "default" in opts.suites:
+        _default_suite(out, src, model, cfg, tokenizer_json, device, opts, note)
+    if "bias" in opts.suites:
+        det["bias"] = _bias(model, cfg, tokenizer_json, device, probes)
+    return out
+
+
+def _default_suite(out: dict, src: ModelSource, model: torch.nn.Module, cfg: ModelConfig, tokenizer_json: Path | None,
+                   device: torch.device, opts: EvalOptions, note: Callable[[str], None]) -> None:
+    """Perplexity and cloze on the held-out split (when a data dir is known) and speed, into `out`."""
+    det = out["deterministic"]
     data_dir, origin = _data_dir(src, opts)
     if data_dir is None:
         note("no perplexity and no cloze task: a Hugging Face directory names no data; pass --data-dir DIR "
@@ -120,7 +150,14 @@ def evaluate(source: Path, opts: EvalOptions, say: Callable[[str], None] = print
         det["cloze"] = _cloze(model, held, tok.encode, cfg.max_seq_len, device, opts.items, note)
     if opts.speed:
         out["timing"] = {"speed": measure_speed(model, cfg.vocab_size, cfg.max_seq_len, device)}
-    return out
+
+
+def _bias(model: torch.nn.Module, cfg: ModelConfig, tokenizer_json: Path | None, device: torch.device,
+          probes: Probes | None) -> dict:
+    if tokenizer_json is not None and TextTokenizer.from_file(tokenizer_json).vocab_size > cfg.vocab_size:
+        raise EvalError(f"--suite bias: {tokenizer_json} has more ids than the model's vocab_size {cfg.vocab_size}; "
+                        "it is not this model's tokenizer")
+    return run_bias(model, tokenizer_json, cfg.max_seq_len, device, probes, doc_mask=cfg.attention.doc_mask)
 
 
 def _cloze(model: torch.nn.Module, held: HeldOut, encode: Callable[[str], list[int]], max_seq_len: int,

@@ -13,28 +13,15 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.models.registry import family_of
+from tests.helpers.offline import NetworkBlocked, block_network
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class NetworkBlocked(OSError):
-    pass
-
-
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    attempts: list[str] = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(repr(args)[:80])
-        raise NetworkBlocked("network access attempted in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return attempts
+    return block_network(monkeypatch)
 
 
 def test_the_block_itself_works(no_network: list[str]) -> None:
