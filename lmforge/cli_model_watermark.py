@@ -5,8 +5,8 @@ lmforge.serve (safety never imports serve), calls and prints. The key is never p
 
 embed-model writes a new run directory (safety/model_watermark_output.py) and never touches SRC.
 verify-model reads a run, a checkpoint step dir, a Hugging Face dir or a quantized dir (`lmforge
-compress quantize`: its stored weights read as fp32 = q x scale, the "dequant" runtime, whatever
-runtime it records).
+compress quantize`: its stored entries read as the fp32 numbers they stand for, q x scale, whatever
+scheme and runtime it records).
 """
 
 from __future__ import annotations
@@ -86,15 +86,27 @@ def cmd_embed_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_float_model(path: Path) -> Any:
-    """The model at `path` with fp32 weights: a quantized directory through the "dequant" runtime."""
-    from lmforge.compress.artifact import load_quantized
+def _float_weights(path: Path) -> list[tuple[str, Any]]:
+    """(name, fp32 weight) of the model at `path`; a quantized directory's stored entries read as the
+    fp32 numbers they stand for (q x scale, int4 codes x scale), whatever scheme and runtime it has."""
     from lmforge.serve.generate import load_source, resolve_source
 
     src = resolve_source(path)
-    if src.kind == "quantized":
-        return load_quantized(src.path, runtime="dequant")[0]
-    return load_source(src)[0]
+    if src.kind != "quantized":
+        return [(n, t.detach()) for n, t in load_source(src)[0].named_parameters()]
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from lmforge.cli_errors import UserError
+    from lmforge.compress.artifact import TENSORS, read_quantized
+    from lmforge.compress.runtime import dequantized
+
+    q = read_quantized(src.path)
+    try:
+        tensors = load_file(str(q.path / TENSORS))
+        return [(name, dequantized(name, fmt, tensors)) for name, fmt in q.meta["weights"].items()]
+    except (SafetensorError, OSError, KeyError) as e:
+        raise UserError(f"{q.path / TENSORS}: cannot read its weights ({e.__class__.__name__}: {e})") from None
 
 
 def cmd_verify_model(args: argparse.Namespace) -> int:
@@ -103,8 +115,8 @@ def cmd_verify_model(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     key = read_key_file(args.key_file)
-    model = _load_float_model(_existing(args.source, "a run, checkpoint step, Hugging Face or quantized directory"))
-    reading = read_watermark(model.named_parameters(), key, cfg)
+    weights = _float_weights(_existing(args.source, "a run, checkpoint step, Hugging Face or quantized directory"))
+    reading = read_watermark(weights, key, cfg)
     if args.json:
         print(json.dumps({"source": args.source, **reading.as_json()}, indent=1))
         return 0

@@ -1,6 +1,6 @@
 """`lmforge watermark embed-model` and `verify-model` end to end on a tiny run directory made here
 (no training): the marked run is read back with BER 0, the source run is left byte for byte as it
-was, the marked run goes through `compress quantize` (int8), `compress prune` (30% magnitude) and
+was, the marked run goes through `compress quantize` (int8 weight and dynamic), `compress prune` (30% magnitude) and
 `train --train.init_from` and is still detected in each, the unmarked run and another key are not,
 and bad inputs end in one line with exit code 2, never showing the key."""
 
@@ -63,8 +63,8 @@ def verify(source: Path, key: Path, capsys) -> dict:
     return json.loads(out)
 
 
-def test_embed_verify_and_the_mark_survives_quantize_prune_finetune(run_dir: Path, keys, tiny_data_dir: Path,
-                                                                     tmp_path: Path, capsys) -> None:
+def test_embed_verify_and_the_mark_survives_quantize_and_prune(run_dir: Path, keys, tmp_path: Path,
+                                                               capsys) -> None:
     owner, other = keys
     before = tree_digest(run_dir)
     out = tmp_path / "marked"
@@ -87,15 +87,25 @@ def test_embed_verify_and_the_mark_survives_quantize_prune_finetune(run_dir: Pat
     code, text, _ = cli(["watermark", "verify-model", str(out), "--key-file", str(owner)], capsys)
     assert code == 0 and "bit error rate 0.0000: 0/256 bits wrong" in text and "watermark DETECTED" in text
 
-    q8 = tmp_path / "int8"
-    assert cli(["compress", "quantize", str(out), "--scheme", "int8-weight", "--out", str(q8)], capsys)[0] == 0
-    r = verify(q8, owner, capsys)
-    assert r["detected"] and r["p_value"] < 1e-3 and r["errors"] == 0
+    for scheme in ("int8-weight", "int8-dynamic"):  # read from the stored int8 rows whatever the runtime
+        q8 = tmp_path / scheme
+        assert cli(["compress", "quantize", str(out), "--scheme", scheme, "--out", str(q8)], capsys)[0] == 0
+        r = verify(q8, owner, capsys)
+        assert r["detected"] and r["p_value"] < 1e-3 and r["errors"] == 0
     pruned = tmp_path / "pruned"
     assert cli(["compress", "prune", str(out), "--method", "magnitude", "--sparsity", "0.3", "--out", str(pruned)],
                capsys)[0] == 0
     r = verify(pruned, owner, capsys)
     assert r["detected"] and r["p_value"] < 1e-3 and r["errors"] == 0
+
+
+def test_the_marked_run_fine_tunes_with_init_from_and_stays_marked(run_dir: Path, keys, tiny_data_dir: Path,
+                                                                   tmp_path: Path, capsys) -> None:
+    owner, _ = keys
+    out = tmp_path / "marked"
+    code, text, err = cli(["watermark", "embed-model", str(run_dir), "--key-file", str(owner), "--out", str(out),
+                           "--json"], capsys)
+    assert code == 0 and json.loads(text)["verify"]["errors"] == 0, err
     tuned = tmp_path / "tuned"
     code, _, err = cli(["train", *tiny_run_args(tiny_data_dir, tuned, "--train.steps", "3", "--train.init_from",
                                                 str(out), "--train.eval_interval", "0", "--optimizer.lr", "1e-3",
