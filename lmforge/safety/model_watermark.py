@@ -15,16 +15,16 @@ For a model not marked with this key the signs are independent of the weights, s
 variance exactly 1 whatever the weights are, and is normal to a very good approximation (thousands
 of terms per bit). The message (one bit per group) also comes from the key.
 
-Embedding moves every weight of group b by the same amount along its sign (the least-norm change that
-raises that group's projection) until each z_b, signed by its message bit, reaches `margin`; bits
+Embedding moves every weight of group b by the same amount along its sign (the least-norm change of
+the group's sum s w) until each z_b, signed by its message bit, reaches `margin`; bits
 already past it are left alone, exact zeros (a pruned model) stay zero. Bit b's change has norm
 (margin - z_b) x the rms of its group's weights whatever the group's size, so with z_b ~ N(0, 1)
 before, the whole change relative to the carrier's norm is about sqrt(bits (margin^2 + 1) / weights),
 spread evenly over the weights: 7.4% on the main job's 1.77M block weights at 256 bits and margin 6,
 which moves its held-out perplexity by less than 0.1% (bench/model_watermark.py).
 
-Why it survives: z is a ratio, so a global rescale (weight decay, a quantizer's per-row scale) leaves
-it unchanged; per-weight noise of rms sigma (fine-tuning drift, int8 rounding) moves z by about
+Why it survives: z is a ratio, so a uniform shrink (weight decay) leaves it unchanged; per-weight
+noise of rms sigma (fine-tuning drift; int8 per-row rounding, ~1% of the rms weight) moves z by about
 sigma / rms(w) x N(0, 1), far below the margin; magnitude pruning removes the smallest weights, whose
 terms carry little of either the projection or the norm. A permutation of hidden units is not
 covered (a known limit of weight-space watermarks).
