@@ -270,7 +270,10 @@ def _add_key_args(q: argparse.ArgumentParser) -> None:
 
 
 def add_safety_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("watermark", help="text watermark: make a key, detect, measure robustness")
+    from lmforge.cli_model_watermark import add_model_watermark_parsers
+
+    p = sub.add_parser("watermark", help="text and model watermarks: make a key, detect, measure robustness, "
+                                         "mark and verify a model's weights")
     wsub = p.add_subparsers(dest="watermark_command", required=True)
     q = wsub.add_parser("keygen", help="write a new random watermark key file (mode 0600)")
     q.add_argument("key_file")
@@ -287,6 +290,7 @@ def add_safety_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--rates", default="0.05,0.1,0.2,0.3,0.4,0.5", help="edit rates (comma list)")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_watermark_robustness)
+    add_model_watermark_parsers(wsub)
 
     p = sub.add_parser("safety", help="check a prompt: harmful-content filter and adversarial-input detector")
     ssub = p.add_subparsers(dest="safety_command", required=True)

@@ -3,6 +3,10 @@
 - `watermark.py`: the green-list logits watermark (Kirchenbauer et al. 2023) and its z-test;
   `secret_key.py` reads the key (never printed); `watermark_robustness.py` measures detection
   after random token substitution and deletion.
+- `model_watermark.py`: a keyed watermark in a model's weights (spread-spectrum bits in the block
+  matrices, post hoc), read back with a bit error rate and an exact binomial p-value; it survives
+  fine-tuning, int8 quantization and magnitude pruning. `model_watermark_output.py` writes the
+  marked run (through `checkpoint`); the model is loaded by the CLI and handed in.
 - `normalize.py`: a matching view of text that folds obfuscation (case, leetspeak, invisible
   characters, homoglyphs, accents) with a map back to the original characters.
 - `filter_config.py` + `matcher.py`: the harmful-content filter (categories and lexicons from TOML,
@@ -14,6 +18,7 @@
   gibberish suffixes, windowed-perplexity change points) with a score and a threshold;
   `attacks.py` generates such prompts for red-team measurement.
 
-Imports only `config`, `storage` and `tensors` of lmforge; the model is reached through a
-scoring callable, so `data` and `serve` can both use this package.
+Imports only `config`, `storage`, `checkpoint` (to write a marked run) and `tensors` of lmforge; a
+model is reached through a scoring callable or handed in, never loaded here, so `data` and `serve`
+can both use this package.
 """

@@ -28,12 +28,12 @@ LAYERS: dict[str, set[str]] = {
     "serve": {"config", "data", "models", "checkpoint", "interop", "compress", "safety", "storage"},
     "eval": {"config", "data", "models", "checkpoint", "serve", "storage"},
     "compress": {"config", "data", "models", "checkpoint", "interop", "storage"},
-    "safety": {"config", "storage"},
+    "safety": {"config", "storage", "checkpoint"},
     "train": {"config", "data", "models", "observability", "parallel", "checkpoint", "storage"},
 }
 SHARED = {"tensors"}  # tensor primitives (dtype names, DTensor helpers): any package may import them
 TOP = {"cli", "cli_data", "cli_eval", "cli_export", "cli_plan", "cli_compress", "cli_quantize", "cli_prune", "cli_distill",
-       "cli_serve", "cli_safety", "cli_errors", "launcher", "__main__", "__init__"}  # the entry points: may import anything
+       "cli_serve", "cli_safety", "cli_model_watermark", "cli_errors", "launcher", "__main__", "__init__"}  # the entry points: may import anything
 
 
 def module_name(root: Path, path: Path) -> str:
