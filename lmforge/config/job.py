@@ -285,6 +285,9 @@ class JobConfig:
         require(r.dp_shard == 1 or kind in FSDP_COMPRESSORS, "comm.compression", kind,
                 f"not supported with FSDP2 (parallel.dp_shard = {r.dp_shard} > 1): use bf16/fp16 or DDP "
                 "(parallel.dp_replicate)")
+        require(r.dp_shard == 1 or self.comm.warmup_steps == 0, "comm.warmup_steps", self.comm.warmup_steps,
+                f"needs DDP (the warm-up compressor is a DDP comm hook), and parallel.dp_shard = {r.dp_shard} > 1 "
+                "is FSDP2: use 0 or parallel.dp_replicate")
 
     def _check_pipeline_combinations(self, world_size: int) -> None:
         """What the pipeline builder (lmforge.parallel.pp) and torch's schedules would refuse on

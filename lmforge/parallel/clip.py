@@ -38,8 +38,8 @@ def _groups(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float,
-                    foreach: bool | None = None, pp_group: dist.ProcessGroup | None = None
-                    ) -> torch.Tensor:
+                    foreach: bool | None = None, pp_group: dist.ProcessGroup | None = None,
+                    total_norm: torch.Tensor | None = None) -> torch.Tensor:
     """Clip the global L2 norm of the gradients to `max_norm`, in place; returns the total norm
     (a plain 0-dim tensor, the same on every rank) measured before clipping.
 
@@ -48,17 +48,21 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm:
     every rank of it must call). For plain tensors alone and no `pp_group` the result is
     bit-identical to torch.nn.utils.clip_grad_norm_. `max_norm = inf` (clipping off) measures
     the norm and leaves the gradients untouched: no pass multiplying every gradient by 1.
+    `total_norm`: the norm to clip by, measured elsewhere (a sparse compressor's estimate of the
+    dense gradient's norm: lmforge/parallel/comm/ddp_hooks.py); then none is computed here.
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     params = [p for p in parameters if p.grad is not None]
     groups = _groups(params)
     norms: list[torch.Tensor] = []
-    for group in groups:
+    for group in groups if total_norm is None else []:
         norm = get_total_norm([p.grad for p in group], 2.0, False, foreach)
         norms.append(gathered(norm))
 
-    if len(norms) == 1 and pp_group is None:
+    if total_norm is not None:
+        total = total_norm
+    elif len(norms) == 1 and pp_group is None:
         total = norms[0]  # exactly torch's value, no square/sqrt round trip
     else:
         device = norms[0].device if norms else torch.device("cpu")

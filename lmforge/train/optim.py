@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only (norm gains are not decayed)."""
+"""AdamW with decoupled weight decay on matrices only (norm gains are not decayed); its second
+moment frozen after a warm-up under `comm.adam_variance = "frozen"` (train/frozen_adamw.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lmforge.config import OptimizerConfig
+from lmforge.train.frozen_adamw import FrozenVarianceAdamW
 
 if TYPE_CHECKING:
     from lmforge.train.continual import ParamUnit
@@ -33,11 +35,13 @@ def _implementation_flags(impl: str, params: list[torch.Tensor], groups: list[li
     return {"foreach": True}
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, units: list[ParamUnit] | None = None
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, units: list[ParamUnit] | None = None,
+                    freeze_variance_after: int = 0) -> torch.optim.Optimizer:
     """`units` (gradual unfreezing, lmforge/train/continual.py): parameters by the step they start
     training at and their lr scale; each unit gets its own decay / no-decay groups tagged
-    `unfreeze_step` (parameters in no unit are not optimized). None: one unit, every parameter."""
+    `unfreeze_step` (parameters in no unit are not optimized). None: one unit, every parameter.
+    `freeze_variance_after` > 0: AdamW's second moment frozen after that many steps of each
+    parameter (FrozenVarianceAdamW; comm.adam_variance = "frozen")."""
     if units is None:
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
@@ -49,5 +53,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, units: list[ParamUni
                   for u in units for matrix in (True, False)]
         groups = [g for g in groups if g["params"]]
         params = [p for g in groups for p in g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             **_implementation_flags(cfg.implementation, params, [g["params"] for g in groups]))
+    options = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps,
+               **_implementation_flags(cfg.implementation, params, [g["params"] for g in groups])}
+    if freeze_variance_after > 0:
+        return FrozenVarianceAdamW(groups, freeze_after=freeze_variance_after, **options)
+    return torch.optim.AdamW(groups, **options)

@@ -46,6 +46,7 @@ from lmforge.train.distill import Teacher, build_distiller
 from lmforge.train.energy_log import RunEnergy
 from lmforge.train.evaluate import local_validation_loss
 from lmforge.train.faults import FaultInjector
+from lmforge.train.frozen_adamw import hand_over_frozen_variance
 from lmforge.train.lr_schedule import build_scheduler
 from lmforge.train.model_build import build_training_model
 from lmforge.train.optim import build_optimizer
@@ -125,7 +126,9 @@ class Trainer:
         self.model, self.pipe, self.comm = built.module, built.pipe, built.comm  # comm: compression hook or None
         self.eos_id = self._doc_mask_eos(cfg)
         self.unfreeze = Unfreezing.for_model(self.model, cfg)  # gradual unfreezing (train/continual.py) or None
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.unfreeze and self.unfreeze.units)
+        # comm.adam_variance "frozen": AdamW's second moment frozen when the comm hook's warm-up ends
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.unfreeze and self.unfreeze.units,
+                                         freeze_variance_after=cfg.comm.variance_freeze_step())
         if self.unfreeze is not None:  # the header line; AdamW state for every stage made now (continual.py)
             self.unfreeze.start(self.optimizer, self.say, cfg.model.n_layers)
         self.router = RouterBalance.for_model(self.model, self._dp_group())  # None for dense models
@@ -172,7 +175,8 @@ class Trainer:
         if self.is_main:
             self._write_run_files()
         self.tracer = SampleTracer(self.run_dir, self.info.rank, dp_rank) if cfg.train.trace_samples else None
-        self._resume()
+        self._resume()  # then, resumed past the freeze, top-k's divisors as the straight run had them
+        self._frozen_handed = hand_over_frozen_variance(self.optimizer, self.comm)
         if self.tracer is not None:  # drop what a crashed or stopped run traced past the resume point
             if self.is_main:
                 truncate_traces(self.run_dir, self.state.step)
@@ -306,8 +310,11 @@ class Trainer:
             self.unfreeze.drop_frozen_grads(self.state.step)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
+        # top-k after a warm-up: the dense gradient's norm (parallel/comm/ddp_hooks.py), else None
+        dense_norm = self.comm.dense_grad_norm() if self.comm is not None else None
         grad_norm = clip_grad_norm_(model.parameters(), max_norm,
-                                    pp_group=self.pipe.group if self.pipe is not None else None)
+                                    pp_group=self.pipe.group if self.pipe is not None else None,
+                                    total_norm=dense_norm)
         result = StepResult(loss=total, grad_norm=grad_norm)
         if self.stability is not None:
             # One all-reduce + host sync per step, only with the policy on (stability.py).
@@ -318,6 +325,7 @@ class Trainer:
         skipped = result.check is not None and result.check.skip
         if not skipped:
             self.scaler.step(self.optimizer)
+            self._frozen_handed = self._frozen_handed or hand_over_frozen_variance(self.optimizer, self.comm)
         self.scaler.update()
         if self.router is not None:  # aux-loss-free balancing: biases move from the load of all dp
             # ranks (not on a step the stability policy skipped)

@@ -2,7 +2,9 @@
 N steps, checkpoint, resume for N more == 2N steps straight, bit for bit (losses at every step,
 validation losses, final weights); the error-feedback residuals (PowerSGD: its error and Q
 factors) are in the checkpoint, so the resumed run sends the same bits. Also: the train metrics
-carry comm_bytes and comm_compression_ratio."""
+carry comm_bytes and comm_compression_ratio. "topk-frozen": 3 int4 warm-up steps, then top-k with
+AdamW's second moment frozen: resumed at step 4, past the switch, the hook's step count, the frozen
+optimizer and top-k's divisors must all come back (a count restarted at 0 would run int4 again)."""
 
 from __future__ import annotations
 
@@ -21,14 +23,18 @@ def _losses(run_dir: Path, prefix: str = "train") -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir, prefix)}
 
 
+RUNS = {"int8": ["--comm.compression", "int8"], "topk": ["--comm.compression", "topk"],
+        "powersgd": ["--comm.compression", "powersgd"],
+        "topk-frozen": ["--comm.compression", "topk", "--comm.warmup_steps", "3", "--comm.adam_variance", "frozen"]}
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["int8", "topk", "powersgd"])
+@pytest.mark.parametrize("kind", list(RUNS))
 def test_compressed_resume_is_bit_identical(tiny_data_dir: Path, tmp_path: Path, kind: str) -> None:
     common = ["--train.steps", str(2 * N), "--train.global_batch_size", "4", "--train.micro_batch_size", "2",
               "--train.eval_interval", "3", "--checkpoint.interval", "100", "--parallel.dp_replicate", "2",
-              "--parallel.dp_shard", "1", "--comm.compression", kind, "--comm.powersgd_rank", "2",
-              "--comm.topk_fraction", "0.05"]
+              "--parallel.dp_shard", "1", *RUNS[kind], "--comm.powersgd_rank", "2", "--comm.topk_fraction", "0.05"]
     straight = tmp_path / "straight"
     run_cli(["train", *tiny_run_args(tiny_data_dir, straight, *common)], nproc=2)
     split = tmp_path / "split"

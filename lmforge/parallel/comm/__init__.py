@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import torch
+
 from lmforge.parallel.comm.accounting import CommAccounting
 
 
@@ -17,3 +19,9 @@ class CommHookState(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def dense_grad_norm(self) -> torch.Tensor | None:
+        """The norm gradient clipping should use this step, or None: the reduced gradients' own."""
+
+    def set_selection_divisors(self, divisors: dict[int, torch.Tensor]) -> None:
+        """id(parameter) -> what top-k divides values by to pick them (frozen AdamW's denominators)."""

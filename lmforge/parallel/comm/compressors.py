@@ -7,7 +7,8 @@ DDP put its parameter in a bucket: DDP lays buckets out once in parameter order 
 gradient order after the first step, and a resumed run sees the first layout again where the
 straight run saw the second (bit-equal resume needs the same numbers in both).
 
-- `CastCompressor` (bf16 / fp16): the values in half width; summed in that dtype by all_reduce.
+- `CastCompressor` (bf16 / fp16): the values in half width; summed in that dtype by all_reduce
+  (fp32: the plain all-reduce, for a warm-up that sends the gradients as they are).
 - `BlockQuantCompressor` (int8 / int4): one fp32 absmax scale per `block` values of a parameter
   (blocks never span two parameters), rounded to the nearest level; int4 packs two per byte.
   Summing int8 on the wire wraps around (gloo), so these payloads are all-gathered and decoded.
@@ -171,13 +172,17 @@ class TopKCompressor(Compressor):
             return torch.topk(mag, k, sorted=False).indices
         return candidates[torch.topk(mag[candidates], k, sorted=False).indices]
 
-    def encode(self, x: torch.Tensor, numels: tuple[int, ...]) -> Payload:
+    def encode(self, x: torch.Tensor, numels: tuple[int, ...],
+               divisors: list[torch.Tensor | None] | None = None) -> Payload:
+        """`divisors` (per parameter, or None): pick the k largest |x| / divisor instead (the values
+        sent are x's): with AdamW's second moment frozen, the values whose update would be largest."""
         if sum(numels) >= 2**31:
             raise ValueError(f"a bucket of {sum(numels)} values does not fit int32 positions")
         values, indices, start = [], [], 0
-        for n, k in zip(numels, self.ks(numels)):
+        for i, (n, k) in enumerate(zip(numels, self.ks(numels))):
             seg = x[start:start + n]
-            idx = self._largest(seg.abs(), k)
+            div = divisors[i] if divisors is not None else None
+            idx = self._largest(seg.abs() if div is None else seg.abs().div_(div.view(-1)), k)
             values.append(seg[idx])
             indices.append(idx + start)
             start += n
@@ -193,9 +198,13 @@ class TopKCompressor(Compressor):
         return sum(self.ks(numels)) * (4 + 4)
 
 
-def build_compressor(cfg: CommConfig) -> Compressor:
-    """The compressor `cfg.compression` names (not "none", nor "powersgd": torch's own hook)."""
-    kind = cfg.compression
+def build_compressor(cfg: CommConfig, kind: str | None = None) -> Compressor:
+    """The compressor `kind` (default `cfg.compression`) names, with `cfg`'s settings. "none" is
+    the plain fp32 all-reduce (a warm-up's: comm.warmup_compression); "powersgd" is not
+    element-wise (torch's own hook)."""
+    kind = kind or cfg.compression
+    if kind == "none":
+        return CastCompressor(torch.float32)
     if kind in ("bf16", "fp16"):
         return CastCompressor(torch.bfloat16 if kind == "bf16" else torch.float16)
     if kind in ("int8", "int4"):

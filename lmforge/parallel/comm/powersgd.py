@@ -61,6 +61,13 @@ class PowerSGDHook:
         fut.set_result(reduced)
         return fut
 
+    def dense_grad_norm(self) -> None:
+        """Clipping measures the decoded gradients themselves (CommHookState)."""
+        return None
+
+    def set_selection_divisors(self, divisors: dict) -> None:
+        """Not a top-k: nothing to pick (CommHookState)."""
+
     # -- per-parameter state -------------------------------------------------------------------
 
     def _compressed(self, layout: Layout) -> list[tuple[str, int, int, int]]:
