@@ -16,6 +16,7 @@ import torch
 
 from lmforge.config import TrainConfig
 from lmforge.eval.cloze import SEED, build_items, model_scorer, score_items
+from lmforge.eval.early_exit import exit_scores
 from lmforge.eval.errors import EvalError
 from lmforge.eval.heldout import HeldOut, check_tokenizer, open_heldout
 from lmforge.eval.perplexity import Windows, heldout_perplexity
@@ -31,7 +32,8 @@ ABOUT = ("deterministic: the same for every evaluation of this checkpoint on thi
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """What `lmforge eval` was asked: --data-dir, --max-batches, --seq-len, --items, --no-speed, --device."""
+    """What `lmforge eval` was asked: --data-dir, --max-batches, --seq-len, --items, --no-speed, --device,
+    --early-exit (thresholds: perplexity under early exit, eval/early_exit.py) and --early-exit-measure."""
 
     data_dir: Path | None = None
     max_batches: int | None = None
@@ -39,8 +41,13 @@ class EvalOptions:
     items: int = 200
     speed: bool = True
     device: str = "cpu"
+    early_exit: tuple[float, ...] = ()
+    early_exit_measure: str = "max_prob"
 
     def check(self) -> None:
+        for t in self.early_exit:
+            if not t >= 0:  # also NaN
+                raise EvalError(f"--early-exit {t}: thresholds must be >= 0 (>= 1: the full model)")
         if self.max_batches is not None and self.max_batches < 1:
             raise EvalError(f"--max-batches {self.max_batches}: must be >= 1 (global batches of the held-out "
                             "split; leave it out to read the whole split)")
@@ -118,6 +125,11 @@ def evaluate(source: Path, opts: EvalOptions, say: Callable[[str], None] = print
         det["perplexity"] = heldout_perplexity(model, held, _windows(src, cfg.max_seq_len, opts),
                                                device, eos, note)
         det["cloze"] = _cloze(model, held, tok.encode, cfg.max_seq_len, device, opts.items, note)
+        if opts.early_exit:
+            scores = exit_scores(model, held, _windows(src, cfg.max_seq_len, opts), device, eos,
+                                 opts.early_exit_measure)
+            det["early_exit"] = {"layers": list(scores.layers), "n_layers": cfg.n_layers,
+                                 "rows": [scores.at(t) for t in opts.early_exit]}
     if opts.speed:
         out["timing"] = {"speed": measure_speed(model, cfg.vocab_size, cfg.max_seq_len, device)}
     return out
