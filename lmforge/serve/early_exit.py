@@ -17,8 +17,10 @@ and every position's hidden states and keys are the full model's: the only thing
 changes is the distribution a token is drawn from. That also makes perplexity under early exit
 computable in one parallel forward (`exit_choice` over the exits' logits; eval/early_exit.py),
 with no approximation. Self-speculative decoding (serve/speculative.py) drafts with the same
-structure. The server's engine, whose rows sit at different positions, fills skipped blocks at
-once instead (`fill_skipped`, CALM's propagation).
+structure. The server's engine, whose rows sit at different positions in a SlotKVCache, cannot
+leave a row's positions waiting at some blocks: there a row that exits fills its skipped blocks'
+keys and values at once from its exit state (`slot_exit_forward`; CALM's propagation, an
+approximation of the full model's keys), and each row has its own threshold.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.models.common.kv_cache import KVCache
+from lmforge.models.common.kv_cache import KVCache, SlotKVCache
+from lmforge.models.common.rope import apply_rope
 from lmforge.models.llama.model import Transformer
 
 MEASURES = ("max_prob", "margin")
@@ -212,3 +215,70 @@ class EarlyExitDecoder:
         self.depths.append(d.n_layers)
         return self.model.head(d.deepen(d.n_layers)[:, -1])
 
+
+
+def slot_exit_forward(model: Transformer, tokens: torch.Tensor, cache: SlotKVCache, thresholds: list[float | None],
+                      measure: str = "max_prob") -> tuple[torch.Tensor, list[int]]:
+    """One decode step of the continuous-batching engine with a threshold per row (None or >= 1:
+    that row runs every block). `cache` is bound to the rows (SlotKVCache.bind, one token each);
+    tokens (rows, 1). At each exit the rows whose confidence passes their threshold take the exit's
+    logits, get their skipped blocks' keys and values from their exit state, and leave the batch;
+    the others go on. Returns (logits (rows, vocab) in fp32, blocks each row ran)."""
+    rows, layers = list(cache.rows), set(model.cfg.early_exit.layers)
+    n_layers = model.cfg.n_layers
+    if tokens.shape != (len(rows), 1):
+        raise ValueError(f"slot_exit_forward: tokens {tuple(tokens.shape)} for {len(rows)} rows of one token")
+    logits: list[torch.Tensor | None] = [None] * len(rows)
+    depths = [n_layers] * len(rows)
+    active = list(range(len(rows)))  # indices into `rows` still in the batch
+    h = model.tok_embeddings(tokens)
+    cos, sin = _slot_tables(model, cache)
+    blocks = list(model.layers.values())
+    for j, block in enumerate(blocks):
+        h = block(h, cos, sin, cache)
+        if j + 1 not in layers or not any(_live(thresholds[i]) for i in active):
+            continue
+        z = model.head(h[:, -1]).float()
+        conf = confidence(z, measure).tolist()
+        leave = [a for a, i in enumerate(active) if _live(thresholds[i]) and conf[a] >= thresholds[i]]
+        if not leave:
+            continue
+        for a in leave:
+            logits[active[a]], depths[active[a]] = z[a], j + 1
+        stay = [a for a in range(len(active)) if a not in set(leave)]
+        cache.bind([rows[active[a]] for a in leave], 1)
+        _fill(blocks[j + 1:], h[leave], *_slot_tables(model, cache), cache)
+        active = [active[a] for a in stay]
+        if not active:
+            break
+        cache.bind([rows[i] for i in active], 1)
+        h, (cos, sin) = h[stay], _slot_tables(model, cache)
+    if active:
+        z = model.head(h[:, -1]).float()
+        for a, i in enumerate(active):
+            logits[i] = z[a]
+    cache.bind(rows, 1)  # advance every row by its token
+    cache.advance(1)
+    return torch.stack(logits), depths  # type: ignore[arg-type]
+
+
+def _live(threshold: float | None) -> bool:
+    return threshold is not None and threshold < 1
+
+
+def _slot_tables(model: Transformer, cache: SlotKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE angles of the bound rows' positions, flattened (as Transformer.forward makes them)."""
+    flat = cache.positions.reshape(-1)
+    return model.rope_cos[flat], model.rope_sin[flat]
+
+
+def _fill(blocks: list, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: SlotKVCache) -> None:
+    """CALM's propagation: each skipped block's keys and values from the exit state h (rows, 1, dim),
+    written at the bound rows' positions."""
+    for block in blocks:
+        attn = block.attention
+        x = block.attention_norm(h)
+        b, s, _ = x.shape
+        k = attn.wk(x).reshape(1, b * s, -1, attn.head_dim)
+        v = attn.wv(x).reshape(b, s, -1, attn.head_dim)
+        cache.update(block.layer_id, apply_rope(k, cos, sin).view(b, s, -1, attn.head_dim), v)

@@ -21,6 +21,7 @@ import torch
 from lmforge.config import ConfigError, load_job_config, parse_override_args
 from lmforge.config.model import AttentionConfig, EarlyExitConfig
 from lmforge.models.common.cross_entropy import cross_entropy
+from lmforge.models.common.rope import apply_rope
 from lmforge.models.llama import SIZES, build_model
 from lmforge.serve.early_exit import (
     DeferredDepth,
@@ -30,6 +31,7 @@ from lmforge.serve.early_exit import (
     check_threshold,
     confidence,
     exit_choice,
+    slot_exit_forward,
 )
 from lmforge.serve.generate import generate
 from lmforge.serve.speculative import SpeculationStats, self_speculative_generate
@@ -259,3 +261,51 @@ def test_refusals_are_one_line():
         self_speculative_generate(windowed, [1, 2], 30)
     with pytest.raises(EarlyExitError, match="top-k"):
         generate(exit_model(attention=AttentionConfig(layers=["topk"])), [[1]], 2, early_exit=ExitPolicy(0.5))
+
+
+# -- the server engine's step (SlotKVCache, a threshold per row) ------------------------------------
+
+
+def _slot_caches(model, lengths: list[int]):
+    """Two identical slot caches holding prompts of `lengths` in slots 0.., and the next tokens."""
+    caches = [model.new_slot_cache(4, 64) for _ in range(2)]
+    for slot, n in enumerate(lengths):
+        p = torch.tensor(prompts(1, n, 50 + slot))
+        for c in caches:
+            c.bind([slot], n)
+            with torch.inference_mode():
+                model(p, cache=c)
+    return caches, torch.tensor(prompts(len(lengths), 1, 99))
+
+
+def test_slot_step_without_thresholds_is_the_model_and_per_row_thresholds_exit_alone():
+    model = exit_model(dtype=torch.float32)
+    rows = [0, 1, 2]
+    (ref, got), tokens = _slot_caches(model, [3, 7, 5])
+    with torch.inference_mode():
+        ref.bind(rows, 1)
+        want = model(tokens, cache=ref)[:, -1]
+        got.bind(rows, 1)
+        logits, depths = slot_exit_forward(model, tokens, got, [None, 1.0, None])
+        assert torch.equal(logits, want) and depths == [4, 4, 4] and got.lens[:3] == ref.lens[:3] == [4, 8, 6]
+        for j in range(4):
+            assert torch.equal(got.k[j], ref.k[j]) and torch.equal(got.v[j], ref.v[j])
+
+    (ref, got), tokens = _slot_caches(model, [3, 7, 5])
+    with torch.inference_mode():
+        ref.bind(rows, 1)
+        want = model(tokens, cache=ref)[:, -1]
+        got.bind(rows, 1)
+        logits, depths = slot_exit_forward(model, tokens, got, [None, 0.0, None])  # row 1 leaves at exit 1
+        assert depths == [4, 1, 4] and got.lens[:3] == [4, 8, 6]
+        torch.testing.assert_close(logits[[0, 2]], want[[0, 2]], rtol=1e-5, atol=1e-5)
+        seq = torch.cat([torch.tensor(prompts(1, 7, 51)), tokens[1:2]], dim=1)  # slot 1: its prompt + token
+        h = model.layers["0"](model.tok_embeddings(seq), model.rope_cos, model.rope_sin)[:, -1:]
+        torch.testing.assert_close(logits[1], model.head(h[0, -1]), rtol=1e-5, atol=1e-5)
+        for j in (1, 2, 3):  # the skipped blocks hold keys and values of the exit state (CALM)
+            attn = model.layers[str(j)].attention
+            x = model.layers[str(j)].attention_norm(h)
+            k = apply_rope(attn.wk(x).view(1, 1, -1, attn.head_dim), model.rope_cos[7:8], model.rope_sin[7:8])
+            torch.testing.assert_close(got.k[j][1, 7], k[0, 0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.v[j][1, 7], attn.wv(x)[0, 0].view(-1, attn.head_dim), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.k[j][[0, 2]], ref.k[j][[0, 2]], rtol=1e-5, atol=1e-6)  # the others
