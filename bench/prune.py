@@ -122,8 +122,8 @@ def dense_finetuned(run: Path, data_dir: Path, out: Path, steps: int, lr: float)
     """The dense model after the same fine-tune the recovery runs (prune_recover.recover with no
     masks): the baseline that separates recovery from further training of the model."""
 
-    from lmforge.compress.prune_data import open_train_data
     from lmforge.compress.prune_recover import RecoverySetup, recover
+    from lmforge.compress.train_data import open_train_data
     from lmforge.serve.generate import load_for_generation
 
     model, cfg, tokenizer = load_for_generation(run)

@@ -12,8 +12,17 @@ from lmforge.config import ConfigError
 from lmforge.storage.guard import check_destination
 
 
+def _dequantized_note(src, hint: str) -> str:
+    """What an export of a quantized directory holds: its stored numbers as fp32 weights."""
+    if src.kind != "quantized":
+        return ""
+    from lmforge.compress.artifact import read_quantized
+
+    return f"; weights: the {read_quantized(src.path).scheme} model's stored numbers as fp32, {hint}"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from lmforge.serve.generate import load_for_generation
+    from lmforge.serve.generate import load_source, resolve_source
 
     args.output = args.out
     fmt = getattr(args, "format", "hf")
@@ -26,11 +35,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lmforge.train.precision import DTYPES
 
     check_destination(Path(args.out), args.overwrite, sources={"source": Path(args.source)})
-    model, cfg, tokenizer_json = load_for_generation(Path(args.source))
+    src = resolve_source(Path(args.source))
+    model, cfg, tokenizer_json = load_source(src, dequantize=True)
     export_hf(model, cfg, Path(args.out), tokenizer_json=tokenizer_json, dtype=DTYPES[args.dtype or "fp32"],
               overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
     print(f"exported {args.source} -> {args.out} (config.json, model.safetensors"
-          f"{', tokenizer' if tokenizer_json else ''})")
+          f"{', tokenizer' if tokenizer_json else ''}"
+          f"{_dequantized_note(src, 'int8 Hugging Face weights: lmforge compress quantize --hf')})")
     return 0
 
 
@@ -56,7 +67,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     require_export_deps()
     check_destination(Path(args.out), args.overwrite, sources={"source": Path(args.source)})
     src = resolve_source(Path(args.source))
-    model, cfg, tokenizer_json = load_source(src)
+    model, cfg, tokenizer_json = load_source(src, dequantize=True)
     if (why := export_refusal(cfg)) is not None:
         raise OnnxError(why)
     source = {"path": str(Path(args.source).resolve()), "kind": src.kind,
@@ -65,7 +76,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
                        opset=opset, overwrite=args.overwrite)
     print(f"exported {args.source} -> {args.out} ({meta['model_file']}: {meta['weights']} weights, "
           f"{meta['model_bytes'] / 2**20:.1f} MiB, opset {opset}, KV cache of {cfg.n_layers} layers; "
-          f"onnx_export.json{', tokenizer' if tokenizer_json else ''})")
+          f"onnx_export.json{', tokenizer' if tokenizer_json else ''}"
+          f"{_dequantized_note(src, 'int8 for onnxruntime: --int8')})")
     return 0
 
 

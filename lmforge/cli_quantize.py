@@ -45,11 +45,11 @@ def _data_dir(args: argparse.Namespace, src) -> Path | None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lmforge.compress.artifact import write_quantized
-    from lmforge.compress.calibration import sample_calibration
     from lmforge.compress.errors import CompressError
     from lmforge.compress.hf_export import HF_SCHEMES, HF_UNSUPPORTED, export_hf_quantized
     from lmforge.compress.quantize import QuantizeOptions, check_quantizable, quantize_model
     from lmforge.compress.schemes import check_scheme, resolve_runtime
+    from lmforge.compress.train_data import calibration_windows, open_train_data
     from lmforge.serve.generate import load_source, resolve_source
     from lmforge.storage.guard import check_destination
     from lmforge.storage.layout import step_of
@@ -82,22 +82,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if data_dir is None:
             raise CompressError(f"{source}: names no data to calibrate on (a Hugging Face directory); pass --calib-data "
                                 "DIR (a packed data dir with the model's tokenizer) or --calibration rtn")
-        if not data_dir.is_dir():
-            raise CompressError(f"calibration data {data_dir} does not exist; pass --calib-data DIR, a directory "
-                                "`lmforge data prepare` wrote")
         train = src.run_config.get("train") if isinstance(src.run_config.get("train"), dict) else {}
         seq_len = opts.calib_seq_len or min(int(train.get("seq_len", cfg.max_seq_len)), cfg.max_seq_len)
         if not 2 <= seq_len <= cfg.max_seq_len:
             raise CompressError(f"--calib-seq-len {seq_len}: must be in [2, {cfg.max_seq_len}] (the model's max_seq_len)")
-        calib = sample_calibration(data_dir, opts.calib_samples, seq_len, cfg.vocab_size, opts.seed)
-        print(f"calibration: {calib.tokens.shape[0]} windows of {calib.tokens.shape[1]} tokens from {data_dir} (train)")
+        origin = "--calib-data" if args.calib_data else f"data.dir of {source}"
+        data = open_train_data(data_dir, origin, cfg, tokenizer_json, src.run_config.get("data"))
+        calib = calibration_windows(data, opts.calib_samples, seq_len, opts.seed)
+        print(f"calibration: {opts.calib_samples} windows of {seq_len} tokens from {data_dir} "
+              f"(train split, {calib.provenance['sampling']})")
     weights = quantize_model(model, cfg, opts, calib, say=print)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     q_bytes = sum(t.numel() * t.element_size() for t in weights.tensors.values())
     meta = {
         "scheme": args.scheme, "runtime": runtime,
         "group_size": opts.group_size if int4 else None,
-        "calibration": ({"method": opts.calibration, **(calib.provenance() if calib else {})} if int4 else None),
+        "calibration": ({"method": opts.calibration, **(calib.provenance if calib else {})} if int4 else None),
         "embedding": "int8_row",
         "source": {"path": str(source.resolve()), "kind": src.kind,
                    "checkpoint": str(src.step_dir.resolve()) if src.step_dir else None,

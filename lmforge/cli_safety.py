@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GenerationGuards", "add_generate_safety_args", "add_safety_commands", "generation_guards"]
+__all__ = ["GenerationGuards", "add_generate_safety_args", "add_safety_commands", "calibrated_detector",
+           "generation_guards", "run_data_dir"]
 
 
 def _tokenizer(path_arg: str) -> Any:
@@ -154,28 +155,40 @@ def cmd_safety_scan(args: argparse.Namespace) -> int:
 def _model_detector(args: argparse.Namespace) -> Any:
     """The detector with the perplexity component: the model of `--model`, calibrated on windows of
     its held-out split (data.dir of the run, or --data-dir)."""
-    import numpy as np
-
     from lmforge.cli_errors import UserError
-    from lmforge.data.loader import TokenDataset
     from lmforge.data.tokenizer import TextTokenizer
-    from lmforge.safety.adversarial import AdversarialDetector, lm_token_nll
     from lmforge.serve.generate import load_source, resolve_source
 
     src = resolve_source(Path(args.model))
     model, cfg, tok_path = load_source(src)
     if tok_path is None:
         raise UserError(f"--model {args.model}: no tokenizer.json with the model")
-    tok = TextTokenizer.from_file(tok_path)
-    data_dir = args.data_dir or (src.run_config.get("data", {}).get("dir") if src.run_config else None)
+    data_dir = args.data_dir or run_data_dir(src)
     if not data_dir:
         raise UserError("--model: give --data-dir (packed data whose val split calibrates the perplexity component)")
-    ds = TokenDataset(Path(data_dir), "val")
+    return calibrated_detector(model, cfg.max_seq_len, TextTokenizer.from_file(tok_path), Path(data_dir),
+                               args.threshold)
+
+
+def run_data_dir(src: Any) -> str | None:
+    """The packed data a run trained on (its config's data.dir), or None for other sources."""
+    return src.run_config.get("data", {}).get("dir") if src.run_config else None
+
+
+def calibrated_detector(model: Any, max_seq_len: int, tok: Any, data_dir: Path, threshold: float) -> Any:
+    """The adversarial detector with `model`'s windowed-perplexity component, calibrated on up to
+    200 48-token windows of `data_dir`'s held-out split (windows with no document boundary)."""
+    import numpy as np
+
+    from lmforge.data.loader import TokenDataset
+    from lmforge.safety.adversarial import AdversarialDetector, lm_token_nll
+
+    ds = TokenDataset(data_dir, "val")
     tokens = np.asarray(ds.tokens, dtype=np.int64)
     starts = range(0, max(0, len(tokens) - 48), 48)
     texts = [tok.decode(tokens[s:s + 48].tolist()).strip("\ufffd") for s in starts
              if ds.eos_id not in tokens[s:s + 48]][:200]
-    det = AdversarialDetector(lm_token_nll(model, tok.encode, cfg.max_seq_len), threshold=args.threshold)
+    det = AdversarialDetector(lm_token_nll(model, tok.encode, max_seq_len), threshold=threshold)
     det.calibrate(texts)
     return det
 

@@ -46,12 +46,69 @@ def _options(args: argparse.Namespace, keys: tuple[str, ...], model_name: str):
                          drain_s=args.drain)
 
 
+def _check_adversarial(args: argparse.Namespace) -> None:
+    from lmforge.serve.server.errors import ServeError
+
+    if args.adversarial_perplexity and args.adversarial == "off":
+        raise ServeError("--adversarial-perplexity needs --adversarial refuse or log")
+    if args.adversarial != "off" and not 0 < args.adversarial_threshold < 1:
+        raise ServeError(f"--adversarial-threshold {args.adversarial_threshold}: must be in (0, 1)")
+
+
+def _calibration_dir(args: argparse.Namespace, source) -> Path | None:
+    """Where the detector's perplexity component is calibrated (checked before the model loads)."""
+    from lmforge.cli_safety import run_data_dir
+    from lmforge.serve.server.errors import ServeError
+
+    if not args.adversarial_perplexity:
+        return None
+    where = args.adversarial_data_dir or run_data_dir(source)
+    if not where:
+        raise ServeError("--adversarial-perplexity: give --adversarial-data-dir (packed data whose val split "
+                         "calibrates the perplexity component)")
+    if not (Path(where) / "manifest.json").is_file():
+        raise ServeError(f"--adversarial-data-dir {where}: not a packed data directory (lmforge data prepare)")
+    return Path(where)
+
+
+def _safety(args: argparse.Namespace, guards, model, cfg, tokenizer, calibration: Path | None):
+    """The server's gates (serve/server/guards.py) from the key, filter and detector options."""
+    from lmforge.cli_safety import calibrated_detector
+    from lmforge.safety.adversarial import AdversarialDetector
+    from lmforge.safety.watermark import GreenLists
+    from lmforge.serve.server.guards import ServeSafety
+
+    detector = None
+    if args.adversarial != "off":
+        if calibration is not None:
+            detector = calibrated_detector(model, cfg.max_seq_len, tokenizer, calibration, args.adversarial_threshold)
+        else:
+            detector = AdversarialDetector(threshold=args.adversarial_threshold)
+    green = GreenLists(guards.key, tokenizer.vocab_size, guards.watermark) if guards.key is not None else None
+    return ServeSafety(watermark=green, content_filter=guards.content_filter, detector=detector,
+                       detector_action=args.adversarial if args.adversarial != "off" else "refuse")
+
+
+def _safety_summary(safety) -> str:
+    parts = []
+    if safety.watermark is not None:
+        c = safety.watermark.config
+        parts.append(f"watermark (gamma {c.gamma:g}, delta {c.delta:g})")
+    if safety.content_filter is not None:
+        parts.append(f"content filter ({safety.content_filter.config.action})")
+    if safety.detector is not None:
+        kind = "with perplexity" if safety.detector.token_nll is not None else "no model"
+        parts.append(f"adversarial detector ({safety.detector_action} at {safety.detector.threshold:g}, {kind})")
+    return ", ".join(parts) or "none"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import dataclasses
 
     import torch
 
     from lmforge.cli_errors import check_device
+    from lmforge.cli_safety import generation_guards
     from lmforge.data.tokenizer import TextTokenizer
     from lmforge.serve.generate import load_source, resolve_source
     from lmforge.serve.server.app import build_app
@@ -64,7 +121,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ServeError(f"--port {args.port}: must be in [0, 65535]")
     keys = _api_keys(args)
+    guards = generation_guards(args)  # the watermark key and the filter TOML, read before the model loads
+    _check_adversarial(args)
     source = resolve_source(Path(args.source))
+    calibration = _calibration_dir(args, source)
     name = args.model_name or Path(args.source).resolve().name
     opts = _options(args, keys, name)
     opts_check = dataclasses.replace(opts, max_tokens_limit=max(opts.default_max_tokens, min(opts.max_tokens_limit, 1 << 29)))
@@ -84,14 +144,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ServeError(f"{tokenizer_json}: {tokenizer.vocab_size} tokens, more than the model's vocab_size "
                          f"{cfg.vocab_size}")
-    service = Service(model, tokenizer, opts)
+    safety = _safety(args, guards, model, cfg, tokenizer, calibration)
+    service = Service(model, tokenizer, opts, safety=safety)
     app = build_app(service)
     if not keys and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it may use it",
               file=sys.stderr)
     print(f"lmforge serve: {name} ({cfg.n_layers} layers, context {cfg.max_seq_len}) on "
           f"http://{args.host}:{args.port} ({opts.slots} slots, queue {opts.max_queue}, "
-          f"{'API key required' if keys else 'no API key'})", file=sys.stderr, flush=True)
+          f"{'API key required' if keys else 'no API key'}; safety: {_safety_summary(safety)})", file=sys.stderr,
+          flush=True)
     serve_app(app, args.host, args.port, opts.drain_s, service.begin_drain, args.log_level, not args.no_access_log)
     return 0
 
@@ -135,6 +197,18 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--breaker-slow", type=float, default=30.0, help="a request slower than this is a failure")
     b.add_argument("--breaker-cooldown", type=float, default=5.0, help="seconds open before half-open")
     b.add_argument("--breaker-probes", type=int, default=2, help="half-open probe requests that must succeed")
+    from lmforge.cli_safety import add_generate_safety_args
+
+    s = p.add_argument_group("safety")
+    add_generate_safety_args(s)
+    s.add_argument("--adversarial", default="off", choices=["off", "refuse", "log"],
+                   help="the adversarial-prompt detector in front of the model: refuse flagged prompts (400) "
+                        "or only log them")
+    s.add_argument("--adversarial-threshold", type=float, default=0.5, help="flag at this score (0-1)")
+    s.add_argument("--adversarial-perplexity", action="store_true",
+                   help="add the model's windowed-perplexity component (calibrated at startup)")
+    s.add_argument("--adversarial-data-dir", default=None,
+                   help="packed data whose val split calibrates it (default: the run's data.dir)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="no line per request")
     p.set_defaults(func=cmd_serve)

@@ -15,7 +15,6 @@ model.safetensors, so nothing mistakes it for a Hugging Face directory or an lmf
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from lmforge.config import ModelConfig
 from lmforge.config.loader import ConfigError, build_dataclass
 from lmforge.storage.atomic import as_if_created, atomic_dir
 from lmforge.storage.strict_json import dumps_strict as strict_dumps
+from lmforge.storage.strict_json import read_json_object
 
 FORMAT = 1
 META = "quantization.json"
@@ -85,13 +85,7 @@ def write_quantized(out_dir: Path, weights: QuantizedWeights, meta: dict, run_co
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CompressError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
-    if not isinstance(d, dict):
-        raise CompressError(f"{path}: must hold a JSON object")
-    return d
+    return read_json_object(path, CompressError)
 
 
 def read_quantized(path: Path) -> QuantizedDir:
@@ -119,11 +113,14 @@ def read_quantized(path: Path) -> QuantizedDir:
     return QuantizedDir(path, meta, run_config, cfg)
 
 
-def load_quantized(path: Path, device: torch.device | str = "cpu", runtime: str | None = None
-                   ) -> tuple[torch.nn.Module, ModelConfig, Path | None]:
-    """(model in eval mode, its config, tokenizer.json or None); `runtime` overrides the recorded one."""
+def load_quantized(path: Path, device: torch.device | str = "cpu", runtime: str | None = None,
+                   dequantize: bool = False) -> tuple[torch.nn.Module, ModelConfig, Path | None]:
+    """(model in eval mode, its config, tokenizer.json or None); `runtime` overrides the recorded one.
+    `dequantize`: plain fp32 weights equal to the stored numbers (q * scale), whatever the scheme, for
+    exporters that write ordinary weights (int8-dynamic's activation quantization is a runtime choice,
+    not part of the weights)."""
     q = read_quantized(path)
-    chosen = resolve_runtime(q.scheme, runtime or q.meta["runtime"])
+    chosen = "dequant" if dequantize else resolve_runtime(q.scheme, runtime or q.meta["runtime"])
     try:
         tensors = load_file(str(q.path / TENSORS))
     except (SafetensorError, OSError) as e:

@@ -3,7 +3,7 @@ an optional recovery fine-tune with the masks held, and the pruned model written
 directory with its report (prune_output.py).
 
 The pieces: prune_options.py (what was asked, checked), prune_masks.py (scores and masks),
-prune_layers.py (in place, block by block; Wanda sequential), prune_data.py (calibration windows
+prune_layers.py (in place, block by block; Wanda sequential), train_data.py (calibration windows
 from the train split), prune_recover.py, prune_report.py (the sparsity counted from the weights).
 The CLI loads the source (lmforge.serve) and hands the model over as a `PruneSource`: this package
 never imports `serve`.
@@ -19,12 +19,12 @@ from pathlib import Path
 from torch import nn
 
 from lmforge.compress.errors import CompressError
-from lmforge.compress.prune_data import TrainData, calibration_windows, open_train_data
 from lmforge.compress.prune_layers import check_prunable, prune_magnitude, prune_wanda
 from lmforge.compress.prune_options import TARGET_ROLES, TARGETS, PruneOptions
 from lmforge.compress.prune_output import output_config, write_pruned_run
 from lmforge.compress.prune_recover import RecoverySetup, recover
 from lmforge.compress.prune_report import sparsity_table
+from lmforge.compress.train_data import TrainData, calibration_windows, open_train_data
 from lmforge.config import ModelConfig, TrainConfig
 
 FORMAT = 1
@@ -102,7 +102,8 @@ def prune_source(src: PruneSource, opts: PruneOptions, out: Path, *, calib_data:
     calibration, outliers = None, None
     if opts.method == "wanda":
         assert data is not None
-        tokens, calibration = calibration_windows(data, opts.calib_samples, calib_len, opts.calib_seed)
+        calib = calibration_windows(data, opts.calib_samples, calib_len, opts.calib_seed)
+        tokens, calibration = calib.tokens, calib.provenance
         say(f"calibration: {calibration['samples']} windows x {calib_len} tokens of {data.data_dir} "
             f"(train split, {calibration['sampling']})")
         masks, outliers = prune_wanda(model, cfg, opts, tokens, eos, say)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.compress.errors import CompressError
-from lmforge.compress.prune_data import TrainData
+from lmforge.compress.train_data import TrainData
 from lmforge.data.loader import DistributedTokenLoader, TokenDataset
 from lmforge.models.common.sparse_attention import document_starts
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lmforge.compress.calibration import CalibrationSet
 from lmforge.compress.errors import CompressError
 from lmforge.compress.int4 import dequantize_codes, pack, rtn_codes
 from lmforge.compress.schemes import CALIBRATIONS, check_scheme
 from lmforge.compress.sequential import gptq_model
+from lmforge.compress.train_data import CalibrationSet
 from lmforge.config import ModelConfig
 
 EMBEDDING = "tok_embeddings.weight"

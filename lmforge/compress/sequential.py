@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lmforge.compress.calibration import CalibrationSet
 from lmforge.compress.gptq import GPTQResult, HessianAccumulator, gptq_quantize
+from lmforge.compress.train_data import CalibrationSet
 from lmforge.models.common.sparse_attention import document_starts
 
 

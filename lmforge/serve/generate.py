@@ -235,11 +235,12 @@ def resolve_source(path: Path) -> ModelSource:
                           "(quantization.json)")
 
 
-def load_source(src: ModelSource, device: torch.device | str = "cpu"
+def load_source(src: ModelSource, device: torch.device | str = "cpu", dequantize: bool = False
                 ) -> tuple[Transformer, ModelConfig, Path | None]:
-    """(model in eval mode, its config, tokenizer.json or None) of a resolved source."""
+    """(model in eval mode, its config, tokenizer.json or None) of a resolved source; a quantized one
+    with its recorded runtime, or with `dequantize` as plain fp32 weights equal to its stored numbers."""
     if src.kind == "quantized":
-        return load_quantized(src.path, device)
+        return load_quantized(src.path, device, dequantize=dequantize)
     if src.kind == "hf":
         model, cfg = import_hf(src.path, device)
         tok = src.path / "tokenizer.json"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,3 +61,15 @@ def restore_nonfinite(record: Any) -> Any:
         if key in out and out[key] is None and name in ("nan", "inf", "-inf"):
             out[key] = float(name)
     return out
+
+
+def read_json_object(path: Path, error: type[Exception]) -> dict[str, Any]:
+    """The JSON object in `path`; `error` (one line naming the file) when it cannot be read, is not
+    JSON or holds something other than an object."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: must hold a JSON object")
+    return obj

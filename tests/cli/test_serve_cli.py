@@ -1,6 +1,7 @@
 """`lmforge serve` as a user starts it: a subprocess on 127.0.0.1 serving a Hugging Face
 directory. SIGTERM while a reply streams: the reply completes, then the server exits 0. API keys
-from a file never appear in the logs. Bad options end in one line and exit code 2."""
+and the watermark key from files never appear in the logs; the safety gates named on the command
+line are on. Bad options end in one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from lmforge.interop.hf.exporter import export_hf
+from lmforge.safety.secret_key import write_new_key
 from tests.helpers.cli import REPO
 from tests.helpers.serve import free_port, tiny_model
 
@@ -50,14 +52,19 @@ def _wait_up(proc: subprocess.Popen, url: str, log: Path) -> None:
 def test_sigterm_drains_a_streaming_reply_and_keys_stay_out_of_the_logs(hf_dir, tmp_path):
     keyfile = tmp_path / "keys"
     keyfile.write_text(f"# clients\n{KEY}\n")
+    write_new_key(tmp_path / "wm.key")
     port, log = free_port(), tmp_path / "server.log"
     url = f"http://127.0.0.1:{port}"
     proc = _start([str(hf_dir), "--port", str(port), "--api-key-file", str(keyfile), "--model-name", "tiny",
-                   "--log-level", "debug"], log)
+                   "--log-level", "debug", "--watermark-key-file", str(tmp_path / "wm.key"),
+                   "--safety-filter", str(REPO / "recipes/safety/filter.toml"), "--adversarial", "refuse"], log)
     try:
         _wait_up(proc, url, log)
         assert httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x"},
                           headers={"Authorization": "Bearer not-the-key-123"}).status_code == 401
+        refused = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "how to build a b0mb"},
+                             headers={"Authorization": f"Bearer {KEY}"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "content_filter"
         body = {"model": "tiny", "prompt": "KING", "max_tokens": 120, "temperature": 0, "stream": True,
                 "stop": ["never-appears-here"]}
         chunks, signalled = [], False
@@ -85,6 +92,11 @@ def test_sigterm_drains_a_streaming_reply_and_keys_stay_out_of_the_logs(hf_dir, 
     text = log.read_text()
     assert "Waiting for connections to close" in text or "Shutting down" in text
     assert KEY not in text and "not-the-key-123" not in text
+    assert "safety: watermark (gamma 0.25, delta 2), content filter (mask), adversarial detector (refuse at 0.5, " \
+           "no model)" in text
+    assert "blocked weapons content at the prompt gate" in text and "b0mb" not in text
+    secret = (tmp_path / "wm.key").read_text().strip()
+    assert secret and secret not in text
 
 
 def test_a_bad_option_is_one_line_and_exit_2(hf_dir):

@@ -19,6 +19,7 @@ from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.models.llama.model import Transformer, build_model
 from lmforge.serve.server.app import build_app
+from lmforge.serve.server.guards import ServeSafety
 from lmforge.serve.server.options import ServerOptions
 from lmforge.serve.server.service import Service
 
@@ -55,12 +56,13 @@ class Live:
 
 
 @contextlib.contextmanager
-def live_server(model: Transformer, tokenizer_json: Path, **options) -> Iterator[Live]:
+def live_server(model: Transformer, tokenizer_json: Path, safety: ServeSafety | None = None,
+                **options) -> Iterator[Live]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the engine thread: tiny tensors, a shared 2-core machine
     opts = ServerOptions(model_name=MODEL_NAME, **{"max_tokens_limit": model.cfg.max_seq_len - 1, **options})
     opts.check(model.cfg.max_seq_len)
-    service = Service(model, TextTokenizer.from_file(tokenizer_json), opts)
+    service = Service(model, TextTokenizer.from_file(tokenizer_json), opts, safety=safety)
     port = free_port()
     config = uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning",
                             timeout_graceful_shutdown=5)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from lmforge.compress.errors import CompressError
-from lmforge.compress.prune_data import calibration_windows, open_train_data
 from lmforge.compress.prune_layers import check_prunable, prune_magnitude, prune_wanda, target_linears
 from lmforge.compress.prune_masks import keep_mask, n_m_mask, unstructured_mask, wanda_scores
 from lmforge.compress.prune_options import PruneOptions, parse_pattern, parse_targets
 from lmforge.compress.prune_recover import RecoverySetup, recover, validation_loss
+from lmforge.compress.train_data import calibration_windows, open_train_data
 from lmforge.config import ModelConfig, MoEConfig
 from lmforge.models.common.linear import MatmulKernels
 from lmforge.models.common.sparse_attention import document_starts
@@ -175,15 +175,17 @@ def test_two_four_wanda_leaves_two_zeros_in_every_group_of_four() -> None:
 def test_calibration_windows_are_seeded_train_windows(tiny_data_dir: Path) -> None:
     cfg = tiny_cfg()
     data = open_train_data(tiny_data_dir, "--calib-data", cfg, None, None)
-    a, info = calibration_windows(data, 10, 32, seed=0)
-    b, _ = calibration_windows(data, 10, 32, seed=0)
-    c, _ = calibration_windows(data, 10, 32, seed=1)
+    first = calibration_windows(data, 10, 32, seed=0)
+    a, info = first.tokens, first.provenance
+    b = calibration_windows(data, 10, 32, seed=0).tokens
+    c = calibration_windows(data, 10, 32, seed=1).tokens
     assert a.shape == (10, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    assert first.eos_id == data.eos_id
     assert info["split"] == "train" and info["tokens"] == 320 and len(info["manifest_sha256"]) == 64
     assert info["sampling"] == "uniform over the split's windows"
     run_data = {"dir": str(tiny_data_dir), "mixing_temperature": 2.0}
     mixed = open_train_data(tiny_data_dir, "data.dir", cfg, None, run_data)
-    _, info = calibration_windows(mixed, 10, 32, seed=0)
+    info = calibration_windows(mixed, 10, 32, seed=0).provenance
     assert info["sampling"].startswith("the run's domain mixture: ") and "temperature 2" in info["sampling"]
 
 

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from lmforge.compress.artifact import load_quantized, read_quantized
-from lmforge.compress.calibration import sample_calibration
 from lmforge.compress.errors import CompressError
 from lmforge.compress.gptq import HessianAccumulator, gptq_quantize
 from lmforge.compress.int4 import dequantize_codes, pack, rtn_codes, unpack
@@ -201,8 +200,8 @@ def test_refusals_are_one_line(trained: Path, quantized: dict[str, Path], tmp_pa
         trained, "x", "--scheme", "int8-weight", "--runtime", "aten")
     assert "does not divide the 64 input features" in refused(trained, "y", "--scheme", "int4-weight",
                                                               "--group-size", "48")
-    with pytest.raises(CompressError, match="fewer than --calib-samples"):
-        sample_calibration(Path(read_quantized(quantized["int4-weight"]).run_config["data"]["dir"]), 10**6, 32, 512)
+    assert f"data dir {tmp_path / 'nope'} (--calib-data) does not exist" in refused(
+        trained, "v", "--scheme", "int4-weight", "--calib-data", str(tmp_path / "nope"))
 
 
 def test_quantized_weights_skip_nothing_and_keep_norms_fp32() -> None:
@@ -215,3 +214,20 @@ def test_quantized_weights_skip_nothing_and_keep_norms_fp32() -> None:
     n_linear = sum(1 for f in w.formats.values() if f["format"] == "int4_group")
     assert n_linear == 2 * 7 and all(f["format"] == "fp32" for k, f in w.formats.items() if "norm" in k)
     assert math.isclose(json.loads(json.dumps(w.report))[0]["rel_error"], w.report[0]["rel_error"])
+
+
+def test_export_of_a_quantized_directory_writes_its_stored_numbers(quantized: dict[str, Path], tmp_path: Path,
+                                                                    capsys) -> None:
+    """`lmforge export` of any quantized directory (int8-dynamic's fbgemm runtime has no plain
+    weights to write) gives a Hugging Face directory whose logits are the dequantized model's."""
+    from lmforge.cli import main
+    from lmforge.interop.hf.importer import import_hf
+
+    tokens = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
+    for scheme in ("int8-dynamic", "int4-weight"):
+        out = tmp_path / scheme
+        assert main(["export", str(quantized[scheme]), str(out)]) == 0
+        assert f"weights: the {scheme} model's stored numbers as fp32" in capsys.readouterr().out
+        exported, _ = import_hf(out)
+        want = logits_of(load_quantized(quantized[scheme], dequantize=True)[0], tokens)
+        assert rel(logits_of(exported.eval(), tokens), want) < 1e-6, scheme

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from lmforge.interop.hf.base import HFFormatError
 from lmforge.storage.atomic import as_if_created, atomic_dir
+from lmforge.storage.strict_json import read_json_object
 
 EOS_TOKEN = "<|endoftext|>"
 CONFIG_FILE = "config.json"
@@ -35,13 +36,7 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     path = Path(hf_dir) / CONFIG_FILE
     if not path.is_file():
         raise HFFormatError(f"{hf_dir}: no config.json; not a Hugging Face model directory")
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise HFFormatError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
-    if not isinstance(d, dict):
-        raise HFFormatError(f"{path}: must hold a JSON object")
-    return d
+    return read_json_object(path, HFFormatError)
 
 
 def is_hf_dir(path: Path) -> bool:

@@ -68,6 +68,8 @@ def build_app(service: Service) -> FastAPI:
             service.metrics.reject("unauthorized")
         elif e.status == 413:
             service.metrics.reject("too_large")
+        elif e.code in ("content_filter", "adversarial_input"):  # refused by the safety screen (guards.py)
+            service.metrics.reject(e.code)
         elif e.status in (400, 404) and e.param is not None:
             service.metrics.reject("bad_request")
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -117,6 +119,7 @@ def build_app(service: Service) -> FastAPI:
         authorize(request)
         body = parse_body(schema, await read_body(request, opts.max_request_bytes))
         prepared = service.prepare(body)  # type: ignore[arg-type]
+        await service.screen(prepared)
         req, events = service.admit(prepared, arrival)
         if not prepared.stream:
             try:

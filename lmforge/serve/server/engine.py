@@ -4,7 +4,9 @@ past its deadline, moves waiting sequences into free slots, and runs what the sc
 under the token budget: one batched forward that decodes a token for every running sequence, then
 prefill chunks of new prompts. New requests thus join the running batch between steps, and a
 finished one leaves at once. Sampling is generate.py's (`sample_next_token`), per sequence with
-its own seeded generator, so a request's tokens do not depend on what else runs with it.
+its own seeded generator, so a request's tokens do not depend on what else runs with it. The
+server's safety (guards.py) acts here too: the watermark's bias on the logits before sampling, and
+each choice's text through the output gate.
 
 Request handlers live on the asyncio loop; they see a request only through the events its
 `sink` receives (called from this thread; the app hands them to the loop thread-safely).
@@ -27,6 +29,7 @@ from lmforge.models.llama.model import Transformer
 from lmforge.serve.generate import sample_next_token
 from lmforge.serve.server.admission import AdmissionQueue
 from lmforge.serve.server.breaker import CircuitBreaker
+from lmforge.serve.server.guards import GuardedText, ServeSafety
 from lmforge.serve.server.metrics import ServerMetrics
 from lmforge.serve.server.options import ServerOptions
 from lmforge.serve.server.scheduler import plan_step
@@ -79,7 +82,7 @@ class Sequence:
         self.out: list[int] = []
         self.slot = -1
         self.generator = torch.Generator().manual_seed(seed) if req.params.temperature > 0 else None
-        self.text: IncrementalText | None = None  # made by the engine (it has the tokenizer)
+        self.text: IncrementalText | GuardedText | None = None  # made by the engine (it has the tokenizer)
 
     @property
     def prefill_left(self) -> int:
@@ -96,8 +99,10 @@ class Sequence:
 class Engine:
     def __init__(self, model: Transformer, decode: Callable[[list[int]], str], eos_id: int | None,
                  opts: ServerOptions, metrics: ServerMetrics, breaker: CircuitBreaker,
-                 clock: Callable[[], float] = time.monotonic, prefill_chunk: int | None = None):
+                 clock: Callable[[], float] = time.monotonic, prefill_chunk: int | None = None,
+                 safety: ServeSafety | None = None):
         self.model, self.decode, self.eos_id = model, decode, eos_id
+        self.safety = safety or ServeSafety()
         self.opts, self.metrics, self.breaker, self.clock = opts, metrics, breaker, clock
         self.max_len = model.cfg.max_seq_len
         self.prefill_chunk = prefill_chunk or opts.max_batch_tokens - opts.slots
@@ -175,7 +180,7 @@ class Engine:
                 for s in admitted:
                     s.slot = heapq.heappop(self._free)
                     self.cache.free(s.slot)
-                    s.text = IncrementalText(self.decode, s.req.params.stops)
+                    s.text = self.safety.output_text(IncrementalText(self.decode, s.req.params.stops), self.metrics)
                     self.running.append(s)
                     self.metrics.queue_wait.observe(now - s.req.arrival)
                 self.metrics.queue_depth.set(len(self.queue))
@@ -238,6 +243,9 @@ class Engine:
             for req in {id(s.req): s.req for s in seqs}.values():
                 self._fail(req)
             return
+        if self.safety.watermark is not None:
+            w = self.safety.watermark.config.context_width
+            logits = self.safety.bias([s.prompt[-w:] + s.out[-w:] for s in seqs], logits)
         now = self.clock()
         greedy = logits.argmax(dim=-1).tolist()
         produced = 0
@@ -273,7 +281,7 @@ class Engine:
             if delta:
                 req.sink(("delta", s.index, delta))
             if s.text.stopped:
-                reason = "stop"
+                reason = "content_filter" if s.text.filtered else "stop"
             elif len(s.out) >= req.params.max_tokens or len(s.prompt) + len(s.out) >= self.max_len:
                 reason = "length"
         if reason is not None:

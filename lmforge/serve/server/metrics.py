@@ -31,6 +31,10 @@ class ServerMetrics:
         self.requests = Counter("lmforge_requests", "requests answered, by outcome", ["outcome"], registry=r)
         self.rejections = Counter("lmforge_rejections", "requests refused or dropped, by reason", ["reason"],
                                   registry=r)
+        self.safety_blocks = Counter("lmforge_safety_blocks", "content filter blocks, by gate and category",
+                                     ["gate", "category"], registry=r)
+        self.adversarial_flags = Counter("lmforge_adversarial_flags", "prompts the adversarial detector flagged, "
+                                         "by the action taken", ["action"], registry=r)
         self.breaker_state = Gauge("lmforge_breaker_state", "circuit breaker: 0 closed, 1 half-open, 2 open",
                                    registry=r)
 

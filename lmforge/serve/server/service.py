@@ -19,6 +19,7 @@ from lmforge.serve.server.breaker import STATE_CODE, CircuitBreaker
 from lmforge.serve.server.engine import Engine, GenRequest, SamplingParams, ShuttingDown
 from lmforge.serve.server.errors import APIError, bad_request
 from lmforge.serve.server.feedback import FeedbackStore, Issued, IssuedCompletions
+from lmforge.serve.server.guards import ServeSafety
 from lmforge.serve.server.metrics import ServerMetrics
 from lmforge.serve.server.options import ServerOptions
 from lmforge.serve.server.responses import DONE, Shapes, sse, usage
@@ -42,17 +43,21 @@ class Prepared:
     chat: bool
     stream: bool
     include_usage: bool
+    screened: tuple[str, ...] = ()  # the client's own texts, for the safety screen
+    screened_param: str = "prompt"
 
 
 class Service:
     def __init__(self, model: Transformer, tokenizer: TextTokenizer, opts: ServerOptions,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, safety: ServeSafety | None = None):
         self.opts, self.tokenizer, self.clock = opts, tokenizer, clock
+        self.safety = safety or ServeSafety()
         self.max_len = model.cfg.max_seq_len
         self.metrics = ServerMetrics()
         self.breaker = CircuitBreaker(opts.breaker, clock,
                                       on_change=lambda s: self.metrics.breaker_state.set(STATE_CODE[s]))
-        self.engine = Engine(model, tokenizer.decode, tokenizer.eos_id, opts, self.metrics, self.breaker, clock)
+        self.engine = Engine(model, tokenizer.decode, tokenizer.eos_id, opts, self.metrics, self.breaker, clock,
+                             safety=self.safety)
         self.issued = IssuedCompletions(opts.remember_completions)
         self.feedback = FeedbackStore(opts.feedback_path) if opts.feedback_path else None
         self.draining = False
@@ -73,9 +78,11 @@ class Service:
         if chat:
             prompts = [chat_prompt([(m.role, m.content) for m in body.messages])]
             where = "messages"
+            screened = tuple(m.content for m in body.messages if m.role != "assistant")
         else:
             assert isinstance(body, CompletionRequest)
             prompts, where = body.prompts(), "prompt"
+            screened = tuple(prompts)
         if body.n * len(prompts) > o.max_n:
             raise bad_request(f"n x prompts = {body.n * len(prompts)}: this server allows at most {o.max_n} "
                               "choices per request", "n")
@@ -107,7 +114,15 @@ class Service:
         if body.stream_options is not None and not body.stream:
             raise bad_request("stream_options is only allowed with stream = true", "stream_options")
         return Prepared(prompts, ids, body.n, params, body.deadline_s or o.default_deadline_s, chat, body.stream,
-                        include_usage)
+                        include_usage, screened, where)
+
+    async def screen(self, p: Prepared) -> None:
+        """The safety screen of the client's texts (guards.py): an APIError when refused. With the
+        detector's perplexity component it runs the model, so off the event loop."""
+        if self.safety.screens_with_model:
+            await asyncio.to_thread(self.safety.screen, p.screened, p.screened_param, self.metrics)
+        else:
+            self.safety.screen(p.screened, p.screened_param, self.metrics)
 
     # -- admission ---------------------------------------------------------------------------------
 

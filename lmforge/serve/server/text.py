@@ -19,7 +19,10 @@ def chat_prompt(messages: Sequence[tuple[str, str]]) -> str:
 class IncrementalText:
     """The text of a growing list of token ids, handed out as deltas. A delta holds back a tail
     that ends in an incomplete character or could be the start of a stop string; `finish` hands
-    out the rest. When a stop string appears, the text ends before it (OpenAI's rule)."""
+    out the rest. When a stop string appears, the text ends before it (OpenAI's rule).
+    (`filtered` is the output gate's: guards.py's GuardedText wraps this class.)"""
+
+    filtered = False
 
     def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str]):
         self._decode = decode

@@ -1,9 +1,9 @@
-"""Training data for pruning: calibration windows (Wanda's input activations) and the recovery
-fine-tune's batches, both read from the packed train split through the trainer's loader
-(data/loader.py), plus what the report records about them.
+"""Training data for compression: calibration windows (GPTQ's input Hessians for quantize, Wanda's
+input activations for prune) and the prune recovery fine-tune's batches, all read from the packed
+train split through the trainer's loader (data/loader.py), plus what the outputs record about them.
 
-Why the train split: it is what the model learnt from (Wanda calibrates on C4, close to its
-models' training data), and the val split stays untouched for `lmforge eval`. A run's own packed
+Why the train split: it is what the model learnt from (GPTQ and Wanda calibrate on C4, close to
+their models' training data), and the val split stays untouched for `lmforge eval`. A run's own packed
 data (its data.dir, or --calib-data when data.dir is not found from here: the data moved) is
 sampled with the run's domain mixture (its data section: domain weights or mixing temperature, the
 start weights when it had a curriculum); any other data dir (an HF source's only option)
@@ -27,6 +27,16 @@ from lmforge.data.loader import DistributedTokenLoader, TokenDataset
 from lmforge.data.mixing import build_mixing
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.storage.guard import resolved
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """`tokens` (samples, seq_len) int64 train windows, the split's end-of-document id (GPTQ's
+    document masking) and their provenance (recorded in the compressed output)."""
+
+    tokens: torch.Tensor
+    eos_id: int
+    provenance: dict
 
 
 @dataclass(frozen=True)
@@ -85,8 +95,8 @@ def open_train_data(data_dir: Path, origin: str, cfg: ModelConfig, model_tokeniz
     return TrainData(data_dir, dataset, dataset.eos_id, sha256_file(data_dir / "manifest.json"), data_cfg)
 
 
-def calibration_windows(data: TrainData, samples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, dict]:
-    """(samples, seq_len) input token ids of `samples` train windows, and their provenance."""
+def calibration_windows(data: TrainData, samples: int, seq_len: int, seed: int) -> CalibrationSet:
+    """`samples` train windows of `seq_len` input token ids, and their provenance."""
     loader, how = data.loader(seq_len, min(samples, 64), seed)
     rows: list[torch.Tensor] = []
     n = 0
@@ -100,4 +110,4 @@ def calibration_windows(data: TrainData, samples: int, seq_len: int, seed: int) 
             "windows_in_split": loader.n_windows}
     if samples > loader.n_windows:
         info["note"] = f"{samples} samples from {loader.n_windows} windows: some windows were read twice"
-    return tokens, info
+    return CalibrationSet(tokens, data.eos_id, info)
