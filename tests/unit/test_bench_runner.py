@@ -94,6 +94,6 @@ def test_bench_sh_covers_every_benchmark() -> None:
     # as the base): run by hand after scripts/run_default.sh (docs/benchmarks.md), not by bench.sh on
     # a fresh clone
     by_hand = ("synthetic_detection", "onnx_export", "watermark", "adversarial", "quantize", "prune", "distill",
-               "continual")
+               "continual", "early_exit")
     scripts = {p.stem for p in BENCH.glob("*.py") if p.stem not in ("run_all", "_check", *by_hand)}
     assert listed == scripts and "train_throughput" in listed

@@ -309,3 +309,19 @@ def test_slot_step_without_thresholds_is_the_model_and_per_row_thresholds_exit_a
             torch.testing.assert_close(got.k[j][1, 7], k[0, 0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got.v[j][1, 7], attn.wv(x)[0, 0].view(-1, attn.head_dim), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got.k[j][[0, 2]], ref.k[j][[0, 2]], rtol=1e-5, atol=1e-6)  # the others
+
+
+def test_training_flops_count_the_exit_heads():
+    from lmforge.observability.flops import training_flops_per_token
+    from lmforge.observability.step_flops import StepFlops
+
+    plain = SIZES["debug"]
+    exits = replace(plain, n_layers=3, early_exit=EarlyExitConfig(layers=[1, 2]))
+    three = replace(plain, n_layers=3)
+    head = 3 * 2 * plain.dim * plain.vocab_size  # forward + backward of one more head per token
+    assert training_flops_per_token(exits, 32) == pytest.approx(training_flops_per_token(three, 32) + 2 * head)
+    untrained = replace(exits, early_exit=EarlyExitConfig(layers=[1, 2], loss_weight=0))
+    assert training_flops_per_token(untrained, 32) == training_flops_per_token(three, 32)
+    flops = StepFlops(exits, 32)
+    flops.add(torch.zeros((2, 32), dtype=torch.long))  # one document per row: the per-token count
+    assert flops.take(None, torch.device("cpu")) == pytest.approx(64 * training_flops_per_token(exits, 32))
