@@ -20,7 +20,7 @@ from pathlib import Path
 from lmforge.cli_compress import add_compress_command
 from lmforge.cli_data import add_data_commands
 from lmforge.cli_distill import add_distill_command, load_teacher
-from lmforge.cli_errors import check_device, check_text_arg, explain
+from lmforge.cli_errors import UserError, check_device, check_text_arg, explain
 from lmforge.cli_eval import add_eval_command
 from lmforge.cli_export import add_export_command, cmd_export
 from lmforge.cli_plan import add_plan_command
@@ -270,9 +270,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     note = context_note(args.max_new_tokens, len(ids), cfg.max_seq_len)
     if note:
         print(note, file=sys.stderr)
+    processor = guards.processor(tok.vocab_size)
+    if args.self_speculative:  # the full model's greedy output, drafted from an early exit
+        from lmforge.serve.speculative import SpeculationStats, self_speculative_generate
+
+        if args.temperature != 0 or processor is not None or args.early_exit_threshold is not None:
+            raise UserError("--self-speculative is greedy decoding of the full model: use --temperature 0, and no "
+                            "--watermark-key-file or --early-exit-threshold with it")
+        stats = SpeculationStats()
+        row = self_speculative_generate(model, ids, args.max_new_tokens, args.draft_layer, args.draft_tokens,
+                                        tok.eos_id, stats)
+        print(f"self-speculation: {stats.accepted}/{stats.drafted} drafts accepted in {stats.rounds} rounds",
+              file=sys.stderr)
+        print(args.prompt + guards.output(tok, row))
+        return 0
+    policy, depths = None, []
+    if args.early_exit_threshold is not None:
+        from lmforge.serve.early_exit import ExitPolicy
+
+        policy = ExitPolicy(args.early_exit_threshold, args.early_exit_measure)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
-                   eos_id=tok.eos_id, logits_processor=guards.processor(tok.vocab_size))
+                   eos_id=tok.eos_id, logits_processor=processor, early_exit=policy, exit_depths=depths)
+    if depths:
+        shares = ", ".join(f"{k}: {depths.count(k)}" for k in sorted(set(depths)))
+        print(f"early exit: {len(depths)} decode steps, mean depth {sum(depths) / len(depths):.2f} of {cfg.n_layers} "
+              f"blocks (steps per depth: {shares})", file=sys.stderr)
     print(args.prompt + guards.output(tok, out[0]))
     return 0
 
@@ -397,6 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--early-exit-threshold", type=float, default=None,
+                   help="adaptive depth: a token leaves at the first early exit whose confidence >= this "
+                        "(model.early_exit; 0: always the first exit, >= 1: never)")
+    p.add_argument("--early-exit-measure", default="max_prob", choices=("max_prob", "margin"),
+                   help="confidence of an exit's distribution: top probability, or top-1 minus top-2")
+    p.add_argument("--self-speculative", action="store_true",
+                   help="greedy output of the full model, drafted by an early exit and verified in one forward")
+    p.add_argument("--draft-layer", type=int, default=None, help="the exit that drafts (default: the first)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="draft tokens per verification")
     add_generate_safety_args(p)
     p.set_defaults(func=cmd_generate)
 

@@ -29,14 +29,16 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lmforge.interop.onnx.errors import OnnxError
     from lmforge.observability.errors import ObservabilityError
     from lmforge.safety.errors import SafetyError
+    from lmforge.serve.early_exit import EarlyExitError
     from lmforge.serve.generate import GenerationError
     from lmforge.serve.server.errors import ServeError
     from lmforge.storage.guard import DestinationError
     from lmforge.storage.lock import RunDirBusy
     from lmforge.train.stability import TrainingDivergedError
 
-    return (ConfigError, CheckpointError, CompressError, DataError, EvalError, HFFormatError, GenerationError, ObservabilityError,
-            OnnxError, TrainingDivergedError, DestinationError, RunDirBusy, SafetyError, ServeError, UserError)
+    return (ConfigError, CheckpointError, CompressError, DataError, EarlyExitError, EvalError, HFFormatError, GenerationError,
+            ObservabilityError, OnnxError, TrainingDivergedError, DestinationError, RunDirBusy, SafetyError, ServeError,
+            UserError)
 
 
 _OOM = re.compile(r"can't allocate memory|out of memory|Cannot allocate memory|std::bad_alloc", re.IGNORECASE)

@@ -20,7 +20,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_device(args.device, "--device")
     opts = EvalOptions(data_dir=Path(args.data_dir) if args.data_dir else None, max_batches=args.max_batches,
                        seq_len=args.seq_len, items=args.items, speed=not args.no_speed, device=args.device,
-                       suites=parse_suites(args.suite))
+                       suites=parse_suites(args.suite), early_exit=tuple(args.early_exit),
+                       early_exit_measure=args.early_exit_measure)
     opts.check()
     if args.out:
         args.output = args.out
@@ -31,6 +32,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         write_results(Path(args.out), results)
         print(f"wrote {args.out}")
     return 0
+
+
+def _thresholds(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers, e.g. 0.8,0.9") from None
 
 
 def add_eval_command(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +56,9 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--items", type=int, default=200, help="cloze items (0: no cloze task)")
     p.add_argument("--no-speed", action="store_true", help="skip the generation speed measurement")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (cuda when there is one)")
+    p.add_argument("--early-exit", type=_thresholds, default=(), metavar="T[,T...]",
+                   help="also the perplexity under early exit at these thresholds (model.early_exit; >= 1: full depth)")
+    p.add_argument("--early-exit-measure", default="max_prob", choices=("max_prob", "margin"))
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_eval)

@@ -43,7 +43,7 @@ def _options(args: argparse.Namespace, keys: tuple[str, ...], model_name: str):
                          default_max_tokens=args.default_max_tokens, max_n=args.max_n,
                          max_request_bytes=args.max_request_bytes, api_keys=keys,
                          feedback_path=Path(args.feedback) if args.feedback else None, breaker=breaker,
-                         drain_s=args.drain)
+                         drain_s=args.drain, early_exit_threshold=args.early_exit_threshold)
 
 
 def _check_adversarial(args: argparse.Namespace) -> None:
@@ -136,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model, cfg, tokenizer_json = load_source(source, device=args.device)
     if tokenizer_json is None:
         raise ServeError(f"{args.source}: no tokenizer.json with the model; serving needs one")
-    check_servable(cfg)
+    check_servable(cfg, opts.early_exit_threshold)
     if args.max_tokens_limit is None:
         opts = dataclasses.replace(opts, max_tokens_limit=cfg.max_seq_len - 1)
     opts.check(cfg.max_seq_len)
@@ -190,6 +190,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get 413")
     g.add_argument("--drain", type=float, default=30.0, help="on SIGTERM: seconds to let requests finish")
     g.add_argument("--feedback", default=None, help="JSONL file that POST /v1/feedback appends to")
+    g.add_argument("--early-exit-threshold", type=float, default=None,
+                   help="adaptive depth for requests that do not set early_exit_threshold: a token leaves at the "
+                        "first early exit whose confidence reaches this (model.early_exit; >= 1: never)")
     b = p.add_argument_group("circuit breaker")
     b.add_argument("--breaker-error-rate", type=float, default=0.5, help="failure share that opens it")
     b.add_argument("--breaker-window", type=int, default=20, help="recent outcomes it looks at")

@@ -273,6 +273,18 @@ class JobConfig:
         self._check_hierarchical(world_size)
         self._check_comm_combinations(world_size)
         self.distill.validate_layout(r.tp, r.pp, r.ep, m.vocab_size)
+        self._check_early_exit(r.tp, r.pp)
+
+    def _check_early_exit(self, tp: int, pp: int) -> None:
+        """The exit loss (train/exit_loss.py) needs every exit's whole-vocabulary logits on the rank
+        that runs the exit's blocks: data parallelism only (DDP, FSDP2, HSDP; EP inside it)."""
+        ee = self.model.early_exit
+        if not ee.layers or ee.loss_weight == 0:
+            return
+        for key, degree, why in (("parallel.pp", pp, "pipeline stages hold the exits' blocks apart from the LM head"),
+                                 ("parallel.tp", tp, "tensor parallelism shards the logits over the vocabulary")):
+            require(degree == 1, key, degree, f"must be 1 with model.early_exit.layers = {ee.layers} (exit loss "
+                    f"weight {ee.loss_weight}): {why}; train exits with data parallelism (DDP, FSDP2, HSDP)")
 
     def _check_comm_combinations(self, world_size: int) -> None:
         """Gradient compression needs data-parallel ranks; FSDP2 can only cast (its reduce dtype)."""

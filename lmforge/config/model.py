@@ -178,6 +178,32 @@ class AttentionConfig:
 
 
 @dataclass
+class EarlyExitConfig:
+    """Adaptive depth (issue 17): exits after some blocks, LayerSkip-style (Elhoushi et al., 2024).
+
+    `layers`: exit after this many blocks (1 .. n_layers - 1), e.g. [2] on a 4-block model reads
+    the next-token distribution after blocks 0 and 1. Every exit shares the final norm and the LM
+    head (no parameters of its own), so a checkpoint without exits loads unchanged and the head's
+    cost is paid once per exit checked. Training adds `loss_weight` x each exit's cross-entropy
+    to the loss (lmforge/train/exit_loss.py); inference stops at the first exit whose confidence
+    passes a threshold (lmforge/serve/early_exit.py), or drafts from the first exit for
+    self-speculative decoding (lmforge/serve/speculative.py). Empty `layers`: no exits.
+    """
+
+    layers: list[int] = field(default_factory=list)
+    loss_weight: float = 0.5
+
+    def validate(self, n_layers: int, section: str = "model.early_exit") -> None:
+        require(all(isinstance(k, int) and 1 <= k < n_layers for k in self.layers), f"{section}.layers", self.layers,
+                f"each exit must be after 1 .. {n_layers - 1} blocks (model.n_layers = {n_layers}: the last "
+                "block is the full model)")
+        require(self.layers == sorted(set(self.layers)), f"{section}.layers", self.layers,
+                "must be distinct and increasing")
+        require(0 <= self.loss_weight <= 10, f"{section}.loss_weight", self.loss_weight,
+                "must be in [0, 10] (0: exits not trained)")
+
+
+@dataclass
 class ModelConfig:
     """Llama-style decoder. `ffn_hidden=None` derives the SwiGLU width like Llama (8/3·dim, rounded)."""
 
@@ -199,6 +225,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)  # variant per layer (issue 13)
     family: str = "llama"  # the model family (lmforge/models/registry.py: FAMILIES)
+    early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)  # adaptive depth (issue 17)
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` has a Mixture-of-Experts feed-forward (see MoEConfig)."""
@@ -265,6 +292,7 @@ class ModelConfig:
                 self.rope_scaling.type, "needs a head dim > 2 (NTK scales the base by factor^(d / (d - 2)))")
         self.moe.validate(f"{section}.moe")
         self.attention.validate(f"{section}.attention")
+        self.early_exit.validate(self.n_layers, f"{section}.early_exit")
         if self.moe.n_experts:
             require(self.moe.first_k_dense < self.n_layers, f"{section}.moe.first_k_dense", self.moe.first_k_dense,
                     f"must be < {section}.n_layers ({self.n_layers}) or no layer is MoE")

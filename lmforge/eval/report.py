@@ -50,6 +50,16 @@ def _cloze_table(c: dict) -> Table:
     return t
 
 
+def _early_exit_table(e: dict, full: dict | None) -> Table:
+    t = _table(f"early exit (exits after {', '.join(map(str, e['layers']))} of {e['n_layers']} blocks; "
+               f"{e['rows'][0]['measure']})", ["threshold", "ppl", "vs full", "mean depth", "tokens leaving at exit"])
+    for r in e["rows"]:
+        vs = f"{r['perplexity'] / full['perplexity'] - 1:+.2%}" if full else ""
+        shares = ", ".join(f"{k}: {v:.0%}" for k, v in r["exit_share"].items())
+        t.add_row(f"{r['threshold']:g}", _f(r["perplexity"], 2), vs, f"{r['mean_depth']:.2f}", shares)
+    return t
+
+
 def _speed_table(s: dict) -> Table:
     t = _table("speed, batch 1, greedy", ["measure", "value"])
     m = s["memory"]
@@ -91,5 +101,7 @@ def print_results(results: dict, console: Console | None = None) -> None:
         console.print(_bias_table(det["bias"]))
         console.print(f"pairs: {det['bias']['pairs']}, sha256 {det['bias']['pairs_sha256'][:16]}; names: "
                       f"{det['bias']['sources']['names']}")
+    if det.get("early_exit"):
+        console.print(_early_exit_table(det["early_exit"], det.get("perplexity")))
     if results.get("timing"):
         console.print(_speed_table(results["timing"]["speed"]))

@@ -19,6 +19,7 @@ from lmforge.config import ModelConfig, TrainConfig
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.eval.bias import Probes, load_probes, run_bias
 from lmforge.eval.cloze import SEED, build_items, model_scorer, score_items
+from lmforge.eval.early_exit import exit_scores
 from lmforge.eval.errors import EvalError
 from lmforge.eval.heldout import HeldOut, check_tokenizer, open_heldout
 from lmforge.eval.perplexity import Windows, heldout_perplexity
@@ -36,7 +37,8 @@ ABOUT = ("deterministic: the same for every evaluation of this checkpoint on thi
 @dataclass(frozen=True)
 class EvalOptions:
     """What `lmforge eval` was asked: --suite, --data-dir, --max-batches, --seq-len, --items, --no-speed,
-    --device."""
+    --device, --early-exit (thresholds: perplexity under early exit, eval/early_exit.py) and
+    --early-exit-measure."""
 
     data_dir: Path | None = None
     max_batches: int | None = None
@@ -45,6 +47,8 @@ class EvalOptions:
     speed: bool = True
     device: str = "cpu"
     suites: tuple[str, ...] = ("default",)
+    early_exit: tuple[float, ...] = ()
+    early_exit_measure: str = "max_prob"
 
     def check(self) -> None:
         bad = [s for s in self.suites if s not in SUITES]
@@ -52,6 +56,9 @@ class EvalOptions:
             why = f"unknown suite {bad[0]!r}" if bad else "a suite named twice"
             raise EvalError(f"--suite {','.join(self.suites)}: {why}; allowed: {', '.join(SUITES)}, or a comma list "
                             "such as default,bias")
+        for t in self.early_exit:
+            if not t >= 0:  # also NaN
+                raise EvalError(f"--early-exit {t}: thresholds must be >= 0 (>= 1: the full model)")
         if self.max_batches is not None and self.max_batches < 1:
             raise EvalError(f"--max-batches {self.max_batches}: must be >= 1 (global batches of the held-out "
                             "split; leave it out to read the whole split)")
@@ -148,6 +155,11 @@ def _default_suite(out: dict, src: ModelSource, model: torch.nn.Module, cfg: Mod
         det["perplexity"] = heldout_perplexity(model, held, _windows(src, cfg.max_seq_len, opts),
                                                device, eos, note)
         det["cloze"] = _cloze(model, held, tok.encode, cfg.max_seq_len, device, opts.items, note)
+        if opts.early_exit:
+            scores = exit_scores(model, held, _windows(src, cfg.max_seq_len, opts), device, eos,
+                                 opts.early_exit_measure)
+            det["early_exit"] = {"layers": list(scores.layers), "n_layers": cfg.n_layers,
+                                 "rows": [scores.at(t) for t in opts.early_exit]}
     if opts.speed:
         out["timing"] = {"speed": measure_speed(model, cfg.vocab_size, cfg.max_seq_len, device)}
 

@@ -145,9 +145,17 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return flops_breakdown(cfg, seq_len)["forward"]
 
 
+def exit_head_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of the early exits' heads while training them (model.early_exit:
+    each exit runs the shared LM head once more; none when the exits are not trained)."""
+    ee = cfg.early_exit
+    return 2.0 * cfg.dim * cfg.vocab_size * len(ee.layers) if ee.loss_weight > 0 else 0.0
+
+
 def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward + backward FLOPs per trained token: 3 x forward. The numerator of MFU.
+    """Forward + backward FLOPs per trained token: 3 x forward (early-exit heads included). The
+    numerator of MFU.
 
     Activation checkpointing recomputes the forward but is not counted (that would be HFU).
     """
-    return (1.0 + BACKWARD_TO_FORWARD) * forward_flops_per_token(cfg, seq_len)
+    return (1.0 + BACKWARD_TO_FORWARD) * (forward_flops_per_token(cfg, seq_len) + exit_head_flops_per_token(cfg))

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.config import ModelConfig
-from lmforge.observability.flops import BACKWARD_TO_FORWARD, attended_pairs, flops_breakdown
+from lmforge.observability.flops import BACKWARD_TO_FORWARD, attended_pairs, training_flops_per_token
 
 
 def _masked_pairs(doc_start: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -51,7 +51,7 @@ class StepFlops:
         self.layers_per_window = Counter(None if k == "full" else a.window for k in kinds if k != "topk")
         exact_per_seq = sum(n * attended_pairs("full" if w is None else "window", seq_len, w)
                             for w, n in self.layers_per_window.items())
-        per_token = (1.0 + BACKWARD_TO_FORWARD) * flops_breakdown(cfg, seq_len)["forward"]
+        per_token = training_flops_per_token(cfg, seq_len)
         self.other_per_token = per_token - self.per_pair * exact_per_seq / seq_len
         self.reset()
 

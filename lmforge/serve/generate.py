@@ -25,6 +25,7 @@ from lmforge.interop.hf.importer import import_hf
 from lmforge.interop.hf.io import is_hf_dir
 from lmforge.models.llama.model import Transformer
 from lmforge.models.registry import family_of
+from lmforge.serve.early_exit import EarlyExitDecoder, ExitPolicy
 from lmforge.storage.layout import MANIFEST, RunDir
 
 
@@ -101,12 +102,15 @@ def _prompt_tensor(prompt_ids: list[int] | list[list[int]] | torch.Tensor, devic
 def generate(model: Transformer, prompt_ids: list[int] | list[list[int]] | torch.Tensor, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, use_cache: bool = True, eos_id: int | None = None,
-             logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+             logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             early_exit: ExitPolicy | None = None, exit_depths: list[int] | None = None
              ) -> list[list[int]]:
     """New tokens for each prompt row (the prompt not included). A row stops at `eos_id` (which is
     kept as its last token), every row at `max_new_tokens` or at the model's max_seq_len.
     `logits_processor(tokens so far (batch, seq), logits (batch, vocab)) -> logits` runs on the raw
-    logits before each sampling step, in both paths (e.g. safety/watermark.py's watermark)."""
+    logits before each sampling step, in both paths (e.g. safety/watermark.py's watermark).
+    `early_exit`: adaptive depth (serve/early_exit.py; needs the cache): each decoded token comes
+    from the first confident exit; the blocks each step ran are appended to `exit_depths`."""
     check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
@@ -127,8 +131,12 @@ def generate(model: Transformer, prompt_ids: list[int] | list[list[int]] | torch
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_kv_cache(batch, prompt_len + budget) if use_cache else None
-        logits = model(tokens, cache=cache)[:, -1]
+        if early_exit is not None:
+            if not use_cache:
+                raise GenerationError("early exit needs the KV cache (use_cache = True)")
+            exiting = EarlyExitDecoder(model, batch, prompt_len + budget, early_exit)
+        cache = model.new_kv_cache(batch, prompt_len + budget) if use_cache and early_exit is None else None
+        logits = model(tokens, cache=cache)[:, -1] if early_exit is None else exiting.prefill(tokens)
         done = [False] * batch
         for step in range(budget):
             if logits_processor is not None:
@@ -140,14 +148,18 @@ def generate(model: Transformer, prompt_ids: list[int] | list[list[int]] | torch
                     done[row] = tok == eos_id
             if all(done) or step == budget - 1:
                 break
-            if cache is None or logits_processor is not None:  # the tokens so far: the input, or the processor's
+            if not use_cache or logits_processor is not None:  # the tokens so far: the input, or the processor's
                 tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            if cache is not None:
+            if early_exit is not None:
+                logits = exiting.step(nxt[:, None])
+            elif cache is not None:
                 logits = model(nxt[:, None], cache=cache)[:, -1]
             else:
                 logits = model(tokens)[:, -1]
     finally:
         model.train(was_training)
+    if early_exit is not None and exit_depths is not None:
+        exit_depths.extend(exiting.depths)
     return out
 
 

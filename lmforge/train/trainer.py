@@ -45,6 +45,7 @@ from lmforge.train.data_stage import open_loaders, prepare_training_data
 from lmforge.train.distill import Teacher, build_distiller
 from lmforge.train.energy_log import RunEnergy
 from lmforge.train.evaluate import local_validation_loss
+from lmforge.train.exit_loss import ExitLoss
 from lmforge.train.faults import FaultInjector
 from lmforge.train.frozen_adamw import hand_over_frozen_variance
 from lmforge.train.lr_schedule import build_scheduler
@@ -157,6 +158,7 @@ class Trainer:
         # Distillation (distill.teacher set): the loss of train/distill.py in place of cross-entropy.
         self.distill, self.cfg = build_distiller(self.cfg, self._teacher, self.data_dir, self.device)
         cfg, self._teacher = self.cfg, None
+        self.exit_loss = ExitLoss.for_model(cfg.model, self.device)  # early exits (model.early_exit) or None
         self.acct = StepAccounting(cfg, breakdown, self.model, self.train_loader, self.device, self.info.world_size,
                                    self._dp_group(), self.comm, self.say)
         self.faults.maybe_slow_network(self.model, self.acct.bd.wrap_comm_hook)  # test-only (LMFORGE_FAULTS)
@@ -263,8 +265,12 @@ class Trainer:
             return loss.detach() if loss is not None else torch.zeros((), device=self.device)
         sync = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
         with sync, loss_parallel_ctx(self.loss_parallel):
+            kwargs = {} if doc_start is None else {"doc_start": doc_start}
             with autocast_context(cfg.train.mixed_precision, self.device):
-                logits = model(x) if doc_start is None else model(x, doc_start=doc_start)
+                if self.exit_loss is not None:  # the final logits and every exit's (train/exit_loss.py)
+                    logits, exit_logits = model(x, exits=True, **kwargs)
+                else:
+                    logits = model(x, **kwargs)
             loss = (self.distill.loss(logits, x, y) if self.distill is not None
                     else tp_cross_entropy(logits, y, self.loss_parallel))
             # MoE aux/z losses join the loss; the logged loss stays the LM loss
@@ -272,6 +278,9 @@ class Trainer:
             if self.faults.active:  # test-only injection (LMFORGE_FAULTS)
                 loss = self.faults.poison_loss(self.state.step + 1, self.train_loader.last_positions.tolist(), loss)
             loss = loss * self.acct.loss_weight()  # by tokens, under load balancing (load_balance.py)
+            if self.exit_loss is not None:  # joins the loss like the router's; the logged loss stays the LM loss
+                exits = self.exit_loss.loss(exit_logits, y) * self.acct.loss_weight()
+                aux = exits if aux is None else aux + exits
             if aux is not None and isinstance(loss, DTensor):  # loss parallel: MoE replicated over tp
                 aux = DTensor.from_local(aux, loss.device_mesh, [Replicate()] * loss.device_mesh.ndim)
             self.scaler.scale((loss + aux if aux is not None else loss) / self.accum).backward()
@@ -436,6 +445,8 @@ class Trainer:
                         metrics.update(self.energy.window_metrics())
                     if self.router is not None:
                         metrics.update(self.router.metrics())
+                    if self.exit_loss is not None:  # exit_loss_<k>: each early exit's cross-entropy
+                        metrics.update(self.exit_loss.window_metrics(self._dp_group()))
                     if self.distill is not None:  # distill_kl, distill_ce (and the cache's hit fraction)
                         metrics.update(self.distill.window_metrics(self._dp_group()))
                     metrics.update(self.acct.window_metrics())  # time parts, comm_bytes, comm_compression_ratio

@@ -133,6 +133,8 @@ def test_sixteen_concurrent_greedy_requests_equal_each_alone(live, model, tok_pa
     ({"prompt": "x", "seed": "s"}, "seed"),
     ({"prompt": "x", "logprobs": 2}, "logprobs"),
     ({"prompt": "x", "bogus": 1}, "bogus"),
+    ({"prompt": "x", "early_exit_threshold": -0.5}, "early_exit_threshold"),
+    ({"prompt": "x", "early_exit_threshold": 0.5}, "early_exit_threshold"),  # this model has no exits
     ({}, "prompt"),
     ({"prompt": "x " * 200}, "prompt"),
 ])

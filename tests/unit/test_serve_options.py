@@ -27,6 +27,7 @@ GOOD = ServerOptions(model_name="m", max_tokens_limit=100)
     ({"api_keys": ("has space 123",)}, "no whitespace"),
     ({"breaker": BreakerOptions(error_rate=1.5)}, "--breaker-error-rate 1.5: must be in (0.0, 1.0]"),
     ({"breaker": BreakerOptions(probes=0)}, "--breaker-probes 0: must be >= 1"),
+    ({"early_exit_threshold": -0.1}, "--early-exit-threshold -0.1: must be in [0.0, inf]"),
 ])
 def test_bad_options_are_named(change, message):
     GOOD.check(max_seq_len=128)
@@ -45,3 +46,13 @@ def test_models_continuous_batching_cannot_serve_are_refused():
     topk = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, layers=["topk"]))
     with pytest.raises(ServeError, match="top-k"):
         check_servable(topk)
+
+
+def test_a_server_wide_early_exit_threshold_needs_a_model_with_exits():
+    from lmforge.config.model import EarlyExitConfig
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32)
+    with pytest.raises(ServeError, match="--early-exit-threshold 0.9: the model has no early exits") as e:
+        check_servable(cfg, 0.9)
+    assert "\n" not in str(e.value)
+    check_servable(dataclasses.replace(cfg, early_exit=EarlyExitConfig(layers=[1])), 0.9)

@@ -103,11 +103,15 @@ class Transformer(nn.Module):
             nn.init.trunc_normal_(self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | SlotKVCache | None = None,
-                doc_start: torch.Tensor | None = None) -> torch.Tensor:
+                doc_start: torch.Tensor | None = None, exits: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """tokens (batch, seq) -> logits (batch, seq, vocab). With `cache`, positions continue
         from `cache.pos` and the cache is advanced; with a SlotKVCache each row continues its own
         slot (the slots `bind` chose). `doc_start` (batch, seq): document masking
-        (sparse_attention.document_starts of the packed tokens; RoPE positions do not restart)."""
+        (sparse_attention.document_starts of the packed tokens; RoPE positions do not restart).
+        `exits`: also the logits of every early exit (model.early_exit.layers, through the shared
+        final norm and head), returned as (logits, [exit logits in layer order]); inside forward
+        so that DDP and FSDP2 see the head's parameters used there (the exit loss trains them)."""
         start = cache.pos if isinstance(cache, KVCache) else 0
         seq = tokens.shape[1]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
@@ -122,10 +126,20 @@ class Transformer(nn.Module):
             cos, sin = cos[flat], sin[flat]
         else:
             cos, sin = cos[start:], sin[start:]
-        for layer in self.layers.values():
+        exit_after = set(self.cfg.early_exit.layers) if exits else set()
+        exit_logits = []
+        for name, layer in self.layers.items():
             h = layer(h, cos, sin, cache, doc_start)
+            if int(name) + 1 in exit_after:
+                exit_logits.append(self.head(h))
         if cache is not None:
             cache.advance(seq)
+        logits = self.head(h)
+        return (logits, exit_logits) if exits else logits
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm and LM head (each skipped where a pipeline stage does not hold it): the
+        full model's last step, and every early exit's (shared, LayerSkip-style)."""
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

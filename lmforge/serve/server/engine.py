@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.models.llama.model import Transformer
+from lmforge.serve.early_exit import slot_exit_forward
 from lmforge.serve.generate import sample_next_token
 from lmforge.serve.server.admission import AdmissionQueue
 from lmforge.serve.server.breaker import CircuitBreaker
@@ -52,6 +53,7 @@ class SamplingParams:
     top_k: int | None = None
     seed: int | None = None
     stops: tuple[str, ...] = ()
+    early_exit_threshold: float | None = None  # serve/early_exit.py: slot_exit_forward (None: full depth)
 
 
 class GenRequest:
@@ -223,7 +225,7 @@ class Engine:
         plan = plan_step(self.running, self.opts.max_batch_tokens, self.prefill_chunk)
         if plan.decode:
             self.metrics.batch_size.observe(len(plan.decode))
-            self._forward(plan.decode, [[s.out[-1]] for s in plan.decode], 1)
+            self._forward(plan.decode, [[s.out[-1]] for s in plan.decode], 1, decode=True)
         for s, n in plan.prefill:
             if not s.cancelled:
                 self._forward([s], [s.prompt[s.fed:s.fed + n]], n)
@@ -233,11 +235,21 @@ class Engine:
             self.running = [s for s in self.running if s.slot >= 0]
             self.metrics.running.set(len(self.running))
 
-    def _forward(self, seqs: list[Sequence], tokens: list[list[int]], n: int) -> None:
+    def _forward(self, seqs: list[Sequence], tokens: list[list[int]], n: int, decode: bool = False) -> None:
+        """One forward over `seqs`; a decode step of early-exit requests stops each row at its exit."""
+        thresholds = [s.req.params.early_exit_threshold for s in seqs]
         try:
             self.cache.bind([s.slot for s in seqs], n)
-            logits = self.model(torch.tensor(tokens, dtype=torch.long, device=self.cache.device), cache=self.cache)
-            logits = logits[:, -1].float()
+            x = torch.tensor(tokens, dtype=torch.long, device=self.cache.device)
+            depths = [self.model.cfg.n_layers] * len(seqs)
+            if decode and any(t is not None and t < 1 for t in thresholds):
+                logits, depths = slot_exit_forward(self.model, x, self.cache, thresholds)
+            else:
+                logits = self.model(x, cache=self.cache)[:, -1].float()
+            if decode:
+                for t, d in zip(thresholds, depths, strict=True):
+                    if t is not None:
+                        self.metrics.exit_tokens.labels(depth=str(d)).inc()
         except Exception:  # noqa: BLE001 (a model fault fails its requests, not the server)
             log.exception("model forward failed for %d sequence(s)", len(seqs))
             for req in {id(s.req): s.req for s in seqs}.values():

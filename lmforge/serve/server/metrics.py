@@ -35,6 +35,9 @@ class ServerMetrics:
                                      ["gate", "category"], registry=r)
         self.adversarial_flags = Counter("lmforge_adversarial_flags", "prompts the adversarial detector flagged, "
                                          "by the action taken", ["action"], registry=r)
+        self.exit_tokens = Counter("lmforge_early_exit_tokens", "decoded tokens of early-exit requests, by the "
+                                   "blocks they ran (the exit layer; the model's depth: no exit)", ["depth"],
+                                   registry=r)
         self.breaker_state = Gauge("lmforge_breaker_state", "circuit breaker: 0 closed, 1 half-open, 2 open",
                                    registry=r)
 

@@ -49,6 +49,7 @@ class ServerOptions:
     remember_completions: int = 10_000  # completion ids kept for feedback
     breaker: BreakerOptions = BreakerOptions()
     drain_s: float = 30.0           # graceful shutdown: the longest wait for in-flight requests
+    early_exit_threshold: float | None = None  # requests without early_exit_threshold (None: full depth)
 
     def check(self, max_seq_len: int) -> None:
         """Every limit in range; one line naming the flag otherwise."""
@@ -65,6 +66,8 @@ class ServerOptions:
         _at_least("--max-request-bytes", self.max_request_bytes, 256)
         _at_least("--remember-completions", self.remember_completions, 1)
         _range("--drain", self.drain_s, 0.0, math.inf)
+        if self.early_exit_threshold is not None:
+            _range("--early-exit-threshold", self.early_exit_threshold, 0.0, math.inf)
         for key in self.api_keys:
             if len(key) < 8 or any(c.isspace() for c in key):
                 raise ServeError("an API key must be at least 8 characters with no whitespace "

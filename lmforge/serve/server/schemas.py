@@ -21,8 +21,10 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """The parameters both endpoints share. `top_k` (as in vLLM) and `deadline_s` (the longest
-    the request may take; past it the request is dropped and answered 504) extend OpenAI's set."""
+    """The parameters both endpoints share. `top_k` (as in vLLM), `deadline_s` (the longest the
+    request may take; past it the request is dropped and answered 504) and `early_exit_threshold`
+    (adaptive depth: a token leaves at the first early exit whose confidence reaches it; >= 1 never;
+    None: the server's --early-exit-threshold) extend OpenAI's set."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -40,6 +42,7 @@ class SamplingFields(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     deadline_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    early_exit_threshold: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
 
     @field_validator("stop")
     @classmethod

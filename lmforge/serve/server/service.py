@@ -53,6 +53,7 @@ class Service:
         self.opts, self.tokenizer, self.clock = opts, tokenizer, clock
         self.safety = safety or ServeSafety()
         self.max_len = model.cfg.max_seq_len
+        self.has_exits = bool(model.cfg.early_exit.layers)
         self.metrics = ServerMetrics()
         self.breaker = CircuitBreaker(opts.breaker, clock,
                                       on_change=lambda s: self.metrics.breaker_state.set(STATE_CODE[s]))
@@ -107,9 +108,13 @@ class Service:
             max_tokens = body.max_tokens
         else:
             max_tokens = min(room, o.max_tokens_limit if chat else o.default_max_tokens)
+        if body.early_exit_threshold is not None and not self.has_exits:
+            raise bad_request("early_exit_threshold: this model has no early exits (model.early_exit.layers is "
+                              "empty)", "early_exit_threshold")
+        exit_at = body.early_exit_threshold if body.early_exit_threshold is not None else o.early_exit_threshold
         params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                                 top_p=body.top_p if body.top_p < 1 else None, top_k=body.top_k, seed=body.seed,
-                                stops=tuple(stops) + (CHAT_STOP if chat else ()))
+                                stops=tuple(stops) + (CHAT_STOP if chat else ()), early_exit_threshold=exit_at)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream_options is not None and not body.stream:
             raise bad_request("stream_options is only allowed with stream = true", "stream_options")
