@@ -29,7 +29,7 @@ import pytest
 from lmforge.cli import main
 from lmforge.data.files import fingerprint
 from lmforge.data.verify import pack_files
-from tests.helpers.cli import REPO, run_cli, tiny_run_args
+from tests.helpers.cli import REPO, tiny_run_args, train_in_process
 
 MAX_STDERR_LINES = 3
 
@@ -63,9 +63,9 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, 
 @pytest.fixture(scope="module")
 def run_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("values-run")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, "--train.steps", "2", "--train.global_batch_size", "2",
-                                     "--train.micro_batch_size", "2", "--train.eval_interval", "0",
-                                     "--checkpoint.interval", "2")])
+    train_in_process(tiny_run_args(tiny_data_dir, run, "--train.steps", "2", "--train.global_batch_size", "2",
+                                   "--train.micro_batch_size", "2", "--train.eval_interval", "0",
+                                   "--checkpoint.interval", "2"))
     return run
 
 

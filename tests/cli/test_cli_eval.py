@@ -16,7 +16,7 @@ from lmforge.config.job import DataConfig, TokenizerConfig
 from lmforge.data.pack import prepare_data
 from lmforge.eval.errors import EvalError
 from lmforge.eval.heldout import check_tokenizer, open_heldout
-from tests.helpers.cli import run_cli, tiny_run_args
+from tests.helpers.cli import tiny_run_args, train_in_process
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def run_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("eval-cli-run")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, "--train.steps", "4", "--train.global_batch_size", "4",
-                                     "--train.micro_batch_size", "4", "--train.eval_interval", "4")])
+    train_in_process(tiny_run_args(tiny_data_dir, run, "--train.steps", "4", "--train.global_batch_size", "4",
+                                   "--train.micro_batch_size", "4", "--train.eval_interval", "4"))
     return run
 
 

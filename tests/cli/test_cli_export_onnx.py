@@ -21,7 +21,7 @@ from lmforge.eval.perplexity import Windows, heldout_perplexity
 from lmforge.eval.runner import EvalOptions, evaluate
 from lmforge.interop.onnx.runtime import OnnxLM
 from lmforge.serve.generate import generate, load_for_generation
-from tests.helpers.cli import run_cli, tiny_run_args
+from tests.helpers.cli import tiny_run_args, train_in_process
 
 PROMPTS = ["And God said", "ROMEO:", "The king of"]
 NEW_TOKENS = 32
@@ -32,10 +32,9 @@ MICRO, GLOBAL = 2, 2
 @pytest.fixture(scope="module")
 def window_run(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("run")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, "--train.steps", "6", "--train.global_batch_size", str(GLOBAL),
-                                     "--train.micro_batch_size", str(MICRO), "--train.eval_interval", "0",
-                                     "--model.attention.layers", "window,full",
-                                     "--model.attention.window", str(WINDOW))])
+    train_in_process(tiny_run_args(tiny_data_dir, run, "--train.steps", "6", "--train.global_batch_size", str(GLOBAL),
+                                   "--train.micro_batch_size", str(MICRO), "--train.eval_interval", "0",
+                                   "--model.attention.layers", "window,full", "--model.attention.window", str(WINDOW)))
     return run
 
 

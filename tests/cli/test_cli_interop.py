@@ -12,14 +12,14 @@ import transformers
 from lmforge.cli import main
 from lmforge.models.llama.model import Transformer
 from lmforge.serve.generate import load_for_generation
-from tests.helpers.cli import run_cli, tiny_run_args
+from tests.helpers.cli import tiny_run_args, train_in_process
 
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("run")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, "--train.steps", "3", "--train.global_batch_size", "2",
-                                     "--train.micro_batch_size", "2", "--train.eval_interval", "0")])
+    train_in_process(tiny_run_args(tiny_data_dir, run, "--train.steps", "3", "--train.global_batch_size", "2",
+                                   "--train.micro_batch_size", "2", "--train.eval_interval", "0"))
     return run
 
 

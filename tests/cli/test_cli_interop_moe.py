@@ -14,7 +14,7 @@ import transformers
 
 from lmforge.cli import main
 from lmforge.serve.generate import generate, load_for_generation
-from tests.helpers.cli import run_cli, tiny_run_args
+from tests.helpers.cli import tiny_run_args, train_in_process
 
 MOE = ["--model.qkv_bias", "true", "--model.moe.n_experts", "4", "--model.moe.top_k", "2",
        "--model.moe.expert_hidden", "32", "--model.moe.n_shared_experts", "1", "--model.moe.shared_expert_gate", "true",
@@ -24,8 +24,8 @@ MOE = ["--model.qkv_bias", "true", "--model.moe.n_experts", "4", "--model.moe.to
 @pytest.fixture(scope="module")
 def moe_run(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("moe-run")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, "--train.steps", "3", "--train.global_batch_size", "2",
-                                     "--train.micro_batch_size", "2", "--train.eval_interval", "0", *MOE)])
+    train_in_process(tiny_run_args(tiny_data_dir, run, "--train.steps", "3", "--train.global_batch_size", "2",
+                                   "--train.micro_batch_size", "2", "--train.eval_interval", "0", *MOE))
     return run
 
 

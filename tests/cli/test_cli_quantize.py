@@ -13,7 +13,7 @@ import pytest
 from lmforge.config import ModelConfig, MoEConfig
 from lmforge.interop.hf.exporter import export_hf
 from lmforge.models.llama.model import build_model
-from tests.helpers.cli import run_cli, run_process_group, tiny_run_args
+from tests.helpers.cli import run_cli, run_process_group, tiny_run_args, train_in_process
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,9 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def run_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("quant-cli-run")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, "--train.steps", "4", "--train.global_batch_size", "4",
-                                     "--train.micro_batch_size", "4", "--train.eval_interval", "4",
-                                     "--checkpoint.interval", "4")])
+    train_in_process(tiny_run_args(tiny_data_dir, run, "--train.steps", "4", "--train.global_batch_size", "4",
+                                   "--train.micro_batch_size", "4", "--train.eval_interval", "4",
+                                   "--checkpoint.interval", "4"))
     return run
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import main
-from tests.helpers.cli import run_cli, tiny_run_args
+from tests.helpers.cli import tiny_run_args, train_in_process
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
@@ -22,10 +22,10 @@ POLICY = str(REPO / "recipes" / "safety" / "filter.toml")
 @pytest.fixture(scope="module")
 def run_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("safety-cli-run")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, "--train.steps", "4", "--train.global_batch_size", "4",
-                                     "--train.micro_batch_size", "4", "--train.eval_interval", "4",
-                                     # room for 200 generated tokens: detection on ~45 tokens failed for some keys
-                                     "--model.max_seq_len", "256")])
+    train_in_process(tiny_run_args(tiny_data_dir, run, "--train.steps", "4", "--train.global_batch_size", "4",
+                                   "--train.micro_batch_size", "4", "--train.eval_interval", "4",
+                                   # room for 200 generated tokens: detection on ~45 tokens failed for some keys
+                                   "--model.max_seq_len", "256"))
     return run
 
 

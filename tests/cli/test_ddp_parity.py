@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process
 from tests.helpers.parity import WEIGHT_PARITY, assert_same_final_weights, library_warnings
 
 STEPS = 6
@@ -52,7 +52,7 @@ def assert_close(ref: list[float], got: list[float], name: str) -> None:
 
 def test_gradient_accumulation_matches(tiny_data_dir: Path, tmp_path: Path, reference: list[float],
                                        reference_dir: Path) -> None:
-    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, "--train.micro_batch_size", "2")])
+    train_in_process(tiny_run_args(tiny_data_dir, tmp_path, *COMMON, "--train.micro_batch_size", "2"))
     assert_close(reference, per_step(tmp_path), "accumulation")
     assert_same_final_weights(reference_dir, tmp_path, "accumulation")
 
@@ -116,8 +116,8 @@ COMPILED_STEPS = 3
 def reference_at_stop_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process, eager, stopped (and checkpointed) after COMPILED_STEPS of the same schedule."""
     run = tmp_path_factory.mktemp("single-stop")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON, "--train.micro_batch_size", "8",
-                                     "--train.stop_at", str(COMPILED_STEPS))])
+    train_in_process(tiny_run_args(tiny_data_dir, run, *COMMON, "--train.micro_batch_size", "8",
+                                   "--train.stop_at", str(COMPILED_STEPS)))
     return run
 
 

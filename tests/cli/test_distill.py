@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import REPO, read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import REPO, read_metrics, run_cli, tiny_run_args, train_in_process
 from tests.helpers.parity import WEIGHT_PARITY, assert_same_final_weights, library_warnings
 
 STEPS = 4
@@ -24,7 +24,7 @@ STUDENT = ["--model.n_layers", "1", "--train.steps", str(STEPS), "--train.global
 @pytest.fixture(scope="module")
 def teacher_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("teacher")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, out, "--train.steps", "6", "--train.eval_interval", "0")])
+    train_in_process(tiny_run_args(tiny_data_dir, out, "--train.steps", "6", "--train.eval_interval", "0"))
     return out
 
 

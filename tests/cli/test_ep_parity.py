@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process
 
 STEPS = 6
 MOE = ["--model.moe.n_experts", "4", "--model.moe.top_k", "2", "--model.moe.expert_hidden", "32",
@@ -60,7 +60,7 @@ def assert_close(ref: dict[int, float], got: dict[int, float], steps: range, nam
 @pytest.fixture(scope="module")
 def reference(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("moe_single")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON)])
+    train_in_process(tiny_run_args(tiny_data_dir, run, *COMMON))
     ref = losses(run)
     assert ref[STEPS] < ref[1]
     return run
@@ -120,7 +120,7 @@ PLAIN_ROUTING = ["--model.moe.aux_loss_coef", "0", "--model.moe.z_loss_coef", "0
 def test_expert_parallel_under_pipeline_matches_one_process(tiny_data_dir: Path, tmp_path: Path) -> None:
     """pp=2 x dp_shard=2 x ep=2 (4 ranks): each rank's micro-batch of 4 is split into 2 pipeline
     micro-batches of 2 sequences, routed each on its own: the reference accumulates 4 of 2."""
-    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path / "single", *COMMON, *PLAIN_ROUTING)])
+    train_in_process(tiny_run_args(tiny_data_dir, tmp_path / "single", *COMMON, *PLAIN_ROUTING))
     run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path / "pp", *COMMON, *PLAIN_ROUTING, "--parallel.pp", "2",
                                      "--parallel.dp_shard", "2", "--parallel.ep", "2",
                                      "--train.micro_batch_size", "4")], nproc=4)
@@ -138,7 +138,7 @@ def test_router_losses_of_every_stage_train_under_pipeline(tiny_data_dir: Path, 
     reference accumulates 4 micro-batches of 2 sequences, as the pipeline routes 2 x 2 per rank step."""
     router = ["--model.moe.aux_loss_coef", "0.1", "--model.moe.z_loss_coef", "0.01",
               "--model.moe.bias_update_rate", "0", "--checkpoint.enabled", "false"]
-    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path / "single", *COMMON, *router)])
+    train_in_process(tiny_run_args(tiny_data_dir, tmp_path / "single", *COMMON, *router))
     run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path / "pp", *COMMON, *router, "--parallel.pp", "2",
                                      "--parallel.dp_shard", "1", "--train.micro_batch_size", "4")], nproc=2)
     for key in ("loss", "grad_norm"):
@@ -168,7 +168,7 @@ BIAS_PP = ["--parallel.pp", "2", "--parallel.dp_shard", "1", "--parallel.pp_sche
 def bias_runs(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(one process, pp=2) with bias balancing and router losses, checkpoints at steps 3 and 6."""
     single, pp = tmp_path_factory.mktemp("bias_single"), tmp_path_factory.mktemp("bias_pp")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, single, *COMMON, *BIAS_PP_LAYERS)])
+    train_in_process(tiny_run_args(tiny_data_dir, single, *COMMON, *BIAS_PP_LAYERS))
     run_cli(["train", *tiny_run_args(tiny_data_dir, pp, *COMMON, *BIAS_PP_LAYERS, *BIAS_PP)], nproc=2)
     return single, pp
 

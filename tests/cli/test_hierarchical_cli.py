@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process
 from tests.helpers.parity import WEIGHT_PARITY, assert_same_final_weights, library_warnings
 
 STEPS = 4
@@ -26,7 +26,7 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.mark.distributed
 def test_hierarchical_ddp_matches_single_process(tiny_data_dir: Path, tmp_path: Path) -> None:
     single, hier = tmp_path / "single", tmp_path / "hier"
-    run_cli(["train", *tiny_run_args(tiny_data_dir, single, *COMMON, "--train.micro_batch_size", "8")])
+    train_in_process(tiny_run_args(tiny_data_dir, single, *COMMON, "--train.micro_batch_size", "8"))
     proc = run_cli(["train", *tiny_run_args(tiny_data_dir, hier, *COMMON, "--train.micro_batch_size", "2",
                                             "--parallel.dp_replicate", "4", "--parallel.dp_shard", "1",
                                             "--comm.hierarchical", "true", "--comm.node_size", "2")], nproc=4)

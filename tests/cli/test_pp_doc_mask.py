@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process
 from tests.helpers.parity import WEIGHT_PARITY, assert_same_final_weights
 
 STEPS = 4
@@ -46,10 +46,9 @@ def losses(run: Path, prefix: str = "train") -> list[float]:
 @pytest.fixture(scope="module")
 def reference(short_docs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("single")
-    run_cli(["train", *run_args(short_docs, run, "--train.micro_batch_size", "8")])
+    train_in_process(run_args(short_docs, run, "--train.micro_batch_size", "8"))
     unmasked = tmp_path_factory.mktemp("single-unmasked")
-    run_cli(["train", *run_args(short_docs, unmasked, "--train.micro_batch_size", "8",
-                                "--model.attention.doc_mask", "false")])
+    train_in_process(run_args(short_docs, unmasked, "--train.micro_batch_size", "8", "--model.attention.doc_mask", "false"))
     # the masks change the result here (else the pipeline cases below would prove nothing)
     assert max(abs(a - b) / a for a, b in zip(losses(run)[1:], losses(unmasked)[1:])) > 1e-3
     return run

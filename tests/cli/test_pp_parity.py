@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process
 from tests.helpers.parity import WEIGHT_PARITY, assert_same_final_weights
 
 STEPS = 5
@@ -25,7 +25,7 @@ def per_step(run_dir: Path, prefix: str = "train") -> list[float]:
 @pytest.fixture(scope="module")
 def reference_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("pp-ref")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON, "--train.micro_batch_size", "8")])
+    train_in_process(tiny_run_args(tiny_data_dir, run, *COMMON, "--train.micro_batch_size", "8"))
     assert len(per_step(run)) == STEPS
     return run
 
@@ -93,6 +93,6 @@ def test_pp2_1f1b_compiled_matches_eager(tiny_data_dir: Path, tmp_path: Path, re
     assert per_step(tmp_path) == pytest.approx(per_step(reference_dir)[:steps], rel=1e-4)
     # Final weights against one eager process stopped at the same step (the eager layouts' 1e-4).
     eager = tmp_path.parent / f"{tmp_path.name}-eager"
-    run_cli(["train", *tiny_run_args(tiny_data_dir, eager, *COMMON, "--train.micro_batch_size", "8",
-                                     "--train.stop_at", str(steps))])
+    train_in_process(tiny_run_args(tiny_data_dir, eager, *COMMON, "--train.micro_batch_size", "8",
+                                   "--train.stop_at", str(steps)))
     assert_same_final_weights(eager, tmp_path, "pp2-1f1b-compile")

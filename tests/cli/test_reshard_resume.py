@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process
 
 COMMON = ["--train.steps", "8", "--train.global_batch_size", "8", "--train.eval_interval", "0",
           "--checkpoint.interval", "4"]
@@ -20,7 +20,7 @@ def losses(run: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def straight(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     run = tmp_path_factory.mktemp("straight")
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON, "--train.micro_batch_size", "8")])
+    train_in_process(tiny_run_args(tiny_data_dir, run, *COMMON, "--train.micro_batch_size", "8"))
     return losses(run)
 
 

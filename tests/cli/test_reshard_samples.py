@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.train.trace import read_traces
-from tests.helpers.cli import run_cli, tiny_run_args
+from tests.helpers.cli import run_cli, tiny_run_args, train_in_process
 
 STEPS = 9
 COMMON = ["--train.steps", str(STEPS), "--train.global_batch_size", "4", "--train.eval_interval", "0",
@@ -33,7 +33,7 @@ def samples(run: Path) -> tuple[list[int], Counter, dict[int, set[int]]]:
 @pytest.mark.distributed
 def test_dp_2_to_1_to_2_sees_each_sample_once(tiny_data_dir: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    run_cli(["train", *tiny_run_args(tiny_data_dir, straight, *COMMON, "--train.micro_batch_size", "4")])
+    train_in_process(tiny_run_args(tiny_data_dir, straight, *COMMON, "--train.micro_batch_size", "4"))
 
     run = tmp_path / "resharded"
     # dp 2 for steps 1-3, dp 1 (2 micro-batches of 2 accumulated) for 4-6, dp 2 again for 7-9.

@@ -1,5 +1,6 @@
 """Resume determinism: 2N steps straight == N steps, save, fresh process, resume, N steps (fp32, CPU),
-bit for bit at every step; and `--resume auto` skips a corrupt newest checkpoint."""
+bit for bit at every step; and `--resume auto` skips a corrupt newest checkpoint. The runs before a
+resume train in this process (tests/helpers/cli.train_in_process); every resume is a fresh process."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process
 
 N = 4
 
@@ -21,10 +22,10 @@ def test_resume_is_bit_identical(tiny_data_dir: Path, tmp_path: Path) -> None:
     common = ["--train.steps", str(2 * N), "--train.global_batch_size", "4", "--train.micro_batch_size", "2",
               "--train.eval_interval", "3", "--checkpoint.interval", "100"]
     straight = tmp_path / "straight"
-    run_cli(["train", *tiny_run_args(tiny_data_dir, straight, *common)])
+    train_in_process(tiny_run_args(tiny_data_dir, straight, *common))
 
     split = tmp_path / "split"
-    run_cli(["train", *tiny_run_args(tiny_data_dir, split, *common, "--train.stop_at", str(N))])
+    train_in_process(tiny_run_args(tiny_data_dir, split, *common, "--train.stop_at", str(N)))
     assert sorted(losses(split)) == list(range(1, N + 1))
     run_cli(["train", *tiny_run_args(tiny_data_dir, split, *common, "--checkpoint.resume", "auto")])
 
@@ -44,7 +45,7 @@ def test_resume_auto_falls_back_past_corrupt_checkpoint(tiny_data_dir: Path, tmp
     run = tmp_path / "run"
     common = ["--train.steps", "6", "--train.global_batch_size", "2", "--train.micro_batch_size", "2",
               "--train.eval_interval", "0", "--checkpoint.interval", "2", "--checkpoint.keep_last", "5"]
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, *common, "--train.stop_at", "4")])
+    train_in_process(tiny_run_args(tiny_data_dir, run, *common, "--train.stop_at", "4"))
     ckpts = sorted((run / "checkpoints").glob("step-*"))
     assert [c.name for c in ckpts] == ["step-00000002", "step-00000004"]
     # Truncate the largest data file of the newest checkpoint.

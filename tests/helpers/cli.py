@@ -1,5 +1,6 @@
 """The lmforge CLI from tests: a debug-sized run's arguments, `lmforge` in a fresh process (under
-torchrun when nproc > 1, killed with its whole process group on a timeout), and a run's metrics."""
+torchrun when nproc > 1, killed with its whole process group on a timeout) or a one-process
+`lmforge train` in this process, and a run's metrics."""
 
 from __future__ import annotations
 
@@ -51,6 +52,26 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.C
     proc = run_process_group(cmd, env, timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     return proc
+
+
+def train_in_process(args: list[str]) -> None:
+    """`lmforge train ARGS` in this process (`lmforge.cli.main`), on one intra-op thread as
+    run_cli's OMP_NUM_THREADS=1 (its losses are bit-equal to run_cli's). For one-process runs a
+    test compares against or starts from, where what the run computes is the point and not the
+    process: a fresh `lmforge` process spends ~5 s of 2 cores importing torch, this ~0.5 s of
+    training. Runs under test for what a process does (exit codes, stderr, signals, a resume in
+    a new process, peak RSS, torchrun) keep run_cli."""
+    import torch
+
+    from lmforge.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["train", *args])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, f"lmforge train {' '.join(args)}: exit code {code} (its output is in the captured stdout/stderr)"
 
 
 def read_metrics(run_dir: Path, prefix: str = "train") -> list[dict]:
