@@ -127,7 +127,6 @@ class Trainer:
         self.model, self.pipe, self.comm = built.module, built.pipe, built.comm  # comm: compression hook or None
         self.eos_id = self._doc_mask_eos(cfg)
         self.unfreeze = Unfreezing.for_model(self.model, cfg)  # gradual unfreezing (train/continual.py) or None
-        # comm.adam_variance "frozen": AdamW's second moment frozen when the comm hook's warm-up ends
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.unfreeze and self.unfreeze.units,
                                          freeze_variance_after=cfg.comm.variance_freeze_step())
         if self.unfreeze is not None:  # the header line; AdamW state for every stage made now (continual.py)
@@ -267,10 +266,8 @@ class Trainer:
         with sync, loss_parallel_ctx(self.loss_parallel):
             kwargs = {} if doc_start is None else {"doc_start": doc_start}
             with autocast_context(cfg.train.mixed_precision, self.device):
-                if self.exit_loss is not None:  # the final logits and every exit's (train/exit_loss.py)
-                    logits, exit_logits = model(x, exits=True, **kwargs)
-                else:
-                    logits = model(x, **kwargs)
+                # with early exits: the final logits and every exit's (train/exit_loss.py)
+                logits, exit_logits = model(x, exits=True, **kwargs) if self.exit_loss else (model(x, **kwargs), None)
             loss = (self.distill.loss(logits, x, y) if self.distill is not None
                     else tp_cross_entropy(logits, y, self.loss_parallel))
             # MoE aux/z losses join the loss; the logged loss stays the LM loss
@@ -319,11 +316,9 @@ class Trainer:
             self.unfreeze.drop_frozen_grads(self.state.step)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
-        # top-k after a warm-up: the dense gradient's norm (parallel/comm/ddp_hooks.py), else None
-        dense_norm = self.comm.dense_grad_norm() if self.comm is not None else None
-        grad_norm = clip_grad_norm_(model.parameters(), max_norm,
+        grad_norm = clip_grad_norm_(model.parameters(), max_norm,  # top-k after a warm-up: the dense norm
                                     pp_group=self.pipe.group if self.pipe is not None else None,
-                                    total_norm=dense_norm)
+                                    total_norm=self.comm.dense_grad_norm() if self.comm is not None else None)
         result = StepResult(loss=total, grad_norm=grad_norm)
         if self.stability is not None:
             # One all-reduce + host sync per step, only with the policy on (stability.py).
