@@ -446,18 +446,40 @@ def test_long_document_pieces_tokenize_identically(tiny_data_dir: Path) -> None:
     assert [i for p in pieces for i in tok.encode(p)] == tok.encode(text)
 
 
+def words_utf8(words: list[str], picks: np.ndarray) -> bytes:
+    """`" ".join(words[i] for i in picks)` as UTF-8, built in numpy (the 50 MB document's 10.5M-word
+    join took 3x as long in Python). Each word and its following space is one row of a padded byte
+    table; the rows of `picks`, without the padding, are the text."""
+    rows = [w.encode() + b" " for w in words]
+    width = max(map(len, rows))
+    table = np.zeros((len(rows), width), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        table[i, :len(row)] = np.frombuffer(row, dtype=np.uint8)
+    lengths = np.array([len(row) for row in rows])
+    return table[picks][np.arange(width) < lengths[picks][:, None]][:-1].tobytes()  # no space after the last
+
+
+BIG_DOC_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "élan", "naïve", "42", "3.14", "—",
+                 "end.", "Lorem", "ipsum"]
+
+
+def test_words_utf8_is_the_joined_text() -> None:
+    picks = np.random.default_rng(1).integers(0, len(BIG_DOC_WORDS), 500)
+    text = " ".join(BIG_DOC_WORDS[i] for i in picks)
+    assert words_utf8(BIG_DOC_WORDS, picks) == text.encode()
+    assert json.dumps({"text": text}, ensure_ascii=False) == '{"text": "' + text + '"}'  # nothing to escape
+
+
 @pytest.mark.slow
 def test_50mb_document_prepares_in_under_1gb(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    vocab = np.array(["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "élan", "naïve", "42",
-                      "3.14", "—", "end.", "Lorem", "ipsum"])
-    text = " ".join(vocab[rng.integers(0, len(vocab), 10_500_000)])
-    assert len(text) >= 50_000_000
+    text = words_utf8(BIG_DOC_WORDS, rng.integers(0, len(BIG_DOC_WORDS), 10_500_000))
+    assert np.count_nonzero((np.frombuffer(text, dtype=np.uint8) & 0xC0) != 0x80) >= 50_000_000  # characters
     src = tmp_path / "big.jsonl"
-    with open(src, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    with open(src, "wb") as f:  # the line json.dumps(ensure_ascii=False) writes (no escapes: test above)
+        f.write(b'{"text": "' + text + b'"}\n')
         for i in range(8):
-            f.write(json.dumps({"text": f"a small document {i}"}) + "\n")
+            f.write((json.dumps({"text": f"a small document {i}"}) + "\n").encode())
     del text
     # VmHWM: the peak RSS of this process image. (getrusage's ru_maxrss would not do: Linux carries
     # the forking parent's peak, this test process's, across exec into it.)

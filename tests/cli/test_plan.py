@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import REPO, read_metrics, run_cli
+from tests.helpers.cli import REPO, read_metrics, run_cli, train_in_process
 
 PY = [sys.executable, "-m", "lmforge"]
 
@@ -89,13 +89,19 @@ LAYOUTS = [
 
 
 def _short_run(data: Path, out: Path, recipe: str, nproc: int, extra: list[str]) -> None:
-    run_cli(["train", f"recipes/{recipe}.toml", "--tokenizer.vocab_size", "512", "--data.dir", str(data),
-             "--data.max_documents", "120", "--data.val_fraction", "0.05", "--train.output_dir", str(out),
-             "--train.mixed_precision", "fp32", "--train.steps", "2", "--scheduler.warmup_steps", "1",
-             "--train.seq_len", "128", "--train.global_batch_size", "4", "--train.micro_batch_size", "4",
-             "--train.eval_interval", "0", "--checkpoint.enabled", "false", "--metrics.log_interval", "1",
-             "--metrics.tensorboard", "false", "--metrics.progress", "none", "--metrics.plot", "false",
-             "--metrics.peak_flops", "1e11", *extra], nproc=nproc, timeout=600)
+    """One step: the trainer writes memory/rank<r>.json once, after the first step (optimizer state
+    exists by then). One rank trains in this process (the figures are tensor accounting)."""
+    args = [str(REPO / "recipes" / f"{recipe}.toml"), "--tokenizer.vocab_size", "512", "--data.dir", str(data),
+            "--data.max_documents", "120", "--data.val_fraction", "0.05", "--train.output_dir", str(out),
+            "--train.mixed_precision", "fp32", "--train.steps", "1", "--scheduler.warmup_steps", "1",
+            "--train.seq_len", "128", "--train.global_batch_size", "4", "--train.micro_batch_size", "4",
+            "--train.eval_interval", "0", "--checkpoint.enabled", "false", "--metrics.log_interval", "1",
+            "--metrics.tensorboard", "false", "--metrics.progress", "none", "--metrics.plot", "false",
+            "--metrics.peak_flops", "1e11", *extra]
+    if nproc == 1:
+        train_in_process(args)
+    else:
+        run_cli(["train", *args], nproc=nproc, timeout=600)
 
 
 @pytest.mark.slow
@@ -133,16 +139,17 @@ def test_memory_predictions_within_10_percent_of_measured(tiny_data_dir: Path, t
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_recommended_layout_runs_and_beats_the_worst_ranked(tiny_data_dir: Path, tmp_path: Path) -> None:
-    """Plan tiny-dense for this machine's 2 ranks, train the recommended recipe and the lowest-ranked
-    valid layout the same number of steps, compare measured tokens/s."""
+    """Plan tiny-dense for this machine's 2 ranks (in this process: the real-process case is above),
+    train the recommended recipe and the lowest-ranked valid layout the same number of steps,
+    compare measured tokens/s."""
+    from lmforge.cli import main
     from lmforge.config.job import load_job_config
     from lmforge.plan.cluster import load_cluster
     from lmforge.plan.search import search
 
     best = tmp_path / "best.toml"
-    proc = _plan("--model", "recipes/tiny-dense.toml", "--cluster", "cpu", "--seq-len", "128", "--global-batch", "8",
-                 "--out", str(best), "--run-dir", str(tmp_path / "best-run"))
-    assert proc.returncode == 0, proc.stderr
+    assert main(["plan", "--model", "recipes/tiny-dense.toml", "--cluster", "cpu", "--seq-len", "128",
+                 "--global-batch", "8", "--out", str(best), "--run-dir", str(tmp_path / "best-run")]) == 0
     base = load_job_config("recipes/tiny-dense.toml", [("train.seq_len", "128"), ("train.global_batch_size", "8")])
     base.parallel.dp_shard = -1
     ranked, _ = search(base, load_cluster("cpu"), 2)

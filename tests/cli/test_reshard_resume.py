@@ -3,6 +3,8 @@ continues with the losses the uninterrupted single-process run has."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,13 +46,35 @@ LAYOUT_CHANGES = {
 }
 
 
+@pytest.fixture(scope="module")
+def first_half(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, list[str]], Path]:
+    """Steps 1-4 under a layout, stopped with its step-4 checkpoint: trained once per layout (two
+    changes start from one process, two from fsdp2 x tp2), copied by each change that resumes from
+    it. One process trains in this process; every resume below is a fresh process."""
+    runs: dict[tuple[int, tuple[str, ...]], Path] = {}
+
+    def get(nproc: int, layout: list[str]) -> Path:
+        key = (nproc, tuple(layout))
+        if key not in runs:
+            run = tmp_path_factory.mktemp("first-half")
+            args = tiny_run_args(tiny_data_dir, run, *COMMON, *layout, "--train.stop_at", "4")
+            if nproc == 1:
+                train_in_process(args)
+            else:
+                run_cli(["train", *args], nproc=nproc)
+            runs[key] = run
+        return runs[key]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("change", list(LAYOUT_CHANGES))
 def test_resume_under_another_layout(change: str, tiny_data_dir: Path, tmp_path: Path,
-                                     straight: dict[int, float]) -> None:
+                                     straight: dict[int, float], first_half: Callable[[int, list[str]], Path]) -> None:
     n1, layout1, n2, layout2 = LAYOUT_CHANGES[change]
-    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *layout1, "--train.stop_at", "4")], nproc=n1)
+    shutil.copytree(first_half(n1, layout1), tmp_path, dirs_exist_ok=True)
     proc = run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *layout2,
                                             "--checkpoint.resume", "auto")], nproc=n2)
     assert "resumed from" in proc.stdout and "step-00000004" in proc.stdout
