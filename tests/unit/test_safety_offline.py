@@ -1,6 +1,7 @@
 """Every safety feature works with the network unreachable: sockets are blocked (any connect or
 DNS lookup raises) while the filter (its homoglyph table read afresh from the installed package),
-the pipeline step, the watermark through generate(), detection and the adversarial detector run."""
+the pipeline step, the watermark through generate(), detection, the adversarial detector and the
+model watermark (embed and read) run."""
 
 from __future__ import annotations
 
@@ -64,3 +65,15 @@ def test_safety_features_run_with_sockets_blocked(no_network: list[str], tmp_pat
     det.calibrate([f"plain prompt number {i} about the weather" for i in range(20)])
     assert det.assess("plain \u200bprompt\u2060 about the weather").components[0].score == 0.75
     assert no_network == []  # nothing even tried to connect
+
+
+def test_the_model_watermark_embeds_and_reads_with_sockets_blocked(no_network: list[str]) -> None:
+    from lmforge.safety.model_watermark import embed_watermark, read_watermark
+    from lmforge.safety.secret_key import WatermarkKey
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=32)
+    model = family_of(cfg).build(cfg, "cpu", 0).eval()
+    key = WatermarkKey(b"an offline model owner's key")
+    embed_watermark(model, key)
+    reading = read_watermark(model.named_parameters(), key)
+    assert reading.errors == 0 and reading.p_value < 1e-6 and no_network == []
