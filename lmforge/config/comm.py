@@ -14,16 +14,17 @@ rank (nothing to compress). DDP: lmforge/parallel/comm/.
 `warmup_steps` (element-wise compressors): the first optimizer steps reduce the gradients through
 `warmup_compression` (a dense cheap one; its bytes counted) before `compression` takes over, as
 torch's PowerSGD starts after plain steps (`powersgd_start_step`): the early gradients move the
-model most, and top-k 1% would send 1% of them. On tiny-dense, top-k 1% after 30 int4 steps ended
-0.916 of the baseline's loss, from 0.909 (docs/benchmarks.md).
+model most, and top-k 1% would send 1% of them. Measured (docs/benchmarks.md): on tiny-dense it did
+not move top-k 1% measurably (0.906 and 0.916 of the baseline's loss in two runs a rounding apart,
+0.909 without); on the 0.16M-parameter model 0.949, from 0.942.
 
 `adam_variance = "frozen"` (1-bit Adam, Tang et al. 2021; needs `warmup_steps`): AdamW normalises
 each coordinate by its own running mean square, so a coordinate top-k rarely sends, whose held-back
 gradients error feedback releases as one spike, moves a few lr steps instead of the many it stands
 for. Frozen after the warm-up, the second moment makes the update linear in the gradient, so the
 delayed mass is not lost (lmforge/train/frozen_adamw.py); top-k then picks values by the update
-they make. Measured: better than AdamW on the 0.16M-parameter model, worse on tiny-dense (0.889);
-so "adaptive" stays the default.
+they make. Measured: better than AdamW on the 0.16M-parameter model (0.961), worse on tiny-dense
+(0.897); so "adaptive" stays the default.
 
 `hierarchical`: the all-reduce runs inside each node, then across nodes, then back inside
 (`node_size` ranks per node; 0: torchrun's LOCAL_WORLD_SIZE). `load_balance`: a persistently

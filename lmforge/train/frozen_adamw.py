@@ -17,8 +17,8 @@ floored at VARIANCE_FLOOR of its tensor's mean. The state is AdamW's (exp_avg, e
 so checkpoints and resumes are AdamW's; the denominators are derived from it.
 
 What it did (docs/benchmarks.md, 2026-12-04): on the 0.16M-parameter model top-k 1% after 30 int4
-steps reached 0.961 of the baseline's loss with it, 0.949 with AdamW; on tiny-dense 0.889 with
-it, 0.916 with AdamW, and even a second moment refreshed every step from the ranks' dense
+steps reached 0.961 of the baseline's loss with it, 0.949 with AdamW; on tiny-dense 0.897 with
+it, 0.906-0.916 with AdamW, and even a second moment refreshed every step from the ranks' dense
 gradients (bytes not counted) reached only 0.894: there the delay of top-k's error feedback, not
 AdamW's normalisation, holds it back. Hence "adaptive" stays the default.
 """
