@@ -107,6 +107,7 @@ class Engine:
         self.safety = safety or ServeSafety()
         self.opts, self.metrics, self.breaker, self.clock = opts, metrics, breaker, clock
         self.max_len = model.cfg.max_seq_len
+        self.n_layers = model.cfg.n_layers  # the depth a full forward counts in /metrics
         self.prefill_chunk = prefill_chunk or opts.max_batch_tokens - opts.slots
         self.cache = model.new_slot_cache(opts.slots, self.max_len)
         self._free = list(range(opts.slots))  # a heap: the lowest slot first keeps rows contiguous
@@ -241,7 +242,7 @@ class Engine:
         try:
             self.cache.bind([s.slot for s in seqs], n)
             x = torch.tensor(tokens, dtype=torch.long, device=self.cache.device)
-            depths = [self.model.cfg.n_layers] * len(seqs)
+            depths = [self.n_layers] * len(seqs)
             if decode and any(t is not None and t < 1 for t in thresholds):
                 logits, depths = slot_exit_forward(self.model, x, self.cache, thresholds)
             else:
