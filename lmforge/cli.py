@@ -22,6 +22,7 @@ from lmforge.cli_data import add_data_commands
 from lmforge.cli_distill import add_distill_command, load_teacher
 from lmforge.cli_errors import UserError, check_device, check_text_arg, explain
 from lmforge.cli_eval import add_eval_command
+from lmforge.cli_exit_gates import add_exit_gates_command
 from lmforge.cli_export import add_export_command, cmd_export
 from lmforge.cli_plan import add_plan_command
 from lmforge.cli_safety import add_generate_safety_args, add_safety_commands, generation_guards
@@ -288,7 +289,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.early_exit_threshold is not None:
         from lmforge.serve.early_exit import ExitPolicy
 
-        policy = ExitPolicy(args.early_exit_threshold, args.early_exit_measure)
+        gates = None
+        if args.early_exit_measure == "learned":
+            from lmforge.serve.exit_gate import GATES_FILE, ExitGates
+
+            gates = ExitGates.load(Path(args.exit_gates) if args.exit_gates else Path(args.source) / GATES_FILE)
+        policy = ExitPolicy(args.early_exit_threshold, args.early_exit_measure, gates=gates)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
                    eos_id=tok.eos_id, logits_processor=processor, early_exit=policy, exit_depths=depths)
@@ -423,8 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-exit-threshold", type=float, default=None,
                    help="adaptive depth: a token leaves at the first early exit whose confidence >= this "
                         "(model.early_exit; 0: always the first exit, >= 1: never)")
-    p.add_argument("--early-exit-measure", default="max_prob", choices=("max_prob", "margin"),
-                   help="confidence of an exit's distribution: top probability, or top-1 minus top-2")
+    p.add_argument("--early-exit-measure", default="max_prob", choices=("max_prob", "margin", "learned"),
+                   help="an exit's confidence: top probability, top-1 minus top-2, or its learned gate (--exit-gates)")
+    p.add_argument("--exit-gates", default=None, metavar="FILE",
+                   help="gates for --early-exit-measure learned (default: SOURCE/exit_gates.safetensors, written by "
+                        "lmforge exit-gates fit)")
     p.add_argument("--self-speculative", action="store_true",
                    help="greedy output of the full model, drafted by an early exit and verified in one forward")
     p.add_argument("--draft-layer", type=int, default=None, help="the exit that drafts (default: the first)")
@@ -452,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "non-empty directory (hf)")
     q.set_defaults(func=cmd_ckpt_convert)
     add_eval_command(sub)
+    add_exit_gates_command(sub)
     add_plan_command(sub)
     add_distill_command(sub, cmd_train)
     add_serve_command(sub)

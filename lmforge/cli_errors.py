@@ -30,13 +30,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lmforge.observability.errors import ObservabilityError
     from lmforge.safety.errors import SafetyError
     from lmforge.serve.early_exit import EarlyExitError
+    from lmforge.serve.exit_gate import ExitGateError
     from lmforge.serve.generate import GenerationError
     from lmforge.serve.server.errors import ServeError
     from lmforge.storage.guard import DestinationError
     from lmforge.storage.lock import RunDirBusy
     from lmforge.train.stability import TrainingDivergedError
 
-    return (ConfigError, CheckpointError, CompressError, DataError, EarlyExitError, EvalError, HFFormatError, GenerationError,
+    return (ConfigError, CheckpointError, CompressError, DataError, EarlyExitError, ExitGateError, EvalError, HFFormatError, GenerationError,
             ObservabilityError, OnnxError, TrainingDivergedError, DestinationError, RunDirBusy, SafetyError, ServeError,
             UserError)
 

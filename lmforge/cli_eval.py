@@ -21,7 +21,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opts = EvalOptions(data_dir=Path(args.data_dir) if args.data_dir else None, max_batches=args.max_batches,
                        seq_len=args.seq_len, items=args.items, speed=not args.no_speed, device=args.device,
                        suites=parse_suites(args.suite), early_exit=tuple(args.early_exit),
-                       early_exit_measure=args.early_exit_measure)
+                       early_exit_measure=args.early_exit_measure,
+                       exit_gates=Path(args.exit_gates) if args.exit_gates else None)
     opts.check()
     if args.out:
         args.output = args.out
@@ -58,7 +59,11 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (cuda when there is one)")
     p.add_argument("--early-exit", type=_thresholds, default=(), metavar="T[,T...]",
                    help="also the perplexity under early exit at these thresholds (model.early_exit; >= 1: full depth)")
-    p.add_argument("--early-exit-measure", default="max_prob", choices=("max_prob", "margin"))
+    p.add_argument("--early-exit-measure", default="max_prob", choices=("max_prob", "margin", "learned"),
+                   help="an exit's confidence: top probability, top-1 minus top-2, or its learned gate (--exit-gates)")
+    p.add_argument("--exit-gates", default=None, metavar="FILE",
+                   help="gates for --early-exit-measure learned (default: SOURCE/exit_gates.safetensors, written by "
+                        "lmforge exit-gates fit)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_eval)

@@ -27,6 +27,7 @@ from lmforge.eval.perplexity import Windows
 from lmforge.eval.scoring import token_nll
 from lmforge.models.common.sparse_attention import document_starts
 from lmforge.serve.early_exit import MEASURES, confidence, exit_index
+from lmforge.serve.exit_gate import ExitGates
 
 
 @dataclass
@@ -53,14 +54,19 @@ class ExitScores:
 
 @torch.inference_mode()
 def exit_scores(model: nn.Module, held: HeldOut, w: Windows, device: torch.device, eos_id: int | None,
-                measure: str = "max_prob") -> ExitScores:
-    """Confidences and NLLs of every exit over the held-out windows (up to w.max_batches global batches)."""
+                measure: str = "max_prob", gates: ExitGates | None = None) -> ExitScores:
+    """Confidences and NLLs of every exit over the held-out windows (up to w.max_batches global
+    batches). Measure "learned" reads `gates` on each exit's final-normed state."""
     if measure not in MEASURES:
         raise EvalError(f"early-exit measure {measure!r}: must be one of {', '.join(MEASURES)}")
     cfg = model.cfg
     layers = tuple(cfg.early_exit.layers)
     if not layers:
         raise EvalError("the model has no early exits (model.early_exit.layers is empty)")
+    if measure == "learned":
+        if gates is None:
+            raise EvalError("early-exit measure 'learned' needs exit gates (--exit-gates FILE; lmforge exit-gates fit)")
+        gates.check(cfg.dim, layers, "--exit-gates")
     ds, s = held.dataset, w.seq_len
     n_windows = ds.n_windows(s)
     if n_windows < 1:
@@ -69,15 +75,23 @@ def exit_scores(model: nn.Module, held: HeldOut, w: Windows, device: torch.devic
     n_read = n_windows if w.max_batches is None else min(n_windows, w.max_batches * w.global_batch)
     conf: list[list[np.ndarray]] = [[] for _ in layers]
     nll: list[list[np.ndarray]] = [[] for _ in range(len(layers) + 1)]
-    for first in range(0, n_read, w.micro_batch):
-        idx = range(first, min(first + w.micro_batch, n_read))
-        tokens = torch.from_numpy(np.stack([ds.window(i, s) for i in idx])).to(device)
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        doc_start = document_starts(x, eos_id) if eos_id is not None else None
-        final, exits = model(x, doc_start=doc_start, exits=True)
-        for i, z in enumerate(exits):
-            conf[i].append(confidence(z, measure).reshape(-1).cpu().numpy())
-        for i, z in enumerate([*exits, final]):
-            nll[i].append(token_nll(z, y).reshape(-1).double().cpu().numpy())
+    states: dict[int, torch.Tensor] = {}  # "learned": each exit's hidden state, from a forward hook
+    hooks = [model.layers[str(k - 1)].register_forward_hook(lambda _m, _a, out, k=k: states.__setitem__(k, out))
+             for k in layers] if gates is not None and measure == "learned" else []
+    try:
+        for first in range(0, n_read, w.micro_batch):
+            idx = range(first, min(first + w.micro_batch, n_read))
+            tokens = torch.from_numpy(np.stack([ds.window(i, s) for i in idx])).to(device)
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            doc_start = document_starts(x, eos_id) if eos_id is not None else None
+            final, exits = model(x, doc_start=doc_start, exits=True)
+            for i, (k, z) in enumerate(zip(layers, exits, strict=True)):
+                c = gates.confidence(k, model.norm(states[k])) if hooks and gates is not None else confidence(z, measure)
+                conf[i].append(c.reshape(-1).cpu().numpy())
+            for i, z in enumerate([*exits, final]):
+                nll[i].append(token_nll(z, y).reshape(-1).double().cpu().numpy())
+    finally:
+        for h in hooks:
+            h.remove()
     return ExitScores(layers, cfg.n_layers, measure, np.stack([np.concatenate(c) for c in conf]),
                       np.stack([np.concatenate(n) for n in nll]))

@@ -24,6 +24,7 @@ from lmforge.eval.errors import EvalError
 from lmforge.eval.heldout import HeldOut, check_tokenizer, open_heldout
 from lmforge.eval.perplexity import Windows, heldout_perplexity
 from lmforge.eval.speed import measure_speed
+from lmforge.serve.exit_gate import GATES_FILE, ExitGates
 from lmforge.serve.generate import ModelSource, load_source, resolve_source
 from lmforge.storage.layout import step_of
 
@@ -49,6 +50,7 @@ class EvalOptions:
     suites: tuple[str, ...] = ("default",)
     early_exit: tuple[float, ...] = ()
     early_exit_measure: str = "max_prob"
+    exit_gates: Path | None = None  # measure "learned": the gates file (default: SOURCE/exit_gates.safetensors)
 
     def check(self) -> None:
         bad = [s for s in self.suites if s not in SUITES]
@@ -156,8 +158,11 @@ def _default_suite(out: dict, src: ModelSource, model: torch.nn.Module, cfg: Mod
                                                device, eos, note)
         det["cloze"] = _cloze(model, held, tok.encode, cfg.max_seq_len, device, opts.items, note)
         if opts.early_exit:
+            gates = None
+            if opts.early_exit_measure == "learned":
+                gates = ExitGates.load(opts.exit_gates or src.path / GATES_FILE)
             scores = exit_scores(model, held, _windows(src, cfg.max_seq_len, opts), device, eos,
-                                 opts.early_exit_measure)
+                                 opts.early_exit_measure, gates)
             det["early_exit"] = {"layers": list(scores.layers), "n_layers": cfg.n_layers,
                                  "rows": [scores.at(t) for t in opts.early_exit]}
     if opts.speed:

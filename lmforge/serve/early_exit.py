@@ -34,8 +34,9 @@ from lmforge.config import ModelConfig
 from lmforge.models.common.kv_cache import KVCache, SlotKVCache
 from lmforge.models.common.rope import apply_rope
 from lmforge.models.llama.model import Transformer
+from lmforge.serve.exit_gate import ExitGates
 
-MEASURES = ("max_prob", "margin")
+MEASURES = ("max_prob", "margin", "learned")
 
 
 class EarlyExitError(ValueError):
@@ -45,11 +46,13 @@ class EarlyExitError(ValueError):
 @dataclass(frozen=True)
 class ExitPolicy:
     """Exit at the first of `layers` (None: the model's model.early_exit.layers) whose confidence
-    `measure` is >= `threshold`. threshold 0 always exits at the first exit; >= 1 never exits."""
+    `measure` is >= `threshold`. threshold 0 always exits at the first exit; >= 1 never exits.
+    Measure "learned" reads `gates` (serve/exit_gate.py) and calls the LM head only to leave."""
 
     threshold: float
     measure: str = "max_prob"
     layers: tuple[int, ...] | None = None
+    gates: ExitGates | None = None
 
     @property
     def active(self) -> bool:
@@ -81,6 +84,10 @@ def check_early_exit(cfg: ModelConfig, policy: ExitPolicy) -> tuple[int, ...]:
         raise EarlyExitError(f"early-exit layers {list(layers)}: each must be in 1 .. {cfg.n_layers - 1} "
                              f"(model.n_layers = {cfg.n_layers})")
     check_depth_model(cfg, "early exit")
+    if policy.measure == "learned":
+        if policy.gates is None:
+            raise EarlyExitError("early-exit measure 'learned' needs exit gates (lmforge exit-gates fit SOURCE)")
+        policy.gates.check(cfg.dim, layers, "early-exit gates")
     return layers
 
 
@@ -95,6 +102,8 @@ def check_depth_model(cfg: ModelConfig, what: str) -> None:
 
 def confidence(logits: torch.Tensor, measure: str) -> torch.Tensor:
     """(..., vocab) logits -> (...) confidence in [0, 1] of their softmax (see the module docstring)."""
+    if measure not in ("max_prob", "margin"):
+        raise EarlyExitError(f"confidence measure {measure!r} is not a softmax measure (max_prob, margin)")
     probs = logits.float().softmax(dim=-1)
     if measure == "max_prob":
         return probs.amax(dim=-1)
@@ -207,7 +216,15 @@ class EarlyExitDecoder:
         """One new token per row (batch, 1) -> logits (batch, vocab) of the exit taken."""
         d = self.depth
         d.extend(tokens)
+        gates = self.policy.gates if self.policy.measure == "learned" else None
         for k in self.layers if self.policy.active else ():
+            if gates is not None:  # the gate reads the exit state; the head runs only to leave
+                h = d.deepen(k)[:, -1]
+                norm = self.model.norm
+                if bool((gates.state_confidence(k, h, norm.weight, norm.eps) >= self.policy.threshold).all()):
+                    self.depths.append(k)
+                    return self.model.head(h)
+                continue
             logits = self.model.head(d.deepen(k)[:, -1])
             if bool((confidence(logits, self.policy.measure) >= self.policy.threshold).all()):
                 self.depths.append(k)
