@@ -206,6 +206,8 @@ class EarlyExitDecoder:
         self.policy, self.model = policy, model
         self.depth = DeferredDepth(model, batch, max_len)
         self.depths: list[int] = []
+        gates = policy.gates if policy.measure == "learned" else None
+        self.gate = gates.decision(model.norm.weight, model.norm.eps, policy.threshold) if gates is not None else None
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """The prompt (batch, seq) at full depth -> the last position's logits (batch, vocab)."""
@@ -216,12 +218,10 @@ class EarlyExitDecoder:
         """One new token per row (batch, 1) -> logits (batch, vocab) of the exit taken."""
         d = self.depth
         d.extend(tokens)
-        gates = self.policy.gates if self.policy.measure == "learned" else None
         for k in self.layers if self.policy.active else ():
-            if gates is not None:  # the gate reads the exit state; the head runs only to leave
+            if self.gate is not None:  # the gate reads the exit state; the head runs only to leave
                 h = d.deepen(k)[:, -1]
-                norm = self.model.norm
-                if bool((gates.state_confidence(k, h, norm.weight, norm.eps) >= self.policy.threshold).all()):
+                if self.gate.leaves(k, h):
                     self.depths.append(k)
                     return self.model.head(h)
                 continue

@@ -17,6 +17,7 @@ the model as safetensors (`lmforge exit-gates fit`); it does not change the mode
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,11 @@ class ExitGates:
         w = self.weight[i].to(x.device) * norm_weight.float()
         log_kl = (x @ w) * torch.rsqrt(x.pow(2).mean(-1) + eps) + self.bias[i].to(x.device)
         return torch.exp(-torch.exp(log_kl.clamp(max=30.0)))
+
+    def decision(self, norm_weight: torch.Tensor, eps: float, threshold: float) -> GateDecision:
+        """The per-step test `state_confidence >= threshold`, with everything that does not depend
+        on the state computed once (what the decoder runs between blocks)."""
+        return GateDecision(self, norm_weight, eps, threshold)
 
     def check(self, dim: int, layers: tuple[int, ...], where: str) -> None:
         """The gates were fitted for a model of width `dim` and cover every exit in `layers`."""
@@ -143,3 +149,21 @@ def fit_exit_gates(model: Transformer, windows: list[np.ndarray], alpha: float =
     solved = torch.from_numpy(np.stack([np.linalg.solve(a.numpy() + penalty, b.numpy())
                                         for a, b in zip(xtx, xty, strict=True)]))
     return ExitGates(layers, solved[:, :dim].float(), solved[:, dim].float(), len(windows))
+
+
+class GateDecision:
+    """exp(-exp(L)) >= t  <=>  L <= ln(-ln t), with L = (w * g) . h / rms(h) + b: per exit the
+    folded weight and the cut on the raw dot product, so a step pays a dot product, a mean of
+    squares and one comparison (threshold 0: always leave; >= 1: never)."""
+
+    def __init__(self, gates: ExitGates, norm_weight: torch.Tensor, eps: float, threshold: float):
+        g = norm_weight.detach().float()
+        cut = math.inf if threshold <= 0 else -math.inf if threshold >= 1 else math.log(-math.log(threshold))
+        self.eps = eps
+        self.weight = {k: (gates.weight[i].to(g.device) * g) for i, k in enumerate(gates.layers)}
+        self.cut = {k: cut - float(gates.bias[i]) for i, k in enumerate(gates.layers)}
+
+    def leaves(self, layer: int, h: torch.Tensor) -> bool:
+        """Whether every row of h (rows, dim) leaves at exit `layer`."""
+        x = h.float()
+        return bool(((x @ self.weight[layer]) * torch.rsqrt(x.pow(2).mean(-1) + self.eps) <= self.cut[layer]).all())

@@ -82,6 +82,10 @@ def test_state_confidence_folds_the_norm_exactly():
             b = gates.state_confidence(k, h, model.norm.weight, model.norm.eps)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
             assert ((a > 0) & (a <= 1)).all()
+            for t in (0.0, float(a.median()) + 1e-6, float(a.min()) - 1e-6, 1.0):  # the decoder's test, per row
+                decide = gates.decision(model.norm.weight, model.norm.eps, t)
+                want = (a >= t).tolist() if t < 1 else [False] * 5
+                assert [decide.leaves(k, h[i:i + 1]) for i in range(5)] == want, (k, t, a)
 
 
 def test_learned_decoding_matches_one_parallel_forward():
@@ -94,7 +98,9 @@ def test_learned_decoding_matches_one_parallel_forward():
     seq = torch.tensor([p + feed])
     feats, _ = exit_features(model, torch.cat([seq, seq[:, :1]], 1))  # features at every position of seq
     conf = [gates.confidence(k, feats[i]).reshape(-1) for i, k in enumerate((1, 2))]
-    threshold = float(torch.cat(conf).median())  # a mid threshold: some steps leave, some do not
+    ranked = torch.cat([c[len(p):] for c in conf]).sort().values
+    mid = len(ranked) // 2  # a mid threshold between two confidences: no step sits on it
+    threshold = float((ranked[mid - 1] + ranked[mid]) / 2)
     dec = EarlyExitDecoder(model, 1, 96, ExitPolicy(threshold, "learned", gates=gates))
     with torch.inference_mode():
         steps = [dec.prefill(torch.tensor([p]))] + [dec.step(torch.tensor([[t]])) for t in feed]
