@@ -2,17 +2,25 @@
 model, and self-speculative decoding's exactness, in one run.
 
     1. exits trained: `lmforge train recipes/tiny-dense.toml --train.init_from RUN
-       --model.early_exit.layers L --model.early_exit.loss_weight W` for --ft-steps steps (the exit
-       loss of lmforge/train/exit_loss.py; every block trains), unless --exit-run gives such a run;
-    2. held-out perplexity (lmforge.eval, the whole val split) of that model at full depth and under
-       early exit at every threshold of --thresholds (one forward: eval/early_exit.py), with the mean
-       blocks run and each exit's share; the chosen threshold is the smallest (most exits) whose
-       perplexity is within --max-ppl-increase of full depth;
-    3. decode speed at batch 1 (the named baseline: `generate` of the same model at full depth,
-       its KV cache; greedy, no EOS stop): --prompts held-out prompts of --prompt-len tokens, each
-       continued --new-tokens tokens, full and early-exit runs interleaved for --rounds rounds; the
-       prefill (a 1-token generate) is subtracted from each, so the figure is decode tokens/s;
-    4. self-speculative decoding (drafts from the first exit): its tokens must equal the full
+       --model.early_exit.layers 1,2 --model.early_exit.loss_weight 4` for --ft-steps (400) steps at
+       --ft-lr (1e-3) (the exit loss of lmforge/train/exit_loss.py; every block trains), unless
+       --exit-run gives such a run;
+    2. the confidence: --measure learned (default) fits the exit gates with `lmforge exit-gates fit`
+       (serve/exit_gate.py: a linear gate per exit predicting log KL(full || exit), on 200 train
+       windows); max_prob and margin need nothing fitted;
+    3. held-out perplexity (lmforge.eval, the whole val split) of that model at full depth and under
+       early exit at every threshold of the sweep (one forward: eval/early_exit.py), with the mean
+       blocks run and each exit's share; the chosen threshold is the one with the fewest mean blocks
+       whose perplexity is within --max-ppl-increase (2%) of full depth (chosen on the same split);
+    4. decode speed at batch 1 (the named baseline: `generate` of the same model at full depth,
+       its KV cache; greedy, no EOS stop): --prompts (8) held-out prompts of 16 tokens, each
+       continued 128 tokens, all runs interleaved for --rounds (5) rounds; the prefill (a 1-token
+       generate) is subtracted from each, so the figure is decode tokens/s. Also timed: every token
+       leaving at one exit ("always exit k": that depth's cost), and self-speculative decoding;
+    5. the KL oracle: per exit, the largest share of held-out tokens that could leave within the
+       perplexity bound had the decoder known each token's KL to the full model, and the speed-up
+       that bounds with a free check (how much room any confidence measure has);
+    6. self-speculative decoding (drafts from the first exit): its tokens must equal the full
        model's greedy tokens for every prompt; its speed is reported, not gated.
 
 Exit 1 when the decode speed-up at the chosen threshold is below --target (1.4), when no threshold
@@ -20,7 +28,7 @@ keeps the perplexity within bounds, or when any self-speculative output differs.
 job's run and data (`bash scripts/run_default.sh`); run by hand, not by run_all.py.
 
     PYTHONPATH=. python bench/early_exit.py [--run runs/tiny-dense] [--data-dir data/default]
-        [--layers 1,2] [--ft-steps 200] [--exit-run DIR] [--work DIR] [--out results.json]
+        [--measure learned|max_prob|margin] [--exit-run DIR] [--work DIR] [--out results.json]
 """
 
 from __future__ import annotations
@@ -160,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, default=REPO / "runs" / "tiny-dense", help="the main job's run (the base)")
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--layers", default="1,2", help="exits after these many blocks (model.early_exit.layers)")
-    ap.add_argument("--loss-weight", type=float, default=0.5, help="model.early_exit.loss_weight")
-    ap.add_argument("--ft-steps", type=int, default=200)
-    ap.add_argument("--ft-lr", type=float, default=3e-4)
+    ap.add_argument("--loss-weight", type=float, default=4.0, help="model.early_exit.loss_weight")
+    ap.add_argument("--ft-steps", type=int, default=400)
+    ap.add_argument("--ft-lr", type=float, default=1e-3)
     ap.add_argument("--exit-run", type=Path, default=None, help="a run with trained exits (skips step 1)")
     ap.add_argument("--thresholds", type=lambda s: tuple(float(x) for x in s.split(",")), default=None,
                     help="the sweep (default: one per measure)")
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--target", type=float, default=1.4)
     ap.add_argument("--work", type=Path, default=None, help="keep the exit run here (default: a temp dir, removed)")
