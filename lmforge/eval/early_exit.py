@@ -75,9 +75,10 @@ def exit_scores(model: nn.Module, held: HeldOut, w: Windows, device: torch.devic
     n_read = n_windows if w.max_batches is None else min(n_windows, w.max_batches * w.global_batch)
     conf: list[list[np.ndarray]] = [[] for _ in layers]
     nll: list[list[np.ndarray]] = [[] for _ in range(len(layers) + 1)]
+    learned = gates if measure == "learned" else None
     states: dict[int, torch.Tensor] = {}  # "learned": each exit's hidden state, from a forward hook
     hooks = [model.layers[str(k - 1)].register_forward_hook(lambda _m, _a, out, k=k: states.__setitem__(k, out))
-             for k in layers] if gates is not None and measure == "learned" else []
+             for k in layers] if learned is not None else []
     try:
         for first in range(0, n_read, w.micro_batch):
             idx = range(first, min(first + w.micro_batch, n_read))
@@ -86,7 +87,7 @@ def exit_scores(model: nn.Module, held: HeldOut, w: Windows, device: torch.devic
             doc_start = document_starts(x, eos_id) if eos_id is not None else None
             final, exits = model(x, doc_start=doc_start, exits=True)
             for i, (k, z) in enumerate(zip(layers, exits, strict=True)):
-                c = gates.confidence(k, model.norm(states[k])) if hooks and gates is not None else confidence(z, measure)
+                c = learned.confidence(k, model.norm(states[k])) if learned is not None else confidence(z, measure)
                 conf[i].append(c.reshape(-1).cpu().numpy())
             for i, z in enumerate([*exits, final]):
                 nll[i].append(token_nll(z, y).reshape(-1).double().cpu().numpy())

@@ -49,18 +49,10 @@ class ExitGates:
         log_kl = normed.float() @ self.weight[i].to(normed.device) + self.bias[i].to(normed.device)
         return torch.exp(-torch.exp(log_kl.clamp(max=30.0)))
 
-    def state_confidence(self, layer: int, h: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """The same confidence from the raw exit state h (..., dim) with the RMSNorm folded into
-        the gate (w * g) . h / rms(h): a few small ops per decode step instead of the norm module."""
-        i = self.layers.index(layer)
-        x = h.float()
-        w = self.weight[i].to(x.device) * norm_weight.float()
-        log_kl = (x @ w) * torch.rsqrt(x.pow(2).mean(-1) + eps) + self.bias[i].to(x.device)
-        return torch.exp(-torch.exp(log_kl.clamp(max=30.0)))
-
     def decision(self, norm_weight: torch.Tensor, eps: float, threshold: float) -> GateDecision:
-        """The per-step test `state_confidence >= threshold`, with everything that does not depend
-        on the state computed once (what the decoder runs between blocks)."""
+        """The per-step test `confidence(norm(h)) >= threshold` on the raw exit state h, with the
+        RMSNorm folded in and everything that does not depend on h computed once (what the decoder
+        runs between blocks)."""
         return GateDecision(self, norm_weight, eps, threshold)
 
     def check(self, dim: int, layers: tuple[int, ...], where: str) -> None:

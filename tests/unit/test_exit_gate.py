@@ -72,16 +72,14 @@ def test_ridge_fit_recovers_a_planted_linear_law(monkeypatch: pytest.MonkeyPatch
     assert gates.layers == (1, 2) and gates.windows == 16
 
 
-def test_state_confidence_folds_the_norm_exactly():
+def test_the_decoders_test_folds_the_norm_and_agrees_with_the_confidence():
     model = exit_model()
     gates = ExitGates((1, 2), torch.randn(2, model.cfg.dim) * 0.05, torch.tensor([-3.0, -2.0]))
     h = torch.randn(5, model.cfg.dim, dtype=torch.float64) * 3
     with torch.inference_mode():
         for k in (1, 2):
             a = gates.confidence(k, model.norm(h))
-            b = gates.state_confidence(k, h, model.norm.weight, model.norm.eps)
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-            assert ((a > 0) & (a <= 1)).all()
+            assert ((a > 0) & (a <= 1)).all() and len(set(a.tolist())) == 5
             for t in (0.0, float(a.median()) + 1e-6, float(a.min()) - 1e-6, 1.0):  # the decoder's test, per row
                 decide = gates.decision(model.norm.weight, model.norm.eps, t)
                 want = (a >= t).tolist() if t < 1 else [False] * 5
