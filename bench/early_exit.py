@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import statistics
@@ -47,35 +46,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _check import verdict  # noqa: E402
+from _runs import data_dir_of, lmforge  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = {"learned": (0.9, 0.93, 0.95, 0.96, 0.963, 0.966, 0.97, 0.975, 0.98, 0.99),
               "max_prob": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
               "margin": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)}
-
-
-def data_dir_of(run: Path, given: Path | None) -> Path:
-    """--data-dir, else the run's data.dir (relative: from here, then from the run's repo root)."""
-    if given is not None:
-        return given.resolve()
-    d = Path(json.loads((run / "config.json").read_text())["data"]["dir"])
-    for cand in (d, run.resolve().parent.parent / d):
-        if cand.is_dir():
-            return cand.resolve()
-    raise SystemExit(f"the run's data.dir {d} is not found from here nor from {run.resolve().parent.parent}; "
-                     "pass --data-dir")
-
-
-def lmforge(argv: list[str]) -> str:
-    """`lmforge ARGV` in process; its stdout (SystemExit with the output on a failure)."""
-    from lmforge.cli import main
-
-    printed, errors = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
-        code = main(argv)
-    if code != 0:
-        raise SystemExit(f"lmforge {' '.join(argv)} failed ({code}):\n{printed.getvalue()[-2000:]}{errors.getvalue()[-2000:]}")
-    return printed.getvalue()
 
 
 def train_exits(base: Path, out: Path, data_dir: Path, args: argparse.Namespace) -> float:

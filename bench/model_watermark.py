@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import json
 import math
 import os
@@ -42,34 +41,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _check import verdict  # noqa: E402
+from _runs import data_dir_of, lmforge  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 P_TRUE, P_WRONG, P_ATTACKED, PPL_CHANGE = 1e-6, 0.01, 1e-3, 0.005
-
-
-def data_dir_of(run: Path, given: Path | None) -> Path:
-    """--data-dir, else the run's data.dir as given (relative: from here, then from the run's repo root)."""
-    if given is not None:
-        return given.resolve()
-    d = Path(json.loads((run / "config.json").read_text())["data"]["dir"])
-    for cand in (d, run.resolve().parent.parent / d):
-        if cand.is_dir():
-            return cand.resolve()
-    raise SystemExit(f"the run's data.dir {d} is not found from here nor from {run.resolve().parent.parent}; "
-                     "pass --data-dir")
-
-
-def lmforge(argv: list[str]) -> str:
-    """`lmforge ARGV` in process; its stdout (SystemExit with the output on a failure)."""
-    from lmforge.cli import main
-
-    printed, errors = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
-        code = main(argv)
-    if code != 0:
-        raise SystemExit(f"lmforge {' '.join(argv)} failed ({code}):\n{printed.getvalue()[-2000:]}"
-                         f"{errors.getvalue()[-2000:]}")
-    return printed.getvalue()
 
 
 def verify(model_dir: Path, key: Path) -> dict:

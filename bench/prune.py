@@ -37,21 +37,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _check import verdict  # noqa: E402
+from _runs import data_dir_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 2.0  # magnitude's perplexity increase / Wanda's, at 50% unstructured
-
-
-def data_dir_of(run: Path, given: Path | None) -> Path:
-    """--data-dir, else the run's data.dir as given (relative: from here, then from the run's repo root)."""
-    if given is not None:
-        return given
-    d = Path(json.loads((run / "config.json").read_text())["data"]["dir"])
-    for cand in (d, run.resolve().parent.parent / d):
-        if cand.is_dir():
-            return cand.resolve()
-    raise SystemExit(f"the run's data.dir {d} is not found from here nor from {run.resolve().parent.parent}; "
-                     "pass --data-dir")
 
 
 def perplexity(model_dir: Path, data_dir: Path) -> dict:
