@@ -556,15 +556,19 @@ def test_second_job_refuses_and_killed_launcher_leaves_no_worker(world: World, t
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     args = micro_args(world.data, run, "--train.steps", "100000", "--train.global_batch_size", "4",
                       "--checkpoint.interval", "100000")
-    launcher = subprocess.Popen([sys.executable, "-m", "lmforge", "train", *args, "--nproc", "2"], cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # stderr to a file, not a pipe nobody reads while the job runs: the ranks' warnings (stragglers
+    # on a loaded machine) filled a 64 KiB pipe once, blocked the workers and hung the test
+    err_path = tmp_path / "launcher.err"
+    with err_path.open("w") as err_file:
+        launcher = subprocess.Popen([sys.executable, "-m", "lmforge", "train", *args, "--nproc", "2"], cwd=REPO,
+                                    env=env, stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True)
     workers: set[int] = set()
     try:
         deadline = time.monotonic() + 180
         while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size) \
                 and launcher.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert launcher.poll() is None, launcher.stderr.read()[-3000:] if launcher.stderr else ""
+        assert launcher.poll() is None, err_path.read_text()[-3000:]
         workers |= _descendants(launcher.pid)
         assert len(workers) >= 3, workers  # torchrun + 2 workers
 
@@ -583,7 +587,7 @@ def test_second_job_refuses_and_killed_launcher_leaves_no_worker(world: World, t
                 os.kill(p, signal.SIGCONT)
 
         os.kill(launcher.pid, sig)
-        launcher.wait()
+        launcher.wait(timeout=120)
         t0 = time.monotonic()
         deadline = time.monotonic() + 10
         while any(_alive(p) for p in workers) and time.monotonic() < deadline:
