@@ -6,7 +6,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 from pathlib import Path
+
+
+def main_run_data(run: Path, given: Path | None) -> Path | None:
+    """The data dir of the main job's run at `run`; None (after one line on stderr) when there is no run."""
+    if not (run / "config.json").is_file():
+        print(f"no run at {run}: train the main job first (bash scripts/run_default.sh) or pass --run",
+              file=sys.stderr)
+        return None
+    return data_dir_of(run, given)
 
 
 def data_dir_of(run: Path, given: Path | None) -> Path:

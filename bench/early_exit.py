@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _check import verdict  # noqa: E402
-from _runs import data_dir_of, lmforge  # noqa: E402
+from _runs import lmforge, main_run_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = {"learned": (0.9, 0.93, 0.95, 0.96, 0.963, 0.966, 0.97, 0.975, 0.98, 0.99),
@@ -162,11 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="keep the exit run here (default: a temp dir, removed)")
     ap.add_argument("--out", type=Path, default=None, help="also write all figures here (JSON)")
     args = ap.parse_args(argv)
-    if not (args.run / "config.json").is_file():
-        print(f"no run at {args.run}: train the main job first (bash scripts/run_default.sh) or pass --run",
-              file=sys.stderr)
+    data_dir = main_run_data(args.run, args.data_dir)
+    if data_dir is None:
         return 2
-    data_dir = data_dir_of(args.run, args.data_dir)
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-early-exit-")))
         work.mkdir(parents=True, exist_ok=True)

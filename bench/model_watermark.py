@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _check import verdict  # noqa: E402
-from _runs import data_dir_of, lmforge  # noqa: E402
+from _runs import lmforge, main_run_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 P_TRUE, P_WRONG, P_ATTACKED, PPL_CHANGE = 1e-6, 0.01, 1e-3, 0.005
@@ -104,11 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="keep the models here (default: a temp dir, removed)")
     ap.add_argument("--out", type=Path, default=None, help="also write all figures here (JSON)")
     args = ap.parse_args(argv)
-    if not (args.run / "config.json").is_file():
-        print(f"no run at {args.run}: train the main job first (bash scripts/run_default.sh) or pass --run",
-              file=sys.stderr)
+    data_dir = main_run_data(args.run, args.data_dir)
+    if data_dir is None:
         return 2
-    data_dir = data_dir_of(args.run, args.data_dir)
     t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-model-wm-")))

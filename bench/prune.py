@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _check import verdict  # noqa: E402
-from _runs import data_dir_of  # noqa: E402
+from _runs import main_run_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 2.0  # magnitude's perplexity increase / Wanda's, at 50% unstructured
@@ -148,11 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--planted-channels", type=int, default=4, help="planted outlier channels per norm")
     ap.add_argument("--planted-only", action="store_true", help="run only the planted control (no verdict)")
     args = ap.parse_args(argv)
-    if not (args.run / "config.json").is_file():
-        print(f"no run at {args.run}: train the main job first (bash scripts/run_default.sh) or pass --run",
-              file=sys.stderr)
+    data_dir = main_run_data(args.run, args.data_dir)
+    if data_dir is None:
         return 2
-    data_dir = data_dir_of(args.run, args.data_dir)
     t_start = time.perf_counter()
     dense = perplexity(args.run, data_dir)
     print(f"dense: held-out perplexity {dense['perplexity']:.3f} over {dense['tokens']:,} tokens ({data_dir})",
