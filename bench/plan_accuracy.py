@@ -1,17 +1,20 @@
-"""Step-time predictions of the planner (lmforge/plan: `predict` with the cpu preset) against
-measured step times of the same layouts on this machine.
+"""Step-time predictions of the planner (lmforge/plan: `predict`) against measured step times of
+the same layouts on this machine.
 
-Each layout trains through `lmforge train` (one thread per rank: the cpu preset's device is one
-core) for `--steps` steps; its step time is the median of the per-step times after 3 warm-up steps
-(global batch tokens / the logged tokens/s). Layouts run in interleaved rounds so machine noise hits
-all alike. The named baseline measured in the same run: this machine's one-thread fp32 matmul
-rate (n = 2048, the preset's peak measurement), taken right before and right after each layout.
-On a shared, loaded machine every rank runs slower than the preset says by about the ratio of the
-preset's peak to that rate, so by default each layout's prediction is scaled by it
-(`--no-rescale`: the preset as it is, for a quiet machine). The check: every layout's
-min(pred / measured, measured / pred) >= 0.8, i.e. within 25 %; exit 1 otherwise.
+The cluster file: by default this machine calibrated in the same run (`lmforge bench cluster`:
+matmul rates, memory bandwidth, gloo collectives, and fixed costs fitted to probe runs of a
+64-wide micro model, none of them a layout below); `--cluster cpu` (or any file) takes a file as
+it is. Each layout trains through `lmforge train` (one thread per rank: a CPU cluster's device is
+one core) for `--steps` steps; its step time is the median of the per-step times after 3 warm-up
+steps (global batch tokens / the logged tokens/s). Layouts run in interleaved rounds so machine
+noise hits all alike. This machine's one-thread fp32 matmul rate (n = 2048) is measured right
+before and right after each layout and printed against the cluster's peak (a load indicator);
+with `--rescale` each prediction is scaled by it (for the static preset on a loaded machine). The
+check: every layout's min(pred / measured, measured / pred) >= 0.8, i.e. within 25 %; exit 1
+otherwise.
 
-    PYTHONPATH=. .venv/bin/python bench/plan_accuracy.py [--rounds 1] [--steps 8] [--no-rescale]
+    PYTHONPATH=. .venv/bin/python bench/plan_accuracy.py [--cluster calibrate|cpu|FILE] [--rounds 1]
+        [--steps 8] [--rescale]
 """
 
 from __future__ import annotations
@@ -89,14 +92,24 @@ def matmul_rate(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def predicted_seconds(run_dir: Path, nproc: int) -> float:
+def predicted_seconds(run_dir: Path, nproc: int, cluster: str) -> float:
     from lmforge.config import JobConfig
     from lmforge.config.loader import build_dataclass
     from lmforge.plan.cluster import load_cluster
     from lmforge.plan.predict import predict
 
     job = build_dataclass(JobConfig, json.loads((run_dir / "config.json").read_text()))
-    return predict(job, load_cluster("cpu"), nproc).step_time.total
+    return predict(job, load_cluster(cluster), nproc).step_time.total
+
+
+def calibrate(out: Path) -> None:
+    """`lmforge bench cluster --out OUT`: this machine as a cluster file, printed as it goes."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "bench", "cluster", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    print(proc.stdout, end="")
+    if proc.returncode != 0:
+        raise RuntimeError(f"calibration failed: {proc.stderr.strip().splitlines()[-1:]}")
 
 
 def main() -> int:
@@ -104,7 +117,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
-    ap.add_argument("--no-rescale", action="store_true", help="compare with the cpu preset as it is")
+    ap.add_argument("--cluster", default="calibrate",
+                    help="'calibrate' (measure this machine first, the default), a preset name or a cluster file")
+    ap.add_argument("--rescale", action="store_true",
+                    help="scale each prediction by the cluster's peak / the matmul rate measured around the layout")
     ap.add_argument("--min-ratio", type=float, default=TARGET)
     args = ap.parse_args()
     names = [n for n in args.layouts.split(",") if n]
@@ -114,8 +130,12 @@ def main() -> int:
     failed: dict[str, str] = {}
     from lmforge.plan.cluster import load_cluster
 
-    preset_peak = load_cluster("cpu").accelerator.peak_flops("fp32")
     with tempfile.TemporaryDirectory() as tmp:
+        cluster = args.cluster
+        if cluster == "calibrate":
+            cluster = str(Path(tmp) / "cluster.toml")
+            calibrate(Path(cluster))
+        preset_peak = load_cluster(cluster).accelerator.peak_flops("fp32")
         data_dir = Path(tmp) / "data"
         for r in range(args.rounds):
             for name in names:
@@ -126,18 +146,18 @@ def main() -> int:
                     times, out = run_layout(name, args.steps, data_dir, Path(tmp) / f"{name}-{r}")
                     slowdown[name].append(preset_peak / ((before + matmul_rate()) / 2))
                     measured[name] += times
-                    predicted[name] = predicted_seconds(out, LAYOUTS[name][1])
+                    predicted[name] = predicted_seconds(out, LAYOUTS[name][1], cluster)
                 except RuntimeError as e:
                     failed[name] = str(e).splitlines()[-1]
     if failed:
         print(f"FAIL: layouts failed: {failed}", file=sys.stderr)
         return verdict("plan_accuracy", "matmul rate around each layout", "layouts failed", float("nan"), args.min_ratio)
     meas = {n: statistics.median(v) for n, v in measured.items()}
-    scales = {n: 1.0 if args.no_rescale else statistics.mean(v) for n, v in slowdown.items()}
-    print("preset peak / matmul rate measured around each layout: "
+    scales = {n: statistics.mean(v) if args.rescale else 1.0 for n, v in slowdown.items()}
+    print(f"cluster {args.cluster}; its peak / the matmul rate measured around each layout: "
           + ", ".join(f"{n} {statistics.mean(v):.2f}" for n, v in slowdown.items())
-          + (" (not applied: --no-rescale)" if args.no_rescale else ""))
-    print(f"{'layout':<14} {'ranks':>5} {'measured s':>11} {'preset s':>9} {'scaled s':>9} {'scaled/meas':>12}")
+          + ("" if args.rescale else " (not applied)"))
+    print(f"{'layout':<14} {'ranks':>5} {'measured s':>11} {'predicted s':>11} {'used s':>9} {'used/meas':>10}")
     worst, worst_name = float("inf"), ""
     for n in names:
         p = predicted[n] * scales[n]
@@ -145,8 +165,8 @@ def main() -> int:
         sym = min(ratio, 1 / ratio)
         if sym < worst:
             worst, worst_name = sym, n
-        print(f"{n:<14} {LAYOUTS[n][1]:>5} {meas[n]:>11.4f} {predicted[n]:>9.4f} {p:>9.4f} {ratio:>12.3f}")
-    baseline = "one-thread matmul rate around each layout, same run" + (" (not used)" if args.no_rescale else "")
+        print(f"{n:<14} {LAYOUTS[n][1]:>5} {meas[n]:>11.4f} {predicted[n]:>11.4f} {p:>9.4f} {ratio:>10.3f}")
+    baseline = (f"cluster {args.cluster}" + (", scaled by the matmul rate around each layout" if args.rescale else ""))
     return verdict("plan_accuracy", baseline, f"worst min(pred/meas, meas/pred) ({worst_name})", worst,
                    args.min_ratio)
 

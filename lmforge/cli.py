@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from lmforge.cli_bench import add_bench_command
 from lmforge.cli_compress import add_compress_command
 from lmforge.cli_data import add_data_commands
 from lmforge.cli_distill import add_distill_command, load_teacher
@@ -225,24 +226,6 @@ def cmd_sizes(args: argparse.Namespace) -> int:
     return 0
 
 
-# Largest `bench peak --n`: three n x n fp32 matrices of 16384 take 3 GiB; beyond that the benchmark
-# shrinks n to fit its time budget anyway, so a larger n would be reported but not measured.
-BENCH_PEAK_MAX_N = 16384
-
-
-def cmd_bench_peak(args: argparse.Namespace) -> int:
-    from lmforge.observability.peak import run_peak_benchmark
-
-    if not 16 <= args.n <= BENCH_PEAK_MAX_N:
-        raise ConfigError("--n", args.n, f"must be in [16, {BENCH_PEAK_MAX_N}] (matrix size; three n x n matrices "
-                          f"of n = {args.n} would take {3 * 4 * args.n**2 / 2**30:,.1f} GiB in fp32)", "command line")
-
-    results = run_peak_benchmark(dtypes=args.dtypes.split(","), n=args.n, force=args.force)
-    for key, value in results.items():
-        print(f"{key}: {value / 1e9:,.1f} GFLOP/s")
-    return 0
-
-
 def cmd_import(args: argparse.Namespace) -> int:
     from lmforge.interop.hf.importer import import_to_run
 
@@ -400,13 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sizes", help="named model sizes with parameter counts and FLOPs")
     p.set_defaults(func=cmd_sizes)
 
-    p = sub.add_parser("bench", help="micro-benchmarks")
-    bsub = p.add_subparsers(dest="bench_command", required=True)
-    q = bsub.add_parser("peak", help="measure (and cache) this machine's matmul peak for MFU")
-    q.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp16, fp32")
-    q.add_argument("--n", type=int, default=2048, help="matrix size")
-    q.add_argument("--force", action="store_true", help="re-measure even if cached")
-    q.set_defaults(func=cmd_bench_peak)
+    add_bench_command(sub)
 
     add_export_command(sub)
 

@@ -29,6 +29,18 @@ dataclasses hold SI units (FLOP/s, bytes, bytes/s, seconds) so the models never 
     op_overhead_us = 10            # fixed time per operator launch (kernel launch / Python dispatch)
     comm_overlap = 1.0             # fraction of FSDP / DP / EP communication that can hide behind
                                    # compute (GPUs: separate engines; CPU: 0, the cores do both)
+    forward_us = 0                 # optional fixed costs beyond the operators (`lmforge bench cluster`
+    tp_forward_us = 0              #   measures them): per forward + backward (embedding, loss, output),
+    tp_block_us = 0                #   the same under tp and per block under tp (DTensor dispatch), per
+    fsdp_unit_us = 0               #   FSDP2 unit (its hooks), per MoE layer (routing) and per MoE layer
+    moe_layer_us = 0               #   under ep (dispatch and combine)
+    ep_layer_us = 0
+    [collectives]                  # optional: measured seconds of each collective on `ranks` ranks of
+    ranks = 2                      #   one node, [[bytes, us], ...] per kind; used instead of the link
+    all_reduce = [[4096, 300], [16777216, 18000]]   # model for groups of that size inside a node
+    all_gather = [[4096, 300], [16777216, 45000]]   # (all-gather: bytes of the gathered tensor;
+    reduce_scatter = [[4096, 300], [16777216, 24000]]  # reduce-scatter: of its input)
+    all_to_all = [[4096, 300], [16777216, 9000]]
     [failures]                     # optional (`lmforge plan --scaling / --cost`); defaults shown
     device_mtbf_h = 50700          # mean hours between job-stopping failures of one device (the Llama 3
                                    # paper's 419 interruptions of 16,384 GPUs in 54 days, all charged to GPUs)
@@ -90,15 +102,54 @@ class Link:
 @dataclass(frozen=True)
 class Efficiency:
     """Fraction of peak a matmul of W FLOPs reaches: max * W / (W + half), a saturating curve
-    (small matmuls are bound by memory and launch; large ones approach `max`)."""
+    (small matmuls are bound by memory and launch; large ones approach `max`); and the fixed
+    costs per operator and per parallel construct that no FLOP count shows."""
 
     max: float
     half_flops: float
     op_overhead_s: float
     comm_overlap: float = 1.0
+    forward_s: float = 0.0  # per forward + backward of a micro-batch: embedding, loss, output head
+    tp_forward_s: float = 0.0  # the same, in addition, under tensor parallelism (vocab-parallel loss)
+    tp_block_s: float = 0.0  # per block forward + backward under tensor parallelism
+    fsdp_unit_s: float = 0.0  # per FSDP-wrapped unit (each block and the root) per forward + backward
+    moe_layer_s: float = 0.0  # per MoE layer forward + backward (routing, permutation)
+    ep_layer_s: float = 0.0  # per MoE layer forward + backward under expert parallelism
 
     def of(self, flops: float) -> float:
         return self.max * flops / (flops + self.half_flops) if flops > 0 else self.max
+
+
+# The fixed costs of `Efficiency` beyond the per-operator one (cluster file keys: <name>_us).
+FIXED_COSTS = ("forward", "tp_forward", "tp_block", "fsdp_unit", "moe_layer", "ep_layer")
+COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+
+
+@dataclass(frozen=True)
+class CollectiveTable:
+    """Measured seconds of each collective kind on `ranks` ranks of one node, by message bytes:
+    on CPUs the cost is not one latency and one bandwidth (gloo's all-gather and reduce-scatter
+    of large tensors are 2-5x its all-reduce), so where a calibration measured it the time model
+    reads it here (log-log interpolation; linear in bytes past the largest point)."""
+
+    ranks: int
+    points: dict[str, tuple[tuple[float, float], ...]]  # kind -> ((bytes, seconds), ...) by bytes
+
+    def time(self, kind: str, nbytes: float, n: int) -> float | None:
+        """Seconds of one `kind` collective of `nbytes` on `n` ranks; None when not measured."""
+        pts = self.points.get(kind)
+        if n != self.ranks or not pts or nbytes <= 0:
+            return None
+        if nbytes <= pts[0][0]:
+            return pts[0][1]
+        for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
+            if nbytes <= b1:
+                f = math.log(nbytes / b0) / math.log(b1 / b0)
+                return math.exp(math.log(t0) + f * math.log(t1 / t0))
+        if len(pts) == 1:
+            return pts[0][1] * nbytes / pts[0][0]
+        (b0, t0), (b1, t1) = pts[-2], pts[-1]
+        return t1 + (nbytes - b1) * max(t1 - t0, 0.0) / (b1 - b0)
 
 
 @dataclass(frozen=True)
@@ -124,6 +175,7 @@ class Cluster:
     # CPU clusters: the devices of a node are processes sharing one host memory; `memory_bytes`
     # is then what one rank may use (the file says so with shared_host_memory = true).
     shared_host_memory: bool = False
+    collectives: CollectiveTable | None = None  # the `[collectives]` table, where measured
     failures: FleetFailures = field(default_factory=FleetFailures)
     price: Pricing | None = None  # the `[price]` table; None: the file has none
 
@@ -164,7 +216,8 @@ def _table(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
 
 
 _KNOWN = {"": {"name", "devices_per_node", "nodes", "accelerator", "intra_node", "inter_node", "efficiency",
-               "shared_host_memory", "description", "failures", "price"},
+               "shared_host_memory", "description", "failures", "price", "collectives"},
+          "collectives": {"ranks", *COLLECTIVE_KINDS},
           "failures": {"device_mtbf_h", "node_mtbf_h", "restart_s", "storage_gbps"},
           "price": {"on_demand_per_device_h", "reserved_per_device_h", "spot_per_device_h",
                     "spot_preemptions_per_node_h"},
@@ -172,7 +225,7 @@ _KNOWN = {"": {"name", "devices_per_node", "nodes", "accelerator", "intra_node",
                           "power_w"},
           "intra_node": {"bandwidth_gbps", "latency_us", "call_overhead_us"},
           "inter_node": {"bandwidth_gbps", "latency_us", "call_overhead_us"},
-          "efficiency": {"max", "half_gflop", "op_overhead_us", "comm_overlap"}}
+          "efficiency": {"max", "half_gflop", "op_overhead_us", "comm_overlap", *(f"{k}_us" for k in FIXED_COSTS)}}
 
 
 def cluster_from_dict(data: dict[str, Any], where: str = "cluster") -> Cluster:
@@ -205,7 +258,9 @@ def cluster_from_dict(data: dict[str, Any], where: str = "cluster") -> Cluster:
     eff = Efficiency(max=_get(eff_t, "max", e, float, default=0.5),
                      half_flops=_get(eff_t, "half_gflop", e, float, default=1.0, allow_zero=True) * 1e9,
                      op_overhead_s=_get(eff_t, "op_overhead_us", e, float, default=5.0, allow_zero=True) * 1e-6,
-                     comm_overlap=_get(eff_t, "comm_overlap", e, float, default=1.0, allow_zero=True))
+                     comm_overlap=_get(eff_t, "comm_overlap", e, float, default=1.0, allow_zero=True),
+                     **{f"{k}_s": _get(eff_t, f"{k}_us", e, float, default=0.0, allow_zero=True) * 1e-6
+                        for k in FIXED_COSTS})
     for key, value in (("max", eff.max), ("comm_overlap", eff.comm_overlap)):
         if value > 1:
             raise ClusterError(f"{e}.{key} = {value}: must be in [0, 1] (a fraction)")
@@ -229,12 +284,36 @@ def cluster_from_dict(data: dict[str, Any], where: str = "cluster") -> Cluster:
     shared = data.get("shared_host_memory", False)
     if not isinstance(shared, bool):
         raise ClusterError(f"{where}.shared_host_memory = {shared!r}: must be true or false")
+    collectives = _collectives(data["collectives"], f"{where}: collectives") if "collectives" in data else None
     return Cluster(name=_get(data, "name", where, str, positive=False),
                    accelerator=acc,
                    devices_per_node=_get(data, "devices_per_node", where, int),
                    nodes=_get(data, "nodes", where, int, default=1),
                    intra=link(intra_t, "intra_node"), inter=link(inter_t, "inter_node"),
-                   efficiency=eff, shared_host_memory=shared, failures=failures, price=price)
+                   efficiency=eff, shared_host_memory=shared, collectives=collectives, failures=failures,
+                   price=price)
+
+
+def _collectives(table: dict[str, Any], where: str) -> CollectiveTable:
+    """The `[collectives]` table: `ranks` and per kind a list of [bytes, microseconds] pairs."""
+    ranks = _get(table, "ranks", where, int)
+    if ranks < 2:
+        raise ClusterError(f"{where}.ranks = {ranks}: must be >= 2 (a collective needs two ranks)")
+    points: dict[str, tuple[tuple[float, float], ...]] = {}
+    for kind in COLLECTIVE_KINDS:
+        if kind not in table:
+            continue
+        rows = table[kind]
+        ok = isinstance(rows, list) and rows and all(
+            isinstance(r, list) and len(r) == 2 and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                        and math.isfinite(v) and v > 0 for v in r) for r in rows)
+        if not ok:
+            raise ClusterError(f"{where}.{kind}: must be a list of [bytes, microseconds] pairs, both > 0")
+        pts = sorted((float(b), float(us) * 1e-6) for b, us in rows)
+        if len({b for b, _ in pts}) != len(pts):
+            raise ClusterError(f"{where}.{kind}: two points have the same byte count")
+        points[kind] = tuple(pts)
+    return CollectiveTable(ranks=ranks, points=points)
 
 
 def preset_names() -> list[str]:

@@ -10,11 +10,16 @@
   training FLOPs; "op" recomputes elementwise work only, no matmuls);
 - optimizer: AdamW reads parameters, gradients and both moments and writes three of them (28
   bytes per local fp32 parameter) at the memory bandwidth;
-- overhead: a fixed time per operator (kernel launch, Python dispatch) x operators per step;
+- overhead: a fixed time per operator (kernel launch, Python dispatch) x operators per step, and
+  fixed costs where the cluster file gives them (`Efficiency`: per forward, per forward and per
+  block under tp, per FSDP unit, per MoE layer, per MoE layer under ep; `lmforge bench cluster`
+  measures them);
 - communication from message sizes on the link the group crosses (`Cluster.link`): ring
   all-reduce 2 (n-1) (lat + B / (n bw)), reduce-scatter and all-gather half of that, all-to-all
   (n-1) (lat + B / (n bw)); a tree all-reduce 2 log2(n) (lat + B / bw) where cheaper (small
-  messages); hierarchical (comm.hierarchical): reduce-scatter inside nodes, all-reduce across
+  messages); a cluster file's measured `[collectives]` table instead, for groups of its size
+  inside a node; FSDP gathers and reduces each wrapped unit (block, root) as its own message;
+  hierarchical (comm.hierarchical): reduce-scatter inside nodes, all-reduce across
   nodes of 1/devices_per_node of the bytes, all-gather inside. Gradient compression
   (comm.compression) scales the data-parallel bytes (bf16/fp16 1/2, int8 1/4, int4 1/8 plus one
   fp32 scale per quant_block, topk 2 x fraction: values and indices, powersgd rank x (rows +
@@ -59,6 +64,20 @@ def reduce_scatter(nbytes: float, n: int, link: Link) -> float:
 
 def all_to_all(nbytes: float, n: int, link: Link) -> float:
     return reduce_scatter(nbytes, n, link)
+
+
+_FORMULAS = {"all_reduce": ring_allreduce, "all_gather": reduce_scatter, "reduce_scatter": reduce_scatter,
+             "all_to_all": all_to_all}
+
+
+def collective(kind: str, nbytes: float, n: int, link: Link, cluster: Cluster) -> float:
+    """Seconds of one collective: the cluster's measured table where it covers the group (same size,
+    inside a node), else the link model."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    table = cluster.collectives
+    measured = table.time(kind, nbytes, n) if table is not None and link is cluster.intra else None
+    return link.call_overhead_s + measured if measured is not None else _FORMULAS[kind](nbytes, n, link)
 
 
 def hierarchical_allreduce(nbytes: float, n: int, cluster: Cluster) -> float:
@@ -113,6 +132,20 @@ def _matmul_sizes(job: JobConfig, r: ParallelConfig, tokens: int) -> dict[str, f
             "output": 2.0 * tokens * m.dim * m.vocab_size / r.tp}
 
 
+def act_bytes_param(r: ParallelConfig) -> int:
+    """Bytes per parameter element FSDP gathers (its param dtype)."""
+    return 2 if r.fsdp_param_dtype == "bf16" else 4
+
+
+def _fsdp_units(tensors: list, r: ParallelConfig, per_element: int) -> list[float]:
+    """Unsharded bytes of each FSDP2 unit of a stage: one per block (its layer's tensors) and the
+    root (embedding, final norm, output), each gathered and reduced as one message."""
+    by_unit: dict[int | None, float] = {}
+    for x in tensors:
+        by_unit[x.layer] = by_unit.get(x.layer, 0.0) + local_numel(x, r, False) * per_element
+    return list(by_unit.values())
+
+
 def bubble_fraction(r: ParallelConfig, n_micro: int) -> float:
     """Pipeline idle time over busy time: (pp - 1) / (micro-batches x stages per rank), a third
     of it for the zero-bubble schedules; 0 without pp."""
@@ -163,27 +196,35 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
             recompute = act_bytes / acc.hbm_bytes_per_s
         tensors = [x for s in stages for x in stage_tensors(job, r, s)]
         local = sum(local_numel(x, r, r.dp_shard > 1) for x in tensors)
-        unsharded = sum(local_numel(x, r, False) for x in tensors)
         optimizer = 28 * local / acc.hbm_bytes_per_s
         overhead = eff.op_overhead_s * (OPS_PER_BLOCK * layers_here * forwards * (1 + share) + 12 * len(tensors))
+        moe_layers = sum(m.is_moe_layer(i) for s in stages for i in stage_layers(m, n_stages, r.pp_layers_per_stage)[s])
+        overhead += forwards * (eff.forward_s + (eff.tp_forward_s if r.tp > 1 else 0.0))
+        overhead += forwards * (1 + share) * (
+            eff.moe_layer_s * moe_layers + (eff.ep_layer_s * moe_layers if r.ep > 1 else 0.0)
+            + (eff.tp_block_s * layers_here if r.tp > 1 else 0.0))
+        units = _fsdp_units(tensors, r, act_bytes_param(r)) if r.dp_shard > 1 else []
+        overhead += forwards * eff.fsdp_unit_s * len(units)
 
         # TP: with SP two all-gathers and two reduce-scatters per block forward, the same backward;
         # without SP two all-reduces each way. Messages: the block's (micro, seq, dim) activations.
         msg = micro * t.seq_len * m.dim * act
         if r.tp > 1:
-            per_block = (4 * reduce_scatter(msg, r.tp, tp_link) if r.sequence_parallel
-                         else 2 * ring_allreduce(msg, r.tp, tp_link))
+            per_block = (2 * (collective("all_gather", msg, r.tp, tp_link, cluster)
+                              + collective("reduce_scatter", msg, r.tp, tp_link, cluster)) if r.sequence_parallel
+                         else 2 * collective("all_reduce", msg, r.tp, tp_link, cluster))
             tp_comm = 2 * per_block * layers_here * forwards * (1 + share)
         else:
             tp_comm = 0.0
         # FSDP: gather parameters forward and backward, reduce-scatter gradients, every forward.
-        pbytes = unsharded * (2 if r.fsdp_param_dtype == "bf16" else 4)
         dp_comm = 0.0
         if r.dp_shard > 1:
             gathers = 1 if r.fsdp_reshard_after_forward == "never" else 2
-            gbytes = pbytes * (compression_ratio(job, []) if job.comm.compression in ("bf16", "fp16") else 1.0)
-            dp_comm += forwards * (gathers * reduce_scatter(pbytes, r.dp_shard, shard_link)
-                                   + reduce_scatter(gbytes, r.dp_shard, shard_link))
+            grad_ratio = compression_ratio(job, []) if job.comm.compression in ("bf16", "fp16") else 1.0
+            for pbytes in units:
+                dp_comm += forwards * (gathers * collective("all_gather", pbytes, r.dp_shard, shard_link, cluster)
+                                       + collective("reduce_scatter", pbytes * grad_ratio, r.dp_shard, shard_link,
+                                                    cluster))
         if r.dp_replicate > 1:
             matrices = [(x.shape[0], math.prod(x.shape[1:])) for x in tensors if len(x.shape) >= 2]
             rbytes = local * 4 * compression_ratio(job, matrices)
@@ -191,7 +232,7 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
             if job.comm.hierarchical:
                 dp_comm += hierarchical_allreduce(rbytes, r.dp_replicate, cluster)
             else:
-                dp_comm += buckets * ring_allreduce(rbytes / buckets, r.dp_replicate, rep_link)
+                dp_comm += buckets * collective("all_reduce", rbytes / buckets, r.dp_replicate, rep_link, cluster)
         # PP: each stage boundary sends the activations forward and their gradient back.
         pp_comm = 0.0
         if r.pp > 1:
@@ -200,10 +241,9 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
                                                     + pp_link.call_overhead_s)
         # EP: dispatch and combine all-to-alls per MoE layer, forward and backward.
         ep_comm = 0.0
-        moe_layers = sum(m.is_moe_layer(i) for s in stages for i in stage_layers(m, n_stages, r.pp_layers_per_stage)[s])
         if r.ep > 1 and moe_layers:
             a2a = micro * t.seq_len * m.moe.top_k * m.dim * act
-            ep_comm = 4 * moe_layers * forwards * all_to_all(a2a, r.ep, ep_link)
+            ep_comm = 4 * moe_layers * forwards * collective("all_to_all", a2a, r.ep, ep_link, cluster)
         hideable = dp_comm + ep_comm
         exposed = tp_comm + pp_comm + max(hideable - eff.comm_overlap * compute, hideable * (1 - eff.comm_overlap))
         busy = compute + recompute

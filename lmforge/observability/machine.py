@@ -1,0 +1,126 @@
+"""Measurements of this machine for a calibrated cluster file (`lmforge bench cluster`): matmul
+rates by size, memory bandwidth, and the seconds of each gloo collective by message size between
+processes on this host. Each is what the planner's time model (lmforge/plan/timing.py) reads from
+a cluster file; lmforge/plan/calibration.py turns them into one."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+# (tokens, inner, outer) of the matmuls timed for the efficiency curve: the projection, feed-forward
+# and output shapes small training runs have (2 x tokens x inner x outer FLOPs each), and n = 2048,
+# the square matmul `lmforge bench peak` times.
+MATMUL_SHAPES = ((128, 64, 64), (256, 64, 128), (512, 128, 128), (1024, 64, 512), (1024, 192, 192),
+                 (1024, 192, 512), (1024, 256, 704), (1024, 192, 512 * 4), (2048, 512, 512),
+                 (1024, 512, 8192), (2048, 2048, 2048))
+COLLECTIVE_BYTES = tuple(2**k for k in range(12, 25, 2))  # 4 KiB .. 16 MiB
+
+
+def _median_seconds(fn, seconds: float, min_reps: int = 5) -> float:
+    fn()  # warm-up: first-call allocation and kernel choice
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < min_reps or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def matmul_rates(shapes: Iterable[tuple[int, int, int]] = MATMUL_SHAPES, threads: int = 1,
+                 seconds: float = 0.3, dtype: torch.dtype = torch.float32) -> list[tuple[float, float]]:
+    """(FLOPs of one matmul, FLOP/s achieved) for each (tokens, inner, outer) shape on `threads`
+    threads (a rank of a CPU run is one process on one core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = []
+        for m, k, n in shapes:
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            flops = 2.0 * m * k * n
+            out.append((flops, flops / _median_seconds(lambda a=a, b=b: a @ b, seconds)))
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def memory_bandwidth(threads: int = 1, nbytes: int = 128 * 2**20, seconds: float = 0.5) -> float:
+    """Bytes/s one rank moves through memory: a copy of `nbytes` (read once, written once)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+        return 2 * nbytes / _median_seconds(lambda: dst.copy_(src), seconds)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _collective_worker(rank: int, world: int, port: int, sizes: tuple[int, ...], repeats: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # the *_into_tensor names FSDP2 still calls
+    results: dict[str, list[tuple[int, float]]] = {k: [] for k in ("all_reduce", "all_gather", "reduce_scatter",
+                                                                   "all_to_all")}
+    for nbytes in sizes:
+        n = max(world, nbytes // 4 // world * world)  # elements, divisible by the world size
+        full, part = torch.ones(n), torch.ones(n // world)
+        runs = {"all_reduce": lambda full=full: dist.all_reduce(full),
+                "all_gather": lambda full=full, part=part: dist.all_gather_into_tensor(full, part),
+                "reduce_scatter": lambda full=full, part=part: dist.reduce_scatter_tensor(part, full),
+                "all_to_all": lambda full=full: dist.all_to_all_single(torch.empty_like(full), full)}
+        for kind, fn in runs.items():
+            fn()
+            times = []
+            for _ in range(repeats):
+                dist.barrier()
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            # the slower rank's median: a collective ends for the job when it ends on every rank
+            t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            results[kind].append((4 * n, float(t)))
+    if rank == 0:
+        out.update(results)
+    dist.destroy_process_group()
+
+
+def collective_times(ranks: int = 2, sizes: tuple[int, ...] = COLLECTIVE_BYTES,
+                     repeats: int = 9) -> dict[str, list[tuple[int, float]]]:
+    """kind -> [(bytes, seconds)] of gloo all-reduce, all-gather (bytes gathered), reduce-scatter
+    (bytes reduced) and all-to-all on `ranks` processes of this host, one thread each."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        port = _free_port()
+        procs = [ctx.Process(target=_collective_worker, args=(r, ranks, port, tuple(sizes), repeats, out))
+                 for r in range(ranks)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=600)
+        if any(p.exitcode != 0 for p in procs):
+            for p in procs:
+                p.kill()
+            raise RuntimeError(f"collective measurement failed: exit codes {[p.exitcode for p in procs]}")
+        return dict(out)
