@@ -48,6 +48,20 @@ class FbgemmDynamicInt8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+class Int8RowEmbedding(nn.Module):
+    """A token lookup from int8 rows with one scale per row: only the looked-up rows are turned
+    into fp32 (q * scale, the numbers the dequant runtime holds), not the whole table per call."""
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qdata.shape
+        self.register_buffer("qdata", qdata.to(torch.int8))
+        self.register_buffer("scale", scale.float())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qdata[ids].float() * self.scale[ids].unsqueeze(-1)
+
+
 class AtenInt4Linear(nn.Module):
     """y = x W^T with W int4 group-wise, packed for torch's _weight_int4pack_mm_for_cpu (which reads
     w = (q - 8) * scale + bias per group: bias = (8 - zero) * scale gives the stored grid)."""
@@ -110,11 +124,10 @@ def _swap_kernels(model: nn.Module, formats: dict[str, dict], tensors: dict[str,
         module = name.removesuffix(".weight")
         if fmt["format"] == "fp32" or not name.endswith(".weight"):
             continue
-        if runtime == "torchao":
-            model.get_submodule(module).weight = _torchao_int8(
-                tensors, name, dynamic=scheme == "int8-dynamic" and module != "tok_embeddings")
-        elif fmt["format"] == "int8_row" and module == "tok_embeddings":
-            model.get_submodule(module).weight = _torchao_int8(tensors, name, dynamic=False)
+        if fmt["format"] == "int8_row" and module == "tok_embeddings":
+            _set_module(model, module, Int8RowEmbedding(tensors[f"{name}.qdata"], tensors[f"{name}.scale"]))
+        elif runtime == "torchao":
+            model.get_submodule(module).weight = _torchao_int8(tensors, name, dynamic=scheme == "int8-dynamic")
         elif runtime == "fbgemm":
             _set_module(model, module, FbgemmDynamicInt8Linear(tensors[f"{name}.qdata"], tensors[f"{name}.scale"]))
         elif runtime == "aten" and fmt["format"] == "int4_group":
