@@ -23,12 +23,20 @@ training the two-domain base (e.g. the main job's runs/tiny-dense, read only: it
 domains, Chinese at temperature-2 weight, so "new" is then "continued"). Every model is evaluated on
 windows of `--eval-seq-len` tokens (the same for all), whatever seq_len the runs trained at.
 
-Both continual runs take the same peak lr (`--lr`); the unfreezing stages top:1, top:2, all start
-at thirds of the run with lr scales `--stage-scales` (lower layers slower, as ULMFiT's
-discriminative rates). The two are trained side by side, one thread each.
+Both continual runs take the same peak lr (`--lr`). The continual run's unfreezing stages (the
+new-language recipe: the new tokens' output and input embeddings first, around a frozen body, then
+the body top first): the output head and final norm (top:0) from step 0; the token embeddings
+joining from step max(1, steps // 30); top:2 (with the embeddings) from a third of the run; all from
+two thirds; their lr scales `--stage-scales` (head, embeddings, top:2 blocks, the rest). The
+embeddings' scale is above 1: the new script's rows start from their (decayed) random init and
+only ever meet the new domain's text, while the head, shared by every domain, moves slowly.
+`--unfreeze TOML` replaces the whole stage list (e.g. the earlier top:1 / top:2 / all schedule).
+The two are trained side by side, one thread each (`--serial`: one after the other, for a shared
+machine; the figures are the same).
 
     .venv/bin/python bench/continual.py [--data-dir data/default] [--base RUN | --base-steps 240]
-        [--steps 120] [--seq-len 256] [--eval-seq-len 256] [--lr 3e-4] [--stage-scales 0.5,0.3,0.2] [--work DIR]
+        [--steps 120] [--seq-len 256] [--eval-seq-len 256] [--lr 3e-4] [--stage-scales 0.3,5,0.3,0.2]
+        [--unfreeze TOML] [--serial] [--work DIR]
 """
 
 from __future__ import annotations
@@ -55,9 +63,12 @@ COMMON = ["--train.eval_interval", "0", "--metrics.progress", "none", "--metrics
           "--metrics.plot", "false", "--metrics.log_interval", "20", "--checkpoint.keep_last", "1"]
 
 
-def train(runs: dict[str, list[str]], work: Path, data: Path, steps: int, threads: int) -> dict[str, float]:
-    """Train each named run (extra overrides) at the same time, `threads` intra-op threads each;
-    returns each one's wall seconds."""
+def train(runs: dict[str, list[str]], work: Path, data: Path, steps: int, threads: int,
+          serial: bool = False) -> dict[str, float]:
+    """Train each named run (extra overrides) at the same time (`serial`: one after the other),
+    `threads` intra-op threads each; returns each one's wall seconds."""
+    if serial and len(runs) > 1:
+        return {k: v for name, extra in runs.items() for k, v in train({name: extra}, work, data, steps, threads).items()}
     started = {}
     for name, extra in runs.items():
         out = work / name
@@ -98,8 +109,14 @@ def main() -> int:
     ap.add_argument("--eval-seq-len", type=int, default=256, help="window of every perplexity")
     ap.add_argument("--steps", type=int, default=120, help="steps of each continual run")
     ap.add_argument("--lr", type=float, default=3e-4, help="peak lr of both continual runs")
-    ap.add_argument("--stage-scales", default="0.5,0.3,0.2",
-                    help="lr_scale of the three unfreezing stages (top:1, top:2, all), e.g. 1,0.5,0.3")
+    ap.add_argument("--stage-scales", default="0.3,5,0.3,0.2",
+                    help="lr_scale of the four unfreezing stages: head (top:0), + token embeddings, + top:2 blocks, all")
+    ap.add_argument("--unfreeze", default=None,
+                    help='a train.unfreeze stage list (TOML) instead of the default, e.g. \'[{step = 0, layers = "top:1", '
+                         'lr_scale = 0.5}, {step = 20, layers = "top:2", lr_scale = 0.3}, {step = 40, layers = "all", '
+                         'lr_scale = 0.2}]\'')
+    ap.add_argument("--serial", action="store_true",
+                    help="train the runs one after the other, one thread each (for a shared machine)")
     ap.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     args = ap.parse_args()
     if not (args.data_dir / "manifest.json").is_file():
@@ -111,9 +128,15 @@ def main() -> int:
         shutil.copytree(args.data_dir, data, dirs_exist_ok=True)
     s = args.steps
     third = max(1, s // 3)
-    a, b, c = (float(x) for x in args.stage_scales.split(","))
-    schedule = (f'[{{step = 0, layers = "top:1", lr_scale = {a}}}, {{step = {third}, layers = "top:2", lr_scale = {b}}}, '
-                f'{{step = {2 * third}, layers = "all", lr_scale = {c}}}]')
+    scales = [float(x) for x in args.stage_scales.split(",")]
+    if len(scales) != 4:
+        raise SystemExit(f"--stage-scales {args.stage_scales}: four scales (head, embeddings, top:2, all)")
+    head, emb, top2, rest = scales
+    schedule = args.unfreeze or (
+        f'[{{step = 0, layers = "top:0", lr_scale = {head}}}, '
+        f'{{step = {max(1, s // 30)}, layers = "top:0", embeddings = true, lr_scale = {emb}}}, '
+        f'{{step = {third}, layers = "top:2", embeddings = true, lr_scale = {top2}}}, '
+        f'{{step = {2 * third}, layers = "all", lr_scale = {rest}}}]')
     base = args.base or work / "base"
     new_run = ["--train.init_from", str(base), "--optimizer.lr", str(args.lr), "--train.seq_len", str(args.seq_len),
                "--scheduler.warmup_steps", str(max(1, s // 12)), "--data.domain_weights", f"{NEW}:1"]
@@ -124,7 +147,7 @@ def main() -> int:
                                        work, data, args.base_steps, 2)
     # both at once, one thread each: the same two cores a two-thread run would take, in half the wall time
     times |= train({"continual": [*new_run, "--data.replay_fraction", "0.1", "--train.unfreeze", schedule],
-                    "plain": new_run}, work, data, s, 1)
+                    "plain": new_run}, work, data, s, 1, args.serial)
     ppl = {"base": perplexities(base, data, args.eval_seq_len),
            **{name: perplexities(work / name, data, args.eval_seq_len) for name in ("continual", "plain")}}
 

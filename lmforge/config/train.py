@@ -16,17 +16,24 @@ LAYER_SPEC = re.compile(r"top:(\d+)|all")
 class UnfreezeStage:
     """One stage of gradual unfreezing (`train.unfreeze`): from optimizer step `step + 1` on, the
     layers `layers` train ("top:N": the output head and final norm plus the top N blocks; "all":
-    every parameter, embeddings too). `lr_scale` multiplies the learning rate of the layers this
-    stage adds (those the previous stage did not train), for the rest of the run: lower layers,
-    unfrozen later, usually at a smaller rate (lmforge/train/continual.py)."""
+    every parameter, embeddings too), and the token embeddings as well when `embeddings` (with
+    "top:0": the new-language recipe of training the embeddings and the head around a frozen body
+    first). `lr_scale` multiplies the learning rate of the layers this stage adds (those the
+    previous stage did not train), for the rest of the run: lower layers, unfrozen later, usually
+    at a smaller rate (lmforge/train/continual.py)."""
 
     step: int = 0
     layers: str = "all"
     lr_scale: float = 1.0
+    embeddings: bool = False
 
     def reach(self) -> float:
-        """The stage's extent, for ordering stages: N of "top:N", infinity for "all"."""
+        """The stage's extent in blocks, for ordering stages: N of "top:N", infinity for "all"."""
         return math.inf if self.layers == "all" else int(self.layers.split(":")[1])
+
+    def trains_embeddings(self) -> bool:
+        """Whether the token embeddings train from this stage on ("all", or `embeddings`)."""
+        return self.embeddings or self.layers == "all"
 
     def blocks(self, n_layers: int) -> int:
         """How many blocks (from the top) this stage trains; n_layers + 1 for "all" (embeddings too)."""
@@ -76,6 +83,7 @@ class TrainConfig:
     init_from: str = ""
     # Gradual unfreezing, top first: [{step = 0, layers = "top:1", lr_scale = 1.0}, {step = 50,
     # layers = "all", lr_scale = 0.3}]; empty: every layer trains from the start (UnfreezeStage).
+    # `embeddings = true` adds the token embeddings to a "top:N" stage (and must stay in later ones).
     unfreeze: list[UnfreezeStage] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -91,7 +99,8 @@ class TrainConfig:
 
     def _check_unfreeze(self) -> None:
         """Stages in increasing steps from 0 (before train.steps), layer specs "top:N" or "all",
-        each training more layers than the one before, lr_scale in (0, 10]."""
+        each training more layers than the one before (never fewer blocks, never the embeddings
+        again frozen), lr_scale in (0, 10]."""
         previous: UnfreezeStage | None = None
         for i, st in enumerate(self.unfreeze):
             key = f"train.unfreeze[{i}]"
@@ -103,8 +112,14 @@ class TrainConfig:
             else:
                 require(st.step > previous.step, f"{key}.step", st.step,
                         f"must be greater than the previous stage's step ({previous.step})")
-                require(st.reach() > previous.reach(), f"{key}.layers", st.layers,
+                require(st.reach() >= previous.reach(), f"{key}.layers", st.layers,
                         f"must train more layers than the previous stage ({previous.layers!r})")
+                require(st.trains_embeddings() or not previous.trains_embeddings(), f"{key}.embeddings",
+                        st.embeddings, "must be true: the previous stage trains the embeddings, and a stage "
+                        "freezes nothing again (set embeddings = true, or layers = 'all')")
+                require(st.reach() > previous.reach() or st.trains_embeddings() > previous.trains_embeddings(),
+                        f"{key}.layers", st.layers, f"must train more layers than the previous stage "
+                        f"({previous.layers!r}{', embeddings' if previous.embeddings else ''})")
             require(st.step < self.steps, f"{key}.step", st.step,
                     f"must be < train.steps ({self.steps}): a stage starting later never trains")
             previous = st

@@ -12,15 +12,17 @@ into the parallelised model through the checkpoint manager (DCP reshards them: F
 read the shards they hold), unless this run resumes from a checkpoint of its own.
 
 Gradual unfreezing: each stage names the layers that train from its step on ("top:N": the output
-head and final norm plus the top N blocks; "all": embeddings too). The parameters a stage adds
-form their own optimizer param groups with lr = optimizer.lr x the stage's lr_scale, tagged with
-the stage's step (`unfreeze_step`). Frozen parameters keep requires_grad (under FSDP2 the reduce
-dtype is fixed from the parameters trainable at its lazy init, and DDP's reducer expects every
-gradient it was built with, so requires_grad must not change mid-run): their gradients are
-dropped after backward (`drop_frozen_grads`, before unscaling and clipping), so AdamW skips them
-entirely (no moment update, no step count, no weight decay) and they stay bitwise unchanged; their
-group's lr reads 0 until the stage starts. The backward through frozen layers is therefore not
-saved (a cost of keeping every parallel layout correct).
+head and final norm plus the top N blocks; "all": embeddings too; `embeddings = true`: the token
+embeddings with a "top:N" stage, e.g. "top:0" with embeddings, the new-language recipe of learning
+the new tokens' input and output embeddings around a frozen body before any block trains). The
+parameters a stage adds form their own optimizer param groups with lr = optimizer.lr x the stage's
+lr_scale, tagged with the stage's step (`unfreeze_step`). Frozen parameters keep requires_grad
+(under FSDP2 the reduce dtype is fixed from the parameters trainable at its lazy init, and DDP's
+reducer expects every gradient it was built with, so requires_grad must not change mid-run): their
+gradients are dropped after backward (`drop_frozen_grads`, before unscaling and clipping), so AdamW
+skips them entirely (no moment update, no step count, no weight decay) and they stay bitwise
+unchanged; their group's lr reads 0 until the stage starts. The backward through frozen layers is
+therefore not saved (a cost of keeping every parallel layout correct).
 """
 
 from __future__ import annotations
@@ -168,7 +170,9 @@ def _stage_of(name: str, stages: list[UnfreezeStage], n_layers: int, head: tuple
         depth = n_layers - int(block.group(1))  # the top block has depth 1
     elif top in head or (tied and top in embedding):
         depth = 0
-    else:  # embeddings and anything outside the blocks and the head: with "all" only
+    elif top in embedding:  # with "all", or a stage with embeddings = true
+        return next((i for i, st in enumerate(stages) if st.trains_embeddings()), None)
+    else:  # anything outside the blocks, the head and the embeddings: with "all" only
         depth = n_layers + 1
     return next((i for i, st in enumerate(stages) if st.blocks(n_layers) >= depth), None)
 
@@ -232,7 +236,8 @@ class Unfreezing:
 
     def describe(self, n_layers: int) -> str:
         """One header line: each stage's step, layers, lr scale and how many tensors it adds."""
-        parts = [f"from step {st.step}: {st.layers} (+{len(self.names[i])} tensors at lr x{st.lr_scale:g})"
+        parts = [f"from step {st.step}: {st.layers}{' + embeddings' if st.embeddings and st.layers != 'all' else ''} "
+                 f"(+{len(self.names[i])} tensors at lr x{st.lr_scale:g})"
                  for i, st in enumerate(self.stages)]
         if self.frozen:
             parts.append(f"{len(self.frozen)} tensors frozen throughout")

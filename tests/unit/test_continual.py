@@ -115,6 +115,38 @@ def test_unfreezing_keeps_frozen_layers_bitwise_until_their_stage(tiny_data_dir:
     assert lrs[1][2] < lrs[2][2] * 0.8  # half-way through its re-warm
 
 
+def test_an_embeddings_stage_trains_the_token_embeddings_around_a_frozen_body(tiny_data_dir: Path, base_run: Path,
+                                                                            tmp_path: Path) -> None:
+    """The new-language recipe: the head from step 0, the token embeddings joining at step 2 at their
+    own lr scale (`embeddings = true` with "top:0"), every block frozen until "all"."""
+    stages = '[{step = 0, layers = "top:0", lr_scale = 0.5}, {step = 2, layers = "top:0", embeddings = true, ' \
+             'lr_scale = 3}, {step = 4, layers = "all", lr_scale = 0.2}]'
+    cfg = config(tiny_data_dir, tmp_path / "e", "--train.steps", "6", "--train.init_from", str(base_run),
+                 "--train.unfreeze", stages, "--checkpoint.enabled", "false", "--optimizer.lr", "0.004")
+    assert cfg.train.unfreeze[1].embeddings and not cfg.train.unfreeze[2].embeddings
+    trainer = Trainer(cfg, echo=False)
+    first_step = {"output.weight": 1, "norm.weight": 1, "tok_embeddings.weight": 3,
+                  "layers.1.attention.wq.weight": 5, "layers.0.feed_forward.w1.weight": 5}
+    try:
+        assert trainer.unfreeze is not None and trainer.unfreeze.names[1] == ["tok_embeddings.weight"]
+        assert "from step 2: top:0 + embeddings (+1 tensors at lr x3)" in trainer.unfreeze.describe(2)
+        groups = {g["unfreeze_step"]: g["lr"] for g in trainer.optimizer.param_groups if g["weight_decay"] > 0}
+        history = [weights(trainer.model)]
+        for _ in range(6):
+            trainer.train_step()
+            trainer.state.step += 1
+            history.append(weights(trainer.model))
+    finally:
+        trainer.close()
+    assert groups[2] == 0  # gated until its step; its peak is lr x 3 (below)
+    assert trainer.optimizer.param_groups[[g["unfreeze_step"] for g in trainer.optimizer.param_groups].index(2)][
+        "initial_lr"] == pytest.approx(0.012)
+    for fqn, first in first_step.items():
+        for step in range(1, 7):
+            same = torch.equal(history[step][fqn], history[step - 1][fqn])
+            assert same == (step < first), f"{fqn} at step {step}: unchanged = {same}"
+
+
 def test_replay_fraction_of_every_batch_and_resume(tiny_data_dir: Path) -> None:
     data = TokenDataset(tiny_data_dir, "train")
     names = list(data.domains)
@@ -200,6 +232,11 @@ def test_init_from_with_other_shapes_names_the_first_tensor(tiny_data_dir: Path,
     (["--train.unfreeze", '[{step = 0, layers = "bottom:1"}]'], "must be 'top:N'"),
     (["--train.unfreeze", '[{step = 0, layers = "top:1"}, {step = 0, layers = "all"}]'], "greater than the previous"),
     (["--train.unfreeze", '[{step = 0, layers = "all"}, {step = 2, layers = "top:1"}]'], "more layers than"),
+    (["--train.unfreeze", '[{step = 0, layers = "top:1"}, {step = 2, layers = "top:1"}]'], "more layers than"),
+    (["--train.unfreeze", '[{step = 0, layers = "top:0", embeddings = true}, {step = 2, layers = "top:0", '
+                          'embeddings = true}]'], "more layers than the previous stage ('top:0', embeddings)"),
+    (["--train.unfreeze", '[{step = 0, layers = "top:0", embeddings = true}, {step = 2, layers = "top:1"}]'],
+     "train.unfreeze[1].embeddings = False: must be true"),
     (["--train.unfreeze", '[{step = 0, layers = "top:1"}, {step = 9, layers = "all"}]'], "must be < train.steps"),
     (["--train.unfreeze", '[{step = 0, layers = "all", lr_scale = 0.0}]'], "lr_scale = 0.0: must be in (0, 10]"),
     (["--train.unfreeze", '[{step = 0, layer = "all"}]'], "train.unfreeze[0].layer = 'all': unknown key"),
@@ -234,6 +271,9 @@ def test_unfreeze_stages_round_trip_through_a_written_recipe(tmp_path: Path) -> 
                                                      "--train.unfreeze", UNFREEZE]))
     again = build_dataclass(JobConfig, tomllib.loads(recipe_toml(cfg, ["test"])))
     assert again.train.unfreeze == cfg.train.unfreeze and again.train.unfreeze[1].lr_scale == 0.5
+    cfg.train.unfreeze[1].embeddings = True
+    again = build_dataclass(JobConfig, tomllib.loads(recipe_toml(cfg, ["test"])))
+    assert again.train.unfreeze[1].embeddings and not again.train.unfreeze[0].embeddings
 
 
 def test_init_from_with_another_tokenizer_is_refused(base_run: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
