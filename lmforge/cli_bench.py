@@ -178,7 +178,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     q = bsub.add_parser("cluster", help="measure this machine and write it as a cluster file for `lmforge plan`")
     q.add_argument("--out", required=True, help="cluster TOML to write")
     q.add_argument("--ranks", type=int, default=2, help="processes the collectives and probes use (default 2)")
-    q.add_argument("--probe-steps", type=int, default=10, help="steps per probe training run (default 10)")
+    q.add_argument("--probe-steps", type=int, default=14, help="steps per probe training run (default 14)")
     q.add_argument("--no-probes", action="store_true",
                    help="measure matmuls, memory and collectives only (the fixed costs stay 0)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -8,8 +8,9 @@ What is fitted, in this order (each probe is a micro model, not a model the plan
 2. the memory bandwidth and the collective table are measured directly;
 3. the fixed costs no FLOP or byte count shows (`FITS`), each fit the constants that make the time
    model's predictions of its probes equal their measured steps (the prediction is linear in each):
-   `op_overhead_us` and `forward_us` (one rank, dense, 1 and 3 blocks), `moe_layer_us` (one rank,
-   MoE), `tp_block_us` and `tp_forward_us` (tp = 2, 1 and 3 blocks), `fsdp_unit_us` (FSDP over 2),
+   `op_overhead_us` and `forward_us` (one rank, dense, 1 and 5 blocks), `moe_layer_us` (one rank,
+   MoE), `tp_block_us` and `tp_forward_us` (tp = 2, 1 and 5 blocks: far apart, so
+   that the noise of two measured steps moves the per-block cost little), `fsdp_unit_us` (FSDP over 2),
    `ep_layer_us` (MoE, FSDP and ep over 2)."""
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ class Fit:
 
 FITS = (
     Fit(("op_overhead_s", "forward_s"), (Probe("dense-1", "tiny-dense", 1, micro(1)),
-                                         Probe("dense-3", "tiny-dense", 1, micro(3)))),
+                                         Probe("dense-5", "tiny-dense", 1, micro(5)))),
     Fit(("moe_layer_s",), (Probe("moe", "tiny-moe", 1, micro(2)),)),
     Fit(("tp_block_s", "tp_forward_s"), (Probe("tp2-1", "tiny-dense", 2, (*micro(1), *TP2)),
-                                         Probe("tp2-3", "tiny-dense", 2, (*micro(3), *TP2)))),
+                                         Probe("tp2-5", "tiny-dense", 2, (*micro(5), *TP2)))),
     Fit(("fsdp_unit_s",), (Probe("fsdp2", "tiny-dense", 2, (*micro(3), *FSDP2)),)),
     Fit(("ep_layer_s",), (Probe("ep2", "tiny-moe", 2, (*micro(2), *EP2)),)),
 )
