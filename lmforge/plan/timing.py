@@ -39,7 +39,7 @@ from lmforge.config.parallel import ParallelConfig
 from lmforge.observability.flops import flops_breakdown
 from lmforge.plan.cluster import Cluster, Link
 from lmforge.plan.memory import activation_bytes, local_numel, stage_tensors
-from lmforge.plan.params import stage_layers
+from lmforge.plan.params import ParamTensor, stage_layers
 from lmforge.plan.prediction import StepTime
 
 OPS_PER_BLOCK = 60  # forward + backward operators of one block (measured order of magnitude: ~20 fwd, ~40 bwd)
@@ -132,12 +132,12 @@ def _matmul_sizes(job: JobConfig, r: ParallelConfig, tokens: int) -> dict[str, f
             "output": 2.0 * tokens * m.dim * m.vocab_size / r.tp}
 
 
-def act_bytes_param(r: ParallelConfig) -> int:
+def fsdp_param_bytes(r: ParallelConfig) -> int:
     """Bytes per parameter element FSDP gathers (its param dtype)."""
     return 2 if r.fsdp_param_dtype == "bf16" else 4
 
 
-def _fsdp_units(tensors: list, r: ParallelConfig, per_element: int) -> list[float]:
+def _fsdp_units(tensors: list[ParamTensor], r: ParallelConfig, per_element: int) -> list[float]:
     """Unsharded bytes of each FSDP2 unit of a stage: one per block (its layer's tensors) and the
     root (embedding, final norm, output), each gathered and reduced as one message."""
     by_unit: dict[int | None, float] = {}
@@ -203,7 +203,7 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
         overhead += forwards * (1 + share) * (
             eff.moe_layer_s * moe_layers + (eff.ep_layer_s * moe_layers if r.ep > 1 else 0.0)
             + (eff.tp_block_s * layers_here if r.tp > 1 else 0.0))
-        units = _fsdp_units(tensors, r, act_bytes_param(r)) if r.dp_shard > 1 else []
+        units = _fsdp_units(tensors, r, fsdp_param_bytes(r)) if r.dp_shard > 1 else []
         overhead += forwards * eff.fsdp_unit_s * len(units)
 
         # TP: with SP two all-gathers and two reduce-scatters per block forward, the same backward;
