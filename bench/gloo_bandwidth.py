@@ -1,7 +1,8 @@
 """Measured gloo all-reduce on this machine, for the CPU cluster preset of the planner
 (lmforge/plan/presets/cpu.toml: intra_node bandwidth and latency).
 
-Two ranks (forkserver, gloo, one thread each) all-reduce fp32 tensors of growing size; the
+Two ranks (gloo, one thread each; lmforge/observability/machine.py: collective_times, the slower
+rank's median of 9) all-reduce fp32 tensors of growing size; the
 time t(n) of a ring all-reduce of n bytes over p ranks is 2 (p - 1) (lat + n / (p bw)), so a
 least-squares line through (n, t) gives the latency and the link bandwidth. Prints both and the
 fit's worst relative residual; exits non-zero when the fit is worse than 50 % (too noisy to use: rerun on a quiet machine).
@@ -11,36 +12,13 @@ fit's worst relative residual; exits non-zero when the fit is worse than 50 % (t
 
 from __future__ import annotations
 
-import os
 import sys
-import time
+from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SIZES = [2**k for k in range(10, 25, 2)]  # bytes: 1 KiB .. 16 MiB
+SIZES = tuple(2**k for k in range(10, 25, 2))  # bytes: 1 KiB .. 16 MiB
 REPEATS = 9
-
-
-def _worker(rank: int, world: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    times = {}
-    for n in SIZES:
-        t = torch.ones(n // 4)
-        dist.all_reduce(t)
-        best = float("inf")
-        for _ in range(REPEATS):
-            dist.barrier()
-            start = time.perf_counter()
-            dist.all_reduce(t)
-            best = min(best, time.perf_counter() - start)
-        times[n] = best
-    if rank == 0:
-        out.update(times)
-    dist.destroy_process_group()
 
 
 def fit(times: dict[int, float], world: int) -> tuple[float, float, float]:
@@ -60,16 +38,10 @@ def fit(times: dict[int, float], world: int) -> tuple[float, float, float]:
 
 
 def main() -> int:
+    from lmforge.observability.machine import collective_times
+
     world = 2
-    ctx = mp.get_context("forkserver")
-    with ctx.Manager() as manager:
-        out = manager.dict()
-        procs = [ctx.Process(target=_worker, args=(r, world, 29611, out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        times = dict(out)
+    times = dict(collective_times(world, SIZES, REPEATS, kinds=("all_reduce",))["all_reduce"])
     for n, t in sorted(times.items()):
         print(f"{n:>10} bytes  {t * 1e6:10.1f} us  {n / t / 1e9:6.2f} GB/s algorithmic")
     lat, bw, worst = fit(times, world)

@@ -53,43 +53,19 @@ LAYOUTS: dict[str, tuple[str, int, list[str]]] = {
 
 
 def run_layout(name: str, steps: int, data_dir: Path, out: Path) -> tuple[list[float], Path]:
-    """Per-step seconds after 3 warm-up steps, and the run directory."""
+    """Per-step seconds after 3 warm-up steps, and the run directory (the same timed run as
+    `lmforge bench cluster`'s probes: lmforge/cli_bench.py `timed_steps`)."""
+    from lmforge.cli_bench import timed_steps
+
     recipe, nproc, extra = LAYOUTS[name]
-    args = ["train", f"recipes/{recipe}.toml", "--tokenizer.vocab_size", "512", "--data.dir", str(data_dir),
-            "--data.max_documents", "120", "--data.val_fraction", "0.05", "--train.output_dir", str(out),
-            "--train.steps", str(steps), "--train.seq_len", "128", "--train.global_batch_size", "8",
-            "--train.micro_batch_size", "8", "--train.mixed_precision", "fp32", "--train.eval_interval", "0",
-            "--checkpoint.enabled", "false", "--scheduler.warmup_steps", "1", "--metrics.log_interval", "1",
-            "--metrics.progress", "none", "--metrics.tensorboard", "false", "--metrics.plot", "false",
-            "--metrics.peak_flops", "1e11", "--metrics.straggler_factor", "0", "--overwrite", *extra]
-    if nproc > 1:
-        args += ["--nproc", str(nproc)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    cfg = json.loads((out / "config.json").read_text())
-    tokens = cfg["train"]["global_batch_size"] * cfg["train"]["seq_len"]
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [tokens / r["tokens_per_s"] for r in rows if r.get("prefix") == "train"][3:], out
+    return timed_steps(REPO / "recipes" / f"{recipe}.toml", nproc, extra, steps, data_dir, out), out
 
 
-def matmul_rate(n: int = 2048, reps: int = 5) -> float:
+def matmul_rate(n: int = 2048) -> float:
     """Median fp32 FLOP/s of n x n matmuls on one thread now (the load the next layout will see)."""
-    import time
+    from lmforge.observability.machine import matmul_rates
 
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    torch.set_num_threads(threads)
-    return 2 * n**3 / statistics.median(times)
+    return matmul_rates([(n, n, n)], seconds=0.5)[0][1]
 
 
 def predicted_seconds(run_dir: Path, nproc: int, cluster: str) -> float:

@@ -45,6 +45,36 @@ def cmd_bench_peak(args: argparse.Namespace) -> int:
     return 0
 
 
+# What every timed `lmforge train` run of `bench cluster` and bench/plan_accuracy.py shares: the
+# embedded corpus's first 120 documents, batches of 8 x 128 tokens, fp32, no evaluation or
+# checkpoint, every step logged (its tokens/s is the step time).
+STEP_TIMING_ARGS = ("--tokenizer.vocab_size", "512", "--data.max_documents", "120", "--data.val_fraction", "0.05",
+                    "--train.seq_len", "128", "--train.global_batch_size", "8", "--train.micro_batch_size", "8",
+                    "--train.mixed_precision", "fp32", "--train.eval_interval", "0", "--checkpoint.enabled", "false",
+                    "--scheduler.warmup_steps", "1", "--metrics.log_interval", "1", "--metrics.progress", "none",
+                    "--metrics.tensorboard", "false", "--metrics.plot", "false", "--metrics.peak_flops", "1e11",
+                    "--metrics.straggler_factor", "0", "--overwrite")
+
+
+def timed_steps(recipe: Path, ranks: int, overrides: list[str] | tuple[str, ...], steps: int, data_dir: Path,
+                out: Path) -> list[float]:
+    """Seconds of each step after `PROBE_WARMUP` of `lmforge train RECIPE` on `ranks` processes of one
+    thread each (a CPU cluster's device is one core), `overrides` after the shared arguments."""
+    args = ["train", str(recipe), *STEP_TIMING_ARGS, "--data.dir", str(data_dir), "--train.output_dir", str(out),
+            "--train.steps", str(steps), *overrides]
+    if ranks > 1:
+        args += ["--nproc", str(ranks)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"lmforge train {recipe.name} {' '.join(overrides)} failed: {tail}")
+    cfg = json.loads((out / "config.json").read_text())
+    tokens = cfg["train"]["global_batch_size"] * cfg["train"]["seq_len"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [tokens / r["tokens_per_s"] for r in rows if r.get("prefix") == "train"][PROBE_WARMUP:]
+
+
 def _probe_step_seconds(probe, steps: int, work: Path) -> tuple[float, Path]:  # noqa: ANN001 (Probe)
     """Median seconds per step of one probe run (after the warm-up steps), and its run dir."""
     from lmforge.cli_errors import UserError
@@ -54,24 +84,7 @@ def _probe_step_seconds(probe, steps: int, work: Path) -> tuple[float, Path]:  #
         raise UserError(f"bench cluster: probe recipe {recipe} not found; run it from an lmforge checkout "
                         "(the probes train recipes/tiny-dense.toml and recipes/tiny-moe.toml), or pass --no-probes")
     out = work / f"probe-{probe.name}"
-    args = ["train", str(recipe), "--tokenizer.vocab_size", "512", "--data.dir", str(work / "data"),
-            "--data.max_documents", "120", "--data.val_fraction", "0.05", "--train.output_dir", str(out),
-            "--train.steps", str(steps), "--train.seq_len", "128", "--train.global_batch_size", "8",
-            "--train.micro_batch_size", "8", "--train.mixed_precision", "fp32", "--train.eval_interval", "0",
-            "--checkpoint.enabled", "false", "--scheduler.warmup_steps", "1", "--metrics.log_interval", "1",
-            "--metrics.progress", "none", "--metrics.tensorboard", "false", "--metrics.plot", "false",
-            "--metrics.peak_flops", "1e11", "--metrics.straggler_factor", "0", "--overwrite", *probe.overrides]
-    if probe.ranks > 1:
-        args += ["--nproc", str(probe.ranks)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"bench cluster: probe {probe.name} failed: {tail}")
-    cfg = json.loads((out / "config.json").read_text())
-    tokens = cfg["train"]["global_batch_size"] * cfg["train"]["seq_len"]
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    times = [tokens / r["tokens_per_s"] for r in rows if r.get("prefix") == "train"][PROBE_WARMUP:]
+    times = timed_steps(recipe, probe.ranks, probe.overrides, steps, work / "data", out)
     if not times:
         raise RuntimeError(f"bench cluster: probe {probe.name} logged no step after the warm-up")
     return statistics.median(times), out

@@ -70,15 +70,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _collective_worker(rank: int, world: int, port: int, sizes: tuple[int, ...], repeats: int, out: dict) -> None:
+def _collective_worker(rank: int, world: int, port: int, sizes: tuple[int, ...], repeats: int,
+                       kinds: tuple[str, ...], out: dict) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     warnings.filterwarnings("ignore", category=FutureWarning)  # the *_into_tensor names FSDP2 still calls
-    results: dict[str, list[tuple[int, float]]] = {k: [] for k in ("all_reduce", "all_gather", "reduce_scatter",
-                                                                   "all_to_all")}
+    results: dict[str, list[tuple[int, float]]] = {k: [] for k in kinds}
     for nbytes in sizes:
         n = max(world, nbytes // 4 // world * world)  # elements, divisible by the world size
         full, part = torch.ones(n), torch.ones(n // world)
@@ -86,7 +86,8 @@ def _collective_worker(rank: int, world: int, port: int, sizes: tuple[int, ...],
                 "all_gather": lambda full=full, part=part: dist.all_gather_into_tensor(full, part),
                 "reduce_scatter": lambda full=full, part=part: dist.reduce_scatter_tensor(part, full),
                 "all_to_all": lambda full=full: dist.all_to_all_single(torch.empty_like(full), full)}
-        for kind, fn in runs.items():
+        for kind in kinds:
+            fn = runs[kind]
             fn()
             times = []
             for _ in range(repeats):
@@ -103,17 +104,21 @@ def _collective_worker(rank: int, world: int, port: int, sizes: tuple[int, ...],
     dist.destroy_process_group()
 
 
-def collective_times(ranks: int = 2, sizes: tuple[int, ...] = COLLECTIVE_BYTES,
-                     repeats: int = 9) -> dict[str, list[tuple[int, float]]]:
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+
+
+def collective_times(ranks: int = 2, sizes: tuple[int, ...] = COLLECTIVE_BYTES, repeats: int = 9,
+                     kinds: tuple[str, ...] = COLLECTIVES) -> dict[str, list[tuple[int, float]]]:
     """kind -> [(bytes, seconds)] of gloo all-reduce, all-gather (bytes gathered), reduce-scatter
-    (bytes reduced) and all-to-all on `ranks` processes of this host, one thread each."""
+    (bytes reduced) and all-to-all (`kinds` of them) on `ranks` processes of this host, one thread
+    each; each figure is the slower rank's median of `repeats`."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         out = manager.dict()
         port = _free_port()
-        procs = [ctx.Process(target=_collective_worker, args=(r, ranks, port, tuple(sizes), repeats, out))
+        procs = [ctx.Process(target=_collective_worker, args=(r, ranks, port, tuple(sizes), repeats, tuple(kinds), out))
                  for r in range(ranks)]
         for p in procs:
             p.start()
