@@ -35,7 +35,7 @@ The two are trained side by side, one thread each (`--serial`: one after the oth
 machine; the figures are the same).
 
     .venv/bin/python bench/continual.py [--data-dir data/default] [--base RUN | --base-steps 240]
-        [--steps 120] [--seq-len 256] [--eval-seq-len 256] [--lr 3e-4] [--stage-scales 0.3,5,0.3,0.2]
+        [--steps 60] [--seq-len 128] [--eval-seq-len 128] [--lr 3e-4] [--stage-scales 0.3,5,0.3,0.2]
         [--unfreeze TOML] [--serial] [--work DIR]
 """
 
@@ -105,9 +105,10 @@ def main() -> int:
                     help="a packed data dir of the default corpus (three domains); copied")
     ap.add_argument("--base", type=Path, default=None, help="start from this run (read only) instead of training one")
     ap.add_argument("--base-steps", type=int, default=240, help="steps of the two-domain base run")
-    ap.add_argument("--seq-len", type=int, default=256, help="train.seq_len of the continual runs")
-    ap.add_argument("--eval-seq-len", type=int, default=256, help="window of every perplexity")
-    ap.add_argument("--steps", type=int, default=120, help="steps of each continual run")
+    # The defaults are the recorded run's (docs/benchmarks.md): 60 steps of 8 x 128 tokens, windows of 128
+    ap.add_argument("--seq-len", type=int, default=128, help="train.seq_len of the continual runs")
+    ap.add_argument("--eval-seq-len", type=int, default=128, help="window of every perplexity")
+    ap.add_argument("--steps", type=int, default=60, help="steps of each continual run")
     ap.add_argument("--lr", type=float, default=3e-4, help="peak lr of both continual runs")
     ap.add_argument("--stage-scales", default="0.3,5,0.3,0.2",
                     help="lr_scale of the four unfreezing stages: head (top:0), + token embeddings, + top:2 blocks, all")
