@@ -35,13 +35,15 @@ Attention variants (model.attention, lmforge/models/common/sparse_attention.py) 
 layer to attended_pairs(...) / s, the exact number of (query, key) pairs the variant attends,
 counted once (never the masked pairs a kernel may compute and throw away): a sliding window w
 gives query i min(i + 1, w) keys; top-k adds `topk` whole distant blocks per query where they
-exist (chosen blocks are disjoint from the local window by construction, so the count does not
-depend on which ones won). Mixed stacks (local/global, dense/MoE) are summed layer by layer in
+exist (chosen blocks are disjoint from the local window by construction and, with documents,
+wholly inside the query block's document, so the count does not depend on which ones won). Mixed stacks (local/global, dense/MoE) are summed layer by layer in
 `flops_breakdown`. Document masking is data dependent: `attended_pairs(..., doc_lengths=...)`
 counts it exactly for a given packing; the trainer's MFU counts the documents of every trained
 batch (observability/step_flops.py)."""
 
 from __future__ import annotations
+
+from itertools import accumulate
 
 from lmforge.config import ModelConfig
 
@@ -64,7 +66,7 @@ def attended_pairs(kind: str, seq_len: int, window: int | None = None, block: in
     sees itself and w - 1 previous tokens; top-k adds to the window the query's own block (causal
     part) and min(topk, distant blocks) whole blocks of `block` keys, a block j being distant
     for query block i when (j + 1) * block - 1 <= i * block - w. `doc_lengths` (summing to
-    seq_len): document masking, exact for full and window (top-k then depends on the data).
+    seq_len): document masking, exact for every kind (`_topk_document_pairs`).
     """
     if kind not in ("full", "window", "topk"):
         raise ValueError(f"attention kind {kind!r}: expected full, window or topk")
@@ -72,8 +74,8 @@ def attended_pairs(kind: str, seq_len: int, window: int | None = None, block: in
     if doc_lengths is not None:
         if sum(doc_lengths) != seq_len:
             raise ValueError(f"doc_lengths sum to {sum(doc_lengths)}, not seq_len {seq_len}")
-        if kind == "topk":
-            raise ValueError("top-k with document masking attends a data-dependent number of pairs")
+        if kind == "topk" and w is not None and w < seq_len:
+            return _topk_document_pairs(doc_lengths, w, block, topk)
         return sum(_window_pairs(n, w) for n in doc_lengths)
     if kind != "topk" or w is None or w >= seq_len:
         return _window_pairs(seq_len, w)
@@ -88,6 +90,23 @@ def attended_pairs(kind: str, seq_len: int, window: int | None = None, block: in
         total += (end - start) * (end - start + 1) // 2 - (t - start) * (t - start + 1) // 2
         distant = max(0, (start - w + 1) // block)  # blocks j with (j + 1) * block - 1 <= start - w
         total += (end - start) * block * min(topk, distant)
+    return total
+
+
+def _topk_document_pairs(doc_lengths: list[int], w: int, block: int, topk: int) -> int:
+    """Top-k pairs of one packed sequence, query by query. Query q of block i = q // block: the
+    local keys from max(min(q - w + 1, i * block), its document start) to q; plus, when q is in
+    the document of the block's first query (document start d), `block` keys for each of
+    min(topk, eligible) distant blocks, eligible being j >= ceil(d / block) with
+    (j + 1) * block - 1 <= i * block - w (sparse_attention._eligible)."""
+    starts = [s for s, n in zip(accumulate(doc_lengths, initial=0), doc_lengths) for _ in range(n)]
+    total = 0
+    for q, d in enumerate(starts):
+        first = q - q % block
+        total += q - max(min(q - w + 1, first), d) + 1
+        if d == starts[first]:
+            eligible = (first - w + 1) // block - (d + block - 1) // block
+            total += block * min(topk, max(0, eligible))
     return total
 
 

@@ -5,11 +5,9 @@ attended pairs once document masking cuts sequences at end-of-text tokens, so MF
 (the default recipe packs Shakespeare lines and Bible verses: many short documents). Here each
 micro-batch's document starts give the exact count: the query at position i of a document that
 starts at s attends min(i - s + 1, w) keys (w: the layer's window, none for full attention), the
-same rule `flops.attended_pairs(..., doc_lengths=...)` sums per document.
-
-Top-k layers choose their distant blocks from the data: with document masking their count is
-not closed-form, and those layers keep the one-document count (an upper bound; said in the
-docstring of `StepFlops`)."""
+same rule `flops.attended_pairs(..., doc_lengths=...)` sums per document. Top-k layers are exact
+too: their distant blocks lie wholly inside the query block's document, so how many keys a query
+attends depends on the document starts alone, never on which blocks won."""
 
 from __future__ import annotations
 
@@ -31,6 +29,21 @@ def _masked_pairs(doc_start: torch.Tensor, window: int | None) -> torch.Tensor:
     return keys.sum()
 
 
+def _topk_masked_pairs(doc_start: torch.Tensor, window: int, block: int, topk: int) -> torch.Tensor:
+    """Top-k pairs as a 0-d tensor (no host sync), by the rule of `flops._topk_document_pairs`:
+    the local keys of each query, plus `block` keys per chosen distant block for queries in the
+    document of their block's first query."""
+    n = doc_start.shape[-1]
+    pos = torch.arange(n, device=doc_start.device)
+    first = pos - pos % block
+    local = pos - torch.maximum(torch.minimum(pos - window + 1, first), doc_start) + 1
+    d = doc_start[:, first]  # each query block's first query's document start, per token
+    eligible = torch.div(first - window + 1, block, rounding_mode="floor") - torch.div(d + block - 1, block,
+                                                                                        rounding_mode="floor")
+    distant = block * eligible.clamp(min=0, max=topk)
+    return local.sum() + torch.where(doc_start == d, distant, torch.zeros_like(distant)).sum()
+
+
 def document_masked_pairs(doc_start: torch.Tensor, window: int | None) -> int:
     """(query, key) pairs one head attends over a batch (doc_start (batch, seq): each token's
     document start), causal and document-masked, within `window` keys when given."""
@@ -38,21 +51,20 @@ def document_masked_pairs(doc_start: torch.Tensor, window: int | None) -> int:
 
 
 class StepFlops:
-    """Training FLOPs of this rank's micro-batches since the last `take`. Layers whose pairs the
-    document starts decide (full, window) are counted exactly; everything else (projections,
-    feed-forward, output, top-k layers) per token as `training_flops_per_token` does. The pair
-    counts stay on the device until `take` (one sync per log step, not per micro-batch)."""
+    """Training FLOPs of this rank's micro-batches since the last `take`. Attention scores and
+    values are counted from each micro-batch's document starts (every kind, exactly); everything
+    else (projections, feed-forward, output) per token as `training_flops_per_token` does. The
+    pair counts stay on the device until `take` (one sync per log step, not per micro-batch)."""
 
     def __init__(self, cfg: ModelConfig, seq_len: int) -> None:
         a = cfg.attention
         self.per_pair = (1.0 + BACKWARD_TO_FORWARD) * 2 * (2 * cfg.n_heads * cfg.head_dim)
-        kinds = [a.kind(i) for i in range(cfg.n_layers)]
-        # exactly-counted layers per window (None: full causal); top-k layers stay per token
-        self.layers_per_window = Counter(None if k == "full" else a.window for k in kinds if k != "topk")
-        exact_per_seq = sum(n * attended_pairs("full" if w is None else "window", seq_len, w)
-                            for w, n in self.layers_per_window.items())
+        # layers per attention rule: "full", ("window", w) or ("topk", w, block, topk)
+        self.layers_per_rule = Counter(_rule(a.kind(i), a.window, a.block_size, a.topk, seq_len)
+                                       for i in range(cfg.n_layers))
+        attention_per_seq = sum(n * attended_pairs(r[0], seq_len, *r[1:]) for r, n in self.layers_per_rule.items())
         per_token = training_flops_per_token(cfg, seq_len)
-        self.other_per_token = per_token - self.per_pair * exact_per_seq / seq_len
+        self.other_per_token = per_token - self.per_pair * attention_per_seq / seq_len
         self.reset()
 
     def reset(self) -> None:
@@ -62,7 +74,7 @@ class StepFlops:
 
     def add(self, doc_start: torch.Tensor) -> None:
         """One micro-batch of shape (batch, seq_len) trained on this rank."""
-        pairs = sum(n * _masked_pairs(doc_start, w) for w, n in self.layers_per_window.items())
+        pairs = sum(n * _rule_pairs(doc_start, r) for r, n in self.layers_per_rule.items())
         self._pairs = pairs if self._pairs is None else self._pairs + pairs
         self._tokens += doc_start.numel()
 
@@ -76,3 +88,17 @@ class StepFlops:
             dist.all_reduce(total, group=group)
         self.reset()
         return float(total)
+
+
+def _rule(kind: str, window: int, block: int, topk: int, seq_len: int) -> tuple:
+    """A layer's attention rule as `attended_pairs` arguments; a window as long as the sequence
+    is full causal (what the kernels run)."""
+    if kind == "full" or window >= seq_len:
+        return ("full",)
+    return ("window", window) if kind == "window" else ("topk", window, block, topk)
+
+
+def _rule_pairs(doc_start: torch.Tensor, rule: tuple) -> torch.Tensor:
+    if rule[0] == "topk":
+        return _topk_masked_pairs(doc_start, *rule[1:])
+    return _masked_pairs(doc_start, rule[1] if rule[0] == "window" else None)

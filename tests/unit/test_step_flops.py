@@ -23,9 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 N = 45
 
 
-def packed(b: int, n: int, seed: int) -> torch.Tensor:
-    """Token ids with end-of-text (0) every few tokens."""
-    return torch.randint(0, 6, (b, n), generator=torch.Generator().manual_seed(seed))
+def packed(b: int, n: int, seed: int, vocab: int = 6) -> torch.Tensor:
+    """Token ids with end-of-text (0) every `vocab` tokens on average."""
+    return torch.randint(0, vocab, (b, n), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("w", [None, 1, 7, 8, 100])
@@ -34,6 +34,39 @@ def test_document_masked_pairs_equal_the_mask(w: int | None):
     spec = AttnSpec("full") if w is None else AttnSpec("window", w)
     q = torch.zeros(3, 1, N, 4)
     assert document_masked_pairs(ds, w) == int(dense_mask(spec, q, q, ds).sum())
+
+
+TOPK_SPECS = [AttnSpec("topk", 6, 2, 4), AttnSpec("topk", 4, 3, 4), AttnSpec("topk", 5, 8, 4),
+              AttnSpec("topk", 3, 1, 8), AttnSpec("topk", 1, 2, 4)]
+
+
+@pytest.mark.parametrize("spec", TOPK_SPECS, ids=lambda s: f"w{s.window}-k{s.topk}-B{s.block}")
+@pytest.mark.parametrize("doc_every", [6, 20, 60])
+def test_topk_pairs_with_documents_equal_the_mask_whichever_blocks_win(spec: AttnSpec, doc_every: int):
+    """Top-k with documents: the count from the document starts equals the materialised mask of
+    random queries and keys, for every KV head (each chose its own blocks), and is below the
+    one-document count."""
+    n, b = 130, 3
+    ds = document_starts(packed(b, n, seed=doc_every, vocab=doc_every), 0)
+    g = torch.Generator().manual_seed(doc_every)
+    q, k = torch.randn(b, 4, n, 8, generator=g), torch.randn(b, 2, n, 8, generator=g)
+    mask = dense_mask(spec, q, k, ds)  # (b, 2 kv heads, n, n)
+    per_head = mask.sum(dim=(2, 3))
+    for row in range(b):
+        starts = sorted(set(ds[row].tolist())) + [n]
+        lengths = [e - s for s, e in zip(starts, starts[1:])]
+        expected = attended_pairs("topk", n, spec.window, spec.block, spec.topk, doc_lengths=lengths)
+        assert per_head[row].tolist() == [expected, expected]
+        assert expected < attended_pairs("topk", n, spec.window, spec.block, spec.topk)
+    cfg = replace(SIZES["debug"], max_seq_len=n, n_heads=4, n_kv_heads=2, attention=AttentionConfig(
+        layers=["topk"], window=spec.window, topk=spec.topk, block_size=spec.block))
+    counter = StepFlops(cfg, n)
+    counter.add(ds)
+    per_pair = 3 * 2 * 2 * cfg.n_heads * cfg.head_dim
+    attention = flops_breakdown(cfg, n)["attention_scores_and_values"]
+    others = 3 * (flops_breakdown(cfg, n)["forward"] - attention) * b * n
+    assert counter.take(None, torch.device("cpu")) == pytest.approx(others + cfg.n_layers * per_pair * int(per_head[:, 0].sum()),
+                                                                    rel=1e-12)
 
 
 LAYERS = {"full": ["full"], "window": ["window"], "mixed": ["window", "full"], "with-topk": ["topk", "full"]}
@@ -69,13 +102,9 @@ def test_documents_counted_per_document(name: str):
         expected += 3 * (b["forward"] - b["attention_scores_and_values"]) * N
         for i in range(cfg.n_layers):
             kind = cfg.attention.kind(i)
-            if kind == "topk":  # data-dependent with documents: the one-document count
-                expected += per_pair * attended_pairs("topk", N, 6, 4, 2)
-            else:
-                expected += per_pair * attended_pairs(kind, N, 6, doc_lengths=lengths)
+            expected += per_pair * attended_pairs(kind, N, 6, 4, 2, doc_lengths=lengths)
     assert counter.take(None, torch.device("cpu")) == pytest.approx(expected, rel=1e-12)
-    if name != "with-topk":  # documents strictly cut the attended pairs
-        assert expected < training_flops_per_token(cfg, N) * 2 * N
+    assert expected < training_flops_per_token(cfg, N) * 2 * N  # documents strictly cut the attended pairs
 
 
 def test_trained_run_logs_mfu_from_the_documents(tmp_path: Path) -> None:

@@ -17,8 +17,11 @@ The masks, for a query at position q and a key at position k (both 0-based in th
   the block's first position) . mean(keys of block j). The first query, not a pool over the
   block, so a query's keys never depend on a later token (causal; cached decoding chooses once
   per block and gets the uncached answer). Ties: the lower block index wins (a stable sort).
-  Blocks with no key inside the document of the block's first query are not eligible (document
-  masking); fewer than `topk` eligible: all of them. The selection is discrete: no gradient
+  With document masking only blocks that lie wholly inside the document of the block's first
+  query are eligible (j * B >= its document start): a block the document starts in is reached by
+  the window or not at all, so every chosen block is attended whole by the queries of that
+  document and by none of a later one, and the count stays closed-form (flops.attended_pairs);
+  fewer than `topk` eligible: all of them. The selection is discrete: no gradient
   flows through it, gradients of the attention itself are exact.
 - documents: k >= doc_start[q], the first position of q's document. A document starts at
   position 0 and after every end-of-text token (the packer follows each document with it), so
@@ -76,13 +79,13 @@ def document_starts(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 def _eligible(spec: AttnSpec, qblocks: torch.Tensor, nbk: int, doc_first: torch.Tensor | None) -> torch.Tensor:
-    """(batch or 1, m, nbk) bool: distant key blocks of query blocks `qblocks` (m,), inside the
-    document of each block's first query (doc_first: (batch, m) or None)."""
+    """(batch or 1, m, nbk) bool: distant key blocks of query blocks `qblocks` (m,), wholly
+    inside the document of each block's first query (doc_first: (batch, m) or None)."""
     B = spec.block
     j = torch.arange(nbk, device=qblocks.device)
     ok = ((j[None, :] + 1) * B - 1 <= qblocks[:, None] * B - spec.window)[None]
     if doc_first is not None:
-        ok = ok & ((j[None, None, :] + 1) * B - 1 >= doc_first[:, :, None])
+        ok = ok & (j[None, None, :] * B >= doc_first[:, :, None])
     return ok
 
 
