@@ -37,8 +37,7 @@ PARTS = ("compute", "comm_exposed", "data", "ckpt", "eval", "idle")
 BOUNDS = {"compute": "compute", "comm_exposed": "communication", "data": "data", "ckpt": "checkpoint"}
 BOUND_CODES = {"compute": 0, "communication": 1, "data": 2, "checkpoint": 3}
 ADVICE = {
-    "compute": "{share:.0%} compute; try bf16 mixed precision (--train.mixed_precision bf16) where the hardware "
-               "has it, or torch.compile (--train.compile true)",
+    "compute": "{share:.0%} compute; try torch.compile (--train.compile true)",
     "communication": "{share:.0%} exposed comm; try int8 compression (--comm.compression int8) or a larger "
                      "micro-batch (--train.micro_batch_size)",
     "data": "{share:.0%} waiting on data; the loader reads one micro-batch ahead: move the data dir to faster "
@@ -99,12 +98,28 @@ def critical_rank(per_rank: list[Breakdown]) -> int:
     return min(range(len(per_rank)), key=lambda r: per_rank[r].parts["comm_exposed"])
 
 
-def summary_line(per_rank: list[Breakdown]) -> str:
+def compute_advice(precision: str, bf16_native: bool, compiled: bool) -> str:
+    """What to try when compute bounds the run, naming only what it does not use already: bf16
+    where the hardware runs it natively and the run is in fp32, torch.compile when it is off."""
+    tries = []
+    if precision == "fp32" and bf16_native:
+        tries.append("bf16 mixed precision (--train.mixed_precision bf16)")
+    if not compiled:
+        tries.append("torch.compile (--train.compile true)")
+    if tries:
+        return "{share:.0%} compute; try " + ", or ".join(tries)
+    return "{share:.0%} compute, already " + precision + (" and compiled" if compiled else "") + \
+        ": the matmuls themselves bound the step"
+
+
+def summary_line(per_rank: list[Breakdown], compute: str | None = None) -> str:
     """ "communication-bound: 41% exposed comm; try int8 compression ..." for the critical rank,
-    and which rank the others wait for when it is not everyone's story."""
+    and which rank the others wait for when it is not everyone's story. `compute`: the advice
+    when compute bounds the run (`compute_advice`; default: try torch.compile)."""
     crit = critical_rank(per_rank)
     bound, share = classify(per_rank[crit])
-    line = f"{bound}-bound: {ADVICE[bound].format(share=share)}"
+    advice = compute if bound == "compute" and compute is not None else ADVICE[bound]
+    line = f"{bound}-bound: {advice.format(share=share)}"
     if len(per_rank) > 1:
         waits = [b.share("comm_exposed") for r, b in enumerate(per_rank) if r != crit]
         mine = per_rank[crit].share("comm_exposed")

@@ -26,6 +26,7 @@ from lmforge.data.loader import DistributedTokenLoader
 from lmforge.observability.breakdown import (
     GradReadyClock,
     StepBreakdown,
+    compute_advice,
     describe_limits,
     gather,
     summary_line,
@@ -34,6 +35,7 @@ from lmforge.observability.breakdown import (
 from lmforge.parallel.comm import CommHookState
 from lmforge.parallel.comm.accounting import CommAccounting, allreduce_bytes
 from lmforge.train.load_balance import LoadBalancer
+from lmforge.train.precision import choose_precision, detect_hardware
 
 
 def make_breakdown(cfg: JobConfig, device: torch.device, data_parallel: bool) -> StepBreakdown:
@@ -67,6 +69,10 @@ class StepAccounting:
             if ddp and hook is None else 0
         self.dp_world = torch.distributed.get_world_size(dp_group) if ddp and dp_group is not None else world_size
         self._steps = 0  # optimizer steps in the bytes window
+        # the end-of-run advice names only what the run does not use yet
+        mode = cfg.train.mixed_precision
+        bf16_native = mode == "fp32" and choose_precision("auto", detect_hardware(cfg.train.device)).mode == "bf16"
+        self.compute_advice = compute_advice(mode, bf16_native, cfg.train.compile)
         limits = describe_limits(device, fsdp=self.fsdp) if bd.enabled else None
         if limits:
             say(f"note: {limits}")
@@ -118,4 +124,4 @@ class StepAccounting:
             return None
         self.bd.window()  # what came after the last log step
         per_rank = gather(self.bd.run_total(), self.device, self.world_size)
-        return window_metrics(per_rank), summary_line(per_rank)
+        return window_metrics(per_rank), summary_line(per_rank, self.compute_advice)

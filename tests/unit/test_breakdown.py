@@ -16,6 +16,7 @@ from lmforge.observability.breakdown import (
     PARTS,
     Breakdown,
     classify,
+    compute_advice,
     critical_rank,
     summary_line,
     window_metrics,
@@ -51,6 +52,19 @@ def test_summary_names_the_rank_the_others_wait_for() -> None:
     m = window_metrics(slow_rank)
     assert m["critical_rank"] == 1 and m["bound"] == BOUND_CODES["compute"]
     assert m["time_comm_exposed_s"] == pytest.approx(0.31)  # the mean over ranks
+
+
+def test_compute_advice_names_only_what_the_run_does_not_use() -> None:
+    compute_bound = [_b(compute=0.96, idle=0.04)]
+    fp32_on_bf16_cpu = summary_line(compute_bound, compute_advice("fp32", bf16_native=True, compiled=False))
+    assert fp32_on_bf16_cpu == ("compute-bound: 96% compute; try bf16 mixed precision (--train.mixed_precision bf16), "
+                                "or torch.compile (--train.compile true)")
+    bf16 = summary_line(compute_bound, compute_advice("bf16", bf16_native=True, compiled=False))
+    assert bf16 == "compute-bound: 96% compute; try torch.compile (--train.compile true)"
+    assert "bf16" not in summary_line(compute_bound, compute_advice("fp32", bf16_native=False, compiled=False))
+    done = summary_line(compute_bound, compute_advice("bf16", bf16_native=True, compiled=True))
+    assert done == "compute-bound: 96% compute, already bf16 and compiled: the matmuls themselves bound the step"
+    assert "try" not in done
 
 
 def _run(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, faults: dict | None,
