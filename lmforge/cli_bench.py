@@ -75,19 +75,32 @@ def timed_steps(recipe: Path, ranks: int, overrides: list[str] | tuple[str, ...]
     return [tokens / r["tokens_per_s"] for r in rows if r.get("prefix") == "train"][PROBE_WARMUP:]
 
 
-def _probe_step_seconds(probe, steps: int, work: Path) -> tuple[float, Path]:  # noqa: ANN001 (Probe)
-    """Median seconds per step of one probe run (after the warm-up steps), and its run dir."""
+def _probe_steps(probe, steps: int, work: Path, round_: int) -> tuple[list[float], Path]:  # noqa: ANN001 (Probe)
+    """Seconds of each step of one probe run (after the warm-up steps), and its run dir."""
     from lmforge.cli_errors import UserError
 
     recipe = REPO / "recipes" / f"{probe.recipe}.toml"
     if not recipe.is_file():
         raise UserError(f"bench cluster: probe recipe {recipe} not found; run it from an lmforge checkout "
                         "(the probes train recipes/tiny-dense.toml and recipes/tiny-moe.toml), or pass --no-probes")
-    out = work / f"probe-{probe.name}"
+    out = work / f"probe-{probe.name}-{round_}"
     times = timed_steps(recipe, probe.ranks, probe.overrides, steps, work / "data", out)
     if not times:
         raise RuntimeError(f"bench cluster: probe {probe.name} logged no step after the warm-up")
-    return statistics.median(times), out
+    return times, out
+
+
+def measure_probes(probes: list, steps: int, rounds: int, work: Path) -> dict[str, tuple[float, Path]]:  # noqa: ANN001
+    """Probe name -> (median seconds per step over the steps of all its runs, a run dir). The
+    probes run in `rounds` interleaved rounds (every probe once per round), so a stretch of machine
+    noise lands on one run of each rather than on every run of one."""
+    steps_of: dict[str, list[float]] = {p.name: [] for p in probes}
+    runs: dict[str, Path] = {}
+    for r in range(rounds):
+        for probe in probes:
+            times, runs[probe.name] = _probe_steps(probe, steps, work, r)
+            steps_of[probe.name] += times
+    return {name: (statistics.median(times), runs[name]) for name, times in steps_of.items()}
 
 
 def cmd_bench_cluster(args: argparse.Namespace) -> int:
@@ -120,6 +133,8 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
     if not 2 <= args.ranks <= max(2, cores):
         raise UserError(f"--ranks {args.ranks}: must be 2 to {max(2, cores)} (processes on this host, one core each)")
+    if args.probe_rounds < 1:
+        raise UserError(f"--probe-rounds {args.probe_rounds}: must be >= 1")
     if args.probe_steps < PROBE_WARMUP + 2:
         raise UserError(f"--probe-steps {args.probe_steps}: must be >= {PROBE_WARMUP + 2} "
                         f"({PROBE_WARMUP} warm-up steps are dropped)")
@@ -151,13 +166,15 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
     fitted: dict[str, float] = {}
     if not args.no_probes:
         with tempfile.TemporaryDirectory(prefix="lmforge-calibrate-") as tmp:
+            probes = [p for fit in FITS for p in fit.probes]
+            measured = measure_probes(probes, args.probe_steps, args.probe_rounds, Path(tmp))
             for fit in FITS:
                 runs = []
                 for probe in fit.probes:
-                    measured, run = _probe_step_seconds(probe, args.probe_steps, Path(tmp))
+                    seconds, run = measured[probe.name]
                     runs.append((build_dataclass(JobConfig, json.loads((run / "config.json").read_text())),
-                                 probe.ranks, measured))
-                    print(f"probe {probe.name:<8} ({probe.ranks} rank{'s' * (probe.ranks > 1)}): {measured:.4f} s/step")
+                                 probe.ranks, seconds))
+                    print(f"probe {probe.name:<8} ({probe.ranks} rank{'s' * (probe.ranks > 1)}): {seconds:.4f} s/step")
                 values = fit_constants(runs, cluster, fit.constants)
                 fitted.update(values)
                 cluster = with_constants(cluster, **values)
@@ -192,6 +209,9 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, help="cluster TOML to write")
     q.add_argument("--ranks", type=int, default=2, help="processes the collectives and probes use (default 2)")
     q.add_argument("--probe-steps", type=int, default=14, help="steps per probe training run (default 14)")
+    q.add_argument("--probe-rounds", type=int, default=3,
+                   help="interleaved rounds of the probe runs; each probe's time is the median over all its steps "
+                        "(default 3)")
     q.add_argument("--no-probes", action="store_true",
                    help="measure matmuls, memory and collectives only (the fixed costs stay 0)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -79,6 +79,9 @@ def _collective_worker(rank: int, world: int, port: int, sizes: tuple[int, ...],
     dist.init_process_group("gloo", rank=rank, world_size=world)
     warnings.filterwarnings("ignore", category=FutureWarning)  # the *_into_tensor names FSDP2 still calls
     results: dict[str, list[tuple[int, float]]] = {k: [] for k in kinds}
+    warm = torch.ones(1024)
+    for _ in range(20):  # the first collectives of a new group run ~10x slow (measured: 4 KiB at 2-3 ms)
+        dist.all_reduce(warm)
     for nbytes in sizes:
         n = max(world, nbytes // 4 // world * world)  # elements, divisible by the world size
         full, part = torch.ones(n), torch.ones(n // world)

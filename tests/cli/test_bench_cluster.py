@@ -49,6 +49,7 @@ def test_measured_file_loads_and_plans(tmp_path: Path) -> None:
     (["--out", "{tmp}/exists.toml"], "exists; pass --overwrite"),
     (["--out", "{tmp}/x.toml", "--ranks", "1"], "--ranks 1: must be 2 to"),
     (["--out", "{tmp}/x.toml", "--probe-steps", "2"], "--probe-steps 2: must be >= 5"),
+    (["--out", "{tmp}/x.toml", "--probe-rounds", "0"], "--probe-rounds 0: must be >= 1"),
 ])
 def test_bad_arguments_are_one_line_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
     (tmp_path / "exists.toml").write_text("kept")
@@ -58,3 +59,25 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path: Path, args: list[str], need
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert (tmp_path / "exists.toml").read_text() == "kept"
     assert not (tmp_path / "x.toml").exists()
+
+
+def test_probes_run_in_interleaved_rounds_and_pool_their_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every probe once per round, round after round (noise lands on one run of each), and each
+    probe's time is the median of all its steps, not of one run."""
+    from lmforge import cli_bench
+    from lmforge.plan.calibration import FITS
+
+    calls: list[tuple[str, int]] = []
+    fake = {0: [1.0, 1.0, 9.0], 1: [2.0, 2.0, 2.0], 2: [3.0, 1.5, 1.5]}
+
+    def steps(probe, steps: int, work: Path, round_: int):  # noqa: ANN001, ANN202
+        calls.append((probe.name, round_))
+        return [t * (1 + probe.ranks) for t in fake[round_]], work / f"{probe.name}-{round_}"
+
+    monkeypatch.setattr(cli_bench, "_probe_steps", steps)
+    probes = [p for fit in FITS for p in fit.probes]
+    out = cli_bench.measure_probes(probes, 14, 3, tmp_path)
+    names = [p.name for p in probes]
+    assert calls == [(n, r) for r in range(3) for n in names]
+    for p in probes:  # pooled steps 1, 1, 9, 2, 2, 2, 3, 1.5, 1.5: median 2
+        assert out[p.name] == (2.0 * (1 + p.ranks), tmp_path / f"{p.name}-2")
