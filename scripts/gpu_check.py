@@ -13,6 +13,10 @@ Checks (each a short `lmforge train` run on the default corpus, or an in-process
   moe-grouped        recipes/tiny-moe.toml in bf16 (grouped expert matmuls), plus the grouped
                      kernel against the per-expert loop on CUDA
   1b-dense           a Llama-3.2-1B shape (lmforge sizes: 1B) for a few steps: tokens/s and MFU
+  flex-window        sliding-window attention through compiled flex_attention (the model's CUDA
+                     path) against SDPA's dense causal kernel, forward + backward in bf16 at 16k
+                     tokens: attended pairs per second of the window >= 85% of the dense kernel's
+                     (issue 13), and the window's output equal to the blocked kernel's
 
 Exit status: 0 all passed (skips allowed), 1 a check failed, 2 no CUDA GPU (one line on stderr).
 """
@@ -199,7 +203,54 @@ def inner_grouped(out: Path) -> dict:
     return {"path": path, "rel_err": err, "capability": list(torch.cuda.get_device_capability(dev))}
 
 
-INNER = {"offload": inner_offload, "grouped": inner_grouped}
+FLEX_TARGET = 0.85  # window's attended pairs per second / dense causal's
+
+
+def per_pair_ratio(window_pairs: int, window_s: float, full_pairs: int, full_s: float) -> float:
+    """How fast the window kernel attends one (query, key) pair relative to the dense causal kernel
+    (1.0: as fast per attended pair; the window's speed-up over full is this x full / window pairs)."""
+    return (window_pairs / window_s) / (full_pairs / full_s)
+
+
+def _fwd_bwd_seconds(fn, q, k, v, repeats: int = 5) -> float:  # noqa: ANN001
+    import torch
+
+    for _ in range(2):  # compile and autotune outside the timing
+        fn(q, k, v).sum().backward()
+    torch.cuda.synchronize()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(q, k, v).sum().backward()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def inner_flex_window(out: Path, n: int = 16384, w: int = 1024, heads: int = 16, head_dim: int = 128) -> dict:
+    """Compiled flex_attention with the sliding-window block mask (`attend(backend="auto")` on CUDA,
+    the block mask built every call as in the model) against SDPA's causal kernel, bf16."""
+    import torch
+    import torch.nn.functional as F
+
+    from lmforge.models.common.sparse_attention import AttnSpec, attend, blocked_attention
+    from lmforge.observability.flops import attended_pairs
+
+    dev = torch.device("cuda", 0)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, head_dim, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
+               for _ in range(3))
+    spec = AttnSpec("window", w)
+    small = [t.detach()[:, :, :2048].float() for t in (q, k, v)]
+    with torch.no_grad():
+        err = float((attend(*small, spec) - blocked_attention(*small, spec)).abs().max())
+    window_s = _fwd_bwd_seconds(lambda a, b, c: attend(a, b, c, spec), q, k, v)
+    full_s = _fwd_bwd_seconds(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), q, k, v)
+    ratio = per_pair_ratio(attended_pairs("window", n, w), window_s, attended_pairs("full", n), full_s)
+    return {"window_s": window_s, "full_s": full_s, "per_pair_ratio": ratio, "max_err_vs_blocked": err}
+
+
+INNER = {"offload": inner_offload, "grouped": inner_grouped, "flex-window": inner_flex_window}
 
 
 def run_inner(name: str, out: Path, timeout: float = 240) -> tuple[dict | None, str]:
@@ -214,7 +265,7 @@ def run_inner(name: str, out: Path, timeout: float = 240) -> tuple[dict | None, 
 # -- the checks -------------------------------------------------------------------------------------
 
 
-CHECKS = ("tiny-dense-bf16", "fp16-loss-scaling", "compile", "cpu-offload", "moe-grouped", "1b-dense")
+CHECKS = ("tiny-dense-bf16", "fp16-loss-scaling", "compile", "cpu-offload", "moe-grouped", "1b-dense", "flex-window")
 
 
 def run_checks(out: Path, only: set[str]) -> list[Result]:
@@ -294,6 +345,17 @@ def run_checks(out: Path, only: set[str]) -> list[Result]:
                               "--train.global_batch_size", "8", "--train.micro_batch_size", "4",
                               "--optimizer.lr", "3e-4", "--checkpoint.enabled", "false"], 30, 0.5, timeout=420)
         res.note += "; tokens/s and MFU of the last 5 steps"
+        results.append(res)
+    if "flex-window" in only:
+        t1 = time.perf_counter()
+        got, err = run_inner("flex-window", out, timeout=420)
+        res = Result("flex-window", "FAIL", seconds=time.perf_counter() - t1, note=err)
+        if got is not None:
+            ok = got["per_pair_ratio"] >= FLEX_TARGET and got["max_err_vs_blocked"] <= 1e-4
+            res.status = "PASS" if ok else "FAIL"
+            res.note = (f"16k tokens, w 1024: window {got['window_s'] * 1e3:.1f} ms, full causal "
+                        f"{got['full_s'] * 1e3:.1f} ms; per attended pair {got['per_pair_ratio']:.2f}x dense "
+                        f"(target {FLEX_TARGET}); max |flex - blocked| {got['max_err_vs_blocked']:.1e}")
         results.append(res)
     return results
 

@@ -75,3 +75,15 @@ def test_table_has_one_row_per_check(gpu_check) -> None:
     assert len(lines) == 4 and lines[0].split()[:2] == ["check", "result"]
     assert lines[2].split()[:6] == ["compile", "PASS", "9.10", "->", "6.00", "12,345"] and "42.0%" in lines[2]
     assert "FAIL" in lines[3] and "exit 1: boom" in lines[3] and math.isnan(rows[1].mfu)
+
+
+def test_flex_window_ratio_is_per_attended_pair(gpu_check) -> None:
+    """Issue 13's GPU target: the window kernel per attended pair against dense causal. A window of
+    1/16 of the pairs that takes 1/16 of the time is 1.0; taking twice that, 0.5 (below 0.85)."""
+    from lmforge.observability.flops import attended_pairs
+
+    full, win = attended_pairs("full", 16384), attended_pairs("window", 16384, 1024)
+    assert gpu_check.per_pair_ratio(win, 1.0 * win / full, full, 1.0) == pytest.approx(1.0)
+    assert gpu_check.per_pair_ratio(win, 2.0 * win / full, full, 1.0) == pytest.approx(0.5)
+    assert gpu_check.per_pair_ratio(win, 2.0 * win / full, full, 1.0) < gpu_check.FLEX_TARGET
+    assert "flex-window" in gpu_check.CHECKS and "flex-window" in gpu_check.INNER
