@@ -468,6 +468,31 @@ def test_grouped_mm_takes_the_chosen_path(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_number_of_rows_takes_the_grouped_kernel_on_cpu(dtype, monkeypatch):
+    """Under expert parallelism a rank receives a different number of rows each step (11 here,
+    not a multiple of 4 or 8): on CPU they still take torch._grouped_mm, not the padded bmm that
+    pays for the busiest expert, and give the loop's outputs and gradients."""
+    import lmforge.models.common.moe as moe_mod
+
+    ex, x, counts = experts_and_input(dtype, counts=(3, 0, 7, 1))
+    assert x.shape[0] == 11 and moe_mod._grouped_ok(x, ex.w1, ex.w3, ex.w2)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.randn(11, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    results = []
+    for fn in (ex.forward, ex.forward_loop):
+        ex.zero_grad()
+        xi = x.clone().requires_grad_()
+        fn(xi, counts).backward(g)
+        results.append([xi.grad, ex.w1.grad, ex.w2.grad])
+    assert len(calls) == 3  # w1, w3, w2: all grouped
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0) if dtype == torch.float32 else \
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.slow
 def test_compiled_blocks_count_the_same_load_and_print_nothing(capfd):
     """torch.compile per block (as lmforge.parallel.compile): the load counted for balancing
