@@ -3,20 +3,22 @@
 The run is measured with lmforge.observability.energy.EnergyMeter (RAPL when readable, else the stated
 TDP estimate: `CPU_WATTS_PER_THREAD` per busy thread x process CPU time), one record per optimizer step
 (the meter wraps Trainer.train_step here; the trainer itself is wired by the lead). The pre-flight
-estimate is made before the run from the recipe alone: its training FLOPs per step over the
-model-FLOP rate recorded for 2-core Zen 3 fp32 runs (tests/unit/test_main_job_budget.py: ~67
-GFLOP/s, measured on an earlier recipe) x steps x the same watts. With no energy counter both
-sides use the same watts, so the check is then a check of the step-time prediction; said in the
-output. Also checks that the run's total equals the sum of its per-step records.
+estimate is made before the run from the recipe and a cluster file alone, as `lmforge plan` makes its
+energy line: the planner's predicted step time (lmforge.plan.predict) on one device of the cluster
+x steps x the same watts. The cluster is this machine calibrated first (`lmforge bench cluster`,
+~3 min; `--cluster FILE` takes a file as it is): a CPU device of the planner is one core, so the run
+trains on one thread. With no energy counter both sides use the same watts, so the check is then a
+check of the step-time prediction; said in the output. Also checks that the run's total equals the
+sum of its per-step records.
 
-    PYTHONPATH=. python bench/energy_preflight.py [--steps 30] [--data-dir /tmp/lmforge-energy-data]
+    PYTHONPATH=. python bench/energy_preflight.py [--steps 30] [--cluster calibrate|FILE]
+        [--data-dir /tmp/lmforge-energy-data]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import tempfile
 import time
@@ -28,14 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmforge.config import load_job_config, parse_override_args  # noqa: E402
 from lmforge.config.energy import EnergyConfig  # noqa: E402
 from lmforge.observability.energy import EnergyMeter, open_source, preflight_estimate, tdp_watts  # noqa: E402
-from lmforge.observability.flops import training_flops_per_token  # noqa: E402
+from lmforge.plan.cluster import load_cluster  # noqa: E402
+from lmforge.plan.predict import predict  # noqa: E402
 from lmforge.train.trainer import Trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _check import verdict  # noqa: E402
+from plan_accuracy import calibrate  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-dense.toml"
-ZEN3_FP32_MODEL_FLOPS_PER_S = 2000 * 33.43e6  # test_main_job_budget.py: an earlier recipe's run
 TOLERANCE = 0.25
 
 
@@ -44,27 +47,25 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "lmforge-energy-data")
     ap.add_argument("--carbon", type=float, default=EnergyConfig().carbon_g_per_kwh, help="g CO2e per kWh")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads (0: torch's default); the recorded rate is for 2 threads and is scaled "
-                         "linearly to this many (an assumption)")
+    ap.add_argument("--cluster", default="calibrate",
+                    help="'calibrate' (measure this machine first, the default), a preset name or a cluster file")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the planner's CPU device is one core
     with tempfile.TemporaryDirectory() as tmp:
+        cluster_path = args.cluster
+        if cluster_path == "calibrate":
+            cluster_path = str(Path(tmp) / "here.toml")
+            calibrate(Path(cluster_path))
         overrides = ["--data.dir", str(args.data_dir), "--train.output_dir", str(Path(tmp) / "run"),
                      "--train.mixed_precision", "fp32", "--train.stop_at", str(args.steps),
                      "--train.eval_interval", "0", "--checkpoint.enabled", "false", "--metrics.progress", "none",
                      "--metrics.tensorboard", "false", "--metrics.plot", "false", "--metrics.peak_flops", "1e11"]
         cfg = load_job_config(str(RECIPE), parse_override_args(overrides))
-        t = cfg.train
-        step_flops = t.global_batch_size * t.seq_len * training_flops_per_token(cfg.model, t.seq_len)
-        rate = ZEN3_FP32_MODEL_FLOPS_PER_S * min(threads, 2) / 2
-        predicted_step_s = step_flops / rate
-        watts = tdp_watts(None, cpu_threads=min(threads, len(os.sched_getaffinity(0))))
+        predicted_step_s = predict(cfg, load_cluster(cluster_path), 1).step_time.total
+        watts = tdp_watts(None, cpu_threads=1)
         est = preflight_estimate(predicted_step_s, args.steps, watts, carbon_g_per_kwh=args.carbon)
-        print(f"pre-flight ({threads} thread(s)): {step_flops / 1e9:.1f} GFLOP/step / {rate / 1e9:.1f} GFLOP/s = "
-              f"{predicted_step_s:.3f} s/step x {args.steps} steps x {watts:g} W = {est.joules:.0f} J "
+        print(f"pre-flight (one core of {cluster_path if args.cluster != 'calibrate' else 'this machine, calibrated'}):"
+              f" {predicted_step_s:.3f} s/step predicted x {args.steps} steps x {watts:g} W = {est.joules:.0f} J "
               f"({est.kwh * 1000:.3f} Wh, {est.co2e_kg * 1000:.3f} g CO2e at {args.carbon:g} g/kWh)")
         trainer = Trainer(cfg, echo=False)
         meter = EnergyMeter(open_source(EnergyConfig()), carbon_g_per_kwh=args.carbon)

@@ -73,7 +73,7 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
             "load_balance": ["--steps", "24", "--tail", "10"],
             "train_throughput": [],
             "plan_published": ["--out", str(tmp / "plan"), "--runs", "32"],
-            "energy_preflight": ["--steps", "60", "--threads", "1"],
+            "energy_preflight": ["--steps", "60"],
             "comm_convergence": ["--steps", "300"],
             "comm": ["--steps", "10", "--rounds", "2"],
             "comm_collective": ["--reps", "3"],
@@ -99,7 +99,7 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
         "plan_published": ["--out", str(tmp / "plan")],  # arithmetic + seeded simulation: ~30 s
         # tiny-dense, 30 steps (+ data prepare once, cached in the temp dir); one thread: two OpenMP
         # threads on a shared 2-core machine spin waiting for each other (3.7x the CPU time measured)
-        "energy_preflight": ["--threads", "1"],
+        "energy_preflight": [],
         # 5 runs of 300 steps on 2 ranks (~4-7 min): the acceptance is at 300 steps
         "comm_convergence": ["--steps", "300"],
         # namespaced ranks on a 1 Gbit/s link (root; over loopback elsewhere, saying so)
