@@ -36,10 +36,11 @@ layer to attended_pairs(...) / s, the exact number of (query, key) pairs the var
 counted once (never the masked pairs a kernel may compute and throw away): a sliding window w
 gives query i min(i + 1, w) keys; top-k adds `topk` whole distant blocks per query where they
 exist (chosen blocks are disjoint from the local window by construction and, with documents,
-wholly inside the query block's document, so the count does not depend on which ones won). Mixed stacks (local/global, dense/MoE) are summed layer by layer in
-`flops_breakdown`. Document masking is data dependent: `attended_pairs(..., doc_lengths=...)`
-counts it exactly for a given packing; the trainer's MFU counts the documents of every trained
-batch (observability/step_flops.py)."""
+wholly inside the query block's document, so the count does not depend on which ones won).
+Mixed stacks (local/global, dense/MoE) are summed layer by layer in `flops_breakdown`. Document
+masking is data dependent: `attended_pairs(..., doc_lengths=...)` counts it exactly for a given
+packing, every kind; the trainer's MFU counts the documents of every trained batch
+(observability/step_flops.py)."""
 
 from __future__ import annotations
 
