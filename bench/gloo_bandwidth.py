@@ -41,7 +41,7 @@ def main() -> int:
     from lmforge.observability.machine import collective_times
 
     world = 2
-    times = dict(collective_times(world, SIZES, REPEATS, kinds=("all_reduce",))["all_reduce"])
+    times = dict(collective_times(("all_reduce",), world, SIZES, REPEATS)["all_reduce"])
     for n, t in sorted(times.items()):
         print(f"{n:>10} bytes  {t * 1e6:10.1f} us  {n / t / 1e9:6.2f} GB/s algorithmic")
     lat, bw, worst = fit(times, world)

@@ -122,7 +122,7 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
         to_toml,
         with_constants,
     )
-    from lmforge.plan.cluster import PRESETS_DIR, Efficiency, cluster_from_dict
+    from lmforge.plan.cluster import COLLECTIVE_KINDS, PRESETS_DIR, Efficiency, cluster_from_dict
     from lmforge.storage.atomic import atomic_open
 
     out = Path(args.out)
@@ -148,7 +148,7 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
     hbm = memory_bandwidth()
     print(f"matmul (1 thread, fp32): peak {peak / 1e9:.1f} GFLOP/s, efficiency max {eff_max:.3f}, half at "
           f"{half / 1e9:.4f} GFLOP; bf16/fp32 at n=512: {bf16_small / f32_small:.3f}; memory {hbm / 1e9:.1f} GB/s")
-    times = collective_times(args.ranks)
+    times = collective_times(COLLECTIVE_KINDS, args.ranks)
     table = collective_table(times, args.ranks)
     for kind, pts in table.points.items():
         print(f"gloo {kind:<14} " + "  ".join(f"{b / 2**10:.0f}K {t * 1e6:.0f}us" for b, t in pts))

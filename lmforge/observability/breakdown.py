@@ -36,8 +36,9 @@ PARTS = ("compute", "comm_exposed", "data", "ckpt", "eval", "idle")
 # What each part being the largest (compute excepted) means, and what to try.
 BOUNDS = {"compute": "compute", "comm_exposed": "communication", "data": "data", "ckpt": "checkpoint"}
 BOUND_CODES = {"compute": 0, "communication": 1, "data": 2, "checkpoint": 3}
+COMPILE_HINT = "torch.compile (--train.compile true)"
 ADVICE = {
-    "compute": "{share:.0%} compute; try torch.compile (--train.compile true)",
+    "compute": "{share:.0%} compute; try " + COMPILE_HINT,
     "communication": "{share:.0%} exposed comm; try int8 compression (--comm.compression int8) or a larger "
                      "micro-batch (--train.micro_batch_size)",
     "data": "{share:.0%} waiting on data; the loader reads one micro-batch ahead: move the data dir to faster "
@@ -105,7 +106,7 @@ def compute_advice(precision: str, bf16_native: bool, compiled: bool) -> str:
     if precision == "fp32" and bf16_native:
         tries.append("bf16 mixed precision (--train.mixed_precision bf16)")
     if not compiled:
-        tries.append("torch.compile (--train.compile true)")
+        tries.append(COMPILE_HINT)
     if tries:
         return "{share:.0%} compute; try " + ", or ".join(tries)
     return "{share:.0%} compute, already " + precision + (" and compiled" if compiled else "") + \

@@ -107,14 +107,11 @@ def _collective_worker(rank: int, world: int, port: int, sizes: tuple[int, ...],
     dist.destroy_process_group()
 
 
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
-
-
-def collective_times(ranks: int = 2, sizes: tuple[int, ...] = COLLECTIVE_BYTES, repeats: int = 9,
-                     kinds: tuple[str, ...] = COLLECTIVES) -> dict[str, list[tuple[int, float]]]:
-    """kind -> [(bytes, seconds)] of gloo all-reduce, all-gather (bytes gathered), reduce-scatter
-    (bytes reduced) and all-to-all (`kinds` of them) on `ranks` processes of this host, one thread
-    each; each figure is the slower rank's median of `repeats`."""
+def collective_times(kinds: tuple[str, ...], ranks: int = 2, sizes: tuple[int, ...] = COLLECTIVE_BYTES,
+                     repeats: int = 9) -> dict[str, list[tuple[int, float]]]:
+    """kind -> [(bytes, seconds)] of the gloo collectives `kinds` (any of all_reduce, all_gather:
+    bytes gathered, reduce_scatter: bytes reduced, all_to_all) on `ranks` processes of this host,
+    one thread each; each figure is the slower rank's median of `repeats`."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
