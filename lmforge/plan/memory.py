@@ -85,9 +85,10 @@ def _block_activation_bytes(job: JobConfig, r: ParallelConfig, layer: int, seq: 
         return norm + attn + 4 * m.ffn_hidden_size / tp * act
     moe, k, he = m.moe, m.moe.top_k, m.expert_hidden_size
     routed = moe.capacity_factor * k if moe.router == "expert_choice" else k
-    # expert parallel: two more token copies per routed assignment (the all-to-all's received
-    # tokens and the outputs sent back; fitted to tiny-moe ep2 measured, not read off the code)
-    copies = 3 + (2 if r.ep > 1 else 0)
+    # expert parallel: one more token copy per routed assignment (the received tokens reordered for
+    # the grouped matmul, which saves them). Fitted to tiny-moe ep2 measured, not read off the code:
+    # two while the ep path fell back to the padded bmm, whose padded input was saved as well
+    copies = 3 + (1 if r.ep > 1 else 0)
     ffn = (routed * (4 * he + copies * d) * act + 2 * moe.n_experts * F32 + routed * (3 * INT64 + 2 * F32)
            + 2 * F32 + 4 * moe.n_shared_experts * he * act)
     return norm + attn + ffn
