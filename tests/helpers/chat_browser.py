@@ -50,7 +50,8 @@ def chat_once(url: str, prompt: str, api_key: str = "", timeout: float = TIMEOUT
             reply = json.loads(js(REPLY_JS))
             if reply is not None:
                 lengths.append(len(reply["text"]))
-                if reply["state"] == "done" or "error" in reply["cls"]:
+                # an error bubble is marked before its text is written: wait for the text too
+                if reply["state"] == "done" or ("error" in reply["cls"] and reply["text"].strip()):
                     break
             time.sleep(0.02)
         assert reply is not None, "no reply bubble appeared"
