@@ -3,9 +3,9 @@
 one were 1.5-3x off on another), so the planner's CPU predictions are checked against a file made
 here, on the machine they are checked on.
 
-Measurements: lmforge/observability/machine.py (matmul rates, memory bandwidth, gloo collectives);
-probes: short `lmforge train` runs of a micro model (lmforge/plan/calibration.py: PROBES), one per
-fixed cost; fitting and writing: lmforge/plan/calibration.py."""
+Measurements: lmforge/observability/machine.py (matmul and attention-kernel rates, memory bandwidth,
+gloo collectives); probes: short `lmforge train` runs of a micro model (lmforge/plan/calibration.py:
+FITS), as many per fit as it has constants; fitting and writing: lmforge/plan/calibration.py."""
 
 from __future__ import annotations
 
@@ -111,12 +111,18 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
     from lmforge.cli_errors import UserError
     from lmforge.config import JobConfig
     from lmforge.config.loader import build_dataclass
-    from lmforge.observability.machine import collective_times, matmul_rates, memory_bandwidth
+    from lmforge.observability.machine import (
+        attention_rates,
+        collective_times,
+        matmul_rates,
+        memory_bandwidth,
+    )
     from lmforge.observability.peak import cpu_model_name
     from lmforge.plan.calibration import (
         FITS,
         cluster_dict,
         collective_table,
+        fit_attention,
         fit_constants,
         fit_efficiency,
         to_toml,
@@ -146,14 +152,18 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
     (_, bf16_small), = matmul_rates([(512, 512, 512)], dtype=torch.bfloat16)
     peak_bf16 = peak * bf16_small / f32_small
     hbm = memory_bandwidth()
+    attention_max, attention_half = fit_attention(attention_rates(), peak)
     print(f"matmul (1 thread, fp32): peak {peak / 1e9:.1f} GFLOP/s, efficiency max {eff_max:.3f}, half at "
           f"{half / 1e9:.4f} GFLOP; bf16/fp32 at n=512: {bf16_small / f32_small:.3f}; memory {hbm / 1e9:.1f} GB/s")
+    print(f"attention kernel (1 thread, fp32, causal, forward + backward): max {attention_max:.3f} of the matmul "
+          f"peak, half at {attention_half / 1e9:.4f} GFLOP")
     times = collective_times(COLLECTIVE_KINDS, args.ranks)
     table = collective_table(times, args.ranks)
     for kind, pts in table.points.items():
         print(f"gloo {kind:<14} " + "  ".join(f"{b / 2**10:.0f}K {t * 1e6:.0f}us" for b, t in pts))
     base = tomllib.loads((PRESETS_DIR / "cpu.toml").read_text())
-    eff = Efficiency(max=eff_max, half_flops=half, op_overhead_s=0.0, comm_overlap=0.0)
+    eff = Efficiency(max=eff_max, half_flops=half, op_overhead_s=0.0, comm_overlap=0.0, attention_max=attention_max,
+                     attention_half_flops=attention_half)
     name = f"cpu ({cpu_model_name()})"
 
     def build(e: Efficiency):  # noqa: ANN202 (Cluster)
@@ -178,7 +188,8 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
                 values = fit_constants(runs, cluster, fit.constants)
                 fitted.update(values)
                 cluster = with_constants(cluster, **values)
-                print("  -> " + ", ".join(f"{k.removesuffix('_s')} {v * 1e6:.1f} us" for k, v in values.items()))
+                print("  -> " + ", ".join(f"{k.removesuffix('_s')} {v * 1e6:.1f} us" if k.endswith("_s")
+                                          else f"{k} {v:.2f}" for k, v in values.items()))
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     description = (f"measured by `lmforge bench cluster` on {cpu_model_name()}, {cores} cores, torch "
                    f"{torch.__version__}, {when}")

@@ -1,6 +1,6 @@
 """Measurements of this machine for a calibrated cluster file (`lmforge bench cluster`): matmul
-rates by size, memory bandwidth, and the seconds of each gloo collective by message size between
-processes on this host. Each is what the planner's time model (lmforge/plan/timing.py) reads from
+and attention-kernel rates by size, memory bandwidth, and the seconds of each gloo collective by
+message size between processes on this host. Each is what the planner's time model (lmforge/plan/timing.py) reads from
 a cluster file; lmforge/plan/calibration.py turns them into one."""
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ import torch
 MATMUL_SHAPES = ((128, 64, 64), (256, 64, 128), (512, 128, 128), (1024, 64, 512), (1024, 192, 192),
                  (1024, 192, 512), (1024, 256, 704), (1024, 192, 512 * 4), (2048, 512, 512),
                  (1024, 512, 8192), (2048, 2048, 2048))
+# (batch, heads, seq, head_dim) of the causal attention timed for its curve: the micro probes',
+# tiny models' and ~50M models' heads, and longer sequences up to 2048.
+ATTENTION_SHAPES = ((8, 4, 64, 16), (8, 4, 128, 16), (8, 4, 256, 48), (4, 8, 512, 64), (1, 8, 1024, 64),
+                    (1, 8, 2048, 64))
 COLLECTIVE_BYTES = tuple(2**k for k in range(12, 25, 2))  # 4 KiB .. 16 MiB
 
 
@@ -48,6 +52,33 @@ def matmul_rates(shapes: Iterable[tuple[int, int, int]] = MATMUL_SHAPES, threads
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
             flops = 2.0 * m * k * n
             out.append((flops, flops / _median_seconds(lambda a=a, b=b: a @ b, seconds)))
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def attention_rates(shapes: Iterable[tuple[int, int, int, int]] = ATTENTION_SHAPES, threads: int = 1,
+                    seconds: float = 0.3) -> list[tuple[float, float]]:
+    """(W = 2 seq^2 head_dim, training FLOP/s) of causal scaled_dot_product_attention, forward and
+    backward, for each (batch, heads, seq, head_dim) shape on `threads` threads. Its FLOPs are
+    counted as the planner counts them (lmforge/observability/flops.py: causal pairs exactly,
+    backward twice the forward); the rate is the kernel's own, which on CPUs is a fraction of the
+    matmul rate at the same size."""
+    import torch.nn.functional as F
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = []
+        for b, h, s, d in shapes:
+            q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+            grad = torch.randn(b, h, s, d)
+
+            def step(q=q, k=k, v=v, grad=grad) -> None:
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+
+            flops = 3 * 2 * 2.0 * b * h * (s * (s + 1) / 2) * d
+            out.append((2.0 * s * s * d, flops / _median_seconds(step, seconds)))
         return out
     finally:
         torch.set_num_threads(before)

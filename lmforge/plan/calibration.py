@@ -4,11 +4,14 @@ the CLI; this module fits the time model's constants to them and writes the file
 
 What is fitted, in this order (each probe is a micro model, not a model the planner is checked on):
 1. the matmul peak and efficiency curve from one-thread matmul rates by size
-   (rate = peak x max x W / (W + half): 1 / rate is linear in 1 / W);
+   (rate = peak x max x W / (W + half): 1 / rate is linear in 1 / W), and the attention kernel's
+   curve the same way from its own rates (`attention_max` relative to the matmul peak);
 2. the memory bandwidth and the collective table are measured directly;
-3. the fixed costs no FLOP or byte count shows (`FITS`), each fit the constants that make the time
-   model's predictions of its probes equal their measured steps (the prediction is linear in each):
-   `op_overhead_us` and `forward_us` (one rank, dense, 1 and 5 blocks), `moe_layer_us` (one rank,
+3. the costs no FLOP count shows (`FITS`), each fit the constants that make the time model's
+   predictions of its probes equal their measured steps (the prediction is linear in each):
+   `op_overhead_us`, `forward_us` and `activation_passes` (one rank, dense, 1 and 5 blocks, and
+   1 block at 4x the tokens: the memory passes over activations and the logits grow with
+   tokens, the per-forward cost does not), `moe_layer_us` (one rank,
    MoE), `tp_block_us` and `tp_forward_us` (tp = 2, 1 and 5 blocks: far apart, so
    that the noise of two measured steps moves the per-block cost little), `fsdp_unit_us` (FSDP over 2),
    `ep_layer_us` (MoE, FSDP and ep over 2)."""
@@ -56,9 +59,13 @@ class Fit:
     probes: tuple[Probe, ...]
 
 
+LONG = ("--train.seq_len", "512", "--model.max_seq_len", "512")  # 4x the tokens of the other probes
+
 FITS = (
-    Fit(("op_overhead_s", "forward_s"), (Probe("dense-1", "tiny-dense", 1, micro(1)),
-                                         Probe("dense-5", "tiny-dense", 1, micro(5)))),
+    Fit(("op_overhead_s", "forward_s", "activation_passes"), (Probe("dense-1", "tiny-dense", 1, micro(1)),
+                                                              Probe("dense-5", "tiny-dense", 1, micro(5)),
+                                                              Probe("dense-1-long", "tiny-dense", 1,
+                                                                    (*micro(1), *LONG)))),
     Fit(("moe_layer_s",), (Probe("moe", "tiny-moe", 1, micro(2)),)),
     Fit(("tp_block_s", "tp_forward_s"), (Probe("tp2-1", "tiny-dense", 2, (*micro(1), *TP2)),
                                          Probe("tp2-5", "tiny-dense", 2, (*micro(5), *TP2)))),
@@ -69,8 +76,15 @@ FITS = (
 
 def fit_efficiency(rates: list[tuple[float, float]]) -> tuple[float, float, float]:
     """(peak FLOP/s, max, half FLOPs) of rate(W) = peak x max x W / (W + half) through measured
-    (W, rate) points: the peak is the best rate measured, and 1 / rate = a + b / W is fitted by
-    least squares on relative error (each point weighted by rate^2)."""
+    (W, rate) points: the peak is the best rate measured, max the curve's limit over it (at most 1)."""
+    peak = max(r for _, r in rates) if rates else 0.0
+    limit, half = _saturating_fit(rates)
+    return peak, min(1.0, limit / peak), half
+
+
+def _saturating_fit(rates: list[tuple[float, float]]) -> tuple[float, float]:
+    """(limit, half) of rate(W) = limit x W / (W + half): 1 / rate = a + b / W fitted by least
+    squares on relative error (each point weighted by rate^2); limit = 1 / a, half = b / a."""
     if len(rates) < 2:
         raise ValueError("fit_efficiency: need at least two (FLOPs, rate) points")
     peak = max(r for _, r in rates)
@@ -83,7 +97,14 @@ def fit_efficiency(rates: list[tuple[float, float]]) -> tuple[float, float, floa
     a = my - b * mx
     if a <= 0:  # rates still rising at the largest size: no saturation seen, take the best as the limit
         a, b = 1.0 / peak, 0.0
-    return peak, min(1.0, 1.0 / (a * peak)), b / a
+    return 1.0 / a, b / a
+
+
+def fit_attention(rates: list[tuple[float, float]], matmul_peak: float) -> tuple[float, float]:
+    """(attention_max relative to `matmul_peak`, half FLOPs) of the attention kernel's curve through
+    its measured (W, rate) points (`fit_efficiency`'s fit; the time model scales the matmul peak)."""
+    limit, half = _saturating_fit(rates)
+    return min(1.0, limit / matmul_peak), half
 
 
 def _predict(job: JobConfig, cluster: Cluster, world_size: int, precision: str) -> float:
@@ -120,16 +141,22 @@ def fit_constants(runs: list[tuple[JobConfig, int, float]], cluster: Cluster, fi
 
 
 def _least_squares(a: list[list[float]], b: list[float]) -> list[float] | None:
-    """x minimising |a x - b| for one or two unknowns (normal equations); None when singular."""
+    """x minimising |a x - b| (normal equations, Gaussian elimination with partial pivoting on
+    column-scaled unknowns: the fields differ by orders of magnitude); None when singular."""
     k = len(a[0])
-    ata = [[sum(r[i] * r[j] for r in a) for j in range(k)] for i in range(k)]
-    atb = [sum(r[i] * y for r, y in zip(a, b)) for i in range(k)]
-    if k == 1:
-        return [atb[0] / ata[0][0]] if ata[0][0] > 0 else None
-    det = ata[0][0] * ata[1][1] - ata[0][1] * ata[1][0]
-    if abs(det) <= 1e-12 * max(ata[0][0] * ata[1][1], 1e-300):
-        return None
-    return [(atb[0] * ata[1][1] - ata[0][1] * atb[1]) / det, (ata[0][0] * atb[1] - ata[1][0] * atb[0]) / det]
+    scale = [math.sqrt(sum(r[i] ** 2 for r in a)) or 1.0 for i in range(k)]
+    a = [[v / scale[i] for i, v in enumerate(r)] for r in a]
+    m = [[sum(r[i] * r[j] for r in a) for j in range(k)] + [sum(r[i] * y for r, y in zip(a, b))] for i in range(k)]
+    for col in range(k):
+        pivot = max(range(col, k), key=lambda row: abs(m[row][col]))
+        if abs(m[pivot][col]) <= 1e-12:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for row in range(k):
+            if row != col:
+                f = m[row][col] / m[col][col]
+                m[row] = [x - f * y for x, y in zip(m[row], m[col])]
+    return [m[i][k] / m[i][i] / scale[i] for i in range(k)]
 
 
 def with_constants(cluster: Cluster, **constants: float) -> Cluster:
@@ -156,7 +183,11 @@ def cluster_dict(base: dict[str, Any], *, name: str, accelerator_name: str, peak
     e = efficiency
     data["efficiency"] = {"max": round(e.max, 4), "half_gflop": round(e.half_flops / 1e9, 6),
                           "op_overhead_us": round(e.op_overhead_s * 1e6, 2), "comm_overlap": e.comm_overlap,
-                          **{f"{k}_us": round(getattr(e, f"{k}_s") * 1e6, 1) for k in FIXED_COSTS}}
+                          **{f"{k}_us": round(getattr(e, f"{k}_s") * 1e6, 1) for k in FIXED_COSTS},
+                          "activation_passes": round(e.activation_passes, 3)}
+    if e.attention_max is not None:
+        data["efficiency"].update(attention_max=round(e.attention_max, 4),
+                                  attention_half_gflop=round(e.attention_half_flops / 1e9, 6))
     if collectives is not None:
         data["collectives"] = {"ranks": collectives.ranks,
                                **{k: [[int(b), round(t * 1e6, 1)] for b, t in pts]

@@ -35,6 +35,10 @@ dataclasses hold SI units (FLOP/s, bytes, bytes/s, seconds) so the models never 
     fsdp_unit_us = 0               #   FSDP2 unit (its hooks), per MoE layer (routing) and per MoE layer
     moe_layer_us = 0               #   under ep (dispatch and combine)
     ep_layer_us = 0
+    attention_max = 0.25           # optional: the fused attention kernel's own curve (one head's
+    attention_half_gflop = 0.002   #   W = 2 seq^2 head_dim); absent: the matmul curve above
+    activation_passes = 3          # memory passes over each saved activation byte (default 3:
+                                   #   written in forward, read twice in backward)
     [collectives]                  # optional: measured seconds of each collective on `ranks` ranks of
     ranks = 2                      #   one node, [[bytes, us], ...] per kind; used instead of the link
     all_reduce = [[4096, 300], [16777216, 18000]]   # model for groups of that size inside a node
@@ -102,8 +106,11 @@ class Link:
 @dataclass(frozen=True)
 class Efficiency:
     """Fraction of peak a matmul of W FLOPs reaches: max * W / (W + half), a saturating curve
-    (small matmuls are bound by memory and launch; large ones approach `max`); and the fixed
-    costs per operator and per parallel construct that no FLOP count shows."""
+    (small matmuls are bound by memory and launch; large ones approach `max`); the same curve of
+    the fused attention kernel where it was measured (it runs well below the matmul rate on CPUs:
+    softmax, masking and a backward that recomputes the scores); the memory passes over each saved
+    activation byte; and the fixed costs per operator and per parallel construct that no FLOP
+    count shows."""
 
     max: float
     half_flops: float
@@ -115,9 +122,18 @@ class Efficiency:
     fsdp_unit_s: float = 0.0  # per FSDP-wrapped unit (each block and the root) per forward + backward
     moe_layer_s: float = 0.0  # per MoE layer forward + backward (routing, permutation)
     ep_layer_s: float = 0.0  # per MoE layer forward + backward under expert parallelism
+    attention_max: float | None = None  # None: attention runs on the matmul curve
+    attention_half_flops: float = 0.0
+    activation_passes: float = 3.0  # written in forward, read twice in backward, unless measured
 
     def of(self, flops: float) -> float:
         return self.max * flops / (flops + self.half_flops) if flops > 0 else self.max
+
+    def of_attention(self, flops: float) -> float:
+        """Fraction of peak the attention kernel reaches on one head's W = 2 s^2 head_dim FLOPs."""
+        if self.attention_max is None:
+            return self.of(flops)
+        return self.attention_max * flops / (flops + self.attention_half_flops) if flops > 0 else self.attention_max
 
 
 # The fixed costs of `Efficiency` beyond the per-operator one (cluster file keys: <name>_us).
@@ -225,7 +241,8 @@ _KNOWN = {"": {"name", "devices_per_node", "nodes", "accelerator", "intra_node",
                           "power_w"},
           "intra_node": {"bandwidth_gbps", "latency_us", "call_overhead_us"},
           "inter_node": {"bandwidth_gbps", "latency_us", "call_overhead_us"},
-          "efficiency": {"max", "half_gflop", "op_overhead_us", "comm_overlap", *(f"{k}_us" for k in FIXED_COSTS)}}
+          "efficiency": {"max", "half_gflop", "op_overhead_us", "comm_overlap", "attention_max", "attention_half_gflop",
+                         "activation_passes", *(f"{k}_us" for k in FIXED_COSTS)}}
 
 
 def cluster_from_dict(data: dict[str, Any], where: str = "cluster") -> Cluster:
@@ -260,8 +277,12 @@ def cluster_from_dict(data: dict[str, Any], where: str = "cluster") -> Cluster:
                      op_overhead_s=_get(eff_t, "op_overhead_us", e, float, default=5.0, allow_zero=True) * 1e-6,
                      comm_overlap=_get(eff_t, "comm_overlap", e, float, default=1.0, allow_zero=True),
                      **{f"{k}_s": _get(eff_t, f"{k}_us", e, float, default=0.0, allow_zero=True) * 1e-6
-                        for k in FIXED_COSTS})
-    for key, value in (("max", eff.max), ("comm_overlap", eff.comm_overlap)):
+                        for k in FIXED_COSTS},
+                     attention_max=_get(eff_t, "attention_max", e, float) if "attention_max" in eff_t else None,
+                     attention_half_flops=_get(eff_t, "attention_half_gflop", e, float, default=0.0,
+                                               allow_zero=True) * 1e9,
+                     activation_passes=_get(eff_t, "activation_passes", e, float, default=3.0, allow_zero=True))
+    for key, value in (("max", eff.max), ("comm_overlap", eff.comm_overlap), ("attention_max", eff.attention_max or 0)):
         if value > 1:
             raise ClusterError(f"{e}.{key} = {value}: must be in [0, 1] (a fraction)")
     fail_t, f = data.get("failures", {}), f"{where}: failures"

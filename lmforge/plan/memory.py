@@ -100,19 +100,21 @@ def _checkpointed(job: JobConfig, layer: int) -> bool:
 
 
 def activation_bytes(job: JobConfig, r: ParallelConfig, stage: int, micro_batch: int, act: int,
-                     on_cpu: bool) -> int:
-    """What autograd saves over one forward of `micro_batch` sequences on pipeline stage `stage`."""
+                     on_cpu: bool, checkpointing: bool = True) -> int:
+    """What autograd saves over one forward of `micro_batch` sequences on pipeline stage `stage`
+    (`checkpointing=False`: what the blocks produce, as if none were checkpointed; the time model's
+    memory traffic, which recomputation does not remove)."""
     m, seq = job.model, job.train.seq_len
     tp = r.tp
     sp = tp if (tp > 1 and r.sequence_parallel) else 1
     n_stages = r.pp * r.stages_per_rank if r.pp > 1 else 1
     per_token = 0.0
     for layer in stage_layers(m, n_stages, r.pp_layers_per_stage)[stage]:
-        if _checkpointed(job, layer):
+        if checkpointing and _checkpointed(job, layer):
             per_token += m.dim / sp * act  # the block input
         else:
             block = _block_activation_bytes(job, r, layer, seq, act, on_cpu)
-            if job.train.activation_checkpointing == "op":  # elementwise outputs recomputed
+            if checkpointing and job.train.activation_checkpointing == "op":  # elementwise outputs recomputed
                 block *= 0.75
             per_token += block
     if stage == 0:
@@ -122,6 +124,16 @@ def activation_bytes(job: JobConfig, r: ParallelConfig, stage: int, micro_batch:
         per_token += (m.dim / sp + 1 / sp) * F32 + m.dim * act + vocab * act + F32 + INT64
     rope = 2 * seq * (m.head_dim // 2) * F32
     return int(per_token * micro_batch * seq + rope)
+
+
+def recomputed_bytes(job: JobConfig, r: ParallelConfig, stage: int, micro_batch: int, act: int,
+                     on_cpu: bool) -> float:
+    """Activation bytes the checkpointed blocks of stage `stage` produce again in backward (their
+    forward rerun) over one forward of `micro_batch` sequences; 0 without full / selective."""
+    m, seq = job.model, job.train.seq_len
+    n_stages = r.pp * r.stages_per_rank if r.pp > 1 else 1
+    return sum(_block_activation_bytes(job, r, layer, seq, act, on_cpu) for layer in
+               stage_layers(m, n_stages, r.pp_layers_per_stage)[stage] if _checkpointed(job, layer)) * micro_batch * seq
 
 
 def in_flight_microbatches(r: ParallelConfig, stage: int, n_micro: int) -> int:

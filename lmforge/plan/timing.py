@@ -4,10 +4,13 @@
   pairs exactly) of this rank's share (its pipeline stage's layers / tp), component by component
   (attention projections, scores and values, feed-forward, output) at peak x an efficiency that
   grows with the size of that component's matmul (`Efficiency.of`: small matmuls do not saturate
-  the device), plus memory-bound work: each saved activation byte is written in forward and read
-  twice in backward (3 x activation bytes at the memory bandwidth);
+  the device; attention scores and values on the attention kernel's own curve where the cluster
+  file measured one, `Efficiency.of_attention`), plus memory-bound work: `activation_passes` over
+  each saved activation byte at the memory bandwidth (3 unless calibrated: written in forward,
+  read twice in backward);
 - recompute: activation checkpointing runs the checkpointed blocks' forward again (1/3 of their
-  training FLOPs; "op" recomputes elementwise work only, no matmuls);
+  training FLOPs and memory passes; "op" recomputes elementwise work only, no matmuls). The
+  memory passes count every activation the blocks produce: recomputation moves no fewer bytes;
 - optimizer: AdamW reads parameters, gradients and both moments and writes three of them (28
   bytes per local fp32 parameter) at the memory bandwidth;
 - overhead: a fixed time per operator (kernel launch, Python dispatch) x operators per step, and
@@ -38,7 +41,7 @@ from lmforge.config import JobConfig
 from lmforge.config.parallel import ParallelConfig
 from lmforge.observability.flops import flops_breakdown
 from lmforge.plan.cluster import Cluster, Link
-from lmforge.plan.memory import activation_bytes, local_numel, stage_tensors
+from lmforge.plan.memory import activation_bytes, local_numel, recomputed_bytes, stage_tensors
 from lmforge.plan.params import ParamTensor, stage_layers
 from lmforge.plan.prediction import StepTime
 
@@ -181,19 +184,26 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
         stages = [s for s in range(n_stages) if s % max(r.pp, 1) == pp_rank]
         tokens = micro * t.seq_len * forwards
         sizes = _matmul_sizes(job, r, micro * t.seq_len)
-        flops = matmul_time = 0.0
+        flops = matmul_time = block_matmul_time = 0.0
         for s in stages:
             for k, f in _stage_flops_per_token(job, r, s, whole).items():
                 flops += f * tokens / r.tp
-                matmul_time += f * tokens / r.tp / (peak * eff.of(sizes[k]))
-        act_bytes = sum(activation_bytes(job, r, s, micro, act, on_cpu) for s in stages) * forwards
-        compute = matmul_time + 3 * act_bytes / acc.hbm_bytes_per_s
+                curve = eff.of_attention if k == "attention_scores_and_values" else eff.of
+                seconds = f * tokens / r.tp / (peak * curve(sizes[k]))
+                matmul_time += seconds
+                block_matmul_time += seconds if k != "output" else 0.0
+        produced = sum(activation_bytes(job, r, s, micro, act, on_cpu, checkpointing=False)
+                       for s in stages) * forwards
+        compute = matmul_time + eff.activation_passes * produced / acc.hbm_bytes_per_s
         ac = t.activation_checkpointing
         layers_here = sum(len(stage_layers(m, n_stages, r.pp_layers_per_stage)[s]) for s in stages)
         share = {"full": 1.0, "selective": 1.0 / t.ac_every, "op": 0.0}.get(ac, 0.0)
-        recompute = share * matmul_time / 3 if ac != "none" else 0.0
-        if ac == "op":
-            recompute = act_bytes / acc.hbm_bytes_per_s
+        # the checkpointed blocks' forward again: a third of their matmuls and of their memory passes
+        rerun = sum(recomputed_bytes(job, r, s, micro, act, on_cpu) for s in stages) * forwards
+        recompute = share * block_matmul_time / 3 + eff.activation_passes / 3 * rerun / acc.hbm_bytes_per_s
+        if ac == "op":  # the forward's passes over the outputs it did not save
+            saved = sum(activation_bytes(job, r, s, micro, act, on_cpu) for s in stages) * forwards
+            recompute = eff.activation_passes / 3 * (produced - saved) / acc.hbm_bytes_per_s
         tensors = [x for s in stages for x in stage_tensors(job, r, s)]
         local = sum(local_numel(x, r, r.dp_shard > 1) for x in tensors)
         optimizer = 28 * local / acc.hbm_bytes_per_s

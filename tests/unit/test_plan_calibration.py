@@ -13,9 +13,11 @@ import pytest
 
 from lmforge.config import JobConfig
 from lmforge.config.loader import apply_override, build_dataclass, load_toml
+from lmforge.observability.flops import flops_breakdown
 from lmforge.plan.calibration import (
     FITS,
     cluster_dict,
+    fit_attention,
     fit_constants,
     fit_efficiency,
     to_toml,
@@ -29,6 +31,7 @@ from lmforge.plan.cluster import (
     cluster_from_dict,
     load_cluster,
 )
+from lmforge.plan.memory import activation_bytes
 from lmforge.plan.timing import collective, predict_step_time
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +64,50 @@ def test_efficiency_fit_recovers_a_planted_curve() -> None:
     assert fitted_half == pytest.approx(half, rel=1e-6)
     slower = [(w, r * 0.5) for w, r in rates[:3]] + rates[3:]  # small matmuls at half the curve
     assert fit_efficiency(slower)[2] > 2 * half
+
+
+def test_the_attention_curve_is_fitted_relative_to_the_matmul_peak() -> None:
+    matmul_peak, limit, half = 150e9, 45e9, 4e6  # the kernel saturates at 0.3 of the matmul peak
+    rates = [(w, limit * w / (w + half)) for w in (1e5, 5e5, 6e6, 3e7, 1.3e8, 5e8)]
+    attention_max, fitted_half = fit_attention(rates, matmul_peak)
+    assert attention_max == pytest.approx(limit / matmul_peak, rel=1e-6)
+    assert fitted_half == pytest.approx(half, rel=1e-6)
+    e = Efficiency(max=0.9, half_flops=1e5, op_overhead_s=0.0, attention_max=attention_max,
+                   attention_half_flops=fitted_half)
+    for w, r in rates:
+        assert matmul_peak * e.of_attention(w) == pytest.approx(r, rel=1e-6)
+    assert replace(e, attention_max=None).of_attention(1e6) == e.of(1e6)  # not measured: the matmul curve
+
+
+def test_attention_rates_count_the_planners_flops(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmforge.observability.machine as machine
+
+    monkeypatch.setattr(machine, "_median_seconds", lambda fn, seconds: (fn(), 1.0)[1])  # one second each
+    (w, rate), = machine.attention_rates([(2, 3, 40, 16)])
+    job = probe_job("tiny-dense", ("--model.dim", "48", "--model.n_heads", "3", "--model.n_kv_heads", "3",
+                                   "--model.n_layers", "1", "--train.seq_len", "40"), 1)
+    assert job.model.head_dim == 16
+    per_token = flops_breakdown(job.model, 40)["attention_scores_and_values"]
+    assert w == 2.0 * 40 * 40 * 16
+    assert rate == pytest.approx(3 * per_token * 2 * 40, rel=1e-12)  # training = 3 x forward, 2 sequences
+
+
+def test_attention_and_activation_passes_move_only_their_own_terms() -> None:
+    cpu = load_cluster("cpu")
+    job = probe_job("tiny-dense", ("--train.seq_len", "256"), 1)
+    base = replace(cpu, efficiency=replace(cpu.efficiency, attention_max=cpu.efficiency.max,
+                                           attention_half_flops=cpu.efficiency.half_flops))
+    plain = predict_step_time(job, base, 1, "fp32", on_cpu=True)
+    assert plain == predict_step_time(job, cpu, 1, "fp32", on_cpu=True)  # the same curve: the same step
+    slow = predict_step_time(job, with_constants(base, attention_max=cpu.efficiency.max / 4), 1, "fp32", on_cpu=True)
+    seq, m = job.train.seq_len, job.model
+    attention_flops = 3 * flops_breakdown(m, seq)["attention_scores_and_values"] * 8 * seq
+    at_curve = attention_flops / (cpu.accelerator.peak_flops("fp32") * cpu.efficiency.of(2.0 * seq * seq * m.head_dim))
+    assert slow.compute - plain.compute == pytest.approx(3 * at_curve, rel=1e-9)  # 4x the time: 3x more
+    assert (slow.total - slow.compute) == pytest.approx(plain.total - plain.compute)
+    more = predict_step_time(job, with_constants(base, activation_passes=5.0), 1, "fp32", on_cpu=True)
+    act = activation_bytes(job, job.parallel.resolved(1), 0, 8, 4, True)
+    assert more.compute - plain.compute == pytest.approx(2 * act / cpu.accelerator.hbm_bytes_per_s, rel=1e-9)
 
 
 def test_collective_table_interpolates_log_log_and_extrapolates_linearly() -> None:
@@ -115,23 +162,26 @@ def test_each_fit_recovers_planted_constants_from_its_probes(fit) -> None:  # no
 
 def test_a_fit_never_goes_negative() -> None:
     cpu = load_cluster("cpu")
-    fit = FITS[0]  # op overhead and per-forward cost from one and five blocks
+    fit = FITS[0]  # op overhead, per-forward cost and activation passes from 1 and 5 blocks and 4x the tokens
     jobs = [(probe_job(p.recipe, p.overrides, p.ranks), p.ranks) for p in fit.probes]
     base = with_constants(cpu, **dict.fromkeys(fit.constants, 0.0))
     plain = [predict_step_time(j, base, r, "fp32", on_cpu=True).total for j, r in jobs]
-    # the deeper model measured no slower than the shallow one plus its compute: no per-op cost
-    measured = [plain[0] + 0.05, plain[1] + 0.05]
+    # the deeper and the longer model measured no slower than the shallow one plus their compute:
+    # no per-op cost and no memory passes
+    measured = [t + 0.05 for t in plain]
     fitted = fit_constants([(j, r, m) for (j, r), m in zip(jobs, measured)], base, fit.constants)
     assert fitted["op_overhead_s"] == pytest.approx(0.0, abs=1e-12)
+    assert fitted["activation_passes"] == pytest.approx(0.0, abs=1e-9)
     assert fitted["forward_s"] == pytest.approx(0.05, rel=1e-6)
     below = fit_constants([(j, r, m - 1.0) for (j, r), m in zip(jobs, measured)], base, fit.constants)
-    assert below == {"op_overhead_s": 0.0, "forward_s": 0.0}
+    assert below == {"op_overhead_s": 0.0, "forward_s": 0.0, "activation_passes": 0.0}
 
 
 def test_the_written_file_loads_back_to_the_same_cluster() -> None:
     cpu_toml = tomllib.loads((REPO / "lmforge/plan/presets/cpu.toml").read_text())
     eff = Efficiency(max=0.87, half_flops=1.1e6, op_overhead_s=31e-6, comm_overlap=0.0, forward_s=0.0858,
-                     tp_forward_s=0.129, tp_block_s=0.0183, fsdp_unit_s=0.009, moe_layer_s=0.0043, ep_layer_s=0.0234)
+                     tp_forward_s=0.129, tp_block_s=0.0183, fsdp_unit_s=0.009, moe_layer_s=0.0043, ep_layer_s=0.0234,
+                     attention_max=0.21, attention_half_flops=3.3e5, activation_passes=7.25)
     coll = CollectiveTable(ranks=2, points={k: ((4096.0, 3e-4), (16777216.0, 0.02)) for k in COLLECTIVE_KINDS})
     data = cluster_dict(cpu_toml, name="cpu-calibrated", accelerator_name="cpu (test)", peak_fp32=141e9,
                         peak_bf16=38e9, hbm_bytes_per_s=10.7e9, devices=2, efficiency=eff, collectives=coll,
@@ -140,7 +190,8 @@ def test_the_written_file_loads_back_to_the_same_cluster() -> None:
     assert text.startswith("# first line\n# second line\n")
     loaded = cluster_from_dict(tomllib.loads(text))
     for name in ("max", "half_flops", "op_overhead_s", "comm_overlap", "forward_s", "tp_forward_s", "tp_block_s",
-                 "fsdp_unit_s", "moe_layer_s", "ep_layer_s"):
+                 "fsdp_unit_s", "moe_layer_s", "ep_layer_s", "attention_max", "attention_half_flops",
+                 "activation_passes"):
         assert getattr(loaded.efficiency, name) == pytest.approx(getattr(eff, name), rel=1e-3), name
     assert loaded.collectives == coll
     assert loaded.accelerator.peak_flops("fp32") == pytest.approx(141e9)
