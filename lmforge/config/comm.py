@@ -26,6 +26,10 @@ delayed mass is not lost (lmforge/train/frozen_adamw.py); top-k then picks value
 they make. Measured: better than AdamW on the 0.16M-parameter model (0.961), worse on tiny-dense
 (0.897); so "adaptive" stays the default.
 
+`topk_payload = "compact"` halves top-k's bytes (bf16 values, 16-bit positions inside 64 Ki
+windows with one count per window): the bytes a run may spend at a given ratio then pay for a
+longer dense warm-up.
+
 `hierarchical`: the all-reduce runs inside each node, then across nodes, then back inside
 (`node_size` ranks per node; 0: torchrun's LOCAL_WORLD_SIZE). `load_balance`: a persistently
 slower rank gets fewer samples of the global batch (losses and gradients weighted by tokens, so
@@ -54,6 +58,9 @@ class CommConfig:
     error_feedback: bool = True
     quant_block: int = 256  # values per absmax scale (int8, int4)
     topk_fraction: float = 0.01  # of each gradient bucket's values sent (topk)
+    # "fp32": fp32 values + int32 positions (8 bytes a value); "compact": bf16 values + 16-bit
+    # positions in 64 Ki windows (4 bytes a value, + 4 per window)
+    topk_payload: Literal["fp32", "compact"] = "fp32"
     powersgd_rank: int = 4
     # optimizer steps of plain all-reduce before PowerSGD starts (torch's start_powerSGD_iter, >= 2;
     # torch suggests ~10% of the run: early gradients are the most sensitive to approximation)
@@ -81,6 +88,8 @@ class CommConfig:
         require(self.warmup_steps == 0 or self.compression in ELEMENTWISE_COMPRESSORS, "comm.warmup_steps",
                 self.warmup_steps, f"needs an element-wise comm.compression ({elementwise}), not "
                 f"{self.compression!r} (PowerSGD: comm.powersgd_start_step)")
+        require(self.topk_payload == "fp32" or self.compression == "topk", "comm.topk_payload", self.topk_payload,
+                f"applies to comm.compression = 'topk' only, not {self.compression!r}; leave it at 'fp32'")
         require(self.adam_variance == "adaptive" or self.warmup_steps > 0, "comm.adam_variance", self.adam_variance,
                 "'frozen' needs comm.warmup_steps >= 1 (the AdamW steps that estimate the second moment), "
                 "and an element-wise comm.compression; or use 'adaptive'")

@@ -25,8 +25,8 @@
   hierarchical (comm.hierarchical): reduce-scatter inside nodes, all-reduce across
   nodes of 1/devices_per_node of the bytes, all-gather inside. Gradient compression
   (comm.compression) scales the data-parallel bytes (bf16/fp16 1/2, int8 1/4, int4 1/8 plus one
-  fp32 scale per quant_block, topk 2 x fraction: values and indices, powersgd rank x (rows +
-  cols) per matrix);
+  fp32 scale per quant_block, topk 2 x fraction: values and indices (compact payload: 1 x),
+  powersgd rank x (rows + cols) per matrix);
 - TP (and SP) collectives sit on the critical path (exposed); FSDP all-gathers and
   reduce-scatters, DP all-reduces and EP all-to-alls hide behind compute up to the cluster's
   `comm_overlap` fraction (GPUs: copy engines, 1.0; CPU: 0, the same cores do both);
@@ -99,8 +99,8 @@ def compression_ratio(job: JobConfig, matrices: list[tuple[int, int]]) -> float:
     if c.compression in ("int8", "int4"):
         bits = 8 if c.compression == "int8" else 4
         return bits / 32 + 1 / c.quant_block
-    if c.compression == "topk":
-        return 2 * c.topk_fraction
+    if c.compression == "topk":  # 8 bytes a value (fp32 + int32 position), compact 4
+        return (1 if c.topk_payload == "compact" else 2) * c.topk_fraction
     if c.compression == "powersgd" and matrices:
         full = sum(a * b for a, b in matrices)
         return sum(min(a * b, c.powersgd_rank * (a + b)) for a, b in matrices) / full

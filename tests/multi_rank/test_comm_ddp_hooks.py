@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers.spawn import run_ranks
 
-KINDS = ("bf16", "fp16", "int8", "int4", "topk", "powersgd")
+KINDS = ("bf16", "fp16", "int8", "int4", "topk", "topk-compact", "powersgd")
 STEPS, SAVE_AT = 6, 2  # PowerSGD compresses from its third step (powersgd_start_step = 2)
 
 
@@ -39,11 +39,18 @@ def _ddp(model):
     return DDP(model, gradient_as_bucket_view=True, bucket_cap_mb=0.05)
 
 
+def _config(kind: str):  # noqa: ANN202 (CommConfig)
+    from lmforge.config.comm import CommConfig
+
+    if kind == "topk-compact":
+        return CommConfig(compression="topk", topk_payload="compact")
+    return CommConfig(compression=kind, powersgd_rank=2)
+
+
 def _hooks(rank: int, world: int, kinds: tuple[str, ...] = KINDS) -> dict:
     import torch
     import torch.distributed as dist
 
-    from lmforge.config.comm import CommConfig
     from lmforge.models.llama.model import build_model
     from lmforge.models.llama.sizes import SIZES
     from lmforge.parallel.comm.ddp_hooks import register_compression
@@ -63,7 +70,7 @@ def _hooks(rank: int, world: int, kinds: tuple[str, ...] = KINDS) -> dict:
         out["local"].append(both)  # every rank's own gradient, for the bounds
     for kind in kinds:
         ddp = _ddp(build_model(cfg, seed=0))
-        hook = register_compression(ddp, CommConfig(compression=kind, powersgd_rank=2), dist.group.WORLD)
+        hook = register_compression(ddp, _config(kind), dist.group.WORLD)
         grads, sent, saved = [], [], None
         for step in range(STEPS):
             grads.append(_grads(ddp, rank, step))
@@ -71,7 +78,7 @@ def _hooks(rank: int, world: int, kinds: tuple[str, ...] = KINDS) -> dict:
             if step == SAVE_AT:
                 saved = hook.state_dict()
         resumed = _ddp(build_model(cfg, seed=0))
-        hook2 = register_compression(resumed, CommConfig(compression=kind, powersgd_rank=2), dist.group.WORLD)
+        hook2 = register_compression(resumed, _config(kind), dist.group.WORLD)
         hook2.load_state_dict(saved)
         again = [_grads(resumed, rank, step) for step in range(SAVE_AT + 1, STEPS)]
         out[kind] = {"grads": grads, "sent": sent, "again": again, "state": hook.state_dict()}
@@ -142,7 +149,7 @@ def test_powersgd_exact_first_then_low_rank(ranks: list[dict]) -> None:
         assert not torch.equal(weight, r0["exact"][step]["layers.0.attention.wq.weight"])
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4", "topk", "powersgd"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "topk", "topk-compact", "powersgd"])
 def test_error_feedback_applied_sum_tracks_the_exact_sum(ranks: list[dict], kind: str) -> None:
     """Over the steps, sum(applied) == sum(exact) - what the ranks still hold back (their
     residuals): error feedback loses nothing, it only delays."""
@@ -161,7 +168,7 @@ def test_error_feedback_applied_sum_tracks_the_exact_sum(ranks: list[dict], kind
         exact = sum(r0["exact"][t][name] for t in range(STEPS))
         back = held[name].view_as(exact) if name in held else torch.zeros_like(exact)
         torch.testing.assert_close(applied + back, exact, rtol=1e-4, atol=1e-6 * float(exact.abs().max()) + 1e-9)
-        if kind == "topk" and exact.numel() > 1000:
+        if kind.startswith("topk") and exact.numel() > 1000:
             assert float(back.abs().max()) > 0  # something was held back
 
 
@@ -180,7 +187,7 @@ def test_bytes_counted(ranks: list[dict]) -> None:
     numel = sum(g.numel() for g in r0["exact"][0].values())
     fp32 = 4 * numel  # a 2-rank ring all-reduce sends what the gradients weigh
     for kind, low, high in [("bf16", 2.0, 2.0), ("fp16", 2.0, 2.0), ("int8", 3.5, 4.0), ("int4", 6.0, 8.0),
-                            ("topk", 30.0, 100.0)]:
+                            ("topk", 30.0, 100.0), ("topk-compact", 60.0, 200.0)]:
         for window in r0[kind]["sent"]:
             assert window["comm_bytes"] > 0
             assert low <= window["comm_compression_ratio"] <= high, (kind, window)

@@ -101,7 +101,32 @@ def test_topk_keeps_the_largest_of_each_parameter_exactly() -> None:
     assert 4 * big[0] / c.wire_bytes(big) == pytest.approx(50.0)
 
 
+def test_compact_topk_sends_the_same_values_in_bf16_at_half_the_bytes() -> None:
+    """bf16 values and 16-bit positions in 64 Ki windows: the same coordinates as the fp32 payload
+    (positions exact across windows, empty windows included), each value rounded to bf16, and
+    the wire bytes the payload's: 4 a value plus 4 per window."""
+    numels = (3, 70_000, 64, 250_000, 1000)  # 5 windows; parameters straddle window edges
+    x = _grad(3, numels)
+    x[80_000:200_000] *= 1e-6  # a stretch (all of window 2) from which nothing is picked
+    full, compact = TopKCompressor(0.01), TopKCompressor(0.01, compact=True)
+    y_full = full.roundtrip(x, numels)[1]
+    payload, y = compact.roundtrip(x, numels)
+    assert torch.equal(y != 0, y_full != 0)  # the same coordinates
+    kept = y != 0
+    assert torch.equal(y[kept], x[kept].to(torch.bfloat16).float())  # bf16 of the same values
+    assert ((y[kept] - x[kept]).abs() <= x[kept].abs() * 2.0**-8).all()
+    counts = payload[1]
+    assert counts.tolist()[2] == 0 and counts.numel() == 5 and int(counts.sum()) == sum(compact.ks(numels))
+    assert [t.dtype for t in payload] == [torch.int32, torch.int32]  # gloo sends no 16-bit integers
+    assert compact.wire_bytes(numels) == _payload_bytes(payload) == 4 * sum(compact.ks(numels)) + 4 * 5
+    big = (2**20,)
+    assert 4 * big[0] / compact.wire_bytes(big) == pytest.approx(100.0, rel=2e-3)
+    assert full.wire_bytes(big) / compact.wire_bytes(big) == pytest.approx(2.0, rel=2e-3)
+
+
 def _hook(kind: str, group, error_feedback: bool = True, **kw) -> CompressionHook:
+    if kind == "topk-compact":
+        kind, kw = "topk", {**kw, "topk_payload": "compact"}
     return CompressionHook(build_compressor(CommConfig(compression=kind, **kw)), group,
                            names={}, error_feedback=error_feedback)
 
@@ -128,7 +153,7 @@ def test_topk_sampled_threshold_picks_exactly_the_largest(shape: str) -> None:
         assert torch.equal(values.abs().sort(descending=True).values, expected), (shape, fraction)
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "topk"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "topk", "topk-compact"])
 def test_error_feedback_sum_of_updates_tracks_the_exact_sum(kind: str, one_rank_group) -> None:
     """sum(applied) + residual == sum(gradients) at every step, so the applied sum is off by the
     residual only, which stays bounded; without error feedback the gap grows with the steps."""
@@ -149,10 +174,10 @@ def test_error_feedback_sum_of_updates_tracks_the_exact_sum(kind: str, one_rank_
         runs[ef] = (applied - exact).norm() / exact.norm()
     assert runs[True] < runs[False] / 3, runs
     # top-k 5% sends a coordinate about once in 20 steps: its residual holds up to that many
-    assert runs[True] < (0.25 if kind == "topk" else 0.05), runs
+    assert runs[True] < (0.25 if kind.startswith("topk") else 0.05), runs
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "topk"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "topk", "topk-compact"])
 def test_result_does_not_depend_on_the_bucket_layout(kind: str, one_rank_group) -> None:
     """DDP re-lays out buckets after the first step (and a resumed run starts from the first
     layout): the same parameters in another order give each parameter the same bits."""
@@ -245,6 +270,11 @@ def test_config_refuses_what_cannot_compress() -> None:
     for kind in ("bf16", "fp16", "int8", "int4", "topk", "powersgd"):
         ddp.comm.compression = kind
         ddp.validate(2)
+    ddp.comm.topk_payload = "compact"  # top-k's payload
+    with pytest.raises(ConfigError, match="comm.topk_payload = 'compact': applies to comm.compression = 'topk' only"):
+        ddp.validate(2)
+    ddp.comm.compression = "topk"
+    ddp.validate(2)
 
 
 def test_fsdp_reduce_dtype_follows_the_cast() -> None:

@@ -13,7 +13,10 @@ straight run saw the second (bit-equal resume needs the same numbers in both).
   (blocks never span two parameters), rounded to the nearest level; int4 packs two per byte.
   Summing int8 on the wire wraps around (gloo), so these payloads are all-gathered and decoded.
 - `TopKCompressor`: the ceil(fraction * n) largest magnitudes of each parameter, fp32 values and
-  int32 positions in the bucket; all-gathered (sparse sums do not stay sparse).
+  int32 positions in the bucket; all-gathered (sparse sums do not stay sparse). `compact`: bf16
+  values and 16-bit positions inside 64 Ki-value windows of the bucket, packed in one int32 per value,
+  plus one int32 count per window (4 bytes a value instead of 8; what bf16 rounds off stays in the
+  error-feedback residual).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from lmforge.config.comm import CommConfig
 
 Payload = list[torch.Tensor]
 SAMPLE_MIN = 2048  # top-k: values sampled per parameter, at least, to place the threshold
+WINDOW_BITS = 16  # compact top-k: positions are sent as their low 16 bits, windows as counts
 
 
 class Compressor(ABC):
@@ -139,10 +143,11 @@ class TopKCompressor(Compressor):
     """Per parameter the k = ceil(fraction * n) largest |values| exactly; the rest 0, each of them
     no larger in magnitude than the smallest kept one of its parameter."""
 
-    def __init__(self, fraction: float) -> None:
+    def __init__(self, fraction: float, compact: bool = False) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"top-k fraction {fraction} must be in (0, 1]")
         self.fraction = fraction
+        self.compact = compact
         self._samples: dict[int, torch.Tensor] = {}  # parameter length -> sampled positions
 
     def ks(self, numels: tuple[int, ...]) -> list[int]:
@@ -183,19 +188,51 @@ class TopKCompressor(Compressor):
             seg = x[start:start + n]
             div = divisors[i] if divisors is not None else None
             idx = self._largest(seg.abs() if div is None else seg.abs().div_(div.view(-1)), k)
+            if self.compact:
+                idx = idx.sort().values  # the windows' counts below need bucket order
             values.append(seg[idx])
             indices.append(idx + start)
             start += n
-        return [torch.cat(values).float(), torch.cat(indices).to(torch.int32)]
+        value, index = torch.cat(values).float(), torch.cat(indices)
+        if not self.compact:
+            return [value, index.to(torch.int32)]
+        counts = torch.bincount(index >> WINDOW_BITS, minlength=self._windows(numels)).to(torch.int32)
+        bits = value.to(torch.bfloat16).view(torch.int16).long() & 0xFFFF
+        packed = _signed32((bits << 16) | (index & 0xFFFF))  # gloo sends no 16-bit integers
+        return [packed.to(torch.int32), counts]
 
     def decode(self, payload: Payload, numels: tuple[int, ...]) -> torch.Tensor:
-        values, indices = payload
-        out = values.new_zeros(sum(numels))
-        out[indices.long()] = values
+        if not self.compact:
+            values, indices = payload
+            out = values.new_zeros(sum(numels))
+            out[indices.long()] = values
+            return out
+        packed, counts = payload
+        word = packed.long() & 0xFFFFFFFF
+        window = torch.repeat_interleave(torch.arange(counts.numel()), counts.long())
+        values = _signed16(word >> 16).to(torch.int16).view(torch.bfloat16).float()
+        out = torch.zeros(sum(numels))
+        out[(window << WINDOW_BITS) | (word & 0xFFFF)] = values
         return out
 
     def wire_bytes(self, numels: tuple[int, ...]) -> int:
+        if self.compact:
+            return sum(self.ks(numels)) * (2 + 2) + 4 * self._windows(numels)
         return sum(self.ks(numels)) * (4 + 4)
+
+    @staticmethod
+    def _windows(numels: tuple[int, ...]) -> int:
+        return -(-sum(numels) >> WINDOW_BITS) or 1
+
+
+def _signed32(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) as the int32 with the same bits (still int64)."""
+    return x - ((x >> 31) << 32)
+
+
+def _signed16(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^16) as the int16 with the same bits (still int64)."""
+    return x - ((x >> 15) << 16)
 
 
 def build_compressor(cfg: CommConfig, kind: str | None = None) -> Compressor:
@@ -210,5 +247,5 @@ def build_compressor(cfg: CommConfig, kind: str | None = None) -> Compressor:
     if kind in ("int8", "int4"):
         return BlockQuantCompressor(8 if kind == "int8" else 4, cfg.quant_block)
     if kind == "topk":
-        return TopKCompressor(cfg.topk_fraction)
+        return TopKCompressor(cfg.topk_fraction, compact=cfg.topk_payload == "compact")
     raise ValueError(f"no element-wise compressor for comm.compression = {kind!r}")
