@@ -28,7 +28,8 @@ they make. Measured: better than AdamW on the 0.16M-parameter model (0.961), wor
 
 `topk_payload = "compact"` halves top-k's bytes (bf16 values, 16-bit positions inside 64 Ki
 windows with one count per window): the bytes a run may spend at a given ratio then pay for a
-longer dense warm-up.
+longer dense warm-up. Measured on tiny-dense (docs/benchmarks.md): 55 int4 steps then compact
+top-k 1% reached 0.944 of the baseline's loss at 31.4x fewer bytes.
 
 `hierarchical`: the all-reduce runs inside each node, then across nodes, then back inside
 (`node_size` ranks per node; 0: torchrun's LOCAL_WORLD_SIZE). `load_balance`: a persistently
