@@ -6,7 +6,7 @@ TDP estimate: `CPU_WATTS_PER_THREAD` per busy thread x process CPU time), one re
 estimate is made before the run from the recipe and a cluster file alone, as `lmforge plan` makes its
 energy line: the planner's predicted step time (lmforge.plan.predict) on one device of the cluster
 x steps x the same watts. The cluster is this machine calibrated first (`lmforge bench cluster`,
-~3 min; `--cluster FILE` takes a file as it is): a CPU device of the planner is one core, so the run
+~4 min; `--cluster FILE` takes a file as it is): a CPU device of the planner is one core, so the run
 trains on one thread. With no energy counter both sides use the same watts, so the check is then a
 check of the step-time prediction; said in the output. Also checks that the run's total equals the
 sum of its per-step records.
