@@ -1,7 +1,7 @@
 """Measurements of this machine for a calibrated cluster file (`lmforge bench cluster`): matmul
 and attention-kernel rates by size, memory bandwidth, and the seconds of each gloo collective by
-message size between processes on this host. Each is what the planner's time model (lmforge/plan/timing.py) reads from
-a cluster file; lmforge/plan/calibration.py turns them into one."""
+message size between processes on this host. Each is what the planner's time model
+(lmforge/plan/timing.py) reads from a cluster file; lmforge/plan/calibration.py turns them into one."""
 
 from __future__ import annotations
 

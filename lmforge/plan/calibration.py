@@ -77,8 +77,8 @@ FITS = (
 def fit_efficiency(rates: list[tuple[float, float]]) -> tuple[float, float, float]:
     """(peak FLOP/s, max, half FLOPs) of rate(W) = peak x max x W / (W + half) through measured
     (W, rate) points: the peak is the best rate measured, max the curve's limit over it (at most 1)."""
-    peak = max(r for _, r in rates) if rates else 0.0
     limit, half = _saturating_fit(rates)
+    peak = max(r for _, r in rates)
     return peak, min(1.0, limit / peak), half
 
 

@@ -37,8 +37,8 @@ dataclasses hold SI units (FLOP/s, bytes, bytes/s, seconds) so the models never 
     ep_layer_us = 0
     attention_max = 0.25           # optional: the fused attention kernel's own curve (one head's
     attention_half_gflop = 0.002   #   W = 2 seq^2 head_dim); absent: the matmul curve above
-    activation_passes = 3          # memory passes over each saved activation byte (default 3:
-                                   #   written in forward, read twice in backward)
+    activation_passes = 3          # memory passes over each activation byte the blocks produce
+                                   #   (default 3: written in forward, read twice in backward)
     [collectives]                  # optional: measured seconds of each collective on `ranks` ranks of
     ranks = 2                      #   one node, [[bytes, us], ...] per kind; used instead of the link
     all_reduce = [[4096, 300], [16777216, 18000]]   # model for groups of that size inside a node
@@ -108,9 +108,9 @@ class Efficiency:
     """Fraction of peak a matmul of W FLOPs reaches: max * W / (W + half), a saturating curve
     (small matmuls are bound by memory and launch; large ones approach `max`); the same curve of
     the fused attention kernel where it was measured (it runs well below the matmul rate on CPUs:
-    softmax, masking and a backward that recomputes the scores); the memory passes over each saved
-    activation byte; and the fixed costs per operator and per parallel construct that no FLOP
-    count shows."""
+    softmax, masking and a backward that recomputes the scores); the memory passes over each
+    activation byte the model produces; and the fixed costs per operator and per parallel
+    construct that no FLOP count shows."""
 
     max: float
     half_flops: float

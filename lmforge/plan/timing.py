@@ -6,8 +6,8 @@
   grows with the size of that component's matmul (`Efficiency.of`: small matmuls do not saturate
   the device; attention scores and values on the attention kernel's own curve where the cluster
   file measured one, `Efficiency.of_attention`), plus memory-bound work: `activation_passes` over
-  each saved activation byte at the memory bandwidth (3 unless calibrated: written in forward,
-  read twice in backward);
+  each activation byte the model produces, at the memory bandwidth (3 unless calibrated: written
+  in forward, read twice in backward);
 - recompute: activation checkpointing runs the checkpointed blocks' forward again (1/3 of their
   training FLOPs and memory passes; "op" recomputes elementwise work only, no matmuls). The
   memory passes count every activation the blocks produce: recomputation moves no fewer bytes;
