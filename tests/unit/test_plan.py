@@ -31,6 +31,11 @@ def test_presets_load_with_their_datasheet_figures() -> None:
     assert h100.link(8, 1) is h100.intra and h100.link(2, 8) is h100.inter
 
 
+_GOOD = ("name='x'\ndevices_per_node=8\n[accelerator]\nname='a'\npeak_bf16_tflops=1\npeak_fp32_tflops=1\n"
+         "memory_gib=1\nhbm_gbps=1\npower_w=1\n[intra_node]\nbandwidth_gbps=1\nlatency_us=1\n[inter_node]\n"
+         "bandwidth_gbps=1\nlatency_us=1\n")
+
+
 @pytest.mark.parametrize("text, message", [
     ("name = 'x'", "missing table [accelerator]"),
     ("name = [", "not valid TOML"),
@@ -38,6 +43,11 @@ def test_presets_load_with_their_datasheet_figures() -> None:
      "hbm_gbps=1\npower_w=1\n[intra_node]\nbandwidth_gbps=1\nlatency_us=1\n[inter_node]\nbandwidth_gbps=1\n"
      "latency_us=1\n", "peak_bf16_tflops = -1.0: must be a finite number > 0"),
     ("name='x'\ndevices_per_node=8\nbogus=1\n", "unknown key 'bogus'"),
+    *[(_GOOD + f"[efficiency]\n{line}\n", message) for line, message in [
+        ("attention_max = 1.5", "efficiency.attention_max = 1.5: must be in [0, 1] (a fraction)"),
+        ("attention_max = 0", "efficiency.attention_max = 0.0: must be a finite number > 0"),
+        ("activation_passes = -2", "efficiency.activation_passes = -2.0: must be a finite number > 0 (or 0)"),
+        ("attention_half_gflop = 'x'", "efficiency.attention_half_gflop = 'x': must be a float")]],
 ])
 def test_bad_cluster_files_are_one_line(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "c.toml"
