@@ -10,9 +10,12 @@ import socket
 import statistics
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
+
+from lmforge.observability.flops import attended_pairs
 
 # (tokens, inner, outer) of the matmuls timed for the efficiency curve: the projection, feed-forward
 # and output shapes small training runs have (2 x tokens x inner x outer FLOPs each), and n = 2048,
@@ -40,36 +43,40 @@ def _median_seconds(fn, seconds: float, min_reps: int = 5) -> float:
     return statistics.median(times)
 
 
+@contextmanager
+def _on_threads(threads: int) -> Iterator[None]:
+    """torch on `threads` intra-op threads inside the block, as before it after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def matmul_rates(shapes: Iterable[tuple[int, int, int]] = MATMUL_SHAPES, threads: int = 1,
                  seconds: float = 0.3, dtype: torch.dtype = torch.float32) -> list[tuple[float, float]]:
     """(FLOPs of one matmul, FLOP/s achieved) for each (tokens, inner, outer) shape on `threads`
     threads (a rank of a CPU run is one process on one core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = []
+    out = []
+    with _on_threads(threads):
         for m, k, n in shapes:
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
             flops = 2.0 * m * k * n
             out.append((flops, flops / _median_seconds(lambda a=a, b=b: a @ b, seconds)))
-        return out
-    finally:
-        torch.set_num_threads(before)
+    return out
 
 
 def attention_rates(shapes: Iterable[tuple[int, int, int, int]] = ATTENTION_SHAPES, threads: int = 1,
                     seconds: float = 0.3) -> list[tuple[float, float]]:
     """(W = 2 seq^2 head_dim, training FLOP/s) of causal scaled_dot_product_attention, forward and
-    backward, for each (batch, heads, seq, head_dim) shape on `threads` threads. Its FLOPs are
-    counted as the planner counts them (lmforge/observability/flops.py: causal pairs exactly,
-    backward twice the forward); the rate is the kernel's own, which on CPUs is a fraction of the
-    matmul rate at the same size."""
+    backward, for each (batch, heads, seq, head_dim) shape on `threads` threads. Its FLOPs are the
+    planner's (the causal pairs of lmforge/observability/flops.py, backward twice the forward); the
+    rate is the kernel's own, which on CPUs is a fraction of the matmul rate at the same size."""
     import torch.nn.functional as F
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = []
+    out = []
+    with _on_threads(threads):
         for b, h, s, d in shapes:
             q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
             grad = torch.randn(b, h, s, d)
@@ -77,22 +84,16 @@ def attention_rates(shapes: Iterable[tuple[int, int, int, int]] = ATTENTION_SHAP
             def step(q=q, k=k, v=v, grad=grad) -> None:
                 F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
 
-            flops = 3 * 2 * 2.0 * b * h * (s * (s + 1) / 2) * d
+            flops = 3 * 2 * 2.0 * b * h * attended_pairs("full", s) * d
             out.append((2.0 * s * s * d, flops / _median_seconds(step, seconds)))
-        return out
-    finally:
-        torch.set_num_threads(before)
+    return out
 
 
 def memory_bandwidth(threads: int = 1, nbytes: int = 128 * 2**20, seconds: float = 0.5) -> float:
     """Bytes/s one rank moves through memory: a copy of `nbytes` (read once, written once)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _on_threads(threads):
         src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
         return 2 * nbytes / _median_seconds(lambda: dst.copy_(src), seconds)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _free_port() -> int:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 from itertools import combinations
 from typing import Any
 
+import numpy as np
+
 from lmforge.config import JobConfig
 from lmforge.plan.cluster import COLLECTIVE_KINDS, FIXED_COSTS, Cluster, CollectiveTable, Efficiency
 from lmforge.plan.timing import predict_step_time
@@ -141,22 +143,13 @@ def fit_constants(runs: list[tuple[JobConfig, int, float]], cluster: Cluster, fi
 
 
 def _least_squares(a: list[list[float]], b: list[float]) -> list[float] | None:
-    """x minimising |a x - b| (normal equations, Gaussian elimination with partial pivoting on
-    column-scaled unknowns: the fields differ by orders of magnitude); None when singular."""
-    k = len(a[0])
-    scale = [math.sqrt(sum(r[i] ** 2 for r in a)) or 1.0 for i in range(k)]
-    a = [[v / scale[i] for i, v in enumerate(r)] for r in a]
-    m = [[sum(r[i] * r[j] for r in a) for j in range(k)] + [sum(r[i] * y for r, y in zip(a, b))] for i in range(k)]
-    for col in range(k):
-        pivot = max(range(col, k), key=lambda row: abs(m[row][col]))
-        if abs(m[pivot][col]) <= 1e-12:
-            return None
-        m[col], m[pivot] = m[pivot], m[col]
-        for row in range(k):
-            if row != col:
-                f = m[row][col] / m[col][col]
-                m[row] = [x - f * y for x, y in zip(m[row], m[col])]
-    return [m[i][k] / m[i][i] / scale[i] for i in range(k)]
+    """x minimising |a x - b| (numpy's lstsq on unit-norm columns: the fields differ by orders of
+    magnitude); None when the columns are dependent (the probes cannot tell the fields apart)."""
+    m = np.asarray(a, dtype=float)
+    scale = np.linalg.norm(m, axis=0)
+    scale[scale == 0] = 1.0
+    x, _, rank, _ = np.linalg.lstsq(m / scale, np.asarray(b, dtype=float), rcond=None)
+    return None if rank < m.shape[1] else [float(v) for v in x / scale]
 
 
 def with_constants(cluster: Cluster, **constants: float) -> Cluster:

@@ -198,7 +198,7 @@ class TopKCompressor(Compressor):
             return [value, index.to(torch.int32)]
         counts = torch.bincount(index >> WINDOW_BITS, minlength=self._windows(numels)).to(torch.int32)
         bits = value.to(torch.bfloat16).view(torch.int16).long() & 0xFFFF
-        packed = _signed32((bits << 16) | (index & 0xFFFF))  # gloo sends no 16-bit integers
+        packed = _as_signed((bits << 16) | (index & 0xFFFF), 32)  # gloo sends no 16-bit integers
         return [packed.to(torch.int32), counts]
 
     def decode(self, payload: Payload, numels: tuple[int, ...]) -> torch.Tensor:
@@ -210,7 +210,7 @@ class TopKCompressor(Compressor):
         packed, counts = payload
         word = packed.long() & 0xFFFFFFFF
         window = torch.repeat_interleave(torch.arange(counts.numel()), counts.long())
-        values = _signed16(word >> 16).to(torch.int16).view(torch.bfloat16).float()
+        values = _as_signed(word >> 16, 16).to(torch.int16).view(torch.bfloat16).float()
         out = torch.zeros(sum(numels))
         out[(window << WINDOW_BITS) | (word & 0xFFFF)] = values
         return out
@@ -225,14 +225,10 @@ class TopKCompressor(Compressor):
         return -(-sum(numels) >> WINDOW_BITS) or 1
 
 
-def _signed32(x: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2^32) as the int32 with the same bits (still int64)."""
-    return x - ((x >> 31) << 32)
-
-
-def _signed16(x: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2^16) as the int16 with the same bits (still int64)."""
-    return x - ((x >> 15) << 16)
+def _as_signed(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 values in [0, 2^bits) as the signed `bits`-bit integers with the same bits (still int64),
+    so that the cast to that width keeps them."""
+    return x - ((x >> (bits - 1)) << bits)
 
 
 def build_compressor(cfg: CommConfig, kind: str | None = None) -> Compressor:
