@@ -10,12 +10,12 @@ import socket
 import statistics
 import time
 import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import torch
 
 from lmforge.observability.flops import attended_pairs
+from lmforge.observability.peak import on_threads
 
 # (tokens, inner, outer) of the matmuls timed for the efficiency curve: the projection, feed-forward
 # and output shapes small training runs have (2 x tokens x inner x outer FLOPs each), and n = 2048,
@@ -43,23 +43,12 @@ def _median_seconds(fn, seconds: float, min_reps: int = 5) -> float:
     return statistics.median(times)
 
 
-@contextmanager
-def _on_threads(threads: int) -> Iterator[None]:
-    """torch on `threads` intra-op threads inside the block, as before it after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def matmul_rates(shapes: Iterable[tuple[int, int, int]] = MATMUL_SHAPES, threads: int = 1,
                  seconds: float = 0.3, dtype: torch.dtype = torch.float32) -> list[tuple[float, float]]:
     """(FLOPs of one matmul, FLOP/s achieved) for each (tokens, inner, outer) shape on `threads`
     threads (a rank of a CPU run is one process on one core)."""
     out = []
-    with _on_threads(threads):
+    with on_threads(threads):
         for m, k, n in shapes:
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
             flops = 2.0 * m * k * n
@@ -76,7 +65,7 @@ def attention_rates(shapes: Iterable[tuple[int, int, int, int]] = ATTENTION_SHAP
     import torch.nn.functional as F
 
     out = []
-    with _on_threads(threads):
+    with on_threads(threads):
         for b, h, s, d in shapes:
             q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
             grad = torch.randn(b, h, s, d)
@@ -91,7 +80,7 @@ def attention_rates(shapes: Iterable[tuple[int, int, int, int]] = ATTENTION_SHAP
 
 def memory_bandwidth(threads: int = 1, nbytes: int = 128 * 2**20, seconds: float = 0.5) -> float:
     """Bytes/s one rank moves through memory: a copy of `nbytes` (read once, written once)."""
-    with _on_threads(threads):
+    with on_threads(threads):
         src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
         return 2 * nbytes / _median_seconds(lambda: dst.copy_(src), seconds)
 

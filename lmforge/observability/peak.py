@@ -15,7 +15,8 @@ import os
 import platform
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -97,6 +98,18 @@ def known_gpu_peak_flops(device_name: str, dtype: torch.dtype | str) -> float | 
 
 
 # -- measurement ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def on_threads(threads: int) -> Iterator[None]:
+    """torch on `threads` intra-op threads inside the block, as before it after (measurements
+    that must not depend on, or change, the caller's thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _sync(device: torch.device) -> None:

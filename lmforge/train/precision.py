@@ -157,19 +157,14 @@ def measure_slowdown(mode: str, device: torch.device | str = "cpu", n: int = 128
     machine measures threads waiting for each other rather than the arithmetic. At n = 128 an
     emulated bf16 is ~30x slower than fp32 on a Zen 3; at the model's larger shapes it is worse
     (~100x or more), so the figure is a lower bound."""
-    from lmforge.observability.peak import measure_matmul_flops
+    from lmforge.observability.peak import measure_matmul_flops, on_threads
 
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        best = {mode: 0.0, "fp32": 0.0}
+    best = {mode: 0.0, "fp32": 0.0}
+    with on_threads(1 if torch.device(device).type == "cpu" else torch.get_num_threads()):
         for _ in range(rounds):
             for key in best:
                 flops, _ = measure_matmul_flops(device, key, n=n, seconds=seconds, batch_seconds=0.001)
                 best[key] = max(best[key], flops)
-    finally:
-        torch.set_num_threads(threads)
     return best["fp32"] / best[mode]
 
 
