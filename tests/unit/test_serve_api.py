@@ -200,15 +200,16 @@ def _slow(model, seconds: float):
 def test_deadline_drops_the_request_never_answers_late(model, tok_path, monkeypatch):
     with live_server(model, tok_path) as srv:
         monkeypatch.setattr(srv.service.engine, "model", _slow(model, 0.03))  # 100 tokens: > 3 s
+        # greedy: the model writes all 100 tokens from this prompt; a sampled reply can stop at its
+        # end-of-text within the deadline (one in a few hundred reached 10 tokens) and be answered 200
+        greedy = {"model": MODEL_NAME, "prompt": "KING", "max_tokens": 100, "temperature": 0}
         t0 = time.monotonic()
-        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "KING", "max_tokens": 100,
-                                                          "deadline_s": 0.3}, timeout=30)
+        r = httpx.post(srv.url + "/v1/completions", json={**greedy, "deadline_s": 0.3}, timeout=30)
         took = time.monotonic() - t0
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
         assert 0.3 <= took < 1.5
         assert srv.wait_idle()["running"] == 0  # its slot was freed
-        with httpx.stream("POST", srv.url + "/v1/completions", timeout=30, json={
-                "model": MODEL_NAME, "prompt": "KING", "max_tokens": 100, "deadline_s": 0.4, "stream": True}) as s:
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=30, json={**greedy, "deadline_s": 0.4, "stream": True}) as s:
             lines = [ln for ln in s.iter_lines() if ln.startswith("data:")]
         assert json.loads(lines[-1][5:])["error"]["code"] == "deadline_exceeded"  # ended, never late
         assert "data: [DONE]" not in lines
