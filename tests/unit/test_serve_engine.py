@@ -1,5 +1,5 @@
 """The serving engine's parts without HTTP: the per-slot KV cache against generate(), the
-scheduler's token budget, stop strings, the circuit breaker's states, the feedback file."""
+scheduler's token budget, stop strings, deadlines, the circuit breaker's states, the feedback file."""
 
 from __future__ import annotations
 
@@ -143,3 +143,49 @@ def test_feedback_store_appends_and_skips_a_torn_last_line(tmp_path):
     store.append({"id": "c", "rating": -1})  # the torn record is cut, never glued to this one
     assert read_records(path) == [{"id": "a", "rating": 1}, {"id": "c", "rating": -1}]
     assert [json.loads(ln)["id"] for ln in path.read_text().splitlines()] == ["a", "c"]
+
+
+def test_a_token_made_after_the_deadline_is_not_sent_the_request_is_dropped():
+    """The engine itself never finishes a request late: a forward that ends past the deadline
+    (a fake clock moved by the model) gives a 504 event, not the token and a finish."""
+    import threading
+
+    from lmforge.serve.server.engine import Engine, GenRequest, SamplingParams
+    from lmforge.serve.server.metrics import ServerMetrics
+    from lmforge.serve.server.options import ServerOptions
+
+    model = tiny_model()
+    now = [0.0]
+    forward = model.forward
+
+    def slow_forward(*a, **k):
+        now[0] += 1.0  # each forward takes one (fake) second
+        return forward(*a, **k)
+
+    opts = ServerOptions(model_name="t", max_tokens_limit=model.cfg.max_seq_len - 1)
+    metrics = ServerMetrics()
+    breaker = CircuitBreaker(BreakerOptions(), lambda: now[0])
+    engine = Engine(model, lambda ids: "x" * len(ids), None, opts, metrics, breaker, clock=lambda: now[0])
+    engine.model = slow_forward
+    events, done = [], threading.Event()
+
+    def sink(ev):
+        events.append(ev)
+        if ev[0] in ("error", "finish"):
+            done.set()
+
+    engine.start()
+    try:
+        on_time = GenRequest([[1, 2, 3]], 1, SamplingParams(max_tokens=1), 1.5, sink, 0.0)  # forward ends at 1
+        engine.submit(on_time)
+        assert done.wait(30)
+        assert events[-1][0] == "finish"
+        events.clear(), done.clear()
+        late = GenRequest([[1, 2, 3]], 1, SamplingParams(max_tokens=1), now[0] + 0.5, sink, now[0])
+        engine.submit(late)
+        assert done.wait(30)
+    finally:
+        engine.close(5)
+    assert [e[0] for e in events] == ["error"] and events[0][1] == 504
+    ok = metrics.registry.get_sample_value("lmforge_requests_total", {"outcome": "ok"})
+    assert ok == 1  # the late one is not counted as answered

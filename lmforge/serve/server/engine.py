@@ -264,7 +264,8 @@ class Engine:
         produced = 0
         for row, s in enumerate(seqs):
             s.fed += n
-            if s.prefill_left > 0 or s.cancelled:
+            # a token made after the deadline is not sent: the next step's _release_over answers 504
+            if s.prefill_left > 0 or s.cancelled or s.expired(now):
                 continue
             p = s.req.params
             tok = greedy[row] if p.temperature == 0 else int(
