@@ -91,8 +91,8 @@ def test_bench_sh_covers_every_benchmark() -> None:
     assert proc.returncode == 0, proc.stderr
     listed = {Path(line.split()[1]).stem for line in proc.stdout.splitlines() if " bench/" in line}
     # these start from the main job's trained run (runs/tiny-dense; continual's recorded figures use it
-    # as the base): run by hand after scripts/run_default.sh (docs/benchmarks.md), not by bench.sh on
-    # a fresh clone
+    # as the base; prune from its own recipes/prune-bench.toml run, ~10 min to train with --train): run
+    # by hand after scripts/run_default.sh (docs/benchmarks.md), not by bench.sh on a fresh clone
     by_hand = ("synthetic_detection", "onnx_export", "watermark", "model_watermark", "adversarial", "quantize", "prune",
                "distill", "continual", "bias", "early_exit")
     scripts = {p.stem for p in BENCH.glob("*.py") if p.stem not in ("run_all", "_check", "_runs", *by_hand)}

@@ -234,3 +234,20 @@ def test_wanda_is_blind_to_a_function_preserving_outlier_feature_that_misleads_m
     kept_plain = prune_magnitude(tiny_model(), magnitude)["layers.0.attention.wq.weight"][:, 5]
     kept_planted = prune_magnitude(planted_outlier_model(), magnitude)["layers.0.attention.wq.weight"][:, 5]
     assert kept_plain.float().mean() > 0.2 and not kept_planted.any()  # planted: the whole column dropped
+
+
+def test_the_pruning_bench_model_is_the_main_job_with_only_its_optimiser_and_length_changed() -> None:
+    """recipes/prune-bench.toml claims the main job's shape and data, 3x its learning rate, no
+    weight decay, 3,000 steps (what docs/benchmarks.md measured): anything else changed would
+    make the gate's figures about another model."""
+    import dataclasses
+
+    from lmforge.config.job import load_job_config
+
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    main, bench = (load_job_config(str(recipes / f"{n}.toml")) for n in ("tiny-dense", "prune-bench"))
+    assert bench.model == main.model and bench.data == main.data and bench.tokenizer == main.tokenizer
+    assert bench.scheduler == main.scheduler
+    assert bench.optimizer == dataclasses.replace(main.optimizer, lr=3 * main.optimizer.lr, weight_decay=0.0)
+    changed = {f.name for f in dataclasses.fields(main.train) if getattr(main.train, f.name) != getattr(bench.train, f.name)}
+    assert changed == {"steps", "eval_interval", "output_dir"} and bench.train.steps == 3000
