@@ -180,7 +180,8 @@ def test_a_token_made_after_the_deadline_is_not_sent_the_request_is_dropped():
         engine.submit(on_time)
         assert done.wait(30)
         assert events[-1][0] == "finish"
-        events.clear(), done.clear()
+        events.clear()
+        done.clear()
         late = GenRequest([[1, 2, 3]], 1, SamplingParams(max_tokens=1), now[0] + 0.5, sink, now[0])
         engine.submit(late)
         assert done.wait(30)
