@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 
-def main_run_data(run: Path, given: Path | None) -> Path | None:
-    """The data dir of the main job's run at `run`; None (after one line on stderr) when there is no run."""
+def main_run_data(run: Path, given: Path | None,
+                  how_to_train: str = "train the main job first (bash scripts/run_default.sh)") -> Path | None:
+    """The data dir of the run at `run` (by default the main job's); None (after one line on stderr,
+    with `how_to_train`) when there is no run."""
     if not (run / "config.json").is_file():
-        print(f"no run at {run}: train the main job first (bash scripts/run_default.sh) or pass --run",
-              file=sys.stderr)
+        print(f"no run at {run}: {how_to_train} or pass --run", file=sys.stderr)
         return None
     return data_dir_of(run, given)
 

@@ -171,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.train and not any((args.run / "checkpoints").glob("step-*")):
         train_model(args.run)
-    if args.run == DEFAULT_RUN and not (args.run / "config.json").is_file():
-        print(f"no run at {args.run}: pass --train to train {RECIPE.relative_to(REPO)} there, or --run", file=sys.stderr)
-        return 2
-    data_dir = main_run_data(args.run, args.data_dir)
+    data_dir = main_run_data(args.run, args.data_dir, f"pass --train to train {RECIPE.relative_to(REPO)} there")
     if data_dir is None:
         return 2
     t_start = time.perf_counter()

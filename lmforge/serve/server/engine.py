@@ -264,8 +264,9 @@ class Engine:
         produced = 0
         for row, s in enumerate(seqs):
             s.fed += n
-            # a token made after the deadline is not sent: the next step's _release_over answers 504
-            if s.prefill_left > 0 or s.cancelled or s.expired(now):
+            # nothing is sent for a request that is over, its deadline passed during this forward
+            # included: the next step's _release_over answers it 504
+            if s.prefill_left > 0 or s.req.over(now):
                 continue
             p = s.req.params
             tok = greedy[row] if p.temperature == 0 else int(
