@@ -300,6 +300,23 @@ class JobConfig:
         require(r.dp_shard == 1 or self.comm.warmup_steps == 0, "comm.warmup_steps", self.comm.warmup_steps,
                 f"needs DDP (the warm-up compressor is a DDP comm hook), and parallel.dp_shard = {r.dp_shard} > 1 "
                 "is FSDP2: use 0 or parallel.dp_replicate")
+        if self.comm.adam_moments == "local":
+            self._check_local_moments(r.dp_shard)
+
+    def _check_local_moments(self, dp_shard: int) -> None:
+        """comm.adam_moments = "local": each rank's own optimizer moments, clipping and gradient
+        scale decide what it sends, so whatever would read them per rank and act differently on
+        each (a skipped step, a re-split batch) is refused; the replicas would drift apart."""
+        local = "with comm.adam_moments = 'local' (each rank's AdamW moments of its own gradient)"
+        require(dp_shard == 1, "parallel.dp_shard", dp_shard, f"must be 1 {local}: it runs under DDP "
+                "(parallel.dp_replicate), not FSDP2")
+        require(self.train.mixed_precision != "fp16", "train.mixed_precision", "fp16",
+                f"is not supported {local}: fp16's loss scaler would skip steps on one rank and not another; "
+                "use bf16 or fp32")
+        require(not self.comm.load_balance, "comm.load_balance", True, f"must be false {local}: a rank's "
+                "share of the batch would scale its gradient before its own normalisation")
+        require(not self.stability.enabled, "stability.enabled", True, f"must be false {local}: the policy "
+                "reads a gradient norm that differs per rank and could skip a step on one rank only")
 
     def _check_pipeline_combinations(self, world_size: int) -> None:
         """What the pipeline builder (lmforge.parallel.pp) and torch's schedules would refuse on

@@ -152,6 +152,7 @@ class StepBreakdown:
         self._run_steps = 0
         self._steps = 0
         self._in_hooks: list[tuple[float, float]] = []  # (start, end) of comm hook calls in this backward
+        self._nested: list[float] = []  # per open phase, the time of the phases inside it so far
         self._t0 = self.now()
 
     def use_clock(self, clock: GradReadyClock | None) -> None:
@@ -170,14 +171,21 @@ class StepBreakdown:
 
     @contextlib.contextmanager
     def phase(self, part: str) -> Iterator[None]:
+        """Time the block as `part`. A phase inside another counts as its own part only: the
+        outer one loses its time (an optimizer step's collective inside "compute"), so the parts
+        still sum to the wall time."""
         if not self.enabled:
             yield
             return
         t = self.now()
+        self._nested.append(0.0)
         try:
             yield
         finally:
-            self._window[part] += self.now() - t
+            took = self.now() - t
+            self._window[part] += took - self._nested.pop()
+            if self._nested:
+                self._nested[-1] += took
 
     @contextlib.contextmanager
     def forward_backward(self, sync: bool) -> Iterator[None]:

@@ -50,7 +50,7 @@ from lmforge.train.faults import FaultInjector
 from lmforge.train.frozen_adamw import hand_over_frozen_variance
 from lmforge.train.lr_schedule import build_scheduler
 from lmforge.train.model_build import build_training_model
-from lmforge.train.optim import build_optimizer
+from lmforge.train.optim import build_optimizer, local_moments_of
 from lmforge.train.precision import (
     DTYPES,
     autocast_context,
@@ -128,7 +128,8 @@ class Trainer:
         self.eos_id = self._doc_mask_eos(cfg)
         self.unfreeze = Unfreezing.for_model(self.model, cfg)  # gradual unfreezing (train/continual.py) or None
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.unfreeze and self.unfreeze.units,
-                                         freeze_variance_after=cfg.comm.variance_freeze_step())
+                                         freeze_variance_after=cfg.comm.variance_freeze_step(),
+                                         local_moments=local_moments_of(self.comm, self.scaler.is_enabled(), breakdown))
         if self.unfreeze is not None:  # the header line; AdamW state for every stage made now (continual.py)
             self.unfreeze.start(self.optimizer, self.say, cfg.model.n_layers)
         self.router = RouterBalance.for_model(self.model, self._dp_group())  # None for dense models

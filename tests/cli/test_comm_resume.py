@@ -4,7 +4,9 @@ validation losses, final weights); the error-feedback residuals (PowerSGD: its e
 factors) are in the checkpoint, so the resumed run sends the same bits. Also: the train metrics
 carry comm_bytes and comm_compression_ratio. "topk-frozen": 3 int4 warm-up steps, then top-k with
 AdamW's second moment frozen: resumed at step 4, past the switch, the hook's step count, the frozen
-optimizer and top-k's divisors must all come back (a count restarted at 0 would run int4 again)."""
+optimizer and top-k's divisors must all come back (a count restarted at 0 would run int4 again).
+"topk-local": the same warm-up with each rank's AdamW moments before the compression: each rank's
+moments and update residuals come back from its own part of the checkpoint."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ def _losses(run_dir: Path, prefix: str = "train") -> dict[int, float]:
 
 RUNS = {"int8": ["--comm.compression", "int8"], "topk": ["--comm.compression", "topk"],
         "powersgd": ["--comm.compression", "powersgd"],
-        "topk-frozen": ["--comm.compression", "topk", "--comm.warmup_steps", "3", "--comm.adam_variance", "frozen"]}
+        "topk-frozen": ["--comm.compression", "topk", "--comm.warmup_steps", "3", "--comm.adam_variance", "frozen"],
+        "topk-local": ["--comm.compression", "topk", "--comm.warmup_steps", "3", "--comm.adam_moments", "local"]}
 
 
 @pytest.mark.slow

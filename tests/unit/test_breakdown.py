@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.config import load_job_config, parse_override_args
 from lmforge.observability.breakdown import (
     BOUND_CODES,
     PARTS,
     Breakdown,
+    StepBreakdown,
     classify,
     compute_advice,
     critical_rank,
@@ -30,6 +32,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _b(steps: int = 1, **parts: float) -> Breakdown:
     return Breakdown({p: parts.get(p, 0.0) for p in PARTS}, steps)
+
+
+def test_a_phase_inside_another_counts_once_as_its_own_part() -> None:
+    """An optimizer step's collective (comm.adam_moments = 'local') runs inside "compute": its time
+    is communication, and compute keeps only the rest, so the parts still sum to the wall time."""
+    bd = StepBreakdown(torch.device("cpu"), None)
+    bd.start()
+    with bd.phase("compute"):
+        time.sleep(0.05)
+        with bd.phase("comm_exposed"):
+            time.sleep(0.1)
+    parts = bd.window().parts
+    assert 0.1 <= parts["comm_exposed"] < 0.13, parts
+    assert 0.05 <= parts["compute"] < 0.08, parts
+    assert parts["idle"] < 0.02, parts
 
 
 def test_classify_picks_the_largest_part_against_compute() -> None:

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from lmforge.config.comm import CommConfig
 from lmforge.parallel.comm.accounting import CommAccounting, allgather_bytes, allreduce_bytes
 from lmforge.parallel.comm.compressors import Compressor, TopKCompressor, build_compressor
+from lmforge.parallel.comm.local_moments import LocalMomentsExchange, local_gradient_hook
 
 
 class CompressionHook:
@@ -150,6 +151,9 @@ class CompressionHook:
         """Residuals are this rank's; saved by another number of ranks, every rank would get rank
         0's (the checkpoint's per-rank rule) and send it again: they start from zero instead. The
         step count (which compressor runs) is the same on every rank."""
+        if "moments" in state:
+            raise ValueError("checkpoint: its comm state was saved with comm.adam_moments = 'local' (update "
+                             "residuals and per-rank moments); resume it with 'local', or start this run from its weights")
         same = state.get("world") == self.world
         self.residuals = {k: v.clone() for k, v in state["residuals"].items()} if same else {}
         self.steps = int(state.get("steps", 0))
@@ -176,7 +180,9 @@ def parameter_names(module: nn.Module) -> dict[int, str]:
 def register_compression(model: DDP, cfg: CommConfig, group: dist.ProcessGroup,
                          wrap: Callable[[Callable], Callable] | None = None):  # -> CompressionHook | PowerSGDHook
     """Install `cfg.compression` on `model` (DDP, not "none"), its hook wrapped by `wrap` when
-    given (a timer); return the hook's state (checkpoint it, read its `accounting`)."""
+    given (a timer); return the hook's state (checkpoint it, read its `accounting`). With
+    `cfg.adam_moments = "local"` the hook reduces nothing and the state is the exchange the
+    optimizer sends its updates through (local_moments.py)."""
     def wrapped(hook: Callable) -> Callable:
         return wrap(hook) if wrap is not None else hook
     names = parameter_names(model.module)
@@ -187,6 +193,11 @@ def register_compression(model: DDP, cfg: CommConfig, group: dist.ProcessGroup,
         model.register_comm_hook(hook, wrapped(PowerSGDHook.hook))
         return hook
     warmup = build_compressor(cfg, cfg.warmup_compression) if cfg.warmup_steps > 0 else None
+    if cfg.adam_moments == "local":  # each rank keeps its gradient; its AdamW update travels after backward
+        exchange = LocalMomentsExchange(build_compressor(cfg), group, names, warmup=warmup,
+                                        warmup_steps=cfg.warmup_steps)
+        model.register_comm_hook(exchange, wrapped(local_gradient_hook))
+        return exchange
     state = CompressionHook(build_compressor(cfg), group, names, cfg.error_feedback, warmup=warmup,
                             warmup_steps=cfg.warmup_steps)
     model.register_comm_hook(state, wrapped(compressed_allreduce_hook))
