@@ -295,4 +295,8 @@ def load_state(path: Path, state: Mapping[str, Any], rank: int, world: int,
         set_element(templates, where, flat[k])
     for k, v in dcp_state.items():
         if isinstance(v, Stateful):
-            v.load_state_dict(templates[k])
+            try:
+                v.load_state_dict(templates[k])
+            except ValueError as e:  # a state that refuses what was saved (another mode): its first line
+                why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                raise CheckpointError(f"checkpoint {path}: {why}") from None

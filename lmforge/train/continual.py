@@ -219,6 +219,8 @@ class Unfreezing:
         state is made by one AdamW step at lr 0 on zero gradients (weights bitwise unchanged), then
         reset to zero."""
         say(f"unfreeze: {self.describe(n_layers)}")
+        if all(p in optimizer.state for group in optimizer.param_groups for p in group["params"]):
+            return  # made eagerly already (LocalMomentsAdamW, whose step would also run a collective)
         lrs = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:
             group["lr"] = 0.0

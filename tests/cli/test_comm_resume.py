@@ -10,12 +10,14 @@ moments and update residuals come back from its own part of the checkpoint."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, run_cli, run_process_group, tiny_run_args
 from tests.helpers.parity import final_weights
 
 N = 4  # PowerSGD compresses from step 3 on: steps 3-4 before the save, its state saved and resumed
@@ -55,3 +57,23 @@ def test_compressed_resume_is_bit_identical(tiny_data_dir: Path, tmp_path: Path,
         assert torch.equal(w, wb[name]), (kind, name)
     rows = read_metrics(straight)
     assert all(r["comm_bytes"] > 0 and r["comm_compression_ratio"] > 1.5 for r in rows[2:]), rows[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resuming_in_the_other_adam_moments_mode_is_one_line(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint of AdamW after the reduction (gradient residuals) resumed with each rank's moments
+    before it (update residuals): nothing to continue from; refused in one line, exit 2."""
+    common = ["--train.steps", "4", "--train.global_batch_size", "4", "--train.micro_batch_size", "2",
+              "--checkpoint.interval", "2", "--parallel.dp_replicate", "2", "--parallel.dp_shard", "1",
+              "--comm.compression", "topk", "--comm.topk_fraction", "0.05", "--nproc", "2"]
+    run = tmp_path / "run"
+    run_cli(["train", *tiny_run_args(tiny_data_dir, run, *common, "--train.stop_at", "2")])
+    cmd = [sys.executable, "-m", "lmforge", "train", *tiny_run_args(tiny_data_dir, run, *common,
+                                                                     "--checkpoint.resume", "auto",
+                                                                     "--comm.adam_moments", "local")]
+    proc = run_process_group(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, 300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "adam_moments" in ln]
+    assert lines and "its comm state was saved with comm.adam_moments = 'global'" in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -8,6 +8,7 @@ other mode and the combinations that would let the replicas drift are refused in
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from lmforge.config.loader import ConfigError
 from lmforge.parallel.comm.compressors import TopKCompressor, build_compressor
 from lmforge.parallel.comm.ddp_hooks import CompressionHook, parameter_names
 from lmforge.parallel.comm.local_moments import LocalMomentsExchange
+from lmforge.train.continual import Unfreezing
 from lmforge.train.local_moments_adamw import LocalMomentsAdamW
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,12 +134,22 @@ def test_a_checkpoint_of_the_other_mode_is_refused_in_one_line(one_rank_group) -
     model = _model()
     exchange, _ = _local(model, one_rank_group, TopKCompressor(0.05))
     hook = CompressionHook(TopKCompressor(0.05), one_rank_group, parameter_names(model))
-    with pytest.raises(ValueError, match=r"^checkpoint: its comm state was saved with comm.adam_moments = "
+    with pytest.raises(ValueError, match=r"^its comm state was saved with comm.adam_moments = "
                                          r"'global' .*resume it with 'global'"):
         exchange.load_state_dict(hook.state_dict())
-    with pytest.raises(ValueError, match=r"^checkpoint: its comm state was saved with comm.adam_moments = "
+    with pytest.raises(ValueError, match=r"^its comm state was saved with comm.adam_moments = "
                                          r"'local' .*resume it with 'local'"):
         hook.load_state_dict(exchange.state_dict())
+
+
+def test_gradual_unfreezing_does_not_step_the_exchange(one_rank_group) -> None:
+    """Unfreezing.start makes AdamW's state with one lr-0 step; this optimizer's state exists from
+    the start, and such a step would count as the warm-up's first exchange (and send bytes)."""
+    model = _model()
+    exchange, opt = _local(model, one_rank_group, TopKCompressor(0.05))
+    Unfreezing.start(SimpleNamespace(describe=lambda n_layers: "stages"), opt, lambda line: None, 2)
+    assert exchange.steps == 0 and exchange.accounting.sent == 0
+    assert all(int(opt.state[p]["step"]) == 0 for p in model.parameters())
 
 
 def _ddp_job() -> JobConfig:

@@ -152,7 +152,7 @@ class CompressionHook:
         0's (the checkpoint's per-rank rule) and send it again: they start from zero instead. The
         step count (which compressor runs) is the same on every rank."""
         if "moments" in state:
-            raise ValueError("checkpoint: its comm state was saved with comm.adam_moments = 'local' (update "
+            raise ValueError("its comm state was saved with comm.adam_moments = 'local' (update "
                              "residuals and per-rank moments); resume it with 'local', or start this run from its weights")
         same = state.get("world") == self.world
         self.residuals = {k: v.clone() for k, v in state["residuals"].items()} if same else {}

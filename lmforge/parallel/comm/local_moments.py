@@ -132,7 +132,7 @@ class LocalMomentsExchange:
         moments (one rank's estimate of the same gradients) and from no residual, which would
         otherwise send rank 0's held-back updates once per rank."""
         if state.get("adam_moments") != "local":
-            raise ValueError("checkpoint: its comm state was saved with comm.adam_moments = 'global' (gradient "
+            raise ValueError("its comm state was saved with comm.adam_moments = 'global' (gradient "
                              "residuals, no moments); resume it with 'global', or start this run from its weights")
         same = state.get("world") == self.world
         self.moments = {k: (m.clone(), v.clone()) for k, (m, v) in state["moments"].items()}
