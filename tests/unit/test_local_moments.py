@@ -102,6 +102,18 @@ def test_topk_applied_updates_plus_residual_equal_the_dense_updates(one_rank_gro
     assert 0 < sent_all.float().mean() < 0.5  # at 5% a step over 6 steps, most coordinates never moved
 
 
+def test_without_error_feedback_nothing_is_held_back(one_rank_group) -> None:
+    model = _model()
+    exchange = LocalMomentsExchange(TopKCompressor(0.05), one_rank_group, parameter_names(model), error_feedback=False)
+    opt = LocalMomentsAdamW(_groups(model, 0.0), exchange, lr=LRS[0], betas=(0.9, 0.95), eps=1e-8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(2):
+        _step(model, opt, step)
+    assert exchange.residuals == {}
+    moved = (model[2].weight.detach() != before["2.weight"]).float().mean()
+    assert 0 < moved <= 0.1  # 5% a step, two steps
+
+
 def test_restored_state_continues_bit_for_bit_across_the_warmup_switch(one_rank_group) -> None:
     cfg = CommConfig(compression="topk", topk_fraction=0.05, topk_payload="compact", warmup_steps=2)
 

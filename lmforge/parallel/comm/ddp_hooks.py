@@ -195,7 +195,7 @@ def register_compression(model: DDP, cfg: CommConfig, group: dist.ProcessGroup,
     warmup = build_compressor(cfg, cfg.warmup_compression) if cfg.warmup_steps > 0 else None
     if cfg.adam_moments == "local":  # each rank keeps its gradient; its AdamW update travels after backward
         exchange = LocalMomentsExchange(build_compressor(cfg), group, names, warmup=warmup,
-                                        warmup_steps=cfg.warmup_steps)
+                                        warmup_steps=cfg.warmup_steps, error_feedback=cfg.error_feedback)
         model.register_comm_hook(exchange, wrapped(local_gradient_hook))
         return exchange
     state = CompressionHook(build_compressor(cfg), group, names, cfg.error_feedback, warmup=warmup,

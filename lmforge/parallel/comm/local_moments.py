@@ -56,8 +56,9 @@ class LocalMomentsExchange:
     compresses them and returns the mean of every rank's. Stateful (checkpoint it per rank)."""
 
     def __init__(self, compressor: Compressor, group: dist.ProcessGroup | None, names: dict[int, str],
-                 warmup: Compressor | None = None, warmup_steps: int = 0) -> None:
+                 warmup: Compressor | None = None, warmup_steps: int = 0, error_feedback: bool = True) -> None:
         self.compressor = compressor
+        self.error_feedback = error_feedback  # off: what a compressor drops is lost (comm.error_feedback)
         self.warmup, self.warmup_steps = warmup, warmup_steps if warmup is not None else 0
         self.group = group
         self.world = dist.get_world_size(group)
@@ -104,8 +105,9 @@ class LocalMomentsExchange:
                 dist.all_gather(parts, t.contiguous(), group=self.group)
         self.accounting.add_fp32_allreduce(allgather_bytes(compressor.wire_bytes(numels), self.world),
                                            sum(numels), self.world)
-        for s, held in zip(chunk, (y - local).split(numels)):  # what was not sent (a cast may alias y)
-            self.residuals[self.names[id(s.param)]] = held
+        if self.error_feedback:
+            for s, held in zip(chunk, (y - local).split(numels)):  # what was not sent (a cast may alias y)
+                self.residuals[self.names[id(s.param)]] = held
         me = dist.get_rank(self.group)
         total = local.clone() if me == 0 else compressor.decode([parts[0] for parts in gathered], numels)
         for r in range(1, self.world):  # rank order: the same sum on every rank
