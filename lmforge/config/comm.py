@@ -2,8 +2,8 @@
 hierarchical all-reduce, and load balancing across uneven ranks.
 
 Compressors (DeepSpeed 1-bit Adam / ZeRO++, PowerSGD: Vogels et al., 2019): "bf16" / "fp16" cast
-the gradient for the reduction; "int8" / "int4" quantise it with one absmax scale per
-`quant_block` values; "topk" sends the `topk_fraction` largest-magnitude values and their indices;
+the gradient for the reduction; "int8" / "int4" / "int2" (ternary) quantise it with one absmax
+scale per `quant_block` values; "topk" sends the `topk_fraction` largest-magnitude values and their indices;
 "powersgd" sends rank-`powersgd_rank` factors of each matrix. With `error_feedback` what a
 compressor dropped this step is added to the next step's gradient (the residuals are saved in
 checkpoints; a resume on another number of ranks starts them from zero). Under FSDP2 only the
@@ -57,20 +57,20 @@ from typing import Literal
 
 from lmforge.config.checks import require, require_positive
 
-COMPRESSORS = ("none", "bf16", "fp16", "int8", "int4", "topk", "powersgd")
+COMPRESSORS = ("none", "bf16", "fp16", "int8", "int4", "int2", "topk", "powersgd")
 # What FSDP2's reduce-scatter can do in our torch range: a reduce dtype, nothing else.
 FSDP_COMPRESSORS = ("none", "bf16", "fp16")
 # The element-wise compressors of the DDP hook (parallel/comm/ddp_hooks.py): what a warm-up and a
 # frozen second moment work with; what can run the warm-up ("none": the plain fp32 all-reduce)
-ELEMENTWISE_COMPRESSORS = ("bf16", "fp16", "int8", "int4", "topk")
-WARMUP_COMPRESSORS = ("none", "bf16", "fp16", "int8", "int4")
+ELEMENTWISE_COMPRESSORS = ("bf16", "fp16", "int8", "int4", "int2", "topk")
+WARMUP_COMPRESSORS = ("none", "bf16", "fp16", "int8", "int4", "int2")
 
 
 @dataclass
 class CommConfig:
     compression: Literal[COMPRESSORS] = "none"
     error_feedback: bool = True
-    quant_block: int = 256  # values per absmax scale (int8, int4)
+    quant_block: int = 256  # values per absmax scale (int8, int4, int2)
     topk_fraction: float = 0.01  # of each gradient bucket's values sent (topk)
     # "fp32": fp32 values + int32 positions (8 bytes a value); "compact": bf16 values + 16-bit
     # positions in 64 Ki windows (4 bytes a value, + 4 per window)
@@ -97,9 +97,10 @@ class CommConfig:
         require(self.powersgd_start_step >= 2, "comm.powersgd_start_step", self.powersgd_start_step,
                 "must be >= 2 (torch's PowerSGD hook with error feedback and warm start)")
         require(self.node_size >= 0, "comm.node_size", self.node_size, "must be >= 0 (0: LOCAL_WORLD_SIZE)")
-        int4 = self.compression == "int4" or (self.warmup_steps > 0 and self.warmup_compression == "int4")
-        require(not int4 or self.quant_block % 2 == 0, "comm.quant_block", self.quant_block,
-                "must be even with int4 (two values per byte)")
+        for kind, per_byte in (("int4", 2), ("int2", 4)):
+            used = self.compression == kind or (self.warmup_steps > 0 and self.warmup_compression == kind)
+            require(not used or self.quant_block % per_byte == 0, "comm.quant_block", self.quant_block,
+                    f"must be a multiple of {per_byte} with {kind} ({per_byte} values per byte)")
         require(self.warmup_steps >= 0, "comm.warmup_steps", self.warmup_steps, "must be >= 0 (0: no warm-up)")
         elementwise = ", ".join(ELEMENTWISE_COMPRESSORS)
         require(self.warmup_steps == 0 or self.compression in ELEMENTWISE_COMPRESSORS, "comm.warmup_steps",

@@ -96,9 +96,8 @@ def compression_ratio(job: JobConfig, matrices: list[tuple[int, int]]) -> float:
     c = job.comm
     if c.compression in ("bf16", "fp16"):
         return 0.5
-    if c.compression in ("int8", "int4"):
-        bits = 8 if c.compression == "int8" else 4
-        return bits / 32 + 1 / c.quant_block
+    if c.compression in ("int8", "int4", "int2"):
+        return int(c.compression[3:]) / 32 + 1 / c.quant_block
     if c.compression == "topk":  # 8 bytes a value (fp32 + int32 position), compact 4
         return (1 if c.topk_payload == "compact" else 2) * c.topk_fraction
     if c.compression == "powersgd" and matrices:

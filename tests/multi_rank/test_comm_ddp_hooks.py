@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers.spawn import run_ranks
 
-KINDS = ("bf16", "fp16", "int8", "int4", "topk", "topk-compact", "powersgd")
+KINDS = ("bf16", "fp16", "int8", "int4", "int2", "topk", "topk-compact", "powersgd")
 STEPS, SAVE_AT = 6, 2  # PowerSGD compresses from its third step (powersgd_start_step = 2)
 
 
@@ -114,7 +114,7 @@ def test_cast_equals_fp32_within_half_width_rounding(ranks: list[dict], kind: st
     _check_all_steps(ranks, kind, bound)
 
 
-@pytest.mark.parametrize("kind,qmax", [("int8", 127), ("int4", 7)])
+@pytest.mark.parametrize("kind,qmax", [("int8", 127), ("int4", 7), ("int2", 1)])
 def test_quantised_within_half_a_level_per_rank(ranks: list[dict], kind: str, qmax: int) -> None:
     # step 0: each rank's error <= its block absmax / (2 qmax) <= its tensor absmax / (2 qmax)
     def bound(locals_, exact, step):
@@ -149,7 +149,7 @@ def test_powersgd_exact_first_then_low_rank(ranks: list[dict]) -> None:
         assert not torch.equal(weight, r0["exact"][step]["layers.0.attention.wq.weight"])
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4", "topk", "topk-compact", "powersgd"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int2", "topk", "topk-compact", "powersgd"])
 def test_error_feedback_applied_sum_tracks_the_exact_sum(ranks: list[dict], kind: str) -> None:
     """Over the steps, sum(applied) == sum(exact) - what the ranks still hold back (their
     residuals): error feedback loses nothing, it only delays."""

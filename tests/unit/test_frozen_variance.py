@@ -290,7 +290,10 @@ def test_config_accepts_warmups_and_frozen_variance_with_elementwise_compressors
     ({"compression": "topk", "warmup_steps": -1}, r"comm.warmup_steps = -1: must be >= 0"),
     ({"compression": "topk", "adam_variance": "frozen"},
      r"comm.adam_variance = 'frozen': 'frozen' needs comm.warmup_steps >= 1"),
-    ({"compression": "topk", "warmup_steps": 30, "quant_block": 33}, r"comm.quant_block = 33: must be even with int4"),
+    ({"compression": "topk", "warmup_steps": 30, "quant_block": 33},
+     r"comm.quant_block = 33: must be a multiple of 2 with int4 \(2 values per byte\)"),
+    ({"compression": "topk", "warmup_steps": 30, "warmup_compression": "int2", "quant_block": 34},
+     r"comm.quant_block = 34: must be a multiple of 4 with int2 \(4 values per byte\)"),
 ])
 def test_config_refuses_warmups_where_they_cannot_run(comm: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

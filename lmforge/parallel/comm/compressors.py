@@ -9,8 +9,9 @@ straight run saw the second (bit-equal resume needs the same numbers in both).
 
 - `CastCompressor` (bf16 / fp16): the values in half width; summed in that dtype by all_reduce
   (fp32: the plain all-reduce, for a warm-up that sends the gradients as they are).
-- `BlockQuantCompressor` (int8 / int4): one fp32 absmax scale per `block` values of a parameter
-  (blocks never span two parameters), rounded to the nearest level; int4 packs two per byte.
+- `BlockQuantCompressor` (int8 / int4 / int2): one fp32 absmax scale per `block` values of a
+  parameter (blocks never span two parameters), rounded to the nearest level; int4 packs two per
+  byte, int2 (ternary) four.
   Summing int8 on the wire wraps around (gloo), so these payloads are all-gathered and decoded.
 - `TopKCompressor`: the ceil(fraction * n) largest magnitudes of each parameter, fp32 values and
   int32 positions in the bucket; all-gathered (sparse sums do not stay sparse). `compact`: bf16
@@ -100,13 +101,16 @@ class _Segments:
 
 
 class BlockQuantCompressor(Compressor):
-    """Symmetric absmax quantisation: |x - decode(encode(x))| <= absmax(block) / (2 * qmax)."""
+    """Symmetric absmax quantisation: |x - decode(encode(x))| <= absmax(block) / (2 * qmax).
+    int2 is ternary: -1, 0, +1 times the block's absmax (what error feedback needs to carry the
+    rest), four values per byte."""
 
     def __init__(self, bits: int, block: int) -> None:
-        if bits not in (4, 8) or block <= 0 or (bits == 4 and block % 2):
-            raise ValueError(f"bits {bits} / block {block}: need 8, or 4 with an even block")
+        if bits not in (2, 4, 8) or block <= 0 or block % (8 // bits):
+            raise ValueError(f"bits {bits} / block {block}: need 8, 4 or 2 bits and a block of whole bytes "
+                             f"({8 // bits if bits in (2, 4, 8) else 1} values a byte)")
         self.bits, self.block = bits, block
-        self.qmax = 2 ** (bits - 1) - 1  # 127 or 7: symmetric, so -qmax..qmax
+        self.qmax = 2 ** (bits - 1) - 1  # 127, 7 or 1: symmetric, so -qmax..qmax
         self._layouts: dict[tuple[int, ...], _Segments] = {}  # derived from the numels only
 
     def _segments(self, numels: tuple[int, ...]) -> _Segments:
@@ -121,16 +125,20 @@ class BlockQuantCompressor(Compressor):
         scale = torch.where(absmax > 0, absmax / self.qmax, torch.ones_like(absmax))
         # one temporary: divide, then round and clamp in place (the same values as round(x / s))
         q = torch.div(blocks, scale[:, None]).round_().clamp_(-self.qmax, self.qmax).to(torch.int8)
-        if self.bits == 4:  # two values per byte, offset to 1..15
-            u = (q + 8).to(torch.uint8).view(-1, 2)
-            q = (u[:, 0] | (u[:, 1] << 4)).view(torch.int8)
+        if self.bits < 8:  # 8 / bits values per byte, offset to 1..2^bits - 1, the first in the low bits
+            u = (q + (self.qmax + 1)).to(torch.uint8).view(-1, 8 // self.bits)
+            packed = u[:, 0].clone()
+            for i in range(1, u.shape[1]):
+                packed |= u[:, i] << (i * self.bits)
+            q = packed.view(torch.int8)
         return [q.reshape(-1), scale]
 
     def decode(self, payload: Payload, numels: tuple[int, ...]) -> torch.Tensor:
         q, scale = payload
-        if self.bits == 4:
-            u = q.view(torch.uint8)
-            q = torch.stack([u & 0xF, u >> 4], dim=1).to(torch.int8) - 8
+        if self.bits < 8:
+            u, mask = q.view(torch.uint8), (1 << self.bits) - 1
+            fields = [(u >> (i * self.bits)) & mask for i in range(8 // self.bits)]
+            q = torch.stack(fields, dim=1).to(torch.int8) - (self.qmax + 1)
         values = (q.view(-1, self.block).to(torch.float32) * scale[:, None]).reshape(-1)
         return self._segments(numels).unpad(values)
 
@@ -240,8 +248,8 @@ def build_compressor(cfg: CommConfig, kind: str | None = None) -> Compressor:
         return CastCompressor(torch.float32)
     if kind in ("bf16", "fp16"):
         return CastCompressor(torch.bfloat16 if kind == "bf16" else torch.float16)
-    if kind in ("int8", "int4"):
-        return BlockQuantCompressor(8 if kind == "int8" else 4, cfg.quant_block)
+    if kind in ("int8", "int4", "int2"):
+        return BlockQuantCompressor(int(kind[3:]), cfg.quant_block)
     if kind == "topk":
         return TopKCompressor(cfg.topk_fraction, compact=cfg.topk_payload == "compact")
     raise ValueError(f"no element-wise compressor for comm.compression = {kind!r}")
