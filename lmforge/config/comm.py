@@ -40,9 +40,10 @@ sees a coordinate's held-back gradients arrive as one burst tens of steps late a
 down to a few lr steps. Here what is held back is already AdamW's step, scaled by the lr of the
 step that made it, so the weights move as far as dense AdamW's would, only later. DGC (Lin et al.
 2018) carries momentum through the residual the same way. Measured on tiny-dense (docs/benchmarks.md):
-top-k 1% after 55 int4 steps reached 0.972 of the baseline's loss at the recipe's seed and 0.964 at
-seed 1, at 31.4x fewer bytes, where "global" reached 0.944. No overlap: the updates travel after
-backward, in the optimizer step.
+top-k 1% after 55 int4 steps reached 0.972 / 0.964 / 0.970 of the baseline's loss at three seeds
+(31.4x fewer bytes), where "global" reached 0.944 / 0.938; after 120 ternary steps (`int2`, the
+same bytes buy twice the steps) 0.978 / 0.972 / 0.972 (30.7x). No overlap: the updates travel
+after backward, in the optimizer step.
 
 `hierarchical`: the all-reduce runs inside each node, then across nodes, then back inside
 (`node_size` ranks per node; 0: torchrun's LOCAL_WORLD_SIZE). `load_balance`: a persistently

@@ -234,12 +234,16 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
                 dp_comm += forwards * (gathers * collective("all_gather", pbytes, r.dp_shard, shard_link, cluster)
                                        + collective("reduce_scatter", pbytes * grad_ratio, r.dp_shard, shard_link,
                                                     cluster))
+        after_backward = 0.0  # comm.adam_moments = "local": the updates travel in the optimizer step, unhidden
         if r.dp_replicate > 1:
             matrices = [(x.shape[0], math.prod(x.shape[1:])) for x in tensors if len(x.shape) >= 2]
             rbytes = local * 4 * compression_ratio(job, matrices)
             buckets = max(1, math.ceil(rbytes / DDP_BUCKET_BYTES))
             if job.comm.hierarchical:
                 dp_comm += hierarchical_allreduce(rbytes, r.dp_replicate, cluster)
+            elif job.comm.adam_moments == "local":
+                after_backward = collective("all_reduce", rbytes, r.dp_replicate, rep_link, cluster)
+                dp_comm += after_backward
             else:
                 dp_comm += buckets * collective("all_reduce", rbytes / buckets, r.dp_replicate, rep_link, cluster)
         # PP: each stage boundary sends the activations forward and their gradient back.
@@ -253,8 +257,8 @@ def predict_step_time(job: JobConfig, cluster: Cluster, world_size: int, precisi
         if r.ep > 1 and moe_layers:
             a2a = micro * t.seq_len * m.moe.top_k * m.dim * act
             ep_comm = 4 * moe_layers * forwards * collective("all_to_all", a2a, r.ep, ep_link, cluster)
-        hideable = dp_comm + ep_comm
-        exposed = tp_comm + pp_comm + max(hideable - eff.comm_overlap * compute, hideable * (1 - eff.comm_overlap))
+        hideable = dp_comm - after_backward + ep_comm
+        exposed = tp_comm + pp_comm + after_backward + max(hideable - eff.comm_overlap * compute, hideable * (1 - eff.comm_overlap))
         busy = compute + recompute
         bubble = busy * bubble_fraction(r, n_micro)
         st = StepTime(compute=compute, recompute=recompute, optimizer=optimizer, overhead=overhead, tp_comm=tp_comm,

@@ -134,6 +134,12 @@ def test_compression_and_hierarchy_cut_dp_time() -> None:
     int8 = predict(replace(base, comm=replace(base.comm, compression="int8")), cluster, 16).step_time.dp_comm
     hier = predict(replace(base, comm=replace(base.comm, hierarchical=True)), cluster, 16).step_time.dp_comm
     assert int8 < 0.4 * plain and hier < plain
+    # each rank's AdamW moments before the compression: the same bytes, sent after backward, unhidden
+    topk = replace(base.comm, compression="topk")
+    hidden = predict(replace(base, comm=topk), cluster, 16).step_time
+    local = predict(replace(base, comm=replace(topk, adam_moments="local")), cluster, 16).step_time
+    assert local.dp_comm == pytest.approx(hidden.dp_comm, rel=0.5) and local.dp_comm > 0
+    assert local.exposed_comm >= hidden.exposed_comm + 0.99 * local.dp_comm
 
 
 def test_search_yields_only_valid_fitting_layouts_best_first() -> None:
