@@ -13,9 +13,10 @@ with one 16-token sequence per rank, so a 1 Gbit/s link, not the 2 cores, sets t
 one-process run of the same per-rank batch (no communication) is printed to show how much.
 
 Modes:
-  compressors (default): 2 nodes x 1 rank, `--comm.compression` none, bf16, int8, int4, topk,
-    powersgd in interleaved rounds; the verdict is the slowest of int8 / topk / powersgd against
-    none (step time of none / theirs, target >= 1.1). Compressors not in this tree (the package
+  compressors (default): 2 nodes x 1 rank, `--comm.compression` none, bf16, int8, int4, int2, topk,
+    topk_local (top-k with `--comm.adam_moments local`), powersgd in interleaved rounds; the verdict
+    is the slowest of int8 / topk / topk_local / powersgd against none (step time of none / theirs,
+    target >= 1.1). Compressors not in this tree (the package
     lmforge.parallel.comm) are listed and skipped; with none of them to run there is no verdict.
   --hierarchical: 2 nodes x 2 ranks (node_size = LOCAL_WORLD_SIZE = 2), flat DDP against
     `--comm.hierarchical true`; verdict: flat step time / hierarchical, target >= 1.1 (across the
@@ -46,8 +47,11 @@ from _check import verdict  # noqa: E402
 
 from tests.helpers.slow_network import SlowNetwork, slow_network  # noqa: E402
 
-COMPRESSORS = ("none", "bf16", "int8", "int4", "topk", "powersgd")
-MUST_BEAT = ("int8", "topk", "powersgd")  # at least these faster than none on a comm-bound model
+COMPRESSORS = ("none", "bf16", "int8", "int4", "int2", "topk", "topk_local", "powersgd")
+# runs other than `--comm.compression NAME`: top-k with each rank's AdamW moments before the
+# compression (its updates travel after backward, not overlapped with it)
+CONFIGS = {"topk_local": ["--comm.compression", "topk", "--comm.adam_moments", "local"]}
+MUST_BEAT = ("int8", "topk", "topk_local", "powersgd")  # at least these faster than none on a comm-bound model
 TARGET = 1.1
 PORT = "29500"  # inside node 0's namespace (its own port space); loopback fallback shares the host's
 MICRO, SEQ = 1, 16
@@ -153,7 +157,7 @@ def main() -> int:
             print(f"unknown compressors {unknown}; known: {', '.join(COMPRESSORS)}", file=sys.stderr)
             return 2
         runnable, skipped = available(["none", *[n for n in names if n != "none"]])
-        per_node, configs = 1, {n: ["--comm.compression", n] for n in runnable}
+        per_node, configs = 1, {n: CONFIGS.get(n, ["--comm.compression", n]) for n in runnable}
     if skipped:
         print(f"SKIPPED (not in this tree: lmforge.parallel.comm is missing): {', '.join(skipped)}", flush=True)
     ranks = 2 * per_node
