@@ -312,3 +312,27 @@ def test_checkpoint_with_list_indexed_param_groups_still_loads(tmp_path: Path, m
     CheckpointManager(tmp_path, keep_last=1).load(path, {"app": ModelOptimizerState(model2, opt2)})
     assert [g["weight_decay"] for g in opt2.param_groups] == [0.1, 0.0]
     assert_same_optimizer(opt, opt2)
+
+
+class _Picky:
+    """A Stateful that refuses a state of another mode (as comm.adam_moments' states do)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["mode"] != self.mode:
+            raise ValueError(f"its state was saved in mode {state['mode']!r}\nsecond line")
+
+
+def test_a_state_that_refuses_what_was_saved_is_one_checkpoint_error_line(tmp_path: Path):
+    model, opt, _ = trained(steps=1)
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    path = mgr.save(1, {"app": ModelOptimizerState(model, opt), "comm": PerRank(_Picky("global"))})
+    mgr.load(path, {"app": ModelOptimizerState(model, opt), "comm": PerRank(_Picky("global"))})
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {re.escape(str(path))}: its state was saved in mode "
+                                              r"'global'$"):
+        mgr.load(path, {"app": ModelOptimizerState(model, opt), "comm": PerRank(_Picky("local"))})

@@ -174,7 +174,8 @@ def _ddp_job() -> JobConfig:
 
 @pytest.mark.parametrize(("change", "message"), [
     (lambda c: setattr(c.comm, "compression", "powersgd"),
-     r"comm.adam_moments = 'local': 'local' needs an element-wise comm.compression \(bf16, fp16, int8, int4, topk\)"),
+     r"comm.adam_moments = 'local': 'local' needs an element-wise comm.compression \(bf16, fp16, int8, int4, int2, "
+     r"topk\), not 'powersgd'"),
     (lambda c: (setattr(c.comm, "warmup_steps", 3), setattr(c.comm, "adam_variance", "frozen")),
      r"comm.adam_moments = 'local': .* needs comm.adam_variance = 'adaptive', not 'frozen'"),
     (lambda c: setattr(c.train, "mixed_precision", "fp16"),
