@@ -57,6 +57,19 @@ class Compressor(ABC):
         payload = self.encode(x, numels)
         return payload, self.decode(payload, numels)
 
+    def sum_gathered(self, gathered: list[list[torch.Tensor]], local: torch.Tensor, me: int,
+                     numels: tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
+        """Into `out`, the sum of every rank's decoded payload (`gathered`: per payload tensor, every
+        rank's copy), in rank order so every rank gets the same bits; this rank's own is `local`,
+        decoded already."""
+        for r in range(len(gathered[0])):
+            decoded = local if r == me else self.decode([parts[r] for parts in gathered], numels)
+            if r == 0:
+                out.copy_(decoded)
+            else:
+                out.add_(decoded)
+        return out
+
 
 class CastCompressor(Compressor):
     summable = True

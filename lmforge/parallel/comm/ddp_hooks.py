@@ -105,13 +105,7 @@ class CompressionHook:
             result = out if out is not None else torch.empty_like(flat)
             if summable:
                 return result.copy_(compressor.decode(payload, numels))
-            for r in range(self.world):  # rank order: the same sum on every rank
-                decoded = local if r == me else compressor.decode([parts[r] for parts in gathered], numels)
-                if r == 0:
-                    result.copy_(decoded)
-                else:
-                    result.add_(decoded)
-            return result
+            return compressor.sum_gathered(gathered, local, me, numels, result)
         return torch.futures.collect_all([w.get_future() for w in works]).then(finish)
 
     def step_done(self) -> None:

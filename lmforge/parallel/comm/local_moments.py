@@ -108,10 +108,7 @@ class LocalMomentsExchange:
         if self.error_feedback:
             for s, held in zip(chunk, (y - local).split(numels)):  # what was not sent (a cast may alias y)
                 self.residuals[self.names[id(s.param)]] = held
-        me = dist.get_rank(self.group)
-        total = local.clone() if me == 0 else compressor.decode([parts[0] for parts in gathered], numels)
-        for r in range(1, self.world):  # rank order: the same sum on every rank
-            total.add_(local if r == me else compressor.decode([parts[r] for parts in gathered], numels))
+        total = compressor.sum_gathered(gathered, local, dist.get_rank(self.group), numels, torch.empty_like(local))
         return list(total.div_(self.world).split(numels))
 
     # CommHookState
