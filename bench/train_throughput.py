@@ -10,7 +10,8 @@ elsewhere (AVX2-only CPUs run bf16 matmuls ~100x slower than fp32). One step is:
 forward, loss, backward, clip_grad_norm_(1.0), optimizer step, zero_grad.
 
 The loss (`--loss`, default `library`): each library computes its own loss as its users get it,
-lmforge the chunked fp32 cross-entropy its trainer uses (`lmforge.models.common.cross_entropy`), HF
+lmforge the chunked fp32 cross-entropy as its trainer calls it (`lmforge.models.common.cross_entropy`,
+gradient written into the logits), HF
 its `labels=` path (`ForCausalLMLoss`, given `shift_labels` so both score the same 2048 tokens).
 With `--loss same` both models' logits go through one function (logits -> float ->
 F.cross_entropy), so the comparison is model against model alone.
@@ -148,7 +149,10 @@ def build_contestants(compile_: bool, loss_mode: str = "library", dtype: str = "
         raise RuntimeError(f"weights do not map onto HF: missing {missing}, unexpected {unexpected}")
     assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
     if loss_mode == "library":
-        from lmforge.models.common.cross_entropy import cross_entropy as lmforge_loss
+        from lmforge.models.common.cross_entropy import cross_entropy
+
+        def lmforge_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return cross_entropy(logits, y, overwrite_logits=True)  # as the trainer calls it
 
         def hf_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with autocast(dtype):

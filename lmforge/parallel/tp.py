@@ -68,7 +68,8 @@ def loss_parallel_ctx(enabled: bool) -> contextlib.AbstractContextManager:
     return _torch_loss_parallel() if enabled else contextlib.nullcontext()
 
 
-def tp_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_parallel: bool) -> torch.Tensor:
+def tp_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_parallel: bool,
+                     overwrite_logits: bool = False) -> torch.Tensor:
     """Mean token cross-entropy in fp32 for (batch, seq, vocab) logits and (batch, seq) targets.
 
     With `loss_parallel` the logits are the vocabulary-sharded DTensor that `apply_tp` returns and
@@ -82,7 +83,8 @@ def tp_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_parallel:
             loss.backward()
 
     Without `loss_parallel` (or for plain tensors) it is the ordinary cross-entropy; a
-    vocabulary-sharded DTensor is then gathered first.
+    vocabulary-sharded DTensor is then gathered first. `overwrite_logits`: see
+    `models.common.cross_entropy.cross_entropy` (the plain path only).
     """
     if isinstance(logits, DTensor) and not loss_parallel:
         logits = logits.full_tensor()
@@ -90,7 +92,7 @@ def tp_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_parallel:
         targets = targets.full_tensor()
     if isinstance(logits, DTensor):  # vocabulary-sharded: torch's loss_parallel kernels
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
-    return cross_entropy(logits, targets)
+    return cross_entropy(logits, targets, overwrite_logits)
 
 
 def full_value(loss: torch.Tensor) -> torch.Tensor:

@@ -270,7 +270,7 @@ class Trainer:
                 # with early exits: the final logits and every exit's (train/exit_loss.py)
                 logits, exit_logits = model(x, exits=True, **kwargs) if self.exit_loss else (model(x, **kwargs), None)
             loss = (self.distill.loss(logits, x, y) if self.distill is not None
-                    else tp_cross_entropy(logits, y, self.loss_parallel))
+                    else tp_cross_entropy(logits, y, self.loss_parallel, overwrite_logits=True))
             # MoE aux/z losses join the loss; the logged loss stays the LM loss
             aux = self.router.loss() if self.router is not None else None
             if self.faults.active:  # test-only injection (LMFORGE_FAULTS)

@@ -48,7 +48,7 @@ def test_bf16_logits_match_the_upcast_reference() -> None:
 def test_gradcheck_float64() -> None:
     logits, targets = _pair(torch.float64, 40, 24)
     logits.requires_grad_()
-    assert torch.autograd.gradcheck(lambda z: ce._ChunkedCrossEntropy.apply(z, targets), (logits,))
+    assert torch.autograd.gradcheck(lambda z: ce._ChunkedCrossEntropy.apply(z, targets, False), (logits,))
 
 
 def test_under_autocast_same_as_outside() -> None:
@@ -56,3 +56,46 @@ def test_under_autocast_same_as_outside() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = ce.cross_entropy(logits, targets)
     assert torch.equal(inside, ce.cross_entropy(logits, targets))
+
+
+def _through_a_head(dtype: torch.dtype, overwrite: bool, scale: float):
+    """logits = h @ W^T (as the model's head makes them), loss * scale backward: (loss, h.grad, W.grad)."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(300, 64, generator=g).requires_grad_()
+    w = (0.5 * torch.randn(2048, 64, generator=g)).requires_grad_()
+    targets = torch.randint(0, 2048, (300,), generator=g)
+    logits = (h.to(dtype) @ w.to(dtype).t()).view(3, 100, 2048)
+    loss = (ce.cross_entropy(logits, targets.view(3, 100), overwrite_logits=True) if overwrite
+            else F.cross_entropy(logits.flatten(0, 1).float(), targets))
+    (scale * loss).backward()
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])  # 0.25: a gradient-accumulation step scales the loss
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overwriting_the_logits_gives_the_reference_gradients(dtype: torch.dtype, scale: float) -> None:
+    loss, dh, dw = _through_a_head(dtype, True, scale)
+    ref_loss, ref_dh, ref_dw = _through_a_head(dtype, False, scale)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dh, ref_dh, **tol)
+    torch.testing.assert_close(dw, ref_dw, **tol)
+
+
+def test_overwrite_leaves_logits_alone_without_a_gradient() -> None:
+    logits, targets = _pair(torch.float32, 100, 512)
+    before = logits.clone()
+    with torch.no_grad():
+        ce.cross_entropy(logits, targets, overwrite_logits=True)
+    ce.cross_entropy(logits, targets, overwrite_logits=True)  # logits needs no gradient: evaluation
+    assert torch.equal(logits, before)
+
+
+def test_overwrite_refuses_a_second_scaled_backward() -> None:
+    """The in-place scaling would apply twice: autograd's version check stops it."""
+    logits, targets = _pair(torch.float32, 50, 256)
+    z = logits.clone().requires_grad_()
+    loss = 0.5 * ce.cross_entropy(z * 1.0, targets, overwrite_logits=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
