@@ -140,7 +140,10 @@ def _parallelize_pipeline(model: nn.Module, mesh: ParallelMesh, cfg: JobConfig, 
         if on_meta:
             materialise_part(part, device, cfg.train.seed, stage)
     n_micro = cfg.parallel.pp_microbatches or plan.n_stages
-    loss_fn = partial(tp_cross_entropy, loss_parallel=mesh.degrees.tp > 1 and cfg.parallel.loss_parallel)
+    # The schedule keeps the last stage's output only for its autograd graph (return_outputs=False):
+    # the loss may write its gradient into it, as in the trainer's plain path.
+    loss_fn = partial(tp_cross_entropy, loss_parallel=mesh.degrees.tp > 1 and cfg.parallel.loss_parallel,
+                      overwrite_logits=True)
     pipe = build_schedule(parts, plan, pp_mesh, loss_fn, n_micro, device,
                           accum_steps=cfg.accum_steps(mesh.world.size()), scale_loss=scale_loss)
     return ParallelModel(parts_module(parts), pipe)

@@ -34,10 +34,12 @@ class ExitLoss:
         return cls(ee.layers, ee.loss_weight, device) if ee.layers and ee.loss_weight > 0 else None
 
     def loss(self, exit_logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        """loss_weight x the sum of the exits' mean token cross-entropies (with grad)."""
+        """loss_weight x the sum of the exits' mean token cross-entropies (with grad). The logits are
+        overwritten with their gradients (see models/common/cross_entropy.py)."""
         if len(exit_logits) != len(self.layers):
             raise ValueError(f"got {len(exit_logits)} exit logits for exits after {self.layers} blocks")
-        losses = torch.stack([cross_entropy(z, targets) for z in exit_logits])
+        # The exits' logits are read no more after their loss: each takes its gradient in place.
+        losses = torch.stack([cross_entropy(z, targets, overwrite_logits=True) for z in exit_logits])
         self._sums[:-1] += losses.detach().to(torch.float64)
         self._sums[-1] += 1
         return self.weight * losses.sum()

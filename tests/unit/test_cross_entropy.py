@@ -64,10 +64,12 @@ def _through_a_head(dtype: torch.dtype, overwrite: bool, scale: float):
     h = torch.randn(300, 64, generator=g).requires_grad_()
     w = (0.5 * torch.randn(2048, 64, generator=g)).requires_grad_()
     targets = torch.randint(0, 2048, (300,), generator=g)
-    logits = (h.to(dtype) @ w.to(dtype).t()).view(3, 100, 2048)
+    logits = F.linear(h.to(dtype).view(3, 100, 64), w.to(dtype))  # (3, 100, 2048), not a view
+    before = logits.detach().clone()
     loss = (ce.cross_entropy(logits, targets.view(3, 100), overwrite_logits=True) if overwrite
             else F.cross_entropy(logits.flatten(0, 1).float(), targets))
     (scale * loss).backward()
+    assert torch.equal(logits.detach(), before) != overwrite  # the in-place path did run (or did not)
     return loss.detach(), h.grad, w.grad
 
 
@@ -99,3 +101,17 @@ def test_overwrite_refuses_a_second_scaled_backward() -> None:
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_a_view_is_never_overwritten() -> None:
+    """A view may be another Function's output (DDP's sink, DTensor's to_local: autograd forbids
+    writing into those) or memory the caller still reads: its values stay, its gradient is right."""
+    logits, targets = _pair(torch.float32, 64, 256)
+    base = logits.clone().requires_grad_()
+    view = base[:, :]
+    before = view.detach().clone()
+    (0.5 * ce.cross_entropy(view, targets, overwrite_logits=True)).backward()
+    assert torch.equal(view.detach(), before)
+    ref = logits.clone().requires_grad_()
+    (0.5 * F.cross_entropy(ref, targets)).backward()
+    torch.testing.assert_close(base.grad, ref.grad, rtol=1e-5, atol=1e-8)

@@ -79,9 +79,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, overwrite_logits:
     Every target must be a valid class index (packed LM data has no padding to ignore).
     `overwrite_logits=True` lets the loss write its gradient into the logits' own memory when
     they need one (no 64 MiB buffer for a 2048 x 8192 step): for a caller that reads the logits no
-    more after the loss, as the trainer. Without a gradient (evaluation) the logits stay as they are."""
+    more after the loss, as the trainer. Without a gradient (evaluation), or when the logits are a
+    view of another tensor, they stay as they are."""
+    # Not into a view: autograd forbids in-place writes to views that other autograd Functions
+    # made (DDP's output sink, DTensor's to_local), and a view may share memory a caller reads.
+    overwrite = overwrite_logits and not logits._is_view()
     logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     if logits.device.type != "cpu":
         return F.cross_entropy(logits.float(), targets)
     with torch.autocast("cpu", enabled=False):  # fp32 math is chosen inside; no autocast casts
-        return _ChunkedCrossEntropy.apply(logits, targets, overwrite_logits)
+        return _ChunkedCrossEntropy.apply(logits, targets, overwrite)

@@ -11,11 +11,11 @@ class _RMSNormFn(torch.autograd.Function):
     """y = x_hat * w, x_hat = x * rstd, rstd = 1 / sqrt(mean(x^2) + eps), in fp32 (at least).
 
     On CPU, autograd through the composite F.rms_norm costs 4 full-size passes forward and 11
-    backward; this costs 3 and 6, with the closed-form backward from x_hat and rstd (x_hat is
+    backward; this costs 3 and 7, with the closed-form backward from x_hat and rstd (x_hat is
     saved instead of x: same memory). See docs/benchmarks.md for what it gave::
 
         dw = sum over rows of dy * x_hat
-        dx = rstd * (dy*w - x_hat * mean(dy*w * x_hat)),  mean(dy*w * x_hat) = (dy * x_hat) @ w / dim
+        dx = rstd * (dy*w - x_hat * mean(dy*w * x_hat))
     """
 
     @staticmethod
@@ -32,14 +32,10 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         x_hat, weight, rstd = ctx.saved_tensors
-        w = weight.to(x_hat.dtype)
         # dy may be bf16: the products below promote to x_hat's dtype without a separate cast.
-        dy_x_hat = dy * x_hat
-        dw = dy_x_hat.sum(tuple(range(dy.dim() - 1)))
-        # mean_j(dy*w*x_hat) per row is (dy*x_hat) @ w / dim: a matrix-vector product, no third
-        # full-size product.
-        row_mean = (dy_x_hat @ w).unsqueeze(-1).div_(x_hat.shape[-1])
-        dx = torch.addcmul(dy * w, x_hat, row_mean, value=-1).mul_(rstd)
+        dw = (dy * x_hat).sum(tuple(range(dy.dim() - 1)))
+        dyw = dy * weight.to(x_hat.dtype)
+        dx = torch.addcmul(dyw, x_hat, (dyw * x_hat).mean(-1, keepdim=True), value=-1).mul_(rstd)
         return dx.to(ctx.x_dtype), dw.to(weight.dtype), None, None
 
 
