@@ -44,6 +44,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad = logits if overwrite else torch.empty_like(logits)
         same_dtype = logits.dtype == acc  # fp32 logits: work in the gradient's own rows, no copies
+        minus_inv_n = torch.full((min(step, n), 1), -1.0 / n, dtype=acc, device=logits.device)  # at each target
         for r in range(0, n, step):
             rows = slice(r, r + step)
             z, t = logits[rows].to(acc), targets[rows, None]
@@ -53,7 +54,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 continue
             p = grad[rows] if same_dtype else torch.empty_like(z)
             torch.sub(z, lse[:, None], out=p).exp_().mul_(1.0 / n)
-            p.scatter_add_(1, t, torch.full((p.shape[0], 1), -1.0 / n, dtype=acc, device=p.device))
+            p.scatter_add_(1, t, minus_inv_n[:p.shape[0]])
             if not same_dtype:
                 grad[rows].copy_(p)
         if grad is not None:
