@@ -11,10 +11,17 @@ Three links close that:
   SIGKILLed torchrun leaves no worker behind;
 - the launcher passes SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 on to torchrun (which runs in
   its own process group, so Ctrl-C reaches it once, through the launcher).
+
+A stop signal (SIGTERM, SIGINT, SIGHUP) must stop the job even when torchrun misses it (a CI run
+once saw a job train on for minutes after its launcher got SIGTERM). So if torchrun has not
+exited `RESEND_AFTER_S` after a stop signal, the launcher sends it again, and after
+`KILL_AFTER_S` (torchrun gives its workers 30 s to stop before it kills them) it kills torchrun's
+process group; the workers then die with torchrun (`guard_worker`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -23,10 +30,14 @@ import sys
 import threading
 from collections.abc import Sequence
 
-__all__ = ["FORWARDED_SIGNALS", "LAUNCHER_PID_ENV", "guard_worker", "run_supervised", "set_parent_death_signal"]
+__all__ = ["FORWARDED_SIGNALS", "LAUNCHER_PID_ENV", "STOP_SIGNALS", "guard_worker", "run_supervised",
+           "set_parent_death_signal", "supervise"]
 
 PR_SET_PDEATHSIG = 1
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+RESEND_AFTER_S = 10.0
+KILL_AFTER_S = 60.0
 LAUNCHER_PID_ENV = "LMFORGE_LAUNCHER_PID"
 
 
@@ -66,13 +77,42 @@ def run_supervised(torchrun_cmd: Sequence[str], env: dict[str, str], pass_fds: S
     cmd = [torchrun_cmd[0], "-m", "lmforge.launcher", str(os.getpid()), *torchrun_cmd[3:]]
     child = subprocess.Popen(cmd, env={**env, LAUNCHER_PID_ENV: str(os.getpid())}, pass_fds=tuple(pass_fds),
                              process_group=0)
+    return supervise(child)
+
+
+def supervise(child: subprocess.Popen, resend_after_s: float = RESEND_AFTER_S,
+              kill_after_s: float = KILL_AFTER_S) -> int:
+    """Wait for `child` (the leader of its own process group), passing FORWARDED_SIGNALS on; after
+    a stop signal, send it again at `resend_after_s` and kill the child's process group at
+    `kill_after_s` if the child is still running. Returns its exit code (negative: its signal)."""
+    timers: list[threading.Timer] = []
+
+    def resend(sig: int) -> None:
+        if child.returncode is None:
+            child.send_signal(sig)
+
+    def kill_group() -> None:
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+
+    def forward(sig: int, _frame: object) -> None:
+        child.send_signal(sig)
+        if sig in STOP_SIGNALS and not timers:
+            timers.extend([threading.Timer(resend_after_s, resend, (sig,)), threading.Timer(kill_after_s, kill_group)])
+            for timer in timers:
+                timer.daemon = True
+                timer.start()
+
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in FORWARDED_SIGNALS:
-            previous[sig] = signal.signal(sig, lambda s, _frame: child.send_signal(s))
+            previous[sig] = signal.signal(sig, forward)
     try:
         return child.wait()
     finally:
+        for timer in timers:
+            timer.cancel()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
