@@ -11,8 +11,8 @@ forward, loss, backward, clip_grad_norm_(1.0), optimizer step, zero_grad.
 
 The loss (`--loss`, default `library`): each library computes its own loss as its users get it,
 lmforge the chunked fp32 cross-entropy as its trainer calls it (`lmforge.models.common.cross_entropy`,
-gradient written into the logits), HF
-its `labels=` path (`ForCausalLMLoss`, given `shift_labels` so both score the same 2048 tokens).
+gradient written into the logits), HF its `labels=` path (`ForCausalLMLoss`, given `shift_labels`
+so both score the same 2048 tokens).
 With `--loss same` both models' logits go through one function (logits -> float ->
 F.cross_entropy), so the comparison is model against model alone.
 

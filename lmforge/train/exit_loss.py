@@ -38,7 +38,6 @@ class ExitLoss:
         overwritten with their gradients (see models/common/cross_entropy.py)."""
         if len(exit_logits) != len(self.layers):
             raise ValueError(f"got {len(exit_logits)} exit logits for exits after {self.layers} blocks")
-        # The exits' logits are read no more after their loss: each takes its gradient in place.
         losses = torch.stack([cross_entropy(z, targets, overwrite_logits=True) for z in exit_logits])
         self._sums[:-1] += losses.detach().to(torch.float64)
         self._sums[-1] += 1
