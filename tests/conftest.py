@@ -36,7 +36,7 @@ def one_thread():
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The folder says how a test runs: each test gets its folder's marker (`-m cli`,
     `-m "not multi_rank"`). Every test in tests/multi_rank spawns several gloo ranks, so it is
-    `distributed` too (tests/cli marks its torchrun cases one by one)."""
+    `distributed` too (tests/cli marks its multi-rank cases one by one)."""
     folder_markers = {"unit": ("unit",), "multi_rank": ("multi_rank", "distributed"), "cli": ("cli",)}
     tests_dir = Path(__file__).resolve().parent
     for item in items:

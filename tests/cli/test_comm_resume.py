@@ -1,4 +1,4 @@
-"""Gradient compression through `lmforge train --comm.compression X` on 2 DDP ranks (torchrun):
+"""Gradient compression through `lmforge train --comm.compression X` on 2 DDP ranks (forked as torchrun starts them):
 N steps, checkpoint, resume for N more == 2N steps straight, bit for bit (losses at every step,
 validation losses, final weights); the error-feedback residuals (PowerSGD: its error and Q
 factors) are in the checkpoint, so the resumed run sends the same bits. Also: the train metrics
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.cli import read_metrics, run_cli, run_process_group, tiny_run_args
+from tests.helpers.cli import read_metrics, run_process_group, tiny_run_args, train_ranks
 from tests.helpers.parity import final_weights
 
 N = 4  # PowerSGD compresses from step 3 on: steps 3-4 before the save, its state saved and resumed
@@ -43,10 +43,10 @@ def test_compressed_resume_is_bit_identical(tiny_data_dir: Path, tmp_path: Path,
               "--train.eval_interval", "3", "--checkpoint.interval", "100", "--parallel.dp_replicate", "2",
               "--parallel.dp_shard", "1", *RUNS[kind], "--comm.powersgd_rank", "2", "--comm.topk_fraction", "0.05"]
     straight = tmp_path / "straight"
-    run_cli(["train", *tiny_run_args(tiny_data_dir, straight, *common)], nproc=2)
+    train_ranks(tiny_run_args(tiny_data_dir, straight, *common), nproc=2)
     split = tmp_path / "split"
-    run_cli(["train", *tiny_run_args(tiny_data_dir, split, *common, "--train.stop_at", str(N))], nproc=2)
-    run_cli(["train", *tiny_run_args(tiny_data_dir, split, *common, "--checkpoint.resume", "auto")], nproc=2)
+    train_ranks(tiny_run_args(tiny_data_dir, split, *common, "--train.stop_at", str(N)), nproc=2)
+    train_ranks(tiny_run_args(tiny_data_dir, split, *common, "--checkpoint.resume", "auto"), nproc=2)
 
     a, b = _losses(straight), _losses(split)
     assert sorted(a) == list(range(1, 2 * N + 1)) and sorted(b) == sorted(a)

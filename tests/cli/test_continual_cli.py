@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.cli import read_metrics, run_cli, run_process_group, tiny_run_args, train_in_process
+from tests.helpers.cli import read_metrics, run_process_group, tiny_run_args, train_in_process, train_ranks
 from tests.helpers.parity import WEIGHT_PARITY
 
 SMALL = ["--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.eval_interval", "0"]
@@ -63,7 +63,7 @@ def test_fsdp2_continual_run_matches_one_process(base: Path, tiny_data_dir: Path
                  "--data.domain_weights", "chinese:1", "--data.replay_fraction", "0.25",
                  "--train.unfreeze", '[{step = 0, layers = "top:0"}, {step = 2, layers = "top:1", lr_scale = 0.5}]']
     train_in_process(tiny_run_args(tiny_data_dir, tmp_path / "one", *continual))
-    proc = run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path / "fsdp", *continual)], nproc=2)
+    proc = train_ranks(tiny_run_args(tiny_data_dir, tmp_path / "fsdp", *continual), nproc=2)
     assert "init_from " in proc.stdout and "replay 25%" in proc.stdout
     one = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "one")}
     two = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "fsdp")}

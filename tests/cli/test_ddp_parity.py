@@ -1,8 +1,8 @@
 """Layout parity: DDP, FSDP2 (ZeRO-3 and ZeRO-2-like), HSDP, tensor parallel (with and without sequence
-and loss parallel) and FSDP2 x TP under torchrun reach the same per-step losses (1e-5 relative) as one
-process with the same global batch (and as one process with accumulation), and the same final weights
-(1e-4, from each run's last checkpoint). FSDP2 and TP with torch.compile reach the eager losses and
-final weights."""
+and loss parallel) and FSDP2 x TP on gloo ranks (one layout under torchrun, the rest forked the way
+torchrun starts them) reach the same per-step losses (1e-5 relative) as one process with the same
+global batch (and as one process with accumulation), and the same final weights (1e-4, from each
+run's last checkpoint). FSDP2 and TP with torch.compile reach the eager losses and final weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process
+from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process, train_ranks
 from tests.helpers.parity import WEIGHT_PARITY, assert_same_final_weights, library_warnings
 
 STEPS = 6
@@ -80,7 +80,7 @@ def test_data_parallel_layout_matches_single_process(layout: str, tiny_data_dir:
     if layout == "fsdp":  # through `lmforge train --nproc N`, which wraps torchrun
         proc = run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra), "--nproc", str(nproc)])
     else:
-        proc = run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra)], nproc=nproc)
+        proc = train_ranks(tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra), nproc=nproc)
     # No library warning reaches the user's terminal (e.g. torch's DeviceMesh slicing deprecation).
     assert library_warnings(proc.stderr) == [], layout
     assert_close(reference, per_step(tmp_path), layout)
@@ -93,8 +93,8 @@ def test_data_parallel_layout_matches_single_process(layout: str, tiny_data_dir:
 def test_fsdp_memory_per_rank_falls_with_shards(shards: int, tiny_data_dir: Path, tmp_path: Path,
                                                reference_dir: Path) -> None:
     """Parameter + gradient + optimizer bytes per rank are ~1/N of one process under dp_shard=N."""
-    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, "--train.steps", "2",
-                                     "--train.micro_batch_size", str(8 // shards))], nproc=shards)
+    train_ranks(tiny_run_args(tiny_data_dir, tmp_path, *COMMON, "--train.steps", "2",
+                              "--train.micro_batch_size", str(8 // shards)), nproc=shards)
     whole = memory(reference_dir, 0)
     for rank in range(shards):
         mine = memory(tmp_path, rank)
@@ -130,8 +130,8 @@ def test_compiled_layout_matches_eager(layout: str, tiny_data_dir: Path, tmp_pat
     final weights (checkpoint after the last step) within the eager layouts' 1e-4."""
     nproc, extra = COMPILED[layout]
     run = tmp_path / "compiled"
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON, *extra, "--train.compile", "true",
-                                     "--train.stop_at", str(COMPILED_STEPS))], nproc=nproc, timeout=600)
+    train_ranks(tiny_run_args(tiny_data_dir, run, *COMMON, *extra, "--train.compile", "true",
+                              "--train.stop_at", str(COMPILED_STEPS)), nproc=nproc, timeout=600)
     got = [r["loss"] for r in read_metrics(run)]
     assert got == pytest.approx(reference[:COMPILED_STEPS], rel=1e-4), layout
     assert_same_final_weights(reference_at_stop_dir, run, layout)

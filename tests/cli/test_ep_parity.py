@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process
+from tests.helpers.cli import read_metrics, tiny_run_args, train_in_process, train_ranks
 
 STEPS = 6
 MOE = ["--model.moe.n_experts", "4", "--model.moe.top_k", "2", "--model.moe.expert_hidden", "32",
@@ -85,7 +85,7 @@ def test_expert_parallel_matches_one_process(layout: str, reference: Path, tiny_
                                              tmp_path: Path) -> None:
     nproc, extra, shown = LAYOUTS[layout]
     run = tmp_path / "ep"
-    proc = run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON, *extra)], nproc=nproc)
+    proc = train_ranks(tiny_run_args(tiny_data_dir, run, *COMMON, *extra), nproc=nproc)
     assert shown in proc.stdout
     ref = losses(reference)
     assert_close(ref, losses(run), range(1, STEPS + 1), layout)
@@ -105,8 +105,8 @@ def test_expert_parallel_matches_one_process(layout: str, reference: Path, tiny_
         for name, source, nproc, extra in (("ep2 -> single", run, 1, []),
                                            ("single -> ep2", reference, 2, ["--parallel.ep", "2"])):
             resumed = tmp_path / name.replace(" ", "")
-            out = run_cli(["train", *tiny_run_args(tiny_data_dir, resumed, *COMMON, *extra, "--checkpoint.resume",
-                                                  str(source / "checkpoints/step-00000003"))], nproc=nproc)
+            out = train_ranks(tiny_run_args(tiny_data_dir, resumed, *COMMON, *extra, "--checkpoint.resume",
+                                           str(source / "checkpoints/step-00000003")), nproc=nproc)
             assert "resumed from" in out.stdout
             assert_close(ref, losses(resumed), range(4, STEPS + 1), name)
 
@@ -121,9 +121,9 @@ def test_expert_parallel_under_pipeline_matches_one_process(tiny_data_dir: Path,
     """pp=2 x dp_shard=2 x ep=2 (4 ranks): each rank's micro-batch of 4 is split into 2 pipeline
     micro-batches of 2 sequences, routed each on its own: the reference accumulates 4 of 2."""
     train_in_process(tiny_run_args(tiny_data_dir, tmp_path / "single", *COMMON, *PLAIN_ROUTING))
-    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path / "pp", *COMMON, *PLAIN_ROUTING, "--parallel.pp", "2",
-                                     "--parallel.dp_shard", "2", "--parallel.ep", "2",
-                                     "--train.micro_batch_size", "4")], nproc=4)
+    train_ranks(tiny_run_args(tiny_data_dir, tmp_path / "pp", *COMMON, *PLAIN_ROUTING, "--parallel.pp", "2",
+                              "--parallel.dp_shard", "2", "--parallel.ep", "2",
+                              "--train.micro_batch_size", "4"), nproc=4)
     for key in ("loss", "grad_norm"):
         assert_close(losses(tmp_path / "single", key), losses(tmp_path / "pp", key), range(1, STEPS + 1),
                      f"pp2 x dp_shard2 x ep2 {key}")
@@ -139,8 +139,8 @@ def test_router_losses_of_every_stage_train_under_pipeline(tiny_data_dir: Path, 
     router = ["--model.moe.aux_loss_coef", "0.1", "--model.moe.z_loss_coef", "0.01",
               "--model.moe.bias_update_rate", "0", "--checkpoint.enabled", "false"]
     train_in_process(tiny_run_args(tiny_data_dir, tmp_path / "single", *COMMON, *router))
-    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path / "pp", *COMMON, *router, "--parallel.pp", "2",
-                                     "--parallel.dp_shard", "1", "--train.micro_batch_size", "4")], nproc=2)
+    train_ranks(tiny_run_args(tiny_data_dir, tmp_path / "pp", *COMMON, *router, "--parallel.pp", "2",
+                              "--parallel.dp_shard", "1", "--train.micro_batch_size", "4"), nproc=2)
     for key in ("loss", "grad_norm"):
         assert_close(losses(tmp_path / "single", key), losses(tmp_path / "pp", key), range(1, STEPS + 1),
                      f"pp2 with router losses {key}")
@@ -169,7 +169,7 @@ def bias_runs(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """(one process, pp=2) with bias balancing and router losses, checkpoints at steps 3 and 6."""
     single, pp = tmp_path_factory.mktemp("bias_single"), tmp_path_factory.mktemp("bias_pp")
     train_in_process(tiny_run_args(tiny_data_dir, single, *COMMON, *BIAS_PP_LAYERS))
-    run_cli(["train", *tiny_run_args(tiny_data_dir, pp, *COMMON, *BIAS_PP_LAYERS, *BIAS_PP)], nproc=2)
+    train_ranks(tiny_run_args(tiny_data_dir, pp, *COMMON, *BIAS_PP_LAYERS, *BIAS_PP), nproc=2)
     return single, pp
 
 
@@ -196,8 +196,8 @@ def test_bias_balancing_under_pipeline_resumes(bias_runs: tuple[Path, Path], tin
     process's, biases included."""
     single, pp = bias_runs
     resumed = tmp_path / "resumed"
-    out = run_cli(["train", *tiny_run_args(tiny_data_dir, resumed, *COMMON, *BIAS_PP_LAYERS, *BIAS_PP,
-                                           "--checkpoint.resume", str(pp / "checkpoints/step-00000003"))], nproc=2)
+    out = train_ranks(tiny_run_args(tiny_data_dir, resumed, *COMMON, *BIAS_PP_LAYERS, *BIAS_PP,
+                                    "--checkpoint.resume", str(pp / "checkpoints/step-00000003")), nproc=2)
     assert "resumed from" in out.stdout
     for key in ("loss", "grad_norm"):
         assert_close(losses(single, key), losses(resumed, key), range(4, STEPS + 1), f"pp2 resumed bias {key}")

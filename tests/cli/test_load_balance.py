@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, tiny_run_args, train_ranks
 
 STEPS, SAVE_AT = 12, 6
 COMMON = ["--train.steps", str(STEPS), "--train.global_batch_size", "8", "--train.micro_batch_size", "4",
@@ -27,13 +27,13 @@ def test_balancing_cuts_step_time_with_equal_losses(tiny_data_dir: Path, tmp_pat
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LMFORGE_FAULTS", json.dumps({"delay_rank": 1, "delay_per_sample_s": 0.05}))
     equal, balanced, resumed = tmp_path / "equal", tmp_path / "balanced", tmp_path / "resumed"
-    first = run_cli(["train", *tiny_run_args(tiny_data_dir, equal, *COMMON, "--checkpoint.enabled", "false")],
-                    nproc=2)
+    first = train_ranks(tiny_run_args(tiny_data_dir, equal, *COMMON, "--checkpoint.enabled", "false"),
+                        nproc=2)
     on = ["--comm.load_balance", "true", "--checkpoint.interval", str(SAVE_AT)]
-    run_cli(["train", *tiny_run_args(tiny_data_dir, balanced, *COMMON, *on)], nproc=2)
+    train_ranks(tiny_run_args(tiny_data_dir, balanced, *COMMON, *on), nproc=2)
     saved = balanced / "checkpoints" / f"step-{SAVE_AT:08d}"
-    proc = run_cli(["train", *tiny_run_args(tiny_data_dir, resumed, *COMMON, *on, "--checkpoint.resume", str(saved))],
-                   nproc=2)
+    proc = train_ranks(tiny_run_args(tiny_data_dir, resumed, *COMMON, *on, "--checkpoint.resume", str(saved)),
+                       nproc=2)
     assert f"resumed from {saved}" in proc.stdout
     a, b, c = read_metrics(equal), read_metrics(balanced), read_metrics(resumed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))

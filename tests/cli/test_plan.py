@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import REPO, read_metrics, run_cli, train_in_process
+from tests.helpers.cli import REPO, read_metrics, train_in_process, train_ranks
 
 PY = [sys.executable, "-m", "lmforge"]
 
@@ -101,7 +101,7 @@ def _short_run(data: Path, out: Path, recipe: str, nproc: int, extra: list[str])
     if nproc == 1:
         train_in_process(args)
     else:
-        run_cli(["train", *args], nproc=nproc, timeout=600)
+        train_ranks(args, nproc=nproc, timeout=600)
 
 
 @pytest.mark.slow
@@ -159,15 +159,15 @@ def test_recommended_layout_runs_and_beats_the_worst_ranked(tiny_data_dir: Path,
               "--train.eval_interval", "0", "--checkpoint.enabled", "false", "--metrics.log_interval", "4",
               "--metrics.tensorboard", "false", "--metrics.progress", "none", "--metrics.plot", "false",
               "--metrics.peak_flops", "1e11"]
-    run_cli(["train", str(best), *common], nproc=2, timeout=900)
+    train_ranks([str(best), *common], nproc=2, timeout=900)
     p, t = worst.parallel, worst.train
     worst_args = ["--parallel.tp", str(p.tp), "--parallel.pp", str(p.pp), "--parallel.dp_replicate",
                   str(p.dp_replicate), "--parallel.dp_shard", str(p.dp_shard), "--parallel.pp_schedule", p.pp_schedule,
                   "--parallel.pp_microbatches", str(p.pp_microbatches), "--train.micro_batch_size",
                   str(t.micro_batch_size), "--train.activation_checkpointing", t.activation_checkpointing,
                   "--model.tie_embeddings", str(worst.model.tie_embeddings).lower()]
-    run_cli(["train", "recipes/tiny-dense.toml", "--train.seq_len", "128", "--train.global_batch_size", "8",
-             "--train.output_dir", str(tmp_path / "worst-run"), *common, *worst_args], nproc=2, timeout=900)
+    train_ranks(["recipes/tiny-dense.toml", "--train.seq_len", "128", "--train.global_batch_size", "8",
+                 "--train.output_dir", str(tmp_path / "worst-run"), *common, *worst_args], nproc=2, timeout=900)
     rate = {k: read_metrics(tmp_path / f"{k}-run")[-1]["tokens_per_s"] for k in ("best", "worst")}
     print(f"recommended {rate['best']:.0f} tokens/s, worst ranked ({worst.parallel}, micro-batch "
           f"{worst.train.micro_batch_size}, recompute {worst.train.activation_checkpointing}) {rate['worst']:.0f}")

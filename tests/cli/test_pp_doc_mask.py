@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process
+from tests.helpers.cli import read_metrics, tiny_run_args, train_in_process, train_ranks
 from tests.helpers.parity import WEIGHT_PARITY, assert_same_final_weights
 
 STEPS = 4
@@ -59,9 +59,9 @@ def reference(short_docs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFa
 @pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
 def test_pp2_with_document_masks_matches_single_process(schedule: str, short_docs: tuple[Path, Path],
                                                         reference: Path, tmp_path: Path) -> None:
-    run_cli(["train", *run_args(short_docs, tmp_path, "--parallel.pp", "2", "--parallel.dp_shard", "1",
-                                "--parallel.pp_schedule", schedule, "--parallel.pp_microbatches", "2",
-                                "--train.micro_batch_size", "4")], nproc=2)
+    train_ranks(run_args(short_docs, tmp_path, "--parallel.pp", "2", "--parallel.dp_shard", "1",
+                         "--parallel.pp_schedule", schedule, "--parallel.pp_microbatches", "2",
+                         "--train.micro_batch_size", "4"), nproc=2)
     for name in ("train", "val"):
         ref, got = losses(reference, name), losses(tmp_path, name)
         assert len(got) == len(ref) > 0

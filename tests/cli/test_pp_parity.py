@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process
+from tests.helpers.cli import read_metrics, tiny_run_args, train_in_process, train_ranks
 from tests.helpers.parity import WEIGHT_PARITY, assert_same_final_weights
 
 STEPS = 5
@@ -49,10 +49,10 @@ SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb"
 def test_pp2_schedule_matches_single_process(schedule: str, tiny_data_dir: Path, tmp_path: Path,
                                              reference_dir: Path) -> None:
     micro = "4" if schedule == "dualpipev" else "2"
-    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, "--parallel.pp", "2",
-                                     "--parallel.dp_shard", "1", "--parallel.pp_schedule", schedule,
-                                     "--parallel.pp_microbatches", micro, "--train.micro_batch_size", "4")],
-            nproc=2)
+    train_ranks(tiny_run_args(tiny_data_dir, tmp_path, *COMMON, "--parallel.pp", "2",
+                              "--parallel.dp_shard", "1", "--parallel.pp_schedule", schedule,
+                              "--parallel.pp_microbatches", micro, "--train.micro_batch_size", "4"),
+                nproc=2)
     assert_matches(reference_dir, tmp_path, schedule)
 
 
@@ -76,7 +76,7 @@ COMBINED = {
 def test_pp_combined_layouts_match_single_process(layout: str, tiny_data_dir: Path, tmp_path: Path,
                                                   reference_dir: Path) -> None:
     nproc, extra = COMBINED[layout]
-    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra)], nproc=nproc, timeout=600)
+    train_ranks(tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *extra), nproc=nproc, timeout=600)
     assert_matches(reference_dir, tmp_path, layout)
 
 
@@ -85,11 +85,11 @@ def test_pp_combined_layouts_match_single_process(layout: str, tiny_data_dir: Pa
 def test_pp2_1f1b_compiled_matches_eager(tiny_data_dir: Path, tmp_path: Path, reference_dir: Path) -> None:
     """torch.compile per block on the pipeline stages; the single-process compile test's tolerance."""
     steps = 3  # compile is 15-20 s cold per process
-    run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, "--parallel.pp", "2",
-                                     "--parallel.dp_shard", "1", "--parallel.pp_schedule", "1f1b",
-                                     "--parallel.pp_microbatches", "2", "--train.micro_batch_size", "4",
-                                     "--train.compile", "true", "--train.stop_at", str(steps))],
-            nproc=2, timeout=600)
+    train_ranks(tiny_run_args(tiny_data_dir, tmp_path, *COMMON, "--parallel.pp", "2",
+                              "--parallel.dp_shard", "1", "--parallel.pp_schedule", "1f1b",
+                              "--parallel.pp_microbatches", "2", "--train.micro_batch_size", "4",
+                              "--train.compile", "true", "--train.stop_at", str(steps)),
+                nproc=2, timeout=600)
     assert per_step(tmp_path) == pytest.approx(per_step(reference_dir)[:steps], rel=1e-4)
     # Final weights against one eager process stopped at the same step (the eager layouts' 1e-4).
     eager = tmp_path.parent / f"{tmp_path.name}-eager"

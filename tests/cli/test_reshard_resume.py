@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process
+from tests.helpers.cli import read_metrics, tiny_run_args, train_in_process, train_ranks
 
 COMMON = ["--train.steps", "8", "--train.global_batch_size", "8", "--train.eval_interval", "0",
           "--checkpoint.interval", "4"]
@@ -61,7 +61,7 @@ def first_half(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
             if nproc == 1:
                 train_in_process(args)
             else:
-                run_cli(["train", *args], nproc=nproc)
+                train_ranks(args, nproc=nproc)
             runs[key] = run
         return runs[key]
 
@@ -75,8 +75,8 @@ def test_resume_under_another_layout(change: str, tiny_data_dir: Path, tmp_path:
                                      straight: dict[int, float], first_half: Callable[[int, list[str]], Path]) -> None:
     n1, layout1, n2, layout2 = LAYOUT_CHANGES[change]
     shutil.copytree(first_half(n1, layout1), tmp_path, dirs_exist_ok=True)
-    proc = run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *layout2,
-                                            "--checkpoint.resume", "auto")], nproc=n2)
+    proc = train_ranks(tiny_run_args(tiny_data_dir, tmp_path, *COMMON, *layout2,
+                                     "--checkpoint.resume", "auto"), nproc=n2)
     assert "resumed from" in proc.stdout and "step-00000004" in proc.stdout
     got = losses(tmp_path)
     assert sorted(got) == list(range(1, 9))
@@ -91,9 +91,9 @@ def test_pp2_resumes_its_own_checkpoint_exactly(tiny_data_dir: Path, tmp_path: P
     norms of the uninterrupted pp=2 run (same layout, same arithmetic: 1e-6 relative)."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     args = [*COMMON, *PP2, "--checkpoint.interval", "3"]
-    run_cli(["train", *tiny_run_args(tiny_data_dir, whole, *args)], nproc=2)
-    run_cli(["train", *tiny_run_args(tiny_data_dir, parts, *args, "--train.stop_at", "3")], nproc=2)
-    proc = run_cli(["train", *tiny_run_args(tiny_data_dir, parts, *args, "--checkpoint.resume", "auto")], nproc=2)
+    train_ranks(tiny_run_args(tiny_data_dir, whole, *args), nproc=2)
+    train_ranks(tiny_run_args(tiny_data_dir, parts, *args, "--train.stop_at", "3"), nproc=2)
+    proc = train_ranks(tiny_run_args(tiny_data_dir, parts, *args, "--checkpoint.resume", "auto"), nproc=2)
     assert "resumed from" in proc.stdout and "step-00000003" in proc.stdout
     want = {r["step"]: r for r in read_metrics(whole)}
     got = {r["step"]: r for r in read_metrics(parts)}

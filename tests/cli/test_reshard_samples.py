@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.train.trace import read_traces
-from tests.helpers.cli import run_cli, tiny_run_args, train_in_process
+from tests.helpers.cli import run_cli, tiny_run_args, train_in_process, train_ranks
 
 STEPS = 9
 COMMON = ["--train.steps", str(STEPS), "--train.global_batch_size", "4", "--train.eval_interval", "0",
@@ -37,13 +37,13 @@ def test_dp_2_to_1_to_2_sees_each_sample_once(tiny_data_dir: Path, tmp_path: Pat
 
     run = tmp_path / "resharded"
     # dp 2 for steps 1-3, dp 1 (2 micro-batches of 2 accumulated) for 4-6, dp 2 again for 7-9.
-    run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON, "--train.micro_batch_size", "2",
-                                     "--train.stop_at", "3")], nproc=2)
+    train_ranks(tiny_run_args(tiny_data_dir, run, *COMMON, "--train.micro_batch_size", "2",
+                              "--train.stop_at", "3"), nproc=2)
     proc = run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON, "--train.micro_batch_size", "2",
                                             "--train.stop_at", "6", "--checkpoint.resume", "auto")])
     assert "resumed from" in proc.stdout and "step-00000003" in proc.stdout
-    proc = run_cli(["train", *tiny_run_args(tiny_data_dir, run, *COMMON, "--train.micro_batch_size", "2",
-                                            "--checkpoint.resume", "auto")], nproc=2)
+    proc = train_ranks(tiny_run_args(tiny_data_dir, run, *COMMON, "--train.micro_batch_size", "2",
+                                     "--checkpoint.resume", "auto"), nproc=2)
     assert "step-00000006" in proc.stdout
 
     ref_pos, ref_windows, ref_steps = samples(straight)
