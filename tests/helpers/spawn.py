@@ -1,7 +1,9 @@
 """Run a function on N gloo ranks in fresh processes and collect what each rank returns.
 
 forkserver: torch is imported once in a clean server process and the ranks are forked from it
-(no per-rank torch import: seconds saved on 2 cores; no fork of pytest's own state). Each rank
+(no per-rank torch import: seconds saved on 2 cores; no fork of pytest's own state). One server
+serves the whole pytest process, `train_ranks` in tests/helpers/cli.py too: the first caller's
+`preload` is the one that holds. Each rank
 ends with barrier, destroy_process_group and os._exit(0): a plain return aborts now and then in
 gloo's teardown.
 """
