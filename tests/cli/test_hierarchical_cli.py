@@ -1,6 +1,6 @@
-"""`lmforge train --comm.hierarchical true` under torchrun: 4 ranks as 2 nodes x 2 (DDP) reach the
-per-step losses (1e-5 relative) and final weights (1e-4) of one process on the same global batch,
-as flat DDP does (tests/cli/test_ddp_parity.py)."""
+"""`lmforge train --comm.hierarchical true` on 4 ranks (forked as torchrun starts them) as 2 nodes x
+2 (DDP) reach the per-step losses (1e-5 relative) and final weights (1e-4) of one process on the
+same global batch, as flat DDP does (tests/cli/test_ddp_parity.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args, train_in_process
+from tests.helpers.cli import read_metrics, tiny_run_args, train_in_process, train_ranks
 from tests.helpers.parity import WEIGHT_PARITY, assert_same_final_weights, library_warnings
 
 STEPS = 4
@@ -27,9 +27,9 @@ def losses(run_dir: Path) -> list[float]:
 def test_hierarchical_ddp_matches_single_process(tiny_data_dir: Path, tmp_path: Path) -> None:
     single, hier = tmp_path / "single", tmp_path / "hier"
     train_in_process(tiny_run_args(tiny_data_dir, single, *COMMON, "--train.micro_batch_size", "8"))
-    proc = run_cli(["train", *tiny_run_args(tiny_data_dir, hier, *COMMON, "--train.micro_batch_size", "2",
-                                            "--parallel.dp_replicate", "4", "--parallel.dp_shard", "1",
-                                            "--comm.hierarchical", "true", "--comm.node_size", "2")], nproc=4)
+    proc = train_ranks(tiny_run_args(tiny_data_dir, hier, *COMMON, "--train.micro_batch_size", "2",
+                                     "--parallel.dp_replicate", "4", "--parallel.dp_shard", "1",
+                                     "--comm.hierarchical", "true", "--comm.node_size", "2"), nproc=4)
     assert library_warnings(proc.stderr) == []
     ref, got = losses(single), losses(hier)
     assert ref[-1] < ref[0]

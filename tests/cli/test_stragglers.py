@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
+from tests.helpers.cli import read_metrics, tiny_run_args, train_ranks
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_slow_rank_is_reported(tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LMFORGE_FAULTS", json.dumps({"delay_rank": 1, "delay_s": 0.06}))
-    proc = run_cli(["train", *tiny_run_args(tiny_data_dir, tmp_path, "--train.steps", "6", "--train.global_batch_size",
-                                            "4", "--train.micro_batch_size", "2", "--train.eval_interval", "0",
-                                            "--checkpoint.enabled", "false", "--metrics.log_interval", "2",
-                                            "--metrics.straggler_factor", "1.5")], nproc=2)
+    proc = train_ranks(tiny_run_args(tiny_data_dir, tmp_path, "--train.steps", "6", "--train.global_batch_size",
+                                     "4", "--train.micro_batch_size", "2", "--train.eval_interval", "0",
+                                     "--checkpoint.enabled", "false", "--metrics.log_interval", "2",
+                                     "--metrics.straggler_factor", "1.5"), nproc=2)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [2, 4, 6]
     for r in rows[1:]:  # the first window holds step 1's one-off work (allocations, memory report)
