@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -121,30 +120,11 @@ def train_ranks(args: list[str], nproc: int, timeout: int = 300) -> subprocess.C
     torchrun and 1.9 s forked, on 2 cores. For jobs where what the ranks compute is the point
     (layout parity, resumes, memory); the torchrun process itself stays under test through run_cli.
     Fails loudly with every rank's output; returns the ranks' stdout and stderr, in rank order."""
-    import multiprocessing
-
-    import torch.multiprocessing as mp
-
-    from tests.helpers.spawn import free_port
+    from tests.helpers.spawn import fork_ranks, free_port
 
     out = Path(tempfile.mkdtemp(prefix="train-ranks-"))
-    multiprocessing.set_forkserver_preload(list(TRAIN_PRELOAD))  # only if no test started the server yet
-    ctx = mp.start_processes(_train_rank, args=(nproc, free_port(), str(out), dict(os.environ), args), nprocs=nproc,
-                             join=False, start_method="forkserver")
-    deadline = time.monotonic() + timeout
-    failure = ""
-    try:
-        while not ctx.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
-                failure = f"timed out after {timeout} s"
-                break
-    except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:  # a rank failed: the others are terminated
-        failure = str(e)
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    failure = fork_ranks(_train_rank, nproc, (nproc, free_port(), str(out), dict(os.environ), args), TRAIN_PRELOAD,
+                         timeout)
     text = {name: "".join((out / f"{name}{r}.txt").read_text(errors="replace")
                           for r in range(nproc) if (out / f"{name}{r}.txt").exists())
             for name in ("stdout", "stderr")}

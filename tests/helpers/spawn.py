@@ -2,10 +2,10 @@
 
 forkserver: torch is imported once in a clean server process and the ranks are forked from it
 (no per-rank torch import: seconds saved on 2 cores; no fork of pytest's own state). One server
-serves the whole pytest process, `train_ranks` in tests/helpers/cli.py too: the first caller's
-`preload` is the one that holds. Each rank
-ends with barrier, destroy_process_group and os._exit(0): a plain return aborts now and then in
-gloo's teardown.
+serves the whole pytest process (`fork_ranks` starts every rank: `run_ranks` here, `train_ranks`
+in tests/helpers/cli.py): the first caller's `preload` is the one that holds. Each rank ends with
+barrier, destroy_process_group and os._exit(0): a plain return aborts now and then in gloo's
+teardown.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -45,17 +46,35 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str, a
     os._exit(0)
 
 
+def fork_ranks(entry: Callable[..., None], nprocs: int, args: tuple, preload: Sequence[str], timeout: float) -> str:
+    """Run `entry(rank, *args)` in `nprocs` processes forked from the server; wait up to `timeout`
+    seconds. Returns "" when every process exited 0, else why not (a rank that exits non-zero
+    ends the others; at the timeout all are killed). `entry` must be a module-level function."""
+    multiprocessing.set_forkserver_preload(list(preload))  # only if no caller has started the server yet
+    ctx = mp.start_processes(entry, args=args, nprocs=nprocs, join=False, start_method="forkserver")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=min(5.0, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return f"timed out after {timeout:g} s"
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+        return str(e)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return ""
+
+
 def run_ranks(fn: Callable[..., Any], world: int, out: Path, args: tuple = (),
-              preload: Sequence[str] = ("torch",)) -> list[Any]:
+              preload: Sequence[str] = ("torch",), timeout: float = 900) -> list[Any]:
     """Call `fn(rank, world, *args)` on `world` gloo ranks (the default process group is set up);
     return the per-rank results. `fn` must be a module-level function (pickled by reference)."""
     out.mkdir(parents=True, exist_ok=True)
     os.environ["OMP_NUM_THREADS"] = "1"
-    multiprocessing.set_forkserver_preload(list(preload))
-    try:
-        mp.start_processes(_entry, args=(fn, world, free_port(), str(out), args), nprocs=world, join=True,
-                           start_method="forkserver")
-    except Exception as e:
+    failure = fork_ranks(_entry, world, (fn, world, free_port(), str(out), args), preload, timeout)
+    if failure:
         errors = "\n".join(p.read_text() for p in sorted(out.glob("error*.txt")))
-        raise AssertionError(f"ranks failed: {e}\n{errors}") from None
+        raise AssertionError(f"ranks failed: {failure}\n{errors}")
     return [torch.load(out / f"result{r}.pt", weights_only=False) for r in range(world)]

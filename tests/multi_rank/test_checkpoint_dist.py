@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -15,18 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lmforge.models.llama.sizes import SIZES
+from tests.helpers.spawn import fork_ranks, free_port, run_ranks
 
 CFG = replace(SIZES["debug"], max_seq_len=32)
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _draws() -> list:
@@ -113,17 +106,12 @@ def _worker(rank: int, phase: str, port: int, root: str, out: str) -> None:
 
 
 def _run(phase: str, root: Path, out: Path) -> list[dict]:
-    # forkserver: torch is imported once in a clean server process and each phase's ranks are forked
-    # from it (fresh processes, no per-rank import of torch: seconds saved on 2 cores).
-    import multiprocessing
-
-    multiprocessing.set_forkserver_preload(["torch", "torch.distributed.checkpoint", "numpy", __name__])
-    try:
-        mp.start_processes(_worker, args=(phase, _free_port(), str(root), str(out)), nprocs=WORLD, join=True,
-                           start_method="forkserver")
-    except Exception as e:
+    # Each phase's ranks are forked from the preloaded server (tests/helpers/spawn.py).
+    failure = fork_ranks(_worker, WORLD, (phase, free_port(), str(root), str(out)),
+                         ("torch", "torch.distributed.checkpoint", "numpy", __name__), timeout=600)
+    if failure:
         errors = "\n".join(p.read_text() for p in sorted(out.glob("error-*.txt")))
-        raise AssertionError(f"{phase} workers failed: {e}\n{errors}") from None
+        raise AssertionError(f"{phase} workers failed: {failure}\n{errors}")
     return [torch.load(out / f"{phase}{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -215,8 +203,6 @@ def _async_storage_ranks(rank: int, world: int, root: str) -> dict:
 
 @pytest.mark.slow
 def test_async_compressed_incremental_save_on_two_ranks(tmp_path: Path):
-    from tests.helpers.spawn import run_ranks
-
     root = tmp_path / "ckpt"
     results = run_ranks(_async_storage_ranks, WORLD, tmp_path / "out", args=(str(root),),
                         preload=("torch", "torch.distributed.checkpoint"))
