@@ -26,6 +26,7 @@ from lmforge.compress.errors import CompressError
 from lmforge.compress.int4 import dequantize_codes, pack, rtn_codes
 from lmforge.compress.schemes import CALIBRATIONS, check_scheme
 from lmforge.compress.sequential import gptq_model
+from lmforge.compress.torchao_import import torchao_quantization
 from lmforge.compress.train_data import CalibrationSet
 from lmforge.config import ModelConfig
 
@@ -94,12 +95,8 @@ def _common_divisor(model: nn.Module) -> int:
 
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(qdata int8 (rows, cols), scale fp32 (rows,)): torchao's symmetric per-row int8 of `w`."""
-    try:
-        from torchao.quantization import Int8Tensor, PerRow
-    except ImportError as e:
-        raise CompressError(f"quantization needs torchao ({e.__class__.__name__}: {e}); install it with "
-                            "pip install 'lmforge[quant]'") from None
-    q = Int8Tensor.from_hp(w.detach().float().cpu(), PerRow())
+    tq = torchao_quantization()
+    q = tq.Int8Tensor.from_hp(w.detach().float().cpu(), tq.PerRow())
     return q.qdata.contiguous(), q.scale.reshape(-1).float().contiguous()
 
 

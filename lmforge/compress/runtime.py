@@ -12,6 +12,7 @@ from torch import nn
 
 from lmforge.compress.errors import CompressError
 from lmforge.compress.int4 import dequantize_codes, unpack
+from lmforge.compress.torchao_import import torchao_quantization
 from lmforge.config import ModelConfig
 from lmforge.models.registry import family_of
 
@@ -81,14 +82,12 @@ class AtenInt4Linear(nn.Module):
 
 
 def _torchao_int8(tensors: dict[str, torch.Tensor], name: str, dynamic: bool) -> nn.Parameter:
-    from torchao.quantization import Int8Tensor
-    from torchao.quantization.granularity import PerRow
-    from torchao.quantization.quant_primitives import MappingType
+    tq = torchao_quantization()
     from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
 
     q, s = tensors[f"{name}.qdata"], tensors[f"{name}.scale"].float()
-    act = QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=MappingType.SYMMETRIC) if dynamic else None
-    t = Int8Tensor(q, s[:, None], [1, q.shape[1]], torch.float32, zero_point=torch.zeros(q.shape[0], 1, dtype=torch.int8),
+    act = QuantizeTensorToInt8Kwargs(granularity=tq.PerRow(), mapping_type=tq.MappingType.SYMMETRIC) if dynamic else None
+    t = tq.Int8Tensor(q, s[:, None], [1, q.shape[1]], torch.float32, zero_point=torch.zeros(q.shape[0], 1, dtype=torch.int8),
                    act_quant_kwargs=act)
     return nn.Parameter(t, requires_grad=False)
 

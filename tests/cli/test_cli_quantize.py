@@ -42,6 +42,7 @@ def test_quantize_then_eval_and_generate_with_no_flag(run_dir: Path, tmp_path: P
     res = run_cli(["compress", "quantize", str(run_dir), "--scheme", "int4-weight", "--group-size", "32",
                    "--calib-samples", "8", "--calib-seq-len", "32", "--out", str(out)])
     assert "int4-weight (runtime dequant)" in res.stdout and "gptq: output" in res.stdout
+    assert res.stderr == "", res.stderr  # torchao's import notices (CUDA extensions, Triton) stay out of it
     assert sorted(p.name for p in out.iterdir()) == ["model.quantized.safetensors", "quantization.json",
                                                     "run_config.json", "tokenizer.json"]
     report = tmp_path / "eval.json"
@@ -49,10 +50,19 @@ def test_quantize_then_eval_and_generate_with_no_flag(run_dir: Path, tmp_path: P
     got = json.loads(report.read_text())
     assert got["source"]["kind"] == "quantized" and got["deterministic"]["perplexity"]["perplexity"] > 1
     gen = run_cli(["generate", str(out), "--prompt", "The king", "--max-new-tokens", "8", "--temperature", "0"])
-    assert gen.stdout.strip()
+    assert gen.stdout.strip() and gen.stderr == "", gen.stderr
     # a second quantize into the same --out is refused without --overwrite
     err = lmforge_fails("compress", "quantize", str(run_dir), "--scheme", "int8-weight", "--out", str(out))
     assert "already exists" in err and "--overwrite" in err
+
+
+def test_hf_export_prints_no_library_output(run_dir: Path, tmp_path: Path) -> None:
+    """--hf goes through transformers and torchao: their progress bars, import notices and
+    deprecations are not the user's business; lmforge's summary is all the terminal shows."""
+    out = tmp_path / "w8"
+    res = run_cli(["compress", "quantize", str(run_dir), "--scheme", "int8-dynamic", "--hf", "--out", str(out)])
+    assert res.stderr == "", res.stderr
+    assert (out / "hf" / "config.json").is_file() and "int8-dynamic" in res.stdout
 
 
 @pytest.mark.slow

@@ -32,7 +32,10 @@ def test_transformers_loads_the_int8_export_with_lmforges_numbers(scheme: str, r
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     ours = quantize_model(model, cfg, QuantizeOptions(scheme), None, say=lambda _: None)
     q = hf.model.layers[1].mlp.down_proj.weight
-    assert type(q).__name__ == "Int8Tensor" and type(hf.model.embed_tokens.weight).__name__ == "Int8Tensor"
+    linear_weights = {n: type(m.weight).__name__ for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert len(linear_weights) == 2 * 7 + 1 and set(linear_weights.values()) == {"Int8Tensor"}, linear_weights
+    assert type(hf.model.embed_tokens.weight).__name__ == "Int8Tensor"
+    assert type(hf.model.norm.weight).__name__ == "Parameter"  # norms stay fp32
     assert torch.equal(q.qdata, ours.tensors["layers.1.feed_forward.w2.weight.qdata"])
     assert torch.equal(hf.lm_head.weight.qdata, ours.tensors["output.weight.qdata"])
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
