@@ -10,6 +10,7 @@ whose nodes must have lmforge installed and see the same paths (a shared file sy
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import socket
 from collections.abc import Callable, Iterator
@@ -57,9 +58,9 @@ def _ray(address: str, workers: int) -> Iterator[Mapper]:
         try:
             if address:
                 _check_reachable(address)
-                ray.init(address=address, log_to_driver=False)
+                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
             else:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         except ConnectionError as e:
             raise DataError(f"ray_address = {address!r}: cannot join a Ray cluster there ({e})") from None
 
