@@ -148,11 +148,12 @@ def build_contestants(compile_: bool, loss_mode: str = "library", dtype: str = "
     if unexpected or [m for m in missing if "rotary" not in m]:
         raise RuntimeError(f"weights do not map onto HF: missing {missing}, unexpected {unexpected}")
     assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
+    lmforge_loss = cross_entropy
     if loss_mode == "library":
-        from lmforge.models.common.cross_entropy import cross_entropy
+        from lmforge.models.common.cross_entropy import cross_entropy as chunked_cross_entropy
 
         def lmforge_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return cross_entropy(logits, y, overwrite_logits=True)  # as the trainer calls it
+            return chunked_cross_entropy(logits, y, overwrite_logits=True)  # as the trainer calls it
 
         def hf_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with autocast(dtype):
@@ -167,7 +168,8 @@ def build_contestants(compile_: bool, loss_mode: str = "library", dtype: str = "
 
         comp = build_model(MODEL, seed=0).train()
         apply_compile(comp)
-        out.append(Contestant("lmforge+compile", comp, model_then_loss(comp, dtype=dtype)))
+        # the same loss as the eager lmforge contestant: the two differ only in compilation
+        out.append(Contestant("lmforge+compile", comp, model_then_loss(comp, lmforge_loss, dtype)))
     return out
 
 
