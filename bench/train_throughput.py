@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lmforge.compress.torchao_import import IMPORT_NOTICE_LOGGERS, loggers_silenced
 from lmforge.config import ModelConfig
 from lmforge.interop.hf.registry import to_hf_config, to_hf_state_dict
 from lmforge.models.llama import build_model
@@ -137,13 +138,15 @@ def model_then_loss(model: Callable[[torch.Tensor], torch.Tensor],
 
 
 def build_contestants(compile_: bool, loss_mode: str = "library", dtype: str = "bf16") -> list[Contestant]:
-    import transformers
-
     ours = build_model(MODEL, seed=0).train()
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in to_hf_config(MODEL).items()
-                                         if k not in ("architectures", "model_type", "torch_dtype", "dtype")},
-                                      attn_implementation="sdpa")
-    hf = transformers.LlamaForCausalLM(hf_cfg).float().train()
+    # transformers imports torchao (lazily, with the model class) where installed: no notices in the report
+    with loggers_silenced(IMPORT_NOTICE_LOGGERS):
+        import transformers
+
+        hf_cfg = transformers.LlamaConfig(**{k: v for k, v in to_hf_config(MODEL).items()
+                                             if k not in ("architectures", "model_type", "torch_dtype", "dtype")},
+                                          attn_implementation="sdpa")
+        hf = transformers.LlamaForCausalLM(hf_cfg).float().train()
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict(), MODEL), strict=False)
     if unexpected or [m for m in missing if "rotary" not in m]:
         raise RuntimeError(f"weights do not map onto HF: missing {missing}, unexpected {unexpected}")
