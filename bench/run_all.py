@@ -44,15 +44,12 @@ class Result:
 
 
 def native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX); without it a bf16 matmul is
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX, not capped off by
+    ONEDNN_MAX_CPU_ISA), as lmforge's `auto` precision decides it; without it a bf16 matmul is
     ~40x slower than fp32 (AVX2 Zen 3), so the benchmarks train in fp32 there."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo))
-    return bool(flags)
+    from lmforge.train.precision import choose_precision, detect_hardware
+
+    return choose_precision("auto", detect_hardware("cpu", cpuinfo=cpuinfo)).mode == "bf16"
 
 
 def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:

@@ -46,6 +46,7 @@ from lmforge.models.llama import build_model
 from lmforge.observability.flops import training_flops_per_token as count_training_flops
 from lmforge.observability.peak import resolve_peak_flops
 from lmforge.tensors.dtypes import DTYPES
+from lmforge.train.precision import choose_precision, detect_hardware
 
 BATCH, SEQ = 8, 256
 MODEL = ModelConfig(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=8192, ffn_hidden=1024,
@@ -54,22 +55,10 @@ ADAMW = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 TARGET_RATIO = 1.1  # lmforge / hf tokens/s (issue 9)
 
 
-def native_bf16_cpu() -> bool:
-    """True on CPUs with bf16 matmul instructions (AVX512_BF16 or AMX), by torch's dispatch
-    capability and the kernel's CPU flags (a capability of AVX512 alone does not imply bf16)."""
-    if torch.backends.cpu.get_cpu_capability() == "AMX":
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
-
-
 def default_dtype() -> str:
-    """What `mixed_precision = "auto"` resolves to on this CPU: bf16 with native bf16, else fp32."""
-    return "bf16" if native_bf16_cpu() else "fp32"
+    """What lmforge's `mixed_precision = "auto"` resolves to on this CPU (lmforge.train.precision):
+    bf16 with native bf16 that oneDNN may use, else fp32."""
+    return choose_precision("auto", detect_hardware("cpu")).mode
 
 
 def training_flops_per_token(cfg: ModelConfig, seq: int) -> float:

@@ -7,7 +7,8 @@ AVX2-only CPU run ~100x slower than fp32):
 
 - CUDA GPU with bf16 tensor cores -> bf16
 - CUDA GPU without (Volta, Turing) -> fp16 with dynamic loss scaling
-- CPU with native bf16 (AMX or AVX512_BF16) -> bf16
+- CPU with native bf16 (AMX or AVX512_BF16) -> bf16, unless `ONEDNN_MAX_CPU_ISA` caps oneDNN (torch's
+  CPU matmul backend for bf16) below those instructions: then oneDNN emulates bf16 and it is fp32
 - any other CPU -> fp32
 
 `choose_precision` is pure (the hardware comes in as a `Hardware` value) so every case can be
@@ -37,14 +38,16 @@ AUTO = "auto"
 class Hardware:
     """What the precision choice depends on. `cpu_capability` is torch's ATen dispatch level
     (torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", ...); `cpu_flags` the CPU's
-    feature flags (/proc/cpuinfo); `cuda_bf16` whether the GPU has bf16 tensor cores (not
-    emulation). `device_type` is where training runs: "cuda" or "cpu"."""
+    feature flags (/proc/cpuinfo); `onednn_isa_cap` the ISA oneDNN is capped at
+    (ONEDNN_MAX_CPU_ISA, e.g. "AVX2"; "" when uncapped); `cuda_bf16` whether the GPU has bf16
+    tensor cores (not emulation). `device_type` is where training runs: "cuda" or "cpu"."""
 
     device_type: str
     cuda_bf16: bool = False
     cpu_capability: str = "DEFAULT"
     cpu_flags: frozenset[str] = frozenset()
     device_name: str = ""
+    onednn_isa_cap: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,23 +66,51 @@ def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
     return frozenset()
 
 
-def cpu_native_feature(dtype: str, flags: frozenset[str]) -> str | None:
+# oneDNN's ISA levels by their ONEDNN_MAX_CPU_ISA names, as the bit masks of its dnnl_cpu_isa_t: a
+# level is within a cap when its bits are a subset of the cap's ("ALL", "DEFAULT": no cap).
+ONEDNN_ISA_BITS = {
+    "SSE41": 0x1, "AVX": 0x3, "AVX2": 0x7, "AVX2_VNNI": 0xF, "AVX2_VNNI_2": 0x1F, "AVX512_CORE": 0x27,
+    "AVX512_CORE_VNNI": 0x67, "AVX512_CORE_BF16": 0xE7, "AVX10_1_512": 0x1EF, "AVX512_CORE_FP16": 0x1EF,
+    "AVX10_1_512_AMX": 0xFEF, "AVX512_CORE_AMX": 0xFEF, "AVX10_1_512_AMX_FP16": 0x1FEF,
+    "AVX512_CORE_AMX_FP16": 0x1FEF,
+}
+# Per dtype, in oneDNN's order of preference: (feature, the CPU flags it needs, the oneDNN ISA level).
+NATIVE_FEATURES = {
+    "bf16": (("AMX", {"amx_bf16", "amx_tile"}, "AVX512_CORE_AMX"),
+             ("AVX512_BF16", {"avx512_bf16"}, "AVX512_CORE_BF16")),
+    "fp16": (("AMX-FP16", {"amx_fp16", "amx_tile"}, "AVX512_CORE_AMX_FP16"),
+             ("AVX512_FP16", {"avx512_fp16"}, "AVX512_CORE_FP16")),
+}
+
+
+def onednn_allows(level: str, cap: str) -> bool:
+    """Whether oneDNN capped at `cap` (an ONEDNN_MAX_CPU_ISA value, "" = none) may use `level`."""
+    cap_bits = ONEDNN_ISA_BITS.get(cap.strip().upper())
+    if cap_bits is None:  # unset, ALL, DEFAULT, or a name newer than this table: not capped
+        return True
+    need = ONEDNN_ISA_BITS[level]
+    return need & cap_bits == need
+
+
+def cpu_native_feature(dtype: str, flags: frozenset[str], onednn_isa_cap: str = "") -> str | None:
     """The CPU feature that runs `dtype` ("bf16" / "fp16") matmuls natively, or None.
 
     oneDNN (torch's CPU matmul backend for reduced precision) uses AMX tiles and the AVX512_BF16 /
-    AVX512_FP16 dot-product instructions; without them it converts to fp32 element by element,
-    which is what makes bf16 on AVX2 CPUs ~100x slower than fp32."""
-    if dtype == "bf16":
-        if {"amx_bf16", "amx_tile"} <= flags:
-            return "AMX"
-        if "avx512_bf16" in flags:
-            return "AVX512_BF16"
-    if dtype == "fp16":
-        if {"amx_fp16", "amx_tile"} <= flags:
-            return "AMX-FP16"
-        if "avx512_fp16" in flags:
-            return "AVX512_FP16"
+    AVX512_FP16 dot-product instructions; without them, or capped below them by
+    ONEDNN_MAX_CPU_ISA, it converts to fp32 element by element, which is what makes bf16 on AVX2
+    CPUs ~100x slower than fp32."""
+    for feature, needs, level in NATIVE_FEATURES.get(dtype, ()):
+        if needs <= flags and onednn_allows(level, onednn_isa_cap):
+            return feature
     return None
+
+
+def _no_native(dtype: str, hw: Hardware) -> str:
+    """Why `dtype` is not native here, for a reason string: the CPU lacks it, or a oneDNN cap hides it."""
+    present = cpu_native_feature(dtype, hw.cpu_flags)
+    if present is not None:
+        return f"ONEDNN_MAX_CPU_ISA={hw.onednn_isa_cap} keeps oneDNN from the CPU's native {dtype} ({present})"
+    return f"CPU has no native {dtype} ({hw.cpu_capability})"
 
 
 def choose_precision(requested: str, hw: Hardware) -> PrecisionChoice:
@@ -94,19 +125,17 @@ def choose_precision(requested: str, hw: Hardware) -> PrecisionChoice:
         native = requested != "bf16" or hw.cuda_bf16
         note = "" if native else f" ({gpu} has no bf16 tensor cores: emulated)"
         return PrecisionChoice(requested, f"set in the config{note}", native)
-    cpu = hw.cpu_capability
-    bf16_feature = cpu_native_feature("bf16", hw.cpu_flags)
     if requested == AUTO:
+        bf16_feature = cpu_native_feature("bf16", hw.cpu_flags, hw.onednn_isa_cap)
         if bf16_feature is not None:
             return PrecisionChoice("bf16", f"auto: CPU has native bf16 ({bf16_feature}): bf16", True)
-        return PrecisionChoice("fp32", f"auto: CPU has no native bf16 ({cpu}): fp32", True)
+        return PrecisionChoice("fp32", f"auto: {_no_native('bf16', hw)}: fp32", True)
     if requested == "fp32":
         return PrecisionChoice("fp32", "set in the config", True)
-    feature = cpu_native_feature(requested, hw.cpu_flags)
+    feature = cpu_native_feature(requested, hw.cpu_flags, hw.onednn_isa_cap)
     if feature is not None:
         return PrecisionChoice(requested, f"set in the config; CPU has native {requested} ({feature})", True)
-    return PrecisionChoice(requested, f"set in the config; CPU has no native {requested} ({cpu}): emulated, slow",
-                           False)
+    return PrecisionChoice(requested, f"set in the config; {_no_native(requested, hw)}: emulated, slow", False)
 
 
 def _read_cpuinfo() -> str:
@@ -122,6 +151,7 @@ def detect_hardware(device: str = "auto", cpuinfo: str | None = None) -> Hardwar
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     flags = parse_cpu_flags(_read_cpuinfo() if cpuinfo is None else cpuinfo)
     capability = torch.backends.cpu.get_cpu_capability()
+    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA", "")  # its older name
     if use_cuda and torch.cuda.is_available():
         # This rank's GPU, read without making it current: that would create a CUDA context on it
         # (and on GPU 0 when switching back) before the trainer picks the device.
@@ -132,7 +162,7 @@ def detect_hardware(device: str = "auto", cpuinfo: str | None = None) -> Hardwar
             bf16 = torch.cuda.get_device_capability(idx)[0] >= 8  # Ampere and later: bf16 tensor cores
         return Hardware("cuda", cuda_bf16=bf16, cpu_capability=capability, cpu_flags=flags,
                         device_name=torch.cuda.get_device_name(idx))
-    return Hardware("cpu", cpu_capability=capability, cpu_flags=flags)
+    return Hardware("cpu", cpu_capability=capability, cpu_flags=flags, onednn_isa_cap=onednn_cap)
 
 
 def resolve_job_precision(cfg: JobConfig, hw: Hardware | None = None) -> tuple[JobConfig, PrecisionChoice]:

@@ -52,6 +52,41 @@ def test_auto_resolves_per_hardware(hw: Hardware, mode: str, reason: str) -> Non
     assert (choice.mode, choice.reason, choice.native) == (mode, reason, True)
 
 
+def capped(cap: str, cpuinfo: str = SAPPHIRE_RAPIDS_AMX) -> Hardware:
+    return Hardware("cpu", cpu_capability="AVX512", cpu_flags=parse_cpu_flags(cpuinfo), onednn_isa_cap=cap)
+
+
+@pytest.mark.parametrize("hw,mode,reason", [
+    # ONEDNN_MAX_CPU_ISA below AMX and AVX512_BF16: oneDNN emulates bf16 although the CPU has both
+    (capped("AVX2"), "fp32", "auto: ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN from the CPU's native bf16 (AMX): fp32"),
+    (capped("avx512_core_vnni"), "fp32",
+     "auto: ONEDNN_MAX_CPU_ISA=avx512_core_vnni keeps oneDNN from the CPU's native bf16 (AMX): fp32"),
+    (capped("AVX512_CORE_BF16"), "bf16", "auto: CPU has native bf16 (AVX512_BF16): bf16"),  # AMX capped off
+    (capped("AVX512_CORE_AMX"), "bf16", "auto: CPU has native bf16 (AMX): bf16"),
+    (capped("AVX10_1_512_AMX_FP16"), "bf16", "auto: CPU has native bf16 (AMX): bf16"),
+    (capped("ALL"), "bf16", "auto: CPU has native bf16 (AMX): bf16"),
+    (capped("DEFAULT"), "bf16", "auto: CPU has native bf16 (AMX): bf16"),
+    (capped("AVX2", ZEN3_AVX2), "fp32", "auto: CPU has no native bf16 (AVX512): fp32"),  # nothing to cap
+])
+def test_auto_respects_a_onednn_isa_cap(hw: Hardware, mode: str, reason: str) -> None:
+    choice = choose_precision("auto", hw)
+    assert (choice.mode, choice.reason, choice.native) == (mode, reason, True)
+
+
+def test_explicit_bf16_under_a_onednn_cap_is_flagged_emulated(monkeypatch: pytest.MonkeyPatch) -> None:
+    choice = choose_precision("bf16", capped("AVX2"))
+    assert not choice.native and choice.reason == ("set in the config; ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN "
+                                                   "from the CPU's native bf16 (AMX): emulated, slow")
+    assert choose_precision("fp16", capped("AVX512_CORE_FP16")).reason.endswith("(AVX512_FP16)")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert detect_hardware("cpu", cpuinfo=SAPPHIRE_RAPIDS_AMX).onednn_isa_cap == "AVX2"
+    assert choose_precision("auto", detect_hardware("cpu", cpuinfo=SAPPHIRE_RAPIDS_AMX)).mode == "fp32"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE_BF16")  # the variable's older name
+    assert cpu_native_feature("bf16", parse_cpu_flags(SAPPHIRE_RAPIDS_AMX),
+                              detect_hardware("cpu").onednn_isa_cap) == "AVX512_BF16"
+
+
 def test_a_gpu_decides_even_on_a_cpu_without_bf16() -> None:
     """The CPU's flags do not matter when training runs on the GPU (and vice versa)."""
     hw = Hardware("cuda", cuda_bf16=True, cpu_capability="AVX2", cpu_flags=parse_cpu_flags(ZEN3_AVX2))
@@ -91,7 +126,7 @@ def test_this_machine_is_detected_consistently() -> None:
     """detect_hardware reads this machine; a CPU without the flags never resolves to bf16."""
     hw = detect_hardware("cpu")
     assert hw.device_type == "cpu" and hw.cpu_capability == torch.backends.cpu.get_cpu_capability()
-    expected = "bf16" if cpu_native_feature("bf16", hw.cpu_flags) else "fp32"
+    expected = "bf16" if cpu_native_feature("bf16", hw.cpu_flags, hw.onednn_isa_cap) else "fp32"
     assert choose_precision("auto", hw).mode == expected
     assert detect_hardware("cpu", cpuinfo=ZEN3_AVX2).cpu_flags == parse_cpu_flags(ZEN3_AVX2)
 
