@@ -140,7 +140,6 @@ def build_contestants(compile_: bool, loss_mode: str = "library", dtype: str = "
     if unexpected or [m for m in missing if "rotary" not in m]:
         raise RuntimeError(f"weights do not map onto HF: missing {missing}, unexpected {unexpected}")
     assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
-    lmforge_loss = cross_entropy
     if loss_mode == "library":
         from lmforge.models.common.cross_entropy import cross_entropy as chunked_cross_entropy
 
@@ -150,11 +149,10 @@ def build_contestants(compile_: bool, loss_mode: str = "library", dtype: str = "
         def hf_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with autocast(dtype):
                 return hf(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
-        out = [Contestant("lmforge", ours, model_then_loss(ours, lmforge_loss, dtype)),
-               Contestant("hf", hf, hf_loss)]
     else:
-        out = [Contestant("lmforge", ours, model_then_loss(ours, dtype=dtype)),
-               Contestant("hf", hf, model_then_loss(lambda x: hf(input_ids=x, use_cache=False).logits, dtype=dtype))]
+        lmforge_loss = cross_entropy
+        hf_loss = model_then_loss(lambda x: hf(input_ids=x, use_cache=False).logits, dtype=dtype)
+    out = [Contestant("lmforge", ours, model_then_loss(ours, lmforge_loss, dtype)), Contestant("hf", hf, hf_loss)]
     if compile_:
         from lmforge.parallel.compile import apply_compile
 
