@@ -119,32 +119,78 @@ def _run(cmd: list[str], log: Path, timeout: float) -> tuple[int, str]:
     return rc, (lines[-1][:120] if lines else "")
 
 
-def train_check(name: str, recipe: str, out: Path, data_dir: Path, extra: list[str], steps: int,
-                min_drop: float, nproc: int = 1, timeout: float = 300) -> tuple[Result, RunSummary]:
-    run_dir = out / name
-    args = ["train", recipe, "--train.device", "cuda", "--data.dir", str(data_dir), "--train.output_dir", str(run_dir),
-            "--train.steps", str(steps), "--scheduler.warmup_steps", str(max(1, steps // 10)),
-            "--train.eval_interval", "0", "--checkpoint.interval", str(steps), "--checkpoint.resume", "none",
+TINY = "recipes/tiny-dense.toml"
+BF16 = ("--train.mixed_precision", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainCheck:
+    """One `lmforge train` run of a check: the recipe, the check's own overrides, its steps and the
+    loss drop it must show. Kept as data so that a test can load every run's config without a GPU."""
+
+    recipe: str
+    overrides: tuple[str, ...]
+    steps: int
+    min_drop: float
+    nproc: int = 1
+    timeout: float = 300
+
+
+TRAIN_CHECKS = {
+    "tiny-dense-bf16": TrainCheck(TINY, BF16, 60, 1.0),
+    "fp16-loss-scaling": TrainCheck(TINY, ("--train.mixed_precision", "fp16"), 60, 1.0),
+    "compile": TrainCheck(TINY, (*BF16, "--train.compile", "true"), 60, 1.0, timeout=420),
+    # two ranks, the recipe's global batch of 8: 4 sequences per rank and step
+    "cpu-offload": TrainCheck(TINY, (*BF16, "--parallel.dp_shard", "2", "--parallel.cpu_offload", "true",
+                                     "--train.micro_batch_size", "4"), 40, 1.0, nproc=2),
+    "moe-grouped": TrainCheck("recipes/tiny-moe.toml", BF16, 60, 1.0),
+    "1b-dense": TrainCheck(TINY, (*ONE_B, *BF16, "--train.seq_len", "2048", "--train.global_batch_size", "8",
+                                  "--train.micro_batch_size", "4", "--optimizer.lr", "3e-4",
+                                  "--checkpoint.enabled", "false"), 30, 0.5, timeout=420),
+}
+
+
+def train_args(name: str, out: Path, data_dir: Path) -> list[str]:
+    """`lmforge train` arguments of check `name` on CUDA, its run in out/name."""
+    check = TRAIN_CHECKS[name]
+    steps = check.steps
+    return ["train", check.recipe, "--train.device", "cuda", "--data.dir", str(data_dir),
+            "--train.output_dir", str(out / name), "--train.steps", str(steps),
+            "--scheduler.warmup_steps", str(max(1, steps // 10)), "--train.eval_interval", "0",
+            "--checkpoint.interval", str(steps), "--checkpoint.resume", "none",
             "--metrics.log_interval", str(max(1, steps // 6)), "--metrics.progress", "none",
-            "--metrics.tensorboard", "false", "--metrics.plot", "false", *extra]
+            "--metrics.tensorboard", "false", "--metrics.plot", "false", *check.overrides]
+
+
+def prepare_args(data_dir: Path) -> list[str]:
+    return ["data", "prepare", TINY, "--data.dir", str(data_dir)]
+
+
+def generate_args(run_dir: Path) -> list[str]:
+    return ["generate", str(run_dir), "--prompt", "KING", "--device", "cuda", "--max-new-tokens", "24"]
+
+
+def train_check(name: str, out: Path, data_dir: Path) -> tuple[Result, RunSummary]:
+    check = TRAIN_CHECKS[name]
     t0 = time.perf_counter()
-    rc, last = _run(_lmforge(args, nproc), out / f"{name}.log", timeout)
-    s = read_run(run_dir)
+    rc, last = _run(_lmforge(train_args(name, out, data_dir), check.nproc), out / f"{name}.log", check.timeout)
+    s = read_run(out / name)
     res = Result(name, "FAIL", s.losses[0] if s.losses else math.nan, s.losses[-1] if s.losses else math.nan,
                  s.tokens_per_s, s.mfu, time.perf_counter() - t0)
     if rc != 0:
         res.note = f"exit {rc}: {last} ({out / f'{name}.log'})"
         return res, s
-    res.status, res.note = training_verdict(s, min_drop)
+    res.status, res.note = training_verdict(s, check.min_drop)
     return res, s
 
 
 # -- in-process checks (run in a child process: `gpu_check.py --inner NAME OUT`) ----------------------
 
 
-def inner_offload(out: Path) -> dict:
+def inner_offload(out: Path, device: str = "cuda") -> dict:
     """FSDP2 with CPUOffloadPolicy on a one-rank mesh, process group "cpu:gloo,cuda:nccl": the
-    sharded parameters and optimizer state live in pinned host memory, the step trains."""
+    sharded parameters and optimizer state live in pinned host memory, the step trains. (`device`
+    "cpu": the same code on a gloo group, where offload changes nothing; the unit tests run it so.)"""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -153,28 +199,30 @@ def inner_offload(out: Path) -> dict:
     from lmforge.models.llama import build_model
     from lmforge.parallel.fsdp import FSDPPolicy, apply_fsdp
 
-    dev = torch.device("cuda", 0)
-    torch.cuda.set_device(dev)
-    dist.init_process_group("cpu:gloo,cuda:nccl", store=dist.HashStore(), rank=0, world_size=1)
+    dev = torch.device(device, 0) if device == "cuda" else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         cfg = ModelConfig(dim=256, n_layers=4, n_heads=4, vocab_size=8192, multiple_of=64, max_seq_len=256)
         model = build_model(cfg, dev, seed=0)
-        mesh = init_device_mesh("cuda", (1,), mesh_dim_names=("dp_shard",))
+        mesh = init_device_mesh(dev.type, (1,), mesh_dim_names=("dp_shard",))
         apply_fsdp(model, mesh, FSDPPolicy.from_config(ParallelConfig(cpu_offload=True), dev))
         params = list(model.parameters())
         on_cpu = all(p.to_local().device.type == "cpu" for p in params)
-        pinned = all(p.to_local().is_pinned() for p in params)
+        pinned = dev.type == "cuda" and all(p.to_local().is_pinned() for p in params)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         x = torch.randint(0, cfg.vocab_size, (8, 129), generator=torch.Generator().manual_seed(0)).to(dev)
         losses = []
         for _ in range(8):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
                 logits = model(x[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         state_on_cpu = all(t.device.type == "cpu" for st in opt.state.values() for t in st.values()
                            if isinstance(t, torch.Tensor) and t.dim() > 0)
         return {"losses": losses, "params_on_cpu": on_cpu, "pinned": pinned, "optimizer_state_on_cpu": state_on_cpu}
@@ -182,25 +230,27 @@ def inner_offload(out: Path) -> dict:
         dist.destroy_process_group()
 
 
-def inner_grouped(out: Path) -> dict:
+def inner_grouped(out: Path, device: str = "cuda") -> dict:
     """The grouped expert matmul on CUDA in bf16 against the per-expert loop in fp32, and which
-    path lmforge picks on this GPU."""
+    path lmforge picks on this GPU (`device` "cpu": the same on CPU, as the unit tests run it)."""
     import torch
 
     from lmforge.models.common.moe import GroupedExperts, grouped_mm_path
 
-    dev = torch.device("cuda", 0)
+    dev = torch.device(device)
     torch.manual_seed(0)
     ex = GroupedExperts(256, 512, 8).to(dev)
     ex.init_weights(0.02, 0.02)
     counts = torch.tensor([100, 0, 37, 250, 8, 64, 1, 52], device=dev)
     x = torch.randn(int(counts.sum()), 256, device=dev)
-    ref = ex.forward_loop(x, counts)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        got = ex(x, counts)
+    with torch.no_grad():
+        ref = ex.forward_loop(x, counts)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            got = ex(x, counts)
     err = float((got.float() - ref).abs().max() / ref.abs().max())
-    path = grouped_mm_path("cuda", torch.bfloat16, False, torch.cuda.get_device_capability(dev))
-    return {"path": path, "rel_err": err, "capability": list(torch.cuda.get_device_capability(dev))}
+    capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+    path = grouped_mm_path(dev.type, torch.bfloat16, False, capability)
+    return {"path": path, "rel_err": err, "capability": list(capability or (0, 0))}
 
 
 FLEX_TARGET = 0.85  # window's attended pairs per second / dense causal's
@@ -274,33 +324,29 @@ def run_checks(out: Path, only: set[str]) -> list[Result]:
     data = out / "data"
     results: list[Result] = []
     t0 = time.perf_counter()
-    rc, last = _run(_lmforge(["data", "prepare", "recipes/tiny-dense.toml", "--data.dir", str(data)]),
-                    out / "data.log", 600)
+    rc, last = _run(_lmforge(prepare_args(data)), out / "data.log", 600)
     if rc != 0:
         return [Result("data-prepare", "FAIL", seconds=time.perf_counter() - t0, note=f"exit {rc}: {last}")]
-    tiny = "recipes/tiny-dense.toml"
     bf16: RunSummary | None = None
 
     if "tiny-dense-bf16" in only:
-        res, bf16 = train_check("tiny-dense-bf16", tiny, out, data, ["--train.mixed_precision", "bf16"], 60, 1.0)
+        res, bf16 = train_check("tiny-dense-bf16", out, data)
         if res.status == "PASS":
-            rc, last = _run(_lmforge(["generate", str(out / "tiny-dense-bf16"), "--prompt", "KING", "--device", "cuda",
-                                      "--max-new-tokens", "24"]), out / "generate.log", 120)
+            rc, last = _run(_lmforge(generate_args(out / "tiny-dense-bf16")), out / "generate.log", 120)
             if rc != 0:
                 res.status, res.note = "FAIL", f"generate on cuda: exit {rc}: {last}"
             else:
                 res.note += "; generate ok"
         results.append(res)
     if "fp16-loss-scaling" in only:
-        res, s = train_check("fp16-loss-scaling", tiny, out, data, ["--train.mixed_precision", "fp16"], 60, 1.0)
+        res, s = train_check("fp16-loss-scaling", out, data)
         if res.status == "PASS" and not (s.loss_scales and min(s.loss_scales) > 1.0):
             res.status, res.note = "FAIL", f"loss scale {s.loss_scales[-1:] or 'not logged'}"
         elif res.status == "PASS":
             res.note += f"; loss scale {s.loss_scales[-1]:.0f}"
         results.append(res)
     if "compile" in only:
-        res, s = train_check("compile", tiny, out, data, ["--train.mixed_precision", "bf16", "--train.compile", "true"],
-                             60, 1.0, timeout=420)
+        res, s = train_check("compile", out, data)
         if res.status == "PASS" and bf16 is not None and bf16.losses:
             gap = abs(s.losses[-1] - bf16.losses[-1]) / abs(bf16.losses[-1])
             if gap > 0.05:
@@ -309,9 +355,7 @@ def run_checks(out: Path, only: set[str]) -> list[Result]:
         results.append(res)
     if "cpu-offload" in only:
         if torch.cuda.device_count() >= 2:
-            res, _ = train_check("cpu-offload", tiny, out, data,
-                                 ["--train.mixed_precision", "bf16", "--parallel.dp_shard", "2",
-                                  "--parallel.cpu_offload", "true"], 40, 1.0, nproc=2)
+            res, _ = train_check("cpu-offload", out, data)
             res.note += "; trainer, 2 GPUs"
         else:
             t1 = time.perf_counter()
@@ -329,8 +373,7 @@ def run_checks(out: Path, only: set[str]) -> list[Result]:
                              f"{got['pinned']}, optimizer state on cpu {got['optimizer_state_on_cpu']}")
         results.append(res)
     if "moe-grouped" in only:
-        res, _ = train_check("moe-grouped", "recipes/tiny-moe.toml", out, data,
-                             ["--train.mixed_precision", "bf16"], 60, 1.0)
+        res, _ = train_check("moe-grouped", out, data)
         got, err = run_inner("grouped", out)
         if got is None:
             res.status, res.note = "FAIL", f"{res.note}; grouped kernel check: {err}"
@@ -340,10 +383,7 @@ def run_checks(out: Path, only: set[str]) -> list[Result]:
             res.note += f"; sm{got['capability'][0]}{got['capability'][1]}: {got['path']}, bf16 err {got['rel_err']:.2%}"
         results.append(res)
     if "1b-dense" in only:
-        res, _ = train_check("1b-dense", tiny, out, data,
-                             [*ONE_B, "--train.mixed_precision", "bf16", "--train.seq_len", "2048",
-                              "--train.global_batch_size", "8", "--train.micro_batch_size", "4",
-                              "--optimizer.lr", "3e-4", "--checkpoint.enabled", "false"], 30, 0.5, timeout=420)
+        res, _ = train_check("1b-dense", out, data)
         res.note += "; tokens/s and MFU of the last 5 steps"
         results.append(res)
     if "flex-window" in only:

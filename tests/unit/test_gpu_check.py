@@ -1,5 +1,6 @@
 """scripts/gpu_check.sh without a GPU: it stops at once with one line (exit 2), refuses unknown
-check names, and its verdict logic (loss falling, finite, table) holds on synthetic metrics. The
+check names, and its verdict logic (loss falling, finite, table) holds on synthetic metrics. Every
+command it would start is a valid lmforge job, and its in-process checks' code runs on CPU. The
 GPU checks themselves run only on a GPU machine; nothing else in the suite depends on them."""
 
 from __future__ import annotations
@@ -87,3 +88,44 @@ def test_flex_window_ratio_is_per_attended_pair(gpu_check) -> None:
     assert gpu_check.per_pair_ratio(win, 2.0 * win / full, full, 1.0) == pytest.approx(0.5)
     assert gpu_check.per_pair_ratio(win, 2.0 * win / full, full, 1.0) < gpu_check.FLEX_TARGET
     assert "flex-window" in gpu_check.CHECKS and "flex-window" in gpu_check.INNER
+
+
+def test_every_command_it_starts_is_a_valid_lmforge_job(gpu_check, monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    """What a GPU machine would run is parsed and validated here, so a config error cannot cost a
+    GPU session its minutes: each training run's config at its own rank count (the 2-rank offload
+    run once asked for a global batch of 8 at 8 per rank), the prepare and generate command lines."""
+    from lmforge.cli import _split_recipe_args, build_parser
+    from lmforge.config import load_job_config, parse_override_args
+
+    monkeypatch.chdir(REPO)  # the script runs its commands from the repository root
+    assert set(gpu_check.TRAIN_CHECKS) <= set(gpu_check.CHECKS)
+    for name, check in gpu_check.TRAIN_CHECKS.items():
+        head, recipe, overrides = _split_recipe_args(gpu_check.train_args(name, tmp_path, tmp_path / "data"))
+        assert (head, recipe) == (["train"], check.recipe)
+        cfg = load_job_config(recipe, parse_override_args(overrides), world_size=check.nproc)
+        assert (cfg.train.device, cfg.train.steps, str(cfg.train.output_dir)) == ("cuda", check.steps,
+                                                                                  str(tmp_path / name)), name
+        assert cfg.train.mixed_precision == ("fp16" if name == "fp16-loss-scaling" else "bf16"), name
+    one_b = load_job_config(gpu_check.TINY, parse_override_args(list(gpu_check.ONE_B)))
+    assert (one_b.model.dim, one_b.model.n_layers, one_b.model.vocab_size) == (2048, 16, 128256)
+    offload = gpu_check.TRAIN_CHECKS["cpu-offload"]
+    cfg = load_job_config(offload.recipe, parse_override_args(list(offload.overrides)), world_size=offload.nproc)
+    assert cfg.parallel.cpu_offload and cfg.parallel.dp_shard == offload.nproc == 2
+
+    head, recipe, overrides = _split_recipe_args(gpu_check.prepare_args(tmp_path / "data"))
+    assert build_parser().parse_args(head).command == "data" and recipe == gpu_check.TINY
+    assert load_job_config(recipe, parse_override_args(overrides)).data.dir == str(tmp_path / "data")
+    gen = build_parser().parse_args(gpu_check.generate_args(tmp_path / "run"))
+    assert (gen.device, gen.max_new_tokens, gen.source) == ("cuda", 24, str(tmp_path / "run"))
+
+
+def test_in_process_checks_run_on_cpu(gpu_check, tmp_path: Path) -> None:
+    """The offload and grouped-kernel checks' own code (lmforge's FSDP2 policy and mesh, the grouped
+    experts) runs on CPU too, so API drift shows here and not first on a GPU machine."""
+    grouped = gpu_check.inner_grouped(tmp_path, device="cpu")
+    assert grouped["path"] == "grouped" and 0 < grouped["rel_err"] < 0.02  # bf16 against the fp32 loop
+    offload = gpu_check.inner_offload(tmp_path, device="cpu")
+    losses = offload["losses"]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses) and losses[0] - losses[-1] > 0.5
+    assert offload["params_on_cpu"] and offload["optimizer_state_on_cpu"] and not offload["pinned"]
