@@ -248,15 +248,19 @@ class AdversarialDetector:
 
 def lm_token_nll(model: Callable, encode: Callable[[str], list[int]], max_len: int) -> TokenNll:
     """A `TokenNll` from a causal LM (`model(ids (1, n)) -> logits (1, n, vocab)`) and its encoder;
-    texts longer than `max_len` tokens are scored on their last `max_len` (where suffixes are)."""
+    texts longer than `max_len` tokens are scored on their last `max_len` (where suffixes are). The
+    ids go to the model's device (a served model may be on CUDA)."""
     import torch
+
+    params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    device = params.device if params is not None else torch.device("cpu")
 
     def nll(text: str) -> list[float]:
         ids = encode(text)[-max_len:]
         if len(ids) < 2:
             return []
         with torch.inference_mode():
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=device)
             logits = model(x[:, :-1]).float()[0]
             return (torch.logsumexp(logits, -1) - logits.gather(1, x[0, 1:, None]).squeeze(1)).tolist()
 

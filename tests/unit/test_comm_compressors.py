@@ -137,6 +137,19 @@ def test_compact_topk_sends_the_same_values_in_bf16_at_half_the_bytes() -> None:
     assert full.wire_bytes(big) / compact.wire_bytes(big) == pytest.approx(2.0, rel=2e-3)
 
 
+def test_compact_topk_decodes_on_the_payload_device() -> None:
+    """decode builds its tensors where the payload is (a CUDA bucket under NCCL), not on the default
+    device: with the default device set to meta and the payload on CPU, a bare factory call in
+    decode would put half of its tensors on meta and fail."""
+    numels = (3, 70_000, 1000)
+    x = _grad(4, numels)
+    c = TopKCompressor(0.01, compact=True)
+    payload, expected = c.roundtrip(x, numels)
+    with torch.device("meta"):
+        got = c.decode(payload, numels)
+    assert got.device.type == "cpu" and got.dtype == torch.float32 and torch.equal(got, expected)
+
+
 def _hook(kind: str, group, error_feedback: bool = True, **kw) -> CompressionHook:
     if kind == "topk-compact":
         kind, kw = "topk", {**kw, "topk_payload": "compact"}

@@ -119,3 +119,24 @@ def test_auroc_on_a_small_generated_attack_set(tiny_data_dir: Path) -> None:
     assert auroc(a, b) >= 0.95
     assert sum(s >= 0.5 for s in b) / len(b) <= 0.05
     assert auroc([1.0, 2.0], [0.0, 0.5]) == 1.0 and auroc([1.0], [1.0]) == 0.5
+
+
+def test_lm_token_nll_feeds_the_ids_to_the_models_device() -> None:
+    """A served model may sit on CUDA: the token ids go where the model's weights are, not to the
+    default device (set to meta here, with the model on CPU, so ids left there would fail)."""
+    import torch
+
+    from lmforge.config import ModelConfig
+    from lmforge.models.llama import build_model
+    from lmforge.safety.adversarial import lm_token_nll
+
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=256, multiple_of=32, max_seq_len=64)
+    model = build_model(cfg, "cpu", seed=0).eval()
+    ids = list(PLAIN.encode("utf-8"))[:20]
+    nll = lm_token_nll(model, lambda t: list(t.encode("utf-8")), 64)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]])).float()[0]
+    expected = (torch.logsumexp(logits, -1) - logits.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)).tolist()
+    with torch.device("meta"):
+        got = nll(PLAIN[:20])
+    assert len(got) == 19 and got == pytest.approx(expected, rel=1e-5)

@@ -230,9 +230,10 @@ class TopKCompressor(Compressor):
             return out
         packed, counts = payload
         word = packed.long() & 0xFFFFFFFF
-        window = torch.repeat_interleave(torch.arange(counts.numel()), counts.long())
+        # on the payload's device (a CUDA bucket under NCCL), never the default one
+        window = torch.repeat_interleave(torch.arange(counts.numel(), device=packed.device), counts.long())
         values = _as_signed(word >> 16, 16).to(torch.int16).view(torch.bfloat16).float()
-        out = torch.zeros(sum(numels))
+        out = packed.new_zeros(sum(numels), dtype=torch.float32)
         out[(window << WINDOW_BITS) | (word & 0xFFFF)] = values
         return out
 
