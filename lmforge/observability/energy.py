@@ -95,7 +95,8 @@ class RaplSource:
 
 
 class NvmlSource:
-    """NVML's total energy (mJ since the driver loaded) summed over the given GPU indices."""
+    """NVML's total energy (mJ since the driver loaded) summed over the given GPU indices (NVML's
+    numbering of the machine's GPUs, not CUDA_VISIBLE_DEVICES-relative torch indices)."""
 
     measured = True
 

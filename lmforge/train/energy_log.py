@@ -17,7 +17,9 @@ from lmforge.observability.energy import EnergyMeter, open_source, rapl_zones
 
 class RunEnergy:
     def __init__(self, cfg: JobConfig, local_rank: int, device: torch.device) -> None:
-        gpus = [device.index or 0] if device.type == "cuda" else []
+        # NVML numbers every GPU of the machine and ignores CUDA_VISIBLE_DEVICES: torch's own mapping
+        # turns this process's cuda:i into the NVML index of the same GPU
+        gpus = [torch.cuda._get_nvml_device_index(device.index or 0)] if device.type == "cuda" else []
         name = torch.cuda.get_device_name(device) if gpus else None
         source = open_source(cfg.energy, gpu_indices=gpus, device_name=name,
                              cpu_threads=torch.get_num_threads())

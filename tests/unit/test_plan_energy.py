@@ -124,3 +124,26 @@ def test_nvml_counters_summed_over_gpus(monkeypatch: pytest.MonkeyPatch) -> None
     assert isinstance(open_source(EnergyConfig(), gpu_indices=[0], device_name="NVIDIA H200"), TdpEstimate)
     with pytest.raises(ConfigError, match="pynvml"):
         open_source(EnergyConfig(source="nvml"), gpu_indices=[0])
+
+
+def test_run_meters_the_gpu_it_trains_on_when_cuda_visible_devices_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML ignores CUDA_VISIBLE_DEVICES: with GPUs 2 and 3 visible, the run on cuda:1 meters NVML's
+    GPU 3, not NVML's GPU 1 (someone else's)."""
+    import sys
+    import types
+
+    import torch
+
+    from lmforge.config import JobConfig
+    from lmforge.train.energy_log import RunEnergy
+
+    handles: list[int] = []
+    fake = types.ModuleType("pynvml")
+    fake.nvmlInit = lambda: None
+    fake.nvmlDeviceGetHandleByIndex = lambda i: handles.append(i) or i
+    fake.nvmlDeviceGetTotalEnergyConsumption = lambda h: 1000 * h
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    run = RunEnergy(JobConfig(), local_rank=1, device=torch.device("cuda", 1))
+    assert handles == [3] and run.meter.source.measured
