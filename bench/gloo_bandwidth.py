@@ -5,7 +5,9 @@ Two ranks (gloo, one thread each; lmforge/observability/machine.py: collective_t
 rank's median of 9) all-reduce fp32 tensors of growing size; the
 time t(n) of a ring all-reduce of n bytes over p ranks is 2 (p - 1) (lat + n / (p bw)), so a
 least-squares line through (n, t) gives the latency and the link bandwidth. Prints both and the
-fit's worst relative residual; exits non-zero when the fit is worse than 50 % (too noisy to use: rerun on a quiet machine).
+fit's worst relative residual. Its verdict (bench/_check.py, as every benchmark's): 1 - that residual
+against the target 0.5, i.e. the fitted ring model within 50 % of every measured time; below it the
+figures are too noisy to put in a preset (exit 1: rerun on a quiet machine).
 
     PYTHONPATH=. python bench/gloo_bandwidth.py
 """
@@ -16,9 +18,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _check import verdict  # noqa: E402
 
 SIZES = tuple(2**k for k in range(10, 25, 2))  # bytes: 1 KiB .. 16 MiB
 REPEATS = 9
+TARGET = 0.5  # 1 - worst relative residual of the fit
 
 
 def fit(times: dict[int, float], world: int) -> tuple[float, float, float]:
@@ -47,7 +52,8 @@ def main() -> int:
     lat, bw, worst = fit(times, world)
     print(f"gloo ring all-reduce, {world} ranks: latency {lat * 1e6:.1f} us, link bandwidth {bw / 1e9:.2f} GB/s, "
           f"worst residual {worst:.0%}")
-    return 0 if worst < 0.5 else 1
+    return verdict("gloo_bandwidth", "the ring model fitted to the same run's times", "1 - worst relative residual",
+                   1.0 - worst, TARGET)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ PREFIX = "BENCH_RESULT "
 HF_RATIO = re.compile(r"^ratio lmforge/hf = ([0-9.]+)x", re.MULTILINE)
 HF_TARGET = re.compile(r"--min-ratio ([0-9.]+)")
 HF_DEFAULT_TARGET = 1.1  # train_throughput.py's --min-ratio default (issue 9), printed by it only on a miss
+MAIN_RUN = REPO / "runs" / "tiny-dense"  # the main job's run (scripts/run_default.sh)
+SERVE_STEPS = 40
 
 
 @dataclass
@@ -76,7 +78,7 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
             "comm_collective": ["--reps", "3"],
             "gloo_bandwidth": [],
             "plan_accuracy": [],
-            "serve": [],
+            "serve": serve_argv(tmp),
         }
     return {
         "straggler_time": [],
@@ -104,8 +106,30 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
         "comm_collective": [],
         "gloo_bandwidth": [],
         "plan_accuracy": [],  # predicted vs measured step time of the CPU layouts (quiet machine)
-        "serve": [],  # lmforge serve on runs/tiny-dense, loopback: throughput at 16 clients, overload (~2.5 min)
+        # lmforge serve on the main job's run (or a short one of its recipe), loopback: throughput at
+        # 16 clients, overload (~2.5 min)
+        "serve": serve_argv(tmp),
     }
+
+
+def serve_argv(tmp: Path) -> list[str]:
+    """serve.py's run: the main job's where it has been trained, else the one `setup` trains."""
+    return [] if (MAIN_RUN / "config.json").is_file() else [str(tmp / "serve-run")]
+
+
+def setup(name: str, argv: Sequence[str], tmp: Path) -> list[list[str]]:
+    """Commands a benchmark needs run first. serve.py serves a trained run: without the main job's,
+    a SERVE_STEPS-step run of its recipe, trained into the temp dir (what serving costs depends on
+    the model's shape, not on how long it trained)."""
+    if name != "serve" or not argv:
+        return []
+    lmforge = [sys.executable, "-m", "lmforge"]
+    recipe, data = "recipes/tiny-dense.toml", str(tmp / "data")
+    return [[*lmforge, "data", "prepare", recipe, "--data.dir", data],
+            [*lmforge, "train", recipe, "--data.dir", data, "--train.output_dir", argv[0],
+             "--train.steps", str(SERVE_STEPS), "--scheduler.warmup_steps", "4", "--train.eval_interval", "0",
+             "--checkpoint.interval", str(SERVE_STEPS), "--metrics.progress", "none",
+             "--metrics.tensorboard", "false", "--metrics.plot", "false"]]
 
 
 def parse(name: str, returncode: int, output: str) -> Result:
@@ -127,11 +151,20 @@ def parse(name: str, returncode: int, output: str) -> Result:
     return Result(name, "?", None, None, False, f"no verdict; exit status {returncode}: {tail[0][:80]}")
 
 
-def run_one(name: str, argv: Sequence[str], cmd_prefix: Sequence[str], timeout: float | None) -> Result:
+def run_one(name: str, argv: Sequence[str], cmd_prefix: Sequence[str], timeout: float | None,
+            setup_cmds: Sequence[Sequence[str]] = ()) -> Result:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
     cmd = [*cmd_prefix, *argv]
-    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
+    for step in setup_cmds:
+        print(f"\n=== {name} (setup): {' '.join(step)}", flush=True)
+        proc = subprocess.run(step, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+            print((proc.stdout + proc.stderr).rstrip()[-4000:], flush=True)
+            return Result(name, "?", None, None, False, f"setup failed ({proc.returncode}): {tail[0][:80]}",
+                          time.perf_counter() - t0)
+    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         output, code = proc.stdout + proc.stderr, proc.returncode
@@ -178,9 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"benchmarks ({'full' if args.full else 'quick'} sizes, {dtype}): {', '.join(names)}", flush=True)
         if args.dry_run:
             for n in names:
+                for step in setup(n, runs[n], Path(tmp)):
+                    print(" ".join(step))
                 print(" ".join([sys.executable, f"bench/{n}.py", *runs[n]]))
             return 0
-        results = [run_one(n, runs[n], [sys.executable, str(BENCH / f"{n}.py")], args.timeout) for n in names]
+        results = [run_one(n, runs[n], [sys.executable, str(BENCH / f"{n}.py")], args.timeout,
+                           setup(n, runs[n], Path(tmp))) for n in names]
     print("\n" + table(results))
     failed = [r.benchmark for r in results if not r.passed]
     print(f"\n{len(results) - len(failed)}/{len(results)} benchmarks met their targets"
