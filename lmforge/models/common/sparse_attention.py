@@ -39,6 +39,7 @@ flex_attention with a block mask built from the same rules.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -273,13 +274,11 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: A
 _compiled_flex = None
 
 
-def flex_attention_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec,
-                    doc_start: torch.Tensor | None = None, compile: bool = True) -> torch.Tensor:
-    """flex_attention with a block mask from the same rules (compiled; eager only for tests,
-    where it materialises the scores)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    global _compiled_flex
+def flex_block_mask(q: torch.Tensor, k: torch.Tensor, spec: AttnSpec, doc_start: torch.Tensor | None = None,
+                    compile: bool = True):  # noqa: ANN201 (torch's BlockMask, imported lazily)
+    """flex_attention's block mask for `spec` (and documents). Compiled, it is built from the mask
+    rule block by block; eager, torch materialises the whole (n, n) mask first: ~5 GiB and seconds
+    at 16k tokens, rebuilt on every layer's call."""
     b, h, n, _ = q.shape
     g = h // k.shape[1]
     w, B = spec.local, spec.block
@@ -302,7 +301,31 @@ def flex_attention_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
             ok = ok & (ki >= doc_start[bi, qi])
         return ok
 
-    mask = create_block_mask(mask_mod, b, None, n, n, device=q.device)
+    # top-k picks blocks per kv head: the mask is per head (H=None would build every head's blocks
+    # from head 0's choice, and flex skips the blocks it leaves out)
+    heads = h if table is not None else None
+    return _block_mask_builder(compile)(mask_mod, b, heads, n, n, device=q.device)
+
+
+@functools.cache
+def _block_mask_builder(compiled: bool):  # noqa: ANN202
+    """torch's create_block_mask, compiled as torch recommends (one wrapper per process)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask) if compiled else create_block_mask
+
+
+def flex_attention_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec,
+                    doc_start: torch.Tensor | None = None, compile: bool = True) -> torch.Tensor:
+    """flex_attention with a block mask from the same rules (compiled; eager only for tests,
+    where it materialises the scores)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _compiled_flex
+    g = q.shape[1] // k.shape[1]
+    # the mask builder compiled on CUDA only: on CPU (tests) inductor's C++ code for some document
+    # masks does not compile (torch 2.13), and the eager builder is cheap at test sizes
+    mask = flex_block_mask(q, k, spec, doc_start, compile=compile and q.is_cuda)
     fn = flex_attention
     if compile:
         _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
