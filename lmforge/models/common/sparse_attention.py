@@ -276,9 +276,9 @@ _compiled_flex = None
 
 def flex_block_mask(q: torch.Tensor, k: torch.Tensor, spec: AttnSpec, doc_start: torch.Tensor | None = None,
                     compile: bool = True):  # noqa: ANN201 (torch's BlockMask, imported lazily)
-    """flex_attention's block mask for `spec` (and documents). Compiled, it is built from the mask
-    rule block by block; eager, torch materialises the whole (n, n) mask first: ~5 GiB and seconds
-    at 16k tokens, rebuilt on every layer's call."""
+    """flex_attention's block mask for `spec` (and documents), built on every layer's call. Compiled,
+    it comes from the mask rule block by block; eager, torch materialises the whole (n, n) mask
+    first (16k tokens on CPU: 1.7 s and 2.8 GiB peak eager, 0.2 s and 0.4 GiB compiled)."""
     b, h, n, _ = q.shape
     g = h // k.shape[1]
     w, B = spec.local, spec.block
@@ -323,8 +323,8 @@ def flex_attention_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
 
     global _compiled_flex
     g = q.shape[1] // k.shape[1]
-    # the mask builder compiled on CUDA only: on CPU (tests) inductor's C++ code for some document
-    # masks does not compile (torch 2.13), and the eager builder is cheap at test sizes
+    # the mask builder compiled on CUDA only: on CPU (tests) inductor's C++ code for some of the
+    # tests' masks does not compile (torch 2.13), and the eager builder is cheap at test sizes
     mask = flex_block_mask(q, k, spec, doc_start, compile=compile and q.is_cuda)
     fn = flex_attention
     if compile:
