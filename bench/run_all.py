@@ -87,10 +87,11 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
         "stability_overhead": ["--rounds", "1", "--steps", "8", *prec],
         "parallel_overhead": ["--rounds", "1", "--steps", "6", *prec],
         "ep_throughput": ["--rounds", "1", "--steps", "8", *prec],
-        # bias balancing at tiny-moe's rate 0.01 needs ~100 steps to settle (at 40 steps: 1.45x only);
-        # the last 2 logs (steps 90, 100) are compared
-        "moe_balance": ["--steps", "100", "--batch", "4", "--seq", "128", "--runs", "none,bias", "--tail", "2",
-                        "--out", str(tmp / "moe_balance"), *prec],
+        # bias balancing at tiny-moe's rate 0.01 needs 100+ steps to settle, and each logged load CV is
+        # one batch's: at 100 steps x 4 sequences, averaging steps 90 and 100, the verdict was a coin
+        # toss (1.55-2.21 against 2); 150 steps x 8, the last 30 steps (6 logs): 2.51 bf16, 2.66 fp32
+        "moe_balance": ["--steps", "150", "--batch", "8", "--seq", "128", "--runs", "none,bias",
+                        "--log-every", "5", "--tail", "6", "--out", str(tmp / "moe_balance"), *prec],
         "data_pipeline": ["--repeat", "1"],  # all 9,782 documents, one round: ~25 s (full: 3 rounds)
         "attention": [],  # 1k..16k, full vs window 512, best of 2: ~2 min
         "load_balance": [],  # 2 runs of 16 steps on 2 ranks: ~1 min
