@@ -4,7 +4,7 @@ pass/fail. Exit 1 if any benchmark misses its target, fails to run or prints no 
 Each benchmark compares against a named baseline in the same run and ends with a
 `BENCH_RESULT {json}` line (bench/_check.py); train_throughput.py (lmforge vs transformers) is
 read from its "ratio lmforge/hf = X.XXx" line and its exit status. `--quick` (the default of
-scripts/bench.sh) runs reduced sizes that finish in ~10-15 minutes on 2 quiet cores; `--full` the
+scripts/bench.sh) runs reduced sizes that finish in ~30 minutes on 2 cores; `--full` the
 sizes the figures in docs/benchmarks.md were recorded with.
 
     bash scripts/bench.sh [--full] [--only name,name] [--dry-run]
