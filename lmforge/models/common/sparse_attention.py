@@ -323,8 +323,9 @@ def flex_attention_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
 
     global _compiled_flex
     g = q.shape[1] // k.shape[1]
-    # the mask builder compiled on CUDA only: on CPU (tests) inductor's C++ code for some of the
-    # tests' masks does not compile (torch 2.13), and the eager builder is cheap at test sizes
+    # the mask builder compiled on CUDA only: on CPU (tests) inductor's C++ code for the top-k
+    # table lookup with 16-token blocks does not compile (torch 2.13: a VecMask<int>/VecMask<float>
+    # mismatch), and the eager builder is cheap at test sizes
     mask = flex_block_mask(q, k, spec, doc_start, compile=compile and q.is_cuda)
     fn = flex_attention
     if compile:
