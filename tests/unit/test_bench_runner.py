@@ -99,8 +99,7 @@ def test_bench_sh_covers_every_benchmark() -> None:
     assert listed == scripts and "train_throughput" in listed
 
 
-def test_serve_gets_a_trained_run_on_a_fresh_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_gets_a_trained_run_on_a_fresh_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """serve.py needs a trained run: the main job's where there is one, else the runner trains a short
     run of its recipe first (a valid job), and a failing setup fails serve with its reason."""
     from lmforge.cli import _split_recipe_args
@@ -119,7 +118,7 @@ def test_serve_gets_a_trained_run_on_a_fresh_clone(tmp_path: Path, monkeypatch: 
     assert cfg.checkpoint.interval == run_all.SERVE_STEPS  # serving needs the final checkpoint
 
     trained = tmp_path / "trained"
-    (trained).mkdir()
+    trained.mkdir()
     (trained / "config.json").write_text("{}")
     monkeypatch.setattr(run_all, "MAIN_RUN", trained)
     assert run_all.plan(False, "fp32", tmp_path)["serve"] == [] and run_all.setup("serve", [], tmp_path) == []
