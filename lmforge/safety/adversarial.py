@@ -33,8 +33,12 @@ import statistics
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lmforge.safety.errors import SafetyError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["AdversarialDetector", "Assessment", "ComponentScore", "PerplexityReference", "TokenNll",
            "invisible_component", "lm_token_nll", "perplexity_stats", "perturbation_component", "suffix_component"]
@@ -246,14 +250,13 @@ class AdversarialDetector:
         return a
 
 
-def lm_token_nll(model: Callable, encode: Callable[[str], list[int]], max_len: int) -> TokenNll:
+def lm_token_nll(model: torch.nn.Module, encode: Callable[[str], list[int]], max_len: int) -> TokenNll:
     """A `TokenNll` from a causal LM (`model(ids (1, n)) -> logits (1, n, vocab)`) and its encoder;
     texts longer than `max_len` tokens are scored on their last `max_len` (where suffixes are). The
     ids go to the model's device (a served model may be on CUDA)."""
     import torch
 
-    params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-    device = params.device if params is not None else torch.device("cpu")
+    device = next(model.parameters()).device
 
     def nll(text: str) -> list[float]:
         ids = encode(text)[-max_len:]

@@ -245,8 +245,20 @@ def test_greedy_generation_with_cache_equals_without(layers: list[str]):
     assert generate(model, p, 40, use_cache=True) == generate(model, p, 40, use_cache=False)
 
 
+needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                               reason="inductor needs a C++ compiler")
+
+
+def assert_compiled_flex_is_the_reference(q, k, v, spec: AttnSpec, docs) -> None:  # noqa: ANN001
+    ref = dense_reference(q, k, v, dense_mask(spec, q, k, docs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flex_attention_(q, k, v, spec, docs, compile=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@needs_cxx
 def test_compiled_flex_attention_equals_the_reference_on_cpu():
     """The compiled path the GPU runs (torch.compile(flex_attention) with block masks), here on
     CPU's inductor backend, forward only."""
@@ -254,15 +266,11 @@ def test_compiled_flex_attention_equals_the_reference_on_cpu():
     ds = document_starts(packed_docs(1, n, seed=5), 0)
     q, k, v = (t.detach() for t in qkv(n, b=1))
     for spec, docs in [(AttnSpec("window", 16), ds), (AttnSpec("topk", 16, 2, 16), None)]:
-        ref = dense_reference(q, k, v, dense_mask(spec, q, k, docs))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = flex_attention_(q, k, v, spec, docs, compile=True)
-        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+        assert_compiled_flex_is_the_reference(q, k, v, spec, docs)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@needs_cxx
 def test_compiled_flex_top_k_keeps_each_kv_heads_blocks():
     """Past one flex block (128 tokens) the compiled kernel skips the blocks its block mask leaves
     out, and top-k picks blocks per kv head: the mask must be built per head (built for head 0
@@ -272,15 +280,11 @@ def test_compiled_flex_top_k_keeps_each_kv_heads_blocks():
     spec = AttnSpec("topk", 128, 1, 128)
     sel = topk_selection(q, k, spec, None)[0]
     assert not torch.equal(sel[:, 0], sel[:, 1])  # the two kv heads pick different blocks
-    ref = dense_reference(q, k, v, dense_mask(spec, q, k, None))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = flex_attention_(q, k, v, spec, None, compile=True)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert_compiled_flex_is_the_reference(q, k, v, spec, None)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@needs_cxx
 def test_compiled_block_mask_equals_the_eager_one():
     """The compiled block-mask builder (the CUDA path: no (n, n) mask materialised) gives the block
     mask the eager builder does, for a window over documents and for per-head top-k."""
