@@ -13,7 +13,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,16 +90,19 @@ def _probe_steps(probe, steps: int, work: Path, round_: int) -> tuple[list[float
 
 
 def measure_probes(probes: list, steps: int, rounds: int, work: Path) -> dict[str, tuple[float, Path]]:  # noqa: ANN001
-    """Probe name -> (median seconds per step over the steps of all its runs, a run dir). The
-    probes run in `rounds` interleaved rounds (every probe once per round), so a stretch of machine
-    noise lands on one run of each rather than on every run of one."""
+    """Probe name -> (seconds per step: the lower quartile of the steps of all its runs, a run dir).
+    The probes run in `rounds` interleaved rounds (every probe once per round), so a stretch of
+    machine noise lands on one run of each rather than on every run of one; the lower quartile is
+    the probe undisturbed (observability/machine.py: quiet_seconds, as every calibration figure)."""
+    from lmforge.observability.machine import quiet_seconds
+
     steps_of: dict[str, list[float]] = {p.name: [] for p in probes}
     runs: dict[str, Path] = {}
     for r in range(rounds):
         for probe in probes:
             times, runs[probe.name] = _probe_steps(probe, steps, work, r)
             steps_of[probe.name] += times
-    return {name: (statistics.median(times), runs[name]) for name, times in steps_of.items()}
+    return {name: (quiet_seconds(times), runs[name]) for name, times in steps_of.items()}
 
 
 def cmd_bench_cluster(args: argparse.Namespace) -> int:

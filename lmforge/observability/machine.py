@@ -1,7 +1,14 @@
 """Measurements of this machine for a calibrated cluster file (`lmforge bench cluster`): matmul
 and attention-kernel rates by size, memory bandwidth, and the seconds of each gloo collective by
 message size between processes on this host. Each is what the planner's time model
-(lmforge/plan/timing.py) reads from a cluster file; lmforge/plan/calibration.py turns them into one."""
+(lmforge/plan/timing.py) reads from a cluster file; lmforge/plan/calibration.py turns them into one.
+
+Every figure is the lower quartile of its repeated timings (`quiet_seconds`), not their median. On a
+shared host the noise only ever adds time, and it comes in stretches of seconds: the probe steps of
+`lmforge bench cluster` on a 2-core VM ran 25-40% slower for whole stretches and a 4 KiB gloo
+all-reduce took 3.5 ms against its neighbours' 0.2 ms (2026-12-05). A median moves with how much of a
+run such a stretch covered; the lower quartile stays at what the machine does undisturbed, which is
+what a cluster file describes."""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import socket
 import statistics
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -30,7 +37,17 @@ ATTENTION_SHAPES = ((8, 4, 64, 16), (8, 4, 128, 16), (8, 4, 256, 48), (4, 8, 512
 COLLECTIVE_BYTES = tuple(2**k for k in range(12, 25, 2))  # 4 KiB .. 16 MiB
 
 
-def _median_seconds(fn, seconds: float, min_reps: int = 5) -> float:
+def quiet_seconds(times: Sequence[float]) -> float:
+    """The lower quartile of repeated timings of one thing: what it takes when the host does not
+    disturb it (see the module docstring for why not the median)."""
+    if not times:
+        raise ValueError("quiet_seconds: no timings")
+    if len(times) == 1:
+        return float(times[0])
+    return statistics.quantiles(times, n=4, method="inclusive")[0]
+
+
+def _quiet_seconds(fn, seconds: float, min_reps: int = 5) -> float:
     fn()  # warm-up: first-call allocation and kernel choice
     times: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -40,7 +57,7 @@ def _median_seconds(fn, seconds: float, min_reps: int = 5) -> float:
         times.append(time.perf_counter() - start)
         if len(times) >= 200:
             break
-    return statistics.median(times)
+    return quiet_seconds(times)
 
 
 def matmul_rates(shapes: Iterable[tuple[int, int, int]] = MATMUL_SHAPES, threads: int = 1,
@@ -52,7 +69,7 @@ def matmul_rates(shapes: Iterable[tuple[int, int, int]] = MATMUL_SHAPES, threads
         for m, k, n in shapes:
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
             flops = 2.0 * m * k * n
-            out.append((flops, flops / _median_seconds(lambda a=a, b=b: a @ b, seconds)))
+            out.append((flops, flops / _quiet_seconds(lambda a=a, b=b: a @ b, seconds)))
     return out
 
 
@@ -74,7 +91,7 @@ def attention_rates(shapes: Iterable[tuple[int, int, int, int]] = ATTENTION_SHAP
                 F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
 
             flops = 3 * 2 * 2.0 * b * h * attended_pairs("full", s) * d
-            out.append((2.0 * s * s * d, flops / _median_seconds(step, seconds)))
+            out.append((2.0 * s * s * d, flops / _quiet_seconds(step, seconds)))
     return out
 
 
@@ -82,7 +99,7 @@ def memory_bandwidth(threads: int = 1, nbytes: int = 128 * 2**20, seconds: float
     """Bytes/s one rank moves through memory: a copy of `nbytes` (read once, written once)."""
     with on_threads(threads):
         src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
-        return 2 * nbytes / _median_seconds(lambda: dst.copy_(src), seconds)
+        return 2 * nbytes / _quiet_seconds(lambda: dst.copy_(src), seconds)
 
 
 def _free_port() -> int:
@@ -119,8 +136,8 @@ def _collective_worker(rank: int, world: int, port: int, sizes: tuple[int, ...],
                 start = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - start)
-            # the slower rank's median: a collective ends for the job when it ends on every rank
-            t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+            # the slower rank's figure: a collective ends for the job when it ends on every rank
+            t = torch.tensor([quiet_seconds(times)], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             results[kind].append((4 * n, float(t)))
     if rank == 0:
@@ -132,7 +149,7 @@ def collective_times(kinds: tuple[str, ...], ranks: int = 2, sizes: tuple[int, .
                      repeats: int = 9) -> dict[str, list[tuple[int, float]]]:
     """kind -> [(bytes, seconds)] of the gloo collectives `kinds` (any of all_reduce, all_gather:
     bytes gathered, reduce_scatter: bytes reduced, all_to_all) on `ranks` processes of this host,
-    one thread each; each figure is the slower rank's median of `repeats`."""
+    one thread each; each figure is the slower rank's lower quartile of `repeats`."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
