@@ -10,17 +10,19 @@ vocabulary-sharded logits; it knows no module or parameter names.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 from torch.distributed.tensor.parallel import loss_parallel as _torch_loss_parallel
 
 from lmforge.models.common.cross_entropy import cross_entropy
+from lmforge.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
 from lmforge.tensors.dtensor import gathered
 
 
@@ -74,8 +76,10 @@ def tp_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_parallel:
 
     With `loss_parallel` the logits are the vocabulary-sharded DTensor that `apply_tp` returns and
     the loss is computed on the shards (each rank: local max / sum-exp / target logit, then small
-    all-reduces). The result is a replicated scalar DTensor: identical on every TP rank, usable
-    for `.backward()` and arithmetic (`/ accum`); `.item()` or `float(loss.full_tensor())`
+    all-reduces). On CPU that is lmforge's chunked vocab-parallel loss
+    (parallel/vocab_parallel_loss.py), which returns a plain scalar tensor; elsewhere torch's
+    `loss_parallel` kernels, which return a replicated scalar DTensor. Either is identical on
+    every TP rank and usable for `.backward()` and arithmetic (`/ accum`); `full_value(loss)`
     gives the value for logging. The caller must wrap this call AND the backward::
 
         with loss_parallel_ctx(cfg.loss_parallel):
@@ -90,8 +94,12 @@ def tp_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_parallel:
         logits = logits.full_tensor()
     if isinstance(targets, DTensor):
         targets = targets.full_tensor()
-    if isinstance(logits, DTensor):  # vocabulary-sharded: torch's loss_parallel kernels
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+    if isinstance(logits, DTensor):  # vocabulary-sharded
+        mesh, vocab = logits.device_mesh, logits.shape[-1]
+        if logits.device.type == "cpu" and mesh.ndim == 1 and logits.placements == (Shard(logits.ndim - 1),):
+            start = min(mesh.get_local_rank() * math.ceil(vocab / mesh.size()), vocab)  # DTensor's chunking
+            return vocab_parallel_cross_entropy(logits.to_local(), targets, start, mesh.get_group())
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))  # torch's loss_parallel kernels
     return cross_entropy(logits, targets, overwrite_logits)
 
 

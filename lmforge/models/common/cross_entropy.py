@@ -24,7 +24,8 @@ import torch.nn.functional as F
 _CHUNK_BYTES = 2**21  # one fp32 chunk of rows: fits a core's L2 (2 MiB here)
 
 
-def _chunk_rows(vocab: int) -> int:
+def chunk_rows(vocab: int) -> int:
+    """Rows of (rows, vocab) logits whose fp32 copy stays in a core's L2 (at least 16)."""
     return max(16, _CHUNK_BYTES // (4 * vocab))
 
 
@@ -38,7 +39,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, overwrite: bool) -> torch.Tensor:
         n, vocab = logits.shape
         acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for fp64 logits
-        step = _chunk_rows(vocab)
+        step = chunk_rows(vocab)
         losses = torch.empty(n, dtype=acc, device=logits.device)
         grad = None
         if ctx.needs_input_grad[0]:
