@@ -2,7 +2,7 @@
 (lmforge/plan/presets/cpu.toml: intra_node bandwidth and latency).
 
 Two ranks (gloo, one thread each; lmforge/observability/machine.py: collective_times, the slower
-rank's median of 9) all-reduce fp32 tensors of growing size; the
+rank's lower quartile of 9) all-reduce fp32 tensors of growing size; the
 time t(n) of a ring all-reduce of n bytes over p ranks is 2 (p - 1) (lat + n / (p bw)), so a
 least-squares line through (n, t) gives the latency and the link bandwidth. Prints both and the
 fit's worst relative residual. Its verdict (bench/_check.py, as every benchmark's): 1 - that residual

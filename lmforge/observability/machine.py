@@ -47,7 +47,8 @@ def quiet_seconds(times: Sequence[float]) -> float:
     return statistics.quantiles(times, n=4, method="inclusive")[0]
 
 
-def _quiet_seconds(fn, seconds: float, min_reps: int = 5) -> float:
+def _quiet_call_seconds(fn, seconds: float, min_reps: int = 5) -> float:
+    """`quiet_seconds` of `fn()` called repeatedly for about `seconds` (at least `min_reps` times)."""
     fn()  # warm-up: first-call allocation and kernel choice
     times: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -69,7 +70,7 @@ def matmul_rates(shapes: Iterable[tuple[int, int, int]] = MATMUL_SHAPES, threads
         for m, k, n in shapes:
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
             flops = 2.0 * m * k * n
-            out.append((flops, flops / _quiet_seconds(lambda a=a, b=b: a @ b, seconds)))
+            out.append((flops, flops / _quiet_call_seconds(lambda a=a, b=b: a @ b, seconds)))
     return out
 
 
@@ -91,7 +92,7 @@ def attention_rates(shapes: Iterable[tuple[int, int, int, int]] = ATTENTION_SHAP
                 F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
 
             flops = 3 * 2 * 2.0 * b * h * attended_pairs("full", s) * d
-            out.append((2.0 * s * s * d, flops / _quiet_seconds(step, seconds)))
+            out.append((2.0 * s * s * d, flops / _quiet_call_seconds(step, seconds)))
     return out
 
 
@@ -99,7 +100,7 @@ def memory_bandwidth(threads: int = 1, nbytes: int = 128 * 2**20, seconds: float
     """Bytes/s one rank moves through memory: a copy of `nbytes` (read once, written once)."""
     with on_threads(threads):
         src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
-        return 2 * nbytes / _quiet_seconds(lambda: dst.copy_(src), seconds)
+        return 2 * nbytes / _quiet_call_seconds(lambda: dst.copy_(src), seconds)
 
 
 def _free_port() -> int:

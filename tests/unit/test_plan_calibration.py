@@ -83,7 +83,7 @@ def test_the_attention_curve_is_fitted_relative_to_the_matmul_peak() -> None:
 def test_attention_rates_count_the_planners_flops(monkeypatch: pytest.MonkeyPatch) -> None:
     import lmforge.observability.machine as machine
 
-    monkeypatch.setattr(machine, "_quiet_seconds", lambda fn, seconds: (fn(), 1.0)[1])  # one second each
+    monkeypatch.setattr(machine, "_quiet_call_seconds", lambda fn, seconds: (fn(), 1.0)[1])  # one second each
     (w, rate), = machine.attention_rates([(2, 3, 40, 16)])
     job = probe_job("tiny-dense", ("--model.dim", "48", "--model.n_heads", "3", "--model.n_kv_heads", "3",
                                    "--model.n_layers", "1", "--train.seq_len", "40"), 1)
