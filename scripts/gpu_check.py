@@ -187,10 +187,12 @@ def train_check(name: str, out: Path, data_dir: Path) -> tuple[Result, RunSummar
 # -- in-process checks (run in a child process: `gpu_check.py --inner NAME OUT`) ----------------------
 
 
-def inner_offload(out: Path, device: str = "cuda") -> dict:
+def inner_offload(out: Path, device: str = "cuda", precision: str = "bf16") -> dict:
     """FSDP2 with CPUOffloadPolicy on a one-rank mesh, process group "cpu:gloo,cuda:nccl": the
-    sharded parameters and optimizer state live in pinned host memory, the step trains. (`device`
-    "cpu": the same code on a gloo group, where offload changes nothing; the unit tests run it so.)"""
+    sharded parameters and optimizer state live in pinned host memory, the step trains in bf16
+    autocast. (`device` "cpu": the same code on a gloo group, where offload changes nothing; the
+    unit tests run it so, in the `precision` the CPU runs natively: bf16 where it is emulated
+    (AVX2) makes the 8 steps take minutes instead of seconds.)"""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -198,6 +200,7 @@ def inner_offload(out: Path, device: str = "cuda") -> dict:
     from lmforge.config import ModelConfig, ParallelConfig
     from lmforge.models.llama import build_model
     from lmforge.parallel.fsdp import FSDPPolicy, apply_fsdp
+    from lmforge.train.precision import autocast_context
 
     dev = torch.device(device, 0) if device == "cuda" else torch.device(device)
     if dev.type == "cuda":
@@ -216,7 +219,7 @@ def inner_offload(out: Path, device: str = "cuda") -> dict:
         x = torch.randint(0, cfg.vocab_size, (8, 129), generator=torch.Generator().manual_seed(0)).to(dev)
         losses = []
         for _ in range(8):
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
+            with autocast_context(precision, dev):
                 logits = model(x[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
             loss.backward()
