@@ -67,6 +67,7 @@ def main() -> int:
 
     from lmforge.cli import main as lmforge
     from lmforge.compress.artifact import TENSORS, load_quantized, read_quantized
+    from lmforge.compress.runtime import int8_runtime_problem
     from lmforge.compress.schemes import RUNTIMES
     from lmforge.eval.runner import EvalOptions, evaluate
     from lmforge.eval.speed import measure_speed
@@ -105,6 +106,10 @@ def main() -> int:
     for name in ("int8-weight", "int8-dynamic", "int4-weight"):
         default_runtime[name] = read_quantized(dirs[name]).meta["runtime"]
         for rt in RUNTIMES[name]:
+            problem = int8_runtime_problem(name, rt)
+            if problem is not None:  # torchao's int8 x int8 without VNNI: not a figure worth printing
+                print(f"{name}/{rt}: not timed: {problem}")
+                continue
             models[f"{name}/{rt}"] = load_quantized(dirs[name], runtime=rt)[0]
     speed: dict[str, list[dict]] = {k: [] for k in models}
     big: dict[str, list[float]] = {k: [] for k in models}

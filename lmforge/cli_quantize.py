@@ -48,6 +48,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lmforge.compress.errors import CompressError
     from lmforge.compress.hf_export import HF_SCHEMES, HF_UNSUPPORTED, export_hf_quantized
     from lmforge.compress.quantize import QuantizeOptions, check_quantizable, quantize_model
+    from lmforge.compress.runtime import int8_runtime_problem
     from lmforge.compress.schemes import check_scheme, resolve_runtime
     from lmforge.compress.train_data import calibration_windows, open_train_data
     from lmforge.serve.generate import load_source, resolve_source
@@ -58,6 +59,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     args.output = args.out
     check_scheme(args.scheme)
     runtime = resolve_runtime(args.scheme, args.runtime)
+    problem = int8_runtime_problem(args.scheme, runtime)
+    if problem is not None:  # the directory may be run on another machine, so this one only says it
+        print(f"note: {problem}; eval, generate and serve refuse this runtime on a CPU like this one")
     if args.hf and args.scheme not in HF_SCHEMES:
         raise CompressError(HF_UNSUPPORTED)
     int4 = args.scheme == "int4-weight"

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.compress.errors import CompressError
 from lmforge.compress.quantize import QuantizedWeights
-from lmforge.compress.runtime import build_runtime_model
+from lmforge.compress.runtime import build_runtime_model, int8_runtime_problem
 from lmforge.compress.schemes import RUNTIMES, SCHEMES, resolve_runtime
 from lmforge.config import ModelConfig
 from lmforge.config.loader import ConfigError, build_dataclass
@@ -121,6 +121,11 @@ def load_quantized(path: Path, device: torch.device | str = "cpu", runtime: str 
     not part of the weights)."""
     q = read_quantized(path)
     chosen = "dequant" if dequantize else resolve_runtime(q.scheme, runtime or q.meta["runtime"])
+    problem = int8_runtime_problem(q.scheme, chosen, device)
+    if problem is not None:  # before reading the tensors
+        if runtime is None:
+            raise CompressError(f"{q.path}: its recorded {problem}; quantize again with --runtime fbgemm (or auto)")
+        raise CompressError(f"{q.path}: {problem}; use runtime fbgemm")
     try:
         tensors = load_file(str(q.path / TENSORS))
     except (SafetensorError, OSError) as e:

@@ -196,6 +196,17 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "unknown-cpu"
 
 
+# Variables that cap the instruction sets torch's CPU kernels use: a peak measured under a cap is
+# another machine's figure, so each set one is part of the cache key.
+ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_label() -> str:
+    """This CPU as the peak cache names it: its model, plus any instruction-set cap in effect."""
+    caps = [f"{var}={os.environ[var]}" for var in ISA_CAP_VARS if os.environ.get(var)]
+    return f"cpu={cpu_model_name()}" + (f" [{', '.join(caps)}]" if caps else "")
+
+
 def default_cache_path() -> Path:
     """$LMFORGE_CACHE_DIR/peak_flops.json, else ~/.cache/lmforge/peak_flops.json."""
     root = os.environ.get(CACHE_ENV)
@@ -253,10 +264,10 @@ def measure_cpu_peak_flops(dtype: torch.dtype | str = torch.bfloat16, n: int = 2
                            cache_path: Path | None = None, force: bool = False) -> float:
     """Measured peak matmul FLOP/s of this CPU on torch.get_num_threads() threads, cached.
 
-    The cache key is (CPU model, thread count, torch version, dtype, n): change any and it is
-    measured again. `force` re-measures and overwrites the cached figure.
+    The cache key is (CPU model and instruction-set caps, thread count, torch version, dtype, n):
+    change any and it is measured again. `force` re-measures and overwrites the cached figure.
     """
-    flops = _cached_measure(torch.device("cpu"), f"cpu={cpu_model_name()}", torch.get_num_threads(), dtype, n,
+    flops = _cached_measure(torch.device("cpu"), cpu_label(), torch.get_num_threads(), dtype, n,
                             seconds, cache_path, force)
     assert flops is not None
     return flops
@@ -279,7 +290,7 @@ def resolve_peak_flops(device: torch.device | str, dtype: torch.dtype | str, ove
         label, threads = f"gpu={name}", None
         dtype = _gpu_dtype_key(dtype)
     elif device.type == "cpu":
-        label, threads = f"cpu={cpu_model_name()}", torch.get_num_threads()
+        label, threads = cpu_label(), torch.get_num_threads()
     else:
         label, threads = f"{device.type}={platform.machine()}", None
     flops = _cached_measure(device, label, threads, dtype, 2048, 2.0, cache_path, force=False,
@@ -311,7 +322,7 @@ def run_peak_benchmark(dtypes: Iterable[torch.dtype | str] = ("bf16", "fp32"), n
         if key == "tf32":
             continue  # a GPU mode; on CPU it is plain fp32
         flops = measure_cpu_peak_flops(key, n, seconds, cache_path, force)
-        used = _measured_size(f"cpu={cpu_model_name()}", key, n, threads, cache_path)
+        used = _measured_size(cpu_label(), key, n, threads, cache_path)
         results[f"cpu {key} measured (n={used}, {threads} threads)"] = flops
     if torch.cuda.is_available():
         dev = torch.device("cuda", torch.cuda.current_device())

@@ -21,11 +21,11 @@ import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from lmforge.tensors.cpu_features import cpu_native_feature, onednn_isa_cap, parse_cpu_flags, read_cpuinfo
 from lmforge.tensors.dtypes import DTYPES
 
 if TYPE_CHECKING:
@@ -55,54 +55,6 @@ class PrecisionChoice:
     mode: str  # "fp32" | "bf16" | "fp16"
     reason: str  # one short phrase for the run header and config.json
     native: bool  # the hardware runs `mode`'s matmuls natively (False: expect a large slowdown)
-
-
-def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
-    """Feature flags from /proc/cpuinfo text: x86 "flags", ARM "Features" (first CPU only)."""
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            return frozenset(value.lower().split())
-    return frozenset()
-
-
-# oneDNN's ISA levels by their ONEDNN_MAX_CPU_ISA names, as the bit masks of its dnnl_cpu_isa_t: a
-# level is within a cap when its bits are a subset of the cap's ("ALL", "DEFAULT": no cap).
-ONEDNN_ISA_BITS = {
-    "SSE41": 0x1, "AVX": 0x3, "AVX2": 0x7, "AVX2_VNNI": 0xF, "AVX2_VNNI_2": 0x1F, "AVX512_CORE": 0x27,
-    "AVX512_CORE_VNNI": 0x67, "AVX512_CORE_BF16": 0xE7, "AVX10_1_512": 0x1EF, "AVX512_CORE_FP16": 0x1EF,
-    "AVX10_1_512_AMX": 0xFEF, "AVX512_CORE_AMX": 0xFEF, "AVX10_1_512_AMX_FP16": 0x1FEF,
-    "AVX512_CORE_AMX_FP16": 0x1FEF,
-}
-# Per dtype, in oneDNN's order of preference: (feature, the CPU flags it needs, the oneDNN ISA level).
-NATIVE_FEATURES = {
-    "bf16": (("AMX", {"amx_bf16", "amx_tile"}, "AVX512_CORE_AMX"),
-             ("AVX512_BF16", {"avx512_bf16"}, "AVX512_CORE_BF16")),
-    "fp16": (("AMX-FP16", {"amx_fp16", "amx_tile"}, "AVX512_CORE_AMX_FP16"),
-             ("AVX512_FP16", {"avx512_fp16"}, "AVX512_CORE_FP16")),
-}
-
-
-def onednn_allows(level: str, cap: str) -> bool:
-    """Whether oneDNN capped at `cap` (an ONEDNN_MAX_CPU_ISA value, "" = none) may use `level`."""
-    cap_bits = ONEDNN_ISA_BITS.get(cap.strip().upper())
-    if cap_bits is None:  # unset, ALL, DEFAULT, or a name newer than this table: not capped
-        return True
-    need = ONEDNN_ISA_BITS[level]
-    return need & cap_bits == need
-
-
-def cpu_native_feature(dtype: str, flags: frozenset[str], onednn_isa_cap: str = "") -> str | None:
-    """The CPU feature that runs `dtype` ("bf16" / "fp16") matmuls natively, or None.
-
-    oneDNN (torch's CPU matmul backend for reduced precision) uses AMX tiles and the AVX512_BF16 /
-    AVX512_FP16 dot-product instructions; without them, or capped below them by
-    ONEDNN_MAX_CPU_ISA, it converts to fp32 element by element, which is what makes bf16 on AVX2
-    CPUs ~100x slower than fp32."""
-    for feature, needs, level in NATIVE_FEATURES.get(dtype, ()):
-        if needs <= flags and onednn_allows(level, onednn_isa_cap):
-            return feature
-    return None
 
 
 def _no_native(dtype: str, hw: Hardware) -> str:
@@ -138,20 +90,13 @@ def choose_precision(requested: str, hw: Hardware) -> PrecisionChoice:
     return PrecisionChoice(requested, f"set in the config; {_no_native(requested, hw)}: emulated, slow", False)
 
 
-def _read_cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no flags, so "auto" falls back to fp32 on CPU
-        return ""
-
-
 def detect_hardware(device: str = "auto", cpuinfo: str | None = None) -> Hardware:
     """This machine as `choose_precision` needs it. `device` is train.device ("auto" = CUDA when
     available)."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    flags = parse_cpu_flags(_read_cpuinfo() if cpuinfo is None else cpuinfo)
+    flags = parse_cpu_flags(read_cpuinfo() if cpuinfo is None else cpuinfo)
     capability = torch.backends.cpu.get_cpu_capability()
-    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA", "")  # its older name
+    onednn_cap = onednn_isa_cap()
     if use_cuda and torch.cuda.is_available():
         # This rank's GPU, read without making it current: that would create a CUDA context on it
         # (and on GPU 0 when switching back) before the trainer picks the device.

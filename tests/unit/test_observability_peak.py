@@ -94,6 +94,12 @@ def test_cpu_measurement_is_plausible_and_cached(tmp_path: Path, monkeypatch: py
     assert measure_cpu_peak_flops(torch.float32, n=256, seconds=0.2, cache_path=cache) == 123.0
     assert measure_cpu_peak_flops(torch.float32, n=128, seconds=0.2, cache_path=cache, force=True) == 123.0
     assert len(json.loads(cache.read_text())) == 2
+    # A cap on the instruction sets (e.g. AVX2 paths forced on an AVX-512 CPU) is another machine's
+    # peak. (Only the key is read here: oneDNN and MKL read their caps once, when first used.)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "SSE41")
+    monkeypatch.setattr(peak, "measure_matmul_flops", lambda dev, dt, n, s: (77.0, n))
+    assert measure_cpu_peak_flops(torch.float32, n=128, seconds=0.2, cache_path=cache) == 77.0
+    assert sum("DNNL_MAX_CPU_ISA=SSE41" in k for k in json.loads(cache.read_text())) == 1
 
 
 def test_n_shrinks_to_fit_the_time_budget() -> None:

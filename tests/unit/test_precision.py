@@ -122,6 +122,20 @@ def test_cpu_flags_parsing() -> None:
     assert cpu_native_feature("fp32", flags) is None
 
 
+@pytest.mark.parametrize("cpuinfo,cap,feature", [
+    (ZEN3_AVX2, "", None),  # u8 x s8 pairs in saturating 16-bit lanes
+    (ZEN4_AVX512_BF16, "", "AVX512_VNNI"),
+    (SAPPHIRE_RAPIDS_AMX, "", "AMX-INT8"),
+    (SAPPHIRE_RAPIDS_AMX + " avx512_vnni", "AVX512_CORE_BF16", "AVX512_VNNI"),  # tiles capped off
+    (SAPPHIRE_RAPIDS_AMX, "AVX512_CORE", None),
+    ("flags\t\t: fpu avx2 avx_vnni", "", "AVX_VNNI"),  # Alder Lake and later client cores
+    ("flags\t\t: fpu avx2 avx_vnni", "AVX2", None),
+])
+def test_int8_dot_product_feature(cpuinfo: str, cap: str, feature: str | None) -> None:
+    """The int8 runtimes' question (compress/runtime.py): does oneDNN sum int8 products natively?"""
+    assert cpu_native_feature("int8", parse_cpu_flags(cpuinfo), cap) == feature
+
+
 def test_this_machine_is_detected_consistently() -> None:
     """detect_hardware reads this machine; a CPU without the flags never resolves to bf16."""
     hw = detect_hardware("cpu")

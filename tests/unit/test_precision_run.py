@@ -37,7 +37,7 @@ def run(data_dir: Path, out: Path, *extra: str, echo: bool = False) -> Trainer:
 def fake_peaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Cached CPU peaks for this machine and thread count, so no run measures one."""
     monkeypatch.setenv(peak.CACHE_ENV, str(tmp_path / "cache"))
-    label, threads = f"cpu={peak.cpu_model_name()}", torch.get_num_threads()
+    label, threads = peak.cpu_label(), torch.get_num_threads()
     peak._write_cache(peak.default_cache_path(), {
         peak._cache_key(label, key, 2048, threads): {"flops": value} for key, value in FAKE_PEAKS.items()})
 

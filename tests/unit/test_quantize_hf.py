@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.compress.errors import CompressError
 from lmforge.compress.hf_export import export_hf_quantized
 from lmforge.compress.quantize import QuantizeOptions, quantize_model
-from lmforge.compress.runtime import build_runtime_model
+from lmforge.compress.runtime import build_runtime_model, int8_runtime_problem
 from lmforge.config import ModelConfig
 from lmforge.models.llama.model import build_model
 
@@ -38,6 +39,10 @@ def test_transformers_loads_the_int8_export_with_lmforges_numbers(scheme: str, r
     assert type(hf.model.norm.weight).__name__ == "Parameter"  # norms stay fp32
     assert torch.equal(q.qdata, ours.tensors["layers.1.feed_forward.w2.weight.qdata"])
     assert torch.equal(hf.lm_head.weight.qdata, ours.tensors["output.weight.qdata"])
+    if int8_runtime_problem(scheme, runtime) is not None:  # no VNNI/AMX: refused (tests/unit/test_quantize.py)
+        with pytest.raises(CompressError, match="needs int8 dot-product instructions"):
+            build_runtime_model(cfg, ours.formats, ours.tensors, scheme, runtime)
+        return
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         a = build_runtime_model(cfg, ours.formats, ours.tensors, scheme, runtime)(tokens)
