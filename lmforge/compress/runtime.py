@@ -18,7 +18,7 @@ from lmforge.models.registry import family_of
 from lmforge.tensors.cpu_features import (
     cpu_native_feature,
     is_x86,
-    onednn_isa_cap,
+    onednn_cap_from_env,
     parse_cpu_flags,
     read_cpuinfo,
 )
@@ -115,11 +115,11 @@ def int8_runtime_problem(scheme: str, runtime: str, device: torch.device | str =
     activations to 7 bits for such CPUs, 4.1% either way)."""
     if scheme != "int8-dynamic" or runtime != "torchao" or torch.device(device).type != "cpu" or not is_x86():
         return None
-    flags = parse_cpu_flags(read_cpuinfo() if cpuinfo is None else cpuinfo)
-    if not flags or cpu_native_feature("int8", flags, onednn_isa_cap()) is not None:
+    flags, cap = parse_cpu_flags(read_cpuinfo() if cpuinfo is None else cpuinfo), onednn_cap_from_env()
+    if not flags or cpu_native_feature("int8", flags, cap) is not None:
         return None  # unknown flags are not refused on a guess
     capped = cpu_native_feature("int8", flags) is not None
-    why = f"ONEDNN_MAX_CPU_ISA={onednn_isa_cap()} keeps oneDNN from them" if capped else "this CPU has none"
+    why = f"ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN from them" if capped else "this CPU has none"
     return (f"runtime torchao (int8-dynamic) needs int8 dot-product instructions on CPU (AVX512_VNNI, AVX_VNNI "
             f"or AMX) and {why}: oneDNN's int8 matmul would clip its sums")
 

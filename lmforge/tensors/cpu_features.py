@@ -49,7 +49,7 @@ def read_cpuinfo() -> str:
         return ""
 
 
-def onednn_isa_cap() -> str:
+def onednn_cap_from_env() -> str:
     """The ISA this process caps oneDNN at (ONEDNN_MAX_CPU_ISA, or its older name); "" when uncapped."""
     return os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA", "")
 

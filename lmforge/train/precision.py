@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmforge.tensors.cpu_features import cpu_native_feature, onednn_isa_cap, parse_cpu_flags, read_cpuinfo
+from lmforge.tensors.cpu_features import (
+    cpu_native_feature,
+    onednn_cap_from_env,
+    parse_cpu_flags,
+    read_cpuinfo,
+)
 from lmforge.tensors.dtypes import DTYPES
 
 if TYPE_CHECKING:
@@ -96,7 +101,7 @@ def detect_hardware(device: str = "auto", cpuinfo: str | None = None) -> Hardwar
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     flags = parse_cpu_flags(read_cpuinfo() if cpuinfo is None else cpuinfo)
     capability = torch.backends.cpu.get_cpu_capability()
-    onednn_cap = onednn_isa_cap()
+    onednn_cap = onednn_cap_from_env()
     if use_cuda and torch.cuda.is_available():
         # This rank's GPU, read without making it current: that would create a CUDA context on it
         # (and on GPU 0 when switching back) before the trainer picks the device.
