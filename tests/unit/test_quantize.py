@@ -150,8 +150,11 @@ ICE_LAKE_FLAGS = "flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni"
 
 def test_torchao_int8_dynamic_is_refused_only_where_onednn_has_no_int8_dot_product(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.compress import runtime
+
     for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         monkeypatch.delenv(cap, raising=False)
+    monkeypatch.setattr(runtime, "is_x86", lambda: True)  # the flags below are x86 CPUs' on any host
     problem = int8_runtime_problem("int8-dynamic", "torchao", "cpu", cpuinfo=ZEN3_FLAGS)
     assert problem is not None and "this CPU has none" in problem
     assert int8_runtime_problem("int8-dynamic", "torchao", "cpu", cpuinfo=ICE_LAKE_FLAGS) is None
@@ -305,6 +308,7 @@ def test_torchao_int8_dynamic_on_a_cpu_without_vnni_is_noted_then_refused_in_one
 
     # A Zen 3's flags, not an ONEDNN_MAX_CPU_ISA cap: oneDNN would keep a cap set in this process.
     monkeypatch.setattr(runtime, "read_cpuinfo", lambda: ZEN3_FLAGS)
+    monkeypatch.setattr(runtime, "is_x86", lambda: True)
     out = tmp_path / "a8w8-torchao"
     assert main(["compress", "quantize", str(trained), "--scheme", "int8-dynamic", "--runtime", "torchao",
                  "--out", str(out)]) == 0
