@@ -119,7 +119,6 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
         matmul_rates,
         memory_bandwidth,
     )
-    from lmforge.observability.peak import cpu_model_name
     from lmforge.plan.calibration import (
         FITS,
         cluster_dict,
@@ -132,6 +131,7 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
     )
     from lmforge.plan.cluster import COLLECTIVE_KINDS, PRESETS_DIR, Efficiency, cluster_from_dict
     from lmforge.storage.atomic import atomic_open
+    from lmforge.tensors.cpu_features import cpu_model_name
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

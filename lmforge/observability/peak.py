@@ -23,6 +23,7 @@ import torch
 
 from lmforge.observability.errors import ObservabilityError
 from lmforge.storage.atomic import write_text_atomic
+from lmforge.tensors.cpu_features import cpu_key
 from lmforge.tensors.dtypes import DTYPES, short_name
 
 log = logging.getLogger(__name__)
@@ -183,28 +184,9 @@ def _measure(device: torch.device, tdtype: torch.dtype, n: int, seconds: float,
     return 2.0 * n**3 / best, n
 
 
-def cpu_model_name() -> str:
-    """CPU model as the OS names it (/proc/cpuinfo on Linux), for the cache key."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                name = line.split(":", 1)[1].strip()
-                if name:
-                    return name
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
-# Variables that cap the instruction sets torch's CPU kernels use: a peak measured under a cap is
-# another machine's figure, so each set one is part of the cache key.
-ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-
-
 def cpu_label() -> str:
-    """This CPU as the peak cache names it: its model, plus any instruction-set cap in effect."""
-    caps = [f"{var}={os.environ[var]}" for var in ISA_CAP_VARS if os.environ.get(var)]
-    return f"cpu={cpu_model_name()}" + (f" [{', '.join(caps)}]" if caps else "")
+    """This CPU as the peak cache names it (tensors/cpu_features.py: cpu_key, caps included)."""
+    return f"cpu={cpu_key()}"
 
 
 def default_cache_path() -> Path:

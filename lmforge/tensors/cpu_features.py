@@ -4,7 +4,8 @@ and int8) sees it: the CPU's feature flags, less what ONEDNN_MAX_CPU_ISA caps of
 Without the instructions a dtype's kernels emulate it: a bf16 matmul on an AVX2-only CPU runs
 ~100x slower than fp32, and an int8 matmul without VNNI adds u8 x s8 pairs in saturating 16-bit
 lanes, so its sums clip. Training precision (train/precision.py) and the int8 runtimes
-(compress/runtime.py) both decide from here."""
+(compress/runtime.py) both decide from here. `cpu_key` names this CPU for the caches of measured
+figures (observability/peak.py's peak FLOP/s, models/common/linear.py's kernel choice)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,25 @@ def cpu_native_feature(dtype: str, flags: frozenset[str], onednn_isa_cap: str = 
 def is_x86() -> bool:
     """x86 CPUs are the ones the tables above describe (ARM's int8 and bf16 instructions differ)."""
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def cpu_model_name() -> str:
+    """CPU model as the OS names it (/proc/cpuinfo on Linux)."""
+    for line in read_cpuinfo().splitlines():
+        if line.lower().startswith(("model name", "hardware", "cpu model")):
+            name = line.split(":", 1)[1].strip()
+            if name:
+                return name
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+# Variables that cap the instruction sets torch's CPU kernels use (ATen's dispatch, oneDNN, MKL).
+ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_key() -> str:
+    """This CPU as a cache of measured figures names it: its model plus every instruction-set cap
+    in effect, since a figure measured under a cap (AVX2 paths forced on an AVX-512 CPU) is another
+    machine's."""
+    caps = [f"{var}={os.environ[var]}" for var in ISA_CAP_VARS if os.environ.get(var)]
+    return cpu_model_name() + (f" [{', '.join(caps)}]" if caps else "")

@@ -221,6 +221,10 @@ def test_choices_are_timed_once_and_shared_through_the_disk_cache(tmp_path: Path
     third = MatmulKernels(cache_path=path, trials=1, enabled=True)
     third.matmul("fwd", a, b)
     assert key in json.loads(path.read_text())[third._key]
+    # choices timed with the instruction sets capped (AVX2 paths forced) are another machine's
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "SSE41")  # only the key is read: oneDNN read its cap at first use
+    capped = MatmulKernels(cache_path=path, enabled=True)
+    assert capped._key != third._key and "DNNL_MAX_CPU_ISA=SSE41" in capped._key and capped.choices == {}
 
 
 def test_build_model_keeps_nn_linear_names_and_types() -> None:

@@ -19,6 +19,7 @@ from lmforge.observability.peak import (
     resolve_peak_flops,
     run_peak_benchmark,
 )
+from lmforge.tensors.cpu_features import cpu_model_name
 
 
 @pytest.mark.parametrize("name,dtype,expected", [
@@ -80,7 +81,7 @@ def test_cpu_measurement_is_plausible_and_cached(tmp_path: Path, monkeypatch: py
     data = json.loads(cache.read_text())
     (key, entry), = data.items()
     assert f"threads={torch.get_num_threads()}" in key and f"torch={torch.__version__}" in key
-    assert "dtype=fp32" in key and "n=128" in key and peak.cpu_model_name() in key
+    assert "dtype=fp32" in key and "n=128" in key and cpu_model_name() in key
     assert entry["flops"] == flops and entry["n_used"] == 128
     assert not [p for p in cache.parent.iterdir() if p.name.endswith(".tmp")]
 

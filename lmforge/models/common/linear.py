@@ -16,7 +16,7 @@ Two things make a CPU fp32 step faster without changing what is computed:
   run AVX2 code and the timed choice did not survive in context: on a quiet Zen 3 the whole model
   trained 3-7% slower with the fused/kernel path than with plain `F.linear` (docs/benchmarks.md),
   so there (`cpu_capability` AVX2 or less) the layers take plain `F.linear` unless forced. The choice is cached on disk per CPU
-  model, thread count and torch version, so every later process (a resumed run, the other ranks)
+  model (with any instruction-set cap: tensors/cpu_features.py cpu_key), thread count and torch version, so every later process (a resumed run, the other ranks)
   uses the same kernels and stays bit-for-bit reproducible.
 
 Everything else takes the plain `F.linear` path: DTensor parameters or inputs (TP, FSDP with TP),
@@ -36,6 +36,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lmforge.storage.atomic import write_text_atomic
+from lmforge.tensors.cpu_features import cpu_key
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +70,6 @@ def kernel_choice_pays_off() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
 def default_cache_path() -> Path:
     root = os.environ.get(CACHE_ENV)
     return Path(root).expanduser() / CACHE_FILE if root else Path.home() / ".cache" / "lmforge" / CACHE_FILE
@@ -101,7 +91,7 @@ class MatmulKernels:
         self.trials = trials
         wanted = kernel_choice_pays_off() if enabled is None else enabled
         self.enabled = wanted and _onednn_available()
-        self._key = f"{_cpu_model()} | threads={torch.get_num_threads()} | torch={torch.__version__}"
+        self._key = f"{cpu_key()} | threads={torch.get_num_threads()} | torch={torch.__version__}"
         self._choice: dict[str, str] = {}
         if self.enabled and cache_path is not None:
             self._choice = {k: v for k, v in self._read_cache().get(self._key, {}).items() if v in KERNELS}
