@@ -21,6 +21,24 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         TokenizerConfig(vocab_size=512, min_frequency=2), log=lambda *_: None)
 
 
+def _threads_restored():
+    """torch's intra-op thread count is process-wide: a test or module that changes it must not pass
+    it on, or later tests' numbers (GEMMs block and sum by thread count) would depend on which tests
+    ran before them."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+# Autouse fixtures run first and are torn down last in their scope: these undo what a test, or a
+# module's fixtures, did to the thread count (a module opting into one thread gets it back after).
+module_threads_restored = pytest.fixture(scope="module", autouse=True, name="module_threads_restored")(_threads_restored)
+test_threads_restored = pytest.fixture(autouse=True, name="test_threads_restored")(_threads_restored)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (up to 40x
