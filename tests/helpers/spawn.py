@@ -72,8 +72,15 @@ def run_ranks(fn: Callable[..., Any], world: int, out: Path, args: tuple = (),
     """Call `fn(rank, world, *args)` on `world` gloo ranks (the default process group is set up);
     return the per-rank results. `fn` must be a module-level function (pickled by reference)."""
     out.mkdir(parents=True, exist_ok=True)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    failure = fork_ranks(_entry, world, (fn, world, free_port(), str(out), args), preload, timeout)
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # for a server started by this call; given back after
+    try:
+        failure = fork_ranks(_entry, world, (fn, world, free_port(), str(out), args), preload, timeout)
+    finally:
+        if before is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
     if failure:
         errors = "\n".join(p.read_text() for p in sorted(out.glob("error*.txt")))
         raise AssertionError(f"ranks failed: {failure}\n{errors}")
