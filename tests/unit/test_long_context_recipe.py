@@ -34,7 +34,7 @@ def test_recipe_trains_a_few_steps(tiny_data_dir: Path, tmp_path: Path) -> None:
                  "--train.steps", "3", "--train.global_batch_size", "1", "--train.eval_interval", "0",
                  "--train.mixed_precision", "fp32", "--checkpoint.enabled", "false", "--scheduler.warmup_steps", "1",
                  "--metrics.log_interval", "1", "--metrics.tensorboard", "false", "--metrics.progress", "none",
-                 "--metrics.plot", "false", "--metrics.peak_flops", "1e11"]
+                 "--metrics.plot", "false"]
     cfg = load_job_config(str(RECIPE), parse_override_args(overrides))
     trainer = Trainer(cfg, echo=False)
     try:
