@@ -42,13 +42,11 @@ test_threads_restored = pytest.fixture(autouse=True, name="test_threads_restored
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (up to 40x
-    slower). A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    slower). A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`;
+    `module_threads_restored` gives the count back after the module."""
     import torch
 
-    n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

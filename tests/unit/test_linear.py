@@ -61,21 +61,32 @@ def rounding_bounds(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tens
     return out
 
 
+def plain_linears(xx: torch.Tensor, ww: list[torch.Tensor], bb: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """F.linear, projection by projection: the reference path."""
+    return [F.linear(xx, w, b) for w, b in zip(ww, bb or [None] * len(ww))]
+
+
+def outputs_and_grads(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor] | None, dy: torch.Tensor,
+                      dtype: torch.dtype, fn) -> list[torch.Tensor]:
+    """y and dx as (M, .) matrices, then each dW (and db), of `fn(x, ws, bs)` run in `dtype` on copies."""
+    xx = x.to(dtype, copy=True).requires_grad_()
+    ww = [w.to(dtype, copy=True).requires_grad_() for w in ws]
+    bb = [b.to(dtype, copy=True).requires_grad_() for b in bs] if bs else None
+    y = torch.cat(fn(xx, ww, bb), -1)
+    y.backward(dy.to(dtype))
+    return [y.flatten(0, -2), xx.grad.flatten(0, -2), *(w.grad for w in ww), *((b.grad for b in bb) if bb else ())]
+
+
+def abs_errors(got: list[torch.Tensor], x, ws, bs, dy) -> list[torch.Tensor]:
+    """Elementwise abs error of each of `got` against fp64 autograd through F.linear."""
+    exact = outputs_and_grads(x, ws, bs, dy, torch.float64, plain_linears)
+    return [(a.double() - e).abs() for a, e in zip(got, exact)]
+
+
 def errors(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor] | None, dy: torch.Tensor,
            fn) -> list[torch.Tensor]:
     """Elementwise abs error of y, dx, each dW (and db) of `fn(x, ws, bs)` in fp32 against fp64 autograd."""
-    def run(dtype, f):
-        xx = x.to(dtype).requires_grad_()
-        ww = [w.to(dtype).requires_grad_() for w in ws]
-        bb = [b.to(dtype).requires_grad_() for b in bs] if bs else None
-        y = torch.cat(f(xx, ww, bb), -1)
-        y.backward(dy.to(dtype))
-        return [y.flatten(0, -2), xx.grad.flatten(0, -2), *(w.grad for w in ww), *((b.grad for b in bb) if bb else ())]
-
-    def reference(xx, ww, bb):
-        return [F.linear(xx, w, b) for w, b in zip(ww, bb or [None] * len(ww))]
-    exact = run(torch.float64, reference)
-    return [(a.double() - e).abs() for a, e in zip(run(torch.float32, fn), exact)]
+    return abs_errors(outputs_and_grads(x, ws, bs, dy, torch.float32, fn), x, ws, bs, dy)
 
 
 def modules(ws: list[torch.Tensor], bs: list[torch.Tensor] | None, kernels: MatmulKernels | None):
@@ -107,12 +118,9 @@ def test_fused_outputs_and_gradients_match_f_linear(kernel: str, shape, bias: bo
     dy = torch.randn(2, m // 2, sum(ns), generator=g)
     kernels = Forced(kernel)
 
-    def plain(xx, ww, bb):
-        return [F.linear(xx, w, b) for w, b in zip(ww, bb or [None] * len(ww))]
-
     bounds = rounding_bounds(x, ws, bs, dy)
     err_ours = errors_through_params(x, ws, bs, dy, kernels)
-    err_ref = errors(x, ws, bs, dy, plain)
+    err_ref = errors(x, ws, bs, dy, plain_linears)
     assert kernels.used == [kernel] * 3  # forward, input gradient, weight gradient
     for i, (a, r, bound) in enumerate(zip(err_ours, err_ref, bounds)):
         assert (r <= bound).all(), f"output {i}: F.linear itself is off by {(r / bound).max():.3g}x the bound"
@@ -147,13 +155,7 @@ def errors_through_params(x, ws, bs, dy, kernels) -> list[torch.Tensor]:
     y.backward(dy)
     got = [y.flatten(0, -2), xx.grad.flatten(0, -2), *(lin.weight.grad for lin in lins),
            *((lin.bias.grad for lin in lins) if bs else ())]
-    x64 = x.double().requires_grad_()
-    w64 = [w.double().requires_grad_() for w in ws]
-    b64 = [b.double().requires_grad_() for b in bs] if bs else None
-    y64 = torch.cat([F.linear(x64, w, b) for w, b in zip(w64, b64 or [None] * len(w64))], -1)
-    y64.backward(dy.double())
-    exact = [y64.flatten(0, -2), x64.grad.flatten(0, -2), *(w.grad for w in w64), *((b.grad for b in b64) if b64 else ())]
-    return [(a.double() - e).abs() for a, e in zip(got, exact)]
+    return abs_errors(got, x, ws, bs, dy)
 
 
 @onednn
