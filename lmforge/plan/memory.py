@@ -8,9 +8,10 @@ lmforge/observability/memory.py: ActivationMeter, which is what the trainer repo
 
 - per block: the norms' x_hat and 1/rms (fp32), the normed input the projections read (whole
   sequence: sequence parallelism all-gathers it first), q and k after RoPE, v, the attention
-  output and its log-sum-exp, the reshaped output wo reads; SwiGLU's gate, up, silu(gate) and
-  their product; an MoE layer's router scores, k copies of the token for each routed expert
-  (gathered input, output, weighted output) and the expert SwiGLU's four tensors per copy;
+  output and its log-sum-exp, the reshaped output wo reads; SwiGLU's gate, up and
+  silu(gate) * up (models/common/mlp.py: silu_mul recomputes silu(gate) in backward); an MoE
+  layer's router scores, k copies of the token for each routed expert (gathered input, output,
+  weighted output) and the expert SwiGLU's three tensors per copy;
 - on CPU with document masks (the default) each block's blocked attention also saves its fp32
   mask, one (rows x keys) tile per 256-query block (keys from 0: the bound when a document
   starts the sequence, exact for the first block);
@@ -82,15 +83,15 @@ def _block_activation_bytes(job: JobConfig, r: ParallelConfig, layer: int, seq: 
         blocks = [(s, min(seq, s + DOC_QUERY_BLOCK)) for s in range(0, seq, DOC_QUERY_BLOCK)]
         attn += F32 * sum((e - s) * e for s, e in blocks) / seq  # the fp32 masks, per token
     if not m.is_moe_layer(layer):
-        return norm + attn + 4 * m.ffn_hidden_size / tp * act
+        return norm + attn + 3 * m.ffn_hidden_size / tp * act
     moe, k, he = m.moe, m.moe.top_k, m.expert_hidden_size
     routed = moe.capacity_factor * k if moe.router == "expert_choice" else k
     # expert parallel: one more token copy per routed assignment (the received tokens reordered for
     # the grouped matmul, which saves them). Fitted to tiny-moe ep2 measured, not read off the code:
     # two while the ep path fell back to the padded bmm, whose padded input was saved as well
     copies = 3 + (1 if r.ep > 1 else 0)
-    ffn = (routed * (4 * he + copies * d) * act + 2 * moe.n_experts * F32 + routed * (3 * INT64 + 2 * F32)
-           + 2 * F32 + 4 * moe.n_shared_experts * he * act)
+    ffn = (routed * (3 * he + copies * d) * act + 2 * moe.n_experts * F32 + routed * (3 * INT64 + 2 * F32)
+           + 2 * F32 + 3 * moe.n_shared_experts * he * act)
     return norm + attn + ffn
 
 

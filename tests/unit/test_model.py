@@ -1,6 +1,6 @@
 """The Llama model: sizes and parameter counts, meta-device build, seeded init, tied embeddings,
 KV cache against the full pass, GQA and RoPE against naive references, causal masking, and the
-hand-written backward passes of RMSNorm and RoPE against autograd."""
+hand-written backward passes of RMSNorm, RoPE and SwiGLU's gating against autograd."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.models.common.mlp import silu_mul
 from lmforge.models.common.norms import RMSNorm
 from lmforge.models.common.rope import apply_rope, rope_cos_sin
 from lmforge.models.llama import SIZES, Transformer, build_model, count_params
@@ -254,10 +255,57 @@ def test_rope_backward_is_the_inverse_rotation():
     assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double()), (x,))
 
 
+@pytest.mark.parametrize("case", ["fp32", "bf16", "strided-views", "mixed-dtypes"])
+def test_silu_mul_equals_autograd_bit_for_bit(case):
+    """The gating's output and both gradients are exactly autograd's silu(gate) * up: the same
+    kernels in the same order, only what is kept for backward differs."""
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    fused = torch.randn(37, 2 * 24, generator=g).to(dtype)
+    gate, up = (fused.chunk(2, dim=-1) if case == "strided-views"
+                else (fused[:, :24].contiguous(), fused[:, 24:].contiguous()))
+    if case == "mixed-dtypes":
+        gate = gate.to(torch.bfloat16)  # promotes to fp32: the product cannot be written in place
+    grad = torch.randn(37, 24, generator=g).to(torch.result_type(gate, up))
+    results = []
+    for fn in (silu_mul, lambda a, b: F.silu(a) * b):
+        a, b = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+        out = fn(a, b)
+        out.backward(grad)
+        results.append((out, a.grad, b.grad))
+    for ours, ref, name in zip(results[0], results[1], ("output", "grad gate", "grad up")):
+        assert ours.dtype == ref.dtype, name
+        assert torch.equal(ours, ref), f"{name}: max diff {(ours.float() - ref.float()).abs().max()}"
+    gd = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    ud = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(silu_mul, (gd, ud))
+
+
+def test_silu_mul_keeps_gate_and_up_for_backward_not_silu_gate():
+    """Autograd's graph keeps three hidden-size tensors (gate for silu, silu(gate) and up for the
+    product); silu_mul keeps two, the inputs themselves."""
+    gate, up = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+
+    def saved_storages(fn) -> set[int]:
+        ptrs: set[int] = set()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            ptrs.add(t.untyped_storage().data_ptr())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(gate * 1, up * 1).sum()  # fresh non-leaf inputs, as a linear layer's outputs are
+        return ptrs
+
+    assert len(saved_storages(lambda a, b: F.silu(a) * b)) == 3
+    assert len(saved_storages(silu_mul)) == 2
+
+
 def test_training_step_gradients_match_plain_autograd_reference():
     """The whole model's gradients equal a model assembled from plain autograd ops (F.rms_norm,
-    autograd RoPE), so the custom backward passes compose correctly through the blocks."""
+    autograd RoPE, silu(gate) * up), so the custom backward passes compose correctly through the
+    blocks."""
     import lmforge.models.common.attention as attention_mod
+    import lmforge.models.common.mlp as mlp_mod
     import lmforge.models.common.norms as norms_mod
 
     model = randomised(GQA)
@@ -275,6 +323,7 @@ def test_training_step_gradients_match_plain_autograd_reference():
     mp = pytest.MonkeyPatch()
     mp.setattr(attention_mod, "apply_rope", plain_rope)
     mp.setattr(norms_mod.RMSNorm, "forward", plain_norm)
+    mp.setattr(mlp_mod, "silu_mul", lambda gate, up: F.silu(gate) * up)
     try:
         F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
     finally:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import MoEConfig
-from lmforge.models.common.mlp import SwiGLU
+from lmforge.models.common.mlp import SwiGLU, silu_mul
 from lmforge.models.common.router_stats import PendingLoad, RouterStats, counting_gate_weight
 from lmforge.tensors.dtensor import local_shard
 
@@ -328,7 +328,7 @@ class GroupedExperts(nn.Module):
         x, w1, w3, w2 = self._weights(x)
         if x.device.type == "meta":  # shape inference (pipeline stages): group sizes are unknown
             return F.linear(F.silu(F.linear(x, w1[0])) * F.linear(x, w3[0]), w2[0])
-        h = F.silu(grouped_mm(x, w1, counts)) * grouped_mm(x, w3, counts)
+        h = silu_mul(grouped_mm(x, w1, counts), grouped_mm(x, w3, counts))
         return grouped_mm(h, w2, counts)
 
     def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
