@@ -37,6 +37,10 @@ from lmforge.plan.prediction import MemoryBreakdown
 F32 = 4
 INT64 = 8
 DOC_QUERY_BLOCK = 256  # lmforge/models/common/sparse_attention.py: _full_with_docs(Bq=256)
+# Hidden-size tensors of one SwiGLU: kept for backward (gate, up, silu(gate) * up: silu_mul keeps
+# no silu(gate)), and written (silu(gate) as well, in forward and again in backward's recompute).
+SWIGLU_SAVED = 3
+SWIGLU_PRODUCED = 4
 
 
 def local_numel(t: ParamTensor, r: ParallelConfig, fsdp: bool) -> int:
@@ -71,8 +75,9 @@ def stage_tensors(job: JobConfig, r: ParallelConfig, stage: int) -> list[ParamTe
 
 
 def _block_activation_bytes(job: JobConfig, r: ParallelConfig, layer: int, seq: int, act: int,
-                            on_cpu: bool) -> float:
-    """Bytes one block saves per token of one sequence (see the module docstring)."""
+                            on_cpu: bool, produced: bool = False) -> float:
+    """Bytes one block saves per token of one sequence (see the module docstring); `produced`:
+    the bytes it writes, which differ in SwiGLU's silu(gate) (SWIGLU_PRODUCED)."""
     m = job.model
     d, hd = m.dim, m.head_dim
     tp = r.tp
@@ -82,16 +87,17 @@ def _block_activation_bytes(job: JobConfig, r: ParallelConfig, layer: int, seq: 
     if on_cpu and m.attention.doc_mask:
         blocks = [(s, min(seq, s + DOC_QUERY_BLOCK)) for s in range(0, seq, DOC_QUERY_BLOCK)]
         attn += F32 * sum((e - s) * e for s, e in blocks) / seq  # the fp32 masks, per token
+    swiglu = SWIGLU_PRODUCED if produced else SWIGLU_SAVED
     if not m.is_moe_layer(layer):
-        return norm + attn + 3 * m.ffn_hidden_size / tp * act
+        return norm + attn + swiglu * m.ffn_hidden_size / tp * act
     moe, k, he = m.moe, m.moe.top_k, m.expert_hidden_size
     routed = moe.capacity_factor * k if moe.router == "expert_choice" else k
     # expert parallel: one more token copy per routed assignment (the received tokens reordered for
     # the grouped matmul, which saves them). Fitted to tiny-moe ep2 measured, not read off the code:
     # two while the ep path fell back to the padded bmm, whose padded input was saved as well
     copies = 3 + (1 if r.ep > 1 else 0)
-    ffn = (routed * (3 * he + copies * d) * act + 2 * moe.n_experts * F32 + routed * (3 * INT64 + 2 * F32)
-           + 2 * F32 + 3 * moe.n_shared_experts * he * act)
+    ffn = (routed * (swiglu * he + copies * d) * act + 2 * moe.n_experts * F32 + routed * (3 * INT64 + 2 * F32)
+           + 2 * F32 + swiglu * moe.n_shared_experts * he * act)
     return norm + attn + ffn
 
 
@@ -114,7 +120,7 @@ def activation_bytes(job: JobConfig, r: ParallelConfig, stage: int, micro_batch:
         if checkpointing and _checkpointed(job, layer):
             per_token += m.dim / sp * act  # the block input
         else:
-            block = _block_activation_bytes(job, r, layer, seq, act, on_cpu)
+            block = _block_activation_bytes(job, r, layer, seq, act, on_cpu, produced=not checkpointing)
             if checkpointing and job.train.activation_checkpointing == "op":  # elementwise outputs recomputed
                 block *= 0.75
             per_token += block
@@ -133,7 +139,7 @@ def recomputed_bytes(job: JobConfig, r: ParallelConfig, stage: int, micro_batch:
     forward rerun) over one forward of `micro_batch` sequences; 0 without full / selective."""
     m, seq = job.model, job.train.seq_len
     n_stages = r.pp * r.stages_per_rank if r.pp > 1 else 1
-    return sum(_block_activation_bytes(job, r, layer, seq, act, on_cpu) for layer in
+    return sum(_block_activation_bytes(job, r, layer, seq, act, on_cpu, produced=True) for layer in
                stage_layers(m, n_stages, r.pp_layers_per_stage)[stage] if _checkpointed(job, layer)) * micro_batch * seq
 
 
