@@ -112,6 +112,20 @@ def test_memory_model_equals_the_meter_in_process(recipe: str, overrides: list[t
     assert pred.activations == pytest.approx(measured["activations"], rel=0.02)
 
 
+def test_time_model_counts_the_silu_output_swiglu_writes_but_does_not_keep() -> None:
+    """silu_mul keeps gate, up and the product for backward, but silu(gate) is still written (in
+    forward, and again in backward's recompute): the memory model leaves it out, the time model's
+    memory passes keep it, one (tokens x ffn_hidden) tensor per dense block."""
+    from lmforge.plan.memory import SWIGLU_PRODUCED, SWIGLU_SAVED, activation_bytes
+
+    job = load_job_config(str(REPO / "recipes" / "tiny-dense.toml"), [("train.activation_checkpointing", "none")])
+    r, m, micro = job.parallel.resolved(1), job.model, job.train.micro_batch_size
+    saved = activation_bytes(job, r, 0, micro, 4, True)
+    written = activation_bytes(job, r, 0, micro, 4, True, checkpointing=False)
+    assert (SWIGLU_SAVED, SWIGLU_PRODUCED) == (3, 4)
+    assert written - saved == m.n_layers * m.ffn_hidden_size * 4 * micro * job.train.seq_len
+
+
 def test_collective_formulas() -> None:
     from lmforge.plan.cluster import Link
 

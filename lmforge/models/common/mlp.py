@@ -11,8 +11,9 @@ from lmforge.models.common.linear import Linear, MatmulKernels, fused_linear
 
 class _SiluMul(torch.autograd.Function):
     """silu(gate) * up, saving gate and up only; backward recomputes silu(gate) (one elementwise
-    pass). Autograd's own graph saves silu(gate) as well (a third hidden-size tensor per token)
-    and allocates two more fresh outputs per step; results are identical bit for bit."""
+    pass more). Autograd's own graph saves silu(gate) as well (a third hidden-size tensor per
+    token) and allocates five fresh outputs per step where this allocates four (the product and
+    the gradient of up are written in place); results are identical bit for bit."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
