@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from lmforge.observability.memory import ActivationMeter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _check import verdict  # noqa: E402
-from train_throughput import BATCH, MODEL, SEQ, Contestant, batches, default_dtype, model_then_loss  # noqa: E402
+from train_throughput import BATCH, MODEL, SEQ, Contestant, batches, default_dtype, model_then_loss, run  # noqa: E402
 
 TARGET = 1.05  # activation bytes, autograd's gating / silu_mul
 MIN_SPEED = 0.93  # step time ratio silu_mul / autograd's gating, paired median
@@ -69,14 +68,6 @@ def saved_bytes(c: Contestant, x: torch.Tensor, y: torch.Tensor) -> int:
     return meter.bytes
 
 
-def timed(c: Contestant, data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    t0 = time.perf_counter()
-    for x, y in data:
-        loss = c.step(x, y)
-    float(loss)
-    return time.perf_counter() - t0
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
@@ -91,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     data = batches(args.steps, seed=1)
     memory = {c.name: saved_bytes(c, *data[0]) for c in (base, ours)}
     for c in (base, ours):  # warm-up: also the kernel choice of the fp32 layers
-        timed(c, batches(2, seed=2))
+        run(c, batches(2, seed=2))
     times: dict[str, list[float]] = {"autograd": [], "silu_mul": []}
     for r in range(args.rounds):
         for c in ((base, ours) if r % 2 == 0 else (ours, base)):
-            times[c.name].append(timed(c, data))
+            times[c.name].append(run(c, data))
     same = all(torch.equal(a, b) for a, b in zip(base.model.state_dict().values(), ours.model.state_dict().values()))
     tokens = args.steps * BATCH * SEQ
     print(f"SwiGLU gating, model {MODEL.n_layers} layers, dim {MODEL.dim}, ffn {MODEL.ffn_hidden_size}, "

@@ -255,6 +255,20 @@ def test_rope_backward_is_the_inverse_rotation():
     assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double()), (x,))
 
 
+def plain_gating(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gating left to autograd: the reference silu_mul is held to."""
+    return F.silu(gate) * up
+
+
+def gating_forward_backward(fn, gate: torch.Tensor, up: torch.Tensor,
+                            grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fn(gate, up) on fresh leaves, backward with `grad`: (output, grad of gate, grad of up)."""
+    a, b = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    out = fn(a, b)
+    out.backward(grad)
+    return out.detach(), a.grad, b.grad
+
+
 @pytest.mark.parametrize("case", ["fp32", "bf16", "strided-views", "mixed-dtypes"])
 def test_silu_mul_equals_autograd_bit_for_bit(case):
     """The gating's output and both gradients are exactly autograd's silu(gate) * up: the same
@@ -267,13 +281,8 @@ def test_silu_mul_equals_autograd_bit_for_bit(case):
     if case == "mixed-dtypes":
         gate = gate.to(torch.bfloat16)  # promotes to fp32: the product cannot be written in place
     grad = torch.randn(37, 24, generator=g).to(torch.result_type(gate, up))
-    results = []
-    for fn in (silu_mul, lambda a, b: F.silu(a) * b):
-        a, b = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
-        out = fn(a, b)
-        out.backward(grad)
-        results.append((out, a.grad, b.grad))
-    for ours, ref, name in zip(results[0], results[1], ("output", "grad gate", "grad up")):
+    results = [gating_forward_backward(fn, gate, up, grad) for fn in (silu_mul, plain_gating)]
+    for ours, ref, name in zip(*results, ("output", "grad gate", "grad up")):
         assert ours.dtype == ref.dtype, name
         assert torch.equal(ours, ref), f"{name}: max diff {(ours.float() - ref.float()).abs().max()}"
     gd = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
@@ -296,7 +305,7 @@ def test_silu_mul_keeps_gate_and_up_for_backward_not_silu_gate():
             fn(gate * 1, up * 1).sum()  # fresh non-leaf inputs, as a linear layer's outputs are
         return ptrs
 
-    assert len(saved_storages(lambda a, b: F.silu(a) * b)) == 3
+    assert len(saved_storages(plain_gating)) == 3
     assert len(saved_storages(silu_mul)) == 2
 
 
@@ -305,12 +314,8 @@ def test_silu_mul_compiles_as_one_graph_with_autograds_gradients():
     blocks wrong from a warm inductor cache); output and gradients as in eager."""
     g = torch.Generator().manual_seed(0)
     gate, up, grad = (torch.randn(16, 24, generator=g) for _ in range(3))
-    results = []
-    for fn in (torch.compile(silu_mul, backend="aot_eager", fullgraph=True), lambda a, b: F.silu(a) * b):
-        a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
-        out = fn(a, b)
-        out.backward(grad)
-        results.append((out.detach(), a.grad, b.grad))
+    compiled = torch.compile(silu_mul, backend="aot_eager", fullgraph=True)
+    results = [gating_forward_backward(fn, gate, up, grad) for fn in (compiled, plain_gating)]
     for ours, ref, name in zip(*results, ("output", "grad gate", "grad up")):
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6, msg=name)
 
@@ -338,7 +343,7 @@ def test_training_step_gradients_match_plain_autograd_reference():
     mp = pytest.MonkeyPatch()
     mp.setattr(attention_mod, "apply_rope", plain_rope)
     mp.setattr(norms_mod.RMSNorm, "forward", plain_norm)
-    mp.setattr(mlp_mod, "silu_mul", lambda gate, up: F.silu(gate) * up)
+    mp.setattr(mlp_mod, "silu_mul", plain_gating)
     try:
         F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
     finally:
