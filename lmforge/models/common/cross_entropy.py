@@ -11,7 +11,8 @@ it is used::
     dz_ij = g / N * (e_ij / s_i - [j == t_i])                             (stored in z's dtype)
 
 Each exponential is computed once and serves both the sum and the softmax (`torch.logsumexp`
-followed by `exp(z - lse)` computed them twice: 1.35x slower for a 2048 x 8192 step).
+followed by `exp(z - lse)` computed them twice: the loss of a 2048 x 8192 step took 1.6-2.1x as
+long, bench/cross_entropy.py).
 
 The gradient (for g = 1) is computed in forward, while each chunk is still in cache, and saved
 instead of the logits; backward only scales it when g != 1. With `overwrite_logits` it is written
