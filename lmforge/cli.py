@@ -39,9 +39,7 @@ def _load_config(args: argparse.Namespace, world_size: int):
 
 
 def _job_config(args: argparse.Namespace):
-    from lmforge.parallel.mesh import world_size_from_env
-
-    cfg = _load_config(args, world_size_from_env())
+    cfg = _load_config(args, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's; 1 as a plain process
     args.output = cfg.train.output_dir if args.command in ("train", "distill") else cfg.data.dir
     return cfg
 
@@ -115,11 +113,11 @@ def _launch_torchrun(launcher: dict[str, str], args: argparse.Namespace, overwri
 
     nproc = int(launcher.get("--nproc", "1"))
     min_nodes = int(launcher.get("--nnodes", "1").split(":")[0])
-    from lmforge.train.preflight import preflight
-
     cfg = _load_config(args, nproc * min_nodes)
     args.output = cfg.train.output_dir
     check_device(cfg.train.device, "--train.device")
+    from lmforge.train.preflight import preflight
+
     preflight(cfg, nproc * min_nodes, local_ranks=nproc)  # device and memory, before torchrun starts
     load_teacher(cfg)  # distill.teacher: loadable and fitting the student, before torchrun starts
     env = {**os.environ}
@@ -163,10 +161,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         guard_worker()  # never outlive torchrun
     if not worker and (int(launcher.get("--nproc", "1")) > 1 or set(launcher) - {"--nproc"}):
         return _launch_torchrun(launcher, args, overwrite)
+    cfg = _job_config(args)  # validated before any process group starts, and before torch is imported
+    check_device(cfg.train.device, "--train.device")
     from lmforge.train.preflight import preflight
 
-    cfg = _job_config(args)  # validated before any process group starts
-    check_device(cfg.train.device, "--train.device")
     preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     teacher = load_teacher(cfg)  # None unless distill.teacher is set (lmforge distill)
     with _run_dir_guard(cfg, overwrite, worker):
@@ -237,7 +235,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.data.tokenizer import TextTokenizer
-    from lmforge.serve.generate import context_note, generate, load_for_generation
+    from lmforge.serve.generate import GenerationError, context_note, generate, load_for_generation
 
     check_text_arg(args.prompt, "--prompt")
     check_device(args.device, "--device")
@@ -248,7 +246,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     model, cfg, tokenizer_json = load_for_generation(Path(args.source), device=args.device)
     if tokenizer_json is None:
-        raise FileNotFoundError(f"no tokenizer.json found with {args.source}; generation needs one")
+        raise GenerationError(f"{args.source}: no tokenizer.json found with it; generation needs one")
     tok = TextTokenizer.from_file(tokenizer_json)
     ids = tok.encode(args.prompt) or [tok.eos_id]
     note = context_note(args.max_new_tokens, len(ids), cfg.max_seq_len)

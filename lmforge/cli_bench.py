@@ -106,11 +106,27 @@ def measure_probes(probes: list, steps: int, rounds: int, work: Path) -> dict[st
 
 
 def cmd_bench_cluster(args: argparse.Namespace) -> int:
+    from lmforge.cli_errors import UserError
+
+    # The arguments first: a mistake is answered before torch is imported.
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out}: exists; pass --overwrite to replace it")
+    if out.suffix != ".toml":
+        raise UserError(f"--out {out}: a cluster file is TOML; give a path ending in .toml")
+    cores = os.cpu_count() or 1
+    if not 2 <= args.ranks <= max(2, cores):
+        raise UserError(f"--ranks {args.ranks}: must be 2 to {max(2, cores)} (processes on this host, one core each)")
+    if args.probe_rounds < 1:
+        raise UserError(f"--probe-rounds {args.probe_rounds}: must be >= 1")
+    if args.probe_steps < PROBE_WARMUP + 2:
+        raise UserError(f"--probe-steps {args.probe_steps}: must be >= {PROBE_WARMUP + 2} "
+                        f"({PROBE_WARMUP} warm-up steps are dropped)")
+
     import tomllib
 
     import torch
 
-    from lmforge.cli_errors import UserError
     from lmforge.config import JobConfig
     from lmforge.config.loader import build_dataclass
     from lmforge.observability.machine import (
@@ -133,19 +149,6 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
     from lmforge.storage.atomic import atomic_open
     from lmforge.tensors.cpu_features import cpu_model_name
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"--out {out}: exists; pass --overwrite to replace it")
-    if out.suffix != ".toml":
-        raise UserError(f"--out {out}: a cluster file is TOML; give a path ending in .toml")
-    cores = os.cpu_count() or 1
-    if not 2 <= args.ranks <= max(2, cores):
-        raise UserError(f"--ranks {args.ranks}: must be 2 to {max(2, cores)} (processes on this host, one core each)")
-    if args.probe_rounds < 1:
-        raise UserError(f"--probe-rounds {args.probe_rounds}: must be >= 1")
-    if args.probe_steps < PROBE_WARMUP + 2:
-        raise UserError(f"--probe-steps {args.probe_steps}: must be >= {PROBE_WARMUP + 2} "
-                        f"({PROBE_WARMUP} warm-up steps are dropped)")
     start = time.perf_counter()
     rates = matmul_rates()
     peak, eff_max, half = fit_efficiency(rates)

@@ -9,6 +9,7 @@ an internal error: one line and exit code 1, with the traceback only under `--de
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 __all__ = ["UserError", "check_device", "check_text_arg", "explain", "user_error_types"]
@@ -18,28 +19,33 @@ class UserError(Exception):
     """A bad argument or environment the CLI detected itself; the message is one line."""
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception classes whose message is a complete one-line explanation for the user."""
-    from lmforge.checkpoint.errors import CheckpointError
-    from lmforge.compress.errors import CompressError
-    from lmforge.config import ConfigError
-    from lmforge.data.errors import DataError
-    from lmforge.eval.errors import EvalError
-    from lmforge.interop.hf.base import HFFormatError
-    from lmforge.interop.onnx.errors import OnnxError
-    from lmforge.observability.errors import ObservabilityError
-    from lmforge.safety.errors import SafetyError
-    from lmforge.serve.early_exit import EarlyExitError
-    from lmforge.serve.exit_gate import ExitGateError
-    from lmforge.serve.generate import GenerationError
-    from lmforge.serve.server.errors import ServeError
-    from lmforge.storage.guard import DestinationError
-    from lmforge.storage.lock import RunDirBusy
-    from lmforge.train.stability import TrainingDivergedError
+# (module, class) of each exception whose message is a complete one-line explanation for the user.
+USER_ERRORS = (
+    ("lmforge.config.loader", "ConfigError"),
+    ("lmforge.checkpoint.errors", "CheckpointError"),
+    ("lmforge.compress.errors", "CompressError"),
+    ("lmforge.data.errors", "DataError"),
+    ("lmforge.eval.errors", "EvalError"),
+    ("lmforge.interop.hf.base", "HFFormatError"),
+    ("lmforge.interop.onnx.errors", "OnnxError"),
+    ("lmforge.observability.errors", "ObservabilityError"),
+    ("lmforge.safety.errors", "SafetyError"),
+    ("lmforge.serve.early_exit", "EarlyExitError"),
+    ("lmforge.serve.exit_gate", "ExitGateError"),
+    ("lmforge.serve.generate", "GenerationError"),
+    ("lmforge.serve.server.errors", "ServeError"),
+    ("lmforge.storage.guard", "DestinationError"),
+    ("lmforge.storage.lock", "RunDirBusy"),
+    ("lmforge.train.stability", "TrainingDivergedError"),
+)
 
-    return (ConfigError, CheckpointError, CompressError, DataError, EarlyExitError, ExitGateError, EvalError, HFFormatError, GenerationError,
-            ObservabilityError, OnnxError, TrainingDivergedError, DestinationError, RunDirBusy, SafetyError, ServeError,
-            UserError)
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception classes whose message is a complete one-line explanation for the user, from the
+    modules already imported: an exception of a class whose module was never loaded cannot have
+    been raised, and importing them all (several import torch) made every config error wait ~2 s."""
+    loaded = (getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules)
+    return (*loaded, UserError)
 
 
 _OOM = re.compile(r"can't allocate memory|out of memory|Cannot allocate memory|std::bad_alloc", re.IGNORECASE)
@@ -72,10 +78,10 @@ def explain(exc: BaseException, output: Path | str | None = None) -> tuple[int, 
 
 def check_device(spec: str, flag: str) -> None:
     """Refuse a device string torch does not know, or a CUDA device this machine lacks, in one line."""
-    import torch
-
     if spec == "auto":
         return
+    import torch
+
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError):

@@ -7,7 +7,9 @@ incremental checkpoint takes from its base, and lossy optimizer moments (decoded
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +72,7 @@ def find_checkpoints(target: Path) -> Iterator[tuple[str, Path]]:
     checkpoint folder, or one checkpoint directory."""
     target = Path(target)
     if not target.exists():
-        raise FileNotFoundError(f"{target}: no such file or directory")
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(target))
     if (target / MANIFEST).is_file() or (target / ".metadata").is_file() or step_of(target) >= 0:
         yield "disk", target
         return

@@ -8,7 +8,9 @@ tests hold them to that.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,7 +216,7 @@ def resolve_source(path: Path) -> ModelSource:
     """Which kind of model directory `path` is, and for a run its newest valid checkpoint."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
     if is_quantized_dir(path):
         return ModelSource(path, "quantized", None, path, read_quantized(path).run_config)
     if is_hf_dir(path):

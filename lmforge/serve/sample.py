@@ -53,7 +53,7 @@ def sample_passages(source: Path, reference: Path, out: Path, n: int, *, prompt_
                               f"(got {n}, {prompt_tokens}, {max_new_tokens}, {batch_size})")
     model, cfg, tokenizer_json = load_for_generation(Path(source), device=device)
     if tokenizer_json is None:
-        raise FileNotFoundError(f"no tokenizer.json found with {source}; sampling needs one")
+        raise GenerationError(f"{source}: no tokenizer.json found with it; sampling needs one")
     if prompt_tokens + 8 > cfg.max_seq_len:
         raise GenerationError(f"prompt_tokens = {prompt_tokens}: leaves no room in the model's context "
                               f"({cfg.max_seq_len} tokens)")

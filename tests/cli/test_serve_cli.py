@@ -112,4 +112,5 @@ def test_a_bad_option_is_one_line_and_exit_2(hf_dir):
 def test_missing_source_is_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lmforge", "serve", str(tmp_path / "nope")], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "no such file or directory" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"lmforge serve: {tmp_path / 'nope'}: no such file or directory"], proc.stderr

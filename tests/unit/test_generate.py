@@ -240,8 +240,9 @@ def test_load_hf_dir_and_import_to_run(tmp_path: Path):
 
 
 def test_load_errors_are_clear(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="No such file") as missing:
         load_for_generation(tmp_path / "nope")
+    assert missing.value.filename == str(tmp_path / "nope")  # the CLI's line names it
     with pytest.raises(GenerationError, match="not a Hugging Face directory"):
         load_for_generation(tmp_path)
     cfg = replace(SIZES["debug"], max_seq_len=64)

@@ -1,0 +1,34 @@
+"""The CLI's user-error handler (lmforge/cli_errors.py): every listed exception class is real and
+explained in one line with exit code 2, and an OSError names its path."""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+
+import pytest
+
+from lmforge.cli_errors import USER_ERRORS, UserError, explain, user_error_types
+
+
+@pytest.mark.parametrize("module,name", USER_ERRORS, ids=[name for _, name in USER_ERRORS])
+def test_each_listed_error_is_a_one_line_exit_2(module: str, name: str) -> None:
+    """A typo in the table would turn that class's errors into 'internal error' lines (exit 1)."""
+    cls = getattr(importlib.import_module(module), name)
+    assert issubclass(cls, BaseException)
+    assert cls in user_error_types()  # its module is loaded now
+    exc = cls.__new__(cls)
+    BaseException.__init__(exc, "what went wrong, where, what is allowed")
+    assert explain(exc) == (2, "what went wrong, where, what is allowed")
+
+
+def test_a_cli_check_and_an_unknown_error() -> None:
+    assert explain(UserError("--out x: exists")) == (2, "--out x: exists")
+    code, line = explain(KeyError("boom"))
+    assert code == 1 and line.startswith("internal error: KeyError")
+
+
+def test_a_missing_path_is_named() -> None:
+    exc = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/runs/nope")
+    assert explain(exc) == (2, "/runs/nope: no such file or directory")
