@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["UserError", "check_device", "check_text_arg", "explain", "user_error_types"]
+__all__ = ["USER_ERRORS", "UserError", "check_device", "check_text_arg", "explain", "user_error_types"]
 
 
 class UserError(Exception):
