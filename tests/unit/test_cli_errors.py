@@ -6,10 +6,11 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+from pathlib import Path
 
 import pytest
 
-from lmforge.cli_errors import USER_ERRORS, UserError, explain, user_error_types
+from lmforge.cli_errors import USER_ERRORS, UserError, check_exists, explain, user_error_types
 
 
 @pytest.mark.parametrize("module,name", USER_ERRORS, ids=[name for _, name in USER_ERRORS])
@@ -29,6 +30,10 @@ def test_a_cli_check_and_an_unknown_error() -> None:
     assert code == 1 and line.startswith("internal error: KeyError")
 
 
-def test_a_missing_path_is_named() -> None:
+def test_a_missing_path_is_named(tmp_path: Path) -> None:
     exc = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/runs/nope")
     assert explain(exc) == (2, "/runs/nope: no such file or directory")
+    check_exists(tmp_path)  # there: nothing raised
+    with pytest.raises(FileNotFoundError) as missing:
+        check_exists(tmp_path / "nope")
+    assert explain(missing.value) == (2, f"{tmp_path / 'nope'}: no such file or directory")
