@@ -29,6 +29,7 @@ from lmforge.cli_plan import add_plan_command
 from lmforge.cli_safety import add_generate_safety_args, add_safety_commands, generation_guards
 from lmforge.cli_serve import add_serve_command
 from lmforge.config import ConfigError, load_job_config, parse_override_args
+from lmforge.config.parallel import world_size_from_env
 from lmforge.storage.guard import check_destination, resolved
 from lmforge.storage.lock import LOCK_ENV, RunLock
 from lmforge.storage.rundir import check_data_dir, prepare_run_dir
@@ -39,7 +40,7 @@ def _load_config(args: argparse.Namespace, world_size: int):
 
 
 def _job_config(args: argparse.Namespace):
-    cfg = _load_config(args, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's; 1 as a plain process
+    cfg = _load_config(args, world_size_from_env())
     args.output = cfg.train.output_dir if args.command in ("train", "distill") else cfg.data.dir
     return cfg
 
@@ -165,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_device(cfg.train.device, "--train.device")
     from lmforge.train.preflight import preflight
 
-    preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    preflight(cfg, world_size_from_env(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     teacher = load_teacher(cfg)  # None unless distill.teacher is set (lmforge distill)
     with _run_dir_guard(cfg, overwrite, worker):
         return _train(cfg, teacher)

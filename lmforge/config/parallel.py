@@ -3,6 +3,7 @@ builder in lmforge/parallel/pp.py maps the same names to torch's schedule classe
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -11,6 +12,12 @@ from lmforge.config.checks import require
 if TYPE_CHECKING:
     from lmforge.config.model import ModelConfig
     from lmforge.config.train import TrainConfig
+
+
+def world_size_from_env() -> int:
+    """World size as torchrun announces it (1 when launched as a plain process); torch-free, so the
+    CLI validates a config against it before torch is imported."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev")

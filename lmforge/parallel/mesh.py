@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lmforge.config import ParallelConfig
+from lmforge.config.parallel import world_size_from_env
 
 
 @dataclass
@@ -20,11 +21,6 @@ class DistInfo:
     world_size: int
     device: torch.device
     backend: str
-
-
-def world_size_from_env() -> int:
-    """World size as torchrun announces it (1 when launched as a plain process)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def pick_device(kind: str, local_rank: int) -> torch.device:

@@ -60,7 +60,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             # exp(z - max) once: it is both the softmax's numerator and the sum lse needs.
             zt = z.gather(1, t).squeeze(1)  # read before z is overwritten
             m = z.amax(-1, keepdim=True)
-            p = grad[rows] if same_dtype else torch.empty_like(z)
+            p = grad[rows] if same_dtype else z  # z: this chunk's own fp32 copy, free to overwrite
             torch.sub(z, m, out=p).exp_()
             total = p.sum(-1, keepdim=True)
             torch.sub(total.log().add_(m).squeeze(1), zt, out=losses[rows])
