@@ -186,12 +186,17 @@ def _train(cfg, teacher=None) -> int:
     finally:
         trainer.close(clean=finished)
     if trainer.info.world_size > 1:
-        # gloo worker teardown aborts now and then after destroy_process_group (measured on CPU):
-        # everything is saved and flushed, so leave without running interpreter finalisers.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        _exit_worker(0)  # everything is saved
     return 0
+
+
+def _exit_worker(code: int) -> None:
+    """Leave a torchrun worker without running interpreter finalisers: gloo's teardown aborts now
+    and then after destroy_process_group on CPU ("terminate called without an active exception",
+    signal 6), which would replace the exit code, 0 after a finished run or 2 after a user error."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -470,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                                     getattr(args, "ckpt_command", None), getattr(args, "bench_command", None)) if a)
         sys.stderr.write(f"lmforge {name}: {line}\n")  # one write: ranks' lines never interleave
         sys.stderr.flush()
+        if "LOCAL_RANK" in os.environ and world_size_from_env() > 1:
+            _exit_worker(code)
         return code
 
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from lmforge.cli_errors import USER_ERRORS, UserError, check_exists, explain, user_error_types
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("module,name", USER_ERRORS, ids=[name for _, name in USER_ERRORS])
@@ -37,3 +41,21 @@ def test_a_missing_path_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as missing:
         check_exists(tmp_path / "nope")
     assert explain(missing.value) == (2, f"{tmp_path / 'nope'}: no such file or directory")
+
+
+def test_a_torchrun_worker_leaves_on_a_user_error_without_finalisers() -> None:
+    """gloo's teardown can abort a worker's interpreter shutdown (signal 6, seen in CI after a
+    resume refused in one line), which would replace exit code 2: a worker skips finalisers."""
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print('finalisers ran', flush=True))\n"
+             "from lmforge.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    proc = subprocess.run([sys.executable, "-c", probe, "train", "recipes/tiny-dense.toml", "--model.dim", "-1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "lmforge train: config error: model.dim = -1: must be > 0"], proc.stderr
+    assert "finalisers ran" not in proc.stdout
+    plain = subprocess.run([sys.executable, "-c", probe, "train", "recipes/tiny-dense.toml", "--model.dim", "-1"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2 and "finalisers ran" in plain.stdout  # one process: a normal exit
