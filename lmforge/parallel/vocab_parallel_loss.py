@@ -16,7 +16,12 @@ its own shard, row chunk by row chunk:
     loss  = mean_i(lse_i - T_i),  lse_i = M_i + log S_i
     dz_ij = g / N * (exp(z_ij - lse_i) - [j == target_i])   (this shard's columns only)
 
-The gradient is computed in forward, as in the unsharded loss, and saved instead of the logits."""
+The gradient is computed in forward, as in the unsharded loss, and saved instead of the logits.
+When the logits are fp32 (the gradient's dtype is the math's), the first pass writes exp(z_ij - m_i)
+into the gradient's rows and the second only scales them by exp(m_i - lse_i) / N, so each logit is
+exponentiated once. bf16 logits keep two passes: holding their fp32 exponentials across the
+all-reduces would take twice the logits' memory, and rounding them to bf16 there would round the
+gradient twice."""
 
 from __future__ import annotations
 
@@ -42,11 +47,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         safe = torch.where(inside, local, torch.zeros_like(local))[:, None]
         row_max = torch.empty(n, dtype=acc, device=logits.device)
         sums = torch.zeros(2, n, dtype=acc, device=logits.device)  # [sum of exp(z - row_max), target logit]
+        needs_grad = ctx.needs_input_grad[0]
+        exps_kept = needs_grad and logits.dtype == acc  # exp(z - row_max) stays in the gradient's rows
+        grad = torch.empty_like(logits) if exps_kept else None
         for r in range(0, n, step):
             z = logits[r:r + step].to(acc)
             m = z.amax(-1)
             row_max[r:r + step] = m
-            sums[0, r:r + step] = torch.sub(z, m[:, None]).exp_().sum(-1)
+            if exps_kept:
+                sums[0, r:r + step] = torch.sub(z, m[:, None], out=grad[r:r + step]).exp_().sum(-1)
+            else:
+                sums[0, r:r + step] = torch.sub(z, m[:, None]).exp_().sum(-1)
             sums[1, r:r + step] = z.gather(1, safe[r:r + step]).squeeze(1)
         sums[1] *= inside
         global_max = row_max.clone()
@@ -55,13 +66,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         dist.all_reduce(sums, group=group)
         lse = global_max + sums[0].log()
         loss = (lse - sums[1]).mean()
-        if ctx.needs_input_grad[0]:
-            grad = torch.empty_like(logits)
+        if needs_grad:
             at_target = torch.where(inside, -1.0 / n, 0.0).to(acc)[:, None]
-            for r in range(0, n, step):
-                p = torch.sub(logits[r:r + step].to(acc), lse[r:r + step, None]).exp_().mul_(1.0 / n)
-                p.scatter_add_(1, safe[r:r + step], at_target[r:r + step])
-                grad[r:r + step].copy_(p)
+            if exps_kept:
+                grad.mul_(torch.exp(row_max - lse).mul_(1.0 / n)[:, None])  # exp(z - lse) / N
+                grad.scatter_add_(1, safe, at_target)
+            else:
+                grad = torch.empty_like(logits)
+                for r in range(0, n, step):
+                    p = torch.sub(logits[r:r + step].to(acc), lse[r:r + step, None]).exp_().mul_(1.0 / n)
+                    p.scatter_add_(1, safe[r:r + step], at_target[r:r + step])
+                    grad[r:r + step].copy_(p)
             ctx.save_for_backward(grad)
         return loss
 

@@ -1,7 +1,7 @@
 """lmforge's vocab-parallel cross-entropy (parallel/vocab_parallel_loss.py, what `tp_cross_entropy`
 runs on CPU) against F.cross_entropy on the whole logits in fp64: the loss, the gradient of every
 shard, an uneven split of the vocabulary, rows in several cache chunks, bf16 logits and a scaled
-incoming gradient (gradient accumulation)."""
+incoming gradient (gradient accumulation); and how many logits a training step exponentiates."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def _worker(rank: int, world: int) -> dict:
 
     from lmforge.models.common.cross_entropy import chunk_rows
     from lmforge.parallel.tp import tp_cross_entropy
+    from lmforge.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
+    from tests.helpers.exponentials import ExponentialCounter
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     g = torch.Generator().manual_seed(3)
@@ -43,6 +45,12 @@ def _worker(rank: int, world: int) -> dict:
                      "grad_err": (grad.double() - ref_logits.grad).abs().max().item(),
                      "grad_max": ref_logits.grad.abs().max().item(), "grad_dtype": grad.dtype,
                      "local_cols": sharded.grad.to_local().shape[-1]}
+        local = sharded.detach().to_local().clone().requires_grad_()
+        start = 151 * rank  # DTensor's split of 301 columns: 151 / 150
+        with ExponentialCounter() as counter:
+            vocab_parallel_cross_entropy(local, targets, start, mesh.get_group()).backward()
+        out[name] |= {"exponentiated": counter.elements, "local_logits": local.numel(),
+                      "rows": local.numel() // local.shape[-1]}
     return out
 
 
@@ -59,4 +67,10 @@ def test_vocab_parallel_loss_matches_the_whole_vocabulary(tmp_path: Path) -> Non
         # bf16 logits: fp32 math on the same (rounded) values; the gradient is stored in bf16
         assert abs(bf16["loss"] - bf16["ref"]) <= 1e-6 * bf16["ref"]
         assert bf16["grad_err"] <= 2**-8 * bf16["grad_max"] and bf16["grad_dtype"] == torch.bfloat16
+        # fp32: the first pass's exp(z - m) stay in the gradient, the second only scales them (before,
+        # every logit was exponentiated again there), plus two per-row factors. bf16 keeps the second
+        # exponential rather than hold fp32 copies of the whole shard across the all-reduces.
+        assert f32["exponentiated"] == f32["local_logits"] + 2 * f32["rows"]
+        assert bf16["exponentiated"] == 2 * bf16["local_logits"] + bf16["rows"]
     assert results[0]["float32"]["loss"] == results[1]["float32"]["loss"]  # the same value on every rank
+

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmforge.models.common import cross_entropy as ce
+from tests.helpers.exponentials import ExponentialCounter
 
 
 def _pair(dtype: torch.dtype, n: int, vocab: int, seed: int = 0):
@@ -46,26 +46,13 @@ def test_bf16_logits_match_the_upcast_reference() -> None:
     assert torch.allclose(a.grad.float(), b.grad.float(), rtol=1e-2, atol=1e-6)
 
 
-class _ExponentialCounter(TorchDispatchMode):
-    """Counts the elements the ops it sees exponentiate: exp's outputs and logsumexp's inputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.elements = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        if func.overloadpacket in (torch.ops.aten.exp, torch.ops.aten.exp_, torch.ops.aten.logsumexp):
-            self.elements += args[0].numel()
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_training_step_exponentiates_each_logit_once(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """The exponentials serve both the log-sum-exp and the softmax gradient: logsumexp followed by
     exp(z - lse) computed every one twice (a 2048 x 8192 step took ~2x as long)."""
     logits, targets = _pair(dtype, 300, 512)
     monkeypatch.setattr(ce, "chunk_rows", lambda vocab: 64)  # several chunks and a ragged last one
-    with _ExponentialCounter() as counter:
+    with ExponentialCounter() as counter:
         loss = ce.cross_entropy(logits.clone().requires_grad_() * 1.0, targets, overwrite_logits=True)
         loss.backward()
     assert counter.elements == logits.numel()
