@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import os
 import re
@@ -452,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LMFORGE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    if not faulthandler.is_enabled():  # a crash in native code (torch, gloo, oneDNN) then names the Python
+        faulthandler.enable()  # line each thread was on, where torchrun alone reports "signal SIGSEGV"
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _pop_flag(argv, "--debug") or os.environ.get("LMFORGE_DEBUG", "") not in ("", "0")
     head, recipe, overrides = _split_recipe_args(argv)

@@ -10,6 +10,7 @@ teardown.
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
 import socket
@@ -33,6 +34,8 @@ def free_port() -> int:
 
 def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str, args: tuple) -> None:
     torch.set_num_threads(1)
+    crash_log = open(Path(out) / f"error{rank}.crash.txt", "w")  # noqa: SIM115 (open until os._exit)
+    faulthandler.enable(crash_log)  # a native crash: where each thread was, for run_ranks' message
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=180))
