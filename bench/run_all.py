@@ -63,6 +63,7 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
             "moe_experts": ["--dtype", dtype, "--repeats", "10"],
             "swiglu_gating": ["--dtype", dtype, "--rounds", "12"],
             "cross_entropy": ["--dtype", dtype, "--repeats", "60"],
+            "vocab_parallel_loss": ["--dtype", dtype, "--repeats", "30"],
             "ckpt_async": ["--reps", "4"],
             "stability_overhead": ["--rounds", "3", "--steps", "12", *prec],
             "parallel_overhead": ["--rounds", "2", "--steps", "10", *prec],
@@ -87,6 +88,7 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
         "moe_experts": ["--dtype", dtype, "--repeats", "5"],
         "swiglu_gating": ["--dtype", dtype, "--rounds", "6"],  # ~40 s
         "cross_entropy": ["--dtype", dtype],  # ~5 s
+        "vocab_parallel_loss": ["--dtype", dtype],  # 2 ranks: ~25 s
         "ckpt_async": ["--reps", "2", "--skip-sizes"],
         "stability_overhead": ["--rounds", "1", "--steps", "8", *prec],
         "parallel_overhead": ["--rounds", "1", "--steps", "6", *prec],
