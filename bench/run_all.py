@@ -88,7 +88,7 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
         "moe_experts": ["--dtype", dtype, "--repeats", "5"],
         "swiglu_gating": ["--dtype", dtype, "--rounds", "6"],  # ~40 s
         "cross_entropy": ["--dtype", dtype],  # ~5 s
-        "vocab_parallel_loss": ["--dtype", dtype],  # 2 ranks: ~25 s
+        "vocab_parallel_loss": ["--dtype", dtype],  # 2 ranks: ~20 s
         "ckpt_async": ["--reps", "2", "--skip-sizes"],
         "stability_overhead": ["--rounds", "1", "--steps", "8", *prec],
         "parallel_overhead": ["--rounds", "1", "--steps", "6", *prec],

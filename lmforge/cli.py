@@ -22,7 +22,7 @@ from lmforge.cli_bench import add_bench_command
 from lmforge.cli_compress import add_compress_command
 from lmforge.cli_data import add_data_commands
 from lmforge.cli_distill import add_distill_command, load_teacher
-from lmforge.cli_errors import UserError, check_device, check_exists, check_text_arg, explain
+from lmforge.cli_errors import UserError, check_device, check_text_arg, explain
 from lmforge.cli_eval import add_eval_command
 from lmforge.cli_exit_gates import add_exit_gates_command
 from lmforge.cli_export import add_export_command, cmd_export
@@ -33,6 +33,7 @@ from lmforge.config import ConfigError, load_job_config, parse_override_args
 from lmforge.config.parallel import world_size_from_env
 from lmforge.storage.guard import check_destination, resolved
 from lmforge.storage.lock import LOCK_ENV, RunLock
+from lmforge.storage.model_dir import model_dir_kind
 from lmforge.storage.rundir import check_data_dir, prepare_run_dir
 
 
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         if isinstance(getattr(args, "source", None), str):  # every verb that reads a model directory:
-            check_exists(args.source)  # a mistyped path is answered before torch and the model code load
+            model_dir_kind(args.source)  # a path that is none is answered before torch and the model code load
         return func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

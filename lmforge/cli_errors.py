@@ -8,13 +8,11 @@ an internal error: one line and exit code 1, with the traceback only under `--de
 
 from __future__ import annotations
 
-import errno
-import os
 import re
 import sys
 from pathlib import Path
 
-__all__ = ["USER_ERRORS", "UserError", "check_device", "check_exists", "check_text_arg", "explain", "user_error_types"]
+__all__ = ["USER_ERRORS", "UserError", "check_device", "check_text_arg", "explain", "user_error_types"]
 
 
 class UserError(Exception):
@@ -38,6 +36,7 @@ USER_ERRORS = (
     ("lmforge.serve.server.errors", "ServeError"),
     ("lmforge.storage.guard", "DestinationError"),
     ("lmforge.storage.lock", "RunDirBusy"),
+    ("lmforge.storage.model_dir", "ModelDirError"),
     ("lmforge.train.stability", "TrainingDivergedError"),
 )
 
@@ -76,12 +75,6 @@ def explain(exc: BaseException, output: Path | str | None = None) -> tuple[int, 
         return 2, (f"out of memory ({_first_line(exc)}); make the model or batch smaller (model.dim, "
                    "model.n_layers, train.micro_batch_size, train.seq_len) or spread it over more devices")
     return 1, f"internal error: {_first_line(exc)} (rerun with --debug for the traceback)"
-
-
-def check_exists(path: Path | str) -> None:
-    """A missing input path, as the error `explain` turns into "<path>: no such file or directory"."""
-    if not Path(path).exists():
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
 
 
 def check_device(spec: str, flag: str) -> None:

@@ -31,19 +31,16 @@ from lmforge.compress.schemes import RUNTIMES, SCHEMES, resolve_runtime
 from lmforge.config import ModelConfig
 from lmforge.config.loader import ConfigError, build_dataclass
 from lmforge.storage.atomic import as_if_created, atomic_dir
+from lmforge.storage.model_dir import QUANTIZED_META
 from lmforge.storage.strict_json import dumps_strict as strict_dumps
 from lmforge.storage.strict_json import read_json_object
 
 FORMAT = 1
-META = "quantization.json"
+META = QUANTIZED_META  # the name a quantized directory is recognised by (storage/model_dir.py)
 RUN_CONFIG = "run_config.json"
 TENSORS = "model.quantized.safetensors"
 TOKENIZER = "tokenizer.json"
 HF_SUBDIR = "hf"
-
-
-def is_quantized_dir(path: Path) -> bool:
-    return (Path(path) / META).is_file()
 
 
 @dataclass(frozen=True)

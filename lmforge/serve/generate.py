@@ -8,9 +8,7 @@ tests hold them to that.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +18,15 @@ import torch
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.checkpoint.manager import CheckpointManager
 from lmforge.checkpoint.weights import load_model_weights
-from lmforge.compress.artifact import is_quantized_dir, load_quantized, read_quantized
+from lmforge.compress.artifact import load_quantized, read_quantized
 from lmforge.config import ModelConfig
 from lmforge.config.loader import ConfigError, build_dataclass
 from lmforge.interop.hf.importer import import_hf
-from lmforge.interop.hf.io import is_hf_dir
 from lmforge.models.llama.model import Transformer
 from lmforge.models.registry import family_of
 from lmforge.serve.early_exit import EarlyExitDecoder, ExitPolicy
-from lmforge.storage.layout import MANIFEST, RunDir
+from lmforge.storage.layout import RunDir
+from lmforge.storage.model_dir import is_run_dir, model_dir_kind
 
 
 class GenerationError(ValueError):
@@ -178,17 +176,6 @@ def _read_run_config(run_dir: Path) -> dict:
     return d
 
 
-def _is_run_dir(path: Path) -> bool:
-    config = RunDir(path).config
-    if not config.is_file():
-        return False
-    try:
-        d = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(d, dict) and isinstance(d.get("model"), dict)
-
-
 def newest_checkpoint(ckpt_root: Path) -> Path:
     """The newest valid checkpoint under `ckpt_root` (the manager verifies each against its manifest
     and skips, with a warning, incomplete or corrupt newer ones)."""
@@ -213,28 +200,24 @@ class ModelSource:
 
 
 def resolve_source(path: Path) -> ModelSource:
-    """Which kind of model directory `path` is, and for a run its newest valid checkpoint."""
+    """Which kind of model directory `path` is (storage/model_dir.py, from its marker files), and for
+    a run its newest valid checkpoint."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
-    if is_quantized_dir(path):
+    kind = model_dir_kind(path)
+    if kind == "quantized":
         return ModelSource(path, "quantized", None, path, read_quantized(path).run_config)
-    if is_hf_dir(path):
+    if kind == "hf":
         return ModelSource(path, "hf")
-    if _is_run_dir(path):
+    if kind == "run":
         d = _read_run_config(path)
         ck = d.get("checkpoint") if isinstance(d.get("checkpoint"), dict) else {}
         step_dir = newest_checkpoint(RunDir(path, ck.get("folder", "checkpoints")).checkpoints)
         return ModelSource(path, "run", step_dir, path, d)
-    if (path / MANIFEST).is_file() or (path / ".metadata").is_file():
-        run_dir = next((p for p in (path.parent.parent, path.parent) if _is_run_dir(p)), None)
-        if run_dir is None:
-            raise GenerationError(f"{path}: checkpoint has no run config.json two levels up "
-                                  "(expected <run>/checkpoints/step-N)")
-        return ModelSource(path, "checkpoint", path, run_dir, _read_run_config(run_dir))
-    raise GenerationError(f"{path}: not a Hugging Face directory (config.json + model.safetensors), "
-                          "an lmforge run directory, a checkpoint step directory or a quantized directory "
-                          "(quantization.json)")
+    run_dir = next((p for p in (path.parent.parent, path.parent) if is_run_dir(p)), None)
+    if run_dir is None:
+        raise GenerationError(f"{path}: checkpoint has no run config.json two levels up "
+                              "(expected <run>/checkpoints/step-N)")
+    return ModelSource(path, "checkpoint", path, run_dir, _read_run_config(run_dir))
 
 
 def load_source(src: ModelSource, device: torch.device | str = "cpu", dequantize: bool = False

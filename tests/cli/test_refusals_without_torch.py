@@ -1,4 +1,4 @@
-"""Argument and config mistakes, and a mistyped model path, are answered before torch is imported:
+"""Argument and config mistakes, and a model path that is mistyped or no model directory, are answered before torch is imported:
 in ~0.2 s instead of the 1.3-3 s that loading torch, the model code and the checkpoint stack took
 on 2 cores before the answer came (the error handler itself imported them to look up its
 exception classes)."""
@@ -29,6 +29,10 @@ CASES = [
     ("serve", ["serve", "no-such-run"], "no-such-run: no such file or directory"),
     ("eval", ["eval", "no-such-run"], "no-such-run: no such file or directory"),
     ("generate", ["generate", "no-such-run", "--prompt", "hi"], "no-such-run: no such file or directory"),
+    ("serve a directory that is no model", ["serve", "docs"], "docs: not a Hugging Face directory"),
+    ("compress quantize a directory that is no model", ["compress", "quantize", "recipes", "--scheme", "int8-weight",
+                                                        "--out", "/nonexistent/q"],
+     "recipes: not a Hugging Face directory"),
 ]
 
 

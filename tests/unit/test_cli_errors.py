@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.cli_errors import USER_ERRORS, UserError, check_exists, explain, user_error_types
+from lmforge.cli_errors import USER_ERRORS, UserError, explain, user_error_types
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,13 +34,9 @@ def test_a_cli_check_and_an_unknown_error() -> None:
     assert code == 1 and line.startswith("internal error: KeyError")
 
 
-def test_a_missing_path_is_named(tmp_path: Path) -> None:
+def test_a_missing_path_is_named() -> None:
     exc = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/runs/nope")
     assert explain(exc) == (2, "/runs/nope: no such file or directory")
-    check_exists(tmp_path)  # there: nothing raised
-    with pytest.raises(FileNotFoundError) as missing:
-        check_exists(tmp_path / "nope")
-    assert explain(missing.value) == (2, f"{tmp_path / 'nope'}: no such file or directory")
 
 
 def test_a_torchrun_worker_leaves_on_a_user_error_without_finalisers() -> None:

@@ -26,6 +26,7 @@ from lmforge.serve.generate import (
     sample_next_token,
 )
 from lmforge.storage.layout import step_dir_name
+from lmforge.storage.model_dir import ModelDirError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -243,7 +244,7 @@ def test_load_errors_are_clear(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="No such file") as missing:
         load_for_generation(tmp_path / "nope")
     assert missing.value.filename == str(tmp_path / "nope")  # the CLI's line names it
-    with pytest.raises(GenerationError, match="not a Hugging Face directory"):
+    with pytest.raises(ModelDirError, match="not a Hugging Face directory"):
         load_for_generation(tmp_path)
     cfg = replace(SIZES["debug"], max_seq_len=64)
     run = make_run(tmp_path, cfg, {}, trainer_style=False)

@@ -15,12 +15,13 @@ from safetensors.torch import save_file
 
 from lmforge.interop.hf.base import HFFormatError
 from lmforge.storage.atomic import as_if_created, atomic_dir
+from lmforge.storage.model_dir import HF_CONFIG, HF_SAFETENSORS, HF_SAFETENSORS_INDEX
 from lmforge.storage.strict_json import read_json_object
 
 EOS_TOKEN = "<|endoftext|>"
-CONFIG_FILE = "config.json"
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
+CONFIG_FILE = HF_CONFIG  # the names a directory is recognised by: storage/model_dir.py
+SAFETENSORS_FILE = HF_SAFETENSORS
+SAFETENSORS_INDEX = HF_SAFETENSORS_INDEX
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -37,13 +38,6 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise HFFormatError(f"{hf_dir}: no config.json; not a Hugging Face model directory")
     return read_json_object(path, HFFormatError)
-
-
-def is_hf_dir(path: Path) -> bool:
-    """Whether `path` looks like a Hugging Face model directory (config.json and safetensors)."""
-    path = Path(path)
-    return (path / CONFIG_FILE).is_file() and (
-        (path / SAFETENSORS_FILE).is_file() or (path / SAFETENSORS_INDEX).is_file())
 
 
 def read_hf_weights(hf_dir: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
