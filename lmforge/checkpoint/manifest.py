@@ -34,7 +34,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from lmforge.storage.atomic import atomic_open, fsync_dir
-from lmforge.storage.layout import MANIFEST, step_of
+from lmforge.storage.layout import DCP_METADATA, MANIFEST, step_of
 from lmforge.storage.strict_json import dumps_strict
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "REPLACED_SUFFIX", "UNFINISHED_SUFFIX", "Verdict", "base_of", "publish_dir",
@@ -122,8 +122,8 @@ def verify_checkpoint(path: Path, deep: bool = True, cache: dict | None = None) 
     if named_step >= 0 and named_step != step:
         return Verdict(False, f"directory name says step {named_step} but {MANIFEST} says step {step}")
     entries = manifest["files"]
-    if not any(f["path"] == ".metadata" for f in entries):
-        return Verdict(False, f"{MANIFEST} lists no DCP .metadata file")
+    if not any(f["path"] == DCP_METADATA for f in entries):
+        return Verdict(False, f"{MANIFEST} lists no DCP {DCP_METADATA} file")
     for f in entries:
         rel = f["path"]
         if Path(rel).is_absolute() or ".." in Path(rel).parts:

@@ -7,9 +7,7 @@ incremental checkpoint takes from its base, and lossy optimizer moments (decoded
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,8 @@ from lmforge.checkpoint.formats import BF16, INT8, SCALE, dequantize_int8
 from lmforge.checkpoint.manifest import base_of, read_manifest, saved_metadata, verify_checkpoint
 from lmforge.checkpoint.state import is_group_options, unpack
 from lmforge.storage.atomic import atomic_open
-from lmforge.storage.layout import MANIFEST, RunDir, step_of
+from lmforge.storage.explain import no_such_path
+from lmforge.storage.layout import RunDir, holds_checkpoint, step_of
 
 __all__ = ["CheckpointInfo", "convert_to_torch", "describe", "find_checkpoints", "inspect_rows", "read_checkpoint"]
 
@@ -72,8 +71,8 @@ def find_checkpoints(target: Path) -> Iterator[tuple[str, Path]]:
     checkpoint folder, or one checkpoint directory."""
     target = Path(target)
     if not target.exists():
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(target))
-    if (target / MANIFEST).is_file() or (target / ".metadata").is_file() or step_of(target) >= 0:
+        raise no_such_path(target)
+    if holds_checkpoint(target) or step_of(target) >= 0:
         yield "disk", target
         return
     config = RunDir(target).config

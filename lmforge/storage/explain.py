@@ -36,6 +36,12 @@ ADVICE: dict[int, str] = {
     errno.ELOOP: "too many levels of symbolic links",
 }
 
+def no_such_path(path: Path | str) -> FileNotFoundError:
+    """The error for an input path that is not there, as a failed open would raise it (errno and
+    path set), so `describe_os_error` names the path: "<path>: no such file or directory"."""
+    return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+
+
 def with_path(e: OSError, path: Path | str, temp: Path | None = None) -> OSError:
     """`e` with `path` as its filename when it has none, or names the temp path `temp` (or a file
     inside it) that the user never asked for. Same errno, so the same OSError subclass."""

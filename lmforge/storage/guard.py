@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmforge.storage.layout import MANIFEST, step_of
+from lmforge.storage.layout import holds_checkpoint, step_of
 
 __all__ = ["DestinationError", "check_destination", "check_no_overlap", "enclosing_checkpoint",
            "overlap", "resolved"]
@@ -57,7 +57,7 @@ def enclosing_checkpoint(path: Path | str) -> Path | None:
     """The checkpoint directory `path` is (or lies inside), or None."""
     p = resolved(path)
     for d in [p, *p.parents]:
-        if d.is_dir() and ((d / MANIFEST).is_file() or (d / ".metadata").is_file() or step_of(d) >= 0):
+        if d.is_dir() and (holds_checkpoint(d) or step_of(d) >= 0):
             return d
     return None
 

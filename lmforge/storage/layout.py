@@ -10,11 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "lmforge-checkpoint.json"  # the file that makes a step-N directory a finished checkpoint
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index, in every checkpoint directory
 _STEP_RE = re.compile(r"^step-(\d+)(\.tmp)?$")
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def holds_checkpoint(path: Path | str) -> bool:
+    """Whether `path` holds a checkpoint's files: lmforge's manifest, or DCP's index alone (a
+    checkpoint written by torch.distributed.checkpoint without lmforge)."""
+    path = Path(path)
+    return (path / MANIFEST).is_file() or (path / DCP_METADATA).is_file()
 
 
 def step_of(path: Path | str) -> int:

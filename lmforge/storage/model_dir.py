@@ -13,12 +13,11 @@ loader cannot disagree.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 from pathlib import Path
 
-from lmforge.storage.layout import MANIFEST, RunDir
+from lmforge.storage.explain import no_such_path
+from lmforge.storage.layout import RunDir, holds_checkpoint
 
 __all__ = ["HF_CONFIG", "HF_SAFETENSORS", "HF_SAFETENSORS_INDEX", "QUANTIZED_META", "ModelDirError",
            "is_run_dir", "model_dir_kind"]
@@ -27,7 +26,6 @@ HF_CONFIG = "config.json"
 HF_SAFETENSORS = "model.safetensors"
 HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
 QUANTIZED_META = "quantization.json"
-DCP_METADATA = ".metadata"
 
 
 class ModelDirError(ValueError):
@@ -51,14 +49,14 @@ def model_dir_kind(path: Path | str) -> str:
     a config.json too); FileNotFoundError for a missing path, ModelDirError for any other."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        raise no_such_path(path)
     if (path / QUANTIZED_META).is_file():
         return "quantized"
     if (path / HF_CONFIG).is_file() and ((path / HF_SAFETENSORS).is_file() or (path / HF_SAFETENSORS_INDEX).is_file()):
         return "hf"
     if is_run_dir(path):
         return "run"
-    if (path / MANIFEST).is_file() or (path / DCP_METADATA).is_file():
+    if holds_checkpoint(path):
         return "checkpoint"
     raise ModelDirError(f"{path}: not a Hugging Face directory ({HF_CONFIG} + {HF_SAFETENSORS}), an lmforge run "
                         f"directory, a checkpoint step directory or a quantized directory ({QUANTIZED_META})")

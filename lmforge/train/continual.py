@@ -45,7 +45,7 @@ from lmforge.config import ConfigError, JobConfig
 from lmforge.config.train import UnfreezeStage
 from lmforge.models.common.linear import MatmulKernels
 from lmforge.models.registry import family_of
-from lmforge.storage.layout import MANIFEST, RunDir, step_of
+from lmforge.storage.layout import MANIFEST, RunDir, holds_checkpoint, step_of
 
 __all__ = ["ParamUnit", "Unfreezing", "check_init_from", "load_init_weights", "resolve_init_from"]
 
@@ -63,7 +63,7 @@ def resolve_init_from(spec: str) -> Path:
     if not path.is_dir():
         raise ConfigError("train.init_from", spec, "no such directory; pass a run directory (its newest valid "
                           "checkpoint) or a checkpoint step directory (<run>/checkpoints/step-N)")
-    if (path / MANIFEST).is_file() or (path / ".metadata").is_file():
+    if holds_checkpoint(path):
         verdict = verify_checkpoint(path)
         if not verdict.ok:
             raise CheckpointError(f"train.init_from = {spec!r}: checkpoint {path}: {verdict.reason}")
