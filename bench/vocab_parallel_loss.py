@@ -52,11 +52,12 @@ def _rank(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import loss_parallel
 
+    from lmforge.parallel.gloo import mesh_backend_override
     from lmforge.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",), backend_override=mesh_backend_override("cpu", ("tp",)))
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     g = torch.Generator().manual_seed(0)
     full = (3 * torch.randn(1, args.rows, args.vocab, generator=g)).to(dtype)

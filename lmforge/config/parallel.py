@@ -65,6 +65,7 @@ class ParallelConfig:
     pp_stages_per_rank: int = 0  # 0: 1, or 2 for schedules that need several stages per rank
     pp_split: Literal["even", "params", "flops"] = "even"  # how layers are balanced over stages
     pp_layers_per_stage: list[int] | None = None  # explicit split; overrides pp_split
+    # auto: nccl on CUDA, gloo on CPU (its tensor-parallel groups with one worker thread: parallel/gloo.py)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
     def resolved(self, world_size: int) -> ParallelConfig:

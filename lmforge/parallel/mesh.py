@@ -12,6 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lmforge.config import ParallelConfig
 from lmforge.config.parallel import world_size_from_env
+from lmforge.parallel.gloo import mesh_backend_override
 
 
 @dataclass
@@ -135,12 +136,14 @@ def build_mesh(info: DistInfo, cfg: ParallelConfig) -> ParallelMesh:
     degrees = ParallelDegrees.from_config(cfg, info.world_size)
     if degrees.ep == 1:
         world = init_device_mesh(info.device.type, tuple(getattr(degrees, d) for d in MESH_DIMS),
-                                 mesh_dim_names=MESH_DIMS)
+                                 mesh_dim_names=MESH_DIMS,
+                                 backend_override=mesh_backend_override(info.device.type, MESH_DIMS))
         return ParallelMesh(world=world, degrees=degrees, flat={"dp": world["dp_replicate", "dp_shard"]._flatten("dp")})
     # ep borrows from dp_shard: dp_shard rank = dp_shard_mod_ep rank * ep + ep rank, so the ep
     # groups are neighbouring ranks (the all-to-alls stay inside a node when ep <= GPUs per node).
     sizes = {**degrees.as_dict(), "dp_shard_mod_ep": degrees.dp_shard // degrees.ep}
-    world = init_device_mesh(info.device.type, tuple(sizes[d] for d in EP_MESH_DIMS), mesh_dim_names=EP_MESH_DIMS)
+    world = init_device_mesh(info.device.type, tuple(sizes[d] for d in EP_MESH_DIMS), mesh_dim_names=EP_MESH_DIMS,
+                             backend_override=mesh_backend_override(info.device.type, EP_MESH_DIMS))
     flat = {"dp_shard": world["dp_shard_mod_ep", "ep"]._flatten("dp_shard"),
             "dp": world["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")}
     return ParallelMesh(world=world, degrees=degrees, flat=flat)

@@ -129,7 +129,10 @@ def _clip_mixed(tp_mesh) -> dict:
 def _tp_worker(rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    from lmforge.parallel.gloo import mesh_backend_override
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",),
+                            backend_override=mesh_backend_override("cpu", ("tp",)))
     return {"sp+lp": _parity(mesh, None, True, True), "plain": _parity(mesh, None, False, False),
             "tied sp+lp": _parity(mesh, None, True, True, tied=True), "clip": _clip_mixed(mesh)}
 
@@ -137,7 +140,10 @@ def _tp_worker(rank: int, world: int) -> dict:
 def _fsdp_tp_worker(rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "tp"))
+    from lmforge.parallel.gloo import mesh_backend_override
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "tp"),
+                            backend_override=mesh_backend_override("cpu", ("dp_shard", "tp")))
     return {"fsdp+sp+lp": _parity(mesh["tp"], mesh["dp_shard"], True, True),
             "fsdp+plain": _parity(mesh["tp"], mesh["dp_shard"], False, False)}
 

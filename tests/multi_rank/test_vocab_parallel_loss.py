@@ -21,11 +21,13 @@ def _worker(rank: int, world: int) -> dict:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from lmforge.models.common.cross_entropy import chunk_rows
+    from lmforge.parallel.gloo import mesh_backend_override
     from lmforge.parallel.tp import tp_cross_entropy
     from lmforge.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
     from tests.helpers.exponentials import ExponentialCounter
 
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",),
+                            backend_override=mesh_backend_override("cpu", ("tp",)))
     g = torch.Generator().manual_seed(3)
     rows = 2 * chunk_rows(VOCAB // world) + 37  # three chunks per rank, the last one short
     out: dict = {"chunks": -(-2 * (rows // 2 + 1) // chunk_rows(VOCAB // world + 1))}
