@@ -10,11 +10,11 @@ all-gathers (`--pattern allgather`; `mixed`: an all-reduce, a reduce-scatter and
 a tp=2 block's activation shapes before using any. Waiting for each before queueing the next, or
 torch's classic `async_op=True` API, did not crash.
 
-lmforge therefore runs gloo with one worker thread per group (lmforge.parallel.gloo). This script
-runs the same pattern on torch's gloo (reported: whether this torch still has the fault, i.e.
-whether the workaround is still needed) and on lmforge's backend (judged). Each round is a fresh
-pair of processes; the report counts the rounds whose ranks died. Exit 1 when any round on
-lmforge's backend died.
+lmforge therefore runs its tensor-parallel groups on gloo with one worker thread
+(lmforge.parallel.gloo). This script runs the same pattern on torch's gloo (reported: whether this
+torch still has the fault, i.e. whether the workaround is still needed) and on lmforge's backend
+(judged). Each round is a fresh pair of processes; the report counts the rounds whose ranks died.
+Exit 1 when any round on lmforge's backend died.
 
     .venv/bin/python scripts/gloo_funcol_check.py [--rounds 4] [--iters 20000] [--pattern allgather|mixed]
 """

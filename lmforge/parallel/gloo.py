@@ -1,4 +1,4 @@
-"""The CPU process-group backend: torch's gloo with one worker thread per group.
+"""torch's gloo with one worker thread: the backend of the tensor-parallel groups of CPU runs.
 
 torch's gloo runs each group's collectives on a pool of worker threads (2 by default, not settable
 through `init_process_group`). DTensor (tensor and sequence parallelism) issues its collectives
@@ -47,4 +47,3 @@ def mesh_backend_override(device_type: str, dim_names: tuple[str, ...]) -> dict[
     if device_type != "cpu" or "tp" not in dim_names or dist.get_backend() != "gloo":
         return {}
     return {"tp": register_gloo_one_thread()}
-
