@@ -134,16 +134,14 @@ class ParallelMesh:
 
 def build_mesh(info: DistInfo, cfg: ParallelConfig) -> ParallelMesh:
     degrees = ParallelDegrees.from_config(cfg, info.world_size)
-    if degrees.ep == 1:
-        world = init_device_mesh(info.device.type, tuple(getattr(degrees, d) for d in MESH_DIMS),
-                                 mesh_dim_names=MESH_DIMS,
-                                 backend_override=mesh_backend_override(info.device.type, MESH_DIMS))
-        return ParallelMesh(world=world, degrees=degrees, flat={"dp": world["dp_replicate", "dp_shard"]._flatten("dp")})
     # ep borrows from dp_shard: dp_shard rank = dp_shard_mod_ep rank * ep + ep rank, so the ep
     # groups are neighbouring ranks (the all-to-alls stay inside a node when ep <= GPUs per node).
     sizes = {**degrees.as_dict(), "dp_shard_mod_ep": degrees.dp_shard // degrees.ep}
-    world = init_device_mesh(info.device.type, tuple(sizes[d] for d in EP_MESH_DIMS), mesh_dim_names=EP_MESH_DIMS,
-                             backend_override=mesh_backend_override(info.device.type, EP_MESH_DIMS))
+    dims = MESH_DIMS if degrees.ep == 1 else EP_MESH_DIMS
+    world = init_device_mesh(info.device.type, tuple(sizes[d] for d in dims), mesh_dim_names=dims,
+                             backend_override=mesh_backend_override(info.device.type, dims))
+    if degrees.ep == 1:
+        return ParallelMesh(world=world, degrees=degrees, flat={"dp": world["dp_replicate", "dp_shard"]._flatten("dp")})
     flat = {"dp_shard": world["dp_shard_mod_ep", "ep"]._flatten("dp_shard"),
             "dp": world["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")}
     return ParallelMesh(world=world, degrees=degrees, flat=flat)

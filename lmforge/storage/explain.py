@@ -36,6 +36,7 @@ ADVICE: dict[int, str] = {
     errno.ELOOP: "too many levels of symbolic links",
 }
 
+
 def no_such_path(path: Path | str) -> FileNotFoundError:
     """The error for an input path that is not there, as a failed open would raise it (errno and
     path set), so `describe_os_error` names the path: "<path>: no such file or directory"."""
