@@ -35,6 +35,7 @@ from lmforge.storage.guard import check_destination, resolved
 from lmforge.storage.lock import LOCK_ENV, RunLock
 from lmforge.storage.model_dir import model_dir_kind
 from lmforge.storage.rundir import check_data_dir, prepare_run_dir
+from lmforge.train.init_source import check_init_from_path
 
 
 def _load_config(args: argparse.Namespace, world_size: int):
@@ -119,6 +120,7 @@ def _launch_torchrun(launcher: dict[str, str], args: argparse.Namespace, overwri
     cfg = _load_config(args, nproc * min_nodes)
     args.output = cfg.train.output_dir
     check_device(cfg.train.device, "--train.device")
+    check_init_from_path(cfg.train.init_from, cfg.train.output_dir)
     from lmforge.train.preflight import preflight
 
     preflight(cfg, nproc * min_nodes, local_ranks=nproc)  # device and memory, before torchrun starts
@@ -166,6 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _launch_torchrun(launcher, args, overwrite)
     cfg = _job_config(args)  # validated before any process group starts, and before torch is imported
     check_device(cfg.train.device, "--train.device")
+    check_init_from_path(cfg.train.init_from, cfg.train.output_dir)
     from lmforge.train.preflight import preflight
 
     preflight(cfg, world_size_from_env(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

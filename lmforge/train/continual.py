@@ -45,7 +45,8 @@ from lmforge.config import ConfigError, JobConfig
 from lmforge.config.train import UnfreezeStage
 from lmforge.models.common.linear import MatmulKernels
 from lmforge.models.registry import family_of
-from lmforge.storage.layout import MANIFEST, RunDir, holds_checkpoint, step_of
+from lmforge.storage.layout import RunDir, step_of
+from lmforge.train.init_source import init_from_kind, refuse_inside_output_dir
 
 __all__ = ["ParamUnit", "Unfreezing", "check_init_from", "load_init_weights", "resolve_init_from"]
 
@@ -60,20 +61,13 @@ def resolve_init_from(spec: str) -> Path:
     """The checkpoint step directory `train.init_from` names (a run directory: its newest valid
     checkpoint); ConfigError / CheckpointError in one line when there is none or it is invalid."""
     path = Path(spec)
-    if not path.is_dir():
-        raise ConfigError("train.init_from", spec, "no such directory; pass a run directory (its newest valid "
-                          "checkpoint) or a checkpoint step directory (<run>/checkpoints/step-N)")
-    if holds_checkpoint(path):
+    if init_from_kind(spec) == "checkpoint":
         verdict = verify_checkpoint(path)
         if not verdict.ok:
             raise CheckpointError(f"train.init_from = {spec!r}: checkpoint {path}: {verdict.reason}")
         return path
-    config = RunDir(path).config
-    if not config.is_file():
-        raise ConfigError("train.init_from", spec, "is neither a run directory (no config.json) nor a checkpoint "
-                          f"step directory (no {MANIFEST})")
     try:
-        folder = json.loads(config.read_text()).get("checkpoint", {}).get("folder", "checkpoints")
+        folder = json.loads(RunDir(path).config.read_text()).get("checkpoint", {}).get("folder", "checkpoints")
     except (ValueError, AttributeError):
         folder = "checkpoints"
     found = CheckpointManager(RunDir(path, str(folder)).checkpoints, keep_last=1).latest_valid()
@@ -96,11 +90,7 @@ def check_init_from(cfg: JobConfig) -> Path | None:
     if not cfg.train.init_from:
         return None
     path = resolve_init_from(cfg.train.init_from)
-    out = Path(cfg.train.output_dir).resolve()
-    if path.resolve().is_relative_to(out):
-        raise ConfigError("train.init_from", cfg.train.init_from, f"is inside train.output_dir ({out}): a new run "
-                          "there would replace it; write the new run to another directory (or resume with "
-                          "--checkpoint.resume auto)")
+    refuse_inside_output_dir(cfg.train.init_from, path, cfg.train.output_dir)
     with torch.device("meta"):
         model = family_of(cfg.model).model_class(cfg.model, MatmulKernels(enabled=False))
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -1,0 +1,49 @@
+"""What `train.init_from` names, read from the path and its marker files alone: no torch here.
+
+`lmforge train|distill --train.init_from PATH` answers a path that is missing, that is neither a run
+directory nor a checkpoint step directory, or that lies inside the new run's own directory, before
+torch and the checkpoint stack load (~0.2 s instead of ~3 s on 2 cores). The checkpoint itself
+(which step, its manifest, its tensor shapes) is checked later by `continual.check_init_from`,
+which classifies through `init_from_kind` too, so the early answer and the loader cannot disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.config import ConfigError
+from lmforge.storage.layout import MANIFEST, RunDir, holds_checkpoint
+
+__all__ = ["check_init_from_path", "init_from_kind", "refuse_inside_output_dir"]
+
+
+def init_from_kind(spec: str) -> str:
+    """"checkpoint" (a step directory: lmforge's manifest or DCP's index) or "run" (a directory
+    with a config.json: its newest valid checkpoint is taken); ConfigError in one line otherwise."""
+    path = Path(spec)
+    if not path.is_dir():
+        raise ConfigError("train.init_from", spec, "no such directory; pass a run directory (its newest valid "
+                          "checkpoint) or a checkpoint step directory (<run>/checkpoints/step-N)")
+    if holds_checkpoint(path):
+        return "checkpoint"
+    if RunDir(path).config.is_file():
+        return "run"
+    raise ConfigError("train.init_from", spec, "is neither a run directory (no config.json) nor a checkpoint "
+                      f"step directory (no {MANIFEST})")
+
+
+def refuse_inside_output_dir(spec: str, path: Path | str, output_dir: str) -> None:
+    """ConfigError when `path` (what `spec` names, or the checkpoint it resolves to) lies inside
+    this run's output directory: --overwrite would clear it, a new run there would replace it."""
+    out = Path(output_dir).resolve()
+    if Path(path).resolve().is_relative_to(out):
+        raise ConfigError("train.init_from", spec, f"is inside train.output_dir ({out}): a new run there would "
+                          "replace it; write the new run to another directory (or resume with "
+                          "--checkpoint.resume auto)")
+
+
+def check_init_from_path(init_from: str, output_dir: str) -> None:
+    """The path checks of `train.init_from` (nothing when it is empty), before torch is imported."""
+    if init_from:
+        init_from_kind(init_from)
+        refuse_inside_output_dir(init_from, init_from, output_dir)
