@@ -21,7 +21,7 @@ from pathlib import Path
 from lmforge.cli_bench import add_bench_command
 from lmforge.cli_compress import add_compress_command
 from lmforge.cli_data import add_data_commands
-from lmforge.cli_distill import add_distill_command, load_teacher
+from lmforge.cli_distill import add_distill_command, check_teacher_path, load_teacher
 from lmforge.cli_errors import UserError, check_device, check_text_arg, explain
 from lmforge.cli_eval import add_eval_command
 from lmforge.cli_exit_gates import add_exit_gates_command
@@ -121,6 +121,7 @@ def _launch_torchrun(launcher: dict[str, str], args: argparse.Namespace, overwri
     args.output = cfg.train.output_dir
     check_device(cfg.train.device, "--train.device")
     check_init_from_path(cfg.train.init_from, cfg.train.output_dir)
+    check_teacher_path(cfg)
     from lmforge.train.preflight import preflight
 
     preflight(cfg, nproc * min_nodes, local_ranks=nproc)  # device and memory, before torchrun starts
@@ -169,6 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _job_config(args)  # validated before any process group starts, and before torch is imported
     check_device(cfg.train.device, "--train.device")
     check_init_from_path(cfg.train.init_from, cfg.train.output_dir)
+    check_teacher_path(cfg)
     from lmforge.train.preflight import preflight
 
     preflight(cfg, world_size_from_env(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from lmforge.config import ConfigError, JobConfig
 from lmforge.config.loader import load_toml
+from lmforge.storage.explain import describe_os_error
+from lmforge.storage.model_dir import ModelDirError, model_dir_kind
 
-__all__ = ["add_distill_command", "load_teacher"]
+__all__ = ["add_distill_command", "check_teacher_path", "load_teacher"]
 
 USAGE = ("%(prog)s STUDENT_RECIPE.toml --teacher RUN|CKPT|HF_DIR [--distill.alpha A] [--distill.temperature T] "
          "[--distill.teacher_logits online|cache] [--section.key value ...] [--nproc N] [--overwrite]")
@@ -28,6 +30,23 @@ EPILOG = """[distill] keys (recipe or --distill.KEY VALUE):
   cache_dtype fp16     cache mode: fp16 | fp32 (fp32 with cache_top_k 0 reproduces online mode exactly)
   chunk_tokens 0       tokens per chunk of the loss (bounds its memory; 0: ~2 MiB of fp32 rows)
 Layouts: data parallel only (DDP, FSDP2, HSDP); every rank holds a whole copy of the teacher."""
+
+
+def _unloadable(cfg: JobConfig, why: str) -> ConfigError:
+    return ConfigError("distill.teacher", cfg.distill.teacher, f"cannot be loaded: {' '.join(why.split())}")
+
+
+def check_teacher_path(cfg: JobConfig) -> None:
+    """A `distill.teacher` that is missing or no model directory, answered from its marker files
+    before torch loads (storage/model_dir.py: the loader classifies through the same function)."""
+    if not cfg.distill.enabled:
+        return
+    try:
+        model_dir_kind(cfg.distill.teacher)
+    except OSError as e:
+        raise _unloadable(cfg, describe_os_error(e)) from None
+    except ModelDirError as e:
+        raise _unloadable(cfg, str(e)) from None
 
 
 def load_teacher(cfg: JobConfig):
@@ -44,9 +63,10 @@ def load_teacher(cfg: JobConfig):
     try:
         src = resolve_source(Path(cfg.distill.teacher))
         model, tcfg, tokenizer = load_source(src)
-    except (OSError, GenerationError, CheckpointError, HFFormatError, ConfigError) as e:
-        line = " ".join(str(e).split())
-        raise ConfigError("distill.teacher", cfg.distill.teacher, f"cannot be loaded: {line}") from None
+    except OSError as e:
+        raise _unloadable(cfg, describe_os_error(e)) from None
+    except (GenerationError, CheckpointError, HFFormatError, ConfigError, ModelDirError) as e:
+        raise _unloadable(cfg, str(e)) from None
     teacher = Teacher(model, tcfg, tokenizer, str(src.step_dir or src.path))
     check_teacher(teacher, cfg, Path(cfg.data.dir) / "tokenizer.json")
     return teacher
