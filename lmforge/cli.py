@@ -35,7 +35,7 @@ from lmforge.storage.guard import check_destination, resolved
 from lmforge.storage.lock import LOCK_ENV, RunLock
 from lmforge.storage.model_dir import model_dir_kind
 from lmforge.storage.rundir import check_data_dir, prepare_run_dir
-from lmforge.train.init_source import check_init_from_path
+from lmforge.train.start_points import check_init_from_path, check_resume_path
 
 
 def _load_config(args: argparse.Namespace, world_size: int):
@@ -121,6 +121,7 @@ def _launch_torchrun(launcher: dict[str, str], args: argparse.Namespace, overwri
     args.output = cfg.train.output_dir
     check_device(cfg.train.device, "--train.device")
     check_init_from_path(cfg.train.init_from, cfg.train.output_dir)
+    check_resume_path(cfg.checkpoint.resume)
     check_teacher_path(cfg)
     from lmforge.train.preflight import preflight
 
@@ -170,6 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _job_config(args)  # validated before any process group starts, and before torch is imported
     check_device(cfg.train.device, "--train.device")
     check_init_from_path(cfg.train.init_from, cfg.train.output_dir)
+    check_resume_path(cfg.checkpoint.resume)
     check_teacher_path(cfg)
     from lmforge.train.preflight import preflight
 

@@ -46,7 +46,7 @@ from lmforge.config.train import UnfreezeStage
 from lmforge.models.common.linear import MatmulKernels
 from lmforge.models.registry import family_of
 from lmforge.storage.layout import RunDir, step_of
-from lmforge.train.init_source import init_from_kind, refuse_inside_output_dir
+from lmforge.train.start_points import init_from_kind, refuse_inside_output_dir
 
 __all__ = ["ParamUnit", "Unfreezing", "check_init_from", "load_init_weights", "resolve_init_from"]
 

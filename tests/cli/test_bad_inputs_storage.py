@@ -227,6 +227,15 @@ def _truncated_hf(w: World, t: Path) -> Path:
     return d
 
 
+def _damaged_step(t: Path) -> Path:
+    """A checkpoint step directory by its marker (so the CLI's early path check passes it) whose
+    manifest is no JSON: only the workers' checkpoint stack finds it invalid."""
+    d = t / "ckpt" / "step-00000003"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "lmforge-checkpoint.json").write_text("not json\n")
+    return d
+
+
 def _random_bytes_recipe(t: Path) -> Path:
     path = t / "r.toml"
     path.write_bytes(os.urandom(200).replace(b"\xff", b"") + b"\xff\xfe")  # never valid UTF-8
@@ -400,8 +409,9 @@ CASES = [
          r"memory"),
     Case("generate-missing-source", lambda w, t: ["generate", t / "nope"], r"nope"),
     Case("error-in-nproc2-workers-stays-short", lambda w, t: [
-        "train", *micro_args(w.data, t / "r", "--train.global_batch_size", "4", "--checkpoint.resume", t / "nope"),
-        "--nproc", "2"], r"resume checkpoint \S+nope: does not exist", process=True,
+        "train", *micro_args(w.data, t / "r", "--train.global_batch_size", "4", "--checkpoint.resume",
+                             _damaged_step(t)),
+        "--nproc", "2"], r"resume checkpoint \S+step-00000003: ", process=True,
          max_lines=4),  # each rank's line, and torchrun's one log line per failed rank
 ]
 
