@@ -31,9 +31,10 @@ from lmforge.cli_safety import add_generate_safety_args, add_safety_commands, ge
 from lmforge.cli_serve import add_serve_command
 from lmforge.config import ConfigError, load_job_config, parse_override_args
 from lmforge.config.parallel import world_size_from_env
+from lmforge.storage.explain import no_such_path
 from lmforge.storage.guard import check_destination, resolved
 from lmforge.storage.lock import LOCK_ENV, RunLock
-from lmforge.storage.model_dir import model_dir_kind
+from lmforge.storage.model_dir import model_dir_kind, require_hf_dir
 from lmforge.storage.rundir import check_data_dir, prepare_run_dir
 from lmforge.train.start_points import check_init_from_path, check_resume_path
 
@@ -240,6 +241,7 @@ def cmd_sizes(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    require_hf_dir(args.hf_dir)  # missing, or no Hugging Face directory: answered before torch loads
     from lmforge.interop.hf.importer import import_to_run
 
     args.output = args.out
@@ -302,7 +304,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing(path: str) -> Path:
+    """`path` when it exists; else the one-line "PATH: no such file or directory", before torch loads."""
+    if not Path(path).exists():
+        raise no_such_path(path)
+    return Path(path)
+
+
 def cmd_ckpt_ls(args: argparse.Namespace) -> int:
+    _existing(args.target)
     from lmforge.checkpoint.tools import describe, find_checkpoints
 
     rows = [describe(path, tier) for tier, path in find_checkpoints(Path(args.target))]
@@ -332,6 +342,7 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
+    _existing(args.path)
     from lmforge.checkpoint.tools import inspect_rows
 
     rows = inspect_rows(Path(args.path))
@@ -343,6 +354,7 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_convert(args: argparse.Namespace) -> int:
+    _existing(args.path)
     out = args.output = Path(args.out)
     if args.to == "torch":
         from lmforge.checkpoint.tools import convert_to_torch

@@ -20,7 +20,7 @@ from lmforge.storage.explain import no_such_path
 from lmforge.storage.layout import RunDir, holds_checkpoint
 
 __all__ = ["HF_CONFIG", "HF_SAFETENSORS", "HF_SAFETENSORS_INDEX", "QUANTIZED_META", "ModelDirError",
-           "is_run_dir", "model_dir_kind"]
+           "is_run_dir", "model_dir_kind", "require_hf_dir"]
 
 HF_CONFIG = "config.json"
 HF_SAFETENSORS = "model.safetensors"
@@ -60,3 +60,16 @@ def model_dir_kind(path: Path | str) -> str:
         return "checkpoint"
     raise ModelDirError(f"{path}: not a Hugging Face directory ({HF_CONFIG} + {HF_SAFETENSORS}), an lmforge run "
                         f"directory, a checkpoint step directory or a quantized directory ({QUANTIZED_META})")
+
+
+def require_hf_dir(path: Path | str) -> Path:
+    """`path` when it is a Hugging Face directory (what `lmforge import` reads); FileNotFoundError
+    for a missing path, ModelDirError for any other kind."""
+    try:
+        kind = model_dir_kind(path)
+    except ModelDirError:
+        kind = None
+    if kind != "hf":
+        raise ModelDirError(f"{path}: not a Hugging Face directory ({HF_CONFIG} + {HF_SAFETENSORS} or "
+                            f"{HF_SAFETENSORS_INDEX})")
+    return Path(path)

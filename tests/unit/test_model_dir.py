@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli_errors import explain
-from lmforge.storage.model_dir import ModelDirError, model_dir_kind
+from lmforge.storage.model_dir import ModelDirError, model_dir_kind, require_hf_dir
 from tests.helpers.cli import REPO
 
 
@@ -55,6 +55,24 @@ def test_a_missing_path_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as missing:
         model_dir_kind(tmp_path / "nope")
     assert explain(missing.value) == (2, f"{tmp_path / 'nope'}: no such file or directory")
+
+
+def test_import_takes_hugging_face_directories_only(tmp_path: Path) -> None:
+    """`lmforge import` reads a Hugging Face directory: any other kind (a run has a config.json too)
+    is one line naming what it needs."""
+    _touch(tmp_path / "hf" / "config.json")
+    _touch(tmp_path / "hf" / "model.safetensors.index.json")
+    _touch(tmp_path / "run" / "config.json", '{"model": {"dim": 64}}')
+    _touch(tmp_path / "bin" / "config.json")
+    _touch(tmp_path / "bin" / "pytorch_model.bin", "")
+    assert require_hf_dir(tmp_path / "hf") == tmp_path / "hf"
+    for other in ("run", "bin"):
+        with pytest.raises(ModelDirError) as err:
+            require_hf_dir(tmp_path / other)
+        assert explain(err.value) == (2, f"{tmp_path / other}: not a Hugging Face directory (config.json + "
+                                         "model.safetensors or model.safetensors.index.json)")
+    with pytest.raises(FileNotFoundError):
+        require_hf_dir(tmp_path / "nope")
 
 
 def test_the_module_needs_no_torch() -> None:
