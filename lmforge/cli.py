@@ -494,8 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         code, line = explain(e, args.output)
         if debug:
             traceback.print_exc()
-        name = " ".join(a for a in (args.command, getattr(args, "data_command", None),
-                                    getattr(args, "ckpt_command", None), getattr(args, "bench_command", None)) if a)
+        name = " ".join([args.command, *(v for k, v in vars(args).items() if k.endswith("_command") and v)])
         sys.stderr.write(f"lmforge {name}: {line}\n")  # one write: ranks' lines never interleave
         sys.stderr.flush()
         if "LOCAL_RANK" in os.environ and world_size_from_env() > 1:

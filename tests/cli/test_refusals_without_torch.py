@@ -49,6 +49,10 @@ CASES = [
     ("ckpt ls", ["ckpt", "ls", "no-such-run"], "no-such-run: no such file or directory"),
     ("ckpt inspect", ["ckpt", "inspect", "no-such-step"], "no-such-step: no such file or directory"),
     ("ckpt convert", ["ckpt", "convert", "no-such-step", "/nonexistent/x.pt"], "no-such-step: no such file or directory"),
+    # the line names the whole verb, subcommand included
+    ("watermark embed-model", ["watermark", "embed-model", "no-such-run", "--key-file", "k", "--out", "/nonexistent/w"],
+     "lmforge watermark embed-model: no-such-run: no such file or directory"),
+    ("exit-gates fit", ["exit-gates", "fit", "no-such-run"], "lmforge exit-gates fit: no-such-run: no such file"),
     ("serve a directory that is no model", ["serve", "docs"], "docs: not a Hugging Face directory"),
     ("compress quantize a directory that is no model", ["compress", "quantize", "recipes", "--scheme", "int8-weight",
                                                         "--out", "/nonexistent/q"],
