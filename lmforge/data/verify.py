@@ -145,6 +145,8 @@ def verify_pack(out_dir: Path | str, manifest: dict | None = None, *, deep: bool
     Erasure pieces: "each" bad one is a problem; "decodable": only more than m bad in a split;
     "skip": not checked (the loader checks them itself)."""
     out_dir = Path(out_dir)
+    if manifest is None and not out_dir.is_dir():
+        return [f"{out_dir}: no such directory"]
     manifest = manifest if manifest is not None else read_json(out_dir / "manifest.json")
     if manifest is None:
         return [f"{out_dir}: no readable manifest.json; run `lmforge data prepare` for it"]

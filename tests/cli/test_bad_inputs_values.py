@@ -321,6 +321,11 @@ def test_verify_of_a_dir_that_is_not_packed(tmp_path: Path, capsys) -> None:
     assert code == 1 and "no readable manifest.json" in err
 
 
+def test_verify_of_a_missing_dir_says_so(tmp_path: Path, capsys) -> None:
+    code, _, err = run_main(["data", "verify", str(tmp_path / "nope")], capsys)
+    assert code == 1 and err.strip() == f"{tmp_path / 'nope'}: INVALID: {tmp_path / 'nope'}: no such directory"
+
+
 def test_invalid_utf8_is_counted_per_source(tmp_path: Path, capsys) -> None:
     src = tmp_path / "c.jsonl"
     lines = [b'{"text": "fine text number %d here", "source": "good"}' % i for i in range(6)]
