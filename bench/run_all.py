@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.storage.layout import RunDir, holds_checkpoint
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 PREFIX = "BENCH_RESULT "
@@ -119,9 +121,17 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
     }
 
 
+def main_run_trained() -> bool:
+    """Whether the main job's run holds a checkpoint to serve. Its config.json alone is not enough:
+    a `train` that failed after writing it (a bad resume path, a full disk) leaves no checkpoint."""
+    checkpoints = RunDir(MAIN_RUN).checkpoints
+    return (RunDir(MAIN_RUN).config.is_file() and checkpoints.is_dir()
+            and any(holds_checkpoint(p) for p in checkpoints.glob("step-*")))
+
+
 def serve_argv(tmp: Path) -> list[str]:
     """serve.py's run: the main job's where it has been trained, else the one `setup` trains."""
-    return [] if (MAIN_RUN / "config.json").is_file() else [str(tmp / "serve-run")]
+    return [] if main_run_trained() else [str(tmp / "serve-run")]
 
 
 def setup(name: str, argv: Sequence[str], tmp: Path) -> list[list[str]]:

@@ -3,6 +3,9 @@
 A run directory that already holds a run (checkpoints, metrics, config) is continued only when
 asked (`--checkpoint.resume auto|PATH`) and started over only with `--overwrite`, which moves the
 earlier run aside to `<run>.old-<time>` instead of mixing two runs' files; nothing is deleted.
+One exception: a run that stopped before its first step (a resume checkpoint found invalid, a data
+error) left only what every run writes at its start (STARTUP_FILES). That holds no progress, and the
+same command, corrected, starts over in place, saying so, instead of being refused.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from lmforge.storage.guard import DestinationError, check_no_overlap, overlap
 from lmforge.storage.layout import RunDir
 from lmforge.storage.lock import LOCK_NAME
 
-__all__ = ["RUN_FILES", "check_data_dir", "earlier_run", "move_run_aside", "prepare_run_dir"]
+__all__ = ["RUN_FILES", "STARTUP_FILES", "check_data_dir", "earlier_run", "move_run_aside", "prepare_run_dir"]
 
 RUN_FILES = RunDir.RUN_FILES  # what a run writes besides its checkpoints
+STARTUP_FILES = (RunDir.CONFIG, RunDir.TOKENIZER)  # what a run writes before its first step
 # What `data prepare` writes into data.dir (lmforge.data.pack / corpus / tokenizer).
 DATA_FILES = ("corpus.jsonl", "corpus.meta.json", "tokenizer.json", "tokenizer.meta.json", "manifest.json",
               "train.bin", "val.bin", "train.idx.npy", "val.idx.npy", "train.docs.npy", "val.docs.npy")
@@ -76,6 +80,9 @@ def prepare_run_dir(run_dir: Path, ckpt_folder: str, resume: str, overwrite: boo
     found = earlier_run(run_dir, ckpt_folder)
     if not found or (mode != "none" and not overwrite):
         return ""
+    if not overwrite and set(found) <= set(STARTUP_FILES):
+        return (f"train.output_dir {run_dir}: the run there stopped before its first step (it left only "
+                f"{', '.join(found)}): starting over in place")
     if not overwrite:
         raise DestinationError(
             f"train.output_dir {run_dir} already holds a run ({', '.join(found[:4])}); continue it with "

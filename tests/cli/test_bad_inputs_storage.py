@@ -514,6 +514,21 @@ def test_overwrite_moves_the_old_run_aside(world: World, tmp_path: Path) -> None
     assert [r["step"] for r in read_metrics(run)] == [1, 2]  # the new run's metrics only
 
 
+def test_a_run_that_stopped_before_its_first_step_does_not_block_the_rerun(world: World, tmp_path: Path) -> None:
+    """A resume checkpoint found invalid stops the run after it wrote its config and tokenizer: the
+    corrected command then starts over in place (saying so) instead of asking for --overwrite. A run
+    with any progress (metrics, checkpoints) is still refused (train-into-existing-run)."""
+    run = tmp_path / "run"
+    code, _, err = cli(["train", *micro_args(world.data, run, "--checkpoint.resume", _damaged_step(tmp_path))])
+    assert code == 2 and "resume checkpoint" in err, err
+    assert sorted(p.name for p in run.iterdir() if p.name != "lmforge.lock") == ["config.json", "tokenizer.json"]
+    code, out, err = cli(["train", *micro_args(world.data, run, "--train.steps", "2")])
+    assert code == 0, err
+    assert f"train.output_dir {run}: the run there stopped before its first step" in out
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]  # nothing to move aside
+
+
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     from lmforge.storage.lock import LOCK_NAME, RunLock, holder_if_locked
 

@@ -123,6 +123,10 @@ def test_serve_gets_a_trained_run_on_a_fresh_clone(tmp_path: Path, monkeypatch: 
     trained.mkdir()
     (trained / "config.json").write_text("{}")
     monkeypatch.setattr(run_all, "MAIN_RUN", trained)
+    # a config.json without a checkpoint (a train that failed after writing it) is no trained run
+    assert run_all.plan(False, "fp32", tmp_path)["serve"] == [str(tmp_path / "serve-run")]
+    (trained / "checkpoints" / "step-00000480").mkdir(parents=True)
+    (trained / "checkpoints" / "step-00000480" / "lmforge-checkpoint.json").write_text("{}")
     assert run_all.plan(False, "fp32", tmp_path)["serve"] == [] and run_all.setup("serve", [], tmp_path) == []
 
     _stub(tmp_path / "good.py", 1.4, 1.2)
