@@ -32,7 +32,7 @@ LAYERS: dict[str, set[str]] = {
     "train": {"config", "data", "models", "observability", "parallel", "checkpoint", "storage"},
 }
 SHARED = {"tensors"}  # tensor primitives (dtype names, DTensor helpers): any package may import them
-TOP = {"cli", "cli_data", "cli_eval", "cli_exit_gates", "cli_export", "cli_plan", "cli_bench", "cli_compress", "cli_quantize", "cli_prune", "cli_distill",
+TOP = {"cli", "cli_ckpt", "cli_data", "cli_eval", "cli_exit_gates", "cli_export", "cli_plan", "cli_bench", "cli_compress", "cli_quantize", "cli_prune", "cli_distill",
        "cli_serve", "cli_safety", "cli_model_watermark", "cli_errors", "launcher", "__main__", "__init__"}  # the entry points: may import anything
 
 
