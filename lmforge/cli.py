@@ -49,6 +49,15 @@ def _job_config(args: argparse.Namespace):
     return cfg
 
 
+def _check_before_torch(cfg) -> None:
+    """The device string and the paths a training job starts from (init_from, a resume path, a
+    distillation teacher), from marker files alone: one line for a mistake, before torch loads."""
+    check_device(cfg.train.device, "--train.device")
+    check_init_from_path(cfg.train.init_from, cfg.train.output_dir)
+    check_resume_path(cfg.checkpoint.resume)
+    check_teacher_path(cfg)
+
+
 def _pop_flag(overrides: list[str], flag: str) -> bool:
     """Remove every standalone `flag` from the override list; whether there was one."""
     found = flag in overrides
@@ -120,10 +129,7 @@ def _launch_torchrun(launcher: dict[str, str], args: argparse.Namespace, overwri
     min_nodes = int(launcher.get("--nnodes", "1").split(":")[0])
     cfg = _load_config(args, nproc * min_nodes)
     args.output = cfg.train.output_dir
-    check_device(cfg.train.device, "--train.device")
-    check_init_from_path(cfg.train.init_from, cfg.train.output_dir)
-    check_resume_path(cfg.checkpoint.resume)
-    check_teacher_path(cfg)
+    _check_before_torch(cfg)
     from lmforge.train.preflight import preflight
 
     preflight(cfg, nproc * min_nodes, local_ranks=nproc)  # device and memory, before torchrun starts
@@ -170,10 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not worker and (int(launcher.get("--nproc", "1")) > 1 or set(launcher) - {"--nproc"}):
         return _launch_torchrun(launcher, args, overwrite)
     cfg = _job_config(args)  # validated before any process group starts, and before torch is imported
-    check_device(cfg.train.device, "--train.device")
-    check_init_from_path(cfg.train.init_from, cfg.train.output_dir)
-    check_resume_path(cfg.checkpoint.resume)
-    check_teacher_path(cfg)
+    _check_before_torch(cfg)
     from lmforge.train.preflight import preflight
 
     preflight(cfg, world_size_from_env(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
