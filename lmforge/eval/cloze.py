@@ -10,17 +10,24 @@ otherwise counting would pick the answer. A candidate has 12 to 200 characters.
 
 Distractors: from the same domain's held-out segments, never the true line's context or the true
 line itself, never equal to it, a prefix of it or having it as a prefix (a model that knew the text
-could not tell those apart), preferably of a similar length (2/3 to 3/2 of the true line's
-characters). The answer's position among the candidates is drawn too.
+could not tell those apart), and of a similar length without giving the answer away. Drawn around
+the true line's length, distractors would leave it in the middle of the candidates' lengths: total
+log-likelihood favours the shortest and would score below chance, "pick the middle one" above it.
+So the domain's lines are sorted by length, a window of `window_size` neighbouring ranks that holds
+the true line is drawn (its place around the true line uniform), and the distractors are drawn
+from the window: the true line's length rank among the candidates is then uniform. The answer's
+position among the candidates is drawn too.
 
 Scoring (`score_items`): the model's log-likelihood of each candidate after the context. Two
 accuracies: `accuracy` takes the candidate with the highest total log-likelihood (no length
 normalisation: favours short lines), `accuracy_norm` the highest mean log-likelihood per candidate
-token (length-normalised). Chance is the mean of 1 / candidates over the items.
+token (length-normalised). Chance is the mean of 1 / candidates over the items; each accuracy comes
+with its binomial standard error.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,17 +93,20 @@ def build_items(docs: Sequence[tuple[str, str]], n_items: int, n_choices: int = 
     for d, ((domain, text), sp) in enumerate(zip(docs, spans)):
         pools.setdefault(domain, []).extend((d, i, t) for i, (a, b) in enumerate(sp) if _usable(t := text[a:b]))
     names = sorted(pools)
+    for name in names:  # by length (then document order): the rank windows of `_item`
+        pools[name].sort(key=lambda line: (len(line[2]), line[0], line[1]))
     order = {name: np.random.default_rng([seed, k]).permutation(len(pools[name])) for k, name in enumerate(names)}
     items: list[ClozeItem] = []
     cursor = dict.fromkeys(names, 0)
     while len(items) < n_items and any(cursor[n] < len(order[n]) for n in names):
         for k, name in enumerate(names):
             while cursor[name] < len(order[name]) and len(items) < n_items:
-                d, i, _ = pools[name][order[name][cursor[name]]]
+                rank = int(order[name][cursor[name]])
+                d, i, _ = pools[name][rank]
                 cursor[name] += 1
                 if i < n_context:
                     continue
-                item = _item(docs, spans, pools[name], d, i, n_choices, n_context,
+                item = _item(docs, spans, pools[name], rank, n_choices, n_context,
                              np.random.default_rng([seed, k, d, i]))
                 if item is not None:
                     items.append(item)
@@ -104,29 +114,34 @@ def build_items(docs: Sequence[tuple[str, str]], n_items: int, n_choices: int = 
     return items
 
 
-_TRIES = 200  # random draws per distractor search (a pool can be large: no pass over it per item)
+_TRIES = 200  # random draws per distractor search (no pass over a large window per item)
+_WINDOW_SHARE, _WINDOW_MIN = 0.05, 32  # the length window: 5% of the domain's lines, at least 32
+
+
+def window_size(pool_size: int) -> int:
+    """Lines in the length window distractors are drawn from: narrow enough that candidates have
+    similar lengths, wide enough to hold distinct, unrelated lines."""
+    return min(pool_size, max(_WINDOW_MIN, round(pool_size * _WINDOW_SHARE)))
 
 
 def _item(docs: Sequence[tuple[str, str]], spans: list[list[tuple[int, int]]], pool: list[tuple[int, int, str]],
-          d: int, i: int, n_choices: int, n_context: int, rng: np.random.Generator) -> ClozeItem | None:
-    """The item whose true line is segment i of document d, or None when the pool has too few
-    distractors for it. Similar lengths first, then any length."""
-    domain, text = docs[d]
-    a, b = spans[d][i]
-    true = text[a:b]
+          rank: int, n_choices: int, n_context: int, rng: np.random.Generator) -> ClozeItem | None:
+    """The item whose true line is `pool[rank]` (segment i of document d; `pool` sorted by length),
+    or None when its length window holds too few distractors for it."""
+    d, i, true = pool[rank]
+    width = window_size(len(pool))
+    first = int(rng.integers(max(0, rank - width + 1), min(rank, len(pool) - width) + 1))
     chosen: list[str] = []
-    for similar in (True, False):
-        for j in rng.integers(len(pool), size=_TRIES):
-            e, k, t = pool[j]
-            if e == d and i - n_context <= k <= i or _related(t, true) or any(_related(t, c) for c in chosen):
-                continue
-            if similar and not (2 * len(true) <= 3 * len(t) and 2 * len(t) <= 3 * len(true)):
-                continue
-            chosen.append(t)
-            if len(chosen) == n_choices - 1:
-                answer = int(rng.integers(n_choices))
-                choices = chosen[:answer] + [true] + chosen[answer:]
-                return ClozeItem(domain, d, i, text[spans[d][i - n_context][0]:a], tuple(choices), answer)
+    for j in first + rng.integers(width, size=_TRIES):
+        e, k, t = pool[j]
+        if e == d and i - n_context <= k <= i or _related(t, true) or any(_related(t, c) for c in chosen):
+            continue
+        chosen.append(t)
+        if len(chosen) == n_choices - 1:
+            answer = int(rng.integers(n_choices))
+            choices = chosen[:answer] + [true] + chosen[answer:]
+            return ClozeItem(docs[d][0], d, i, docs[d][1][spans[d][i - n_context][0]:spans[d][i][0]],
+                             tuple(choices), answer)
     return None
 
 
@@ -156,9 +171,15 @@ def model_scorer(model: nn.Module, encode: Callable[[str], list[int]], max_seq_l
     return score
 
 
+def binomial_stderr(accuracy: float, n: int) -> float:
+    """Standard error of an accuracy over n independent items, sqrt(p (1 - p) / n): a few hundred
+    items leave ~0.03 of noise, so a small model's 0.28 against chance 0.25 is not a finding."""
+    return math.sqrt(accuracy * (1 - accuracy) / n)
+
+
 def score_items(items: Sequence[ClozeItem], scorer: Scorer) -> dict:
-    """Accuracy (total and per-token log-likelihood), chance level and item count, overall and per
-    domain."""
+    """Accuracy (total and per-token log-likelihood) with its standard error, chance level and item
+    count, overall and per domain."""
     per: dict[str, list[tuple[bool, bool, float]]] = {}
     for item in items:
         scores = scorer(item)
@@ -168,7 +189,9 @@ def score_items(items: Sequence[ClozeItem], scorer: Scorer) -> dict:
 
     def summary(rows: list[tuple[bool, bool, float]]) -> dict:
         n = len(rows)
-        return {"items": n, "accuracy": sum(r[0] for r in rows) / n, "accuracy_norm": sum(r[1] for r in rows) / n,
+        acc, acc_norm = sum(r[0] for r in rows) / n, sum(r[1] for r in rows) / n
+        return {"items": n, "accuracy": acc, "accuracy_stderr": binomial_stderr(acc, n),
+                "accuracy_norm": acc_norm, "accuracy_norm_stderr": binomial_stderr(acc_norm, n),
                 "chance": sum(r[2] for r in rows) / n}
 
     everything = [r for rows in per.values() for r in rows]

@@ -41,12 +41,19 @@ def _perplexity_table(p: dict) -> Table:
     return t
 
 
+def _with_stderr(d: dict, key: str) -> str:
+    """"0.315 ± 0.033": the accuracy and its standard error (results written before it had none: the accuracy)."""
+    se = d.get(f"{key}_stderr")
+    return _f(d[key], 3) + ("" if se is None else f" ± {se:.3f}")
+
+
 def _cloze_table(c: dict) -> Table:
     t = _table(f"cloze: the true next line among {c['choices']}, after {c['context_lines']} lines",
                ["scope", "items", "acc", "acc/token", "chance"])
-    t.add_row("all", str(c["items"]), _f(c["accuracy"], 3), _f(c["accuracy_norm"], 3), _f(c["chance"], 3))
-    for name, d in c["domains"].items():
-        t.add_row(f"  {name}", str(d["items"]), _f(d["accuracy"], 3), _f(d["accuracy_norm"], 3), _f(d["chance"], 3))
+    rows = [("all", c), *((f"  {name}", d) for name, d in c["domains"].items())]
+    for scope, d in rows:
+        t.add_row(scope, str(d["items"]), _with_stderr(d, "accuracy"), _with_stderr(d, "accuracy_norm"),
+                  _f(d["chance"], 3))
     return t
 
 

@@ -190,4 +190,5 @@ def _cloze(model: torch.nn.Module, held: HeldOut, encode: Callable[[str], list[i
     result = score_items(items, model_scorer(model, encode, max_seq_len, device))
     return {"choices": N_CHOICES, "context_lines": N_CONTEXT, "seed": SEED, "items_sha256": _digest(items),
             "scoring": "accuracy: highest total log-likelihood of the candidate; accuracy_norm: highest mean "
-                       "log-likelihood per candidate token", **result}
+                       "log-likelihood per candidate token; *_stderr: binomial standard error sqrt(p (1 - p) / items)",
+            **result}

@@ -48,7 +48,10 @@ def test_eval_prints_tables_and_writes_json(run_dir: Path, tmp_path: Path, capsy
     speed = a["timing"]["speed"]
     assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
     assert speed["memory"]["peak_rss_bytes"] > speed["memory"]["parameter_bytes"] > 0
-    assert a["deterministic"]["cloze"]["items"] == 16
+    cloze = a["deterministic"]["cloze"]
+    assert cloze["items"] == 16
+    se = (cloze["accuracy"] * (1 - cloze["accuracy"]) / 16) ** 0.5
+    assert cloze["accuracy_stderr"] == pytest.approx(se) and f"{cloze['accuracy']:.3f} ± {se:.3f}" in out, out
     code, _, err = eval_main([str(run_dir), "--items", "16", "--max-batches", "20", "--no-speed", "--out",
                               str(tmp_path / "b.json")], capsys)
     assert code == 0, err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,8 +69,11 @@ def test_scoring_counts_what_the_scorer_prefers(heldout_docs: list[tuple[str, st
     oracle = score_items(items, lambda it: [(0.0 if j == it.answer else -1.0, 1) for j in range(len(it.choices))])
     assert oracle["accuracy"] == oracle["accuracy_norm"] == 1.0 and oracle["items"] == 40
     assert oracle["chance"] == 0.25 and sum(d["items"] for d in oracle["domains"].values()) == 40
+    assert oracle["accuracy_stderr"] == oracle["accuracy_norm_stderr"] == 0.0  # no spread: every item right
     first = score_items(items, lambda it: [(-float(j), 1) for j in range(len(it.choices))])
-    assert first["accuracy"] == sum(i.answer == 0 for i in items) / 40
+    p = sum(i.answer == 0 for i in items) / 40
+    assert first["accuracy"] == p and 0 < p < 1
+    assert first["accuracy_stderr"] == pytest.approx((p * (1 - p) / 40) ** 0.5)  # binomial standard error
     # unnormalised: total log-likelihood; normalised: per token (a long candidate with a better mean wins)
     long_item = ClozeItem("d", 0, 0, "ctx", ("a", "b"), 1)
     r = score_items([long_item], lambda it: [(-2.0, 1), (-3.0, 6)])
@@ -134,3 +138,31 @@ def test_token_nll_is_cross_entropy_per_token() -> None:
     torch.testing.assert_close(token_nll(logits.bfloat16(), targets),
                                F.cross_entropy(logits.bfloat16().float().flatten(0, 1), targets.flatten(),
                                                reduction="none").reshape(3, 7))
+
+
+def _skewed_docs(n_docs: int = 60, lines: int = 40, seed: int = 0) -> list[tuple[str, str]]:
+    """Documents of distinct lines whose lengths follow a long-tailed law (most lines short, a few
+    long), as verse and prose lines do: where a length-biased item builder shows."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{k}" for k in range(5000)]
+    docs = []
+    for _ in range(n_docs):
+        n_words = np.clip(rng.lognormal(1.6, 0.6, size=lines).astype(int), 3, 40)
+        docs.append(("d", "\n".join(" ".join(rng.choice(words, size=n)) + "." for n in n_words)))
+    return docs
+
+
+def test_the_true_lines_length_gives_nothing_away() -> None:
+    """A scorer that reads only the candidates' lengths scores chance. Distractors of similar length
+    drawn around the true line would leave it in the middle of the lengths: "longest" and "shortest"
+    (what total log-likelihood favours) would win less often than chance, "a middle one" more often.
+    The builder draws distractors from a window of the length-sorted pool whose place around the
+    true line is itself drawn, so all candidates are alike in length."""
+    items = build_items(_skewed_docs(), 1600)
+    assert len(items) == 1600
+    for name, pick in (("shortest", min), ("longest", max)):
+        hits = np.mean([pick(range(4), key=lambda k, i=i: (len(i.choices[k]), k)) == i.answer for i in items])
+        assert abs(hits - 0.25) < 0.035, (name, hits)  # 3.2 binomial standard deviations
+    # and the distractors stay close in length: within a factor 1.5 of the true line for most items
+    ratios = [len(c) / len(i.choices[i.answer]) for i in items for k, c in enumerate(i.choices) if k != i.answer]
+    assert np.mean([2 / 3 <= r <= 3 / 2 for r in ratios]) > 0.9
