@@ -12,8 +12,9 @@ is kept apart (`unigram_tokens`) - and only the full-vocabulary figure, shown fo
 the pruned words. Sources past `MAX_SOURCES` distinct names are counted as "(other)".
 
 Where the per-step table comes from: `stats.json` "steps" ({step: {seen, kept, dropped:
-{reason: n}, seconds}}) when the executor wrote it; otherwise it is rebuilt from the provenance
-verdicts of the kept documents and the rejects (then without seconds, so without throughput).
+{reason: n}, seconds}}, in the pipeline's order `step_order`; a global step's seconds include its
+decision) when the executor wrote it; otherwise it is rebuilt from the provenance verdicts of the
+kept documents and the rejects (then without seconds, so without throughput).
 """
 
 from __future__ import annotations
@@ -215,8 +216,11 @@ def _steps_from_stats(stats: dict[str, Any]) -> dict[str, StepRow] | None:
     table = stats.get("steps")
     if not isinstance(table, dict) or not table:
         return None
+    order = stats.get("step_order") if isinstance(stats.get("step_order"), list) else []
+    names = [n for n in order if n in table] + [n for n in table if n not in order]  # older runs: as stored
     rows = {}
-    for name, r in table.items():
+    for name in names:
+        r = table[name]
         if not isinstance(r, dict):
             continue
         dropped = r.get("dropped") if isinstance(r.get("dropped"), dict) else {}

@@ -115,7 +115,8 @@ def test_verdict_same_corpus_halves_no_drift_shakespeare_vs_kjv_drift(tmp_path):
 # ---------------------------------------------------------------- a pipeline run
 
 
-def _run(tmp_path: Path, compress: bool = False, domains: bool = False, name: str = "out") -> Path:
+def _run(tmp_path: Path, compress: bool = False, domains: bool = False, name: str = "out",
+         dedup: bool = False) -> Path:
     src = tmp_path / "in.jsonl"
     if not src.exists():
         lines = []
@@ -131,7 +132,8 @@ def _run(tmp_path: Path, compress: bool = False, domains: bool = False, name: st
     cfg = parse_pipeline({"output_dir": name, "docs_per_shard": 16, "compress": compress, "inputs": [{"path": "in.jsonl"}],
                           "steps": [{"type": "normalize"},
                                     {"type": "quality", "min_words": 10, "min_stop_words": 1,
-                                     "disable": ["max_top_ngram_fraction", "max_duplicate_line_fraction"]}]},
+                                     "disable": ["max_top_ngram_fraction", "max_duplicate_line_fraction"]},
+                                    *([{"type": "exact_dedup"}, {"type": "near_dedup"}] if dedup else [])]},
                          tmp_path, "test")
     return run_pipeline(cfg).output.parent
 
@@ -177,6 +179,29 @@ def test_profile_uses_the_executors_step_table_and_domains(tmp_path):
     assert "120.0" in html and "exact_dedup: duplicate" not in html  # the bar chart is an image, the table text
     assert re.search(r"<td>exact_dedup</td><td>7</td><td>5</td><td>2</td>", html)
     assert "Documents per domain" in html
+
+
+def test_a_global_steps_time_includes_its_decision_and_the_table_keeps_the_pipelines_order(tmp_path):
+    """Dedup decides over all shards at once (signatures, LSH) and then only looks its decisions up
+    per shard: its seconds and docs/s are both parts, not the look-up alone (which read ~900k docs/s
+    for MinHash). stats.json sorts its keys, so the pipeline's order travels in `step_order`."""
+    out = _run(tmp_path, dedup=True)
+    stats = json.loads((out / "stats.json").read_text())
+    order = ["normalize", "quality", "exact_dedup", "near_dedup"]
+    assert stats["step_order"] == order and sorted(stats["steps"]) != order
+    for name in ("exact_dedup", "near_dedup"):
+        row = stats["steps"][name]
+        decide = row["global"]["decide_seconds"]
+        assert decide > 0 and row["seconds"] == pytest.approx(row["shard_seconds"] + decide, abs=2e-6)
+        assert row["docs_per_second"] == pytest.approx(row["seen"] / row["seconds"], rel=1e-3)
+    quality = stats["steps"]["quality"]
+    assert "shard_seconds" not in quality and quality["docs_per_second"] == pytest.approx(
+        quality["seen"] / quality["seconds"], rel=1e-3)
+    p = read_run(out)
+    assert list(p.steps) == ["read", *order]
+    html = write_report(out).path.read_text()
+    at = [html.index(f"<tr><td>{name}</td>") for name in ["read", *order]]
+    assert at == sorted(at), at
 
 
 def _images(html: str) -> dict[str, Image.Image]:

@@ -321,12 +321,19 @@ def _totals(stage_results: list[list[dict]], global_stats: dict[str, dict]) -> d
                 acc.kept += st["kept"]
                 acc.dropped.update(st["dropped"])
                 acc.seconds += st["seconds"]
-    table = {name: {**s.as_json(), "docs_per_second": round(s.seen / s.seconds, 1) if s.seconds else None}
-             for name, s in steps.items()}
+    table: dict[str, dict[str, Any]] = {name: s.as_json() for name, s in steps.items()}
     for name, extra in global_stats.items():
-        table.setdefault(name, {})["global"] = extra
+        row = table.setdefault(name, {})
+        row["global"] = extra
+        if "seconds" in row and "decide_seconds" in extra:  # the step's time is its decision plus applying it
+            row["shard_seconds"] = row["seconds"]
+            row["seconds"] = round(row["seconds"] + extra["decide_seconds"], 6)
+    for row in table.values():
+        if "seconds" in row:
+            row["docs_per_second"] = round(row["seen"] / row["seconds"], 1) if row["seconds"] else None
     return {"records": sum(r["records"] for r in first), "kept": sum(r["kept"] for r in last),
-            "rejected": dict(sorted(rejected.items())), "dropped": dict(sorted(dropped.items())), "steps": table}
+            "rejected": dict(sorted(rejected.items())), "dropped": dict(sorted(dropped.items())), "steps": table,
+            "step_order": list(table)}  # stats.json sorts its keys: the pipeline's order, for the report
 
 
 def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] | None = None) -> RunResult:
