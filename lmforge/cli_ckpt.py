@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lmforge.cli_errors import UserError
 from lmforge.cli_export import cmd_export
 from lmforge.storage.explain import no_such_path
 from lmforge.storage.guard import check_destination
@@ -38,17 +39,27 @@ def cmd_ckpt_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_verify(args: argparse.Namespace) -> int:
-    """Deep check (every file's sha256, an incremental one's base too); exit 1 if any is invalid."""
-    from lmforge.checkpoint.tools import describe
-
-    bad = 0
+    """Deep check (every file's sha256, an incremental one's base too) of each checkpoint a path
+    names, as `ckpt ls` finds them: a run (both tiers), a checkpoint folder or one step-N directory.
+    Every path is resolved before any check; exit 1 if any checkpoint is invalid."""
     for target in args.paths:
-        r = describe(Path(target), deep=True)
+        _existing(target)
+    from lmforge.checkpoint.tools import describe, find_checkpoints
+
+    found = {target: list(find_checkpoints(Path(target))) for target in args.paths}
+    for target, checkpoints in found.items():
+        if not checkpoints:
+            raise UserError(f"{target}: no checkpoints in it; pass a run directory, a checkpoint folder or a "
+                            "step-N directory")
+    bad = 0
+    for tier, path in (c for checkpoints in found.values() for c in checkpoints):
+        r = describe(path, tier, deep=True)
+        where = f"{path}{' (memory tier)' if tier != 'disk' else ''}"
         if r.valid:
-            print(f"{target}: ok (step {r.step}, {r.kind}, {r.bytes / 2**20:.2f} MiB)")
+            print(f"{where}: ok (step {r.step}, {r.kind}, {r.bytes / 2**20:.2f} MiB)")
         else:
             bad += 1
-            print(f"{target}: INVALID: {r.reason}", file=sys.stderr)
+            print(f"{where}: INVALID: {r.reason}", file=sys.stderr)
     return 1 if bad else 0
 
 
@@ -86,8 +97,8 @@ def add_ckpt_commands(sub: argparse._SubParsersAction) -> None:
     q = csub.add_parser("ls", help="checkpoints of a run (both tiers) or a folder: step, tier, kind, size, valid")
     q.add_argument("target", help="run dir, checkpoint folder or one checkpoint")
     q.set_defaults(func=cmd_ckpt_ls)
-    q = csub.add_parser("verify", help="deep checksum check; exit 1 if any is invalid")
-    q.add_argument("paths", nargs="+", help="checkpoint directories (step-N)")
+    q = csub.add_parser("verify", help="deep checksum check of every checkpoint named; exit 1 if any is invalid")
+    q.add_argument("paths", nargs="+", help="run dirs (both tiers), checkpoint folders or checkpoints (step-N)")
     q.set_defaults(func=cmd_ckpt_verify)
     q = csub.add_parser("inspect", help="tensor names, shapes, dtypes and sizes")
     q.add_argument("path")

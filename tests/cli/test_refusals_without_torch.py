@@ -49,6 +49,7 @@ CASES = [
     ("ckpt ls", ["ckpt", "ls", "no-such-run"], "no-such-run: no such file or directory"),
     ("ckpt inspect", ["ckpt", "inspect", "no-such-step"], "no-such-step: no such file or directory"),
     ("ckpt convert", ["ckpt", "convert", "no-such-step", "/nonexistent/x.pt"], "no-such-step: no such file or directory"),
+    ("ckpt verify", ["ckpt", "verify", "no-such-run"], "no-such-run: no such file or directory"),
     # the line names the whole verb, subcommand included
     ("watermark embed-model", ["watermark", "embed-model", "no-such-run", "--key-file", "k", "--out", "/nonexistent/w"],
      "lmforge watermark embed-model: no-such-run: no such file or directory"),

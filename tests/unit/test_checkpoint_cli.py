@@ -63,6 +63,22 @@ def test_verify_ok_then_invalid_after_one_flipped_byte(run, capsys, tmp_path):
     assert "base checkpoint step-00000001" in capsys.readouterr().err
 
 
+def test_verify_takes_a_run_or_a_folder_as_ls_does(run, capsys, tmp_path):
+    """`ckpt verify RUN` checks each checkpoint of the run (it said INVALID: no manifest, before);
+    a directory with no checkpoint in it is a wrong argument (exit 2, one line), not an invalid one."""
+    root, _, _ = run
+    for target in (root, root / "checkpoints"):
+        assert main(["ckpt", "verify", str(target)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert [ln.split(": ")[0] for ln in out] == [str(root / "checkpoints" / f"step-0000000{k}") for k in (1, 2)]
+        assert "ok (step 1, full" in out[0] and "ok (step 2, incremental" in out[1]
+    (tmp_path / "empty").mkdir()
+    assert main(["ckpt", "verify", str(root), str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lmforge ckpt verify: {tmp_path / 'empty'}: no checkpoints in it; pass a run directory, "
+                   "a checkpoint folder or a step-N directory"]
+
+
 def test_inspect_lists_tensors_with_shapes_dtypes_and_where(run, capsys):
     root, model, _ = run
     assert main(["ckpt", "inspect", str(root / "checkpoints" / "step-00000002")]) == 0
