@@ -3,7 +3,10 @@
 arguments, the key file and the destination before any model is loaded, loads models through
 lmforge.serve (safety never imports serve), calls and prints. The key is never printed.
 
-embed-model writes a new run directory (safety/model_watermark_output.py) and never touches SRC.
+embed-model writes a new run directory (checkpoint/weights_run.py: the source run's config, its
+tokenizer, the marked weights as a weights-only checkpoint) and never touches SRC. Nothing in it says
+it is marked (no report file): a mark announced is a mark invited to be attacked; the embed report
+is printed instead.
 verify-model reads a run, a checkpoint step dir, a Hugging Face dir or a quantized dir (`lmforge
 compress quantize`: its stored entries read as the fp32 numbers they stand for, q x scale, whatever
 scheme and runtime it records).
@@ -47,9 +50,9 @@ def _existing(path_arg: str, what: str) -> Path:
 
 
 def cmd_embed_model(args: argparse.Namespace) -> int:
+    from lmforge.checkpoint.weights_run import derived_run_config, write_weights_run
     from lmforge.cli_errors import UserError
     from lmforge.safety.model_watermark import embed_watermark, read_watermark
-    from lmforge.safety.model_watermark_output import write_marked_run
     from lmforge.safety.secret_key import read_key_file
     from lmforge.serve.generate import load_source, resolve_source
     from lmforge.storage.guard import check_destination, check_no_overlap
@@ -70,7 +73,7 @@ def cmd_embed_model(args: argparse.Namespace) -> int:
     check_no_overlap(out, {"source run": src.run_dir}, flag="--out")
     model, _, tokenizer = load_source(src)
     report = embed_watermark(model, key, cfg)
-    step_dir = write_marked_run(out, model, src.run_config, tokenizer, args.overwrite)
+    step_dir = write_weights_run(out, model, derived_run_config(src.run_config, out), tokenizer, args.overwrite)
     reading = read_watermark(model.named_parameters(), key, cfg)
     if args.json:
         print(json.dumps({"embed": report.as_json(), "verify": reading.as_json(), "out": str(out)}, indent=1))

@@ -9,6 +9,7 @@ One concern per module, lowest first (each imports only those above it):
     collective.py    rank 0 decides, every rank gets its answer
     dcp_io.py        state <-> DCP keys; DCP writes and loads of any stored form
     weights.py       weights-only checkpoints (save_model_weights, load_model_weights)
+    weights_run.py   a run directory holding one weights-only checkpoint (import, prune, watermark)
     async_writer.py  the writer thread of async saves
     manager.py       CheckpointManager: save, resume, load, retention
     tiers.py         memory and disk tiers of a training run

@@ -5,8 +5,8 @@
   after random token substitution and deletion.
 - `model_watermark.py`: a keyed watermark in a model's weights (spread-spectrum bits in the block
   matrices, post hoc), read back with a bit error rate and an exact binomial p-value; it survives
-  fine-tuning, int8 quantization and magnitude pruning. `model_watermark_output.py` writes the
-  marked run (through `checkpoint`); the model is loaded by the CLI and handed in.
+  fine-tuning, int8 quantization and magnitude pruning. The model is loaded by the CLI and handed
+  in, and the CLI writes the marked run (checkpoint/weights_run.py).
 - `normalize.py`: a matching view of text that folds obfuscation (case, leetspeak, invisible
   characters, homoglyphs, accents) with a map back to the original characters.
 - `filter_config.py` + `matcher.py`: the harmful-content filter (categories and lexicons from TOML,

@@ -28,7 +28,7 @@ LAYERS: dict[str, set[str]] = {
     "serve": {"config", "data", "models", "checkpoint", "interop", "compress", "safety", "storage"},
     "eval": {"config", "data", "models", "checkpoint", "serve", "storage"},
     "compress": {"config", "data", "models", "checkpoint", "interop", "storage"},
-    "safety": {"config", "storage", "checkpoint"},
+    "safety": {"config", "storage"},
     "train": {"config", "data", "models", "observability", "parallel", "checkpoint", "storage"},
 }
 SHARED = {"tensors"}  # tensor primitives (dtype names, DTensor helpers): any package may import them

@@ -9,13 +9,12 @@ export, eval) takes an imported model too:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint.weights import save_model_weights
+from lmforge.checkpoint.weights_run import write_weights_run
 from lmforge.config import JobConfig, ModelConfig, TokenizerConfig, TrainConfig
 from lmforge.interop.hf.base import HFFormatError, name_list
 from lmforge.interop.hf.io import read_hf_config, read_hf_weights
@@ -24,9 +23,7 @@ from lmforge.interop.hf.registry import from_hf_config, from_hf_state_dict
 from lmforge.models.common.rope import rope_tables
 from lmforge.models.llama.model import Transformer
 from lmforge.models.registry import family_of
-from lmforge.storage.atomic import atomic_copy, atomic_dir, write_text_atomic
 from lmforge.storage.guard import DestinationError, check_destination
-from lmforge.storage.layout import RunDir, step_dir_name
 
 
 def import_hf(hf_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
@@ -74,11 +71,4 @@ def import_to_run(hf_dir: Path, out: Path, overwrite: bool = False) -> Path:
                     tokenizer=TokenizerConfig(vocab_size=cfg.vocab_size),
                     train=TrainConfig(output_dir=str(out), seq_len=min(TrainConfig.seq_len, cfg.max_seq_len)))
 
-    def fill(tmp: Path) -> None:
-        write_text_atomic(RunDir(tmp).config, json.dumps(asdict(job), indent=2) + "\n")
-        if (hf_dir / "tokenizer.json").is_file():
-            atomic_copy(hf_dir / "tokenizer.json", RunDir(tmp).tokenizer)
-        save_model_weights(tmp / job.checkpoint.folder / step_dir_name(0), model, step=0)
-
-    atomic_dir(out, fill, replace=overwrite)
-    return out / job.checkpoint.folder / step_dir_name(0)
+    return write_weights_run(out, model, asdict(job), hf_dir / "tokenizer.json", overwrite)
