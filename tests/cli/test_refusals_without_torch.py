@@ -69,3 +69,15 @@ def test_a_mistake_is_answered_without_importing_torch(argv: list[str], needle: 
     lines = proc.stderr.strip().splitlines()
     assert result["code"] == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
     assert not result["torch"], f"{argv[0]}: torch was imported before the mistake was answered"
+
+
+def test_the_readmes_config_error_example_is_what_the_cli_prints() -> None:
+    """The README shows a config mistake and its one line; that line stays the real one (it had
+    drifted: another prefix, and the width of an older recipe)."""
+    readme = (REPO / "README.md").read_text()
+    prompt = "$ lmforge train recipes/tiny-dense.toml --model.n_heads 5\n"
+    assert prompt in readme
+    shown = readme.split(prompt, 1)[1].splitlines()[0]
+    proc = subprocess.run([sys.executable, "-c", PROBE, *prompt.split()[2:]], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stderr.strip() == shown, (proc.stderr, shown)
