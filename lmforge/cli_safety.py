@@ -39,12 +39,18 @@ def _watermark_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
+TEXT_FILE_HELP = "a UTF-8 text file, or - for standard input"
+
+
 def _read_text(path_arg: str) -> str:
+    """The text a command checks: a file's, or standard input's for "-" (`echo ... | lmforge safety scan -`)."""
     from lmforge.cli_errors import UserError
 
+    if path_arg == "-":
+        return sys.stdin.read()
     path = Path(path_arg)
     if not path.is_file():
-        raise UserError(f"{path_arg}: no such text file")
+        raise UserError(f"{path_arg}: no such text file (give a file, or - for standard input)")
     return path.read_text(encoding="utf-8")
 
 
@@ -280,7 +286,7 @@ def add_safety_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--overwrite", action="store_true", help="replace an existing key file")
     q.set_defaults(func=cmd_watermark_keygen)
     q = wsub.add_parser("detect", help="z-score and p-value of a text under a key (JSON)")
-    q.add_argument("text_file")
+    q.add_argument("text_file", help=TEXT_FILE_HELP)
     _add_key_args(q)
     q.set_defaults(func=cmd_watermark_detect)
     q = wsub.add_parser("robustness", help="detection rate of watermarked texts after random token "
@@ -295,7 +301,7 @@ def add_safety_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("safety", help="check a prompt: harmful-content filter and adversarial-input detector")
     ssub = p.add_subparsers(dest="safety_command", required=True)
     q = ssub.add_parser("scan", help="the filter's verdict and the adversarial score of a text (JSON)")
-    q.add_argument("text_file")
+    q.add_argument("text_file", help=TEXT_FILE_HELP)
     q.add_argument("--filter", default=None, help="a filter TOML (recipes/safety/filter.toml)")
     q.add_argument("--model", default=None, help="run, checkpoint or HF dir: adds the windowed-perplexity component")
     q.add_argument("--data-dir", default=None, help="packed data whose val split calibrates it (default: the run's)")
