@@ -182,6 +182,17 @@ def test_architecture_doc_states_these_rules() -> None:
     assert stated == LAYERS, {p: (stated.get(p), LAYERS[p]) for p in LAYERS if stated.get(p) != LAYERS[p]}
 
 
+def test_architecture_doc_places_every_module() -> None:
+    """docs/architecture.md is the picture of the code: every module of lmforge is named there (its
+    file name, or its name in backticks as the layer table lists `checkpoint`'s), so a new one cannot
+    land without a place in it."""
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    unnamed = sorted(str(f.relative_to(REPO)) for f in (REPO / "lmforge").rglob("*.py")
+                     if f.name != "__init__.py" and not re.search(rf"\b{re.escape(f.name)}", doc)
+                     and f"`{f.stem}`" not in doc)
+    assert not unnamed, unnamed
+
+
 
 MAX_LINES = 500  # a module longer than this holds more than one concern: split it
 
