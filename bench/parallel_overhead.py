@@ -5,7 +5,7 @@ layouts run in interleaved rounds (A, B, C, A, B, C, ...) so machine noise hits 
 the median of each layout's per-step tokens/s (after warm-up) is compared with the single process
 (the named baseline). The check: every layout runs, and the slowest one reaches `--min-ratio` of
 the single process (default 0.6: on one 2-core machine a layout pays its communication and
-scheduling, measured 0.67x-1.13x; the slowest is tp); exit 1 if a layout fails or falls below.
+scheduling, measured 0.63x-1.13x; the slowest is tp); exit 1 if a layout fails or falls below.
 
     .venv/bin/python bench/parallel_overhead.py [--rounds 2] [--steps 12] [--layouts single,ddp,fsdp,...] [--min-ratio 0.6]
 """
