@@ -352,19 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_command(sub)
 
     p = sub.add_parser("import", help="turn a Hugging Face Llama, Mixtral or Qwen2-MoE directory into an lmforge run")
-    p.add_argument("hf_dir")
+    p.add_argument("hf_dir", help="a Hugging Face model directory (config.json + safetensors)")
     p.add_argument("out", help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("generate", help="generate text from a run, checkpoint or HF directory")
-    p.add_argument("source")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("source", help="run dir (its newest checkpoint), checkpoint step dir, Hugging Face dir or "
+                                  "quantized dir")
+    p.add_argument("--prompt", default="", help="text to continue (empty: from the end-of-text token)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens at most (default 64); stops at end-of-text")
+    p.add_argument("--temperature", type=float, default=0.8, help="default 0.8; 0: greedy (argmax)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set holding this probability")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0): the same seed, the same text")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--early-exit-threshold", type=float, default=None,

@@ -101,7 +101,7 @@ def add_ckpt_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("paths", nargs="+", help="run dirs (both tiers), checkpoint folders or checkpoints (step-N)")
     q.set_defaults(func=cmd_ckpt_verify)
     q = csub.add_parser("inspect", help="tensor names, shapes, dtypes and sizes")
-    q.add_argument("path")
+    q.add_argument("path", help="checkpoint directory (step-N)")
     q.set_defaults(func=cmd_ckpt_inspect)
     q = csub.add_parser("convert", help="to one torch.save file, or to a Hugging Face directory")
     q.add_argument("path", help="checkpoint directory (step-N); for --to hf also a run dir")

@@ -282,7 +282,7 @@ def add_safety_commands(sub: argparse._SubParsersAction) -> None:
                                          "mark and verify a model's weights")
     wsub = p.add_subparsers(dest="watermark_command", required=True)
     q = wsub.add_parser("keygen", help="write a new random watermark key file (mode 0600)")
-    q.add_argument("key_file")
+    q.add_argument("key_file", help="the key file to create")
     q.add_argument("--overwrite", action="store_true", help="replace an existing key file")
     q.set_defaults(func=cmd_watermark_keygen)
     q = wsub.add_parser("detect", help="z-score and p-value of a text under a key (JSON)")
