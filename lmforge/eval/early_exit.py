@@ -23,7 +23,7 @@ from torch import nn
 
 from lmforge.eval.errors import EvalError
 from lmforge.eval.heldout import HeldOut
-from lmforge.eval.perplexity import Windows
+from lmforge.eval.perplexity import Windows, windows_to_read
 from lmforge.eval.scoring import token_nll
 from lmforge.models.common.sparse_attention import document_starts
 from lmforge.serve.early_exit import MEASURES, confidence, exit_index
@@ -68,11 +68,7 @@ def exit_scores(model: nn.Module, held: HeldOut, w: Windows, device: torch.devic
             raise EvalError("early-exit measure 'learned' needs exit gates (--exit-gates FILE; lmforge exit-gates fit)")
         gates.check(cfg.dim, layers, "--exit-gates")
     ds, s = held.dataset, w.seq_len
-    n_windows = ds.n_windows(s)
-    if n_windows < 1:
-        raise EvalError(f"{held.data_dir}: the validation split has {ds.n_tokens} tokens, too few for one window of "
-                        f"{s + 1}")
-    n_read = n_windows if w.max_batches is None else min(n_windows, w.max_batches * w.global_batch)
+    n_read = windows_to_read(held, w)
     conf: list[list[np.ndarray]] = [[] for _ in layers]
     nll: list[list[np.ndarray]] = [[] for _ in range(len(layers) + 1)]
     learned = gates if measure == "learned" else None

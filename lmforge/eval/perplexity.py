@@ -46,6 +46,16 @@ class Windows:
     max_batches: int | None = None
 
 
+def windows_to_read(held: HeldOut, w: Windows) -> int:
+    """Windows of the split that an evaluation reads: all of them, or `max_batches` global batches;
+    a split too short for one window is a data error."""
+    n_windows = held.dataset.n_windows(w.seq_len)
+    if n_windows < 1:
+        raise EvalError(f"{held.data_dir}: the validation split has {held.dataset.n_tokens} tokens, too few for one "
+                        f"window of train.seq_len + 1 = {w.seq_len + 1}")
+    return n_windows if w.max_batches is None else min(n_windows, w.max_batches * w.global_batch)
+
+
 def _figure(nll_sum: float, tokens: int) -> dict:
     loss = nll_sum / tokens if tokens else float("nan")
     return {"tokens": tokens, "loss": loss, "perplexity": math.exp(min(loss, 700.0)) if tokens else float("nan")}
@@ -56,11 +66,7 @@ def heldout_perplexity(model: nn.Module, held: HeldOut, w: Windows, device: torc
     """Perplexity figures of `model` on `held` (see the module docstring); `eos_id` for document
     masking when the model uses it. Deterministic: the same model and data give the same numbers."""
     ds, s = held.dataset, w.seq_len
-    n_windows = ds.n_windows(s)
-    if n_windows < 1:
-        raise EvalError(f"{held.data_dir}: the validation split has {ds.n_tokens} tokens, too few for one window of "
-                        f"train.seq_len + 1 = {s + 1}")
-    n_read = n_windows if w.max_batches is None else min(n_windows, w.max_batches * w.global_batch)
+    n_read, n_windows = windows_to_read(held, w), ds.n_windows(s)
     window_nll = np.zeros(n_read, dtype=np.float64)
     n_docs = len(held.starts) - 1
     doc_nll, doc_tokens = np.zeros(n_docs, dtype=np.float64), np.zeros(n_docs, dtype=np.int64)
