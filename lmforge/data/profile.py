@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,22 +31,16 @@ from lmforge.data.errors import DataError
 from lmforge.data.files import read_json
 from lmforge.data.pipeline.readers import JSONL_SUFFIXES, open_binary
 from lmforge.data.pipeline.steps import DEFAULT_STOP_WORDS, quality_signals
+from lmforge.data.words import word_tokens, words
 
 __all__ = ["MAX_SOURCES", "MAX_VOCABULARY", "RESERVOIR_SIZE", "CorpusProfile", "Reservoir", "StepRow", "profile_path",
-           "read_corpus", "read_run", "unigrams"]
+           "read_corpus", "read_run"]
 
 RESERVOIR_SIZE = 50_000
 MAX_VOCABULARY = 2_000_000  # distinct words in the unigram table (about 200 MB) before pruning
 MAX_SOURCES = 10_000       # a directory of text files has one source per file
 OUTPUTS = ("output.jsonl", "output.jsonl.zst")
 _STOP = frozenset(DEFAULT_STOP_WORDS)
-_WORD = re.compile(r"\w+")
-
-
-def unigrams(text: str) -> list[str]:
-    """The words a unigram distribution counts: lowercased runs of letters/digits (punctuation and
-    case do not make two words different)."""
-    return _WORD.findall(text.lower())
 
 
 class Reservoir:
@@ -120,12 +113,12 @@ class CorpusProfile:
 
     def add_text(self, text: str) -> None:
         """Length and unigram counts of one kept document."""
-        words = text.split()
+        n_words = len(words(text))  # data/words.py: one word per Han or kana character
         self.documents += 1
-        self.words += len(words)
-        self.series(self.scores, "length.words").add(float(len(words)))
+        self.words += n_words
+        self.series(self.scores, "length.words").add(float(n_words))
         self.series(self.scores, "length.chars").add(float(len(text)))
-        tokens = unigrams(text)
+        tokens = word_tokens(text)
         self.unigrams.update(tokens)
         self.unigram_tokens += len(tokens)
         if len(self.unigrams) > self.max_vocabulary:

@@ -20,6 +20,7 @@ from lmforge.data.pipeline.eda import EdaConfig, EdaStep
 from lmforge.data.pipeline.harmful import HarmfulConfig, HarmfulStep
 from lmforge.data.pipeline.lexicon import LexiconConfig, LexiconStep
 from lmforge.data.pipeline.lm_score import LmScoreConfig, LmScoreStep
+from lmforge.data.words import words as split_words
 
 __all__ = ["STEP_TYPES", "DropSink", "StepStats", "NormalizeConfig", "NormalizeStep", "QualityConfig", "QualityStep", "Step",
            "build_steps"]
@@ -122,8 +123,9 @@ class QualityConfig:
 
 
 def quality_signals(text: str, n: int, stop_words: frozenset[str]) -> dict[str, float]:
-    """The measured value of every rule (the same numbers whether or not a rule drops)."""
-    words = text.split()
+    """The measured value of every rule (the same numbers whether or not a rule drops). Words as
+    data/words.py counts them: space-separated runs, and one per Han or kana character."""
+    words = split_words(text)
     n_words = len(words)
     symbols = text.count("#") + text.count("...") + text.count("…")
     chars = [ch for ch in text if not ch.isspace()]
