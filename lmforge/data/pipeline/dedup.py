@@ -139,7 +139,7 @@ class NearDedupStepConfig:
     """The `data/near_dedup.py` parameters (see `NearDedupConfig` for how bands and rows set the
     detection probability); every candidate is verified by exact Jaccard >= threshold."""
 
-    shingle: str = "word"
+    shingle: str = "word"  # "word": runs of \w (a whole clause of Chinese); "char" for unspaced scripts
     ngram: int = 5
     num_perm: int = 128
     bands: int = 16
