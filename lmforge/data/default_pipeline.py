@@ -4,11 +4,12 @@ document pipeline (lmforge.data.pipeline) before the tokenizer sees it, into
 
 The default chain: `normalize` (NFC, whitespace), a light `quality` filter (only the rules that
 suit verse, scripture and Chinese alike: `min_stop_words` counts English stop words, which Chinese
-has none of; `min_words` was switched off when Chinese counted as a few space-separated words, and
-stays off although data/words.py now counts its characters, so that the default corpus's
-documents stay as they are; a play's speaker names repeat lines, so `max_duplicate_line_fraction`
-is off, and `max_symbol_word_ratio` too), `exact_dedup`, `near_dedup` on character 8-grams (words would not split Chinese) and
-`domain`, seeded by the keywords of the three default domains.
+has none of; a play's speaker names repeat lines, so `max_duplicate_line_fraction` is off;
+`min_words` and `max_symbol_word_ratio` were switched off when Chinese counted as a few
+space-separated words, and stay off although data/words.py now counts its characters, so that the
+default corpus's documents stay as they were), `exact_dedup`, `near_dedup` on character 8-grams
+(word shingles take a run of Chinese as one word) and `domain`, seeded by the keywords of the
+three default domains.
 
 Stage skipping as the other stages: `pipeline.meta.json` records the input's sha256 and the
 chain; a rerun with both unchanged and the output intact does nothing. Otherwise the pipeline

@@ -3,8 +3,9 @@
 Space-separated scripts: a run of non-space characters (what `str.split()` gives, so the Gopher
 quality rules read English exactly as before). Chinese and Japanese are written without spaces:
 there `str.split()` makes a whole line one "word" (a 1,600-character news article counted 16), so
-each Han ideograph and each kana counts as one word. Words there average ~1.5 characters, so such
-counts run ~1.5x high; a segmenter would be exact and ~100x slower. Korean Hangul is written with
+each Han ideograph and each kana counts as one word. A Chinese word has about 1.5 characters on
+average, so such counts run high by about that factor; a segmenter (a dictionary and a model, such
+as snownlp's) would count exactly, at a cost this counter does not pay. Korean Hangul is written with
 spaces and stays as runs; Thai, Lao, Khmer and Burmese (no spaces, no one-character words) are not
 split and still count a run as a word."""
 
@@ -19,8 +20,6 @@ _CHARACTER_WORDS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 # a character word takes the punctuation after it ("国。" as "word," in English); other runs as str.split()
 _WORD = re.compile(rf"[{_CHARACTER_WORDS}][^\s\w{_CHARACTER_WORDS}]*|[^\s{_CHARACTER_WORDS}]+")
 _TOKEN = re.compile(rf"[{_CHARACTER_WORDS}]|[^\W{_CHARACTER_WORDS}]+")
-
-
 _ANY_CHARACTER_WORD = re.compile(rf"[{_CHARACTER_WORDS}]")
 
 
