@@ -42,7 +42,7 @@ def _regex() -> Any:
     return regex
 
 
-def _spaced_script(ch: str) -> bool:
+def spaced_script(ch: str) -> bool:
     """Whether words of `ch`'s script are separated by spaces (then a term must be a whole word)."""
     if ch.isascii():
         return True
@@ -62,8 +62,8 @@ def term_pattern(term: str) -> str:
         letters = [regex.escape(c) + f"(?:{_REPEAT_GAP}{regex.escape(c)}){{0,2}}" for c in word]
         parts.append(_IN_WORD_GAP.join(letters))
     body = _WORD_GAP.join(parts)
-    before = _NO_WORD_BEFORE if _spaced_script(words[0][0]) else ""
-    after = _NO_WORD_AFTER if _spaced_script(words[-1][-1]) else ""
+    before = _NO_WORD_BEFORE if spaced_script(words[0][0]) else ""
+    after = _NO_WORD_AFTER if spaced_script(words[-1][-1]) else ""
     return before + "(?:" + body + ")" + after
 
 

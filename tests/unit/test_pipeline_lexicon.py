@@ -60,6 +60,20 @@ def test_nothing_matches_inside_words(tmp_path):
     assert kept and score == 0.0 and detail == "0 hits, 0 per word"
 
 
+def test_terms_of_unspaced_scripts_match_inside_their_text(tmp_path):
+    """Chinese has no word edges: a Chinese term matched nothing under the whole-word rule; it now
+    matches anywhere on its unspaced side, and Latin ends keep the whole-word rule."""
+    (tmp_path / "zh.txt").write_text("坏人\n坏 guy\nわるい\n")
+    dropped: list = []
+    cfg = LexiconConfig(lexicons=[str(tmp_path / "zh.txt")], max_hit_ratio=0.05)
+    step = LexiconStep(cfg, lambda doc, reason, detail: dropped.append(reason))
+    kept, score, detail = _judge(step, "他是一个坏人。那个坏人走了，坏 guy 和坏 guys 不同。わるいこと")
+    assert score == 4.0, detail  # 坏人 x2, 坏 guy x1 (not 坏 guys: "guy" ends inside a word), わるい x1
+    # 4 hits in 24 words (17 Han characters, 5 kana, "guy" and "guys"): 0.1667 > 0.05
+    assert not kept and "0.1667 per word" in detail and dropped == ["max_hit_ratio"]
+    assert compile_terms(["人"]).findall("人人") == ["人", "人"]
+
+
 def test_max_hits_and_max_hit_ratio_drop_above_their_limits(tmp_path):
     step, dropped = _step(tmp_path, max_hits=2)
     assert _judge(step, "heck heck fine words here")[0]  # 2 hits: not more than 2
