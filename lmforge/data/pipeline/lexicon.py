@@ -15,10 +15,11 @@ Japanese, Korean, Thai, ...: the safety filter's rule, safety/matcher.py `spaced
 word edges to find, so a term starting or ending in such a letter matches anywhere on that side
 ("坏人" in "他是坏人。"); the whole-word rule applied to them found no match in such text at all.
 A hit ratio is per word as data/words.py counts words (one per Han or kana character). All terms
-are compiled into one regular expression shaped as a trie of their characters, so a document is scanned once whatever the number of terms (a
-flat alternation of thousands of terms would try each of them at every position). Every verdict's
-score is the number of matches; its detail gives the matches per word and the first few matched
-terms with their counts. No word list ships with lmforge: bring your own.
+are compiled into one regular expression shaped as a trie of their characters, so a document is
+scanned once whatever the number of terms (a flat alternation of thousands of terms would try
+each of them at every position). Every verdict's score is the number of matches; its detail gives
+the matches per word and the first few matched terms with their counts. No word list ships with
+lmforge: bring your own.
 """
 
 from __future__ import annotations
