@@ -14,24 +14,36 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.config import ConfigError
-from lmforge.storage.layout import MANIFEST, RunDir, holds_checkpoint
+from lmforge.storage.layout import MANIFEST, holds_checkpoint
+from lmforge.storage.model_dir import ModelDirError, model_dir_kind
 
 __all__ = ["check_init_from_path", "check_resume_path", "init_from_kind", "refuse_inside_output_dir"]
 
 
 def init_from_kind(spec: str) -> str:
-    """"checkpoint" (a step directory: lmforge's manifest or DCP's index) or "run" (a directory
-    with a config.json: its newest valid checkpoint is taken); ConfigError in one line otherwise."""
+    """"checkpoint" (a step directory: lmforge's manifest or DCP's index) or "run" (an lmforge run
+    directory: its newest valid checkpoint is taken); ConfigError in one line otherwise, naming a
+    Hugging Face or quantized directory as such."""
     path = Path(spec)
     if not path.is_dir():
         raise ConfigError("train.init_from", spec, "no such directory; pass a run directory (its newest valid "
                           "checkpoint) or a checkpoint step directory (<run>/checkpoints/step-N)")
     if holds_checkpoint(path):
         return "checkpoint"
-    if RunDir(path).config.is_file():
+    try:
+        kind = model_dir_kind(path)  # the one definition of each kind (storage/model_dir.py)
+    except ModelDirError:
+        kind = ""
+    if kind == "run":
         return "run"
-    raise ConfigError("train.init_from", spec, "is neither a run directory (no config.json) nor a checkpoint "
-                      f"step directory (no {MANIFEST})")
+    if kind == "hf":  # it has a config.json too: it once passed for a run and failed after torch loaded
+        raise ConfigError("train.init_from", spec, "is a Hugging Face directory; import it first "
+                          f"(lmforge import {spec} RUN_DIR) and start from that run")
+    if kind == "quantized":
+        raise ConfigError("train.init_from", spec, "is a quantized directory; start from the run it was "
+                          "quantized from")
+    raise ConfigError("train.init_from", spec, "is neither a run directory (no config.json with a model table) "
+                      f"nor a checkpoint step directory (no {MANIFEST})")
 
 
 def refuse_inside_output_dir(spec: str, path: Path | str, output_dir: str) -> None:

@@ -81,3 +81,21 @@ def test_the_readmes_config_error_example_is_what_the_cli_prints() -> None:
     proc = subprocess.run([sys.executable, "-c", PROBE, *prompt.split()[2:]], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.stderr.strip() == shown, (proc.stderr, shown)
+
+
+@pytest.mark.parametrize("marker,needle", [
+    (("config.json", "model.safetensors"), "is a Hugging Face directory; import it first"),
+    (("quantization.json",), "is a quantized directory; start from the run it was quantized from"),
+])
+def test_init_from_a_model_directory_that_is_no_run_is_named_before_torch(tmp_path, marker, needle) -> None:
+    """A Hugging Face directory has a config.json too: it passed for a run, and the job failed after
+    torch loaded with "<dir>/checkpoints holds no valid checkpoint". The kinds are storage/model_dir.py's."""
+    for name in marker:
+        (tmp_path / name).write_text("{}")
+    argv = ["train", "recipes/tiny-dense.toml", "--train.init_from", str(tmp_path),
+            "--train.output_dir", str(tmp_path / "new")]
+    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stderr.strip().splitlines()
+    assert result["code"] == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not result["torch"] and not (tmp_path / "new").exists()
