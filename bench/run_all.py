@@ -126,9 +126,8 @@ def plan(full: bool, dtype: str, tmp: Path) -> dict[str, list[str]]:
 def main_run_trained() -> bool:
     """Whether the main job's run holds a checkpoint to serve. Its config.json alone is not enough:
     a `train` that failed after writing it (a bad resume path, a full disk) leaves no checkpoint."""
-    checkpoints = RunDir(MAIN_RUN).checkpoints
-    return (RunDir(MAIN_RUN).config.is_file() and checkpoints.is_dir()
-            and any(holds_checkpoint(p) for p in checkpoints.glob("step-*")))
+    run = RunDir(MAIN_RUN)
+    return run.config.is_file() and any(holds_checkpoint(p) for p in run.checkpoints.glob("step-*"))
 
 
 def serve_argv(tmp: Path) -> list[str]:

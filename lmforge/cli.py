@@ -30,7 +30,7 @@ from lmforge.cli_export import add_export_command
 from lmforge.cli_plan import add_plan_command
 from lmforge.cli_safety import add_generate_safety_args, add_safety_commands, generation_guards
 from lmforge.cli_serve import add_serve_command
-from lmforge.config import ConfigError, load_job_config, parse_override_args
+from lmforge.config import ConfigError, JobConfig, load_job_config, parse_override_args
 from lmforge.config.parallel import world_size_from_env
 from lmforge.storage.guard import resolved
 from lmforge.storage.lock import LOCK_ENV, RunLock
@@ -49,7 +49,7 @@ def _job_config(args: argparse.Namespace):
     return cfg
 
 
-def _check_before_torch(cfg) -> None:
+def _check_before_torch(cfg: JobConfig) -> None:
     """The device string and the paths a training job starts from (init_from, a resume path, a
     distillation teacher), from marker files alone: one line for a mistake, before torch loads."""
     check_device(cfg.train.device, "--train.device")
