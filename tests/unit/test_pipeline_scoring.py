@@ -153,6 +153,8 @@ def test_bad_lm_score_options_are_one_line(corpus):
         ({"reference": "ref.jsonl", "keep_top_fraction": 1.5}, r"steps\[0\]\.keep_top_fraction = 1.5: must be in"),
         ({"reference": "ref.jsonl", "max_perplexity": 10.0, "order": 0}, r"steps\[0\]\.order = 0: must be 1\.\.10"),
         ({"reference": "ref.jsonl", "max_perplexity": 10.0, "unit": "byte"}, r"steps\[0\]\.unit"),
+        ({"reference": "ref.jsonl", "max_perplexity": 10.0, "max_unknown_fraction": 1.0},
+         r"steps\[0\]\.max_unknown_fraction = 1\.0: must be in \[0, 1\)"),
     ]
     for options, message in cases:
         data = {"output_dir": "x", "inputs": [{"path": "in"}], "steps": [{"type": "lm_score", **options}]}
@@ -171,3 +173,54 @@ def test_a_changed_reference_is_not_mixed_into_a_resumed_run(corpus, tmp_path):
     (tmp_path / "ref.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts["ref"][40:80]))
     with pytest.raises(DataError, match="different pipeline or of changed inputs"):
         run_pipeline(parse_pipeline(data, tmp_path, "test"))
+
+
+def test_a_chinese_reference_trains_a_model_of_characters_not_of_clauses():
+    """Chinese has no spaces: a word unit of `\\w+` made each clause one unit, seen once, so UNK,
+    and held-out Chinese read no more probable than its characters shuffled."""
+    from lmforge.data.corpus import iter_chinese
+
+    texts = [d["text"] for d in iter_chinese()]
+    ref, held = texts[:120], texts[200:220]
+    shuffled = ["".join(random.Random(i).sample(t, len(t))) for i, t in enumerate(held)]
+    zh = train_model(ref, 3, "word", 2)
+    assert "的" in zh.codes and len(zh.codes) > 1000
+    assert ngram.units("你好，世界。", "word") == ["你", "好", "，", "世", "界", "。"]
+    ppl, n = zh.perplexity(held[0])
+    assert n >= len([c for c in held[0] if "\u4e00" <= c <= "\u9fff"])  # one unit per character at least
+    med_held = statistics.median(zh.perplexity(t)[0] for t in held)
+    med_shuffled = statistics.median(zh.perplexity(t)[0] for t in shuffled)
+    assert med_held < 0.5 * med_shuffled, (med_held, med_shuffled)
+
+
+def test_text_the_reference_never_saw_is_not_judged_by_its_perplexity(corpus, model):
+    """Chinese against an English reference is a run of UNKs: its perplexity reads lower than held-out
+    Shakespeare's, so without `max_unknown_fraction` it ranks first. With it, it is dropped as
+    unscorable in both modes and not ranked, and every verdict names the unknown share."""
+    from lmforge.data.corpus import iter_chinese
+
+    root, texts = corpus
+    zh = [d["text"] for d in iter_chinese()][:10]
+    (root / "zh").mkdir(exist_ok=True)
+    (root / "zh" / "zh.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in zh))
+    held = statistics.median(model.perplexity(t)[0] for t in texts["held"])
+    assert all(model.perplexity(t)[0] < held for t in zh)  # what the option is for
+
+    blind = _read(_run(root, "out_zh_blind", {"keep_top_fraction": 0.25}, inputs=("zh", "in")).output)
+    assert sum(d["source"] == "zh/zh.jsonl" for d in blind) == 10  # without it: the best quarter is all Chinese
+
+    top = _run(root, "out_zh_top", {"keep_top_fraction": 0.25, "max_unknown_fraction": 0.5}, inputs=("zh", "in"))
+    kept, rejects = _read(top.output), _read(top.rejects)
+    assert not any(d["source"] == "zh/zh.jsonl" for d in kept) and len(kept) == 15  # a quarter of the 60 ranked
+    unscorable = [r for r in rejects if r["reason"] == "max_unknown_fraction"]
+    assert sorted(r["source"] for r in unscorable) == ["zh/zh.jsonl"] * 10
+    assert all("unknown to the reference" in r["provenance"][-1]["detail"] for r in unscorable)
+    g = top.totals["steps"]["lm_score"]["global"]
+    assert (g["documents"], g["ranked"], g["kept"], g["unscorable"]) == (70, 60, 15, 10)
+
+    limit = _run(root, "out_zh_max", {"max_perplexity": 1e9, "max_unknown_fraction": 0.5}, inputs=("zh", "in"))
+    kept, rejects = _read(limit.output), _read(limit.rejects)
+    assert len(kept) == 60 and {r["reason"] for r in rejects} == {"max_unknown_fraction"} and len(rejects) == 10
+    for d in kept:  # English: a few percent unknown, and the verdict says how many
+        share = model.score(d["text"])[2] / model.score(d["text"])[1]
+        assert share < 0.5 and f"{share:.0%} unknown to the reference" in d["provenance"][-1]["detail"]

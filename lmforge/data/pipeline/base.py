@@ -90,7 +90,7 @@ class Decisions:
     score, detail), dropped with reason `reason`; every other document is kept with `keep_detail`
     and its score in `scores` (None when absent), or, when it is in `labels` (id -> (value, score,
     detail)), kept with that score and detail and `metadata[label_key] = value`. `stats`: counts
-    for stats.json."""
+    for stats.json. `drop_reasons`: the drops a step made for another reason than `reason`."""
 
     step: str
     drops: dict[str, tuple[str | None, float | None, str]] = field(default_factory=dict)
@@ -100,12 +100,15 @@ class Decisions:
     labels: dict[str, tuple[str, float | None, str]] = field(default_factory=dict)
     reason: str = "duplicate"
     scores: dict[str, float] = field(default_factory=dict)
+    drop_reasons: dict[str, str] = field(default_factory=dict)  # id -> its reason, where not `reason`
 
 
 def save_decisions(path: Path, d: Decisions) -> None:
     obj: dict[str, Any] = {"step": d.step, "keep_detail": d.keep_detail, "stats": d.stats, "reason": d.reason,
                            "drops": {k: list(v) for k, v in sorted(d.drops.items())},
                            "scores": dict(sorted(d.scores.items()))}
+    if d.drop_reasons:
+        obj["drop_reasons"] = dict(sorted(d.drop_reasons.items()))
     if d.label_key:
         obj["label_key"] = d.label_key
         obj["labels"] = {k: list(v) for k, v in sorted(d.labels.items())}
@@ -120,7 +123,7 @@ def load_decisions(path: Path) -> Decisions | None:
     return Decisions(obj["step"], {k: (v[0], v[1], v[2]) for k, v in obj["drops"].items()},
                      obj["keep_detail"], obj["stats"], obj.get("label_key", ""),
                      {k: (v[0], v[1], v[2]) for k, v in obj.get("labels", {}).items()},
-                     obj.get("reason", "duplicate"), obj.get("scores", {}))
+                     obj.get("reason", "duplicate"), obj.get("scores", {}), obj.get("drop_reasons", {}))
 
 
 class GlobalStep(ABC):
@@ -154,7 +157,7 @@ class DecisionStep(Step):
         hit = d.drops.get(doc.id)
         if hit is not None:
             dup_of, score, detail = hit
-            return self.reject(doc, d.reason, score, detail, duplicate_of=dup_of)
+            return self.reject(doc, d.drop_reasons.get(doc.id, d.reason), score, detail, duplicate_of=dup_of)
         label = d.labels.get(doc.id) if d.label_key else None
         if label is None:
             return self.keep(doc, d.scores.get(doc.id), d.keep_detail)

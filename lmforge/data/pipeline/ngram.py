@@ -25,7 +25,6 @@ import functools
 import json
 import math
 import pickle
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -34,21 +33,21 @@ from pathlib import Path
 
 from lmforge.data.errors import DataError
 from lmforge.data.pipeline.readers import JSONL_SUFFIXES, input_files, open_binary
+from lmforge.data.words import scored_units
 from lmforge.storage.atomic import atomic_open
 
 __all__ = ["DEFAULT_REFERENCES", "NgramModel", "load_model", "reference_files", "reference_texts", "train_model"]
 
-MODEL_FORMAT = 1
+MODEL_FORMAT = 2  # 2: a Han or kana character is one word (1 made a whole Chinese clause one)
 UNK, BOS, EOS = "\x01", "\x02", "\x03"  # reserved code points (real text below 0x10 is mapped to UNK)
 _FIRST_CODE = 0x10
-_WORD = re.compile(r"\w+|[^\w\s]")
 DEFAULT_REFERENCES = ("default:shakespeare", "default:kjv")
 
 
 def units(text: str, unit: str) -> list[str] | str:
-    """Words (lower-cased word runs and single punctuation marks) or characters (whitespace runs
-    collapsed to one space)."""
-    return _WORD.findall(text.lower()) if unit == "word" else " ".join(text.split())
+    """Words (lower-cased word runs, one per Han or kana character, and single punctuation marks:
+    `lmforge/data/words.py`) or characters (whitespace runs collapsed to one space)."""
+    return scored_units(text) if unit == "word" else " ".join(text.split())
 
 
 def _code(k: int) -> str:
@@ -85,11 +84,18 @@ class NgramModel:
 
     def perplexity(self, text: str) -> tuple[float, int]:
         """(perplexity, units scored): every unit and the end of the document, not the padding."""
+        ppl, n, _ = self.score(text)
+        return ppl, n
+
+    def score(self, text: str) -> tuple[float, int, int]:
+        """(perplexity, units scored, units unknown to the reference). Why the last: UNK is one
+        trained unit, so text the reference never saw (another language) reads as a run of likely
+        UNKs, with a low perplexity that says nothing."""
         s = self.encode(text)
         start = self.order - 1
         total = sum(self.log_prob(s, i) for i in range(start, len(s)))
         n = len(s) - start
-        return math.exp(-total / n), n
+        return math.exp(-total / n), n, s.count(UNK)
 
 
 def _discount(counts: Iterable[int]) -> float:
