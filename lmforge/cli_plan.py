@@ -209,6 +209,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"plan: {args.model} on {cluster.name} ({ws} x {cluster.accelerator.name}, "
           f"{cluster.accelerator.memory_bytes / 2**30:.0f} GiB each), global batch {base.train.global_batch_size} x "
           f"seq {base.train.seq_len}")
+    if args.cluster == "cpu" and not Path(args.cluster).exists():
+        print("cluster cpu: a preset measured on a 2-core AVX2-only Zen 3; `lmforge bench cluster --out HERE.toml` "
+              "measures this machine")
     for line in format_ranking(cands, dropped, args.top):
         print(line)
     if cands:

@@ -224,3 +224,20 @@ def test_impossible_deadline_in_a_real_process() -> None:
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("lmforge plan: --deadline-hours 24: no size and instance mix"), proc.stderr
     assert "cost of 1e+12 tokens" in proc.stdout
+
+
+def test_the_cpu_preset_says_it_is_not_a_measurement_of_this_machine(capsys, tmp_path) -> None:
+    """The `cpu` preset was measured on a Zen 3 (AVX2 only); on another CPU its figures are not this
+    machine's, so the plan says so and names the command that measures this one. A cluster file
+    (here the preset's own text, copied) is the user's own claim: no such line."""
+    from lmforge.plan.cluster import PRESETS_DIR
+
+    code, out, _ = _main(TINY, capsys)
+    assert code == 0
+    assert "on cpu (2 x AMD EPYC Zen 3 (2 cores, AVX2 only), 10 GiB each)" in out.splitlines()[0]
+    assert out.splitlines()[1] == ("cluster cpu: a preset measured on a 2-core AVX2-only Zen 3; "
+                                   "`lmforge bench cluster --out HERE.toml` measures this machine")
+    mine = tmp_path / "mine.toml"
+    mine.write_text((PRESETS_DIR / "cpu.toml").read_text())
+    code, out, _ = _main([*TINY[:4], str(mine), *TINY[5:]], capsys)
+    assert code == 0 and "bench cluster" not in out
