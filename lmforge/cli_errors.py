@@ -2,17 +2,19 @@
 
 `explain` maps an exception to (exit code, line): the library's own errors and the CLI's checks
 (the message is the line), storage faults (OSError: the path and what to do, lmforge.storage.
-explain), undecodable text, missing devices and memory exhaustion: exit code 2. Anything else is
+explain), undecodable text, missing devices, memory exhaustion and a package of an extra that is
+not installed: exit code 2. Anything else is
 an internal error: one line and exit code 1, with the traceback only under `--debug`.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import sys
 from pathlib import Path
 
-__all__ = ["USER_ERRORS", "UserError", "check_device", "check_text_arg", "explain", "user_error_types"]
+__all__ = ["USER_ERRORS", "UserError", "check_device", "check_text_arg", "explain", "missing_extra", "user_error_types"]
 
 
 class UserError(Exception):
@@ -52,6 +54,28 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 _OOM = re.compile(r"can't allocate memory|out of memory|Cannot allocate memory|std::bad_alloc", re.IGNORECASE)
 
 
+_REQUIREMENT = re.compile(r'^(?P<dist>[A-Za-z0-9_.\-]+)[^;]*;\s*extra\s*==\s*"(?P<extra>[^"]+)"')
+_MODULE_OF_DIST = {"scikit-learn": "sklearn"}  # where a package's import name is not its name
+
+
+def missing_extra(exc: ModuleNotFoundError) -> tuple[str, str] | None:
+    """(package, extra) when `exc` is an optional dependency that an lmforge extra installs: a
+    command whose extra is not installed is the user's to fix, not an internal error. Read from
+    the installed package's metadata, so it is pyproject.toml's own list; the test extra last."""
+    module = (exc.name or "").split(".")[0]
+    try:
+        requires = importlib.metadata.requires("lmforge") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = []
+    for req in requires:
+        m = _REQUIREMENT.match(req)
+        if m and _MODULE_OF_DIST.get(m["dist"].lower(), m["dist"].lower().replace("-", "_")) == module:
+            found.append((m["dist"], m["extra"]))
+    found.sort(key=lambda f: f[1] == "test")
+    return found[0] if found else None
+
+
 def _first_line(e: BaseException) -> str:
     text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
     return f"{e.__class__.__name__}: {text}"[:400] if text else e.__class__.__name__
@@ -66,6 +90,9 @@ def explain(exc: BaseException, output: Path | str | None = None) -> tuple[int, 
         return 2, " ".join(str(exc).split("\n"))
     if isinstance(exc, OSError):
         return 2, describe_os_error(exc, output)
+    extra = missing_extra(exc) if isinstance(exc, ModuleNotFoundError) else None
+    if extra is not None:
+        return 2, f"this needs the {extra[0]} package, which is not installed: pip install 'lmforge[{extra[1]}]'"
     if isinstance(exc, UnicodeDecodeError):
         return 2, (f"input is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}: "
                    f"{exc.reason}); pass a UTF-8 text file")

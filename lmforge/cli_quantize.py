@@ -50,6 +50,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lmforge.compress.quantize import QuantizeOptions, check_quantizable, quantize_model
     from lmforge.compress.runtime import int8_runtime_problem
     from lmforge.compress.schemes import check_scheme, resolve_runtime
+    from lmforge.compress.torchao_import import torchao_quantization
     from lmforge.compress.train_data import calibration_windows, open_train_data
     from lmforge.serve.generate import load_source, resolve_source
     from lmforge.storage.guard import check_destination
@@ -58,6 +59,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out, source = Path(args.out), Path(args.source)
     args.output = args.out
     check_scheme(args.scheme)
+    torchao_quantization()  # a missing extra is said now, not after the model loads and GPTQ runs (~10 s)
     runtime = resolve_runtime(args.scheme, args.runtime)
     problem = int8_runtime_problem(args.scheme, runtime)
     if problem is not None:  # the directory may be run on another machine, so this one only says it

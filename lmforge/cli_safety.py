@@ -300,9 +300,9 @@ def add_safety_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("safety", help="check a prompt: harmful-content filter and adversarial-input detector")
     ssub = p.add_subparsers(dest="safety_command", required=True)
-    q = ssub.add_parser("scan", help="the filter's verdict and the adversarial score of a text (JSON)")
+    q = ssub.add_parser("scan", help="the adversarial score of a text and, with --filter, the filter's verdict (JSON)")
     q.add_argument("text_file", help=TEXT_FILE_HELP)
-    q.add_argument("--filter", default=None, help="a filter TOML (recipes/safety/filter.toml)")
+    q.add_argument("--filter", default=None, help="a filter TOML (recipes/safety/filter.toml): adds its verdict")
     q.add_argument("--model", default=None, help="run, checkpoint or HF dir: adds the windowed-perplexity component")
     q.add_argument("--data-dir", default=None, help="packed data whose val split calibrates it (default: the run's)")
     q.add_argument("--threshold", type=float, default=0.5, help="flag at this score")

@@ -82,3 +82,23 @@ def test_moe_and_incomplete_checkpoints_are_refused_in_one_line(run_dir: Path, t
     err = lmforge_fails("compress", "quantize", str(step), "--scheme", "int8-weight", "--out", str(tmp_path / "q"))
     assert str(step) in err or "checkpoint" in err
     assert not (tmp_path / "q").exists() and not (tmp_path / "q-moe").exists()
+
+
+def test_a_missing_torchao_is_said_before_the_model_loads(run_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Without the `quant` extra, quantize used to load the model and run GPTQ (~10 s on the main
+    job's run) before it said torchao was missing."""
+    import sys
+
+    import lmforge.serve.generate as generate
+    from lmforge.cli import main
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before torchao was checked")
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao...` raises ImportError
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    monkeypatch.setattr(generate, "load_source", no_load)
+    code = main(["compress", "quantize", str(run_dir), "--scheme", "int4-weight", "--out", str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "pip install 'lmforge[quant]'" in err, err
+    assert not (tmp_path / "q").exists()

@@ -55,3 +55,35 @@ def test_a_torchrun_worker_leaves_on_a_user_error_without_finalisers() -> None:
     plain = subprocess.run([sys.executable, "-c", probe, "train", "recipes/tiny-dense.toml", "--model.dim", "-1"],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert plain.returncode == 2 and "finalisers ran" in plain.stdout  # one process: a normal exit
+
+
+def test_a_package_of_an_extra_not_installed_is_named_with_its_extra() -> None:
+    """`lmforge serve` after the main job's install (no `serve` extra) said "internal error:
+    ModuleNotFoundError: No module named 'fastapi'", exit 1. The extra comes from the installed
+    metadata (pyproject.toml's lists), the test extra only where nothing else has the package."""
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for module, dist, extra in (("fastapi", "fastapi", "serve"), ("sklearn", "scikit-learn", "data"),
+                                ("torchao.quantization", "torchao", "quant"), ("transformers", "transformers", "quant"),
+                                ("faker", "faker", "eval"), ("onnxscript", "onnxscript", "export")):
+        assert any(r.startswith(dist) for r in extras[extra])
+        code, line = explain(ModuleNotFoundError(f"No module named {module!r}", name=module))
+        assert (code, line) == (2, f"this needs the {dist} package, which is not installed: pip install 'lmforge[{extra}]'")
+    for module in ("lmforge.no_such_module", "numpy_typo", ""):  # ours or unknown: a bug, not the user's to fix
+        code, line = explain(ModuleNotFoundError(f"No module named {module!r}", name=module))
+        assert code == 1 and line.startswith("internal error: ModuleNotFoundError")
+
+
+def test_serve_without_its_extra_is_one_line_exit_2(monkeypatch, capsys, tmp_path) -> None:
+    from lmforge.cli import main
+
+    (tmp_path / "config.json").write_text("{}")  # a model directory by its files: served only after the imports
+    (tmp_path / "model.safetensors").write_bytes(b"")
+
+    for name in [m for m in sys.modules if m.startswith("lmforge.serve.server")]:
+        monkeypatch.delitem(sys.modules, name)  # imported again, now without fastapi
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    code = main(["serve", str(tmp_path), "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "lmforge serve: this needs the fastapi package, which is not installed: pip install 'lmforge[serve]'\n"
