@@ -92,7 +92,7 @@ def explain(exc: BaseException, output: Path | str | None = None) -> tuple[int, 
         return 2, describe_os_error(exc, output)
     extra = missing_extra(exc) if isinstance(exc, ModuleNotFoundError) else None
     if extra is not None:
-        return 2, f"this needs the {extra[0]} package, which is not installed: pip install 'lmforge[{extra[1]}]'"
+        return 2, f"this needs the {extra[0]} package, which is not installed: pip install -e '.[{extra[1]}]'"
     if isinstance(exc, UnicodeDecodeError):
         return 2, (f"input is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}: "
                    f"{exc.reason}); pass a UTF-8 text file")

@@ -40,5 +40,5 @@ def torchao_quantization() -> ModuleType:
             import torchao.quantization
     except ImportError as e:
         raise CompressError(f"quantization needs torchao ({e.__class__.__name__}: {e}); install it with "
-                            "pip install 'lmforge[quant]'") from None
+                            "pip install -e '.[quant]'") from None
     return torchao.quantization

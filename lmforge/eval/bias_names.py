@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from lmforge.eval.errors import EvalError
 
-INSTALL_HINT = "pip install 'lmforge[eval]' (the Faker package: its name lists ship in the wheel)"
+INSTALL_HINT = "pip install -e '.[eval]' (the Faker package: its name lists ship in the wheel)"
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def _regex() -> Any:
     except ModuleNotFoundError:
         from lmforge.safety.errors import SafetyError
 
-        raise SafetyError("the safety filter needs the regex package: pip install 'lmforge[safety]'") from None
+        raise SafetyError("the safety filter needs the regex package: pip install -e '.[safety]'") from None
     return regex
 
 

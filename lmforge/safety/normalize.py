@@ -45,8 +45,8 @@ def homoglyph_table() -> dict[str, str]:
     except ModuleNotFoundError:
         from lmforge.safety.errors import SafetyError
 
-        raise SafetyError("the safety filter needs the confusable-homoglyphs package: pip install "
-                          "'lmforge[safety]'") from None
+        raise SafetyError("the safety filter needs the confusable-homoglyphs package: pip install -e "
+                          "'.[safety]'") from None
     table: dict[str, str] = {}
     for char, homoglyphs in data.items():
         if len(char) != 1 or char.isascii():

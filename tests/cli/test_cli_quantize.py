@@ -100,5 +100,5 @@ def test_a_missing_torchao_is_said_before_the_model_loads(run_dir: Path, tmp_pat
     monkeypatch.setattr(generate, "load_source", no_load)
     code = main(["compress", "quantize", str(run_dir), "--scheme", "int4-weight", "--out", str(tmp_path / "q")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "pip install 'lmforge[quant]'" in err, err
+    assert code == 2 and err.count("\n") == 1 and "pip install -e '.[quant]'" in err, err
     assert not (tmp_path / "q").exists()

@@ -69,7 +69,7 @@ def test_a_package_of_an_extra_not_installed_is_named_with_its_extra() -> None:
                                 ("faker", "faker", "eval"), ("onnxscript", "onnxscript", "export")):
         assert any(r.startswith(dist) for r in extras[extra])
         code, line = explain(ModuleNotFoundError(f"No module named {module!r}", name=module))
-        assert (code, line) == (2, f"this needs the {dist} package, which is not installed: pip install 'lmforge[{extra}]'")
+        assert (code, line) == (2, f"this needs the {dist} package, which is not installed: pip install -e '.[{extra}]'")
     for module in ("lmforge.no_such_module", "numpy_typo", ""):  # ours or unknown: a bug, not the user's to fix
         code, line = explain(ModuleNotFoundError(f"No module named {module!r}", name=module))
         assert code == 1 and line.startswith("internal error: ModuleNotFoundError")
@@ -86,4 +86,4 @@ def test_serve_without_its_extra_is_one_line_exit_2(monkeypatch, capsys, tmp_pat
     monkeypatch.setitem(sys.modules, "fastapi", None)
     code = main(["serve", str(tmp_path), "--port", "0"])
     err = capsys.readouterr().err
-    assert code == 2 and err == "lmforge serve: this needs the fastapi package, which is not installed: pip install 'lmforge[serve]'\n"
+    assert code == 2 and err == "lmforge serve: this needs the fastapi package, which is not installed: pip install -e '.[serve]'\n"
