@@ -23,6 +23,25 @@ def _existing(path: str) -> Path:
     return Path(path)
 
 
+def _latest_checkpoint(target: str) -> Path:
+    """The checkpoint `target` names: itself when it is one, else the latest valid one of a run
+    (either tier) or a checkpoint folder, said on stdout, as `generate` and `export` pick one."""
+    from lmforge.checkpoint.tools import describe, find_checkpoints
+
+    found = [describe(path, tier) for tier, path in find_checkpoints(Path(target))]
+    if len(found) == 1 and found[0].path == Path(target):
+        return Path(target)
+    valid = [c for c in found if c.valid]
+    if not found:
+        raise UserError(f"{target}: no checkpoints in it; pass a run directory, a checkpoint folder or a step-N "
+                        "directory")
+    if not valid:
+        raise UserError(f"{target}: none of its {len(found)} checkpoints is valid (`lmforge ckpt ls {target}` says why)")
+    latest = max(valid, key=lambda c: (c.step, c.tier == "disk"))
+    print(f"{target}: step {latest.step}, {latest.path} (the latest valid of {len(found)} checkpoints)")
+    return latest.path
+
+
 def cmd_ckpt_ls(args: argparse.Namespace) -> int:
     _existing(args.target)
     from lmforge.checkpoint.tools import describe, find_checkpoints
@@ -67,7 +86,7 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
     _existing(args.path)
     from lmforge.checkpoint.tools import inspect_rows
 
-    rows = inspect_rows(Path(args.path))
+    rows = inspect_rows(_latest_checkpoint(args.path))
     width = max((len(r[0]) for r in rows), default=10)
     for key, shape, dtype, nbytes, where in rows:
         print(f"{key:<{width}}  {shape:>14}  {dtype:<9} {nbytes:>12,}  {where}".rstrip())
@@ -82,7 +101,7 @@ def cmd_ckpt_convert(args: argparse.Namespace) -> int:
         from lmforge.checkpoint.tools import convert_to_torch
 
         check_destination(out, args.overwrite, kind="file", sources={"checkpoint": Path(args.path)})
-        nested = convert_to_torch(Path(args.path), out)
+        nested = convert_to_torch(_latest_checkpoint(args.path), out)
         print(f"wrote {out} ({', '.join(f'{k}: {len(v)}' for k, v in nested.items())} entries)")
         return 0
     args.source, args.dtype = args.path, args.dtype or "fp32"
@@ -101,10 +120,10 @@ def add_ckpt_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("paths", nargs="+", help="run dirs (both tiers), checkpoint folders or checkpoints (step-N)")
     q.set_defaults(func=cmd_ckpt_verify)
     q = csub.add_parser("inspect", help="tensor names, shapes, dtypes and sizes")
-    q.add_argument("path", help="checkpoint directory (step-N)")
+    q.add_argument("path", help="checkpoint directory (step-N), or a run or checkpoint folder: its latest valid one")
     q.set_defaults(func=cmd_ckpt_inspect)
     q = csub.add_parser("convert", help="to one torch.save file, or to a Hugging Face directory")
-    q.add_argument("path", help="checkpoint directory (step-N); for --to hf also a run dir")
+    q.add_argument("path", help="checkpoint directory (step-N), or a run or checkpoint folder: its latest valid one")
     q.add_argument("out", help="output file (torch) or directory (hf)")
     q.add_argument("--to", choices=["torch", "hf"], default="torch")
     q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="hf: weights dtype on disk")

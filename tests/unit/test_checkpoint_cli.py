@@ -108,3 +108,22 @@ def test_convert_to_torch_and_hf(run, tmp_path, capsys):
     back, cfg = import_hf(hf)
     assert cfg.dim == CFG.dim
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_inspect_and_convert_take_a_run_as_generate_does(run, capsys, tmp_path):
+    """`ckpt inspect RUN` said "no lmforge-checkpoint.json (an incomplete save...)" of a healthy run;
+    now a run or a folder means its latest valid checkpoint, named on the first line."""
+    root, _, _ = run
+    latest = root / "checkpoints" / "step-00000002"
+    assert main(["ckpt", "inspect", str(latest)]) == 0
+    direct = capsys.readouterr().out.splitlines()
+    for target in (root, root / "checkpoints"):
+        assert main(["ckpt", "inspect", str(target)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == f"{target}: step 2, {latest} (the latest valid of 2 checkpoints)" and out[1:] == direct
+    assert main(["ckpt", "convert", str(root), str(tmp_path / "run.pt")]) == 0
+    assert torch.load(tmp_path / "run.pt", weights_only=False)["train"]["step"] == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["ckpt", "inspect", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.strip() == (f"lmforge ckpt inspect: {tmp_path / 'empty'}: no checkpoints in it; "
+                                               "pass a run directory, a checkpoint folder or a step-N directory")
