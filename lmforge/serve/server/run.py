@@ -1,6 +1,6 @@
-"""Running the app under uvicorn with a graceful drain: the first SIGTERM/SIGINT makes the app
-refuse new requests (503) while uvicorn lets the ones in flight finish, up to `drain_s`; then
-the engine stops."""
+"""Running the app under uvicorn with a graceful drain: on the first SIGTERM/SIGINT uvicorn stops
+accepting connections and the app refuses new requests on connections already open (503), while
+the ones in flight finish, up to `drain_s`; then the engine stops."""
 
 from __future__ import annotations
 
