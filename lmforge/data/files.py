@@ -58,3 +58,14 @@ def same_content(path: Path, known: dict | None) -> bool:
     if not known or not Path(path).is_file():
         return False
     return fingerprint(path, known)["sha256"] == known.get("sha256")
+
+
+def packed_corpus(data_dir: Path, manifest: dict) -> Path | None:
+    """The corpus file a pack was made from, whose rows `<split>.docs.npy` indexes: the default
+    pipeline's `pipeline/output.jsonl` or `corpus.jsonl`, whichever has the content the manifest
+    fingerprints (None: neither, the corpus changed since)."""
+    known = manifest.get("corpus")
+    for path in (Path(data_dir) / "pipeline" / "output.jsonl", Path(data_dir) / "corpus.jsonl"):
+        if same_content(path, known):
+            return path
+    return None

@@ -3,9 +3,12 @@ their corpus lines -> (when the corpus is a pipeline's output) the source file, 
 the content hash and every step's verdict.
 
 Why it can be exact: the pack stores, per split, the token offset where each document starts
-(`<split>.idx.npy`) and the corpus line each document was (`<split>.docs.npy`); the corpus keeps
-the pipeline document's id, source and line; the pipeline's output keeps its provenance. Nothing
-is guessed from the text. `lmforge data trace DATA_DIR OFFSET [--length N] [--split train]`.
+(`<split>.idx.npy`) and the row each document was in the corpus it packed (`<split>.docs.npy`):
+the default pipeline's `pipeline/output.jsonl` for the default corpus (its record keeps its
+`corpus.jsonl` line, the corpus document's id, source and locator, and every step's verdict),
+else `corpus.jsonl` (which, for a corpus that was a pipeline's output, keeps that record's file
+and line). Which one the manifest's fingerprint says (`files.packed_corpus`); nothing is guessed
+from the text. `lmforge data trace DATA_DIR OFFSET [--length N] [--split train]`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.data.errors import DataError
-from lmforge.data.files import read_json
+from lmforge.data.files import packed_corpus, read_json
 from lmforge.data.pipeline.document import content_hash
 
 __all__ = ["TracedDocument", "trace_tokens", "format_trace"]
@@ -31,7 +34,7 @@ class TracedDocument:
     split: str
     index: int  # the document's position in the split
     tokens: tuple[int, int]  # its [start, end) token offsets in the split (end excludes the end-of-text id)
-    corpus_line: int  # 1-based line of corpus.jsonl
+    corpus_line: int  # 1-based line of corpus.jsonl (0: the pipeline record names none)
     id: str
     source: str
     locator: str
@@ -74,18 +77,31 @@ def trace_tokens(data_dir: Path | str, offset: int, length: int = 1, split: str 
     if not 0 <= offset < ds.n_tokens or length < 1:
         raise DataError(f"token range [{offset}, {offset + length}) of {split}: offset must be in "
                         f"[0, {ds.n_tokens}) and length >= 1")
+    packed = packed_corpus(data_dir, read_json(data_dir / "manifest.json") or {})
+    if packed is None:
+        raise DataError(f"{data_dir}: neither pipeline/output.jsonl nor corpus.jsonl has the content this pack "
+                        "was made from (changed since); rerun `lmforge data prepare`")
     starts = np.load(data_dir / f"{split}.idx.npy", mmap_mode="r")
-    lines = np.load(data_dir / f"{split}.docs.npy", mmap_mode="r")
+    rows = np.load(data_dir / f"{split}.docs.npy", mmap_mode="r")
     end = min(offset + length, ds.n_tokens)
     first = int(np.searchsorted(starts, offset, side="right")) - 1
     last = int(np.searchsorted(starts, end - 1, side="right")) - 1
     out = []
     for i in range(first, last + 1):
-        corpus_line = int(lines[i]) + 1
-        rec = json.loads(_line(data_dir / "corpus.jsonl", corpus_line))
-        out.append(TracedDocument(split, i, (int(starts[i]), int(starts[i + 1]) - 1), corpus_line, rec["id"],
-                                  rec["source"], rec["locator"], content_hash(rec["text"]),
-                                  rec["text"][:80], _pipeline_record(data_dir, rec["locator"])))
+        line = int(rows[i]) + 1
+        rec = json.loads(_line(packed, line))
+        tokens = (int(starts[i]), int(starts[i + 1]) - 1)
+        if "provenance" in rec:  # a pipeline record: what was packed, and the corpus line it was read from
+            meta = rec.get("metadata") or {}
+            pipeline = {"file": str(packed), "line": line, "source": rec.get("source"), "offset": rec.get("offset"),
+                        "id": rec.get("id"), "metadata": meta, "provenance": rec["provenance"]}
+            out.append(TracedDocument(split, i, tokens, int(rec.get("offset") or 0), str(meta.get("id", rec["id"])),
+                                      str(meta.get("source", rec.get("source"))), str(meta.get("locator", "")),
+                                      content_hash(rec["text"]), rec["text"][:80], pipeline))
+        else:
+            out.append(TracedDocument(split, i, tokens, line, rec["id"], rec["source"], rec["locator"],
+                                      content_hash(rec["text"]), rec["text"][:80],
+                                      _pipeline_record(data_dir, rec["locator"])))
     return out
 
 

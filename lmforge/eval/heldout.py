@@ -18,7 +18,7 @@ import numpy as np
 
 from lmforge.config import ModelConfig
 from lmforge.data.errors import DataError
-from lmforge.data.files import read_json, same_content
+from lmforge.data.files import packed_corpus, read_json
 from lmforge.data.loader import TokenDataset
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.eval.errors import EvalError
@@ -48,15 +48,6 @@ class HeldOut:
     def document_of(self, positions: np.ndarray) -> np.ndarray:
         """The document index of each token position of the split."""
         return np.searchsorted(self.starts, positions, side="right") - 1
-
-
-def packed_corpus(data_dir: Path, manifest: dict) -> Path | None:
-    """The corpus file the pack was made from: the candidate whose content the manifest fingerprints."""
-    known = manifest.get("corpus")
-    for path in (data_dir / "pipeline" / "output.jsonl", data_dir / "corpus.jsonl"):
-        if same_content(path, known):
-            return path
-    return None
 
 
 def _read_rows(path: Path, rows: np.ndarray) -> dict[int, tuple[str, str]]:

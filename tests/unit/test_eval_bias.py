@@ -101,7 +101,7 @@ def test_a_bad_template_is_one_line(tmp_path: Path, text: str, why: str) -> None
 
 def test_a_missing_faker_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "faker", None)  # import faker -> ImportError
-    with pytest.raises(EvalError, match=r"pip install 'lmforge\[eval\]'"):
+    with pytest.raises(EvalError, match=r"pip install -e '\.\[eval\]'"):
         faker_version()
 
 
