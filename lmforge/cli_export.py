@@ -39,7 +39,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, cfg, tokenizer_json = load_source(src, dequantize=True)
     export_hf(model, cfg, Path(args.out), tokenizer_json=tokenizer_json, dtype=DTYPES[args.dtype or "fp32"],
               overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
-    print(f"exported {args.source} -> {args.out} (config.json, model.safetensors"
+    shards = sorted(Path(args.out).glob("model*.safetensors"))
+    weights = shards[0].name if len(shards) == 1 else f"{len(shards)} weight shards + model.safetensors.index.json"
+    print(f"exported {args.source} -> {args.out} (config.json, {weights}"
           f"{', tokenizer' if tokenizer_json else ''}"
           f"{_dequantized_note(src, 'int8 Hugging Face weights: lmforge compress quantize --hf')})")
     return 0

@@ -29,7 +29,7 @@ from lmforge.interop.hf.exporter import export_hf
 HF_SCHEMES = ("int8-weight", "int8-dynamic")
 HF_UNSUPPORTED = ("--hf: int4-weight has no Hugging Face format transformers can load on CPU from PyPI packages "
                   "alone (GPTQ checkpoints need gptqmodel/optimum kernels; torchao's int4 CPU layout re-derives its "
-                  "own grid, losing GPTQ's codes); the lmforge directory is written without hf/")
+                  "own grid, losing GPTQ's codes); nothing was written: rerun without --hf for the lmforge directory")
 
 
 LINEAR_MODULES = r"re:.+_proj|lm_head"  # the Linear modules of a Hugging Face decoder, by name

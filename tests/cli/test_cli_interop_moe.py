@@ -44,6 +44,8 @@ def test_moe_export_loads_in_transformers_and_import_generates_identically(moe_r
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
     assert sorted(p.name for p in hf_dir.glob("*.safetensors")) == shards
+    assert f"(config.json, {len(shards)} weight shards + model.safetensors.index.json, tokenizer)" in \
+        capsys.readouterr().out  # it said "model.safetensors", a file it had not written
     ours, cfg, _ = load_for_generation(moe_run)
     assert cfg.moe.n_experts == 4 and not cfg.is_moe_layer(0) and cfg.is_moe_layer(1)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
