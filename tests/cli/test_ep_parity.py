@@ -1,7 +1,7 @@
 """Expert parallel through the trainer on gloo, fp32, token-choice dropless routing with aux loss,
 z loss and bias balancing: ep=2 (2 ranks: experts split in two, dense weights FSDP over both),
 ep=2 x dp_shard=2 (4 ranks: dp_shard=4, ep=2, experts FSDP-sharded over the 2 ranks holding the
-same half; with full activation checkpointing), tensor parallel with the MoE replicated over tp
+same half; with full activation checkpointing), ep=2 under HSDP (dp_replicate=2 x dp_shard=2), tensor parallel with the MoE replicated over tp
 (tp=2; tp=2 x dp_shard=2 x ep=2) and pp=2 x dp_shard=2 x ep=2 reach the per-step losses and
 gradient norms of one process (losses within 1e-5 relative; grad norms within 1e-5 under pp, and
 for the other layouts within 2e-6 at step 1 and 1e-4 later: GRAD_NORM_RTOL) and its final weights
@@ -90,6 +90,9 @@ LAYOUTS = {
     "ep2": (2, ["--parallel.ep", "2"], "dp_shard=2 x ep=2"),
     "ep2-x-dp_shard2-ac": (4, ["--parallel.ep", "2", "--train.activation_checkpointing", "full"],
                            "dp_shard=4 x ep=2"),
+    # HSDP with experts: the experts split over ep inside each replica, replicas averaged by dp_replicate
+    "ep2-x-hsdp": (4, ["--parallel.ep", "2", "--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"],
+                   "dp_replicate=2 x dp_shard=2 x ep=2"),
     # Tensor parallel for attention (sequence + loss parallel), the MoE replicated over tp:
     "tp2-moe-replicated": (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1"], "tp=2"),
     "tp2-x-dp_shard2-x-ep2": (4, ["--parallel.tp", "2", "--parallel.dp_shard", "2", "--parallel.ep", "2"],
