@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lmforge.storage.layout import RunDir
+
 __all__ = ["add_bench_command"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,9 +70,9 @@ def timed_steps(recipe: Path, ranks: int, overrides: list[str] | tuple[str, ...]
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"lmforge train {recipe.name} {' '.join(overrides)} failed: {tail}")
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads(RunDir(out).config.read_text())
     tokens = cfg["train"]["global_batch_size"] * cfg["train"]["seq_len"]
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in RunDir(out).metrics.read_text().splitlines() if x.strip()]
     return [tokens / r["tokens_per_s"] for r in rows if r.get("prefix") == "train"][PROBE_WARMUP:]
 
 
@@ -187,7 +189,7 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
                 runs = []
                 for probe in fit.probes:
                     seconds, run = measured[probe.name]
-                    runs.append((build_dataclass(JobConfig, json.loads((run / "config.json").read_text())),
+                    runs.append((build_dataclass(JobConfig, json.loads(RunDir(run).config.read_text())),
                                  probe.ranks, seconds))
                     print(f"probe {probe.name:<8} ({probe.ranks} rank{'s' * (probe.ranks > 1)}): {seconds:.4f} s/step")
                 values = fit_constants(runs, cluster, fit.constants)

@@ -32,7 +32,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if value is not None:
             raise ConfigError(flag, value, "applies to --format onnx only", "command line")
     from lmforge.interop.hf.exporter import export_hf
-    from lmforge.train.precision import DTYPES
+    from lmforge.tensors.dtypes import DTYPES
 
     check_destination(Path(args.out), args.overwrite, sources={"source": Path(args.source)})
     src = resolve_source(Path(args.source))

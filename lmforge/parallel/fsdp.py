@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from lmforge.config import ParallelConfig
+from lmforge.tensors.dtypes import DTYPES
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class FSDPPolicy:
                     reduce_dtype: torch.dtype = torch.float32) -> FSDPPolicy:
         """`reduce_dtype`: the gradients' reduce-scatter dtype (comm.compression bf16 / fp16; no error
         feedback there: FSDP casts inside its own collective)."""
-        param_dtype = torch.bfloat16 if cfg.fsdp_param_dtype == "bf16" else torch.float32
+        param_dtype = DTYPES[cfg.fsdp_param_dtype]
         # GPU-only in effect: on CUDA, FSDP2 keeps params, grads and optimizer state in pinned host
         # memory, copies each unit in for its compute, and its CPU-side collectives (e.g. the grad
         # norm of offloaded grads) need the process group's CPU backend (lmforge.parallel.mesh

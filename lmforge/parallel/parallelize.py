@@ -40,10 +40,7 @@ from lmforge.parallel.pp import (
     split_model,
 )
 from lmforge.parallel.tp import apply_tp, tp_cross_entropy
-
-# comm.compression under FSDP2 (the config refuses the others there): the reduce-scatter's dtype
-# (bf16 / fp16 without error feedback: FSDP casts inside its own collective).
-FSDP_REDUCE_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from lmforge.tensors.dtypes import DTYPES
 
 # Models up to this size are initialised whole before sharding under train.init = "auto".
 FULL_INIT_MAX_BYTES = 2 * 2**30
@@ -96,8 +93,10 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: JobConfig, *, device:
     if on_meta and init_before_sharding(model, degrees, device, cfg.train.init):
         materialise(model, device, cfg.train.seed)
         on_meta = False
+    # comm.compression under FSDP2 (the config refuses the others there) is the reduce-scatter's
+    # dtype: bf16 / fp16 without error feedback (FSDP casts inside its own collective)
     policy = FSDPPolicy.from_config(cfg.parallel, device,
-                                    reduce_dtype=FSDP_REDUCE_DTYPES.get(cfg.comm.compression, torch.float32))
+                                    reduce_dtype=DTYPES.get(cfg.comm.compression, torch.float32))
     if degrees.pp > 1:
         return _parallelize_pipeline(model, mesh, cfg, policy, device, on_meta, scale_loss)
     _apply_in_order(model, mesh, cfg, policy, pipeline=False)

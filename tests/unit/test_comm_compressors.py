@@ -306,9 +306,9 @@ def test_config_refuses_what_cannot_compress() -> None:
 
 def test_fsdp_reduce_dtype_follows_the_cast() -> None:
     from lmforge.parallel.fsdp import FSDPPolicy
-    from lmforge.parallel.parallelize import FSDP_REDUCE_DTYPES
+    from lmforge.tensors.dtypes import DTYPES
 
-    policy = FSDPPolicy.from_config(_job(2).parallel, torch.device("cpu"), reduce_dtype=FSDP_REDUCE_DTYPES["bf16"])
+    policy = FSDPPolicy.from_config(_job(2).parallel, torch.device("cpu"), reduce_dtype=DTYPES["bf16"])
     assert policy.mp_policy.reduce_dtype == torch.bfloat16
 
 

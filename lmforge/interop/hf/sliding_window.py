@@ -13,11 +13,9 @@ either side moves (older transformers disagreed with itself by one between its s
 and flash attention: huggingface/transformers#29623, #39408); tests/unit/test_hf_sliding_window.py
 pins HF's mask against the definition above.
 
-Where our model keeps its windows is `model_layer_windows` / `with_layer_windows`: the attention
-variants (`model.attention`: per-layer kinds cycled, one `window`; branch i13-attn) are not
-merged yet. Until they are, a model with a window w imports with max_seq_len = min(w, ...), the
-length up to which full attention and the window give the same logits, so nothing runs where
-they differ.
+Where our model keeps its windows is `model_layer_windows` / `with_layer_windows`: in
+`model.attention` (per-layer kinds "window" / "full" cycled, one `window`), so a windowed model
+imports at its own max_seq_len with its windows where HF has them.
 """
 
 from __future__ import annotations
