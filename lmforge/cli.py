@@ -35,7 +35,7 @@ from lmforge.config.parallel import world_size_from_env
 from lmforge.storage.guard import resolved
 from lmforge.storage.lock import LOCK_ENV, RunLock
 from lmforge.storage.model_dir import model_dir_kind, require_hf_dir
-from lmforge.storage.rundir import check_data_dir, prepare_run_dir
+from lmforge.storage.rundir import check_data_dir, check_output_dir, prepare_run_dir
 from lmforge.train.start_points import check_init_from_path, check_resume_path
 
 
@@ -156,6 +156,7 @@ def _run_dir_guard(cfg, overwrite: bool, worker: bool) -> Iterator[RunLock | Non
         yield None
         return
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    check_output_dir(run_dir, cfg.checkpoint.folder, overwrite, Path(cfg.data.dir), restarted)
     with RunLock(run_dir) as lock:
         check_data_dir(Path(cfg.data.dir), cfg.data.corpus, overwrite=False)
         note = prepare_run_dir(run_dir, cfg.checkpoint.folder, cfg.checkpoint.resume, overwrite, Path(cfg.data.dir),

@@ -6,19 +6,26 @@ earlier run aside to `<run>.old-<time>` instead of mixing two runs' files; nothi
 One exception: a run that stopped before its first step (a resume checkpoint found invalid, a data
 error) left only what every run writes at its start (STARTUP_FILES). That holds no progress, and the
 same command, corrected, starts over in place, saying so, instead of being refused.
+
+What is not a run is never written into unasked (`check_output_dir`, before even the lock file):
+a checkpoint directory never, and a non-empty directory without a run (someone's files, a Hugging
+Face directory, whose config.json and tokenizer.json are not a run's) only with `--overwrite`,
+which moves its contents aside as it does a run's.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 from lmforge.storage.guard import DestinationError, check_no_overlap, overlap
-from lmforge.storage.layout import RunDir
+from lmforge.storage.layout import RunDir, holds_checkpoint, step_of
 from lmforge.storage.lock import LOCK_NAME
 
-__all__ = ["RUN_FILES", "STARTUP_FILES", "check_data_dir", "earlier_run", "move_run_aside", "prepare_run_dir"]
+__all__ = ["RUN_FILES", "STARTUP_FILES", "check_data_dir", "check_output_dir", "earlier_run", "move_run_aside",
+           "prepare_run_dir"]
 
 RUN_FILES = RunDir.RUN_FILES  # what a run writes besides its checkpoints
 STARTUP_FILES = (RunDir.CONFIG, RunDir.TOKENIZER)  # what a run writes before its first step
@@ -39,6 +46,49 @@ def earlier_run(run_dir: Path, ckpt_folder: str) -> list[str]:
         found.insert(0, f"{ckpt_folder}/")
     found += sorted(p.name for p in run_dir.glob("events.out.tfevents.*"))
     return found
+
+
+def _not_of_a_run(run_dir: Path, ckpt_folder: str) -> list[str]:
+    """Names in `run_dir` no training run writes (sorted)."""
+    ours = {LOCK_NAME, *RUN_FILES, ckpt_folder, RunDir.TENSORBOARD}
+    return sorted(p.name for p in run_dir.iterdir()
+                  if p.name not in ours and not p.name.startswith("events.out.tfevents."))
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether config.json is a run's (a job config: model and train sections), not, say, an HF model's."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("train"), dict)
+
+
+def check_output_dir(run_dir: Path, ckpt_folder: str, overwrite: bool, data_dir: Path, restarted: bool) -> None:
+    """Refuse, before anything is written there (the lock file included), a `train.output_dir` that
+    is the data directory or a checkpoint directory, or that is not empty and holds no lmforge run
+    (unless `overwrite`). `restarted`: torchrun restarted this job's workers (its own run)."""
+    run_dir = Path(run_dir)
+    if overlap(run_dir, data_dir) == "is the same path as":
+        raise DestinationError(f"train.output_dir {run_dir} is the data directory (data.dir): the run's files would "
+                               "mix with the dataset's; choose another --train.output_dir")
+    if restarted:
+        return
+    if holds_checkpoint(run_dir) or step_of(run_dir) >= 0:
+        raise DestinationError(f"train.output_dir {run_dir} is a checkpoint directory, and nothing is ever written "
+                               "inside one (refused even with --overwrite); choose another --train.output_dir")
+    if overwrite or not run_dir.is_dir():
+        return
+    found = earlier_run(run_dir, ckpt_folder)
+    if found and not set(found) <= set(STARTUP_FILES):
+        return  # a run: prepare_run_dir's rules (resume, refuse, --overwrite)
+    others = _not_of_a_run(run_dir, ckpt_folder)
+    if RunDir.CONFIG in found and not _is_run_config(RunDir(run_dir).config):
+        others.insert(0, f"{RunDir.CONFIG} (not a run's)")
+    if others:
+        raise DestinationError(f"train.output_dir {run_dir} is not empty ({', '.join(others[:3])}) and holds no "
+                               "lmforge run; choose a new or empty --train.output_dir, or pass --overwrite (moves "
+                               f"what is there to {run_dir.name}.old-<time>)")
 
 
 def move_run_aside(run_dir: Path) -> Path:
@@ -63,9 +113,6 @@ def prepare_run_dir(run_dir: Path, ckpt_folder: str, resume: str, overwrite: boo
     when the earlier run was moved aside, else ''. `restarted`: torchrun restarted the workers of
     this job (its own run: continue, never refuse)."""
     run_dir = Path(run_dir)
-    if overlap(run_dir, data_dir) == "is the same path as":
-        raise DestinationError(f"train.output_dir {run_dir} is the data directory (data.dir): the run's files would "
-                               "mix with the dataset's; choose another --train.output_dir")
     if restarted:
         return ""
     mode = resume.strip().lower()

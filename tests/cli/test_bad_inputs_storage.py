@@ -211,6 +211,17 @@ def _nonempty_dir(t: Path, name: str = "keep") -> Path:
     return d
 
 
+def _hf_like_dir(t: Path) -> Path:
+    """What every Hugging Face directory holds: config.json and tokenizer.json (the two files an lmforge
+    run writes first), and weights."""
+    d = _nonempty_dir(t, "hf-like")
+    (d / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}\n')
+    (d / "tokenizer.json").write_text('{"version": "1.0"}\n')
+    (d / "model.safetensors").write_bytes(b"weights")
+    (d / "precious.txt").unlink()
+    return d
+
+
 def _copy_run(w: World, t: Path, name: str = "copy") -> Path:
     dst = t / name
     if not dst.exists():
@@ -317,6 +328,17 @@ CASES = [
     Case("train-overwrite-resuming-from-inside", lambda w, t: [
         "train", *micro_args(w.data, w.run, "--checkpoint.resume", str(w.ckpt2)), "--overwrite"],
          r"inside .*--overwrite would move", lambda w, t: [w.run]),
+    # ---- what is not a run: never written into unasked, not even the lock file ----
+    Case("train-into-a-hugging-face-dir", lambda w, t: ["train", *micro_args(w.data, _hf_like_dir(t))],
+         r"hf-like is not empty \(config.json \(not a run's\), model.safetensors\) and holds no lmforge run.*"
+         r"--overwrite", lambda w, t: [t / "hf-like"]),
+    Case("train-into-someones-files", lambda w, t: [
+        "train", *micro_args(w.data, _nonempty_dir(t), "--checkpoint.resume", "auto")],
+         r"keep is not empty \(precious.txt\) and holds no lmforge run", lambda w, t: [t / "keep"]),
+    Case("train-into-a-checkpoint-dir", lambda w, t: ["train", *micro_args(w.data, w.ckpt2), "--overwrite"],
+         r"is a checkpoint directory.*refused even with --overwrite", lambda w, t: [w.run]),
+    Case("train-into-a-checkpoint-folder", lambda w, t: ["train", *micro_args(w.data, w.ckpt2.parent)],
+         r"checkpoints is not empty \(step-\d+.*holds no lmforge run", lambda w, t: [w.run]),
     Case("train-output-is-data-dir", lambda w, t: ["train", *micro_args(w.data, w.data)], r"is the data directory",
          lambda w, t: [w.data]),
     Case("train-overwrite-run-holding-its-data", lambda w, t: [
