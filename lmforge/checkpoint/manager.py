@@ -273,11 +273,12 @@ class CheckpointManager:
                 published = [p for p in self.list_checkpoints() if step_of(p) != step]
             except OSError:
                 published = []
-            previous = (f"the previous checkpoint {published[-1]} is intact" if published
-                        else "no earlier checkpoint exists")
+            previous = (f"the previous checkpoint {published[-1]} is intact (rerun with --checkpoint.resume auto to "
+                        "continue from it)" if published
+                        else "no earlier checkpoint exists (rerun with --overwrite to start over)")
             why = describe_os_error(cause, tmp) if cause is not None else first_line(e)
             raise CheckpointError(f"checkpoint save to {final} failed: {why}; the unfinished save was removed and "
-                                  f"{previous} (rerun with --checkpoint.resume auto to continue from it)") from e
+                                  f"{previous}") from e
 
     def _write_unchecked(self, step: int, flat: dict[str, Any], t0: float, rec: dict[str, float],
                          final: Path, tmp: Path) -> None:

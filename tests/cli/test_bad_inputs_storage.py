@@ -504,6 +504,19 @@ def test_disk_full_during_save_keeps_previous_checkpoint_and_resume_is_bit_ident
         assert all(got[s] == world.straight[s] for s in got), {s: (got[s], world.straight[s]) for s in got}
 
 
+def test_a_first_save_that_fails_does_not_offer_a_checkpoint_to_resume(world: World, tmp_path: Path) -> None:
+    """With no earlier checkpoint the line said "no earlier checkpoint exists (rerun with
+    --checkpoint.resume auto to continue from it)": from nothing. It now says how to start over."""
+    run = tmp_path / "run"
+    size = sum(p.stat().st_size for p in world.ckpt2.iterdir())
+    with tmpfs(run / "checkpoints", f"{size // 2 // 1024}k") as ckpts:
+        code, _, err = cli(["train", *micro_args(world.data, run)])
+        assert_one_line_error(code, err)
+        assert "step-00000002 failed" in err and "no space left" in err
+        assert "no earlier checkpoint exists (rerun with --overwrite to start over)" in err and "resume" not in err
+        assert list(ckpts.iterdir()) == []
+
+
 def test_leftover_tmp_dirs_never_block_resume_auto(world: World, tmp_path: Path) -> None:
     """A save killed before its rename leaves step-N.tmp: resume 'auto' ignores it (a run whose only
     checkpoint is unfinished starts fresh instead of refusing; a newer .tmp is skipped)."""
