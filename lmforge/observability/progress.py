@@ -28,13 +28,15 @@ def _fmt_count(x: float) -> str:
     return f"{x:.0f}"
 
 
-def format_metrics(metrics: Mapping[str, Any]) -> str:
-    """The few numbers worth a glance: loss, val loss, lr, tokens/s, MFU."""
+def format_metrics(metrics: Mapping[str, Any], step: int | None = None) -> str:
+    """The few numbers worth a glance: loss, val loss, lr, tokens/s, MFU. A val loss measured at
+    another step than `step` (the last evaluation, kept on display) names its step."""
     parts = []
     if "loss" in metrics:
         parts.append(f"loss {metrics['loss']:.4f}")
     if "val_loss" in metrics:
-        parts.append(f"val {metrics['val_loss']:.4f}")
+        at = metrics.get("val_step")
+        parts.append(f"val {metrics['val_loss']:.4f}" + (f" (step {at})" if at is not None and at != step else ""))
     if "lr" in metrics:
         parts.append(f"lr {metrics['lr']:.2e}")
     if "tokens_per_s" in metrics:
@@ -105,10 +107,12 @@ class ProgressBar:
         the train loss on display)."""
         self.step = step
         self.metrics.update(metrics or {})
+        if metrics and "val_loss" in metrics:
+            self.metrics["val_step"] = step
         self._updates += 1
         if self.mode == "rich":
             assert self._progress is not None and self._task is not None
-            self._progress.update(self._task, completed=step, stats=format_metrics(self.metrics))
+            self._progress.update(self._task, completed=step, stats=format_metrics(self.metrics, step))
         elif self.mode == "plain" and (self._updates % self.plain_every == 0 or step >= self.total):
             self._print_line()
 
@@ -119,7 +123,7 @@ class ProgressBar:
         pct = 100.0 * self.step / self.total if self.total else 100.0
         head = f"{self.description} {self.step}/{self.total} ({pct:.1f}%)"
         eta = _fmt_duration((self.total - self.step) * elapsed / done) if done > 0 else "?"
-        stats = format_metrics(self.metrics)
+        stats = format_metrics(self.metrics, self.step)
         return " | ".join(p for p in (head, stats, f"elapsed {_fmt_duration(elapsed)}", f"eta {eta}") if p)
 
     def _print_line(self) -> None:

@@ -71,3 +71,19 @@ def test_rich_and_none_modes(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_mode() -> None:
     with pytest.raises(ValueError, match="progress mode must be one of"):
         ProgressBar(total=1, mode="fancy")
+
+
+def test_a_val_loss_kept_on_display_names_the_step_it_was_measured_at() -> None:
+    """The main job's last lines read `train 480/480 ... val 4.9915` then `... val 4.9427`: the first
+    was step 400's evaluation, shown as if it were step 480's."""
+    out = io.StringIO()
+    bar = ProgressBar(total=6, mode="plain", file=out)
+    bar.update(2, {"loss": 3.0})
+    bar.update(2, {"val_loss": 2.5})
+    bar.update(4, {"loss": 2.0})
+    bar.update(4, {"val_loss": 1.5})
+    bar.update(6, {"loss": 1.0})
+    lines = out.getvalue().splitlines()
+    assert "val" not in lines[0] and "| val 2.5000 |" in lines[1]
+    assert "| val 2.5000 (step 2) |" in lines[2] and "| val 1.5000 |" in lines[3]
+    assert "| val 1.5000 (step 4) |" in lines[4]
