@@ -2,10 +2,11 @@
 
 The run is measured with lmforge.observability.energy.EnergyMeter (RAPL when readable, else the stated
 TDP estimate: `CPU_WATTS_PER_THREAD` per busy thread x process CPU time), one record per optimizer step
-(the meter wraps Trainer.train_step here; the trainer itself is wired by the lead). The pre-flight
-estimate is made before the run from the recipe and a cluster file alone, as `lmforge plan` makes its
-energy line: the planner's predicted step time (lmforge.plan.predict) on one device of the cluster
-x steps x the same watts. The cluster is this machine calibrated first (`lmforge bench cluster`,
+(the meter wraps Trainer.train_step here). The pre-flight estimate is made before the run from
+the recipe and a cluster file alone, with the arithmetic of `lmforge plan`'s energy line: the
+planner's predicted step time (lmforge.plan.predict) on one device of the cluster x steps x watts,
+here the meter's own watts (`lmforge plan` takes the cluster's `power_w`, 15 W per device in the
+`cpu` preset). The cluster is this machine calibrated first (`lmforge bench cluster`,
 ~4 min; `--cluster FILE` takes a file as it is): a CPU device of the planner is one core, so the run
 trains on one thread. With no energy counter both sides use the same watts, so the check is then a
 check of the step-time prediction; said in the output. Also checks that the run's total equals the
