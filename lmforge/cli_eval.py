@@ -15,7 +15,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lmforge.cli_errors import check_device
     from lmforge.eval.report import print_results, write_results
     from lmforge.eval.runner import EvalOptions, evaluate, parse_suites
-    from lmforge.storage.guard import check_destination
+    from lmforge.storage.guard import check_output_file
 
     check_device(args.device, "--device")
     opts = EvalOptions(data_dir=Path(args.data_dir) if args.data_dir else None, max_batches=args.max_batches,
@@ -26,7 +26,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opts.check()
     if args.out:
         args.output = args.out
-        check_destination(Path(args.out), args.overwrite, kind="file", flag="--out")
+        check_output_file(Path(args.out), args.overwrite, {"source": args.source, "--data-dir": args.data_dir})
     results = evaluate(Path(args.source), opts, say=lambda line: print(line, file=sys.stderr))
     print_results(results)
     if args.out:

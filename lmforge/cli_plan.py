@@ -202,6 +202,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         overrides.append(("train.global_batch_size", str(args.global_batch)))
     if args.seq_len is not None:
         overrides.append(("train.seq_len", str(args.seq_len)))
+    if args.out:
+        from lmforge.storage.guard import check_output_file
+
+        check_output_file(Path(args.out), args.overwrite, {"--model": args.model, "--cluster": args.cluster})
     base = load_base_job(args.model, overrides)
     scaling, cost, sizes, deadline, tokens = _sections(args, cluster, base)
     ws = args.world_size or cluster.world_size
@@ -250,6 +254,7 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--world-size", type=int, default=None, help="ranks (default: nodes x devices per node)")
     p.add_argument("--top", type=int, default=5, help="layouts to print")
     p.add_argument("--out", default=None, help="write the best layout as a recipe here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--run-dir", default=None, help="train.output_dir of the written recipe")
     at = p.add_argument_group("at scale (the fastest layout at each of --sizes, by the same time model)")
     at.add_argument("--scaling", action="store_true",

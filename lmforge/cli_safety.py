@@ -83,9 +83,9 @@ def cmd_watermark_detect(args: argparse.Namespace) -> int:
     cfg = _watermark_config(args)
     key = read_key_file(args.key_file)
     if args.out:
-        from lmforge.storage.guard import check_destination
+        from lmforge.storage.guard import check_output_file
 
-        check_destination(Path(args.out), args.overwrite, kind="file", flag="--out")
+        check_output_file(Path(args.out), args.overwrite, {"text file": args.text_file, "key file": args.key_file})
     text = _read_text(args.text_file)
     tok = _tokenizer(args.tokenizer)
     result = detect(tok.encode(text), GreenLists(key, tok.vocab_size, cfg)).as_json()
@@ -129,9 +129,9 @@ def cmd_watermark_robustness(args: argparse.Namespace) -> int:
         raise UserError(f"--rates {args.rates!r}: every rate must be in [0, 1]")
     key = read_key_file(args.key_file)
     if args.out:
-        from lmforge.storage.guard import check_destination
+        from lmforge.storage.guard import check_output_file
 
-        check_destination(Path(args.out), args.overwrite, kind="file", flag="--out")
+        check_output_file(Path(args.out), args.overwrite, {"texts file": args.texts, "key file": args.key_file})
     tok = _tokenizer(args.tokenizer)
     seqs = [tok.encode(t) for t in _texts(args.texts)]
     rows = robustness_curve(seqs, GreenLists(key, tok.vocab_size, cfg), rates, args.z_threshold, seed=args.seed)

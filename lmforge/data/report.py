@@ -188,7 +188,14 @@ def write_report(run_dir: str | Path, out_html: str | Path | None = None,
 
 
 def cmd_data_report(args: argparse.Namespace) -> int:
-    """The CLI verb: write the report, print where, and the drift verdict when comparing."""
+    """The CLI verb: write the report, print where, and the drift verdict when comparing. An
+    existing file is replaced without --overwrite only when it is a data report."""
+    from lmforge.storage.guard import check_output_file
+
+    out = Path(args.out) if args.out is not None else default_report_path(args.run)
+    ours = out.is_file() and out.read_bytes()[:4096].startswith(b"<!DOCTYPE html>") and b"<title>Data report:" in \
+        out.read_bytes()[:4096]
+    check_output_file(out, args.overwrite or ours, {"input": args.run, "--compare": args.compare})
     result = write_report(args.run, args.out, args.compare, getattr(args, "threshold", DRIFT_THRESHOLD))
     print(f"report: {result.path}")
     if result.drift is not None:
@@ -208,6 +215,8 @@ def add_report_parser(data_subparsers: argparse._SubParsersAction) -> argparse.A
                    help="another run directory or .jsonl corpus: unigram JSD, score histograms, drift verdict")
     q.add_argument("--out", metavar="FILE", default=None,
                    help="the HTML file (default: RUN_DIR/report.html, or CORPUS.report.html)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out file that is not a data "
+                   "report (an earlier report is always replaced)")
     q.add_argument("--threshold", type=float, default=DRIFT_THRESHOLD,
                    help=f"drift when the unigram JSD is above this (default {DRIFT_THRESHOLD:g}, measured: "
                    "see lmforge/data/drift.py)")

@@ -100,6 +100,9 @@ def sample_passages(source: Path, reference: Path, out: Path, n: int, *, prompt_
 
 def cmd_data_sample(args: argparse.Namespace) -> int:
     """The CLI verb: write the samples, say where; with --auroc, the held-out detection AUROC."""
+    from lmforge.storage.guard import check_output_file
+
+    check_output_file(Path(args.out), args.overwrite, {"reference": args.reference, "source": args.source})
     res = sample_passages(Path(args.source), Path(args.reference), Path(args.out), args.n,
                           prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -122,6 +125,7 @@ def add_sample_parser(data_subparsers: argparse._SubParsersAction) -> argparse.A
     q.add_argument("--reference", required=True, metavar="JSONL",
                    help="human reference documents (e.g. <data.dir>/corpus.jsonl); prompts are their starts")
     q.add_argument("--out", required=True, metavar="JSONL", help="the samples file to write")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     q.add_argument("--n", type=int, default=200, help="passages, one per reference document (default 200)")
     q.add_argument("--prompt-tokens", type=int, default=16, help="tokens of each document's start as prompt")
     q.add_argument("--max-new-tokens", type=int, default=96)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lmforge.storage.layout import holds_checkpoint, step_of
 
-__all__ = ["DestinationError", "check_destination", "check_no_overlap", "enclosing_checkpoint",
+__all__ = ["DestinationError", "check_destination", "check_no_overlap", "check_output_file", "enclosing_checkpoint",
            "overlap", "resolved"]
 
 
@@ -51,6 +51,35 @@ def check_no_overlap(dest: Path | str, sources: dict[str, Path | str | None], fl
         if how:
             raise DestinationError(f"{flag} {dest} {how} the {label} {src}: writing there would destroy what is "
                                    f"being read (refused even with --overwrite); choose a path outside it")
+
+
+# What lmforge reads from a run, model, checkpoint or data directory: never replaced by a result
+# file written into one (a result of an earlier command, such as eval.json, may be).
+READ_IN_DIRECTORIES = frozenset({
+    "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "run_config.json", "quantization.json", "pruning.json", "stats.json", "manifest.json", "corpus.meta.json",
+    "tokenizer.meta.json", "model.safetensors.index.json", "lmforge-checkpoint.json", "onnx_export.json",
+    "plan.json", "lmforge.lock"})
+READ_SUFFIXES = frozenset({".safetensors", ".distcp", ".bin", ".npy", ".jsonl", ".zst", ".gz", ".parquet", ".pt",
+                           ".onnx", ".toml"})
+
+
+def check_output_file(dest: Path | str, overwrite: bool, sources: dict[str, Path | str | None],
+                      flag: str = "--out") -> None:
+    """A file a command writes beside what it reads (a report, a JSON result, a recipe): refused
+    always when it is a file being read, or an existing file inside a directory being read that
+    lmforge reads there (`READ_IN_DIRECTORIES`, `READ_SUFFIXES`); a new file there is fine (`eval
+    RUN --out RUN/eval.json`). Then `check_destination`'s rules."""
+    for label, src in sources.items():
+        if src is None or str(src) == "-":
+            continue
+        how = overlap(dest, src)
+        read_there = Path(dest).name in READ_IN_DIRECTORIES or Path(dest).suffix in READ_SUFFIXES
+        if how == "is the same path as" or (how == "is inside" and Path(dest).exists() and read_there):
+            raise DestinationError(f"{flag} {dest} {'is' if how == 'is the same path as' else 'is a file of'} the "
+                                   f"{label} {src}: writing there would destroy what is being read (refused even "
+                                   "with --overwrite); choose another path")
+    check_destination(dest, overwrite, kind="file", flag=flag)
 
 
 def enclosing_checkpoint(path: Path | str) -> Path | None:

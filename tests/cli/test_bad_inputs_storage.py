@@ -222,6 +222,19 @@ def _hf_like_dir(t: Path) -> Path:
     return d
 
 
+def _file(t: Path, name: str, text: str = '{"text": "do not lose me, a line of a corpus"}\n') -> Path:
+    f = t / name
+    f.write_text(text)
+    return f
+
+
+def _key(t: Path) -> Path:
+    from lmforge.safety.secret_key import write_new_key
+
+    write_new_key(t / "wm.key")
+    return t / "wm.key"
+
+
 def _copy_run(w: World, t: Path, name: str = "copy") -> Path:
     dst = t / name
     if not dst.exists():
@@ -328,6 +341,27 @@ CASES = [
     Case("train-overwrite-resuming-from-inside", lambda w, t: [
         "train", *micro_args(w.data, w.run, "--checkpoint.resume", str(w.ckpt2)), "--overwrite"],
          r"inside .*--overwrite would move", lambda w, t: [w.run]),
+    # ---- a result file never replaces what its command reads ----
+    Case("plan-out-onto-its-recipe", lambda w, t: [
+        "plan", "--model", _file(t, "r.toml", (REPO / "recipes/tiny-dense.toml").read_text()), "--cluster", "cpu",
+        "--out", t / "r.toml", "--overwrite"], r"--out \S+r.toml is the --model .*refused even with --overwrite",
+         lambda w, t: [t / "r.toml"]),
+    Case("plan-out-over-a-file", lambda w, t: [
+        "plan", "--model", "recipes/tiny-dense.toml", "--cluster", "cpu", "--out", _file(t, "mine.toml")],
+         r"already exists.*--overwrite", lambda w, t: [t / "mine.toml"]),
+    Case("data-report-onto-its-corpus", lambda w, t: ["data", "report", _file(t, "c.jsonl"), "--out", t / "c.jsonl",
+                                                      "--overwrite"], r"is the input .*refused even",
+         lambda w, t: [t / "c.jsonl"]),
+    Case("data-report-over-a-file", lambda w, t: ["data", "report", _file(t, "c.jsonl"), "--out", _file(t, "o.txt")],
+         r"already exists.*--overwrite", lambda w, t: [t / "o.txt"]),
+    Case("eval-out-onto-the-runs-config", lambda w, t: ["eval", w.run, "--out", w.run / "config.json", "--overwrite"],
+         r"is a file of the source .*refused even", lambda w, t: [w.run]),
+    Case("watermark-detect-out-onto-its-text", lambda w, t: [
+        "watermark", "detect", _file(t, "t.txt", "some text\n"), "--key-file", _key(t), "--tokenizer", w.run,
+        "--out", t / "t.txt", "--overwrite"], r"is the text file .*refused even", lambda w, t: [t / "t.txt"]),
+    Case("data-sample-out-onto-its-reference", lambda w, t: [
+        "data", "sample", w.run, "--reference", _file(t, "ref.jsonl"), "--out", t / "ref.jsonl", "--overwrite"],
+         r"is the reference .*refused even", lambda w, t: [t / "ref.jsonl"]),
     # ---- what is not a run: never written into unasked, not even the lock file ----
     Case("train-into-a-hugging-face-dir", lambda w, t: ["train", *micro_args(w.data, _hf_like_dir(t))],
          r"hf-like is not empty \(config.json \(not a run's\), model.safetensors\) and holds no lmforge run.*"
