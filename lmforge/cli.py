@@ -17,6 +17,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from lmforge.cli_bench import add_bench_command
 from lmforge.cli_ckpt import add_ckpt_commands
@@ -259,7 +260,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.serve.generate import GenerationError, context_note, generate, load_for_generation
 
     check_text_arg(args.prompt, "--prompt")
-    check_device(args.device, "--device")
+    args.device = check_device(args.device, "--device")
     guards = generation_guards(args)  # watermark key and safety filter, checked before the model loads
     refusal = guards.refusal(args.prompt)  # the prompt gate: a refused prompt never reaches a model
     if refusal is not None:
@@ -311,10 +312,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 RECIPE_USAGE = "[RECIPE.toml] [--section.key value ...]"
 
 
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+RECIPE_HELP = """RECIPE.toml: a recipe (recipes/); without one, the defaults. --section.key value: any
+config key (lmforge/config/), e.g. --train.steps 100 --optimizer.lr 1e-3.
+--overwrite: start over in a run or data directory that holds one (the earlier run is moved aside
+to <dir>.old-<time>; data prepare writes into a directory holding other files)."""
+LAUNCHER_HELP = """--nproc N: train on N local processes (torchrun under the hood; --nproc 1 is the default).
+--max-restarts N: restart the workers after a failure, resuming from the latest checkpoint.
+--nnodes N|MIN:MAX --rdzv-endpoint HOST:PORT [--rdzv-id ID]: several nodes (torchrun's rendezvous).
+Under plain torchrun (`torchrun ... -m lmforge train RECIPE`) these are torchrun's own."""
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, launcher: bool = False) -> None:
     # Recipe and overrides are split off by `_split_recipe_args` (argparse would mistake
-    # `--section.key` for its own options); these entries only document them in --help.
+    # `--section.key` for its own options); the usage and epilog only document them in --help.
     p.usage = f"%(prog)s {RECIPE_USAGE}"
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = RECIPE_HELP + ("\n" + LAUNCHER_HELP if launcher else "")
 
 
 def _split_recipe_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
@@ -328,13 +341,21 @@ def _split_recipe_args(argv: list[str]) -> tuple[list[str], str | None, list[str
     return argv, None, []
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a wrong argument is one line (exit 2), as every other user error: its usage
+    block (up to 30 lines for `serve`) is what --help is for. Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__,
-                                     epilog="--debug (anywhere): show the traceback of an error")
+    parser = OneLineErrorParser(prog="lmforge", description=__doc__,
+                                epilog="--debug (anywhere): show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a recipe (torchrun for data parallel)")
-    _add_recipe_args(p)
+    _add_recipe_args(p, launcher=True)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="data pipeline")
@@ -352,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_command(sub)
 
-    p = sub.add_parser("import", help="turn a Hugging Face Llama, Mixtral or Qwen2-MoE directory into an lmforge run")
+    p = sub.add_parser("import", help="turn a Hugging Face Llama, Mistral, Qwen2, Mixtral or Qwen2-MoE "
+                           "directory into an lmforge run")
     p.add_argument("hf_dir", help="a Hugging Face model directory (config.json + safetensors)")
     p.add_argument("out", help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -368,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set holding this probability")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0): the same seed, the same text")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (cuda when there is one)")
     p.add_argument("--early-exit-threshold", type=float, default=None,
                    help="adaptive depth: a token leaves at the first early exit whose confidence >= this "
                         "(model.early_exit; 0: always the first exit, >= 1: never)")

@@ -228,8 +228,8 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--ranks", type=int, default=2, help="processes the collectives and probes use (default 2)")
     q.add_argument("--probe-steps", type=int, default=14, help="steps per probe training run (default 14)")
     q.add_argument("--probe-rounds", type=int, default=3,
-                   help="interleaved rounds of the probe runs; each probe's time is the median over all its steps "
-                        "(default 3)")
+                   help="interleaved rounds of the probe runs; each probe's time is the lower quartile of all its "
+                        "steps (default 3)")
     q.add_argument("--no-probes", action="store_true",
                    help="measure matmuls, memory and collectives only (the fixed costs stay 0)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -98,6 +98,8 @@ def cmd_ckpt_convert(args: argparse.Namespace) -> int:
     _existing(args.path)
     out = args.output = Path(args.out)
     if args.to == "torch":
+        if args.dtype is not None:
+            raise UserError(f"--dtype {args.dtype}: applies to --to hf only (--to torch keeps the stored dtypes)")
         from lmforge.checkpoint.tools import convert_to_torch
 
         check_destination(out, args.overwrite, kind="file", sources={"checkpoint": Path(args.path)})

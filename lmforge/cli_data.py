@@ -10,6 +10,7 @@ here is a thin call into `lmforge.data`, imported when the verb runs (no heavy i
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 __all__ = ["add_data_commands"]
 
@@ -22,7 +23,13 @@ def cmd_data_run(args: argparse.Namespace) -> int:
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
-    """Deep check of packed data dirs; --repair rewrites bad erasure pieces; exit 1 if any is invalid."""
+    """Deep check of packed data dirs; --repair rewrites bad erasure pieces; exit 1 if any is invalid.
+    A path that does not exist is a wrong argument (exit 2, as `ckpt verify` says), not invalid data."""
+    from lmforge.storage.explain import no_such_path
+
+    for d in args.dirs:
+        if not Path(d).exists():
+            raise no_such_path(d)
     from lmforge.data.verify import verify_command
 
     return verify_command(args.dirs, repair=args.repair)
@@ -58,4 +65,13 @@ def add_data_commands(dsub: argparse._SubParsersAction) -> None:
     q.add_argument("--split", choices=("train", "val"), default="train")
     q.set_defaults(func=cmd_data_trace)
     add_report_parser(dsub)
-    add_sample_parser(dsub)
+    add_sample_parser(dsub).set_defaults(func=cmd_data_sample)
+
+
+def cmd_data_sample(args: argparse.Namespace) -> int:
+    """`data sample` (lmforge/serve/sample.py), its --device checked first as every verb's is."""
+    from lmforge.cli_errors import check_device
+    from lmforge.serve.sample import cmd_data_sample as sample
+
+    args.device = check_device(args.device, "--device")
+    return sample(args)

@@ -104,11 +104,13 @@ def explain(exc: BaseException, output: Path | str | None = None) -> tuple[int, 
     return 1, f"internal error: {_first_line(exc)} (rerun with --debug for the traceback)"
 
 
-def check_device(spec: str, flag: str) -> None:
-    """Refuse a device string torch does not know, or a CUDA device this machine lacks, in one line."""
-    if spec == "auto":
-        return
+def check_device(spec: str, flag: str) -> str:
+    """The device `spec` names ("auto": cuda when this machine has one, else cpu); a device string
+    torch does not know, or a CUDA device this machine lacks, is refused in one line."""
     import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     try:
         device = torch.device(spec)
@@ -125,6 +127,7 @@ def check_device(spec: str, flag: str) -> None:
             raise UserError(f"{flag} {spec}: MPS is not available on this machine; use cpu")
     elif device.type != "cpu":
         raise UserError(f"{flag} {spec}: lmforge runs on cpu, cuda or mps")
+    return spec
 
 
 def check_text_arg(value: str, flag: str) -> None:

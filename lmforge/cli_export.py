@@ -99,7 +99,7 @@ def _byte_size(text: str) -> int:
 
 def add_export_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a Hugging Face directory (or an ONNX decoder) from a run or checkpoint")
-    p.add_argument("source", help="run dir, checkpoint step dir (or, with --format onnx, a Hugging Face dir)")
+    p.add_argument("source", help="run dir, checkpoint step dir, quantized dir (dequantized) or Hugging Face dir")
     p.add_argument("out", help="output directory")
     p.add_argument("--format", choices=["hf", "onnx"], default="hf",
                    help="hf: config.json + safetensors; onnx: model.onnx with KV-cache inputs/outputs")

@@ -202,13 +202,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         overrides.append(("train.global_batch_size", str(args.global_batch)))
     if args.seq_len is not None:
         overrides.append(("train.seq_len", str(args.seq_len)))
+    for flag, value in (("--world-size", args.world_size), ("--top", args.top)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be >= 1")
     if args.out:
         from lmforge.storage.guard import check_output_file
 
         check_output_file(Path(args.out), args.overwrite, {"--model": args.model, "--cluster": args.cluster})
     base = load_base_job(args.model, overrides)
     scaling, cost, sizes, deadline, tokens = _sections(args, cluster, base)
-    ws = args.world_size or cluster.world_size
+    ws = cluster.world_size if args.world_size is None else args.world_size
     cands, dropped = search(base, cluster, ws)
     print(f"plan: {args.model} on {cluster.name} ({ws} x {cluster.accelerator.name}, "
           f"{cluster.accelerator.memory_bytes / 2**30:.0f} GiB each), global batch {base.train.global_batch_size} x "

@@ -67,11 +67,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.hf and args.scheme not in HF_SCHEMES:
         raise CompressError(HF_UNSUPPORTED)
     int4 = args.scheme == "int4-weight"
-    if not int4 and (args.group_size is not None or args.calibration is not None):
-        raise CompressError(f"--group-size / --calibration: int4-weight only; {args.scheme} quantizes per row "
+    int4_only = [flag for flag, value in (("--group-size", args.group_size), ("--calibration", args.calibration),
+                                          ("--calib-data", args.calib_data), ("--calib-samples", args.calib_samples),
+                                          ("--calib-seq-len", args.calib_seq_len)) if value is not None]
+    if not int4 and int4_only:
+        raise CompressError(f"{' / '.join(int4_only)}: int4-weight only; {args.scheme} quantizes per row "
                             "without calibration")
+    if args.calib_samples is not None and args.calib_samples < 1:
+        raise CompressError(f"--calib-samples {args.calib_samples}: must be >= 1")
     opts = QuantizeOptions(args.scheme, 64 if args.group_size is None else args.group_size,
-                           args.calibration or "gptq", args.calib_samples,
+                           args.calibration or "gptq", 128 if args.calib_samples is None else args.calib_samples,
                            args.calib_seq_len)
     check_destination(out, args.overwrite, sources={"source": source})
     src = resolve_source(source)
@@ -136,9 +141,11 @@ def add_quantize_parser(csub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=None, help="int4: input columns per scale (default 64)")
     p.add_argument("--calibration", default=None, choices=CALIBRATIONS,
                    help="int4: gptq (default; needs calibration data) or rtn (round to nearest)")
-    p.add_argument("--calib-data", default=None, help="packed data dir to calibrate on (default: the run's data.dir)")
-    p.add_argument("--calib-samples", type=int, default=128, help="windows of the train split (default 128)")
-    p.add_argument("--calib-seq-len", type=int, default=None, help="tokens per window (default: the run's train.seq_len)")
+    p.add_argument("--calib-data", default=None,
+                   help="int4 gptq: packed data dir to calibrate on (default: the run's data.dir)")
+    p.add_argument("--calib-samples", type=int, default=None, help="int4 gptq: windows of the train split (default 128)")
+    p.add_argument("--calib-seq-len", type=int, default=None,
+                   help="int4 gptq: tokens per window (default: the run's train.seq_len)")
     runtimes = sorted({r for rs in RUNTIMES.values() for r in rs})
     p.add_argument("--runtime", default="auto", choices=["auto", *runtimes],
                    help="how eval/generate run it: auto (the scheme's fastest on CPU), " +

@@ -145,7 +145,7 @@ def cmd_safety_scan(args: argparse.Namespace) -> int:
     from lmforge.safety.adversarial import AdversarialDetector
     from lmforge.safety.gates import ContentFilter
 
-    flt = ContentFilter.from_toml(args.filter) if args.filter else None
+    flt = ContentFilter.from_toml(args.filter, "--filter") if args.filter else None
     text = _read_text(args.text_file)
     detector = AdversarialDetector(threshold=args.threshold)
     if args.model:

@@ -39,7 +39,7 @@ def _options(args: argparse.Namespace, keys: tuple[str, ...], model_name: str):
                              cooldown_s=args.breaker_cooldown, probes=args.breaker_probes)
     return ServerOptions(model_name=model_name, slots=args.slots, max_batch_tokens=args.max_batch_tokens,
                          max_queue=args.max_queue, default_deadline_s=args.default_deadline,
-                         max_deadline_s=args.max_deadline, max_tokens_limit=args.max_tokens_limit or 1 << 30,
+                         max_deadline_s=args.max_deadline, max_tokens_limit=1 << 30 if args.max_tokens_limit is None else args.max_tokens_limit,
                          default_max_tokens=args.default_max_tokens, max_n=args.max_n,
                          max_request_bytes=args.max_request_bytes, api_keys=keys,
                          feedback_path=Path(args.feedback) if args.feedback else None, breaker=breaker,
@@ -117,9 +117,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lmforge.serve.server.run import serve_app
     from lmforge.serve.server.service import Service
 
-    check_device(args.device, "--device")
+    args.device = check_device(args.device, "--device")
     if not 0 <= args.port <= 65535:
         raise ServeError(f"--port {args.port}: must be in [0, 65535]")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:  # its upper bound needs the model
+        raise ServeError(f"--max-tokens-limit {args.max_tokens_limit}: must be >= 1")
     keys = _api_keys(args)
     guards = generation_guards(args)  # the watermark key and the filter TOML, read before the model loads
     _check_adversarial(args)
@@ -175,7 +177,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    help=f"a key clients must send as 'Authorization: Bearer KEY' (repeatable; also {KEYS_ENV})")
     p.add_argument("--api-key-file", default=None, help="file with one API key per line (keeps keys out of ps)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the source's name)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (cuda when there is one)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--slots", type=int, default=16, help="sequences decoded together, one KV cache slot each")

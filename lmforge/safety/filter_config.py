@@ -98,8 +98,9 @@ def parse_filter_config(data: dict[str, Any], base: Path, where: str) -> FilterC
     return FilterConfig(tuple(cats), action, mask, data.get("policy_message", DEFAULT_POLICY))
 
 
-def load_filter_config(path: Path | str) -> FilterConfig:
+def load_filter_config(path: Path | str, flag: str = "--safety-filter") -> FilterConfig:
+    """The filter TOML at `path`; `flag`: the option that named it, for the error line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("--safety-filter", str(path), "file not found; a filter TOML (see recipes/safety/filter.toml)")
+        raise ConfigError(flag, str(path), "file not found; a filter TOML (see recipes/safety/filter.toml)")
     return parse_filter_config(load_toml(path), path.parent, str(path))

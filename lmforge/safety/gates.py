@@ -70,8 +70,8 @@ class ContentFilter:
         self.matcher = TermMatcher(config)
 
     @classmethod
-    def from_toml(cls, path: Path | str) -> ContentFilter:
-        return cls(load_filter_config(path))
+    def from_toml(cls, path: Path | str, flag: str = "--safety-filter") -> ContentFilter:
+        return cls(load_filter_config(path, flag))
 
     def hits(self, text: str) -> list[Hit]:
         return self.matcher.hits(text)

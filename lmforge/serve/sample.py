@@ -135,7 +135,7 @@ def add_sample_parser(data_subparsers: argparse._SubParsersAction) -> argparse.A
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--min-chars", type=int, default=800, help="reference documents shorter than this are not used")
     q.add_argument("--text-field", default="text", help="the reference file's text field")
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (cuda when there is one)")
     q.add_argument("--auroc", action="store_true",
                    help="then train the detector on half the samples and print its AUROC on the other half "
                    "against held-out human passages of the same prompts and lengths")

@@ -323,7 +323,7 @@ def test_verify_of_a_dir_that_is_not_packed(tmp_path: Path, capsys) -> None:
 
 def test_verify_of_a_missing_dir_says_so(tmp_path: Path, capsys) -> None:
     code, _, err = run_main(["data", "verify", str(tmp_path / "nope")], capsys)
-    assert code == 1 and err.strip() == f"{tmp_path / 'nope'}: INVALID: {tmp_path / 'nope'}: no such directory"
+    assert code == 2 and err.strip() == f"lmforge data verify: {tmp_path / 'nope'}: no such file or directory"
 
 
 def test_invalid_utf8_is_counted_per_source(tmp_path: Path, capsys) -> None:
@@ -501,3 +501,40 @@ def test_50mb_document_prepares_in_under_1gb(tmp_path: Path) -> None:
     assert peak_kb * 1024 < 2**30, f"peak RSS {peak_kb / 2**20:.2f} GiB"
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"] > 10_000_000
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["plan", "--model", "recipes/tiny-dense.toml", "--cluster", "cpu", "--world-size", "0"],
+     "lmforge plan: --world-size 0: must be >= 1"),  # it silently planned for the default instead
+    (["plan", "--model", "recipes/tiny-dense.toml", "--cluster", "cpu", "--top", "-1"],
+     "lmforge plan: --top -1: must be >= 1"),  # it printed "best -1:" and 65 layouts
+    (["compress", "quantize", "RUN", "--scheme", "int8-weight", "--calib-samples", "-5", "--out", "OUT"],
+     "lmforge compress quantize: --calib-samples: int4-weight only; int8-weight quantizes per row without calibration"),
+    (["compress", "quantize", "RUN", "--scheme", "int4-weight", "--calib-samples", "0", "--out", "OUT"],
+     "lmforge compress quantize: --calib-samples 0: must be >= 1"),
+    (["serve", "RUN", "--max-tokens-limit", "0"], "lmforge serve: --max-tokens-limit 0: must be >= 1"),
+    (["safety", "scan", "-", "--filter", "no-such.toml"],
+     "lmforge safety scan: config error: --filter = 'no-such.toml': file not found; a filter TOML (see "
+     "recipes/safety/filter.toml)"),
+    (["generate", "RUN", "--prompt", "KING", "--device", "bogus"],
+     "lmforge generate: --device 'bogus': not a device; use cpu, cuda or cuda:N"),
+    (["data", "sample", "RUN", "--reference", "REF", "--out", "OUT", "--device", "bogus"],
+     "lmforge data sample: --device 'bogus': not a device; use cpu, cuda or cuda:N"),
+])
+def test_help_and_behaviour_agree_on_bad_values(argv: list[str], line: str, run_dir: Path, tmp_path: Path,
+                                               capsys, monkeypatch) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("some text\n"))
+    subst = {"RUN": str(run_dir), "OUT": str(tmp_path / "out"), "REF": str(tmp_path / "ref.jsonl")}
+    (tmp_path / "ref.jsonl").write_text('{"text": "a reference document"}\n')
+    code, _, err = run_main([subst.get(a, a) for a in argv], capsys)
+    assert code == 2 and err.strip() == line, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_runs_on_device_auto(run_dir: Path, capsys) -> None:
+    """--device auto passed the check and then failed as an internal error ("device string: auto")."""
+    code, out, err = run_main(["generate", str(run_dir), "--prompt", "KING", "--max-new-tokens", "3",
+                               "--temperature", "0", "--device", "auto"], capsys)
+    assert code == 0 and out.strip(), err

@@ -122,6 +122,8 @@ def test_inspect_and_convert_take_a_run_as_generate_does(run, capsys, tmp_path):
         out = capsys.readouterr().out.splitlines()
         assert out[0] == f"{target}: step 2, {latest} (the latest valid of 2 checkpoints)" and out[1:] == direct
     assert main(["ckpt", "convert", str(root), str(tmp_path / "run.pt")]) == 0
+    assert main(["ckpt", "convert", str(root), str(tmp_path / "bf16.pt"), "--dtype", "bf16"]) == 2  # it was ignored
+    assert "applies to --to hf only" in capsys.readouterr().err and not (tmp_path / "bf16.pt").exists()
     assert torch.load(tmp_path / "run.pt", weights_only=False)["train"]["step"] == 2
     (tmp_path / "empty").mkdir()
     assert main(["ckpt", "inspect", str(tmp_path / "empty")]) == 2

@@ -87,3 +87,15 @@ def test_serve_without_its_extra_is_one_line_exit_2(monkeypatch, capsys, tmp_pat
     code = main(["serve", str(tmp_path), "--port", "0"])
     err = capsys.readouterr().err
     assert code == 2 and err == "lmforge serve: this needs the fastapi package, which is not installed: pip install -e '.[serve]'\n"
+
+
+@pytest.mark.parametrize("argv", [["generate", "run", "--max-new-tokens", "abc"], ["serve", "run", "--adversarial", "foo"],
+                                  ["export"], ["no-such-verb"]])
+def test_a_wrong_argument_is_one_line_exit_2(argv: list[str], capsys) -> None:
+    """argparse printed its usage block first (17 lines for generate, 31 for serve)."""
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "error:" in err and "--help)" in err, err
