@@ -24,7 +24,7 @@ from lmforge.cli_ckpt import add_ckpt_commands
 from lmforge.cli_compress import add_compress_command
 from lmforge.cli_data import add_data_commands
 from lmforge.cli_distill import add_distill_command, check_teacher_path, load_teacher
-from lmforge.cli_errors import UserError, check_device, check_text_arg, explain
+from lmforge.cli_errors import UserError, check_device, check_text_arg, explain, resolve_device
 from lmforge.cli_eval import add_eval_command
 from lmforge.cli_exit_gates import add_exit_gates_command
 from lmforge.cli_export import add_export_command
@@ -260,7 +260,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.serve.generate import GenerationError, context_note, generate, load_for_generation
 
     check_text_arg(args.prompt, "--prompt")
-    args.device = check_device(args.device, "--device")
+    args.device = resolve_device(args.device, "--device")
     guards = generation_guards(args)  # watermark key and safety filter, checked before the model loads
     refusal = guards.refusal(args.prompt)  # the prompt gate: a refused prompt never reaches a model
     if refusal is not None:

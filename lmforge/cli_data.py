@@ -70,8 +70,8 @@ def add_data_commands(dsub: argparse._SubParsersAction) -> None:
 
 def cmd_data_sample(args: argparse.Namespace) -> int:
     """`data sample` (lmforge/serve/sample.py), its --device checked first as every verb's is."""
-    from lmforge.cli_errors import check_device
+    from lmforge.cli_errors import resolve_device
     from lmforge.serve.sample import cmd_data_sample as sample
 
-    args.device = check_device(args.device, "--device")
+    args.device = resolve_device(args.device, "--device")
     return sample(args)

@@ -14,7 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["USER_ERRORS", "UserError", "check_device", "check_text_arg", "explain", "missing_extra", "user_error_types"]
+__all__ = ["USER_ERRORS", "UserError", "check_device", "check_text_arg", "explain", "missing_extra", "resolve_device",
+           "user_error_types"]
 
 
 class UserError(Exception):
@@ -105,12 +106,12 @@ def explain(exc: BaseException, output: Path | str | None = None) -> tuple[int, 
 
 
 def check_device(spec: str, flag: str) -> str:
-    """The device `spec` names ("auto": cuda when this machine has one, else cpu); a device string
-    torch does not know, or a CUDA device this machine lacks, is refused in one line."""
-    import torch
-
+    """`spec` when it names a device here ("auto" as it is, without importing torch: config checks
+    run before torch loads); a device string torch does not know, or a CUDA device this machine
+    lacks, is refused in one line."""
     if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return spec
+    import torch
 
     try:
         device = torch.device(spec)
@@ -128,6 +129,15 @@ def check_device(spec: str, flag: str) -> str:
     elif device.type != "cpu":
         raise UserError(f"{flag} {spec}: lmforge runs on cpu, cuda or mps")
     return spec
+
+
+def resolve_device(spec: str, flag: str) -> str:
+    """The device a verb that loads a model runs on: `spec` checked, "auto" made cuda when this
+    machine has one, else cpu."""
+    import torch
+
+    spec = check_device(spec, flag)
+    return ("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec
 
 
 def check_text_arg(value: str, flag: str) -> None:

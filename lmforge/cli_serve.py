@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import torch
 
-    from lmforge.cli_errors import check_device
+    from lmforge.cli_errors import resolve_device
     from lmforge.cli_safety import generation_guards
     from lmforge.data.tokenizer import TextTokenizer
     from lmforge.serve.generate import load_source, resolve_source
@@ -117,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lmforge.serve.server.run import serve_app
     from lmforge.serve.server.service import Service
 
-    args.device = check_device(args.device, "--device")
+    args.device = resolve_device(args.device, "--device")
     if not 0 <= args.port <= 65535:
         raise ServeError(f"--port {args.port}: must be in [0, 65535]")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:  # its upper bound needs the model

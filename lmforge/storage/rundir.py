@@ -125,7 +125,8 @@ def prepare_run_dir(run_dir: Path, ckpt_folder: str, resume: str, overwrite: boo
             raise DestinationError(f"--checkpoint.resume {resume} is inside {run_dir}, which --overwrite would move "
                                    "aside; resume from a checkpoint outside it, or drop --overwrite")
     found = earlier_run(run_dir, ckpt_folder)
-    if not found or (mode != "none" and not overwrite):
+    others = _not_of_a_run(run_dir, ckpt_folder) if overwrite and run_dir.is_dir() else []
+    if not (found or others) or (mode != "none" and not overwrite):
         return ""
     if not overwrite and set(found) <= set(STARTUP_FILES):
         return (f"train.output_dir {run_dir}: the run there stopped before its first step (it left only "
@@ -136,7 +137,8 @@ def prepare_run_dir(run_dir: Path, ckpt_folder: str, resume: str, overwrite: boo
             f"--checkpoint.resume auto, start over with --overwrite (moves it to {run_dir.name}.old-<time>), or "
             "choose another --train.output_dir")
     dest = move_run_aside(run_dir)
-    return f"--overwrite: moved the earlier run in {run_dir} to {dest}"
+    was_run = any(f not in STARTUP_FILES for f in found) or _is_run_config(dest / RunDir.CONFIG)
+    return f"--overwrite: moved the earlier {'run' if was_run else 'contents'} in {run_dir} to {dest}"
 
 
 def check_data_dir(data_dir: Path, corpus: str, overwrite: bool) -> None:

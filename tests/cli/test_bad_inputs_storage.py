@@ -583,6 +583,19 @@ def test_overwrite_moves_the_old_run_aside(world: World, tmp_path: Path) -> None
     assert [r["step"] for r in read_metrics(run)] == [1, 2]  # the new run's metrics only
 
 
+def test_overwrite_moves_someones_files_aside_before_training_there(world: World, tmp_path: Path) -> None:
+    """The refusal of a non-empty directory without a run offers --overwrite, which moves what is
+    there aside as it does a run (it trained among the files before)."""
+    d = _hf_like_dir(tmp_path)
+    before = tree_hash(d)
+    code, out, err = cli(["train", *micro_args(world.data, d, "--train.steps", "2"), "--overwrite"])
+    assert code == 0, err
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("hf-like.old-")]
+    assert len(moved) == 1 and f"moved the earlier contents in {d} to {moved[0]}" in out
+    assert tree_hash(moved[0]) == before and not (d / "model.safetensors").exists()
+    assert [r["step"] for r in read_metrics(d)] == [1, 2]
+
+
 def test_a_run_that_stopped_before_its_first_step_does_not_block_the_rerun(world: World, tmp_path: Path) -> None:
     """A resume checkpoint found invalid stops the run after it wrote its config and tokenizer: the
     corrected command then starts over in place (saying so) instead of asking for --overwrite. A run

@@ -291,7 +291,7 @@ def test_refusals_are_one_line(trained: Path, quantized: dict[str, Path], tmp_pa
     assert "already quantized (int8-weight)" in refused(quantized["int8-weight"], "again", "--scheme", "int8-weight")
     hf4 = refused(trained, "hf4", "--scheme", "int4-weight", "--hf")
     assert "int4-weight has no Hugging Face format" in hf4 and "nothing was written" in hf4  # and nothing is (above)
-    assert "--group-size / --calibration: int4-weight only" in refused(trained, "g", "--scheme", "int8-dynamic",
+    assert "--group-size: int4-weight only" in refused(trained, "g", "--scheme", "int8-dynamic",
                                                                         "--group-size", "32")
     assert "--runtime 'aten': scheme int8-weight runs with auto, dequant, torchao" in refused(
         trained, "x", "--scheme", "int8-weight", "--runtime", "aten")
