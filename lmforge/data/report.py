@@ -193,8 +193,8 @@ def cmd_data_report(args: argparse.Namespace) -> int:
     from lmforge.storage.guard import check_output_file
 
     out = Path(args.out) if args.out is not None else default_report_path(args.run)
-    ours = out.is_file() and out.read_bytes()[:4096].startswith(b"<!DOCTYPE html>") and b"<title>Data report:" in \
-        out.read_bytes()[:4096]
+    head = out.read_bytes()[:4096] if out.is_file() else b""
+    ours = head.startswith(b"<!DOCTYPE html>") and b"<title>Data report:" in head  # an earlier report
     check_output_file(out, args.overwrite or ours, {"input": args.run, "--compare": args.compare})
     result = write_report(args.run, args.out, args.compare, getattr(args, "threshold", DRIFT_THRESHOLD))
     print(f"report: {result.path}")
