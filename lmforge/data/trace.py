@@ -64,8 +64,13 @@ def _pipeline_record(data_dir: Path, locator: str) -> dict[str, Any]:
     obj = json.loads(_line(Path(spec), int(line)))
     if not isinstance(obj, dict) or "provenance" not in obj:
         return {}
-    return {"file": spec, "line": int(line), "source": obj.get("source"), "offset": obj.get("offset"),
-            "id": obj.get("id"), "metadata": obj.get("metadata", {}), "provenance": obj["provenance"]}
+    return _pipeline_fields(obj, spec, int(line))
+
+
+def _pipeline_fields(obj: dict[str, Any], file: str, line: int) -> dict[str, Any]:
+    """What the trace shows of a pipeline output record (line `line` of `file`)."""
+    return {"file": file, "line": line, "source": obj.get("source"), "offset": obj.get("offset"),
+            "id": obj.get("id"), "metadata": obj.get("metadata") or {}, "provenance": obj["provenance"]}
 
 
 def trace_tokens(data_dir: Path | str, offset: int, length: int = 1, split: str = "train") -> list[TracedDocument]:
@@ -92,9 +97,8 @@ def trace_tokens(data_dir: Path | str, offset: int, length: int = 1, split: str 
         rec = json.loads(_line(packed, line))
         tokens = (int(starts[i]), int(starts[i + 1]) - 1)
         if "provenance" in rec:  # a pipeline record: what was packed, and the corpus line it was read from
-            meta = rec.get("metadata") or {}
-            pipeline = {"file": str(packed), "line": line, "source": rec.get("source"), "offset": rec.get("offset"),
-                        "id": rec.get("id"), "metadata": meta, "provenance": rec["provenance"]}
+            pipeline = _pipeline_fields(rec, str(packed), line)
+            meta = pipeline["metadata"]
             out.append(TracedDocument(split, i, tokens, int(rec.get("offset") or 0), str(meta.get("id", rec["id"])),
                                       str(meta.get("source", rec.get("source"))), str(meta.get("locator", "")),
                                       content_hash(rec["text"]), rec["text"][:80], pipeline))
