@@ -15,7 +15,6 @@ which moves its contents aside as it does a run's.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from lmforge.storage.guard import DestinationError, check_no_overlap, overlap
 from lmforge.storage.layout import RunDir, holds_checkpoint, step_of
 from lmforge.storage.lock import LOCK_NAME
+from lmforge.storage.model_dir import is_run_dir
 
 __all__ = ["RUN_FILES", "STARTUP_FILES", "check_data_dir", "check_output_dir", "earlier_run", "move_run_aside",
            "prepare_run_dir"]
@@ -55,15 +55,6 @@ def _not_of_a_run(run_dir: Path, ckpt_folder: str) -> list[str]:
                   if p.name not in ours and not p.name.startswith("events.out.tfevents."))
 
 
-def _is_run_config(path: Path) -> bool:
-    """Whether config.json is a run's (a job config: model and train sections), not, say, an HF model's."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("train"), dict)
-
-
 def check_output_dir(run_dir: Path, ckpt_folder: str, overwrite: bool, data_dir: Path, restarted: bool) -> None:
     """Refuse, before anything is written there (the lock file included), a `train.output_dir` that
     is the data directory or a checkpoint directory, or that is not empty and holds no lmforge run
@@ -83,7 +74,7 @@ def check_output_dir(run_dir: Path, ckpt_folder: str, overwrite: bool, data_dir:
     if found and not set(found) <= set(STARTUP_FILES):
         return  # a run: prepare_run_dir's rules (resume, refuse, --overwrite)
     others = _not_of_a_run(run_dir, ckpt_folder)
-    if RunDir.CONFIG in found and not _is_run_config(RunDir(run_dir).config):
+    if RunDir.CONFIG in found and not is_run_dir(run_dir):
         others.insert(0, f"{RunDir.CONFIG} (not a run's)")
     if others:
         raise DestinationError(f"train.output_dir {run_dir} is not empty ({', '.join(others[:3])}) and holds no "
@@ -137,7 +128,7 @@ def prepare_run_dir(run_dir: Path, ckpt_folder: str, resume: str, overwrite: boo
             f"--checkpoint.resume auto, start over with --overwrite (moves it to {run_dir.name}.old-<time>), or "
             "choose another --train.output_dir")
     dest = move_run_aside(run_dir)
-    was_run = any(f not in STARTUP_FILES for f in found) or _is_run_config(dest / RunDir.CONFIG)
+    was_run = any(f not in STARTUP_FILES for f in found) or is_run_dir(dest)
     return f"--overwrite: moved the earlier {'run' if was_run else 'contents'} in {run_dir} to {dest}"
 
 
