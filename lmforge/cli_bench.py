@@ -40,7 +40,14 @@ def cmd_bench_peak(args: argparse.Namespace) -> int:
         raise ConfigError("--n", args.n, f"must be in [16, {BENCH_PEAK_MAX_N}] (matrix size; three n x n matrices "
                           f"of n = {args.n} would take {3 * 4 * args.n**2 / 2**30:,.1f} GiB in fp32)", "command line")
 
-    results = run_peak_benchmark(dtypes=args.dtypes.split(","), n=args.n, force=args.force)
+    dtypes = args.dtypes.split(",")
+    if "tf32" in (d.strip().lower() for d in dtypes):
+        import torch
+
+        if not torch.cuda.is_available():  # measuring nothing and exiting 0 would read as a result
+            raise ConfigError("--dtypes", args.dtypes, "bf16, fp16, fp32 on a machine without a GPU (tf32 is a "
+                              "tensor-core mode of GPUs; a CPU's fp32 matmul is plain fp32)", "command line")
+    results = run_peak_benchmark(dtypes=dtypes, n=args.n, force=args.force)
     for key, value in results.items():
         print(f"{key}: {value / 1e9:,.1f} GFLOP/s")
     return 0
@@ -219,7 +226,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="micro-benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     q = bsub.add_parser("peak", help="measure (and cache) this machine's matmul peak for MFU")
-    q.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp16, fp32")
+    q.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp16, fp32, tf32 (GPU only)")
     q.add_argument("--n", type=int, default=2048, help="matrix size")
     q.add_argument("--force", action="store_true", help="re-measure even if cached")
     q.set_defaults(func=cmd_bench_peak)

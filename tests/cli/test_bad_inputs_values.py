@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lmforge.cli import main
 from lmforge.data.files import fingerprint
@@ -374,6 +375,17 @@ def test_bench_peak_refuses_n_it_would_not_measure(n: str, capsys) -> None:
     code, _, err = run_main(["bench", "peak", "--n", n, "--dtypes", "fp32"], capsys)
     assert code == 2 and "--n" in err and "[16, 16384]" in err
     assert time.perf_counter() - t0 < 5  # refused, not measured
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 is measured where there is a GPU")
+@pytest.mark.parametrize("dtypes", ["tf32", "fp32,TF32"])
+def test_bench_peak_refuses_tf32_without_a_gpu(dtypes: str, capsys) -> None:
+    """It used to measure nothing for tf32 and exit 0, printing no line for it."""
+    t0 = time.perf_counter()
+    code, out, err = run_main(["bench", "peak", "--dtypes", dtypes], capsys)
+    assert code == 2 and "--dtypes" in err and "without a GPU" in err and "bf16, fp16, fp32" in err
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert time.perf_counter() - t0 < 5  # refused before any dtype was measured
 
 
 @pytest.mark.parametrize("size", ["inf", "nanGB", "-1MB"])
