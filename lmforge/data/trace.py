@@ -43,28 +43,45 @@ class TracedDocument:
     pipeline: dict[str, Any] = field(default_factory=dict)  # source, offset, provenance of the pipeline record
 
 
-def _line(path: Path, number: int) -> str:
-    """Line `number` (1-based) of a text file, read by streaming (corpora are large)."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if n == number:
-                return line
-    raise DataError(f"{path} has fewer than {number} lines; the pack is older than this corpus: rerun "
-                    "`lmforge data prepare`")
+def _lines(path: Path, numbers: set[int]) -> dict[int, str]:
+    """Lines `numbers` (1-based) of a text file, in ONE streaming pass that stops after the last
+    (corpora are large, and a range may touch thousands of documents: a pass per document read
+    the corpus once each)."""
+    found: dict[int, str] = {}
+    if numbers:
+        last = max(numbers)
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if n in numbers:
+                    found[n] = line
+                if n == last:
+                    break
+    if len(found) < len(numbers):
+        raise DataError(f"{path} has fewer than {max(numbers)} lines; the pack is older than this corpus: rerun "
+                        "`lmforge data prepare`")
+    return found
 
 
-def _pipeline_record(data_dir: Path, locator: str) -> dict[str, Any]:
-    """The pipeline output record behind a corpus document, when the corpus was built from one
-    (`data.corpus` = a pipeline's output.jsonl; the locator is "output.jsonl:<line>")."""
+def _pipeline_records(data_dir: Path, locators: list[str]) -> list[dict[str, Any]]:
+    """The pipeline output record behind each corpus document ({} where there is none), when the
+    corpus was built from one (`data.corpus` = a pipeline's output.jsonl; a locator is
+    "output.jsonl:<line>")."""
     meta = read_json(data_dir / "corpus.meta.json") or {}
     spec = meta.get("inputs", {}).get("spec")
-    name, _, line = locator.rpartition(":")
-    if not spec or spec == "default" or not line.isdigit() or Path(spec).name != name or not Path(spec).is_file():
-        return {}
-    obj = json.loads(_line(Path(spec), int(line)))
-    if not isinstance(obj, dict) or "provenance" not in obj:
-        return {}
-    return _pipeline_fields(obj, spec, int(line))
+    if not spec or spec == "default" or not Path(spec).is_file():
+        return [{} for _ in locators]
+    wanted = {}
+    for i, locator in enumerate(locators):
+        name, _, line = locator.rpartition(":")
+        if line.isdigit() and Path(spec).name == name:
+            wanted[i] = int(line)
+    records = _lines(Path(spec), set(wanted.values()))
+    out: list[dict[str, Any]] = [{} for _ in locators]
+    for i, line in wanted.items():
+        obj = json.loads(records[line])
+        if isinstance(obj, dict) and "provenance" in obj:
+            out[i] = _pipeline_fields(obj, spec, line)
+    return out
 
 
 def _pipeline_fields(obj: dict[str, Any], file: str, line: int) -> dict[str, Any]:
@@ -91,10 +108,12 @@ def trace_tokens(data_dir: Path | str, offset: int, length: int = 1, split: str 
     end = min(offset + length, ds.n_tokens)
     first = int(np.searchsorted(starts, offset, side="right")) - 1
     last = int(np.searchsorted(starts, end - 1, side="right")) - 1
+    docs = range(first, last + 1)
+    lines = [int(rows[i]) + 1 for i in docs]
+    records = _lines(packed, set(lines))
     out = []
-    for i in range(first, last + 1):
-        line = int(rows[i]) + 1
-        rec = json.loads(_line(packed, line))
+    for i, line in zip(docs, lines):
+        rec = json.loads(records[line])
         tokens = (int(starts[i]), int(starts[i + 1]) - 1)
         if "provenance" in rec:  # a pipeline record: what was packed, and the corpus line it was read from
             pipeline = _pipeline_fields(rec, str(packed), line)
@@ -104,8 +123,10 @@ def trace_tokens(data_dir: Path | str, offset: int, length: int = 1, split: str 
                                       content_hash(rec["text"]), rec["text"][:80], pipeline))
         else:
             out.append(TracedDocument(split, i, tokens, line, rec["id"], rec["source"], rec["locator"],
-                                      content_hash(rec["text"]), rec["text"][:80],
-                                      _pipeline_record(data_dir, rec["locator"])))
+                                      content_hash(rec["text"]), rec["text"][:80]))
+    plain = [d for d in out if not d.pipeline]  # corpus documents: their pipeline records, one pass
+    for d, record in zip(plain, _pipeline_records(data_dir, [d.locator for d in plain])):
+        d.pipeline = record
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 
@@ -91,6 +92,34 @@ def test_trace_cli_prints_the_chain_and_refuses_a_bad_offset(traced, capsys):
     assert err.count("\n") == 1 and "offset must be in [0," in err
     with pytest.raises(DataError, match="length >= 1"):
         trace_tokens(data, 0, 0)
+
+
+def test_a_range_over_every_document_reads_each_file_once(traced, monkeypatch):
+    """A long range used to stream the packed corpus once per document it touched (quadratic in
+    the corpus): each file is now read in one pass, and the documents are the same as traced
+    one by one."""
+    from lmforge.data import trace
+
+    _, _, _, data = traced
+    n_tokens = json.loads((data / "manifest.json").read_text())["splits"]["train"]["tokens"]
+    one_by_one = []
+    offset = 0
+    while offset < n_tokens:
+        (first, *_) = trace_tokens(data, offset, 1)
+        one_by_one.append(first)
+        offset = first.tokens[1] + 1
+    opened: list[str] = []
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(trace, "open", counting_open, raising=False)
+    docs = trace_tokens(data, 0, n_tokens)
+    assert len(docs) == len(one_by_one) > 20
+    assert docs == one_by_one
+    # the packed corpus.jsonl, then the pipeline's output.jsonl it was made from: each once
+    assert [Path(f).name for f in opened] == ["corpus.jsonl", "output.jsonl"], opened
 
 
 def test_the_default_corpus_traces_through_the_default_pipeline(tiny_data_dir):
