@@ -107,7 +107,7 @@ def main() -> int:
         default_runtime[name] = read_quantized(dirs[name]).meta["runtime"]
         for rt in RUNTIMES[name]:
             problem = int8_runtime_problem(name, rt)
-            if problem is not None:  # torchao's int8 x int8 without VNNI: not a figure worth printing
+            if problem is not None:  # torchao's int8 matmul clips here: not a figure worth printing
                 print(f"{name}/{rt}: not timed: {problem}")
                 continue
             models[f"{name}/{rt}"] = load_quantized(dirs[name], runtime=rt)[0]

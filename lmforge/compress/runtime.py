@@ -104,24 +104,42 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+def int8_matmul_clips() -> bool:
+    """Whether this process's int8 x int8 matmul (`aten._int_mm`, which torchao's int8-dynamic calls
+    on CPU) loses products: full-range random int8 against the exact product, a few milliseconds.
+
+    Measured, not read from the CPU's flags, because the flags do not decide it: torch hands the
+    product to oneDNN only on CPUs with AVX512 (with ONEDNN_MAX_CPU_ISA capping oneDNN below VNNI it
+    then adds u8 x s8 pairs in saturating 16-bit lanes: clipped), and computes it exactly, if ~20x
+    slower than fbgemm, on an AVX2-only CPU such as a Zen 3 (docs/benchmarks.md)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (64, 256), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (256, 128), dtype=torch.int8, generator=g)
+    exact = (a.double() @ b.double()).to(torch.int32)  # |sum| <= 2^22: exact in fp64
+    return not torch.equal(torch._int_mm(a, b), exact)
+
+
 def int8_runtime_problem(scheme: str, runtime: str, device: torch.device | str = "cpu",
                          cpuinfo: str | None = None) -> str | None:
-    """Why `runtime` cannot compute `scheme`'s stored numbers on this CPU, or None when it can.
+    """Why `runtime` cannot compute `scheme`'s stored numbers here, or None when it can.
 
-    torchao's int8-dynamic multiplies int8 activations by int8 weights in oneDNN. Without int8
-    dot-product instructions (VNNI, AMX), or with ONEDNN_MAX_CPU_ISA capping them off, oneDNN adds
-    u8 x s8 pairs in saturating 16-bit lanes and full-range activations clip: on a 4-layer, width-192
-    model the logits moved 9.5% from the stored numbers' (1.2% with VNNI; fbgemm, which quantizes
-    activations to 7 bits for such CPUs, 4.1% either way)."""
-    if scheme != "int8-dynamic" or runtime != "torchao" or torch.device(device).type != "cpu" or not is_x86():
+    torchao's int8-dynamic multiplies int8 activations by int8 weights with `aten._int_mm`; where
+    that clips (int8_matmul_clips) full-range activations lose their products: on a 4-layer,
+    width-192 model the logits moved 9.5% from the stored numbers' (1.2% where it is exact; fbgemm,
+    which quantizes activations to 7 bits on CPUs without VNNI, 4.1%). The CPU's flags (`cpuinfo`,
+    default /proc/cpuinfo) only say why."""
+    if scheme != "int8-dynamic" or runtime != "torchao" or torch.device(device).type != "cpu":
+        return None
+    if not int8_matmul_clips():
         return None
     flags, cap = parse_cpu_flags(read_cpuinfo() if cpuinfo is None else cpuinfo), onednn_cap_from_env()
-    if not flags or cpu_native_feature("int8", flags, cap) is not None:
-        return None  # unknown flags are not refused on a guess
-    capped = cpu_native_feature("int8", flags) is not None
-    why = f"ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN from them" if capped else "this CPU has none"
-    return (f"runtime torchao (int8-dynamic) needs int8 dot-product instructions on CPU (AVX512_VNNI, AVX_VNNI "
-            f"or AMX) and {why}: oneDNN's int8 matmul would clip its sums")
+    if flags and cpu_native_feature("int8", flags) is not None and cpu_native_feature("int8", flags, cap) is None:
+        why = f"ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN from the CPU's int8 dot-product instructions"
+    elif flags and is_x86() and cpu_native_feature("int8", flags) is None:
+        why = "this CPU has no int8 dot-product instructions (AVX512_VNNI, AVX_VNNI or AMX)"
+    else:
+        why = "torch's int8 matmul lost products on a test matrix here"
+    return f"runtime torchao (int8-dynamic) would clip its int8 sums: {why}"
 
 
 def build_runtime_model(cfg: ModelConfig, formats: dict[str, dict], tensors: dict[str, torch.Tensor],
