@@ -106,12 +106,12 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def int8_matmul_clips() -> bool:
     """Whether this process's int8 x int8 matmul (`aten._int_mm`, which torchao's int8-dynamic calls
-    on CPU) loses products: full-range random int8 against the exact product, a few milliseconds.
+    on CPU) loses products: full-range random int8 against the exact product (20-40 ms on a Zen 3).
 
-    Measured, not read from the CPU's flags, because the flags do not decide it: torch hands the
-    product to oneDNN only on CPUs with AVX512 (with ONEDNN_MAX_CPU_ISA capping oneDNN below VNNI it
-    then adds u8 x s8 pairs in saturating 16-bit lanes: clipped), and computes it exactly, if ~20x
-    slower than fbgemm, on an AVX2-only CPU such as a Zen 3 (docs/benchmarks.md)."""
+    Measured, not read from the CPU's flags, because the flags did not decide it: on a Zen 4 with
+    ONEDNN_MAX_CPU_ISA capping oneDNN below VNNI the product went to oneDNN, which adds u8 x s8
+    pairs in saturating 16-bit lanes (clipped), while an AVX2-only Zen 3 computed it without oneDNN,
+    exactly, if ~20x slower than fbgemm (docs/benchmarks.md)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (64, 256), dtype=torch.int8, generator=g)
     b = torch.randint(-128, 128, (256, 128), dtype=torch.int8, generator=g)
