@@ -173,7 +173,7 @@ def test_torchao_int8_dynamic_is_refused_only_where_its_int8_matmul_clips(
     assert capped is not None and "ONEDNN_MAX_CPU_ISA=AVX512_CORE keeps oneDNN from the CPU's int8" in capped
 
 
-def test_the_int8_matmul_probe_is_exact_on_exact_products(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_int8_matmul_probe_catches_saturated_sums(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not runtime_module().int8_matmul_clips() or is_x86()  # only x86 kernels without VNNI clip
     # A matmul that saturates its sums at int16, as oneDNN's pre-VNNI u8 x s8 pairs do, is caught:
     real = torch._int_mm
