@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.compress.errors import CompressError
 from lmforge.compress.quantize import QuantizedWeights
-from lmforge.compress.runtime import build_runtime_model, int8_runtime_problem
+from lmforge.compress.runtime import checked_runtime_model, int8_runtime_problem
 from lmforge.compress.schemes import RUNTIMES, SCHEMES, resolve_runtime
 from lmforge.config import ModelConfig
 from lmforge.config.loader import ConfigError, build_dataclass
@@ -128,7 +128,7 @@ def load_quantized(path: Path, device: torch.device | str = "cpu", runtime: str 
     except (SafetensorError, OSError) as e:
         raise CompressError(f"{q.path / TENSORS}: cannot read ({e.__class__.__name__}: {e}); quantize again") from None
     try:
-        model = build_runtime_model(q.cfg, q.meta["weights"], tensors, q.scheme, chosen, device)
+        model = checked_runtime_model(q.cfg, q.meta["weights"], tensors, q.scheme, chosen, device)
     except KeyError as e:
         raise CompressError(f"{q.path / TENSORS}: tensor {e} is missing; quantize again") from None
     return model, q.cfg, q.tokenizer

@@ -149,6 +149,13 @@ def build_runtime_model(cfg: ModelConfig, formats: dict[str, dict], tensors: dic
     problem = int8_runtime_problem(scheme, runtime, device)
     if problem is not None:
         raise CompressError(f"{problem}; use runtime fbgemm")
+    return checked_runtime_model(cfg, formats, tensors, scheme, runtime, device)
+
+
+def checked_runtime_model(cfg: ModelConfig, formats: dict[str, dict], tensors: dict[str, torch.Tensor],
+                          scheme: str, runtime: str, device: torch.device | str = "cpu") -> nn.Module:
+    """build_runtime_model for a caller that has already asked int8_runtime_problem (its probe
+    multiplies a test matrix: once per load is enough)."""
     model = family_of(cfg).build(cfg, "cpu", None)
     sd = {name: dequantized(name, fmt, tensors) for name, fmt in formats.items()}
     if cfg.tie_embeddings:

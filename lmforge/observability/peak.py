@@ -298,11 +298,14 @@ def run_peak_benchmark(dtypes: Iterable[torch.dtype | str] = ("bf16", "fp32"), n
     """Figures for `lmforge bench peak`: the measured CPU peak per dtype and, with a GPU, its
     measured and datasheet peaks. Keys are labels for display; values FLOP/s. Prints nothing."""
     keys = [dtype_key(d) for d in dtypes]  # validate them all before measuring anything
+    if "tf32" in keys and not torch.cuda.is_available():  # measuring nothing would read as a result
+        raise ObservabilityError("--dtypes tf32: a tensor-core mode of GPUs, and this machine has none; without a "
+                                 "GPU: bf16, fp16, fp32 (a CPU's fp32 matmul is plain fp32)")
     results: dict[str, float] = {}
     threads = torch.get_num_threads()
     for key in keys:
         if key == "tf32":
-            continue  # a GPU mode; on CPU it is plain fp32
+            continue  # the GPU's mode (measured below); on CPU it is plain fp32
         flops = measure_cpu_peak_flops(key, n, seconds, cache_path, force)
         used = _measured_size(cpu_label(), key, n, threads, cache_path)
         results[f"cpu {key} measured (n={used}, {threads} threads)"] = flops
