@@ -40,25 +40,15 @@ recorded and `pipeline_step` returns their mean.
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import (
-    PipelineScheduleMulti,
-    PipelineScheduleSingle,
-    Schedule1F1B,
-    ScheduleDualPipeV,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleInterleavedZeroBubble,
-    ScheduleLoopedBFS,
-    ScheduleZBVZeroBubble,
-)
 
 from lmforge.config import ModelConfig, ParallelConfig
 from lmforge.config.parallel import SPLIT_BACKWARD_SCHEDULES, V_SCHEDULES
@@ -66,26 +56,38 @@ from lmforge.models.registry import family_of
 from lmforge.observability.flops import flops_breakdown
 from lmforge.tensors.dtensor import gathered
 
+if TYPE_CHECKING:
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
+
 __all__ = [
     "PipelineError", "PipelineParts", "StagePlan", "SCHEDULES", "V_STYLE", "balanced_partition", "broadcast_loss",
     "build_pipeline", "build_schedule", "materialise_part", "parts_module", "pipeline_eval", "pipeline_step", "plan_pipeline",
-    "split_layers", "split_model", "stage_costs", "stage_ranks",
+    "schedule_class", "split_layers", "split_model", "stage_costs", "stage_ranks",
 ]
 
-SCHEDULES: dict[str, type] = {
-    "gpipe": ScheduleGPipe,
-    "1f1b": Schedule1F1B,
-    "interleaved_1f1b": ScheduleInterleaved1F1B,
-    "looped_bfs": ScheduleLoopedBFS,
-    "interleaved_zb": ScheduleInterleavedZeroBubble,
-    "zbv": ScheduleZBVZeroBubble,
-    "dualpipev": ScheduleDualPipeV,
+# Schedule name -> its class in torch.distributed.pipelining.schedules. Resolved when a pipeline
+# is built (`schedule_class`): importing torch's pipelining loads torch._dynamo (~0.7 s on a
+# 2-core CPU), which every process that imports the trainer would otherwise pay, pp or not.
+SCHEDULES: dict[str, str] = {
+    "gpipe": "ScheduleGPipe",
+    "1f1b": "Schedule1F1B",
+    "interleaved_1f1b": "ScheduleInterleaved1F1B",
+    "looped_bfs": "ScheduleLoopedBFS",
+    "interleaved_zb": "ScheduleInterleavedZeroBubble",
+    "zbv": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
 }
 V_STYLE = frozenset(V_SCHEDULES)  # rank r holds stages r and 2*pp-1-r
 # Forward-only eval is a forward + backward step here (see pipeline_eval).
 _EVAL_BY_STEP = V_STYLE
 # Split input/weight backward: torch refuses them on compiled stage modules.
 _SPLIT_BACKWARD = frozenset(SPLIT_BACKWARD_SCHEDULES)
+
+
+def schedule_class(name: str) -> type:
+    """torch's schedule class for `name` (a key of SCHEDULES), imported on first use."""
+    return getattr(importlib.import_module("torch.distributed.pipelining.schedules"), SCHEDULES[name])
 
 
 class PipelineError(ValueError):
@@ -349,6 +351,9 @@ def build_schedule(parts: list[nn.Module], plan: StagePlan, pp_group: dist.Proce
         raise PipelineError(f"parallel.pp_schedule = {plan.schedule!r} splits the backward into input and "
                             f"weight passes, which torch does not support on compiled modules: "
                             f"disable train.compile or use gpipe/1f1b/interleaved_1f1b/looped_bfs")
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
     device = torch.device(device)
     stages = [PipelineStage(part, stage_index=s, num_stages=plan.n_stages, device=device, group=group)
               for part, s in zip(parts, indices)]
@@ -363,7 +368,7 @@ def build_schedule(parts: list[nn.Module], plan: StagePlan, pp_group: dist.Proce
         loss = loss * factor
         return scale_loss(loss) if scale_loss is not None else loss
 
-    cls = SCHEDULES[plan.schedule]
+    cls = schedule_class(plan.schedule)
     try:
         if issubclass(cls, PipelineScheduleSingle):
             if len(stages) != 1:

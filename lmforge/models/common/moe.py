@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import MoEConfig
+from lmforge.models.common.eager import eager_under_compile
 from lmforge.models.common.mlp import SwiGLU, silu_mul
 from lmforge.models.common.router_stats import PendingLoad, RouterStats, counting_gate_weight
 from lmforge.tensors.dtensor import local_shard
@@ -281,7 +282,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return padded_bmm(x, w, counts)
 
 
-@torch.compiler.disable
+@eager_under_compile
 def padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Fallback: scatter rows into (E, max_count, in), one bmm, gather back. Pads to the busiest
     expert, so it costs E * max_count rows instead of A. Eager under torch.compile: the padded

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.models.common.eager import eager_under_compile
+
 
 class RouterStats:
     """The collector MoE layers report to, keyed by layer (block index): the trainer creates one,
@@ -71,7 +73,7 @@ class _CountLoadInBackward(torch.autograd.Function):
         return grad, None
 
 
-@torch.compiler.disable
+@eager_under_compile
 def counting_gate_weight(weight: torch.Tensor, pending: PendingLoad) -> torch.Tensor:
     """`weight` through `_CountLoadInBackward`, always eager: its backward changes Python state,
     which a compiled graph cannot replay (under torch.compile this is one small graph break)."""
