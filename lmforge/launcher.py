@@ -16,7 +16,9 @@ A stop signal (SIGTERM, SIGINT, SIGHUP) must stop the job even when torchrun mis
 once saw a job train on for minutes after its launcher got SIGTERM). So if torchrun has not
 exited `RESEND_AFTER_S` after a stop signal, the launcher sends it again, and after
 `KILL_AFTER_S` (torchrun gives its workers 30 s to stop before it kills them) it kills torchrun's
-process group; the workers then die with torchrun (`guard_worker`).
+process group; the workers then die with torchrun (`guard_worker`). The launcher never blocks in one
+long wait for torchrun, so a signal the kernel hands to another of its threads is still acted on
+(`supervise`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 RESEND_AFTER_S = 10.0
 KILL_AFTER_S = 60.0
+WAIT_SLICE_S = 1.0
 LAUNCHER_PID_ENV = "LMFORGE_LAUNCHER_PID"
 
 
@@ -109,7 +112,14 @@ def supervise(child: subprocess.Popen, resend_after_s: float = RESEND_AFTER_S,
         for sig in FORWARDED_SIGNALS:
             previous[sig] = signal.signal(sig, forward)
     try:
-        return child.wait()
+        while True:
+            # Short waits, not one blocking waitpid: the kernel may hand a signal sent to this
+            # process to another of its threads (torch's OpenMP workers; e.g. when the main thread
+            # was just continued after SIGSTOP, as on Slurm's SIGCONT-then-SIGTERM), and Python runs
+            # the handler only when the main thread next executes bytecode. Blocked in waitpid it
+            # never would, and the job trained on. Popen.wait(timeout) polls every <= 50 ms.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return child.wait(timeout=WAIT_SLICE_S)
     finally:
         for timer in timers:
             timer.cancel()

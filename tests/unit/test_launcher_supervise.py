@@ -81,3 +81,17 @@ def test_the_handlers_are_restored_afterwards(sigterm_to_self) -> None:
     sigterm_to_self.start()
     supervise(child, resend_after_s=1.0, kill_after_s=5.0)
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_stop_signal_taken_by_another_thread_still_reaches_the_child(sigterm_to_self) -> None:
+    """The kernel may hand a signal sent to the process to any of its threads (torch's OpenMP
+    workers in the launcher), e.g. when the main thread has just been continued after SIGSTOP, as
+    Slurm's preemption (SIGCONT, then SIGTERM) or a test freezing the job does. Python then runs
+    the handler only when the main thread next runs bytecode: a main thread blocked in waitpid
+    never did, and the job trained on (CI saw it). Here the signal goes to a helper thread."""
+    child = start_child(ignore=0)
+    helper = threading.Timer(0.3, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGTERM))
+    helper.start()
+    t0 = time.monotonic()
+    assert supervise(child, resend_after_s=5.0, kill_after_s=10.0) == 41  # the first SIGTERM, forwarded
+    assert time.monotonic() - t0 < 1.5
