@@ -23,6 +23,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*PY, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
 
+@pytest.mark.timed
 def test_measured_file_loads_and_plans(tmp_path: Path) -> None:
     out = tmp_path / "here.toml"
     proc = _run("bench", "cluster", "--out", str(out), "--no-probes")

@@ -15,6 +15,7 @@ from tests.helpers.cli import read_metrics, run_cli, tiny_run_args
 DELAY_S, STEPS = 0.3, 6
 
 
+@pytest.mark.timed
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_slow_network_is_communication_bound(tiny_data_dir: Path, tmp_path: Path,

@@ -21,6 +21,7 @@ COMMON = ["--train.steps", str(STEPS), "--train.global_batch_size", "8", "--trai
           "--comm.load_balance_interval", "2", "--metrics.straggler_factor", "0"]
 
 
+@pytest.mark.timed
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_balancing_cuts_step_time_with_equal_losses(tiny_data_dir: Path, tmp_path: Path,

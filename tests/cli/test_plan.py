@@ -136,6 +136,7 @@ def test_memory_predictions_within_10_percent_of_measured(tiny_data_dir: Path, t
     assert all(abs(t - 1) <= 0.10 and abs(a - 1) <= 0.10 for _, t, a in report), report
 
 
+@pytest.mark.timed
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_recommended_layout_runs_and_beats_the_worst_ranked(tiny_data_dir: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 from tests.helpers.cli import read_metrics, tiny_run_args, train_ranks
 
 
+@pytest.mark.timed
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_slow_rank_is_reported(tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

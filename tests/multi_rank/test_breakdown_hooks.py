@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -48,6 +49,7 @@ def _rank(rank: int, world: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+@pytest.mark.timed
 def test_blocking_hook_time_is_exposed_communication(tmp_path: Path) -> None:
     for res in run_ranks(_rank, 2, tmp_path):
         compute, comm, buckets = res["wrapped"]

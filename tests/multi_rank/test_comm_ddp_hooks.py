@@ -228,6 +228,7 @@ def _hook_call_and_wait_times(rank: int, world: int) -> dict:
     return out
 
 
+@pytest.mark.timed
 def test_hook_returns_before_the_collective_completes(tmp_path) -> None:
     """The compression hook starts its collective and returns: backward goes on while the bytes
     travel (DDP waits for the futures at the end of backward)."""

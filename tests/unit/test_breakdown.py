@@ -34,6 +34,7 @@ def _b(steps: int = 1, **parts: float) -> Breakdown:
     return Breakdown({p: parts.get(p, 0.0) for p in PARTS}, steps)
 
 
+@pytest.mark.timed
 def test_a_phase_inside_another_counts_once_as_its_own_part() -> None:
     """An optimizer step's collective (comm.adam_moments = 'local') runs inside "compute": its time
     is communication, and compute keeps only the rest, so the parts still sum to the wall time."""
@@ -106,6 +107,7 @@ def _run(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, faults
     return wall, rows, summary, "\n".join(lines)
 
 
+@pytest.mark.timed
 def test_parts_sum_to_the_wall_time(tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fit() wall time, measured here, against the run's parts (evaluations included: one every
     5 steps, so some fall inside a window)."""
@@ -123,6 +125,7 @@ def test_parts_sum_to_the_wall_time(tiny_data_dir: Path, tmp_path: Path, monkeyp
     assert "compute-bound" in text
 
 
+@pytest.mark.timed
 def test_slow_loader_is_data_bound(tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wall, rows, summary, text = _run(tmp_path, tiny_data_dir, monkeypatch, {"loader_delay_s": 0.08},
                                      "--train.eval_interval", "0")

@@ -35,6 +35,7 @@ def _fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
+@pytest.mark.timed
 def test_async_save_publishes_after_the_write_and_snapshots_at_the_call(tmp_path: Path, monkeypatch):
     model, opt, _ = trained(seed=0)
     expected = {k: v.clone() for k, v in model.state_dict().items()}

@@ -14,6 +14,8 @@ import pytest
 
 from lmforge.launcher import supervise
 
+pytestmark = pytest.mark.timed  # every case bounds how long a stop takes
+
 # Ignores its first `argv[1]` SIGTERMs, then exits with 40 + the number of SIGTERMs it received.
 CHILD = r"""
 import signal, sys, time

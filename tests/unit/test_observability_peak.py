@@ -103,6 +103,7 @@ def test_cpu_measurement_is_plausible_and_cached(tmp_path: Path, monkeypatch: py
     assert sum("DNNL_MAX_CPU_ISA=SSE41" in k for k in json.loads(cache.read_text())) == 1
 
 
+@pytest.mark.timed
 def test_n_shrinks_to_fit_the_time_budget() -> None:
     # One fp32 4096^3 matmul is 137 GFLOP: no CPU does it in the 12.5 ms a 0.05 s budget allows
     # per matmul, so n must shrink (this is what keeps emulated fp16 on CPU from taking minutes).

@@ -179,6 +179,7 @@ def test_unresolved_mode_is_refused_by_autocast() -> None:
         autocast_context("auto", torch.device("cpu"))
 
 
+@pytest.mark.timed
 def test_slowdown_is_measured_and_quick() -> None:
     import time
 

@@ -197,6 +197,7 @@ def _slow(model, seconds: float):
     return slow_forward
 
 
+@pytest.mark.timed
 def test_deadline_drops_the_request_never_answers_late(model, tok_path, monkeypatch):
     with live_server(model, tok_path) as srv:
         monkeypatch.setattr(srv.service.engine, "model", _slow(model, 0.03))  # 100 tokens: > 3 s
@@ -243,6 +244,7 @@ def test_breaker_opens_on_model_errors_half_opens_and_recovers(model, tok_path, 
         assert "lmforge_breaker_state 0.0" in httpx.get(srv.url + "/metrics").text
 
 
+@pytest.mark.timed
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_frees_the_slot_at_once(model, tok_path, monkeypatch, stream):
     with live_server(model, tok_path) as srv:

@@ -65,6 +65,7 @@ def _measure(net) -> dict:  # noqa: ANN001 (SlowNetwork)
         server.wait()
 
 
+@pytest.mark.timed
 def test_link_is_rate_limited_and_removed_afterwards() -> None:
     names, hub = namespace_names(2)
     with slow_network(2, rate="100mbit", delay="1ms") as net:

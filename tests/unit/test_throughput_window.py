@@ -29,6 +29,7 @@ CASES = {
 }
 
 
+@pytest.mark.timed
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logged_tokens_per_s_is_that_of_the_steps(case: str, tiny_data_dir: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
