@@ -5,6 +5,7 @@ run on workers, that conftest.py's hook holds the gate as each test's marker say
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
@@ -13,6 +14,23 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.worker_gate import GATE, WorkerGate
+
+
+def _wait_until_held(lock: Path, timeout_s: float = 10.0) -> None:
+    """Until another descriptor holds `lock` (a fixed sleep would race on a loaded machine)."""
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            time.sleep(0.005)
+        raise AssertionError(f"{lock.name} was never taken")
+    finally:
+        os.close(fd)
 
 
 def test_a_timed_test_waits_for_running_ones_and_the_next_ones_wait_for_it(tmp_path: Path) -> None:
@@ -29,7 +47,7 @@ def test_a_timed_test_waits_for_running_ones_and_the_next_ones_wait_for_it(tmp_p
         with gates[0].hold(alone=False):  # a test running on one worker
             timed = threading.Thread(target=hold, args=("timed", gates[1], True, 0.2))
             timed.start()
-            time.sleep(0.2)  # the timed test now waits for the running one
+            _wait_until_held(tmp_path / "turnstile.lock")  # the timed test now waits for the running one
             # Another worker's next test: it must queue behind the timed test, not slip in beside
             # the running one (shared locks alone would let it, and a stream of them starve timed).
             late = threading.Thread(target=hold, args=("late", gates[2], False, 0.0))
