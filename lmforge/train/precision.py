@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -146,6 +147,16 @@ def measure_slowdown(mode: str, device: torch.device | str = "cpu", n: int = 128
                 flops, _ = measure_matmul_flops(device, key, n=n, seconds=seconds, batch_seconds=0.001)
                 best[key] = max(best[key], flops)
     return best["fp32"] / best[mode]
+
+
+def warn_if_emulated(choice: PrecisionChoice, device: torch.device) -> None:
+    """One warning line, with the measured slowdown, for a reduced precision this CPU only emulates
+    (an explicit `bf16` without AMX or AVX512_BF16): it runs, slowly, as asked."""
+    if choice.native or device.type != "cpu":
+        return
+    logging.getLogger("lmforge.train").warning(
+        "train.mixed_precision = %r on a CPU without native %s: its matmuls measured %.0fx slower than fp32 here "
+        "(128x128, one thread); 'auto' would train in fp32", choice.mode, choice.mode, measure_slowdown(choice.mode))
 
 
 def autocast_context(mode: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -48,6 +48,7 @@ from lmforge.train.evaluate import local_validation_loss
 from lmforge.train.exit_loss import ExitLoss
 from lmforge.train.faults import FaultInjector
 from lmforge.train.frozen_adamw import hand_over_frozen_variance
+from lmforge.train.host_allocator import configure_host_allocator
 from lmforge.train.lr_schedule import build_scheduler
 from lmforge.train.model_build import build_training_model
 from lmforge.train.optim import build_optimizer, local_moments_of
@@ -56,8 +57,8 @@ from lmforge.train.precision import (
     autocast_context,
     build_grad_scaler,
     check_same_precision_on_all_ranks,
-    measure_slowdown,
     resolve_job_precision,
+    warn_if_emulated,
 )
 from lmforge.train.router_balance import RouterBalance
 from lmforge.train.stability import StabilityPolicy, StepCheck
@@ -113,11 +114,9 @@ class Trainer:
             check_same_tokenizer(self.init_from, self.data_dir)
         check_same_precision_on_all_ranks(self.precision)
         self.say(f"precision: {self.precision.mode} ({self.precision.reason})")
-        if self.is_main and not self.precision.native and self.device.type == "cpu":
-            slower = measure_slowdown(self.precision.mode)
-            log.warning("train.mixed_precision = %r on a CPU without native %s: its matmuls measured %.0fx slower "
-                        "than fp32 here (128x128, one thread); 'auto' would train in fp32", self.precision.mode,
-                        self.precision.mode, slower)
+        if self.is_main:
+            warn_if_emulated(self.precision, self.device)
+        self.say(f"host memory: {configure_host_allocator(cfg.train.host_allocator, self.device.type)}")
         self.scaler = build_grad_scaler(cfg.train.mixed_precision, self.device)
         self.accum = cfg.accum_steps(self.info.world_size)
         breakdown = make_breakdown(cfg, self.device, self._dp_group() is not None)
