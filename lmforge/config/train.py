@@ -69,8 +69,8 @@ class TrainConfig:
     # one bit for bit (on AVX2-only CPUs "auto" already is "plain")
     matmul_kernels: Literal["auto", "plain"] = "auto"
     # "auto": when training on the CPU, glibc keeps freed memory for the next step instead of
-    # returning it to the kernel and faulting it back (train/host_allocator.py: 12-15% faster on a
-    # Zen 3; the process's resident size stays near its peak); "system": malloc as the process started
+    # returning it to the kernel and faulting it back (train/host_allocator.py: 12-31% more tokens/s
+    # on a Zen 3; the process's resident size stays near its peak); "system": malloc as the process started
     host_allocator: Literal["auto", "system"] = "auto"
     # "full": initialise the whole model, then shard (all layouts start from the same weights);
     # "sharded": initialise shards after sharding (any size); "auto": full up to 2 GiB of weights.

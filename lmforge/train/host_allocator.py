@@ -4,8 +4,8 @@ A CPU training step allocates and frees the same large activation and gradient b
 glibc's malloc serves blocks above its mmap threshold with fresh `mmap`s and returns them to the
 kernel on `free`, and it trims freed memory at the top of its heap: every step then faults its
 working set back in, page by page, and the kernel zeroes each page first. On a 2-core Zen 3 that
-was ~30,000 page faults per step for the benchmark model (bench/train_throughput.py) and 12-15%
-of its training throughput (docs/benchmarks.md). Raising both thresholds keeps freed blocks in the
+was 22,000-37,000 page faults per step for bench/train_throughput.py's model, and the main job's
+model trained 12-31% faster without them (docs/benchmarks.md). Raising both thresholds keeps freed blocks in the
 process for the next step to reuse (the same thing Intel's CPU launchers get by preloading
 jemalloc or tcmalloc), at the price of a resident size that stays near the run's peak.
 
@@ -30,7 +30,7 @@ KEEP_BELOW_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class HostAllocator:
-    """What the process's allocator does now, for the run header and config.json."""
+    """What the process's allocator does now, for the run header."""
 
     mode: str  # "kept" (freed memory stays in the process) or "system"
     reason: str

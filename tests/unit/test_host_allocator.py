@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,7 +57,7 @@ def test_system_and_gpu_runs_leave_malloc_alone() -> None:
     assert gpu.mode == "system" and "cuda" in gpu.reason
 
 
-def test_the_setting_is_checked_with_the_config(tmp_path) -> None:
+def test_the_setting_is_checked_with_the_config(tmp_path: Path) -> None:
     recipe = tmp_path / "r.toml"
     recipe.write_text('[train]\nhost_allocator = "jemalloc"\n')
     with pytest.raises(ConfigError, match="host_allocator"):
