@@ -246,7 +246,7 @@ def measure_cpu_peak_flops(dtype: torch.dtype | str = torch.bfloat16, n: int = 2
                            cache_path: Path | None = None, force: bool = False) -> float:
     """Measured peak matmul FLOP/s of this CPU on torch.get_num_threads() threads, cached.
 
-    The cache key is (CPU model and instruction-set caps, thread count, torch version, dtype, n):
+    The cache key is (CPU model, generation and instruction-set caps, thread count, torch version, dtype, n):
     change any and it is measured again. `force` re-measures and overwrites the cached figure.
     """
     flops = _cached_measure(torch.device("cpu"), cpu_label(), torch.get_num_threads(), dtype, n,

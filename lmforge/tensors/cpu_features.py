@@ -82,9 +82,9 @@ def is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
-def cpu_model_name() -> str:
+def cpu_model_name(cpuinfo: str | None = None) -> str:
     """CPU model as the OS names it (/proc/cpuinfo on Linux)."""
-    for line in read_cpuinfo().splitlines():
+    for line in (read_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
         if line.lower().startswith(("model name", "hardware", "cpu model")):
             name = line.split(":", 1)[1].strip()
             if name:
@@ -94,11 +94,42 @@ def cpu_model_name() -> str:
 
 # Variables that cap the instruction sets torch's CPU kernels use (ATen's dispatch, oneDNN, MKL).
 ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# /proc/cpuinfo fields that tell CPU generations apart where the model name does not.
+GENERATION_FIELDS = ("cpu family", "model", "stepping", "CPU implementer", "CPU part")
+# The flags that decide which matmul kernels run and how fast.
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                "amx_bf16", "amx_int8", "amx_fp16", "asimd", "sve", "sve2", "bf16", "i8mm")
 
 
-def cpu_key() -> str:
-    """This CPU as a cache of measured figures names it: its model plus every instruction-set cap
-    in effect, since a figure measured under a cap (AVX2 paths forced on an AVX-512 CPU) is another
-    machine's."""
+def cpu_generation(cpuinfo: str | None = None) -> str:
+    """Family/model/stepping (ARM: implementer/part) and the matmul-relevant flags of the first CPU.
+
+    Virtual machines often name every CPU of a vendor alike ("AMD EPYC" for a Zen 3, a Zen 4 and
+    a Zen 5), so the model name alone would let one generation's figures stand for another's."""
+    fields: dict[str, str] = {}
+    for line in (read_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip()
+        if not sep:
+            if fields:  # the blank line after the first CPU's block
+                break
+            continue
+        if key in GENERATION_FIELDS and key not in fields:
+            fields[key] = value.strip()
+    flags = parse_cpu_flags(read_cpuinfo() if cpuinfo is None else cpuinfo)
+    parts = [f"{k.lower().replace('cpu ', '')} {fields[k]}" for k in GENERATION_FIELDS if k in fields]
+    have = [f for f in KERNEL_FLAGS if f in flags]
+    if have:
+        parts.append("+".join(have))
+    return ", ".join(parts)
+
+
+def cpu_key(cpuinfo: str | None = None) -> str:
+    """This CPU as a cache of measured figures names it: its model, its generation (cpu_generation)
+    and every instruction-set cap in effect, since a figure measured on another generation, or
+    under a cap (AVX2 paths forced on an AVX-512 CPU), is another machine's."""
+    text = read_cpuinfo() if cpuinfo is None else cpuinfo
+    generation = cpu_generation(text)
     caps = [f"{var}={os.environ[var]}" for var in ISA_CAP_VARS if os.environ.get(var)]
-    return cpu_model_name() + (f" [{', '.join(caps)}]" if caps else "")
+    return (cpu_model_name(text) + (f" ({generation})" if generation else "")
+            + (f" [{', '.join(caps)}]" if caps else ""))

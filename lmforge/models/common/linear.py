@@ -16,7 +16,7 @@ Two things make a CPU fp32 step faster without changing what is computed:
   run AVX2 code and the timed choice did not survive in context: on a quiet Zen 3 the whole model
   trained 3-7% slower with the fused/kernel path than with plain `F.linear` (docs/benchmarks.md),
   so there (`cpu_capability` AVX2 or less) the layers take plain `F.linear` unless forced. The choice is cached on disk per CPU
-  model (with any instruction-set cap: tensors/cpu_features.py cpu_key), thread count and torch version, so every later process (a resumed run, the other ranks)
+  (model, generation and any instruction-set cap: tensors/cpu_features.py cpu_key), thread count and torch version, so every later process (a resumed run, the other ranks)
   uses the same kernels and stays bit-for-bit reproducible.
 
 Everything else takes the plain `F.linear` path: DTensor parameters or inputs (TP, FSDP with TP),
