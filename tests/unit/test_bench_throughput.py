@@ -1,7 +1,7 @@
 """bench/train_throughput.py compares like with like: the compiled lmforge contestant differs from
 the eager one only in compilation (same weights, same loss function), so its ratio to HF measures
 what compiling gives and nothing else. (Before, with each library's own loss, the compiled model was
-scored with the bench's plain cross-entropy, slower than lmforge's own, which hid what compiling gave.)"""
+scored with the bench's plain cross-entropy, slower than lmforge's own, which hid what compiling gave.) Its MFU column names a wrong peak when it reads over 100%."""
 
 from __future__ import annotations
 
@@ -41,3 +41,11 @@ def test_compiled_contestant_computes_what_the_eager_one_does(monkeypatch: pytes
         loss.backward()
     for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), name
+
+
+def test_an_mfu_over_100_percent_is_called_a_wrong_peak() -> None:
+    bench = _load_bench()
+    assert bench.peak_warning(119e9, 120e9) is None
+    line = bench.peak_warning(121.7e9, 120e9)
+    assert line is not None and line.startswith("warning: MFU 101%: the cached peak (120 GFLOP/s)")
+    assert "lmforge bench peak --force" in line and "\n" not in line
