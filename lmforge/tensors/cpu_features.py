@@ -106,8 +106,9 @@ def cpu_generation(cpuinfo: str | None = None) -> str:
 
     Virtual machines often name every CPU of a vendor alike ("AMD EPYC" for a Zen 3, a Zen 4 and
     a Zen 5), so the model name alone would let one generation's figures stand for another's."""
+    text = read_cpuinfo() if cpuinfo is None else cpuinfo
     fields: dict[str, str] = {}
-    for line in (read_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
+    for line in text.splitlines():
         key, sep, value = line.partition(":")
         key = key.strip()
         if not sep:
@@ -116,7 +117,7 @@ def cpu_generation(cpuinfo: str | None = None) -> str:
             continue
         if key in GENERATION_FIELDS and key not in fields:
             fields[key] = value.strip()
-    flags = parse_cpu_flags(read_cpuinfo() if cpuinfo is None else cpuinfo)
+    flags = parse_cpu_flags(text)
     parts = [f"{k.lower().replace('cpu ', '')} {fields[k]}" for k in GENERATION_FIELDS if k in fields]
     have = [f for f in KERNEL_FLAGS if f in flags]
     if have:

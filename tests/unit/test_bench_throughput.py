@@ -1,7 +1,8 @@
 """bench/train_throughput.py compares like with like: the compiled lmforge contestant differs from
 the eager one only in compilation (same weights, same loss function), so its ratio to HF measures
 what compiling gives and nothing else. (Before, with each library's own loss, the compiled model was
-scored with the bench's plain cross-entropy, slower than lmforge's own, which hid what compiling gave.) Its MFU column names a wrong peak when it reads over 100%."""
+scored with the bench's plain cross-entropy, slower than lmforge's own, which hid what compiling gave.)
+Its MFU column names a wrong peak when it reads over 100%."""
 
 from __future__ import annotations
 
