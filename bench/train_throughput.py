@@ -52,6 +52,7 @@ from lmforge.config import ModelConfig
 from lmforge.interop.hf.registry import to_hf_config, to_hf_state_dict
 from lmforge.models.llama import build_model
 from lmforge.observability.flops import training_flops_per_token as count_training_flops
+from lmforge.observability.metrics import stale_peak_warning
 from lmforge.observability.peak import resolve_peak_flops
 from lmforge.tensors.dtypes import DTYPES
 from lmforge.train.host_allocator import configure_host_allocator
@@ -80,17 +81,6 @@ def training_flops_per_token(cfg: ModelConfig, seq: int) -> float:
 def peak_flops(dtype: torch.dtype) -> float:
     """Measured matmul peak of this CPU in `dtype` on the threads in use (cached by observability.peak)."""
     return resolve_peak_flops("cpu", dtype)
-
-
-def peak_warning(flops_per_s: float, peak: float) -> str | None:
-    """A line when a model's FLOP/s exceed the cached peak: MFU over 100% means the denominator is
-    wrong (measured while the machine was slower, as a shared VM's speed varies by +-15% over
-    minutes), not the model."""
-    if flops_per_s <= peak:
-        return None
-    return (f"warning: MFU {flops_per_s / peak:.0%}: the cached peak ({peak / 1e9:.0f} GFLOP/s) is below what "
-            "these steps achieve, e.g. measured while the machine was slower; re-measure it with "
-            "`lmforge bench peak --force`")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -307,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         med[c.name] = statistics.median(c.rates)
         print(f"{c.name:<16} {med[c.name]:>9,.0f} {min(c.rates):>8,.0f} {max(c.rates):>8,.0f} "
               f"{med[c.name] * flops_tok / peak:>6.1%} {statistics.median(c.faults):>12,.0f} {c.first_loss:>11.4f}")
-    warning = peak_warning(max(med.values()) * flops_tok, peak)
+    warning = stale_peak_warning(max(med.values()) * flops_tok / peak, peak)
     if warning:
         print(warning)
     paired = statistics.median(a / b for a, b in zip(contestants[0].rates, contestants[1].rates))

@@ -62,6 +62,16 @@ def throughput(tokens: float, seconds: float, flops_per_token: float, peak_flops
     return Throughput(tps, tps / world_size, per_device_flops, mfu)
 
 
+def stale_peak_warning(mfu: float, peak_flops: float) -> str | None:
+    """One line when MFU reads over 100%: the peak it divides by is wrong, not the run (measured while
+    the machine was slower; a shared VM's matmul speed moves by +-15% within minutes)."""
+    if mfu <= 1.0:
+        return None
+    return (f"warning: MFU reads {mfu:.0%}: the peak it divides by ({peak_flops / 1e9:,.1f} GFLOP/s per device) "
+            "is below what this run achieves, e.g. measured while the machine was busy; re-measure it on a quiet "
+            "machine with `lmforge bench peak --force` (or set metrics.peak_flops)")
+
+
 class StepTimer:
     """Wall-clock window over training steps, for tokens/s and MFU between two log lines.
 

@@ -27,7 +27,7 @@ from lmforge.data.tokenizer import TextTokenizer
 from lmforge.models.common.sparse_attention import document_starts
 from lmforge.observability.flops import training_flops_per_token
 from lmforge.observability.memory import ActivationMeter, model_state_bytes
-from lmforge.observability.metrics import MetricsLogger, StepTimer, memory_stats
+from lmforge.observability.metrics import MetricsLogger, StepTimer, memory_stats, stale_peak_warning
 from lmforge.observability.peak import resolve_peak_flops
 from lmforge.observability.plot import plot_loss_curve
 from lmforge.observability.progress import ProgressBar
@@ -416,12 +416,10 @@ class Trainer:
                     flops = self.step_flops.take(self._dp_group(), self.device) if self.step_flops else None
                     window = timer.measure(reset=False, flops=flops)
                     tps, mfu = window.tokens_per_s, window.mfu
-                    if mfu > 1.0 and not peak_warned:  # the denominator is wrong, not the run
+                    warning = stale_peak_warning(mfu, self.peak_flops)
+                    if warning and not peak_warned:
                         peak_warned = True
-                        self.say(f"warning: MFU reads {mfu:.0%}: the peak it divides by "
-                                  f"({self.peak_flops / 1e9:,.1f} GFLOP/s per device) is below what this run "
-                                  "achieves, e.g. measured while the machine was busy; re-measure it on a quiet "
-                                  "machine with `lmforge bench peak --force` (or set metrics.peak_flops)")
+                        self.say(warning)
                     loss_value = result.global_loss if self.stability is not None else self._global_mean(result.loss)
                     self.losses.append(loss_value)
                     metrics = {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
